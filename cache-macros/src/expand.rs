@@ -1,0 +1,535 @@
+//! Code generation for `#[cached]`.
+//!
+//! The function is rewritten in place: attributes, visibility and signature are re-emitted
+//! unchanged, and the body becomes one call of the runtime's `cached` entry point with the
+//! original body as an `async move` block. `self`, generics, lifetimes and `where` clauses
+//! need no special handling because the body stays inside the same function.
+
+use proc_macro2::{Span, TokenStream};
+use quote::{ToTokens, quote, quote_spanned};
+use syn::spanned::Spanned;
+use syn::{
+    Block, Expr, FnArg, GenericArgument, GenericParam, Ident, ItemFn, Pat, PathArguments,
+    ReturnType, Signature, Stmt, Type, TypeParamBound,
+};
+
+use crate::args::{CachedArgs, Errors};
+use crate::template::{self, Part, Template};
+
+/// Entry point: parse, validate, generate. On any error the user's item is emitted unchanged,
+/// followed by the errors, so the rest of the crate still type-checks.
+pub(crate) fn cached(args: TokenStream, item: TokenStream) -> TokenStream {
+    let mut errors = Errors::default();
+    let args = CachedArgs::parse(args, &mut errors);
+    let func: ItemFn = match syn::parse2(item.clone()) {
+        Ok(f) => f,
+        Err(_) => {
+            let (span, what) = describe_item(&item);
+            errors.error(
+                span,
+                format_args!("`#[cached]` can only be applied to an `async fn`, not {what}"),
+            );
+            return with_errors(item, errors);
+        }
+    };
+    match Config::build(&args, &func, &mut errors) {
+        Some(config) if errors.is_empty() => generate(&args, &func, &config),
+        _ => with_errors(item, errors),
+    }
+}
+
+fn with_errors(item: TokenStream, errors: Errors) -> TokenStream {
+    let errs = match errors.into_result() {
+        Ok(()) => TokenStream::new(),
+        Err(e) => e.into_compile_error(),
+    };
+    quote!(#item #errs)
+}
+
+/// The span and a description of a non-function item, for the error message.
+fn describe_item(item: &TokenStream) -> (Span, &'static str) {
+    match syn::parse2::<syn::Item>(item.clone()) {
+        Ok(syn::Item::Struct(s)) => (s.struct_token.span, "a struct"),
+        Ok(syn::Item::Enum(e)) => (e.enum_token.span, "an enum"),
+        Ok(syn::Item::Const(c)) => (c.const_token.span, "a const"),
+        Ok(syn::Item::Static(s)) => (s.static_token.span, "a static"),
+        Ok(syn::Item::Impl(i)) => (
+            i.impl_token.span,
+            "an impl block (put it on the `async fn`s inside)",
+        ),
+        Ok(syn::Item::Trait(t)) => (t.trait_token.span, "a trait"),
+        Ok(syn::Item::Mod(m)) => (m.mod_token.span, "a module"),
+        Ok(syn::Item::Type(t)) => (t.type_token.span, "a type alias"),
+        Ok(syn::Item::Union(u)) => (u.union_token.span, "a union"),
+        Ok(syn::Item::Use(u)) => (u.use_token.span, "a `use` item"),
+        _ => (
+            item.clone()
+                .into_iter()
+                .next()
+                .map_or_else(Span::call_site, |t| t.span()),
+            "this item",
+        ),
+    }
+}
+
+/// How the function's body produces its future.
+enum Shape<'a> {
+    /// `async fn f(..) -> R { body }`.
+    Native,
+    /// What `#[async_trait]` leaves: `fn f(..) -> Pin<Box<dyn Future<Output = R> + ..>>`
+    /// whose body is `Box::pin(async move { .. })`.
+    AsyncTrait {
+        pin_fn: &'a Expr,
+        future: &'a Expr,
+    },
+}
+
+/// A parameter of the function.
+struct Param {
+    /// The name, if the parameter is a plain identifier (`id`, `mut id`).
+    ident: Option<Ident>,
+    /// The whole pattern, for messages.
+    pat: TokenStream,
+    span: Span,
+}
+
+/// What generation needs, checked.
+struct Config<'a> {
+    shape: Shape<'a>,
+    ret: Type,
+    has_self: bool,
+    params: Vec<Param>,
+    template: Option<Template>,
+}
+
+impl<'a> Config<'a> {
+    fn build(args: &CachedArgs, func: &'a ItemFn, errors: &mut Errors) -> Option<Config<'a>> {
+        let sig = &func.sig;
+        let (shape, ret) = match shape(sig, &func.block) {
+            Some(found) => found,
+            None => {
+                errors.error(
+                    sig.fn_token.span,
+                    "`#[cached]` can only be applied to an `async fn`; add `async`, or cache the function's caller",
+                );
+                return None;
+            }
+        };
+        let has_self = sig.receiver().is_some();
+        let params: Vec<Param> = sig
+            .inputs
+            .iter()
+            .filter_map(|arg| match arg {
+                FnArg::Receiver(_) => None,
+                FnArg::Typed(pt) => Some(Param {
+                    ident: match &*pt.pat {
+                        Pat::Ident(pi) if pi.subpat.is_none() => Some(pi.ident.clone()),
+                        _ => None,
+                    },
+                    pat: pt.pat.to_token_stream(),
+                    span: pt.span(),
+                }),
+            })
+            .collect();
+
+        let template = match args.key.get() {
+            Some(lit) => {
+                let names: Vec<String> = params
+                    .iter()
+                    .filter_map(|p| p.ident.as_ref().map(ToString::to_string))
+                    .collect();
+                match template::compile(lit, &names, has_self) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        errors.push(e);
+                        None
+                    }
+                }
+            }
+            None => {
+                for p in params.iter().filter(|p| p.ident.is_none()) {
+                    errors.error(
+                        p.span,
+                        format_args!(
+                            "the default cache key needs named parameters, and `{}` is a pattern; name it, or give the function a `key = \"...\"`",
+                            p.pat
+                        ),
+                    );
+                }
+                None
+            }
+        };
+
+        if let (Some(span), Type::Tuple(t)) = (args.unless.span(), &ret) {
+            if t.elems.is_empty() {
+                errors.error(
+                    span,
+                    "`unless` has no effect without a return value to test; remove it",
+                );
+            }
+        }
+
+        Some(Config {
+            shape,
+            ret,
+            has_self,
+            params,
+            template,
+        })
+    }
+}
+
+/// Recognises a native `async fn`, or the shape `#[async_trait]` rewrote one into.
+fn shape<'a>(sig: &Signature, block: &'a Block) -> Option<(Shape<'a>, Type)> {
+    if sig.asyncness.is_some() {
+        let ret = match &sig.output {
+            ReturnType::Default => syn::parse_quote!(()),
+            ReturnType::Type(_, ty) => (**ty).clone(),
+        };
+        return Some((Shape::Native, ret));
+    }
+    // Input (after #[async_trait]):
+    //     fn f<'life0, 'async_trait>(&'life0 self, id: u64)
+    //         -> Pin<Box<dyn Future<Output = R> + Send + 'async_trait>>
+    //     { Box::pin(async move { ... }) }
+    let ret = future_output(&sig.output)?;
+    let [Stmt::Expr(Expr::Call(call), None)] = block.stmts.as_slice() else {
+        return None;
+    };
+    let Expr::Path(path) = &*call.func else {
+        return None;
+    };
+    if path.path.segments.last()?.ident != "pin" || call.args.len() != 1 {
+        return None;
+    }
+    let future = call.args.first()?;
+    if !matches!(future, Expr::Async(_)) {
+        return None;
+    }
+    Some((
+        Shape::AsyncTrait {
+            pin_fn: &call.func,
+            future,
+        },
+        ret,
+    ))
+}
+
+/// `R` of `Pin<Box<dyn Future<Output = R> + ...>>`.
+fn future_output(output: &ReturnType) -> Option<Type> {
+    let ReturnType::Type(_, ty) = output else {
+        return None;
+    };
+    let inner = single_generic(ty, "Pin")?;
+    let boxed = single_generic(inner, "Box")?;
+    let Type::TraitObject(obj) = boxed else {
+        return None;
+    };
+    obj.bounds.iter().find_map(|b| {
+        let TypeParamBound::Trait(t) = b else {
+            return None;
+        };
+        let seg = t.path.segments.last()?;
+        if seg.ident != "Future" {
+            return None;
+        }
+        let PathArguments::AngleBracketed(args) = &seg.arguments else {
+            return None;
+        };
+        args.args.iter().find_map(|a| match a {
+            GenericArgument::AssocType(assoc) if assoc.ident == "Output" => Some(assoc.ty.clone()),
+            _ => None,
+        })
+    })
+}
+
+fn single_generic<'t>(ty: &'t Type, name: &str) -> Option<&'t Type> {
+    let Type::Path(p) = ty else { return None };
+    let seg = p.path.segments.last()?;
+    if seg.ident != name {
+        return None;
+    }
+    let PathArguments::AngleBracketed(args) = &seg.arguments else {
+        return None;
+    };
+    args.args.iter().find_map(|a| match a {
+        GenericArgument::Type(t) => Some(t),
+        _ => None,
+    })
+}
+
+/// Hidden names: `Span::mixed_site()` locals cannot be named by the user's code.
+fn hidden(name: &str) -> Ident {
+    Ident::new(name, Span::mixed_site())
+}
+
+// Input:
+//     #[cached(key = "user:{id}", ttl = 60)]
+//     pub async fn get_user(id: u64) -> Result<User, E> { body }
+//
+// Output:
+//     pub async fn get_user(id: u64) -> Result<User, E> {
+//         static __CACHE_SITE: Site = Site::new(module_path!(), "get_user").ttl_ms(60000);
+//         let __cache_handle: &Cache = default_cache();
+//         let __cache_key: Option<String> = {
+//             let mut __cache_w = key_writer(__cache_handle);
+//             __cache_w.literal("user:");
+//             __cache_w.display(&id, "");
+//             __cache_w.finish(None)
+//         };
+//         let __cache_mode = (&&&&Tag::<Result<User, E>>::new()).__cache_mode();
+//         cached(Call { .. }, __cache_mode, |_| false, async move { body }).await
+//     }
+fn generate(args: &CachedArgs, func: &ItemFn, config: &Config<'_>) -> TokenStream {
+    let rt = quote!(::cache_runtime::__private);
+    let ItemFn {
+        attrs,
+        vis,
+        sig,
+        block,
+        ..
+    } = func;
+    let outer_attrs = attrs
+        .iter()
+        .filter(|a| matches!(a.style, syn::AttrStyle::Outer));
+    let inner_attrs = attrs
+        .iter()
+        .filter(|a| matches!(a.style, syn::AttrStyle::Inner(_)));
+    let fn_name = sig.ident.to_string();
+    let fn_name = fn_name.strip_prefix("r#").unwrap_or(&fn_name);
+    let ret = &config.ret;
+    let ret_span = match &sig.output {
+        ReturnType::Type(_, ty) if matches!(config.shape, Shape::Native) => ty.span(),
+        _ => sig.ident.span(),
+    };
+
+    let site = hidden("__CACHE_SITE");
+    let handle = hidden("__cache_handle");
+    let key = hidden("__cache_key");
+    let w = hidden("__cache_w");
+    let mode = hidden("__cache_mode");
+    let fake_ret = hidden("__cache_ret");
+
+    // The site: everything static about this function.
+    let mut site_opts = TokenStream::new();
+    if let Some(name) = args.name.get() {
+        site_opts.extend(quote!(.name(#name)));
+    }
+    if let Some(ms) = args.ttl_ms.get() {
+        site_opts.extend(quote!(.ttl_ms(#ms)));
+    }
+    if let Some(none) = args.cache_none.get() {
+        let ttl = match none.ttl_ms {
+            Some(ms) => quote!(::core::option::Option::Some(#ms)),
+            None => quote!(::core::option::Option::None),
+        };
+        site_opts.extend(quote!(.cache_none(#ttl)));
+    }
+    if let Some(v) = args.version.get() {
+        site_opts.extend(quote!(.version(#v)));
+    }
+    let site_static = quote! {
+        static #site: #rt::Site = #rt::Site::new(::core::module_path!(), #fn_name) #site_opts;
+    };
+
+    let cache_expr = match args.cache.get() {
+        Some(expr) => quote_spanned!(expr.span()=> &(#expr)),
+        None => quote!(#rt::default_cache()),
+    };
+    let handle_let = quote! {
+        let #handle: &#rt::Cache = #cache_expr;
+    };
+
+    // The key.
+    let pushes = match &config.template {
+        Some(t) => template_pushes(t, &w, args.key.get().map_or_else(Span::call_site, |l| l.span()), config),
+        None => default_key_pushes(&w, fn_name, sig, config),
+    };
+    let version = match args.version.get() {
+        Some(v) => quote!(::core::option::Option::Some(#v)),
+        None => quote!(::core::option::Option::None),
+    };
+    let render = quote! {{
+        let mut #w = #rt::key_writer(#handle);
+        #pushes
+        #w.finish(#version)
+    }};
+    let key_expr = match args.condition.get() {
+        Some(cond) => {
+            let cond = quote_spanned!(cond.span()=> { let __cache_condition: bool = #cond; __cache_condition });
+            quote! {
+                if #cond { #render } else { #rt::CallKey::Condition }
+            }
+        }
+        None => render,
+    };
+    let key_let = quote! {
+        let #key: #rt::CallKey = #key_expr;
+    };
+
+    let mode_let = quote_spanned! {ret_span=>
+        #[allow(clippy::needless_borrow, clippy::borrow_deref_ref)]
+        let #mode = {
+            #[allow(unused_imports)]
+            use #rt::{ViaOption as _, ViaPlain as _, ViaResult as _, ViaResultOption as _};
+            (&&&&#rt::Tag::<#ret>::new()).__cache_mode()
+        };
+    };
+    let cache_none_check = match args.cache_none.span() {
+        Some(span) => quote_spanned!(span=> #rt::require_cache_none(&#mode);),
+        None => TokenStream::new(),
+    };
+
+    let unless = match args.unless.get() {
+        Some(expr) => {
+            let result = Ident::new("result", Span::call_site());
+            quote_spanned!(expr.span()=> |#result: &#ret| -> bool { #expr })
+        }
+        None => quote!(|_: &#ret| false),
+    };
+    let self_type = if config.has_self {
+        quote!(::core::option::Option::Some(::core::any::type_name::<Self>()))
+    } else {
+        quote!(::core::option::Option::None)
+    };
+    let call = |future: TokenStream| {
+        quote_spanned! {ret_span=>
+            #rt::cached(
+                #rt::Call {
+                    cache: #handle,
+                    site: &#site,
+                    self_type: #self_type,
+                    key: #key,
+                },
+                #mode,
+                #unless,
+                #future,
+            ).await
+        }
+    };
+
+    let body = match &config.shape {
+        Shape::Native => {
+            let future = quote! {
+                async move {
+                    if let ::core::option::Option::Some(#fake_ret) = ::core::option::Option::None::<#ret> {
+                        #[allow(unreachable_code)]
+                        return #fake_ret;
+                    }
+                    #block
+                }
+            };
+            call(future)
+        }
+        Shape::AsyncTrait { pin_fn, future } => {
+            let inner = call(future.to_token_stream());
+            quote!(#pin_fn(async move { #inner }))
+        }
+    };
+
+    quote! {
+        #(#outer_attrs)*
+        #vis #sig {
+            #(#inner_attrs)*
+            #site_static
+            #handle_let
+            #key_let
+            #mode_let
+            #cache_none_check
+            #body
+        }
+    }
+}
+
+fn template_pushes(t: &Template, w: &Ident, span: Span, config: &Config<'_>) -> TokenStream {
+    let extra = &t.extra_escapes;
+    let mut out = TokenStream::new();
+    for part in &t.parts {
+        match part {
+            Part::Literal(s) => out.extend(quote!(#w.literal(#s);)),
+            Part::Placeholder { root, fields } => {
+                let root_tokens = if root == "self" {
+                    quote_spanned!(span=> self)
+                } else {
+                    // Use the parameter's own spelling (it may be a raw identifier).
+                    let ident = config
+                        .params
+                        .iter()
+                        .filter_map(|p| p.ident.as_ref())
+                        .find(|i| {
+                            let s = i.to_string();
+                            s == *root || s.strip_prefix("r#") == Some(root)
+                        })
+                        .map(|i| {
+                            let mut i = i.clone();
+                            i.set_span(span);
+                            i
+                        })
+                        .unwrap_or_else(|| Ident::new(root, span));
+                    ident.to_token_stream()
+                };
+                let fields = fields.iter().map(|f| match f.parse::<u32>() {
+                    Ok(n) => {
+                        let index = syn::Index { index: n, span };
+                        quote_spanned!(span=> .#index)
+                    }
+                    Err(_) => {
+                        let ident = Ident::new(f, span);
+                        quote_spanned!(span=> .#ident)
+                    }
+                });
+                out.extend(quote_spanned!(span=> #w.display(&#root_tokens #(#fields)*, #extra);));
+            }
+        }
+    }
+    out
+}
+
+fn default_key_pushes(w: &Ident, fn_name: &str, sig: &Signature, config: &Config<'_>) -> TokenStream {
+    let mut out = if config.has_self {
+        let suffix = format!("::{fn_name}");
+        quote! {
+            #w.literal(::core::any::type_name::<Self>());
+            #w.literal(#suffix);
+        }
+    } else {
+        quote!(#w.literal(::core::concat!(::core::module_path!(), "::", #fn_name));)
+    };
+    // Generic functions: the same arguments with other type parameters are other entries.
+    let generics: Vec<TokenStream> = sig
+        .generics
+        .params
+        .iter()
+        .filter_map(|p| match p {
+            GenericParam::Type(t) => {
+                let id = &t.ident;
+                Some(quote!(#w.literal(::core::any::type_name::<#id>());))
+            }
+            GenericParam::Const(c) => {
+                let id = &c.ident;
+                Some(quote!(#w.display(&#id, "");))
+            }
+            GenericParam::Lifetime(_) => None,
+        })
+        .collect();
+    if !generics.is_empty() {
+        let mut first = true;
+        out.extend(quote!(#w.literal("<");));
+        for g in generics {
+            if !first {
+                out.extend(quote!(#w.literal(",");));
+            }
+            first = false;
+            out.extend(g);
+        }
+        out.extend(quote!(#w.literal(">");));
+    }
+    out.extend(quote!(#w.open_args();));
+    for p in &config.params {
+        if let Some(ident) = &p.ident {
+            out.extend(quote_spanned!(p.span=> #w.arg(&#ident);));
+        }
+    }
+    out.extend(quote!(#w.close_args();));
+    out
+}

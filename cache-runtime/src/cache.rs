@@ -1,0 +1,416 @@
+//! The [`Cache`] handle, its builder, the default cache and the manual API.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::backend::{AnyBackend, Backend, MemoryBackend, RedisBackend, RedisOptions};
+use crate::breaker::{FailureKind, FailureLog};
+use crate::envelope;
+use crate::error::{Error, ErrorKind, Result};
+use crate::flight::Flights;
+use crate::key;
+use crate::stats::{Stats, StatsRegistry};
+
+const DEFAULT_TTL: Duration = Duration::from_secs(3600);
+const DEFAULT_MAX_ENTRIES: u64 = 100_000;
+
+/// A cache: a backend (Redis or in-process memory), a key namespace, a default TTL, and the
+/// counters of every function that uses it.
+///
+/// `Cache` is a cheap handle (an `Arc` inside): clone it freely. Every cached function uses
+/// [`default_cache()`] unless its attribute says `cache = <expr>`.
+///
+/// # Concurrency and failure
+///
+/// * Concurrent lookups of one key in one process share one backend read and, on a miss, one
+///   run of the function; the other callers wait for its result. If that run returns an error
+///   or a result that is not stored, or panics, the waiting callers each run the function
+///   themselves; if it is cancelled (its future dropped), one of them takes over.
+/// * A Redis that is down, slow or holds garbage never fails a call: the function runs and its
+///   result is returned. Operations time out after [`CacheBuilder::operation_timeout`]; after
+///   repeated failures a circuit breaker skips Redis entirely (a call then costs nanoseconds
+///   more than the bare function) and probes it again every
+///   [`CacheBuilder::circuit_breaker`] cooldown.
+///
+/// ```
+/// use cache_runtime::Cache;
+/// use std::time::Duration;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), cache_runtime::Error> {
+/// let cache = Cache::memory();
+/// cache.set("greeting", &"hello", Duration::from_secs(60)).await?;
+/// assert_eq!(cache.get::<String>("greeting").await?, Some("hello".to_owned()));
+/// cache.invalidate("greeting").await?;
+/// assert_eq!(cache.get::<String>("greeting").await?, None);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Cache {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) backend: AnyBackend,
+    pub(crate) namespace: String,
+    pub(crate) default_ttl: Duration,
+    pub(crate) flights: Arc<Flights>,
+    pub(crate) stats: StatsRegistry,
+    pub(crate) log: Arc<FailureLog>,
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache")
+            .field("backend", &self.inner.backend.name())
+            .field("namespace", &self.inner.namespace)
+            .field("default_ttl", &self.inner.default_ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+enum BackendConfig {
+    Memory { max_entries: u64 },
+    Redis { url: String },
+}
+
+/// Configures and builds a [`Cache`]. Start with [`Cache::builder`].
+///
+/// ```no_run
+/// use cache_runtime::Cache;
+/// use std::time::Duration;
+///
+/// # async fn demo() -> Result<(), cache_runtime::Error> {
+/// let cache = Cache::builder()
+///     .redis("redis://127.0.0.1:6379")
+///     .namespace("app")
+///     .default_ttl(Duration::from_secs(3600))
+///     .build()
+///     .await?;
+/// cache_runtime::set_default(cache)?;
+/// # Ok(()) }
+/// ```
+#[must_use = "a builder does nothing until `build` is called"]
+pub struct CacheBuilder {
+    backend: BackendConfig,
+    namespace: String,
+    default_ttl: Duration,
+    redis: RedisOptions,
+    log_every: Duration,
+}
+
+impl Default for CacheBuilder {
+    fn default() -> Self {
+        CacheBuilder {
+            backend: BackendConfig::Memory {
+                max_entries: DEFAULT_MAX_ENTRIES,
+            },
+            namespace: String::new(),
+            default_ttl: DEFAULT_TTL,
+            redis: RedisOptions::default(),
+            log_every: Duration::from_secs(10),
+        }
+    }
+}
+
+impl CacheBuilder {
+    /// Stores values in this process, at most `max_entries` of them (the default backend,
+    /// with 100 000 entries).
+    pub fn memory(mut self, max_entries: u64) -> Self {
+        self.backend = BackendConfig::Memory { max_entries };
+        self
+    }
+
+    /// Stores values in Redis at `url` (`redis://[user:password@]host:port[/db]`). The
+    /// connection is made on first use; `build` does not wait for it.
+    pub fn redis(mut self, url: impl Into<String>) -> Self {
+        self.backend = BackendConfig::Redis { url: url.into() };
+        self
+    }
+
+    /// Prefixes every key this cache writes with `<namespace>:`. Default: no prefix.
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = namespace.into();
+        self
+    }
+
+    /// The TTL of values whose function has no `ttl` option. Default: one hour.
+    pub fn default_ttl(mut self, ttl: Duration) -> Self {
+        self.default_ttl = ttl;
+        self
+    }
+
+    /// How long one Redis operation may take before the call gives up on the cache and runs
+    /// the function. Default: 250 ms.
+    pub fn operation_timeout(mut self, timeout: Duration) -> Self {
+        self.redis.operation_timeout = timeout;
+        self
+    }
+
+    /// How long connecting to Redis may take. Default: 1 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.redis.connect_timeout = timeout;
+        self
+    }
+
+    /// After `threshold` consecutive connectivity failures, skip Redis for `cooldown`, then
+    /// let one call probe it. Default: 3 failures, 1 s.
+    pub fn circuit_breaker(mut self, threshold: u32, cooldown: Duration) -> Self {
+        self.redis.breaker_threshold = threshold;
+        self.redis.breaker_cooldown = cooldown;
+        self
+    }
+
+    /// Builds the cache.
+    ///
+    /// # Errors
+    ///
+    /// Fails with [`ErrorKind::Config`] on invalid configuration only: a malformed Redis URL,
+    /// a zero TTL, timeout or entry limit, a namespace with braces, spaces or control
+    /// characters. It never fails, nor waits, because Redis is down: the connection is made on
+    /// first use, and until it succeeds calls run uncached.
+    pub async fn build(self) -> Result<Cache> {
+        self.build_now()
+    }
+
+    pub(crate) fn build_now(self) -> Result<Cache> {
+        if self.default_ttl.is_zero() {
+            return Err(Error::config("default_ttl must be greater than zero"));
+        }
+        key::validate_namespace(&self.namespace).map_err(Error::config)?;
+        let log = Arc::new(FailureLog::new(self.log_every));
+        let backend = match self.backend {
+            BackendConfig::Memory { max_entries } => {
+                if max_entries == 0 {
+                    return Err(Error::config("memory max_entries must be greater than zero"));
+                }
+                AnyBackend::Memory(MemoryBackend::new(max_entries))
+            }
+            BackendConfig::Redis { url } => {
+                if self.redis.operation_timeout.is_zero() || self.redis.connect_timeout.is_zero()
+                {
+                    return Err(Error::config("redis timeouts must be greater than zero"));
+                }
+                let backend = RedisBackend::new(&url, self.redis, log.clone()).map_err(|e| {
+                    Error::config(format!("invalid redis url {:?}: {e}", redact(&url)))
+                })?;
+                AnyBackend::Redis(backend)
+            }
+        };
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        Ok(Cache {
+            inner: Arc::new(Inner {
+                backend,
+                namespace: self.namespace,
+                default_ttl: self.default_ttl,
+                flights: Arc::new(Flights::new()),
+                stats: StatsRegistry::new(id),
+                log,
+            }),
+        })
+    }
+}
+
+/// Hides a password in a Redis URL for error messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl Cache {
+    /// A builder; see [`CacheBuilder`].
+    pub fn builder() -> CacheBuilder {
+        CacheBuilder::default()
+    }
+
+    /// An in-process cache with the defaults: 100 000 entries, a one-hour default TTL, no
+    /// namespace.
+    pub fn memory() -> Cache {
+        match CacheBuilder::default().build_now() {
+            Ok(cache) => cache,
+            // The defaults are valid; this arm exists so that no path panics.
+            Err(e) => unreachable!("default memory cache configuration is valid: {e}"),
+        }
+    }
+
+    /// `"redis"` or `"memory"`.
+    pub fn backend_name(&self) -> &'static str {
+        self.inner.backend.name()
+    }
+
+    /// The namespace given to the builder (empty if none).
+    pub fn namespace(&self) -> &str {
+        &self.inner.namespace
+    }
+
+    /// The TTL used by functions without a `ttl` option.
+    pub fn default_ttl(&self) -> Duration {
+        self.inner.default_ttl
+    }
+
+    /// The backend key for `key`: `<namespace>:<key>`, or `key` without a namespace.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let cache = cache_runtime::Cache::builder().namespace("app").build().await.unwrap();
+    /// assert_eq!(cache.full_key("user:42"), "app:user:42");
+    /// # }
+    /// ```
+    pub fn full_key(&self, key: &str) -> String {
+        let ns = &self.inner.namespace;
+        if ns.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{ns}:{key}")
+        }
+    }
+
+    /// Reads the value stored under `key` (without the namespace, which is added), the same
+    /// entry that a function with `key = "..."` rendering to `key` reads and writes.
+    ///
+    /// A value that does not decode as `T` is a miss (`Ok(None)`).
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Unavailable`] or [`ErrorKind::Timeout`] when the backend cannot be reached
+    /// (including while the circuit breaker is open); [`ErrorKind::Backend`] when it replies
+    /// with an error.
+    pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        let full = self.full_key(key);
+        let Some(bytes) = self.inner.backend.get(&full).await? else {
+            return Ok(None);
+        };
+        match envelope::decode::<T>(&bytes) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) => {
+                self.inner.log.warn(
+                    FailureKind::Decode,
+                    &format_args!("cached value could not be decoded, treated as a miss: {e}"),
+                );
+                Ok(None)
+            }
+        }
+    }
+
+    /// Stores `value` under `key` (the namespace is added) for `ttl`, replacing any entry.
+    ///
+    /// Lookups of `key` that start after this returns see `value` (or something newer): a
+    /// concurrent load of the same key that started before is not stored over it.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Config`] for a zero `ttl`; [`ErrorKind::Encode`] if `value` fails to
+    /// serialize; otherwise as [`Cache::get`].
+    pub async fn set<T: Serialize + ?Sized>(&self, key: &str, value: &T, ttl: Duration) -> Result<()> {
+        if ttl.is_zero() {
+            return Err(Error::config("ttl must be greater than zero"));
+        }
+        let bytes = envelope::encode(value, Duration::ZERO)
+            .map_err(|e| Error::new(ErrorKind::Encode, e.to_string()))?;
+        let full = self.full_key(key);
+        self.inner.flights.invalidate(&full);
+        self.inner.backend.set(&full, bytes, ttl).await?;
+        Ok(())
+    }
+
+    /// Removes the entry under `key` (the namespace is added).
+    ///
+    /// A load of `key` that is running when this is called does not store its (possibly
+    /// stale) result; lookups that start after this returns load afresh.
+    ///
+    /// # Errors
+    ///
+    /// As [`Cache::get`].
+    pub async fn invalidate(&self, key: &str) -> Result<()> {
+        let full = self.full_key(key);
+        self.inner.flights.invalidate(&full);
+        self.inner.backend.delete(&[&full]).await?;
+        Ok(())
+    }
+
+    /// A snapshot of the per-function counters; `Display` prints them as a table.
+    pub fn stats(&self) -> Stats {
+        self.inner.stats.snapshot()
+    }
+}
+
+static DEFAULT: OnceLock<Cache> = OnceLock::new();
+
+/// Makes `cache` the cache of every cached function without a `cache = ...` option.
+///
+/// Call it once at start-up, before the first cached call.
+///
+/// # Errors
+///
+/// [`ErrorKind::Config`] if the default cache was already set, or already built because a
+/// cached function ran first.
+pub fn set_default(cache: Cache) -> Result<()> {
+    DEFAULT.set(cache).map_err(|_| {
+        Error::config(
+            "the default cache is already initialized; call set_default before the first cached call",
+        )
+    })
+}
+
+/// The cache used by cached functions without a `cache = ...` option.
+///
+/// Unless [`set_default`] ran first, it is built on first use from the environment:
+/// `REDIS_URL` set (and valid) selects Redis at that URL, otherwise an in-process memory cache.
+/// The first use must happen inside a Tokio runtime when `REDIS_URL` is set.
+pub fn default_cache() -> &'static Cache {
+    DEFAULT.get_or_init(|| {
+        let url = std::env::var("REDIS_URL").ok().filter(|u| !u.trim().is_empty());
+        if let Some(url) = url {
+            match Cache::builder().redis(url).build_now() {
+                Ok(cache) => return cache,
+                Err(e) => tracing::error!(
+                    target: "cache_runtime",
+                    "REDIS_URL is set but unusable ({e}); the default cache is in memory"
+                ),
+            }
+        }
+        Cache::memory()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn build_checks_configuration() {
+        assert!(Cache::builder().redis("nonsense://x").build().await.unwrap_err().is_config());
+        assert!(Cache::builder().default_ttl(Duration::ZERO).build().await.unwrap_err().is_config());
+        assert!(Cache::builder().namespace("a{b}").build().await.unwrap_err().is_config());
+        assert!(Cache::builder().memory(0).build().await.unwrap_err().is_config());
+        // A Redis that is not there is not a configuration error.
+        let c = Cache::builder().redis("redis://127.0.0.1:1").build().await.unwrap();
+        assert_eq!(c.backend_name(), "redis");
+    }
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(redact("redis://u:secret@host:6379"), "redis://***@host:6379");
+        assert_eq!(redact("redis://host:6379"), "redis://host:6379");
+    }
+
+    #[tokio::test]
+    async fn manual_api_round_trip_and_garbage_is_a_miss() {
+        let c = Cache::builder().namespace("t").build().await.unwrap();
+        c.set("k", &vec![1, 2], Duration::from_secs(5)).await.unwrap();
+        assert_eq!(c.get::<Vec<i32>>("k").await.unwrap(), Some(vec![1, 2]));
+        // Wrong type: a miss, not an error.
+        assert_eq!(c.get::<String>("k").await.unwrap(), None);
+        assert!(c.set("k", &1, Duration::ZERO).await.unwrap_err().is_config());
+        c.invalidate("k").await.unwrap();
+        assert_eq!(c.get::<Vec<i32>>("k").await.unwrap(), None);
+    }
+}

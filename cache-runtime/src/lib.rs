@@ -1,0 +1,96 @@
+//! Annotation-driven caching for async Rust.
+//!
+//! Put `#[cached]` on an existing `async fn` and its results are cached, in Redis or in
+//! process memory, with a TTL on every key, concurrent misses coalesced, and a cache that
+//! can never fail the call:
+//!
+//! ```
+//! use cache_runtime::cached;
+//! # #[derive(serde::Serialize, serde::Deserialize)] pub struct User { id: u64 }
+//! # #[derive(Debug)] pub struct DbError;
+//!
+//! #[cached(key = "user:{id}", ttl = "1h")]
+//! async fn get_user(id: u64) -> Result<User, DbError> {
+//!     // SELECT ... (runs on a miss; an `Err` is returned and never cached)
+//! #   Ok(User { id })
+//! }
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! # assert_eq!(get_user(7).await.unwrap().id, 7);
+//! # }
+//! ```
+//!
+//! * [`cached`] — the attribute, and the list of its options.
+//! * [`Cache`] — the handle: build one with [`Cache::builder`] (Redis or memory, namespace,
+//!   default TTL, timeouts), install it with [`set_default`], or name it per function with
+//!   `cache = <expr>`. Without either, [`default_cache`] uses Redis if `REDIS_URL` is set and
+//!   memory otherwise.
+//! * [`Cache::get`], [`Cache::set`], [`Cache::invalidate`] — the manual API, on the same keys
+//!   and value format as the attribute.
+//! * [`Cache::stats`] — per-function hits, misses, loads, load times and errors, printable as
+//!   a table that flags hit rates under 80%.
+//!
+//! # What is cached
+//!
+//! | return type | stored | never stored |
+//! |---|---|---|
+//! | `Result<T, E>` | `Ok(T)` | `Err` |
+//! | `Option<T>` | `Some(T)` | `None`, unless `cache_none` |
+//! | `Result<Option<T>, E>` | `Ok(Some(T))` | `Err`; `Ok(None)` unless `cache_none` |
+//! | anything else | the value | |
+//!
+//! Values are stored as JSON (`T: Serialize + DeserializeOwned`) inside a small envelope
+//! (format version, creation time, compute time). A value that fails to decode — another
+//! program's data, an old layout of `T` — is a miss, and the fill overwrites it.
+//!
+//! # Failure
+//!
+//! The cache fails open. Redis down at start-up, going down mid-flight, slow, or holding
+//! garbage: every call still returns what the function returns. Redis operations time out
+//! (250 ms by default), a circuit breaker skips Redis after repeated failures and probes it
+//! again once a second, and each kind of failure is logged at `warn` through `tracing`,
+//! at most once per 10 s, and counted in [`Cache::stats`].
+//!
+//! The runtime needs Tokio (with the `time` driver enabled, as `#[tokio::main]` does).
+
+mod backend;
+mod breaker;
+mod cache;
+mod engine;
+mod envelope;
+mod error;
+mod flight;
+mod key;
+mod mode;
+mod stats;
+
+pub use crate::cache::{Cache, CacheBuilder, default_cache, set_default};
+pub use crate::error::{Error, ErrorKind, Result};
+pub use crate::key::escape_key_part;
+pub use crate::stats::{FunctionStats, LOW_HIT_RATE, Stats};
+
+#[cfg(feature = "macros")]
+pub use cache_macros::cached;
+
+/// Not public API: the items the attribute macros' expansions refer to.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::cache::Cache;
+    pub use crate::engine::{Call, cached};
+    pub use crate::key::{CallKey, KeyWriter};
+    pub use crate::mode::{
+        Mode, Tag, ViaOption, ViaPlain, ViaResult, ViaResultOption, require_cache_none,
+    };
+    pub use crate::stats::Site;
+
+    /// Starts a key in `cache`'s namespace.
+    #[inline]
+    pub fn key_writer(cache: &Cache) -> KeyWriter {
+        KeyWriter::new(&cache.inner.namespace)
+    }
+
+    /// The default cache.
+    #[inline]
+    pub fn default_cache() -> &'static Cache {
+        crate::cache::default_cache()
+    }
+}

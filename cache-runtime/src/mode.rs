@@ -1,0 +1,220 @@
+//! How a function's return type maps to what is cached.
+//!
+//! | return type            | stored                        | restored as      |
+//! |------------------------|-------------------------------|------------------|
+//! | `Result<T, E>`         | `T` of `Ok`; `Err` never      | `Ok(T)`          |
+//! | `Result<Option<T>, E>` | `Ok(Some)`; `Ok(None)` only with `cache_none` | `Ok(Option<T>)` |
+//! | `Option<T>`            | `Some`; `None` only with `cache_none` | `Option<T>` |
+//! | anything else `R`      | `R`                           | `R`              |
+//!
+//! The mode is picked by the type itself, not by its spelling, so aliases such as
+//! `anyhow::Result<T>` or `type DbResult<T> = Result<T, DbError>` work. The selection uses
+//! auto-ref specialisation in the code the attribute generates:
+//! `(&&&&Tag::<R>::new()).__cache_mode()` resolves to the most specific of four traits.
+
+use std::marker::PhantomData;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// What a result means for the cache.
+pub enum Classified<'a, V> {
+    /// A value to store.
+    Store(&'a V),
+    /// A `None` value: stored only with `cache_none`.
+    StoreNone(&'a V),
+    /// An error: never stored.
+    Error,
+}
+
+/// Maps a return type `R` to the value that is stored, and back.
+pub trait Mode<R> {
+    /// The stored type.
+    type Value: Serialize + DeserializeOwned;
+    /// What `result` means for the cache.
+    fn classify<'a>(&self, result: &'a R) -> Classified<'a, Self::Value>;
+    /// Rebuilds a result from a stored value.
+    fn restore(&self, value: Self::Value) -> R;
+}
+
+/// Return types whose `None` can be cached (`cache_none`).
+#[diagnostic::on_unimplemented(
+    message = "`cache_none` needs a function returning `Option<T>` or `Result<Option<T>, E>`",
+    label = "this function's return type has no `None` to cache",
+    note = "remove `cache_none`, or return an `Option`"
+)]
+pub trait SupportsNone {}
+
+/// `Result<T, E>`.
+pub struct ResultMode<T, E>(PhantomData<fn() -> (T, E)>);
+/// `Result<Option<T>, E>`.
+pub struct ResultOptionMode<T, E>(PhantomData<fn() -> (T, E)>);
+/// `Option<T>`.
+pub struct OptionMode<T>(PhantomData<fn() -> T>);
+/// Any other return type.
+pub struct PlainMode<R>(PhantomData<fn() -> R>);
+
+impl<T: Serialize + DeserializeOwned, E> Mode<Result<T, E>> for ResultMode<T, E> {
+    type Value = T;
+    #[inline]
+    fn classify<'a>(&self, result: &'a Result<T, E>) -> Classified<'a, T> {
+        match result {
+            Ok(v) => Classified::Store(v),
+            Err(_) => Classified::Error,
+        }
+    }
+    #[inline]
+    fn restore(&self, value: T) -> Result<T, E> {
+        Ok(value)
+    }
+}
+
+impl<T: Serialize + DeserializeOwned, E> Mode<Result<Option<T>, E>> for ResultOptionMode<T, E> {
+    type Value = Option<T>;
+    #[inline]
+    fn classify<'a>(&self, result: &'a Result<Option<T>, E>) -> Classified<'a, Option<T>> {
+        match result {
+            Ok(v @ Some(_)) => Classified::Store(v),
+            Ok(v @ None) => Classified::StoreNone(v),
+            Err(_) => Classified::Error,
+        }
+    }
+    #[inline]
+    fn restore(&self, value: Option<T>) -> Result<Option<T>, E> {
+        Ok(value)
+    }
+}
+
+impl<T: Serialize + DeserializeOwned> Mode<Option<T>> for OptionMode<T> {
+    type Value = Option<T>;
+    #[inline]
+    fn classify<'a>(&self, result: &'a Option<T>) -> Classified<'a, Option<T>> {
+        match result {
+            Some(_) => Classified::Store(result),
+            None => Classified::StoreNone(result),
+        }
+    }
+    #[inline]
+    fn restore(&self, value: Option<T>) -> Option<T> {
+        value
+    }
+}
+
+impl<R: Serialize + DeserializeOwned> Mode<R> for PlainMode<R> {
+    type Value = R;
+    #[inline]
+    fn classify<'a>(&self, result: &'a R) -> Classified<'a, R> {
+        Classified::Store(result)
+    }
+    #[inline]
+    fn restore(&self, value: R) -> R {
+        value
+    }
+}
+
+impl<T, E> SupportsNone for ResultOptionMode<T, E> {}
+impl<T> SupportsNone for OptionMode<T> {}
+
+/// Checks at compile time that `cache_none` fits the return type.
+#[inline]
+pub fn require_cache_none<M: SupportsNone>(_: &M) {}
+
+/// The type-level tag that mode selection dispatches on.
+pub struct Tag<R>(PhantomData<fn() -> R>);
+
+impl<R> Tag<R> {
+    /// A tag for `R`.
+    #[allow(clippy::new_without_default)]
+    pub const fn new() -> Self {
+        Tag(PhantomData)
+    }
+}
+
+/// Selects [`ResultOptionMode`] (most specific).
+pub trait ViaResultOption {
+    /// The selected mode.
+    type Mode;
+    /// The selected mode.
+    fn __cache_mode(&self) -> Self::Mode;
+}
+/// Selects [`ResultMode`].
+pub trait ViaResult {
+    /// The selected mode.
+    type Mode;
+    /// The selected mode.
+    fn __cache_mode(&self) -> Self::Mode;
+}
+/// Selects [`OptionMode`].
+pub trait ViaOption {
+    /// The selected mode.
+    type Mode;
+    /// The selected mode.
+    fn __cache_mode(&self) -> Self::Mode;
+}
+/// Selects [`PlainMode`] (least specific).
+pub trait ViaPlain {
+    /// The selected mode.
+    type Mode;
+    /// The selected mode.
+    fn __cache_mode(&self) -> Self::Mode;
+}
+
+impl<T, E> ViaResultOption for &&&Tag<Result<Option<T>, E>> {
+    type Mode = ResultOptionMode<T, E>;
+    #[inline]
+    fn __cache_mode(&self) -> Self::Mode {
+        ResultOptionMode(PhantomData)
+    }
+}
+impl<T, E> ViaResult for &&Tag<Result<T, E>> {
+    type Mode = ResultMode<T, E>;
+    #[inline]
+    fn __cache_mode(&self) -> Self::Mode {
+        ResultMode(PhantomData)
+    }
+}
+impl<T> ViaOption for &Tag<Option<T>> {
+    type Mode = OptionMode<T>;
+    #[inline]
+    fn __cache_mode(&self) -> Self::Mode {
+        OptionMode(PhantomData)
+    }
+}
+impl<R> ViaPlain for Tag<R> {
+    type Mode = PlainMode<R>;
+    #[inline]
+    fn __cache_mode(&self) -> Self::Mode {
+        PlainMode(PhantomData)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kind<R, M: Mode<R>>(_: &M, _: &R) -> &'static str {
+        std::any::type_name::<M>()
+    }
+
+    #[test]
+    fn selection_follows_the_type_not_its_spelling() {
+        type DbResult<T> = Result<T, std::io::Error>;
+        let m = (&&&&Tag::<DbResult<u32>>::new()).__cache_mode();
+        assert!(kind(&m, &Ok(1)).contains("ResultMode"));
+        let m = (&&&&Tag::<Result<Option<u32>, ()>>::new()).__cache_mode();
+        assert!(kind(&m, &Ok(None)).contains("ResultOptionMode"));
+        let m = (&&&&Tag::<Option<String>>::new()).__cache_mode();
+        assert!(kind(&m, &None).contains("OptionMode"));
+        let m = (&&&&Tag::<Vec<u8>>::new()).__cache_mode();
+        assert!(kind(&m, &vec![]).contains("PlainMode"));
+    }
+
+    #[test]
+    fn errors_are_never_stored() {
+        let m = ResultMode::<u32, String>(PhantomData);
+        assert!(matches!(m.classify(&Err("x".into())), Classified::Error));
+        assert!(matches!(m.classify(&Ok(3)), Classified::Store(3)));
+        let m = ResultOptionMode::<u32, String>(PhantomData);
+        assert!(matches!(m.classify(&Ok(None)), Classified::StoreNone(None)));
+    }
+}

@@ -1,0 +1,387 @@
+//! Per-function counters and the [`Stats`] snapshot.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::ops::Deref;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+/// Hit rates under this are flagged in [`Stats`]'s table and by [`FunctionStats::is_low`].
+pub const LOW_HIT_RATE: f64 = 0.80;
+
+/// The live counters of one function (one call site) on one cache.
+#[derive(Default, Debug)]
+pub(crate) struct SiteStats {
+    pub(crate) hits: AtomicU64,
+    pub(crate) coalesced: AtomicU64,
+    pub(crate) misses: AtomicU64,
+    pub(crate) bypassed: AtomicU64,
+    pub(crate) loads: AtomicU64,
+    pub(crate) load_errors: AtomicU64,
+    pub(crate) not_stored: AtomicU64,
+    pub(crate) load_ns: AtomicU64,
+    pub(crate) load_ns_max: AtomicU64,
+    pub(crate) backend_errors: AtomicU64,
+    pub(crate) decode_errors: AtomicU64,
+    pub(crate) stale_fills: AtomicU64,
+}
+
+impl SiteStats {
+    #[inline]
+    pub(crate) fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn record_load(&self, took: Duration) {
+        let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        self.loads.fetch_add(1, Relaxed);
+        self.load_ns.fetch_add(ns, Relaxed);
+        self.load_ns_max.fetch_max(ns, Relaxed);
+    }
+
+    fn snapshot(&self, name: &str) -> FunctionStats {
+        let loads = self.loads.load(Relaxed);
+        let load_ns = self.load_ns.load(Relaxed);
+        FunctionStats {
+            name: name.to_owned(),
+            hits: self.hits.load(Relaxed),
+            coalesced: self.coalesced.load(Relaxed),
+            misses: self.misses.load(Relaxed),
+            bypassed: self.bypassed.load(Relaxed),
+            loads,
+            load_errors: self.load_errors.load(Relaxed),
+            not_stored: self.not_stored.load(Relaxed),
+            load_time_total: Duration::from_nanos(load_ns),
+            load_time_max: Duration::from_nanos(self.load_ns_max.load(Relaxed)),
+            backend_errors: self.backend_errors.load(Relaxed),
+            decode_errors: self.decode_errors.load(Relaxed),
+            stale_fills: self.stale_fills.load(Relaxed),
+        }
+    }
+}
+
+/// One function's counters at the time of [`Cache::stats`](crate::Cache::stats).
+///
+/// Every call of a cached function is exactly one of: a hit (answered from the cache, including
+/// `coalesced` calls that waited for another call's load), a miss (the function ran because
+/// nothing usable was cached), or a bypass (`condition` was false).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FunctionStats {
+    /// The function's label: its `name` option, else its path (`crate::module::function` or
+    /// `crate::module::Type::method`).
+    pub name: String,
+    /// Calls answered from the cache.
+    pub hits: u64,
+    /// Of the hits, calls that waited for a concurrent call's load in this process instead of
+    /// running the function.
+    pub coalesced: u64,
+    /// Calls that ran the function because nothing usable was cached.
+    pub misses: u64,
+    /// Calls that skipped the cache because `condition` was false.
+    pub bypassed: u64,
+    /// Times the function ran (misses and bypasses).
+    pub loads: u64,
+    /// Loads that returned `Err` or panicked.
+    pub load_errors: u64,
+    /// Loads whose result was not stored: an error, a `None` without `cache_none`, or `unless`.
+    pub not_stored: u64,
+    /// Total time spent in loads.
+    pub load_time_total: Duration,
+    /// The slowest load.
+    pub load_time_max: Duration,
+    /// Cache operations that failed (backend down, timed out, breaker open, write failed).
+    pub backend_errors: u64,
+    /// Cached values that could not be decoded and were treated as misses.
+    pub decode_errors: u64,
+    /// Fills that were not stored because the key was invalidated while the function ran.
+    pub stale_fills: u64,
+}
+
+impl FunctionStats {
+    /// `hits / (hits + misses)`, or `None` before the first lookup.
+    pub fn hit_rate(&self) -> Option<f64> {
+        let lookups = self.hits + self.misses;
+        (lookups > 0).then(|| self.hits as f64 / lookups as f64)
+    }
+
+    /// Mean load time, or `None` before the first load.
+    pub fn load_time_mean(&self) -> Option<Duration> {
+        (self.loads > 0).then(|| {
+            Duration::from_nanos(
+                u64::try_from(self.load_time_total.as_nanos() / u128::from(self.loads))
+                    .unwrap_or(u64::MAX),
+            )
+        })
+    }
+
+    /// Whether the hit rate is under [`LOW_HIT_RATE`] (80%).
+    pub fn is_low(&self) -> bool {
+        self.hit_rate().is_some_and(|r| r < LOW_HIT_RATE)
+    }
+}
+
+/// A snapshot of every cached function's counters on one [`Cache`](crate::Cache).
+///
+/// `Display` prints a table, one row per function, flagging hit rates under 80%:
+///
+/// ```text
+/// function                 calls   hits  misses  hit rate   loads  errors  load avg  load max  cache err
+/// app::get_user              100     90      10     90.0%      10       0    1.20ms    2.31ms          0
+/// app::search                 10      2       8   ! 20.0%       8       0   15.00ms   19.00ms          0
+/// ! hit rate under 80%
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    functions: Vec<FunctionStats>,
+}
+
+impl Stats {
+    /// The functions, sorted by name.
+    pub fn functions(&self) -> &[FunctionStats] {
+        &self.functions
+    }
+
+    /// The counters of the function labelled `name`.
+    pub fn function(&self, name: &str) -> Option<&FunctionStats> {
+        self.functions.iter().find(|f| f.name == name)
+    }
+
+    /// The functions whose hit rate is under 80%.
+    pub fn low_hit_rate(&self) -> impl Iterator<Item = &FunctionStats> {
+        self.functions.iter().filter(|f| f.is_low())
+    }
+}
+
+fn fmt_duration(d: Option<Duration>) -> String {
+    match d {
+        None => "-".to_owned(),
+        Some(d) if d < Duration::from_millis(1) => format!("{}µs", d.as_micros()),
+        Some(d) if d < Duration::from_secs(10) => format!("{:.2}ms", d.as_secs_f64() * 1e3),
+        Some(d) => format!("{:.1}s", d.as_secs_f64()),
+    }
+}
+
+impl fmt::Display for Stats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let width = self
+            .functions
+            .iter()
+            .map(|s| s.name.chars().count())
+            .max()
+            .unwrap_or(0)
+            .max("function".len());
+        writeln!(
+            f,
+            "{:<width$}  {:>7}  {:>7}  {:>7}  {:>9}  {:>7}  {:>6}  {:>9}  {:>9}  {:>9}",
+            "function",
+            "calls",
+            "hits",
+            "misses",
+            "hit rate",
+            "loads",
+            "errors",
+            "load avg",
+            "load max",
+            "cache err",
+        )?;
+        let mut any_low = false;
+        for s in &self.functions {
+            let rate = match s.hit_rate() {
+                None => "-".to_owned(),
+                Some(r) if r < LOW_HIT_RATE => {
+                    any_low = true;
+                    format!("! {:.1}%", r * 100.0)
+                }
+                Some(r) => format!("{:.1}%", r * 100.0),
+            };
+            writeln!(
+                f,
+                "{:<width$}  {:>7}  {:>7}  {:>7}  {:>9}  {:>7}  {:>6}  {:>9}  {:>9}  {:>9}",
+                s.name,
+                s.hits + s.misses + s.bypassed,
+                s.hits,
+                s.misses,
+                rate,
+                s.loads,
+                s.load_errors,
+                fmt_duration(s.load_time_mean()),
+                fmt_duration((s.loads > 0).then_some(s.load_time_max)),
+                s.backend_errors + s.decode_errors,
+            )?;
+        }
+        if any_low {
+            writeln!(f, "! hit rate under {:.0}%", LOW_HIT_RATE * 100.0)?;
+        }
+        Ok(())
+    }
+}
+
+/// The static description of one annotated function, built by the attribute's expansion.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Site {
+    pub(crate) module: &'static str,
+    pub(crate) function: &'static str,
+    pub(crate) name: Option<&'static str>,
+    pub(crate) ttl: Option<Duration>,
+    pub(crate) none_ttl: Option<Duration>,
+    pub(crate) cache_none: bool,
+    pub(crate) version: Option<u32>,
+    slot: OnceLock<SiteSlot>,
+}
+
+#[derive(Debug)]
+struct SiteSlot {
+    cache_id: u64,
+    self_type: Option<&'static str>,
+    stats: Arc<SiteStats>,
+}
+
+impl Site {
+    /// A site for `module::function`.
+    pub const fn new(module: &'static str, function: &'static str) -> Self {
+        Site {
+            module,
+            function,
+            name: None,
+            ttl: None,
+            none_ttl: None,
+            cache_none: false,
+            version: None,
+            slot: OnceLock::new(),
+        }
+    }
+
+    /// The `name` option.
+    pub const fn name(mut self, name: &'static str) -> Self {
+        self.name = Some(name);
+        self
+    }
+
+    /// The `ttl` option, in milliseconds.
+    pub const fn ttl_ms(mut self, ms: u64) -> Self {
+        self.ttl = Some(Duration::from_millis(ms));
+        self
+    }
+
+    /// The `cache_none` option, with its own TTL in milliseconds if given.
+    pub const fn cache_none(mut self, ttl_ms: Option<u64>) -> Self {
+        self.cache_none = true;
+        if let Some(ms) = ttl_ms {
+            self.none_ttl = Some(Duration::from_millis(ms));
+        }
+        self
+    }
+
+    /// The `version` option.
+    pub const fn version(mut self, version: u32) -> Self {
+        self.version = Some(version);
+        self
+    }
+
+    pub(crate) fn label(&self, self_type: Option<&str>) -> String {
+        match (self.name, self_type) {
+            (Some(name), _) => name.to_owned(),
+            (None, Some(ty)) => format!("{ty}::{}", self.function),
+            (None, None) => format!("{}::{}", self.module, self.function),
+        }
+    }
+
+    /// The counters of this site on `registry`'s cache.
+    pub(crate) fn stats<'a>(
+        &'a self,
+        registry: &StatsRegistry,
+        self_type: Option<&'static str>,
+    ) -> StatsRef<'a> {
+        if let Some(slot) = self.slot.get() {
+            if slot.cache_id == registry.cache_id && slot.self_type == self_type {
+                return StatsRef::Borrowed(&slot.stats);
+            }
+        }
+        let stats = registry.register(&self.label(self_type));
+        let _ = self.slot.set(SiteSlot {
+            cache_id: registry.cache_id,
+            self_type,
+            stats: stats.clone(),
+        });
+        StatsRef::Owned(stats)
+    }
+}
+
+pub(crate) enum StatsRef<'a> {
+    Borrowed(&'a SiteStats),
+    Owned(Arc<SiteStats>),
+}
+
+impl Deref for StatsRef<'_> {
+    type Target = SiteStats;
+    fn deref(&self) -> &SiteStats {
+        match self {
+            StatsRef::Borrowed(s) => s,
+            StatsRef::Owned(s) => s,
+        }
+    }
+}
+
+/// The counters of every site used with one cache.
+#[derive(Debug)]
+pub(crate) struct StatsRegistry {
+    pub(crate) cache_id: u64,
+    sites: Mutex<HashMap<String, Arc<SiteStats>>>,
+}
+
+impl StatsRegistry {
+    pub(crate) fn new(cache_id: u64) -> Self {
+        StatsRegistry {
+            cache_id,
+            sites: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub(crate) fn register(&self, label: &str) -> Arc<SiteStats> {
+        let mut sites = self.sites.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = sites.get(label) {
+            return s.clone();
+        }
+        let s = Arc::new(SiteStats::default());
+        sites.insert(label.to_owned(), s.clone());
+        s
+    }
+
+    pub(crate) fn snapshot(&self) -> Stats {
+        let sites = self.sites.lock().unwrap_or_else(|e| e.into_inner());
+        let mut functions: Vec<FunctionStats> =
+            sites.iter().map(|(name, s)| s.snapshot(name)).collect();
+        functions.sort_by(|a, b| a.name.cmp(&b.name));
+        Stats { functions }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_flags_low_hit_rates() {
+        let reg = StatsRegistry::new(1);
+        let good = reg.register("app::good");
+        for _ in 0..9 {
+            SiteStats::inc(&good.hits);
+        }
+        SiteStats::inc(&good.misses);
+        good.record_load(Duration::from_millis(2));
+        let bad = reg.register("app::bad");
+        SiteStats::inc(&bad.hits);
+        SiteStats::inc(&bad.misses);
+        let stats = reg.snapshot();
+        assert_eq!(stats.function("app::good").unwrap().hit_rate(), Some(0.9));
+        assert!(stats.function("app::bad").unwrap().is_low());
+        let table = stats.to_string();
+        assert!(table.contains("90.0%"), "{table}");
+        assert!(table.contains("! 50.0%"), "{table}");
+        assert!(table.contains("hit rate under 80%"), "{table}");
+        assert_eq!(stats.low_hit_rate().count(), 1);
+    }
+}

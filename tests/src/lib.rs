@@ -1,0 +1,1 @@
+//! Test support: namespaces and private Redis servers.
