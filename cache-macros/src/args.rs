@@ -140,7 +140,8 @@ impl CachedArgs {
                         }
                     }
                 } else {
-                    self.cache_none.set(span, CacheNone { ttl_ms: None }, errors);
+                    self.cache_none
+                        .set(span, CacheNone { ttl_ms: None }, errors);
                 }
                 return;
             }
@@ -248,8 +249,9 @@ fn value_hint(option: &str) -> String {
         "ttl" => "`ttl` takes seconds or a duration string, e.g. `ttl = 3600` or `ttl = \"1h\"`"
             .to_owned(),
         "version" => "`version` takes a whole number, e.g. `version = 2`".to_owned(),
-        "cache" => "`cache` takes an expression naming a `Cache`, e.g. `cache = self.cache`"
-            .to_owned(),
+        "cache" => {
+            "`cache` takes an expression naming a `Cache`, e.g. `cache = self.cache`".to_owned()
+        }
         "condition" => {
             "`condition` takes a boolean expression over the arguments, e.g. `condition = id > 0`"
                 .to_owned()
@@ -300,7 +302,10 @@ fn duration_ms(expr: &Expr, option: &str, errors: &mut Errors) -> Option<u64> {
             lit: Lit::Int(int), ..
         }) => match int.base10_parse::<u64>() {
             Ok(0) => {
-                errors.error(int.span(), format_args!("`{option}` must be greater than zero"));
+                errors.error(
+                    int.span(),
+                    format_args!("`{option}` must be greater than zero"),
+                );
                 None
             }
             Ok(secs) => match secs.checked_mul(1000) {
@@ -322,7 +327,10 @@ fn duration_ms(expr: &Expr, option: &str, errors: &mut Errors) -> Option<u64> {
             lit: Lit::Str(s), ..
         }) => match parse_duration(&s.value()) {
             Ok(0) => {
-                errors.error(s.span(), format_args!("`{option}` must be greater than zero"));
+                errors.error(
+                    s.span(),
+                    format_args!("`{option}` must be greater than zero"),
+                );
                 None
             }
             Ok(ms) => Some(ms),
@@ -348,7 +356,9 @@ pub(crate) fn parse_duration(text: &str) -> Result<u64, String> {
     let mut total: u64 = 0;
     let mut rest = text;
     while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
         if digits == 0 {
             return Err(format!("{text:?} is not a duration; {HINT}"));
         }

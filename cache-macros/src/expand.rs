@@ -78,10 +78,7 @@ enum Shape<'a> {
     Native,
     /// What `#[async_trait]` leaves: `fn f(..) -> Pin<Box<dyn Future<Output = R> + ..>>`
     /// whose body is `Box::pin(async move { .. })`.
-    AsyncTrait {
-        pin_fn: &'a Expr,
-        future: &'a Expr,
-    },
+    AsyncTrait { pin_fn: &'a Expr, future: &'a Expr },
 }
 
 /// A parameter of the function.
@@ -342,7 +339,12 @@ fn generate(args: &CachedArgs, func: &ItemFn, config: &Config<'_>) -> TokenStrea
 
     // The key.
     let pushes = match &config.template {
-        Some(t) => template_pushes(t, &w, args.key.get().map_or_else(Span::call_site, |l| l.span()), config),
+        Some(t) => template_pushes(
+            t,
+            &w,
+            args.key.get().map_or_else(Span::call_site, |l| l.span()),
+            config,
+        ),
         None => default_key_pushes(&w, fn_name, sig, config),
     };
     let version = match args.version.get() {
@@ -388,7 +390,9 @@ fn generate(args: &CachedArgs, func: &ItemFn, config: &Config<'_>) -> TokenStrea
         None => quote!(|_: &#ret| false),
     };
     let self_type = if config.has_self {
-        quote!(::core::option::Option::Some(::core::any::type_name::<Self>()))
+        quote!(::core::option::Option::Some(
+            ::core::any::type_name::<Self>()
+        ))
     } else {
         quote!(::core::option::Option::None)
     };
@@ -485,7 +489,12 @@ fn template_pushes(t: &Template, w: &Ident, span: Span, config: &Config<'_>) -> 
     out
 }
 
-fn default_key_pushes(w: &Ident, fn_name: &str, sig: &Signature, config: &Config<'_>) -> TokenStream {
+fn default_key_pushes(
+    w: &Ident,
+    fn_name: &str,
+    sig: &Signature,
+    config: &Config<'_>,
+) -> TokenStream {
     let mut out = if config.has_self {
         let suffix = format!("::{fn_name}");
         quote! {

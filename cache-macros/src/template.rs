@@ -50,7 +50,11 @@ fn is_field(s: &str) -> bool {
 /// Compiles `lit` for a function with `params` (names, without `self`) and, if `has_self`, a
 /// receiver. Errors are on the literal (a string literal's inner spans are not available on
 /// stable Rust) and name the offending placeholder.
-pub(crate) fn compile(lit: &LitStr, params: &[String], has_self: bool) -> Result<Template, syn::Error> {
+pub(crate) fn compile(
+    lit: &LitStr,
+    params: &[String],
+    has_self: bool,
+) -> Result<Template, syn::Error> {
     let text = lit.value();
     let err = |msg: String| syn::Error::new(lit.span(), msg);
     let mut parts = Vec::new();
@@ -111,7 +115,10 @@ pub(crate) fn compile(lit: &LitStr, params: &[String], has_self: bool) -> Result
                             "placeholder `{{{inner}}}` needs a method with a `self` receiver; this function has none"
                         )));
                     }
-                } else if !params.iter().any(|p| p == &root || p.strip_prefix("r#") == Some(&root)) {
+                } else if !params
+                    .iter()
+                    .any(|p| p == &root || p.strip_prefix("r#") == Some(&root))
+                {
                     let known = if params.is_empty() {
                         if has_self {
                             "this function has no parameters besides `self`".to_owned()
@@ -248,7 +255,12 @@ mod tests {
     }
 
     fn compile_ok(s: &str) -> Template {
-        compile(&lit(s), &params(&["id", "user", "role", "first", "last"]), true).unwrap()
+        compile(
+            &lit(s),
+            &params(&["id", "user", "role", "first", "last"]),
+            true,
+        )
+        .unwrap()
     }
 
     fn compile_err(s: &str) -> String {
@@ -264,11 +276,20 @@ mod tests {
             t.parts,
             vec![
                 Part::Literal("user:".into()),
-                Part::Placeholder { root: "id".into(), fields: vec![] },
+                Part::Placeholder {
+                    root: "id".into(),
+                    fields: vec![]
+                },
                 Part::Literal(":".into()),
-                Part::Placeholder { root: "user".into(), fields: vec!["org".into(), "id".into()] },
+                Part::Placeholder {
+                    root: "user".into(),
+                    fields: vec!["org".into(), "id".into()]
+                },
                 Part::Literal(":".into()),
-                Part::Placeholder { root: "self".into(), fields: vec!["tenant".into()] },
+                Part::Placeholder {
+                    root: "self".into(),
+                    fields: vec!["tenant".into()]
+                },
             ]
         );
         assert_eq!(t.extra_escapes, "");

@@ -185,13 +185,14 @@ impl CacheBuilder {
         let backend = match self.backend {
             BackendConfig::Memory { max_entries } => {
                 if max_entries == 0 {
-                    return Err(Error::config("memory max_entries must be greater than zero"));
+                    return Err(Error::config(
+                        "memory max_entries must be greater than zero",
+                    ));
                 }
                 AnyBackend::Memory(MemoryBackend::new(max_entries))
             }
             BackendConfig::Redis { url } => {
-                if self.redis.operation_timeout.is_zero() || self.redis.connect_timeout.is_zero()
-                {
+                if self.redis.operation_timeout.is_zero() || self.redis.connect_timeout.is_zero() {
                     return Err(Error::config("redis timeouts must be greater than zero"));
                 }
                 let backend = RedisBackend::new(&url, self.redis, log.clone()).map_err(|e| {
@@ -309,7 +310,12 @@ impl Cache {
     ///
     /// [`ErrorKind::Config`] for a zero `ttl`; [`ErrorKind::Encode`] if `value` fails to
     /// serialize; otherwise as [`Cache::get`].
-    pub async fn set<T: Serialize + ?Sized>(&self, key: &str, value: &T, ttl: Duration) -> Result<()> {
+    pub async fn set<T: Serialize + ?Sized>(
+        &self,
+        key: &str,
+        value: &T,
+        ttl: Duration,
+    ) -> Result<()> {
         if ttl.is_zero() {
             return Err(Error::config("ttl must be greater than zero"));
         }
@@ -367,7 +373,9 @@ pub fn set_default(cache: Cache) -> Result<()> {
 /// The first use must happen inside a Tokio runtime when `REDIS_URL` is set.
 pub fn default_cache() -> &'static Cache {
     DEFAULT.get_or_init(|| {
-        let url = std::env::var("REDIS_URL").ok().filter(|u| !u.trim().is_empty());
+        let url = std::env::var("REDIS_URL")
+            .ok()
+            .filter(|u| !u.trim().is_empty());
         if let Some(url) = url {
             match Cache::builder().redis(url).build_now() {
                 Ok(cache) => return cache,
@@ -387,29 +395,71 @@ mod tests {
 
     #[tokio::test]
     async fn build_checks_configuration() {
-        assert!(Cache::builder().redis("nonsense://x").build().await.unwrap_err().is_config());
-        assert!(Cache::builder().default_ttl(Duration::ZERO).build().await.unwrap_err().is_config());
-        assert!(Cache::builder().namespace("a{b}").build().await.unwrap_err().is_config());
-        assert!(Cache::builder().memory(0).build().await.unwrap_err().is_config());
+        assert!(
+            Cache::builder()
+                .redis("nonsense://x")
+                .build()
+                .await
+                .unwrap_err()
+                .is_config()
+        );
+        assert!(
+            Cache::builder()
+                .default_ttl(Duration::ZERO)
+                .build()
+                .await
+                .unwrap_err()
+                .is_config()
+        );
+        assert!(
+            Cache::builder()
+                .namespace("a{b}")
+                .build()
+                .await
+                .unwrap_err()
+                .is_config()
+        );
+        assert!(
+            Cache::builder()
+                .memory(0)
+                .build()
+                .await
+                .unwrap_err()
+                .is_config()
+        );
         // A Redis that is not there is not a configuration error.
-        let c = Cache::builder().redis("redis://127.0.0.1:1").build().await.unwrap();
+        let c = Cache::builder()
+            .redis("redis://127.0.0.1:1")
+            .build()
+            .await
+            .unwrap();
         assert_eq!(c.backend_name(), "redis");
     }
 
     #[test]
     fn redacts_passwords() {
-        assert_eq!(redact("redis://u:secret@host:6379"), "redis://***@host:6379");
+        assert_eq!(
+            redact("redis://u:secret@host:6379"),
+            "redis://***@host:6379"
+        );
         assert_eq!(redact("redis://host:6379"), "redis://host:6379");
     }
 
     #[tokio::test]
     async fn manual_api_round_trip_and_garbage_is_a_miss() {
         let c = Cache::builder().namespace("t").build().await.unwrap();
-        c.set("k", &vec![1, 2], Duration::from_secs(5)).await.unwrap();
+        c.set("k", &vec![1, 2], Duration::from_secs(5))
+            .await
+            .unwrap();
         assert_eq!(c.get::<Vec<i32>>("k").await.unwrap(), Some(vec![1, 2]));
         // Wrong type: a miss, not an error.
         assert_eq!(c.get::<String>("k").await.unwrap(), None);
-        assert!(c.set("k", &1, Duration::ZERO).await.unwrap_err().is_config());
+        assert!(
+            c.set("k", &1, Duration::ZERO)
+                .await
+                .unwrap_err()
+                .is_config()
+        );
         c.invalidate("k").await.unwrap();
         assert_eq!(c.get::<Vec<i32>>("k").await.unwrap(), None);
     }

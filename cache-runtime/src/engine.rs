@@ -108,17 +108,27 @@ where
         }
     };
 
+    // Backends that do not coalesce reads are read before joining a flight; the leader reads
+    // again only after a clean miss (a racing leader may have filled the key meanwhile).
+    let mut reread = true;
     if !inner.backend.coalesce_reads() {
-        if let Some((_, value)) = read(inner, call.site, &stats, &key, &mode).await {
-            SiteStats::inc(&stats.hits);
-            return value;
+        match read(inner, call.site, &stats, &key, &mode).await {
+            Read::Hit(_, value) => {
+                SiteStats::inc(&stats.hits);
+                return value;
+            }
+            Read::Miss => {}
+            Read::Unusable => reread = false,
         }
     }
 
     loop {
         match inner.flights.join(&key) {
             Role::Leader(guard) => {
-                return lead(inner, call.site, &stats, &key, guard, &mode, unless, fut).await;
+                return lead(
+                    inner, call.site, &stats, &key, guard, &mode, reread, unless, fut,
+                )
+                .await;
             }
             Role::Follower(follower) => match follower.wait().await {
                 Outcome::Value(bytes) => match envelope::decode::<M::Value>(&bytes) {
@@ -152,6 +162,7 @@ async fn lead<R, M, U, F>(
     key: &str,
     mut guard: LeaderGuard,
     mode: &M,
+    read_first: bool,
     unless: U,
     fut: F,
 ) -> R
@@ -160,10 +171,12 @@ where
     U: FnOnce(&R) -> bool,
     F: Future<Output = R>,
 {
-    if let Some((bytes, value)) = read(inner, site, stats, key, mode).await {
-        SiteStats::inc(&stats.hits);
-        guard.publish(Outcome::Value(bytes));
-        return value;
+    if read_first {
+        if let Read::Hit(bytes, value) = read(inner, site, stats, key, mode).await {
+            SiteStats::inc(&stats.hits);
+            guard.publish(Outcome::Value(bytes));
+            return value;
+        }
     }
     SiteStats::inc(&stats.misses);
 
@@ -213,6 +226,14 @@ where
     result
 }
 
+enum Read<R> {
+    Hit(Bytes, R),
+    /// Nothing stored.
+    Miss,
+    /// Something unusable stored, or the backend failed: counted and logged already.
+    Unusable,
+}
+
 /// Reads and decodes `key`. Failures and undecodable values are misses.
 async fn read<R, M: Mode<R>>(
     inner: &Inner,
@@ -220,24 +241,24 @@ async fn read<R, M: Mode<R>>(
     stats: &SiteStats,
     key: &str,
     mode: &M,
-) -> Option<(Bytes, R)> {
+) -> Read<R> {
     match inner.backend.get(key).await {
         Ok(Some(bytes)) => match envelope::decode::<M::Value>(&bytes) {
-            Ok(v) => Some((bytes, mode.restore(v))),
+            Ok(v) => Read::Hit(bytes, mode.restore(v)),
             Err(e) => {
                 decode_failure(inner, site, stats, &e);
-                None
+                Read::Unusable
             }
         },
-        Ok(None) => None,
+        Ok(None) => Read::Miss,
         Err(BackendError::Data(msg)) => {
             // The key holds another Redis type, say: a miss, and the fill overwrites it.
             decode_failure(inner, site, stats, &msg);
-            None
+            Read::Unusable
         }
         Err(e) => {
             backend_failure(inner, stats, &e);
-            None
+            Read::Unusable
         }
     }
 }

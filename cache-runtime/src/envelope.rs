@@ -112,7 +112,10 @@ mod tests {
             Err(DecodeError::Format)
         ));
         let bytes = encode("text", Duration::ZERO).unwrap();
-        assert!(matches!(decode::<u32>(&bytes), Err(DecodeError::Payload(_))));
+        assert!(matches!(
+            decode::<u32>(&bytes),
+            Err(DecodeError::Payload(_))
+        ));
         let mut truncated = bytes.to_vec();
         truncated.truncate(15);
         assert!(decode::<String>(&truncated).is_err());

@@ -42,7 +42,13 @@ fn push_escaped(out: &mut String, c: char, extra: &str) {
 /// ```
 pub fn escape_key_part(value: impl fmt::Display) -> String {
     let mut out = String::new();
-    let _ = write!(Escaper { out: &mut out, extra: "" }, "{value}");
+    let _ = write!(
+        Escaper {
+            out: &mut out,
+            extra: ""
+        },
+        "{value}"
+    );
     out
 }
 
@@ -53,8 +59,7 @@ struct Escaper<'a> {
 
 impl fmt::Write for Escaper<'_> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        if s
-            .bytes()
+        if s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b'@' | b'/'))
             && self.extra.is_empty()
         {
@@ -76,7 +81,8 @@ struct JsonEscaper<'a> {
 impl io::Write for JsonEscaper<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         // serde_json writes whole UTF-8 sequences per call.
-        let s = std::str::from_utf8(buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let s =
+            std::str::from_utf8(buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         for c in s.chars() {
             push_escaped(self.out, c, "");
         }
@@ -120,7 +126,11 @@ impl KeyWriter {
 
     /// Appends a placeholder's value, formatted with `Display` and escaped.
     #[inline]
-    pub fn display<T: fmt::Display + ?Sized>(&mut self, value: &T, extra: &'static str) -> &mut Self {
+    pub fn display<T: fmt::Display + ?Sized>(
+        &mut self,
+        value: &T,
+        extra: &'static str,
+    ) -> &mut Self {
         let mut esc = Escaper {
             out: &mut self.buf,
             extra,
@@ -225,7 +235,10 @@ pub(crate) fn has_hash_tag(key: &str) -> bool {
 /// characters, not longer than 128 bytes.
 pub(crate) fn validate_namespace(ns: &str) -> Result<(), String> {
     if ns.len() > 128 {
-        return Err(format!("namespace is {} bytes long; the limit is 128", ns.len()));
+        return Err(format!(
+            "namespace is {} bytes long; the limit is 128",
+            ns.len()
+        ));
     }
     if let Some(c) = ns
         .chars()
@@ -255,7 +268,10 @@ mod tests {
             w.literal("user:").display("1:admin", "");
         });
         let b = render("app", |w| {
-            w.literal("user:").display("1", "").literal(":").display("admin", "");
+            w.literal("user:")
+                .display("1", "")
+                .literal(":")
+                .display("admin", "");
         });
         assert_ne!(a, b);
         assert_eq!(a, "app:user:1%3Aadmin");

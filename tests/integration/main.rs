@@ -1,1 +1,12 @@
+//! Integration tests: behaviour on both backends (memory, and the Redis at `REDIS_URL`),
+//! Redis failure handling with private `redis-server` processes, the shapes of functions the
+//! attribute accepts, and the trybuild UI tests. One binary, many modules.
+#![deny(warnings)]
 
+mod support;
+
+mod behaviour;
+mod coalescing;
+mod redis_failures;
+mod shapes;
+mod ui;

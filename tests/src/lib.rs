@@ -1,1 +1,167 @@
-//! Test support: namespaces and private Redis servers.
+//! Test support: unique namespaces on the shared Redis, and private `redis-server` processes
+//! that a test may kill and restart.
+//!
+//! Nothing here flushes or scans the shared Redis: every test works in its own namespace.
+
+use std::hash::{BuildHasher, RandomState};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// The shared Redis: `REDIS_URL`, or `redis://127.0.0.1:6379`.
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL")
+        .ok()
+        .filter(|u| !u.trim().is_empty())
+        .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// A namespace no other test (or test run) uses: `test:<name>:<random>`.
+pub fn unique_namespace(name: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let random = RandomState::new().hash_one((std::process::id(), n, Instant::now()));
+    format!("test:{name}:{random:016x}")
+}
+
+/// A connection to `url` for inspecting what the cache wrote (`PTTL`, raw `GET`), or for
+/// planting garbage.
+pub async fn raw_connection(url: &str) -> redis::aio::MultiplexedConnection {
+    let client = redis::Client::open(url).expect("valid redis url");
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    .expect("redis answers within 5 s")
+    .unwrap_or_else(|e| panic!("cannot connect to redis at {url}: {e}"))
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// The `redis-server` binary: `REDIS_SERVER`, else from `PATH`.
+fn redis_server_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("REDIS_SERVER") {
+        return PathBuf::from(p);
+    }
+    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+        let candidate = PathBuf::from(dir).join("redis-server");
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    for fallback in [
+        "/usr/bin/redis-server",
+        "/usr/local/bin/redis-server",
+        "/usr/sbin/redis-server",
+    ] {
+        if std::path::Path::new(fallback).is_file() {
+            return PathBuf::from(fallback);
+        }
+    }
+    panic!(
+        "redis-server not found: install it (apt-get install -y redis-server) or set REDIS_SERVER"
+    )
+}
+
+/// A private `redis-server` on a free loopback port, killed when dropped.
+pub struct RedisServer {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts a server on a free port and waits until it answers.
+    pub fn start() -> RedisServer {
+        let mut server = RedisServer {
+            port: free_port(),
+            child: None,
+        };
+        server.restart();
+        server
+    }
+
+    /// The server's URL.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Kills the server with SIGKILL (no shutdown, nothing saved).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port (after [`kill`](Self::kill)), and waits until
+    /// it answers.
+    pub fn restart(&mut self) {
+        self.kill();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let child = Command::new(redis_server_binary())
+                .args(["--port", &self.port.to_string()])
+                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .args(["--protected-mode", "no", "--loglevel", "warning"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn redis-server");
+            self.child = Some(child);
+            if self.wait_ready(Duration::from_secs(3)) {
+                return;
+            }
+            // The port may still be held by the killed process's socket; try again.
+            self.kill();
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not start on port {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> bool {
+        use std::io::{Read, Write};
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return false; // exited: port in use, say
+                }
+            }
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+                let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+                if s.write_all(b"PING\r\n").is_ok() {
+                    let mut buf = [0u8; 7];
+                    if s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n" {
+                        return true;
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

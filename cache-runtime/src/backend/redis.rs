@@ -170,8 +170,10 @@ impl RedisBackend {
                 self.options.breaker_cooldown
             );
         } else {
-            self.log
-                .warn(kind, &format_args!("redis {op} failed ({err}); the call runs uncached"));
+            self.log.warn(
+                kind,
+                &format_args!("redis {op} failed ({err}); the call runs uncached"),
+            );
         }
     }
 }

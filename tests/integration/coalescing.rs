@@ -1,0 +1,140 @@
+//! In-process coalescing: concurrent misses of one key run the function once, and a leader
+//! that fails, panics or is cancelled never strands or misleads its followers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cache_runtime::{Cache, cached};
+use tokio::task::JoinSet;
+
+use crate::support::{Calls, Gate, User, on_both_backends};
+
+const CALLERS: usize = 100;
+/// Generous: a hang, not slowness, is what these tests look for.
+const NO_HANG: Duration = Duration::from_secs(20);
+
+#[cached(cache = cache, key = "user:{id}", name = "slow_user")]
+async fn slow_user(cache: &Cache, calls: &Calls, id: u64) -> Result<User, String> {
+    calls.hit();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    Ok(User::new(id))
+}
+
+/// How the first call behaves; later calls succeed at once.
+#[derive(Clone, Copy)]
+enum First {
+    Fails,
+    Panics,
+    Hangs,
+}
+
+#[cached(cache = cache, key = "gated:{id}", name = "gated")]
+async fn gated(
+    cache: &Cache,
+    calls: &Calls,
+    gate: &Gate,
+    first: First,
+    id: u64,
+) -> Result<User, String> {
+    if calls.hit() == 1 {
+        gate.pass().await;
+        match first {
+            First::Fails => return Err("first call fails".to_owned()),
+            First::Panics => panic!("first call panics"),
+            First::Hangs => std::future::pending::<()>().await,
+        }
+    }
+    Ok(User::new(id))
+}
+
+async fn join_all<T: 'static>(set: &mut JoinSet<T>) -> Vec<T> {
+    let mut out = Vec::new();
+    while let Some(r) = tokio::time::timeout(NO_HANG, set.join_next())
+        .await
+        .expect("no caller may hang")
+    {
+        out.push(r.expect("caller task"));
+    }
+    out
+}
+
+/// Starts the first (leading) call, waits until it is inside the function, then starts the
+/// followers, who find its flight and wait on it.
+async fn leader_then_followers(
+    fx: &crate::support::Fx,
+    first: First,
+) -> (
+    tokio::task::JoinHandle<Result<User, String>>,
+    JoinSet<Result<User, String>>,
+    Arc<Calls>,
+    Arc<Gate>,
+) {
+    let calls = Arc::new(Calls::default());
+    let gate = Gate::new();
+    let leader = {
+        let (cache, calls, gate) = (fx.cache.clone(), calls.clone(), gate.clone());
+        tokio::spawn(async move { gated(&cache, &calls, &gate, first, 9).await })
+    };
+    gate.entered.notified().await;
+    let mut followers = JoinSet::new();
+    for _ in 1..CALLERS {
+        let (cache, calls, gate) = (fx.cache.clone(), calls.clone(), gate.clone());
+        followers.spawn(async move { gated(&cache, &calls, &gate, first, 9).await });
+    }
+    // Let the followers reach the flight before the leader finishes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    (leader, followers, calls, gate)
+}
+
+on_both_backends! {
+    async fn concurrent_misses_run_the_function_once(fx: Fx) {
+        let calls = Arc::new(Calls::default());
+        let mut set = JoinSet::new();
+        for _ in 0..CALLERS {
+            let (cache, calls) = (fx.cache.clone(), calls.clone());
+            set.spawn(async move { slow_user(&cache, &calls, 1).await });
+        }
+        let results = join_all(&mut set).await;
+        assert_eq!(results.len(), CALLERS);
+        assert!(results.iter().all(|r| r == &Ok(User::new(1))));
+        assert_eq!(calls.get(), 1, "{CALLERS} concurrent misses, one load");
+        let s = fx.cache.stats().function("slow_user").cloned().unwrap();
+        assert_eq!(s.misses, 1);
+        assert_eq!(s.hits, CALLERS as u64 - 1);
+        assert_eq!(s.hits, s.coalesced + (s.hits - s.coalesced));
+    }
+
+    async fn a_failing_leader_releases_its_followers(fx: Fx) {
+        let (leader, mut followers, calls, gate) = leader_then_followers(&fx, First::Fails).await;
+        gate.release.notify_one();
+        assert_eq!(leader.await.unwrap(), Err("first call fails".to_owned()));
+        let results = join_all(&mut followers).await;
+        assert_eq!(results.len(), CALLERS - 1);
+        assert!(results.iter().all(|r| r == &Ok(User::new(9))), "each follower got its own result");
+        assert_eq!(calls.get() as usize, CALLERS, "released followers ran the function themselves");
+    }
+
+    async fn a_panicking_leader_releases_its_followers(fx: Fx) {
+        let (leader, mut followers, _calls, gate) = leader_then_followers(&fx, First::Panics).await;
+        gate.release.notify_one();
+        assert!(leader.await.unwrap_err().is_panic(), "the panic reaches the leader's caller");
+        let results = join_all(&mut followers).await;
+        assert!(results.iter().all(|r| r == &Ok(User::new(9))));
+        assert_eq!(fx.cache.stats().function("gated").unwrap().load_errors, 1);
+    }
+
+    async fn a_cancelled_leader_hands_over(fx: Fx) {
+        let (leader, mut followers, calls, _gate) = leader_then_followers(&fx, First::Hangs).await;
+        // The leader's caller gives up (a timeout, a dropped request).
+        leader.abort();
+        assert!(leader.await.unwrap_err().is_cancelled());
+        let results = join_all(&mut followers).await;
+        assert!(results.iter().all(|r| r == &Ok(User::new(9))));
+        assert_eq!(calls.get(), 2, "one follower took over and loaded for the rest");
+        // The value it loaded is cached.
+        let calls_before = calls.get();
+        let gate = Gate::new();
+        assert_eq!(gated(&fx.cache, &calls, &gate, First::Fails, 9).await, Ok(User::new(9)));
+        assert_eq!(calls.get(), calls_before);
+    }
+}

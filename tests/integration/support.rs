@@ -1,0 +1,175 @@
+//! The per-test fixture: a cache in its own namespace, on memory or on the shared Redis.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use cache_runtime::Cache;
+use cache_tests::{raw_connection, redis_url, unique_namespace};
+use redis::AsyncCommands;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+/// A user record, as a database would return it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct User {
+    pub id: u64,
+    pub name: String,
+}
+
+impl User {
+    pub fn new(id: u64) -> User {
+        User {
+            id,
+            name: format!("user {id}"),
+        }
+    }
+}
+
+/// Counts calls of the functions under test.
+#[derive(Default)]
+pub struct Calls(AtomicU32);
+
+impl Calls {
+    pub const fn new() -> Calls {
+        Calls(AtomicU32::new(0))
+    }
+
+    pub fn hit(&self) -> u32 {
+        self.0.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    pub fn get(&self) -> u32 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Holds a function inside its body until the test releases it.
+#[derive(Default)]
+pub struct Gate {
+    pub entered: Notify,
+    pub release: Notify,
+}
+
+impl Gate {
+    pub fn new() -> Arc<Gate> {
+        Arc::new(Gate::default())
+    }
+
+    /// Called by the function: signals that it is inside, waits for the release.
+    pub async fn pass(&self) {
+        self.entered.notify_one();
+        self.release.notified().await;
+    }
+}
+
+pub enum Backend {
+    Memory,
+    Redis,
+}
+
+pub struct Fx {
+    pub cache: Cache,
+    pub backend: Backend,
+    conn: Option<redis::aio::MultiplexedConnection>,
+}
+
+impl Fx {
+    pub async fn memory(_name: &str) -> Fx {
+        Fx {
+            cache: Cache::builder().namespace("t").build().await.unwrap(),
+            backend: Backend::Memory,
+            conn: None,
+        }
+    }
+
+    pub async fn redis(name: &str) -> Fx {
+        let url = redis_url();
+        let cache = Cache::builder()
+            .redis(&url)
+            .namespace(unique_namespace(name))
+            // CI machines are shared and busy: a slow answer must not look like a failure.
+            .operation_timeout(Duration::from_secs(2))
+            .build()
+            .await
+            .unwrap();
+        Fx {
+            cache,
+            backend: Backend::Redis,
+            conn: Some(raw_connection(&url).await),
+        }
+    }
+
+    pub fn is_redis(&self) -> bool {
+        matches!(self.backend, Backend::Redis)
+    }
+
+    fn conn(&self) -> redis::aio::MultiplexedConnection {
+        self.conn.clone().expect("a redis fixture")
+    }
+
+    /// `PTTL` of `key` (namespace added) in milliseconds; `None` on the memory backend.
+    pub async fn pttl(&self, key: &str) -> Option<i64> {
+        if !self.is_redis() {
+            return None;
+        }
+        let ms: i64 = self.conn().pttl(self.cache.full_key(key)).await.unwrap();
+        Some(ms)
+    }
+
+    /// The raw bytes under `key` (namespace added); `None` on the memory backend.
+    pub async fn raw_get(&self, key: &str) -> Option<Vec<u8>> {
+        if !self.is_redis() {
+            return None;
+        }
+        let v: Option<Vec<u8>> = self.conn().get(self.cache.full_key(key)).await.unwrap();
+        v
+    }
+
+    /// Puts something under `key` that is not a valid cached value of the function's type.
+    pub async fn plant_garbage(&self, key: &str) {
+        if self.is_redis() {
+            let _: () = self
+                .conn()
+                .set_ex(
+                    self.cache.full_key(key),
+                    b"\x00\xffnot an envelope".as_slice(),
+                    60,
+                )
+                .await
+                .unwrap();
+        } else {
+            // A valid envelope of the wrong type.
+            self.cache
+                .set(key, &"not a user", Duration::from_secs(60))
+                .await
+                .unwrap();
+        }
+    }
+}
+
+/// Defines each test once and runs it on both backends: `memory::<name>` and `redis::<name>`.
+macro_rules! on_both_backends {
+    ($(async fn $name:ident($fx:ident: Fx) $body:block)*) => {
+        $(
+            async fn $name($fx: crate::support::Fx) $body
+        )*
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(crate::support::Fx::memory(stringify!($name)).await).await
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(crate::support::Fx::redis(stringify!($name)).await).await
+                }
+            )*
+        }
+    };
+}
+pub(crate) use on_both_backends;
