@@ -50,10 +50,12 @@ impl Flight {
     }
 }
 
+type Shard = Mutex<HashMap<String, Arc<Flight>>>;
+
 /// The in-flight lookups of one cache.
 #[derive(Debug)]
 pub(crate) struct Flights {
-    shards: Box<[Mutex<HashMap<String, Arc<Flight>>>]>,
+    shards: Box<[Shard]>,
     hasher: RandomState,
 }
 
@@ -70,7 +72,7 @@ impl Flights {
         }
     }
 
-    fn shard(&self, key: &str) -> &Mutex<HashMap<String, Arc<Flight>>> {
+    fn shard(&self, key: &str) -> &Shard {
         let i = (self.hasher.hash_one(key) as usize) % SHARDS;
         &self.shards[i]
     }

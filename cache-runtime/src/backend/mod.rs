@@ -69,6 +69,8 @@ pub(crate) trait Backend: Send + Sync {
 }
 
 /// The configured backend.
+// One per cache, behind an `Arc`: the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum AnyBackend {
     Memory(MemoryBackend),
     Redis(RedisBackend),
