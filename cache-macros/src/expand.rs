@@ -135,7 +135,12 @@ impl<'a> Config<'a> {
                     .iter()
                     .filter_map(|p| p.ident.as_ref().map(ToString::to_string))
                     .collect();
-                match template::compile(lit, &names, has_self) {
+                let patterns: Vec<String> = params
+                    .iter()
+                    .filter(|p| p.ident.is_none())
+                    .map(|p| p.pat.to_string())
+                    .collect();
+                match template::compile(lit, &names, &patterns, has_self) {
                     Ok(t) => Some(t),
                     Err(e) => {
                         errors.push(e);
@@ -295,16 +300,22 @@ fn generate(args: &CachedArgs, func: &ItemFn, config: &Config<'_>) -> TokenStrea
     let fn_name = sig.ident.to_string();
     let fn_name = fn_name.strip_prefix("r#").unwrap_or(&fn_name);
     let ret = &config.ret;
-    let ret_span = match &sig.output {
-        ReturnType::Type(_, ty) if matches!(config.shape, Shape::Native) => ty.span(),
-        _ => sig.ident.span(),
+    let ret_span = match (&sig.output, &config.shape) {
+        (ReturnType::Type(_, ty), Shape::Native) => ty.span(),
+        // `#[async_trait]` moved the written return type into `Future<Output = R>`.
+        (ReturnType::Type(..), Shape::AsyncTrait { .. }) => ret.span(),
+        (ReturnType::Default, _) => sig.ident.span(),
     };
 
     let site = hidden("__CACHE_SITE");
     let handle = hidden("__cache_handle");
     let key = hidden("__cache_key");
     let w = hidden("__cache_w");
-    let mode = hidden("__cache_mode");
+    // Generated at the return type, so that a return type that is not `Serialize +
+    // DeserializeOwned` is reported there, not on the whole attribute. The mode and the call
+    // share one hygiene context: rustc only points at an argument that shares the call's.
+    let ret_loc = Span::mixed_site().located_at(ret_span);
+    let mode = Ident::new("__cache_mode", ret_loc);
     let fake_ret = hidden("__cache_ret");
 
     // The site: everything static about this function.
@@ -333,8 +344,13 @@ fn generate(args: &CachedArgs, func: &ItemFn, config: &Config<'_>) -> TokenStrea
         Some(expr) => quote_spanned!(expr.span()=> &(#expr)),
         None => quote!(#rt::default_cache()),
     };
+    // A `cache = <expr>` of the wrong type is "expected due to" the `cache` option.
+    let cache_ty = match args.cache.span() {
+        Some(span) => quote_spanned!(span=> &::cache_runtime::__private::Cache),
+        None => quote!(&#rt::Cache),
+    };
     let handle_let = quote! {
-        let #handle: &#rt::Cache = #cache_expr;
+        let #handle: #cache_ty = #cache_expr;
     };
 
     // The key.
@@ -378,14 +394,20 @@ fn generate(args: &CachedArgs, func: &ItemFn, config: &Config<'_>) -> TokenStrea
         };
     };
     let cache_none_check = match args.cache_none.span() {
-        Some(span) => quote_spanned!(span=> #rt::require_cache_none(&#mode);),
+        Some(span) => {
+            let rt_none = quote_spanned!(span=> ::cache_runtime::__private);
+            quote_spanned!(span=> #rt_none::require_cache_none(::core::marker::PhantomData::<#ret>);)
+        }
         None => TokenStream::new(),
     };
 
     let unless = match args.unless.get() {
         Some(expr) => {
             let result = Ident::new("result", Span::call_site());
-            quote_spanned!(expr.span()=> |#result: &#ret| -> bool { #expr })
+            // A non-`bool` expression is "expected `bool` because of" the `unless` option.
+            let unless_span = args.unless.span().unwrap_or_else(|| expr.span());
+            let bool_ty = quote_spanned!(unless_span=> bool);
+            quote_spanned!(expr.span()=> |#result: &#ret| -> #bool_ty { #expr })
         }
         None => quote!(|_: &#ret| false),
     };
@@ -396,10 +418,11 @@ fn generate(args: &CachedArgs, func: &ItemFn, config: &Config<'_>) -> TokenStrea
     } else {
         quote!(::core::option::Option::None)
     };
+    let rt_ret = quote_spanned!(ret_loc=> ::cache_runtime::__private);
     let call = |future: TokenStream| {
-        quote_spanned! {ret_span=>
-            #rt::cached(
-                #rt::Call {
+        quote_spanned! {ret_loc=>
+            #rt_ret::cached(
+                #rt_ret::Call {
                     cache: #handle,
                     site: &#site,
                     self_type: #self_type,
@@ -472,13 +495,25 @@ fn template_pushes(t: &Template, w: &Ident, span: Span, config: &Config<'_>) -> 
                         .unwrap_or_else(|| Ident::new(root, span));
                     ident.to_token_stream()
                 };
+                // Field names resolve the same at any hygiene; a mixed-site span marks them
+                // as generated, so that rustc does not offer to rewrite the key literal as a
+                // field name ("a field with a similar name exists").
+                let field_span = Span::mixed_site().located_at(span);
                 let fields = fields.iter().map(|f| match f.parse::<u32>() {
                     Ok(n) => {
-                        let index = syn::Index { index: n, span };
+                        let index = syn::Index {
+                            index: n,
+                            span: field_span,
+                        };
                         quote_spanned!(span=> .#index)
                     }
                     Err(_) => {
-                        let ident = Ident::new(f, span);
+                        // `{q.type}` and `{q.r#type}` both mean the field `r#type`.
+                        let name = f.strip_prefix("r#").unwrap_or(f);
+                        let ident = match syn::parse_str::<Ident>(name) {
+                            Ok(_) => Ident::new(name, field_span),
+                            Err(_) => Ident::new_raw(name, field_span),
+                        };
                         quote_spanned!(span=> .#ident)
                     }
                 });

@@ -3,6 +3,7 @@
 //! Do not depend on this crate directly: depend on `cache-runtime`, which re-exports the
 //! attributes (`use cache_runtime::cached;`) and documents them. This crate only parses,
 //! validates and rewrites; every behaviour lives in the runtime.
+#![forbid(unsafe_code)]
 
 mod args;
 mod expand;

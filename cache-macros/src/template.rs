@@ -44,15 +44,22 @@ fn is_ident(s: &str) -> bool {
 }
 
 fn is_field(s: &str) -> bool {
-    is_ident(s) || (!s.is_empty() && s.chars().all(|c| c.is_ascii_digit()))
+    // Keywords are fields written raw (`{q.type}` is `q.r#type`), except those that cannot be.
+    let not_a_field = matches!(
+        s.strip_prefix("r#").unwrap_or(s),
+        "_" | "self" | "Self" | "super" | "crate"
+    );
+    (is_ident(s) && !not_a_field) || (!s.is_empty() && s.chars().all(|c| c.is_ascii_digit()))
 }
 
-/// Compiles `lit` for a function with `params` (names, without `self`) and, if `has_self`, a
-/// receiver. Errors are on the literal (a string literal's inner spans are not available on
-/// stable Rust) and name the offending placeholder.
+/// Compiles `lit` for a function with `params` (names, without `self`), parameters written as
+/// `patterns` (`(a, b)`, which placeholders cannot name) and, if `has_self`, a receiver. Errors
+/// are on the literal (a string literal's inner spans are not available on stable Rust) and
+/// name the offending placeholder.
 pub(crate) fn compile(
     lit: &LitStr,
     params: &[String],
+    patterns: &[String],
     has_self: bool,
 ) -> Result<Template, syn::Error> {
     let text = lit.value();
@@ -119,20 +126,27 @@ pub(crate) fn compile(
                     .iter()
                     .any(|p| p == &root || p.strip_prefix("r#") == Some(&root))
                 {
-                    let known = if params.is_empty() {
-                        if has_self {
-                            "this function has no parameters besides `self`".to_owned()
-                        } else {
-                            "this function has no parameters".to_owned()
+                    let named = if patterns.is_empty() { "" } else { "named " };
+                    let mut known = match params {
+                        [] if has_self => {
+                            format!("this function has no {named}parameters besides `self`")
                         }
-                    } else {
-                        let list = params
-                            .iter()
-                            .map(|p| format!("`{p}`"))
-                            .collect::<Vec<_>>()
-                            .join(", ");
-                        format!("the parameters are {list}")
+                        [] => format!("this function has no {named}parameters"),
+                        [one] => format!("the only {named}parameter is `{one}`"),
+                        _ => {
+                            let list = params
+                                .iter()
+                                .map(|p| format!("`{p}`"))
+                                .collect::<Vec<_>>()
+                                .join(", ");
+                            format!("the {named}parameters are {list}")
+                        }
                     };
+                    if let Some(pat) = patterns.first() {
+                        known.push_str(&format!(
+                            ", and a key cannot use the names bound by the pattern `{pat}`; name that parameter and use a field path, e.g. `{{arg.0}}`"
+                        ));
+                    }
                     return Err(err(format!("unknown placeholder `{{{inner}}}`; {known}")));
                 }
                 if !literal.is_empty() {
@@ -258,13 +272,14 @@ mod tests {
         compile(
             &lit(s),
             &params(&["id", "user", "role", "first", "last"]),
+            &[],
             true,
         )
         .unwrap()
     }
 
     fn compile_err(s: &str) -> String {
-        compile(&lit(s), &params(&["id", "user"]), false)
+        compile(&lit(s), &params(&["id", "user"]), &[], false)
             .unwrap_err()
             .to_string()
     }
@@ -314,6 +329,28 @@ mod tests {
         assert!(compile_err("x}}").contains("hash tag"));
         assert!(compile_err("{{}}{id}").contains("empty hash tag"));
         assert!(compile_err("{a b}").contains("invalid placeholder"));
+        assert!(compile_err("{user.self}").contains("invalid placeholder"));
+        assert!(compile_err("{user.r#crate}").contains("invalid placeholder"));
+    }
+
+    #[test]
+    fn unknown_placeholders_list_the_parameters() {
+        let msg = |params: &[&str], patterns: &[&str], has_self: bool| {
+            compile(
+                &lit("x:{nope}"),
+                &self::params(params),
+                &self::params(patterns),
+                has_self,
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        assert!(msg(&[], &[], false).ends_with("this function has no parameters"));
+        assert!(msg(&[], &[], true).ends_with("no parameters besides `self`"));
+        assert!(msg(&["id"], &[], false).ends_with("the only parameter is `id`"));
+        let pattern = msg(&["id"], &["(a, b)"], false);
+        assert!(pattern.contains("the only named parameter is `id`"));
+        assert!(pattern.contains("the pattern `(a, b)`"));
     }
 
     #[test]

@@ -51,6 +51,7 @@
 //! at most once per 10 s, and counted in [`Cache::stats`].
 //!
 //! The runtime needs Tokio (with the `time` driver enabled, as `#[tokio::main]` does).
+#![forbid(unsafe_code)]
 
 mod backend;
 mod breaker;

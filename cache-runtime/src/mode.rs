@@ -37,10 +37,11 @@ pub trait Mode<R> {
     fn restore(&self, value: Self::Value) -> R;
 }
 
-/// Return types whose `None` can be cached (`cache_none`).
+/// Return types whose `None` can be cached (`cache_none`): the types that select
+/// [`OptionMode`] or [`ResultOptionMode`].
 #[diagnostic::on_unimplemented(
     message = "`cache_none` needs a function returning `Option<T>` or `Result<Option<T>, E>`",
-    label = "this function's return type has no `None` to cache",
+    label = "`{Self}` has no `None` to cache",
     note = "remove `cache_none`, or return an `Option`"
 )]
 pub trait SupportsNone {}
@@ -112,12 +113,12 @@ impl<R: Serialize + DeserializeOwned> Mode<R> for PlainMode<R> {
     }
 }
 
-impl<T, E> SupportsNone for ResultOptionMode<T, E> {}
-impl<T> SupportsNone for OptionMode<T> {}
+impl<T, E> SupportsNone for Result<Option<T>, E> {}
+impl<T> SupportsNone for Option<T> {}
 
-/// Checks at compile time that `cache_none` fits the return type.
+/// Checks at compile time that `cache_none` fits the return type `R`.
 #[inline]
-pub fn require_cache_none<M: SupportsNone>(_: &M) {}
+pub fn require_cache_none<R: SupportsNone>(_: PhantomData<R>) {}
 
 /// The type-level tag that mode selection dispatches on.
 pub struct Tag<R>(PhantomData<fn() -> R>);
@@ -197,6 +198,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::needless_borrow)] // the borrows are the selection mechanism
     fn selection_follows_the_type_not_its_spelling() {
         type DbResult<T> = Result<T, std::io::Error>;
         let m = (&&&&Tag::<DbResult<u32>>::new()).__cache_mode();

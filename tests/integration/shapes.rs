@@ -194,8 +194,8 @@ async fn generic_functions_key_by_type_parameter() {
     assert_eq!(calls.get(), 2, "another type parameter is another entry");
     assert_eq!(parse::<u8>("300").await, None);
 
-    assert_eq!(show(&calls, "str").await, "str");
-    assert_eq!(show(&calls, &5u8).await, "5");
+    assert_eq!(show(calls, "str").await, "str");
+    assert_eq!(show(calls, &5u8).await, "5");
 }
 
 #[tokio::test]

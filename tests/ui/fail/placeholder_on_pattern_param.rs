@@ -1,0 +1,8 @@
+use cache_runtime::cached;
+
+#[cached(key = "sum:{a}", ttl = 60)]
+async fn sum((a, b): (u64, u64)) -> u64 {
+    a + b
+}
+
+fn main() {}
