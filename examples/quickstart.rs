@@ -20,11 +20,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let t = Instant::now();
     let user = get_user(42).await?;
-    println!("miss: {:?} in {:?} ({} query)", user.map(|u| u.name), t.elapsed(), queries());
+    println!(
+        "miss: {:?} in {:?} ({} query)",
+        user.map(|u| u.name),
+        t.elapsed(),
+        queries()
+    );
 
     let t = Instant::now();
     let user = get_user(42).await?;
-    println!("hit:  {:?} in {:?} ({} query)", user.map(|u| u.name), t.elapsed(), queries());
+    println!(
+        "hit:  {:?} in {:?} ({} query)",
+        user.map(|u| u.name),
+        t.elapsed(),
+        queries()
+    );
 
     // A stampede: 100 concurrent callers of a cold key share one load.
     let before = queries();
@@ -32,13 +42,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for caller in callers {
         caller.await??;
     }
-    println!("100 concurrent callers of a cold key: {} query", queries() - before);
+    println!(
+        "100 concurrent callers of a cold key: {} query",
+        queries() - before
+    );
 
     // `None` is not cached unless the function says `cache_none`.
     let before = queries();
     assert_eq!(get_user(0).await?, None);
     assert_eq!(get_user(0).await?, None);
-    println!("a missing user, twice: {} queries (None is not cached)", queries() - before);
+    println!(
+        "a missing user, twice: {} queries (None is not cached)",
+        queries() - before
+    );
 
     // The manual API works on the same keys.
     default_cache().invalidate("user:42").await?;

@@ -24,7 +24,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build()
         .await?;
     cache_runtime::set_default(cache)?;
-    println!("cache: redis at {url}, keys like {}", default_cache().full_key("user:42"));
+    println!(
+        "cache: redis at {url}, keys like {}",
+        default_cache().full_key("user:42")
+    );
 
     for attempt in 1..=3 {
         let t = Instant::now();
@@ -38,7 +41,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     println!("\n{}", default_cache().stats());
-    if default_cache().stats().functions().iter().any(|f| f.backend_errors > 0) {
+    if default_cache()
+        .stats()
+        .functions()
+        .iter()
+        .any(|f| f.backend_errors > 0)
+    {
         println!("(redis was unreachable: every call ran the function, as it should)");
     }
     Ok(())
