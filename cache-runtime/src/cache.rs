@@ -57,7 +57,7 @@ pub(crate) struct Inner {
     pub(crate) backend: AnyBackend,
     pub(crate) namespace: String,
     pub(crate) default_ttl: Duration,
-    pub(crate) flights: Arc<Flights>,
+    pub(crate) flights: Flights,
     pub(crate) stats: StatsRegistry,
     pub(crate) log: Arc<FailureLog>,
 }
@@ -208,7 +208,7 @@ impl CacheBuilder {
                 backend,
                 namespace: self.namespace,
                 default_ttl: self.default_ttl,
-                flights: Arc::new(Flights::new()),
+                flights: Flights::new(),
                 stats: StatsRegistry::new(id),
                 log,
             }),

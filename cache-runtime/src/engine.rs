@@ -160,7 +160,7 @@ async fn lead<R, M, U, F>(
     site: &'static Site,
     stats: &SiteStats,
     key: &str,
-    mut guard: LeaderGuard,
+    mut guard: LeaderGuard<'_>,
     mode: &M,
     read_first: bool,
     unless: U,

@@ -15,14 +15,17 @@
 //! A write or invalidation of a key through this process's cache detaches the key's flight,
 //! so a lookup that starts after the write completed never joins a flight that started
 //! before it (read-your-writes), and marks the flight stale so its fill is not stored.
+//!
+//! Cost when nobody else is waiting (the common case): one short critical section to insert
+//! the flight, one to remove it, one allocation for the flight and one for its map key.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 const SHARDS: usize = 64;
 
@@ -37,9 +40,10 @@ pub(crate) enum Outcome {
     Abandoned,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct Flight {
-    tx: watch::Sender<Option<Outcome>>,
+    outcome: OnceLock<Outcome>,
+    notify: Notify,
     stale: AtomicBool,
 }
 
@@ -48,27 +52,34 @@ impl Flight {
     pub(crate) fn is_stale(&self) -> bool {
         self.stale.load(Ordering::Acquire)
     }
+
+    fn publish(&self, outcome: Outcome) {
+        let _ = self.outcome.set(outcome);
+        self.notify.notify_waiters();
+    }
 }
 
-type Shard = Mutex<HashMap<String, Arc<Flight>>>;
+type Shard = Mutex<HashMap<String, Arc<Flight>, foldhash::fast::RandomState>>;
 
 /// The in-flight lookups of one cache.
 #[derive(Debug)]
 pub(crate) struct Flights {
     shards: Box<[Shard]>,
-    hasher: RandomState,
+    hasher: foldhash::fast::RandomState,
 }
 
-pub(crate) enum Role {
-    Leader(LeaderGuard),
+pub(crate) enum Role<'a> {
+    Leader(LeaderGuard<'a>),
     Follower(Follower),
 }
 
 impl Flights {
     pub(crate) fn new() -> Self {
         Flights {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            hasher: RandomState::new(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(HashMap::with_hasher(Default::default())))
+                .collect(),
+            hasher: Default::default(),
         }
     }
 
@@ -78,23 +89,19 @@ impl Flights {
     }
 
     /// Joins the flight for `key`, or starts one.
-    pub(crate) fn join(self: &Arc<Self>, key: &str) -> Role {
+    pub(crate) fn join<'a>(&'a self, key: &'a str) -> Role<'a> {
         let mut map = self.shard(key).lock().unwrap_or_else(|e| e.into_inner());
         if let Some(flight) = map.get(key) {
             return Role::Follower(Follower {
-                rx: flight.tx.subscribe(),
+                flight: flight.clone(),
             });
         }
-        let (tx, _) = watch::channel(None);
-        let flight = Arc::new(Flight {
-            tx,
-            stale: AtomicBool::new(false),
-        });
+        let flight = Arc::new(Flight::default());
         map.insert(key.to_owned(), flight.clone());
         drop(map);
         Role::Leader(LeaderGuard {
-            flights: self.clone(),
-            key: key.to_owned(),
+            flights: self,
+            key,
             flight,
             sent: false,
         })
@@ -131,14 +138,14 @@ impl Flights {
 
 /// Held by the leader of a flight. Dropping it without [`LeaderGuard::publish`] tells the
 /// followers what happened: `Released` when unwinding from a panic, `Abandoned` otherwise.
-pub(crate) struct LeaderGuard {
-    flights: Arc<Flights>,
-    key: String,
+pub(crate) struct LeaderGuard<'a> {
+    flights: &'a Flights,
+    key: &'a str,
     flight: Arc<Flight>,
     sent: bool,
 }
 
-impl LeaderGuard {
+impl LeaderGuard<'_> {
     pub(crate) fn flight(&self) -> &Flight {
         &self.flight
     }
@@ -148,36 +155,40 @@ impl LeaderGuard {
     /// once.
     pub(crate) fn publish(&mut self, outcome: Outcome) {
         self.sent = true;
-        self.flight.tx.send_replace(Some(outcome));
+        self.flight.publish(outcome);
     }
 }
 
-impl Drop for LeaderGuard {
+impl Drop for LeaderGuard<'_> {
     fn drop(&mut self) {
-        self.flights.remove_if(&self.key, &self.flight);
+        self.flights.remove_if(self.key, &self.flight);
         if !self.sent {
-            let outcome = if std::thread::panicking() {
+            self.flight.publish(if std::thread::panicking() {
                 Outcome::Released
             } else {
                 Outcome::Abandoned
-            };
-            self.flight.tx.send_replace(Some(outcome));
+            });
         }
     }
 }
 
 pub(crate) struct Follower {
-    rx: watch::Receiver<Option<Outcome>>,
+    flight: Arc<Flight>,
 }
 
 impl Follower {
     /// Waits for the leader's outcome.
-    pub(crate) async fn wait(mut self) -> Outcome {
-        match self.rx.wait_for(Option::is_some).await {
-            Ok(v) => v.clone().unwrap_or(Outcome::Abandoned),
-            // The sender lives in the flight, which we hold; this cannot happen, but if it did
-            // the leader is gone.
-            Err(_) => Outcome::Abandoned,
+    pub(crate) async fn wait(self) -> Outcome {
+        loop {
+            let notified = self.flight.notify.notified();
+            tokio::pin!(notified);
+            // Register before checking, so a publish between the check and the await is not
+            // missed.
+            notified.as_mut().enable();
+            if let Some(outcome) = self.flight.outcome.get() {
+                return outcome.clone();
+            }
+            notified.await;
         }
     }
 }
@@ -188,27 +199,29 @@ mod tests {
 
     #[tokio::test]
     async fn followers_get_the_leaders_value() {
-        let flights = Arc::new(Flights::new());
+        let flights = Flights::new();
         let Role::Leader(mut leader) = flights.join("k") else {
             panic!("first caller leads")
         };
         let Role::Follower(f) = flights.join("k") else {
             panic!("second caller follows")
         };
+        let waiting = tokio::spawn(f.wait());
+        tokio::task::yield_now().await;
         leader.publish(Outcome::Value(Bytes::from_static(b"v")));
         // A late joiner still gets the published value while the guard is alive.
         let Role::Follower(late) = flights.join("k") else {
             panic!("third caller follows")
         };
         drop(leader);
-        assert!(matches!(f.wait().await, Outcome::Value(b) if &b[..] == b"v"));
+        assert!(matches!(waiting.await.unwrap(), Outcome::Value(b) if &b[..] == b"v"));
         assert!(matches!(late.wait().await, Outcome::Value(_)));
         assert_eq!(flights.len(), 0);
     }
 
     #[tokio::test]
     async fn dropped_leader_abandons() {
-        let flights = Arc::new(Flights::new());
+        let flights = Flights::new();
         let leader = flights.join("k");
         let Role::Follower(f) = flights.join("k") else {
             panic!()
@@ -220,7 +233,7 @@ mod tests {
 
     #[tokio::test]
     async fn invalidation_detaches_and_marks_stale() {
-        let flights = Arc::new(Flights::new());
+        let flights = Flights::new();
         let Role::Leader(leader) = flights.join("k") else {
             panic!()
         };

@@ -99,7 +99,9 @@ impl RedisBackend {
         }
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.options.connect_timeout))
-            .set_response_timeout(Some(self.options.operation_timeout))
+            // No response timeout in redis-rs: `run` bounds the whole operation (including a
+            // wait for a reconnection) with one timer, instead of two timers per command.
+            .set_response_timeout(None)
             // One attempt per reconnection; the breaker paces the attempts.
             .set_number_of_retries(0);
         let manager = ConnectionManager::new_lazy_with_config(self.client.clone(), config)
