@@ -393,6 +393,17 @@ fn generate(args: &CachedArgs, func: &ItemFn, config: &Config<'_>) -> TokenStrea
             (&&&&#rt::Tag::<#ret>::new()).__cache_mode()
         };
     };
+    // In-process backends keep the decoded value when its type is `Clone + Send + Sync`, so
+    // that a hit clones it instead of decoding JSON.
+    let typed = hidden("__cache_typed");
+    let typed_let = quote! {
+        #[allow(clippy::needless_borrow)]
+        let #typed = {
+            #[allow(unused_imports)]
+            use #rt::{ViaTyped as _, ViaUntyped as _};
+            (&&#mode).__cache_typed()
+        };
+    };
     let cache_none_check = match args.cache_none.span() {
         Some(span) => {
             let rt_none = quote_spanned!(span=> ::cache_runtime::__private);
@@ -429,6 +440,7 @@ fn generate(args: &CachedArgs, func: &ItemFn, config: &Config<'_>) -> TokenStrea
                     key: #key,
                 },
                 #mode,
+                #typed,
                 #unless,
                 #future,
             ).await
@@ -462,6 +474,7 @@ fn generate(args: &CachedArgs, func: &ItemFn, config: &Config<'_>) -> TokenStrea
             #handle_let
             #key_let
             #mode_let
+            #typed_let
             #cache_none_check
             #body
         }

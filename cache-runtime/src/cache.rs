@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::backend::{AnyBackend, Backend, MemoryBackend, RedisBackend, RedisOptions};
+use crate::backend::{AnyBackend, Backend, MemoryBackend, RedisBackend, RedisOptions, Stored};
 use crate::breaker::{FailureKind, FailureLog};
 use crate::envelope;
 use crate::error::{Error, ErrorKind, Result};
@@ -286,10 +286,10 @@ impl Cache {
     /// with an error.
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
         let full = self.full_key(key);
-        let Some(bytes) = self.inner.backend.get(&full).await? else {
+        let Some(stored) = self.inner.backend.get(&full).await? else {
             return Ok(None);
         };
-        match envelope::decode::<T>(&bytes) {
+        match envelope::decode::<T>(&stored.bytes) {
             Ok(v) => Ok(Some(v)),
             Err(e) => {
                 self.inner.log.warn(
@@ -323,7 +323,10 @@ impl Cache {
             .map_err(|e| Error::new(ErrorKind::Encode, e.to_string()))?;
         let full = self.full_key(key);
         self.inner.flights.invalidate(&full);
-        self.inner.backend.set(&full, bytes, ttl).await?;
+        self.inner
+            .backend
+            .set(&full, Stored::bytes(bytes), ttl)
+            .await?;
         Ok(())
     }
 

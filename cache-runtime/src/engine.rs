@@ -17,15 +17,13 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-
-use crate::backend::{Backend, BackendError};
+use crate::backend::{Backend, BackendError, Stored};
 use crate::breaker::FailureKind;
 use crate::cache::{Cache, Inner};
 use crate::envelope;
 use crate::flight::{LeaderGuard, Outcome, Role};
 use crate::key::CallKey;
-use crate::mode::{Classified, Mode};
+use crate::mode::{Classified, Mode, Typed};
 use crate::stats::{Site, SiteStats};
 
 /// One call of a cached function, as the attribute's expansion describes it.
@@ -79,9 +77,30 @@ async fn run_uncached<R, M: Mode<R>, F: Future<Output = R>>(
     result
 }
 
+/// Decodes a stored value: the kept decoded value when there is one of the right type,
+/// otherwise the envelope's JSON.
+fn restore<R, M: Mode<R>>(
+    stored: &Stored,
+    mode: &M,
+    typed: Option<Typed<M::Value>>,
+) -> Result<R, envelope::DecodeError> {
+    if let (Some(any), Some(typed)) = (&stored.typed, typed) {
+        if let Some(v) = (typed.unwrap)(&**any) {
+            return Ok(mode.restore(v));
+        }
+    }
+    envelope::decode::<M::Value>(&stored.bytes).map(|v| mode.restore(v))
+}
+
 /// The cached call: see the module docs.
 #[doc(hidden)]
-pub async fn cached<R, M, U, F>(call: Call<'_>, mode: M, unless: U, fut: F) -> R
+pub async fn cached<R, M, U, F>(
+    call: Call<'_>,
+    mode: M,
+    typed: Option<Typed<M::Value>>,
+    unless: U,
+    fut: F,
+) -> R
 where
     M: Mode<R>,
     U: FnOnce(&R) -> bool,
@@ -112,7 +131,7 @@ where
     // again only after a clean miss (a racing leader may have filled the key meanwhile).
     let mut reread = true;
     if !inner.backend.coalesce_reads() {
-        match read(inner, call.site, &stats, &key, &mode).await {
+        match read(inner, call.site, &stats, &key, &mode, typed).await {
             Read::Hit(_, value) => {
                 SiteStats::inc(&stats.hits);
                 return value;
@@ -125,17 +144,21 @@ where
     loop {
         match inner.flights.join(&key) {
             Role::Leader(guard) => {
+                let how = Lead {
+                    read_first: reread,
+                    typed,
+                };
                 return lead(
-                    inner, call.site, &stats, &key, guard, &mode, reread, unless, fut,
+                    inner, call.site, &stats, &key, guard, &mode, how, unless, fut,
                 )
                 .await;
             }
             Role::Follower(follower) => match follower.wait().await {
-                Outcome::Value(bytes) => match envelope::decode::<M::Value>(&bytes) {
+                Outcome::Value(stored) => match restore(&stored, &mode, typed) {
                     Ok(v) => {
                         SiteStats::inc(&stats.hits);
                         SiteStats::inc(&stats.coalesced);
-                        return mode.restore(v);
+                        return v;
                     }
                     Err(e) => {
                         // Another function shares this key with a different type.
@@ -154,6 +177,13 @@ where
     }
 }
 
+/// How the leader proceeds.
+struct Lead<V> {
+    /// Read the backend before loading.
+    read_first: bool,
+    typed: Option<Typed<V>>,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn lead<R, M, U, F>(
     inner: &Inner,
@@ -162,7 +192,7 @@ async fn lead<R, M, U, F>(
     key: &str,
     mut guard: LeaderGuard<'_>,
     mode: &M,
-    read_first: bool,
+    how: Lead<M::Value>,
     unless: U,
     fut: F,
 ) -> R
@@ -171,10 +201,10 @@ where
     U: FnOnce(&R) -> bool,
     F: Future<Output = R>,
 {
-    if read_first {
-        if let Read::Hit(bytes, value) = read(inner, site, stats, key, mode).await {
+    if how.read_first {
+        if let Read::Hit(stored, value) = read(inner, site, stats, key, mode, how.typed).await {
             SiteStats::inc(&stats.hits);
-            guard.publish(Outcome::Value(bytes));
+            guard.publish(Outcome::Value(stored));
             return value;
         }
     }
@@ -214,12 +244,19 @@ where
             return result;
         }
     };
-    guard.publish(Outcome::Value(bytes.clone()));
+    let stored = Stored {
+        bytes,
+        typed: match how.typed {
+            Some(typed) if inner.backend.keeps_typed() => Some((typed.wrap)(value)),
+            _ => None,
+        },
+    };
+    guard.publish(Outcome::Value(stored.clone()));
     if guard.flight().is_stale() {
         // Invalidated or overwritten while the function ran: storing would put back a value
         // older than the write.
         SiteStats::inc(&stats.stale_fills);
-    } else if let Err(e) = inner.backend.set(key, bytes, ttl).await {
+    } else if let Err(e) = inner.backend.set(key, stored, ttl).await {
         backend_failure(inner, stats, &e);
     }
     drop(guard);
@@ -227,7 +264,7 @@ where
 }
 
 enum Read<R> {
-    Hit(Bytes, R),
+    Hit(Stored, R),
     /// Nothing stored.
     Miss,
     /// Something unusable stored, or the backend failed: counted and logged already.
@@ -241,10 +278,11 @@ async fn read<R, M: Mode<R>>(
     stats: &SiteStats,
     key: &str,
     mode: &M,
+    typed: Option<Typed<M::Value>>,
 ) -> Read<R> {
     match inner.backend.get(key).await {
-        Ok(Some(bytes)) => match envelope::decode::<M::Value>(&bytes) {
-            Ok(v) => Read::Hit(bytes, mode.restore(v)),
+        Ok(Some(stored)) => match restore(&stored, mode, typed) {
+            Ok(v) => Read::Hit(stored, v),
             Err(e) => {
                 decode_failure(inner, site, stats, &e);
                 Read::Unusable

@@ -24,16 +24,17 @@ use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use bytes::Bytes;
 use tokio::sync::Notify;
+
+use crate::backend::Stored;
 
 const SHARDS: usize = 64;
 
 /// What followers receive from their leader.
 #[derive(Clone, Debug)]
 pub(crate) enum Outcome {
-    /// An envelope holding the value.
-    Value(Bytes),
+    /// The stored value.
+    Value(Stored),
     /// The leader's result is not shared; run the function yourself.
     Released,
     /// The leader went away; try again (one of the followers becomes the leader).
@@ -208,13 +209,15 @@ mod tests {
         };
         let waiting = tokio::spawn(f.wait());
         tokio::task::yield_now().await;
-        leader.publish(Outcome::Value(Bytes::from_static(b"v")));
+        leader.publish(Outcome::Value(Stored::bytes(bytes::Bytes::from_static(
+            b"v",
+        ))));
         // A late joiner still gets the published value while the guard is alive.
         let Role::Follower(late) = flights.join("k") else {
             panic!("third caller follows")
         };
         drop(leader);
-        assert!(matches!(waiting.await.unwrap(), Outcome::Value(b) if &b[..] == b"v"));
+        assert!(matches!(waiting.await.unwrap(), Outcome::Value(s) if &s.bytes[..] == b"v"));
         assert!(matches!(late.wait().await, Outcome::Value(_)));
         assert_eq!(flights.len(), 0);
     }

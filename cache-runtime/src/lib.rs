@@ -158,7 +158,8 @@ pub mod __private {
     pub use crate::engine::{Call, cached};
     pub use crate::key::{CallKey, KeyWriter};
     pub use crate::mode::{
-        Mode, Tag, ViaOption, ViaPlain, ViaResult, ViaResultOption, require_cache_none,
+        Mode, Tag, Typed, ViaOption, ViaPlain, ViaResult, ViaResultOption, ViaTyped, ViaUntyped,
+        require_cache_none,
     };
     pub use crate::stats::Site;
 

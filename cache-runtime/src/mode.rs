@@ -12,7 +12,9 @@
 //! auto-ref specialisation in the code the attribute generates:
 //! `(&&&&Tag::<R>::new()).__cache_mode()` resolves to the most specific of four traits.
 
+use std::any::Any;
 use std::marker::PhantomData;
+use std::sync::Arc;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -120,6 +122,76 @@ impl<T> SupportsNone for Option<T> {}
 #[inline]
 pub fn require_cache_none<R: SupportsNone>(_: PhantomData<R>) {}
 
+/// The stored type of a mode, independent of the return type (for [`ViaTyped`]).
+pub trait ModeValue {
+    /// The stored type.
+    type Value;
+}
+
+impl<T, E> ModeValue for ResultMode<T, E> {
+    type Value = T;
+}
+impl<T, E> ModeValue for ResultOptionMode<T, E> {
+    type Value = Option<T>;
+}
+impl<T> ModeValue for OptionMode<T> {
+    type Value = Option<T>;
+}
+impl<R> ModeValue for PlainMode<R> {
+    type Value = R;
+}
+
+/// How an in-process backend keeps a decoded value next to its envelope, so that a hit
+/// clones it instead of decoding JSON. Available when the stored type is
+/// `Clone + Send + Sync + 'static` (selected by [`ViaTyped`] / [`ViaUntyped`]).
+pub struct Typed<V> {
+    pub(crate) wrap: fn(&V) -> Arc<dyn Any + Send + Sync>,
+    pub(crate) unwrap: fn(&(dyn Any + Send + Sync)) -> Option<V>,
+}
+
+impl<V> Clone for Typed<V> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<V> Copy for Typed<V> {}
+
+/// Selects typed storage: the stored type is `Clone + Send + Sync + 'static`.
+pub trait ViaTyped {
+    /// The stored type.
+    type Value;
+    /// Typed storage.
+    fn __cache_typed(&self) -> Option<Typed<Self::Value>>;
+}
+/// Falls back to decoding on every hit.
+pub trait ViaUntyped {
+    /// The stored type.
+    type Value;
+    /// No typed storage.
+    fn __cache_typed(&self) -> Option<Typed<Self::Value>>;
+}
+
+impl<M: ModeValue> ViaTyped for &M
+where
+    M::Value: Clone + Send + Sync + 'static,
+{
+    type Value = M::Value;
+    #[inline]
+    fn __cache_typed(&self) -> Option<Typed<M::Value>> {
+        Some(Typed {
+            wrap: |v| Arc::new(v.clone()),
+            unwrap: |any| any.downcast_ref::<M::Value>().cloned(),
+        })
+    }
+}
+impl<M: ModeValue> ViaUntyped for M {
+    type Value = M::Value;
+    #[inline]
+    fn __cache_typed(&self) -> Option<Typed<M::Value>> {
+        None
+    }
+}
+
 /// The type-level tag that mode selection dispatches on.
 pub struct Tag<R>(PhantomData<fn() -> R>);
 
@@ -209,6 +281,23 @@ mod tests {
         assert!(kind(&m, &None).contains("OptionMode"));
         let m = (&&&&Tag::<Vec<u8>>::new()).__cache_mode();
         assert!(kind(&m, &vec![]).contains("PlainMode"));
+    }
+
+    #[test]
+    #[allow(clippy::needless_borrow)] // the borrows are the selection mechanism
+    fn typed_storage_needs_clone() {
+        struct NotClone;
+        let m = ResultMode::<u32, ()>(PhantomData);
+        let typed = (&&m).__cache_typed().expect("u32 is Clone");
+        let any = (typed.wrap)(&7);
+        assert_eq!((typed.unwrap)(&*any), Some(7));
+        assert_eq!((typed.unwrap)(&"other type"), None);
+        let m = PlainMode::<Vec<u8>>(PhantomData);
+        assert!((&&m).__cache_typed().is_some());
+        let m = OptionMode::<std::cell::Cell<u8>>(PhantomData);
+        assert!((&&m).__cache_typed().is_none(), "Cell is not Sync");
+        let m = PlainMode::<NotClone>(PhantomData);
+        assert!((&&m).__cache_typed().is_none());
     }
 
     #[test]

@@ -1,29 +1,29 @@
 //! The in-process backend, on moka with a TTL per entry.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use moka::Expiry;
 
-use super::{Backend, BackendResult};
+use super::{Backend, BackendResult, Stored};
 
 #[derive(Clone)]
 struct Entry {
-    bytes: Bytes,
+    value: Stored,
     ttl: Duration,
 }
 
 struct PerEntryTtl;
 
-impl Expiry<String, Entry> for PerEntryTtl {
-    fn expire_after_create(&self, _: &String, value: &Entry, _: Instant) -> Option<Duration> {
+impl Expiry<String, Arc<Entry>> for PerEntryTtl {
+    fn expire_after_create(&self, _: &String, value: &Arc<Entry>, _: Instant) -> Option<Duration> {
         Some(value.ttl)
     }
 
     fn expire_after_update(
         &self,
         _: &String,
-        value: &Entry,
+        value: &Arc<Entry>,
         _: Instant,
         _: Option<Duration>,
     ) -> Option<Duration> {
@@ -34,7 +34,7 @@ impl Expiry<String, Entry> for PerEntryTtl {
 /// Entries live in this process only, up to `max_entries` (least recently used evicted first,
 /// by moka's TinyLFU policy), each for its own TTL.
 pub(crate) struct MemoryBackend {
-    entries: moka::future::Cache<String, Entry>,
+    entries: moka::future::Cache<String, Arc<Entry>, foldhash::fast::RandomState>,
 }
 
 impl MemoryBackend {
@@ -43,19 +43,19 @@ impl MemoryBackend {
             entries: moka::future::Cache::builder()
                 .max_capacity(max_entries)
                 .expire_after(PerEntryTtl)
-                .build(),
+                .build_with_hasher(foldhash::fast::RandomState::default()),
         }
     }
 }
 
 impl Backend for MemoryBackend {
-    async fn get(&self, key: &str) -> BackendResult<Option<Bytes>> {
-        Ok(self.entries.get(key).await.map(|e| e.bytes))
+    async fn get(&self, key: &str) -> BackendResult<Option<Stored>> {
+        Ok(self.entries.get(key).await.map(|e| e.value.clone()))
     }
 
-    async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> BackendResult<()> {
+    async fn set(&self, key: &str, value: Stored, ttl: Duration) -> BackendResult<()> {
         self.entries
-            .insert(key.to_owned(), Entry { bytes: value, ttl })
+            .insert(key.to_owned(), Arc::new(Entry { value, ttl }))
             .await;
         Ok(())
     }
@@ -69,5 +69,9 @@ impl Backend for MemoryBackend {
 
     fn coalesce_reads(&self) -> bool {
         false
+    }
+
+    fn keeps_typed(&self) -> bool {
+        true
     }
 }

@@ -6,7 +6,9 @@
 mod memory;
 mod redis;
 
+use std::any::Any;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -49,15 +51,42 @@ impl From<BackendError> for Error {
 
 pub(crate) type BackendResult<T> = Result<T, BackendError>;
 
+/// A decoded value kept next to its envelope by in-process backends, so that a hit clones it
+/// instead of decoding JSON.
+pub(crate) type TypedValue = Arc<dyn Any + Send + Sync>;
+
+/// What is stored under a value key: the envelope, and (in-process backends only) the
+/// decoded value.
+#[derive(Clone)]
+pub(crate) struct Stored {
+    pub(crate) bytes: Bytes,
+    pub(crate) typed: Option<TypedValue>,
+}
+
+impl Stored {
+    pub(crate) fn bytes(bytes: Bytes) -> Stored {
+        Stored { bytes, typed: None }
+    }
+}
+
+impl std::fmt::Debug for Stored {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stored")
+            .field("bytes", &self.bytes.len())
+            .field("typed", &self.typed.is_some())
+            .finish()
+    }
+}
+
 /// The operations every backend provides.
 pub(crate) trait Backend: Send + Sync {
-    /// The envelope stored under `key`, if any.
-    fn get(&self, key: &str) -> impl Future<Output = BackendResult<Option<Bytes>>> + Send;
+    /// What is stored under `key`, if anything.
+    fn get(&self, key: &str) -> impl Future<Output = BackendResult<Option<Stored>>> + Send;
     /// Stores `value` under `key` for `ttl` (always > 0), replacing whatever was there.
     fn set(
         &self,
         key: &str,
-        value: Bytes,
+        value: Stored,
         ttl: Duration,
     ) -> impl Future<Output = BackendResult<()>> + Send;
     /// Deletes `keys`.
@@ -66,6 +95,8 @@ pub(crate) trait Backend: Send + Sync {
     /// backends, where a read costs a round trip; false for memory, where it costs less than
     /// the coordination.
     fn coalesce_reads(&self) -> bool;
+    /// Whether the backend keeps decoded values ([`Stored::typed`]).
+    fn keeps_typed(&self) -> bool;
 }
 
 /// The configured backend.
@@ -86,14 +117,14 @@ impl AnyBackend {
 }
 
 impl Backend for AnyBackend {
-    async fn get(&self, key: &str) -> BackendResult<Option<Bytes>> {
+    async fn get(&self, key: &str) -> BackendResult<Option<Stored>> {
         match self {
             AnyBackend::Memory(b) => b.get(key).await,
             AnyBackend::Redis(b) => b.get(key).await,
         }
     }
 
-    async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> BackendResult<()> {
+    async fn set(&self, key: &str, value: Stored, ttl: Duration) -> BackendResult<()> {
         match self {
             AnyBackend::Memory(b) => b.set(key, value, ttl).await,
             AnyBackend::Redis(b) => b.set(key, value, ttl).await,
@@ -111,6 +142,13 @@ impl Backend for AnyBackend {
         match self {
             AnyBackend::Memory(b) => b.coalesce_reads(),
             AnyBackend::Redis(b) => b.coalesce_reads(),
+        }
+    }
+
+    fn keeps_typed(&self) -> bool {
+        match self {
+            AnyBackend::Memory(b) => b.keeps_typed(),
+            AnyBackend::Redis(b) => b.keeps_typed(),
         }
     }
 }

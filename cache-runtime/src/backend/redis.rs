@@ -14,7 +14,7 @@ use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind as RedisKind, RedisError};
 
-use super::{Backend, BackendError, BackendResult};
+use super::{Backend, BackendError, BackendResult, Stored};
 use crate::breaker::{Breaker, FailureKind, FailureLog};
 
 /// Connection and failure-handling settings.
@@ -181,15 +181,16 @@ impl RedisBackend {
 }
 
 impl Backend for RedisBackend {
-    async fn get(&self, key: &str) -> BackendResult<Option<Bytes>> {
+    async fn get(&self, key: &str) -> BackendResult<Option<Stored>> {
         self.run("GET", |mut conn| async move {
             let v: Option<Vec<u8>> = redis::cmd("GET").arg(key).query_async(&mut conn).await?;
-            Ok(v.map(Bytes::from))
+            Ok(v.map(|v| Stored::bytes(Bytes::from(v))))
         })
         .await
     }
 
-    async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> BackendResult<()> {
+    async fn set(&self, key: &str, value: Stored, ttl: Duration) -> BackendResult<()> {
+        let value = value.bytes;
         let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
         self.run("SET", |mut conn| async move {
             redis::cmd("SET")
@@ -215,5 +216,9 @@ impl Backend for RedisBackend {
 
     fn coalesce_reads(&self) -> bool {
         true
+    }
+
+    fn keeps_typed(&self) -> bool {
+        false
     }
 }
