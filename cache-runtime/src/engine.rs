@@ -141,17 +141,15 @@ where
         }
     }
 
+    let mut key = key;
     loop {
-        match inner.flights.join(&key) {
+        match inner.flights.join(key) {
             Role::Leader(guard) => {
                 let how = Lead {
                     read_first: reread,
                     typed,
                 };
-                return lead(
-                    inner, call.site, &stats, &key, guard, &mode, how, unless, fut,
-                )
-                .await;
+                return lead(inner, call.site, &stats, guard, &mode, how, unless, fut).await;
             }
             Role::Follower(follower) => match follower.wait().await {
                 Outcome::Value(stored) => match restore(&stored, &mode, typed) {
@@ -171,7 +169,7 @@ where
                     SiteStats::inc(&stats.misses);
                     return run_uncached(&stats, &mode, fut).await;
                 }
-                Outcome::Abandoned => continue,
+                Outcome::Abandoned => key = follower.into_key(),
             },
         }
     }
@@ -189,8 +187,7 @@ async fn lead<R, M, U, F>(
     inner: &Inner,
     site: &'static Site,
     stats: &SiteStats,
-    key: &str,
-    mut guard: LeaderGuard<'_>,
+    guard: LeaderGuard<'_>,
     mode: &M,
     how: Lead<M::Value>,
     unless: U,
@@ -201,6 +198,7 @@ where
     U: FnOnce(&R) -> bool,
     F: Future<Output = R>,
 {
+    let key = guard.flight().key();
     if how.read_first {
         if let Read::Hit(stored, value) = read(inner, site, stats, key, mode, how.typed).await {
             SiteStats::inc(&stats.hits);

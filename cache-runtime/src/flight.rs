@@ -17,10 +17,12 @@
 //! before it (read-your-writes), and marks the flight stale so its fill is not stored.
 //!
 //! Cost when nobody else is waiting (the common case): one short critical section to insert
-//! the flight, one to remove it, one allocation for the flight and one for its map key.
+//! the flight, one to remove it, and one allocation (the flight, which takes over the key).
+//! The map is keyed by the key's 64-bit hash; two keys with the same hash (practically never)
+//! simply do not coalesce with each other.
 
 use std::collections::HashMap;
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -41,14 +43,21 @@ pub(crate) enum Outcome {
     Abandoned,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Flight {
+    key: String,
+    hash: u64,
     outcome: OnceLock<Outcome>,
     notify: Notify,
     stale: AtomicBool,
 }
 
 impl Flight {
+    /// The key this flight reads and fills.
+    pub(crate) fn key(&self) -> &str {
+        &self.key
+    }
+
     /// Whether a write or invalidation of the key happened since the flight started.
     pub(crate) fn is_stale(&self) -> bool {
         self.stale.load(Ordering::Acquire)
@@ -60,13 +69,37 @@ impl Flight {
     }
 }
 
-type Shard = Mutex<HashMap<String, Arc<Flight>, foldhash::fast::RandomState>>;
+/// The map's keys are already hashes.
+#[derive(Default)]
+struct IdentityHasher(u64);
+
+impl Hasher for IdentityHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type Shard = Mutex<HashMap<u64, Arc<Flight>, BuildHasherDefault<IdentityHasher>>>;
 
 /// The in-flight lookups of one cache.
 #[derive(Debug)]
 pub(crate) struct Flights {
     shards: Box<[Shard]>,
     hasher: foldhash::fast::RandomState,
+}
+
+impl std::fmt::Debug for IdentityHasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IdentityHasher")
+    }
 }
 
 pub(crate) enum Role<'a> {
@@ -84,47 +117,65 @@ impl Flights {
         }
     }
 
-    fn shard(&self, key: &str) -> &Shard {
-        let i = (self.hasher.hash_one(key) as usize) % SHARDS;
-        &self.shards[i]
+    fn shard(&self, hash: u64) -> &Shard {
+        // Bits the map's own probing does not use (it takes the low bits and the top seven).
+        &self.shards[((hash >> 32) as usize) % SHARDS]
     }
 
-    /// Joins the flight for `key`, or starts one.
-    pub(crate) fn join<'a>(&'a self, key: &'a str) -> Role<'a> {
-        let mut map = self.shard(key).lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(flight) = map.get(key) {
-            return Role::Follower(Follower {
-                flight: flight.clone(),
-            });
+    /// Joins the flight for `key`, or starts one (taking over the key).
+    pub(crate) fn join(&self, key: String) -> Role<'_> {
+        let hash = self.hasher.hash_one(key.as_str());
+        let mut map = self.shard(hash).lock().unwrap_or_else(|e| e.into_inner());
+        let registered = match map.get(&hash) {
+            Some(flight) if flight.key == key => {
+                return Role::Follower(Follower {
+                    flight: flight.clone(),
+                });
+            }
+            // Another key with the same hash is in flight: lead without coalescing.
+            Some(_) => false,
+            None => true,
+        };
+        let flight = Arc::new(Flight {
+            key,
+            hash,
+            outcome: OnceLock::new(),
+            notify: Notify::new(),
+            stale: AtomicBool::new(false),
+        });
+        if registered {
+            map.insert(hash, flight.clone());
         }
-        let flight = Arc::new(Flight::default());
-        map.insert(key.to_owned(), flight.clone());
         drop(map);
         Role::Leader(LeaderGuard {
             flights: self,
-            key,
             flight,
-            sent: false,
+            sent: AtomicBool::new(false),
         })
     }
 
     /// Detaches the flight of `key`, if any, and marks it stale: later lookups start afresh
     /// and the detached flight's fill is not stored.
     pub(crate) fn invalidate(&self, key: &str) {
-        let removed = self
-            .shard(key)
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(key);
-        if let Some(flight) = removed {
-            flight.stale.store(true, Ordering::Release);
+        let hash = self.hasher.hash_one(key);
+        let mut map = self.shard(hash).lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(&hash).is_some_and(|f| f.key == key) {
+            if let Some(flight) = map.remove(&hash) {
+                flight.stale.store(true, Ordering::Release);
+            }
         }
     }
 
-    fn remove_if(&self, key: &str, flight: &Arc<Flight>) {
-        let mut map = self.shard(key).lock().unwrap_or_else(|e| e.into_inner());
-        if map.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
-            map.remove(key);
+    fn remove_if(&self, flight: &Arc<Flight>) {
+        let mut map = self
+            .shard(flight.hash)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if map
+            .get(&flight.hash)
+            .is_some_and(|f| Arc::ptr_eq(f, flight))
+        {
+            map.remove(&flight.hash);
         }
     }
 
@@ -141,9 +192,8 @@ impl Flights {
 /// followers what happened: `Released` when unwinding from a panic, `Abandoned` otherwise.
 pub(crate) struct LeaderGuard<'a> {
     flights: &'a Flights,
-    key: &'a str,
     flight: Arc<Flight>,
-    sent: bool,
+    sent: AtomicBool,
 }
 
 impl LeaderGuard<'_> {
@@ -154,16 +204,16 @@ impl LeaderGuard<'_> {
     /// Hands `outcome` to the current and future followers of this flight. The flight stays
     /// joinable until the guard is dropped, so lookups arriving meanwhile get the outcome at
     /// once.
-    pub(crate) fn publish(&mut self, outcome: Outcome) {
-        self.sent = true;
+    pub(crate) fn publish(&self, outcome: Outcome) {
+        self.sent.store(true, Ordering::Relaxed);
         self.flight.publish(outcome);
     }
 }
 
 impl Drop for LeaderGuard<'_> {
     fn drop(&mut self) {
-        self.flights.remove_if(self.key, &self.flight);
-        if !self.sent {
+        self.flights.remove_if(&self.flight);
+        if !self.sent.load(Ordering::Relaxed) {
             self.flight.publish(if std::thread::panicking() {
                 Outcome::Released
             } else {
@@ -178,8 +228,13 @@ pub(crate) struct Follower {
 }
 
 impl Follower {
+    /// The key of the flight (to join again after `Abandoned`).
+    pub(crate) fn into_key(self) -> String {
+        self.flight.key.clone()
+    }
+
     /// Waits for the leader's outcome.
-    pub(crate) async fn wait(self) -> Outcome {
+    pub(crate) async fn wait(&self) -> Outcome {
         loop {
             let notified = self.flight.notify.notified();
             tokio::pin!(notified);
@@ -201,19 +256,19 @@ mod tests {
     #[tokio::test]
     async fn followers_get_the_leaders_value() {
         let flights = Flights::new();
-        let Role::Leader(mut leader) = flights.join("k") else {
+        let Role::Leader(leader) = flights.join("k".to_owned()) else {
             panic!("first caller leads")
         };
-        let Role::Follower(f) = flights.join("k") else {
+        let Role::Follower(f) = flights.join("k".to_owned()) else {
             panic!("second caller follows")
         };
-        let waiting = tokio::spawn(f.wait());
+        let waiting = tokio::spawn(async move { f.wait().await });
         tokio::task::yield_now().await;
         leader.publish(Outcome::Value(Stored::bytes(bytes::Bytes::from_static(
             b"v",
         ))));
         // A late joiner still gets the published value while the guard is alive.
-        let Role::Follower(late) = flights.join("k") else {
+        let Role::Follower(late) = flights.join("k".to_owned()) else {
             panic!("third caller follows")
         };
         drop(leader);
@@ -225,25 +280,25 @@ mod tests {
     #[tokio::test]
     async fn dropped_leader_abandons() {
         let flights = Flights::new();
-        let leader = flights.join("k");
-        let Role::Follower(f) = flights.join("k") else {
+        let leader = flights.join("k".to_owned());
+        let Role::Follower(f) = flights.join("k".to_owned()) else {
             panic!()
         };
         drop(leader);
         assert!(matches!(f.wait().await, Outcome::Abandoned));
-        assert!(matches!(flights.join("k"), Role::Leader(_)));
+        assert!(matches!(flights.join("k".to_owned()), Role::Leader(_)));
     }
 
     #[tokio::test]
     async fn invalidation_detaches_and_marks_stale() {
         let flights = Flights::new();
-        let Role::Leader(leader) = flights.join("k") else {
+        let Role::Leader(leader) = flights.join("k".to_owned()) else {
             panic!()
         };
         flights.invalidate("k");
         assert!(leader.flight().is_stale());
         // A new lookup does not join the stale flight.
-        let Role::Leader(second) = flights.join("k") else {
+        let Role::Leader(second) = flights.join("k".to_owned()) else {
             panic!("a lookup after the invalidation must not join the old flight")
         };
         // The old leader finishing must not remove the new flight.

@@ -1,0 +1,838 @@
+//! `compare`: this project against raw redis-rs, the `cached` crate and moka, against one Redis,
+//! in one run, with interleaved rounds and medians.
+//!
+//! ```text
+//! cargo run --release --bin compare -- [--quick] [--json FILE] [--keys N] [--hot-share F]
+//!                                      [--tasks N] [--rounds N] [--redis-url URL]
+//! ```
+//!
+//! Every figure is reported with its ratio to the raw redis-rs baseline measured in the same
+//! run (the machines are shared and noisy: absolute numbers move, ratios much less).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use cache_benches::{
+    Samples, Table, User, fmt_ns, fmt_rate, machine_description, median, process_cpu_time,
+};
+use cache_runtime::{Cache, cached};
+use cached::macros::concurrent_cached;
+use redis::aio::ConnectionManager;
+use serde::Serialize;
+use std::hint::black_box;
+
+#[derive(Debug, Clone)]
+struct BenchError(String);
+
+impl std::fmt::Display for BenchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The "database": builds the record (no I/O, so misses measure the cache's own cost).
+fn load(id: u64) -> User {
+    User::new(id)
+}
+
+// ---- the contenders ----------------------------------------------------------------------
+
+#[cached(cache = cache, key = "user:{id}", ttl = 3600, name = "ours")]
+async fn ours(cache: &Cache, id: u64) -> Result<User, BenchError> {
+    Ok(load(id))
+}
+
+#[concurrent_cached(
+    redis = true,
+    ttl_secs = 3600,
+    cache_prefix_block = { "cache-bench:peer:" },
+    map_error = |e| BenchError(format!("{e:?}"))
+)]
+async fn peer(id: u64) -> Result<User, BenchError> {
+    Ok(load(id))
+}
+
+/// The peer pointed at a Redis that refuses connections, its store built the way its macro
+/// builds one by default (`build().await`, panicking on failure).
+#[concurrent_cached(
+    map_error = |e| BenchError(format!("{e:?}")),
+    ty = "cached::AsyncRedisCache<u64, User>",
+    create = {
+        cached::AsyncRedisCache::builder("cache-bench:peer-down:")
+            .connection_string(&std::env::var("CACHE_BENCH_REFUSED_URL").unwrap_or_default())
+            .ttl(std::time::Duration::from_secs(60))
+            .build()
+            .await
+            .unwrap_or_else(|e| panic!("error constructing AsyncRedisCache: {e}"))
+    }
+)]
+async fn peer_refused(id: u64) -> Result<User, BenchError> {
+    Ok(load(id))
+}
+
+/// The same, pointed at a Redis that accepts connections and never answers.
+#[concurrent_cached(
+    map_error = |e| BenchError(format!("{e:?}")),
+    ty = "cached::AsyncRedisCache<u64, User>",
+    create = {
+        cached::AsyncRedisCache::builder("cache-bench:peer-down:")
+            .connection_string(&std::env::var("CACHE_BENCH_HUNG_URL").unwrap_or_default())
+            .ttl(std::time::Duration::from_secs(60))
+            .build()
+            .await
+            .unwrap_or_else(|e| panic!("error constructing AsyncRedisCache: {e}"))
+    }
+)]
+async fn peer_hung(id: u64) -> Result<User, BenchError> {
+    Ok(load(id))
+}
+
+/// The floor: what a hand-written cache-aside read costs. Formats the key, `GET`, decodes.
+async fn raw_get(conn: &mut ConnectionManager, prefix: &str, id: u64) -> Option<User> {
+    let key = format!("{prefix}user:{id}");
+    let bytes: Option<Vec<u8>> = redis::cmd("GET").arg(&key).query_async(conn).await.ok()?;
+    serde_json::from_slice(&bytes?).ok()
+}
+
+/// A hand-written miss: `GET`, load, encode, `SET EX`.
+async fn raw_miss(conn: &mut ConnectionManager, prefix: &str, id: u64) -> User {
+    let key = format!("{prefix}user:{id}");
+    let found: Option<Vec<u8>> = redis::cmd("GET")
+        .arg(&key)
+        .query_async(conn)
+        .await
+        .ok()
+        .flatten();
+    if let Some(user) = found.and_then(|b| serde_json::from_slice(&b).ok()) {
+        return user;
+    }
+    let user = load(id);
+    let bytes = serde_json::to_vec(&user).unwrap_or_default();
+    let _: Result<(), _> = redis::cmd("SET")
+        .arg(&key)
+        .arg(bytes)
+        .arg("EX")
+        .arg(3600)
+        .query_async(conn)
+        .await;
+    user
+}
+
+// ---- arguments ---------------------------------------------------------------------------
+
+struct Args {
+    quick: bool,
+    json: Option<String>,
+    keys: u64,
+    hot_share: f64,
+    tasks: usize,
+    rounds: usize,
+    redis_url: String,
+    only: Vec<String>,
+    contender: Option<String>,
+}
+
+impl Args {
+    /// Whether the scenario whose name contains `word` was asked for (`--only`).
+    fn wants(&self, word: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|o| word.contains(o.as_str()))
+    }
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        quick: false,
+        json: None,
+        keys: 10_000,
+        hot_share: 1.0,
+        tasks: 64,
+        rounds: 0,
+        redis_url: std::env::var("REDIS_URL")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned()),
+        only: Vec::new(),
+        contender: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
+        match arg.as_str() {
+            "--quick" => a.quick = true,
+            "--json" => a.json = Some(value("--json")?),
+            "--keys" => {
+                a.keys = value("--keys")?
+                    .parse()
+                    .map_err(|e| format!("--keys: {e}"))?
+            }
+            "--hot-share" => {
+                a.hot_share = value("--hot-share")?
+                    .parse()
+                    .map_err(|e| format!("--hot-share: {e}"))?
+            }
+            "--tasks" => {
+                a.tasks = value("--tasks")?
+                    .parse()
+                    .map_err(|e| format!("--tasks: {e}"))?
+            }
+            "--rounds" => {
+                a.rounds = value("--rounds")?
+                    .parse()
+                    .map_err(|e| format!("--rounds: {e}"))?
+            }
+            "--redis-url" => a.redis_url = value("--redis-url")?,
+            "--contender" => a.contender = Some(value("--contender")?),
+            "--only" => a
+                .only
+                .extend(value("--only")?.split(',').map(str::to_owned)),
+            "-h" | "--help" => {
+                println!(
+                    "compare [--quick] [--json FILE] [--keys N] [--hot-share F] [--tasks N] [--rounds N] [--redis-url URL] [--only hit,memory,spread,hot,miss,down]"
+                );
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other:?} (try --help)")),
+        }
+    }
+    if a.keys == 0 || a.tasks == 0 || !(0.0..=1.0).contains(&a.hot_share) {
+        return Err("--keys and --tasks must be > 0, --hot-share within 0..=1".to_owned());
+    }
+    if a.rounds == 0 {
+        a.rounds = if a.quick { 3 } else { 7 };
+    }
+    Ok(a)
+}
+
+// ---- measurement -------------------------------------------------------------------------
+
+/// One contender's figures in one scenario, medians over rounds.
+#[derive(Debug, Clone, Serialize, Default)]
+struct Figure {
+    scenario: String,
+    contender: String,
+    p50_ns: f64,
+    p99_ns: f64,
+    cpu_ns_per_op: f64,
+    ops_per_sec: f64,
+    /// Ratio to the scenario's baseline (latency and CPU: contender / baseline; throughput:
+    /// contender / baseline, so > 1 is better there).
+    ratio_p50: Option<f64>,
+    ratio_cpu: Option<f64>,
+    ratio_throughput: Option<f64>,
+    note: String,
+}
+
+#[derive(Default)]
+struct RoundFigures {
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+    cpu: Vec<f64>,
+    rate: Vec<f64>,
+}
+
+impl RoundFigures {
+    fn figure(&self, scenario: &str, contender: &str) -> Figure {
+        Figure {
+            scenario: scenario.to_owned(),
+            contender: contender.to_owned(),
+            p50_ns: median(&self.p50),
+            p99_ns: median(&self.p99),
+            cpu_ns_per_op: median(&self.cpu),
+            ops_per_sec: median(&self.rate),
+            ..Figure::default()
+        }
+    }
+}
+
+/// A boxed async operation on key `id`.
+type Op = Arc<
+    dyn Fn(u64) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync,
+>;
+
+/// Sequential latency: `ops` calls one after another, ids from `ids`.
+async fn sequential(op: &Op, ids: &[u64], figures: &mut RoundFigures) {
+    let mut samples = Samples(Vec::with_capacity(ids.len()));
+    let cpu0 = process_cpu_time();
+    let t0 = Instant::now();
+    for &id in ids {
+        let t = Instant::now();
+        op(id).await;
+        samples.0.push(t.elapsed().as_nanos() as u64);
+    }
+    let wall = t0.elapsed();
+    let cpu = process_cpu_time().saturating_sub(cpu0);
+    let n = ids.len() as f64;
+    figures.p50.push(samples.percentile(50.0) as f64);
+    figures.p99.push(samples.percentile(99.0) as f64);
+    figures.cpu.push(cpu.as_nanos() as f64 / n);
+    figures.rate.push(n / wall.as_secs_f64());
+}
+
+/// Throughput: `tasks` concurrent tasks, each running its share of `ids`.
+async fn concurrent(op: &Op, ids: &Arc<Vec<u64>>, tasks: usize, figures: &mut RoundFigures) {
+    let cpu0 = process_cpu_time();
+    let t0 = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    let per = ids.len() / tasks;
+    for t in 0..tasks {
+        let (op, ids) = (op.clone(), ids.clone());
+        set.spawn(async move {
+            let mut lat = Vec::with_capacity(per);
+            for &id in &ids[t * per..(t + 1) * per] {
+                let s = Instant::now();
+                op(id).await;
+                lat.push(s.elapsed().as_nanos() as u64);
+            }
+            lat
+        });
+    }
+    let mut samples = Samples(Vec::with_capacity(per * tasks));
+    while let Some(lat) = set.join_next().await {
+        samples.0.extend(lat.expect("benchmark task"));
+    }
+    let wall = t0.elapsed();
+    let cpu = process_cpu_time().saturating_sub(cpu0);
+    let n = (per * tasks) as f64;
+    figures.p50.push(samples.percentile(50.0) as f64);
+    figures.p99.push(samples.percentile(99.0) as f64);
+    figures.cpu.push(cpu.as_nanos() as f64 / n);
+    figures.rate.push(n / wall.as_secs_f64());
+}
+
+/// Deterministic pseudo-random ids: `share` of them the hot key 0, the rest uniform in 1..keys.
+fn ids(count: usize, keys: u64, share: f64, seed: u64) -> Vec<u64> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..count)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if (x % 10_000) as f64 / 10_000.0 < share {
+                0
+            } else {
+                1 + x % keys.max(2).saturating_sub(1)
+            }
+        })
+        .collect()
+}
+
+/// `--contender`: run only contenders whose name contains this (for profiling).
+static CONTENDER_FILTER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Runs each contender once per round, rotating the order, and returns figures per contender.
+async fn interleaved<F, Fut>(
+    contenders: &[(&str, Op)],
+    rounds: usize,
+    mut run: F,
+) -> Vec<RoundFigures>
+where
+    F: FnMut(Op, usize) -> Fut,
+    Fut: std::future::Future<Output = RoundFigures>,
+{
+    let mut all: Vec<RoundFigures> = contenders.iter().map(|_| RoundFigures::default()).collect();
+    for round in 0..rounds {
+        for k in 0..contenders.len() {
+            let i = (k + round) % contenders.len();
+            if CONTENDER_FILTER
+                .get()
+                .is_some_and(|f| !contenders[i].0.contains(f.as_str()))
+            {
+                continue;
+            }
+            let f = run(contenders[i].1.clone(), round).await;
+            all[i].p50.extend(f.p50);
+            all[i].p99.extend(f.p99);
+            all[i].cpu.extend(f.cpu);
+            all[i].rate.extend(f.rate);
+        }
+    }
+    all
+}
+
+fn with_ratios(mut figures: Vec<Figure>) -> Vec<Figure> {
+    let Some(base) = figures.first().cloned() else {
+        return figures;
+    };
+    for f in &mut figures {
+        let r = |a: f64, b: f64| (b > 0.0).then(|| a / b);
+        f.ratio_p50 = r(f.p50_ns, base.p50_ns);
+        f.ratio_cpu = r(f.cpu_ns_per_op, base.cpu_ns_per_op);
+        f.ratio_throughput = r(f.ops_per_sec, base.ops_per_sec);
+    }
+    figures
+}
+
+fn ratio(r: Option<f64>) -> String {
+    r.map_or_else(|| "-".to_owned(), |r| format!("{r:.2}x"))
+}
+
+// ---- main --------------------------------------------------------------------------------
+
+#[derive(Serialize)]
+struct Report {
+    machine: String,
+    args: String,
+    figures: Vec<Figure>,
+}
+
+/// Where the "Redis down" scenarios point.
+struct Down {
+    refused: String,
+    hung: std::net::TcpListener,
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("compare: {e}");
+            std::process::exit(2);
+        }
+    };
+    let refused = format!("redis://127.0.0.1:{}", cache_tests::free_port());
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+    let hung_url = format!("redis://{}", hung.local_addr().expect("local address"));
+    // The cached crate reads its Redis from the environment. Set it now, while this process
+    // has a single thread (no runtime yet), which is what makes `set_var` sound.
+    #[allow(unsafe_code)]
+    // SAFETY: no other thread exists yet, so nothing reads the environment concurrently.
+    unsafe {
+        std::env::set_var("CACHED_REDIS_CONNECTION_STRING", &args.redis_url);
+        std::env::set_var("CACHE_BENCH_REFUSED_URL", &refused);
+        std::env::set_var("CACHE_BENCH_HUNG_URL", &hung_url);
+    }
+    let down = Down { refused, hung };
+    // The peer panics when Redis is down; say so in one line, not a backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("?");
+        eprintln!(
+            "(a contender panicked: {})",
+            msg.lines().next().unwrap_or("")
+        );
+    }));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    if let Err(e) = rt.block_on(run(args, down)) {
+        eprintln!("compare: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args, down: Down) -> Result<(), String> {
+    if let Some(c) = &args.contender {
+        let _ = CONTENDER_FILTER.set(c.clone());
+    }
+    let started = Instant::now();
+    let client = redis::Client::open(args.redis_url.as_str()).map_err(|e| e.to_string())?;
+    let conn = ConnectionManager::new(client)
+        .await
+        .map_err(|e| format!("cannot connect to {}: {e}", args.redis_url))?;
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut conn.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    let redis_version = info
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .unwrap_or("?")
+        .trim()
+        .to_owned();
+
+    let run_id = format!(
+        "{:x}",
+        std::process::id() as u64 ^ started.elapsed().as_nanos() as u64
+    );
+    let raw_prefix: Arc<str> = format!("cache-bench:{run_id}:raw:").into();
+    let ours_redis = Cache::builder()
+        .redis(&args.redis_url)
+        .namespace(format!("cache-bench:{run_id}:ours"))
+        .build()
+        .await
+        .map_err(|e| e.to_string())?;
+    let ours_memory = Cache::memory();
+    let moka: moka::future::Cache<u64, User> = moka::future::Cache::builder()
+        .max_capacity(1_000_000)
+        .build();
+
+    let scale = if args.quick { 1 } else { 5 };
+    let seq_ops = 2_000 * scale;
+    let mem_ops = 100_000 * scale;
+    let conc_ops = 20_000 * scale;
+    let miss_ops = 1_000 * scale;
+    let keys = args.keys;
+
+    // Warm every key every contender will read.
+    eprintln!("warming {} keys ...", keys);
+    for id in 0..keys {
+        let _ = ours(&ours_redis, id).await;
+        let _ = ours(&ours_memory, id).await;
+        let _ = peer(id).await;
+        moka.insert(id, load(id)).await;
+        let mut c = conn.clone();
+        let key = format!("{raw_prefix}user:{id}");
+        let bytes = serde_json::to_vec(&load(id)).unwrap_or_default();
+        let _: Result<(), _> = redis::cmd("SET")
+            .arg(&key)
+            .arg(bytes)
+            .arg("EX")
+            .arg(3600)
+            .query_async(&mut c)
+            .await;
+    }
+    if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(5), peer(0)).await {
+        return Err(format!(
+            "the cached crate's redis store does not work here: {e}"
+        ));
+    }
+
+    let raw_op: Op = {
+        let (conn, prefix) = (conn.clone(), raw_prefix.clone());
+        Arc::new(move |id| {
+            let (mut conn, prefix) = (conn.clone(), prefix.clone());
+            Box::pin(async move {
+                black_box(raw_get(&mut conn, &prefix, id).await);
+            })
+        })
+    };
+    let ours_op: Op = {
+        let cache = ours_redis.clone();
+        Arc::new(move |id| {
+            let cache = cache.clone();
+            Box::pin(async move {
+                let _ = black_box(ours(&cache, id).await);
+            })
+        })
+    };
+    let peer_op: Op = Arc::new(|id| {
+        Box::pin(async move {
+            let _ = black_box(peer(id).await);
+        })
+    });
+    let ours_mem_op: Op = {
+        let cache = ours_memory.clone();
+        Arc::new(move |id| {
+            let cache = cache.clone();
+            Box::pin(async move {
+                let _ = black_box(ours(&cache, id).await);
+            })
+        })
+    };
+    let moka_op: Op = {
+        let moka = moka.clone();
+        Arc::new(move |id| {
+            let moka = moka.clone();
+            Box::pin(async move {
+                black_box(moka.get(&id).await);
+            })
+        })
+    };
+
+    let mut report: Vec<Figure> = Vec::new();
+
+    // 1. Sequential hit latency, Redis.
+    if args.wants("hit") {
+        eprintln!("hit latency (redis, sequential) ...");
+        let contenders = [
+            ("raw redis-rs GET + serde_json", raw_op.clone()),
+            ("#[cached] (this project)", ours_op.clone()),
+            ("cached crate #[concurrent_cached(redis)]", peer_op.clone()),
+        ];
+        let figs = interleaved(&contenders, args.rounds, |op, round| {
+            let ids = ids(seq_ops, keys, 0.0, round as u64 + 1);
+            async move {
+                let mut f = RoundFigures::default();
+                sequential(&op, &ids, &mut f).await;
+                f
+            }
+        })
+        .await;
+        report.extend(with_ratios(
+            contenders
+                .iter()
+                .zip(&figs)
+                .map(|((name, _), f)| f.figure("hit latency, redis, sequential", name))
+                .collect(),
+        ));
+    }
+
+    // 2. Sequential hit latency, in process.
+    if args.wants("memory") {
+        eprintln!("hit latency (in process, sequential) ...");
+        let contenders = [
+            ("moka get (bare)", moka_op.clone()),
+            ("#[cached] memory backend", ours_mem_op.clone()),
+        ];
+        let figs = interleaved(&contenders, args.rounds, |op, round| {
+            let ids = ids(mem_ops, keys, 0.0, round as u64 + 11);
+            async move {
+                let mut f = RoundFigures::default();
+                sequential(&op, &ids, &mut f).await;
+                f
+            }
+        })
+        .await;
+        report.extend(with_ratios(
+            contenders
+                .iter()
+                .zip(&figs)
+                .map(|((name, _), f)| f.figure("hit latency, in process, sequential", name))
+                .collect(),
+        ));
+    }
+
+    // 3. Throughput, tasks on one connection: spread keys, then one hot key.
+    for (label, share, word) in [
+        (
+            format!("throughput, {} tasks, {} keys", args.tasks, keys),
+            0.0,
+            "spread",
+        ),
+        (
+            format!(
+                "throughput, {} tasks, hot key ({:.0}% of calls)",
+                args.tasks,
+                args.hot_share * 100.0
+            ),
+            args.hot_share,
+            "hot",
+        ),
+    ] {
+        if !args.wants(word) {
+            continue;
+        }
+        eprintln!("{label} ...");
+        let contenders = [
+            ("raw redis-rs GET + serde_json", raw_op.clone()),
+            ("#[cached] (this project)", ours_op.clone()),
+            ("cached crate #[concurrent_cached(redis)]", peer_op.clone()),
+        ];
+        let tasks = args.tasks;
+        let figs = interleaved(&contenders, args.rounds, |op, round| {
+            let ids = Arc::new(ids(conc_ops, keys, share, round as u64 + 21));
+            async move {
+                let mut f = RoundFigures::default();
+                concurrent(&op, &ids, tasks, &mut f).await;
+                f
+            }
+        })
+        .await;
+        report.extend(with_ratios(
+            contenders
+                .iter()
+                .zip(&figs)
+                .map(|((name, _), f)| f.figure(&label, name))
+                .collect(),
+        ));
+    }
+
+    // 4. Miss cost: a miss plus the fill, on keys never read before.
+    if args.wants("miss") {
+        eprintln!("miss + fill ...");
+        static NEXT_MISS: AtomicU64 = AtomicU64::new(1 << 40);
+        let raw_miss_op: Op = {
+            let (conn, prefix) = (conn.clone(), raw_prefix.clone());
+            Arc::new(move |_| {
+                let (mut conn, prefix) = (conn.clone(), prefix.clone());
+                Box::pin(async move {
+                    let id = NEXT_MISS.fetch_add(1, Ordering::Relaxed);
+                    black_box(raw_miss(&mut conn, &prefix, id).await);
+                })
+            })
+        };
+        let ours_miss_op: Op = {
+            let cache = ours_redis.clone();
+            Arc::new(move |_| {
+                let cache = cache.clone();
+                Box::pin(async move {
+                    let id = NEXT_MISS.fetch_add(1, Ordering::Relaxed);
+                    let _ = black_box(ours(&cache, id).await);
+                })
+            })
+        };
+        let peer_miss_op: Op = Arc::new(|_| {
+            Box::pin(async move {
+                let id = NEXT_MISS.fetch_add(1, Ordering::Relaxed);
+                let _ = black_box(peer(id).await);
+            })
+        });
+        let contenders = [
+            ("raw redis-rs GET + SET EX", raw_miss_op),
+            ("#[cached] (this project)", ours_miss_op),
+            ("cached crate #[concurrent_cached(redis)]", peer_miss_op),
+        ];
+        let figs = interleaved(&contenders, args.rounds, |op, _| {
+            let ids = vec![0u64; miss_ops];
+            async move {
+                let mut f = RoundFigures::default();
+                sequential(&op, &ids, &mut f).await;
+                f
+            }
+        })
+        .await;
+        report.extend(with_ratios(
+            contenders
+                .iter()
+                .zip(&figs)
+                .map(|((name, _), f)| f.figure("miss + fill, sequential", name))
+                .collect(),
+        ));
+    }
+
+    // 5. Redis down: refused (nothing listens), and hung (accepts, never answers).
+    if args.wants("down") {
+        eprintln!("redis down ...");
+        report.extend(redis_down(args.quick, down).await);
+    }
+
+    // The report.
+    let machine = machine_description(&redis_version);
+    let mut table = Table::new(&[
+        "scenario",
+        "contender",
+        "p50",
+        "p99",
+        "CPU/op",
+        "ops/s",
+        "p50 ratio",
+        "CPU ratio",
+        "throughput ratio",
+        "note",
+    ]);
+    for f in &report {
+        table.row(vec![
+            f.scenario.clone(),
+            f.contender.clone(),
+            fmt_ns(f.p50_ns),
+            fmt_ns(f.p99_ns),
+            fmt_ns(f.cpu_ns_per_op),
+            fmt_rate(f.ops_per_sec),
+            ratio(f.ratio_p50),
+            ratio(f.ratio_cpu),
+            ratio(f.ratio_throughput),
+            f.note.clone(),
+        ]);
+    }
+    let argline = format!(
+        "{}keys={} hot-share={} tasks={} rounds={}",
+        if args.quick { "--quick " } else { "" },
+        args.keys,
+        args.hot_share,
+        args.tasks,
+        args.rounds
+    );
+    println!("Machine: {machine}");
+    println!("Run: {argline}; {:.0} s\n", started.elapsed().as_secs_f64());
+    println!("{}", table.render());
+    println!(
+        "Ratios are to the first row of each scenario (the baseline), measured in the same run; medians of {} interleaved rounds.",
+        args.rounds
+    );
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&Report {
+            machine,
+            args: argline,
+            figures: report,
+        })
+        .map_err(|e| e.to_string())?;
+        std::fs::write(path, json).map_err(|e| format!("writing {path}: {e}"))?;
+        eprintln!("wrote {path}");
+    }
+    Ok(())
+}
+
+/// Calls with Redis unreachable: time per call, and whether the call returned the function's
+/// result.
+async fn redis_down(quick: bool, down: Down) -> Vec<Figure> {
+    let refused = down.refused;
+    // A "hung" Redis: accepts connections, never answers.
+    let _ = down.hung.set_nonblocking(true);
+    let listener = tokio::net::TcpListener::from_std(down.hung).expect("listener");
+    let hung = format!("redis://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+
+    let mut out = Vec::new();
+    for (situation, url) in [("refused", refused.clone()), ("hung", hung.clone())] {
+        let scenario = format!("redis down ({situation}), per call");
+        // Ours: every call must return the function's result.
+        let cache = Cache::builder()
+            .redis(&url)
+            .build()
+            .await
+            .expect("valid config");
+        let calls = if quick { 200 } else { 1_000 };
+        let mut samples = Samples::default();
+        let mut correct = 0;
+        for i in 0..calls {
+            let t = Instant::now();
+            if ours(&cache, i).await.is_ok_and(|u| u.id == i) {
+                correct += 1;
+            }
+            samples.0.push(t.elapsed().as_nanos() as u64);
+        }
+        let first: u64 = samples.0.iter().take(5).sum();
+        let steady = Samples(samples.0[samples.0.len() / 2..].to_vec());
+        let mut steady = steady;
+        out.push(Figure {
+            scenario: scenario.clone(),
+            contender: "#[cached] (this project)".to_owned(),
+            p50_ns: steady.percentile(50.0) as f64,
+            p99_ns: steady.percentile(99.0) as f64,
+            note: format!(
+                "{correct}/{calls} calls returned the function's result; first 5 calls took {} in total, then the breaker is open",
+                fmt_ns(first as f64)
+            ),
+            ..Figure::default()
+        });
+
+        // The peer, with a generous deadline per call.
+        let mut notes = Vec::new();
+        let mut times = Vec::new();
+        for i in 0..2u64 {
+            let t = Instant::now();
+            let handle = if situation == "refused" {
+                tokio::spawn(async move { peer_refused(i).await })
+            } else {
+                tokio::spawn(async move { peer_hung(i).await })
+            };
+            let outcome = match tokio::time::timeout(Duration::from_secs(30), handle).await {
+                Ok(Ok(Ok(u))) if u.id == i => "returned the result".to_owned(),
+                Ok(Ok(Ok(_))) => "returned a wrong value".to_owned(),
+                Ok(Ok(Err(e))) => format!(
+                    "returned an error ({})",
+                    e.0.chars().take(60).collect::<String>()
+                ),
+                Ok(Err(j)) if j.is_panic() => "panicked".to_owned(),
+                Ok(Err(_)) => "was cancelled".to_owned(),
+                Err(_) => "did not return within 30 s".to_owned(),
+            };
+            times.push(t.elapsed().as_nanos() as f64);
+            notes.push(format!(
+                "call {}: {outcome} after {}",
+                i + 1,
+                fmt_ns(t.elapsed().as_nanos() as f64)
+            ));
+        }
+        out.push(Figure {
+            scenario,
+            contender: "cached crate #[concurrent_cached(redis)]".to_owned(),
+            p50_ns: median(&times),
+            p99_ns: times.iter().cloned().fold(0.0, f64::max),
+            note: notes.join("; "),
+            ..Figure::default()
+        });
+    }
+    out
+}
