@@ -636,7 +636,12 @@ async fn run(args: Args, down: Down) -> Result<(), String> {
     // 4. Miss cost: a miss plus the fill, on keys never read before.
     if args.wants("miss") {
         eprintln!("miss + fill ...");
-        static NEXT_MISS: AtomicU64 = AtomicU64::new(1 << 40);
+        // Ids never used before, in this run or an earlier one (whose keys may still be in Redis).
+        static NEXT_MISS: AtomicU64 = AtomicU64::new(0);
+        let epoch_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        NEXT_MISS.store((1 << 62) | (epoch_ms << 16), Ordering::Relaxed);
         let raw_miss_op: Op = {
             let (conn, prefix) = (conn.clone(), raw_prefix.clone());
             Arc::new(move |_| {

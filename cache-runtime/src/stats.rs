@@ -10,53 +10,81 @@ use std::time::Duration;
 /// Hit rates under this are flagged in [`Stats`]'s table and by [`FunctionStats::is_low`].
 pub const LOW_HIT_RATE: f64 = 0.80;
 
+const STRIPES: usize = 8;
+
+#[derive(Default, Debug)]
+#[repr(align(64))]
+struct Padded(AtomicU64);
+
+/// A counter striped across cache lines: threads increment their own stripe, so counting a
+/// hit on every call does not bounce one cache line between cores.
+#[derive(Default, Debug)]
+pub(crate) struct Counter([Padded; STRIPES]);
+
+thread_local! {
+    static STRIPE: usize = {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        (NEXT.fetch_add(1, Relaxed) as usize) % STRIPES
+    };
+}
+
+impl Counter {
+    #[inline]
+    pub(crate) fn add(&self, n: u64) {
+        let i = STRIPE.try_with(|s| *s).unwrap_or(0);
+        self.0[i].0.fetch_add(n, Relaxed);
+    }
+
+    pub(crate) fn get(&self) -> u64 {
+        self.0.iter().map(|p| p.0.load(Relaxed)).sum()
+    }
+}
+
 /// The live counters of one function (one call site) on one cache.
 #[derive(Default, Debug)]
 pub(crate) struct SiteStats {
-    pub(crate) hits: AtomicU64,
-    pub(crate) coalesced: AtomicU64,
-    pub(crate) misses: AtomicU64,
-    pub(crate) bypassed: AtomicU64,
-    pub(crate) loads: AtomicU64,
-    pub(crate) load_errors: AtomicU64,
-    pub(crate) not_stored: AtomicU64,
-    pub(crate) load_ns: AtomicU64,
+    pub(crate) hits: Counter,
+    pub(crate) coalesced: Counter,
+    pub(crate) misses: Counter,
+    pub(crate) bypassed: Counter,
+    pub(crate) loads: Counter,
+    pub(crate) load_errors: Counter,
+    pub(crate) not_stored: Counter,
+    pub(crate) load_ns: Counter,
     pub(crate) load_ns_max: AtomicU64,
-    pub(crate) backend_errors: AtomicU64,
-    pub(crate) decode_errors: AtomicU64,
-    pub(crate) stale_fills: AtomicU64,
+    pub(crate) backend_errors: Counter,
+    pub(crate) decode_errors: Counter,
+    pub(crate) stale_fills: Counter,
 }
 
 impl SiteStats {
     #[inline]
-    pub(crate) fn inc(counter: &AtomicU64) {
-        counter.fetch_add(1, Relaxed);
+    pub(crate) fn inc(counter: &Counter) {
+        counter.add(1);
     }
 
     pub(crate) fn record_load(&self, took: Duration) {
         let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
-        self.loads.fetch_add(1, Relaxed);
-        self.load_ns.fetch_add(ns, Relaxed);
+        self.loads.add(1);
+        self.load_ns.add(ns);
         self.load_ns_max.fetch_max(ns, Relaxed);
     }
 
     fn snapshot(&self, name: &str) -> FunctionStats {
-        let loads = self.loads.load(Relaxed);
-        let load_ns = self.load_ns.load(Relaxed);
         FunctionStats {
             name: name.to_owned(),
-            hits: self.hits.load(Relaxed),
-            coalesced: self.coalesced.load(Relaxed),
-            misses: self.misses.load(Relaxed),
-            bypassed: self.bypassed.load(Relaxed),
-            loads,
-            load_errors: self.load_errors.load(Relaxed),
-            not_stored: self.not_stored.load(Relaxed),
-            load_time_total: Duration::from_nanos(load_ns),
+            hits: self.hits.get(),
+            coalesced: self.coalesced.get(),
+            misses: self.misses.get(),
+            bypassed: self.bypassed.get(),
+            loads: self.loads.get(),
+            load_errors: self.load_errors.get(),
+            not_stored: self.not_stored.get(),
+            load_time_total: Duration::from_nanos(self.load_ns.get()),
             load_time_max: Duration::from_nanos(self.load_ns_max.load(Relaxed)),
-            backend_errors: self.backend_errors.load(Relaxed),
-            decode_errors: self.decode_errors.load(Relaxed),
-            stale_fills: self.stale_fills.load(Relaxed),
+            backend_errors: self.backend_errors.get(),
+            decode_errors: self.decode_errors.get(),
+            stale_fills: self.stale_fills.get(),
         }
     }
 }
