@@ -88,6 +88,38 @@ struct Param {
     /// The whole pattern, for messages.
     pat: TokenStream,
     span: Span,
+    /// Whether the declared type is a primitive integer (`u64`, `&i32`, ...): such
+    /// placeholders are formatted without the `fmt` machinery.
+    integer: Option<IntegerType>,
+}
+
+#[derive(Clone, Copy)]
+struct IntegerType {
+    signed: bool,
+    /// How many references to strip (`&u64`: 1).
+    refs: usize,
+}
+
+/// A primitive integer type of at most 64 bits, or a shared reference to one.
+fn integer_type(ty: &Type) -> Option<IntegerType> {
+    match ty {
+        Type::Reference(r) if r.mutability.is_none() => {
+            integer_type(&r.elem).map(|t| IntegerType {
+                refs: t.refs + 1,
+                ..t
+            })
+        }
+        Type::Path(p) if p.qself.is_none() => {
+            let ident = p.path.get_ident()?;
+            let signed = match ident.to_string().as_str() {
+                "u8" | "u16" | "u32" | "u64" | "usize" => false,
+                "i8" | "i16" | "i32" | "i64" | "isize" => true,
+                _ => return None,
+            };
+            Some(IntegerType { signed, refs: 0 })
+        }
+        _ => None,
+    }
 }
 
 /// What generation needs, checked.
@@ -125,6 +157,7 @@ impl<'a> Config<'a> {
                     },
                     pat: pt.pat.to_token_stream(),
                     span: pt.span(),
+                    integer: integer_type(&pt.ty),
                 }),
             })
             .collect();
@@ -488,18 +521,41 @@ fn template_pushes(t: &Template, w: &Ident, span: Span, config: &Config<'_>) -> 
         match part {
             Part::Literal(s) => out.extend(quote!(#w.literal(#s);)),
             Part::Placeholder { root, fields } => {
+                let param = config.params.iter().find(|p| {
+                    p.ident.as_ref().is_some_and(|i| {
+                        let s = i.to_string();
+                        s == *root || s.strip_prefix("r#") == Some(root)
+                    })
+                });
+                if let (
+                    Some(Param {
+                        ident: Some(ident),
+                        integer: Some(int),
+                        ..
+                    }),
+                    true,
+                ) = (param, fields.is_empty())
+                {
+                    // `{id}` with `id: u64` (or `&u64`): format the integer directly.
+                    let mut ident = ident.clone();
+                    ident.set_span(span);
+                    let derefs = (0..int.refs).map(|_| quote_spanned!(span=> *));
+                    let (method, cast) = if int.signed {
+                        (quote_spanned!(span=> int), quote_spanned!(span=> i64))
+                    } else {
+                        (quote_spanned!(span=> uint), quote_spanned!(span=> u64))
+                    };
+                    out.extend(
+                        quote_spanned!(span=> #w.#method((#(#derefs)* #ident) as #cast, #extra);),
+                    );
+                    continue;
+                }
                 let root_tokens = if root == "self" {
                     quote_spanned!(span=> self)
                 } else {
                     // Use the parameter's own spelling (it may be a raw identifier).
-                    let ident = config
-                        .params
-                        .iter()
-                        .filter_map(|p| p.ident.as_ref())
-                        .find(|i| {
-                            let s = i.to_string();
-                            s == *root || s.strip_prefix("r#") == Some(root)
-                        })
+                    let ident = param
+                        .and_then(|p| p.ident.as_ref())
                         .map(|i| {
                             let mut i = i.clone();
                             i.set_span(span);

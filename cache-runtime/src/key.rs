@@ -141,6 +141,36 @@ impl KeyWriter {
         self
     }
 
+    /// Appends an unsigned integer placeholder (the same text `display` would write).
+    #[inline]
+    pub fn uint(&mut self, value: u64, _extra: &'static str) -> &mut Self {
+        let mut buf = [0u8; 20];
+        let mut i = buf.len();
+        let mut v = value;
+        loop {
+            i -= 1;
+            buf[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        // Digits are never escaped (separators that need escaping are never digits).
+        for &b in &buf[i..] {
+            self.buf.push(char::from(b));
+        }
+        self
+    }
+
+    /// Appends a signed integer placeholder (the same text `display` would write).
+    #[inline]
+    pub fn int(&mut self, value: i64, extra: &'static str) -> &mut Self {
+        if value < 0 {
+            push_escaped(&mut self.buf, '-', extra);
+        }
+        self.uint(value.unsigned_abs(), extra)
+    }
+
     /// Appends one argument of a default key: JSON, escaped, comma separated.
     pub fn arg<T: Serialize + ?Sized>(&mut self, value: &T) -> &mut Self {
         if self.args > 0 {
@@ -305,6 +335,26 @@ mod tests {
             w.close_args();
         });
         assert_eq!(k, r#"ns:crate::get:[42,"a%3Ab",[1,2]]"#);
+    }
+
+    #[test]
+    fn integers_render_like_display() {
+        for v in [0u64, 7, 42, 1_000_000, u64::MAX] {
+            let mut a = KeyWriter::new("");
+            a.uint(v, "");
+            let mut b = KeyWriter::new("");
+            b.display(&v, "");
+            assert_eq!(a.finish(None), b.finish(None));
+        }
+        for v in [0i64, -1, 42, i64::MIN, i64::MAX] {
+            for extra in ["", "-"] {
+                let mut a = KeyWriter::new("");
+                a.int(v, extra);
+                let mut b = KeyWriter::new("");
+                b.display(&v, extra);
+                assert_eq!(a.finish(None), b.finish(None), "{v} with extra {extra:?}");
+            }
+        }
     }
 
     #[test]

@@ -98,6 +98,12 @@ async fn show<V: Display + ?Sized>(calls: &Calls, value: &V) -> String {
     value.to_string()
 }
 
+/// Integer placeholders of every width, by value and by reference, next to a `-` separator.
+#[cached(cache = SHAPES, key = "ints:{a}-{b}:{c}:{d}")]
+async fn ints(a: i64, b: &i32, c: usize, d: &&u8) -> String {
+    format!("{a} {b} {c} {d}")
+}
+
 #[async_trait]
 pub trait UserStore {
     async fn load(&self, id: u64) -> Result<User, String>;
@@ -196,6 +202,20 @@ async fn generic_functions_key_by_type_parameter() {
 
     assert_eq!(show(calls, "str").await, "str");
     assert_eq!(show(calls, &5u8).await, "5");
+}
+
+#[tokio::test]
+async fn integer_placeholders_render_like_display() {
+    assert_eq!(ints(-1, &2, 3, &&4).await, "-1 2 3 4");
+    // `-` separates two placeholders, so a negative value's `-` is escaped.
+    assert_eq!(
+        SHAPES.get::<String>("ints:%2D1-2:3:4").await.unwrap(),
+        Some("-1 2 3 4".to_owned())
+    );
+    assert_eq!(
+        ints(i64::MIN, &i32::MAX, usize::MAX, &&u8::MAX).await.len(),
+        56
+    );
 }
 
 #[tokio::test]
