@@ -95,7 +95,6 @@ struct Param {
 
 #[derive(Clone, Copy)]
 struct IntegerType {
-    signed: bool,
     /// How many references to strip (`&u64`: 1).
     refs: usize,
 }
@@ -104,19 +103,16 @@ struct IntegerType {
 fn integer_type(ty: &Type) -> Option<IntegerType> {
     match ty {
         Type::Reference(r) if r.mutability.is_none() => {
-            integer_type(&r.elem).map(|t| IntegerType {
-                refs: t.refs + 1,
-                ..t
-            })
+            integer_type(&r.elem).map(|t| IntegerType { refs: t.refs + 1 })
         }
         Type::Path(p) if p.qself.is_none() => {
             let ident = p.path.get_ident()?;
-            let signed = match ident.to_string().as_str() {
-                "u8" | "u16" | "u32" | "u64" | "usize" => false,
-                "i8" | "i16" | "i32" | "i64" | "isize" => true,
-                _ => return None,
-            };
-            Some(IntegerType { signed, refs: 0 })
+            match ident.to_string().as_str() {
+                "u8" | "u16" | "u32" | "u64" | "usize" | "i8" | "i16" | "i32" | "i64" | "isize" => {
+                    Some(IntegerType { refs: 0 })
+                }
+                _ => None,
+            }
         }
         _ => None,
     }
@@ -540,14 +536,7 @@ fn template_pushes(t: &Template, w: &Ident, span: Span, config: &Config<'_>) -> 
                     let mut ident = ident.clone();
                     ident.set_span(span);
                     let derefs = (0..int.refs).map(|_| quote_spanned!(span=> *));
-                    let (method, cast) = if int.signed {
-                        (quote_spanned!(span=> int), quote_spanned!(span=> i64))
-                    } else {
-                        (quote_spanned!(span=> uint), quote_spanned!(span=> u64))
-                    };
-                    out.extend(
-                        quote_spanned!(span=> #w.#method((#(#derefs)* #ident) as #cast, #extra);),
-                    );
+                    out.extend(quote_spanned!(span=> #w.integer(#(#derefs)* #ident, #extra);));
                     continue;
                 }
                 let root_tokens = if root == "self" {

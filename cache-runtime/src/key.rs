@@ -94,6 +94,31 @@ impl io::Write for JsonEscaper<'_> {
     }
 }
 
+/// Primitive integers, formatted into keys without `fmt`.
+#[doc(hidden)]
+pub trait KeyInteger: Copy {
+    /// The sign and the magnitude.
+    fn split(self) -> (bool, u64);
+}
+
+macro_rules! key_integer {
+    (unsigned: $($t:ty),*; signed: $($s:ty),*) => {
+        $(impl KeyInteger for $t {
+            #[inline]
+            fn split(self) -> (bool, u64) {
+                (false, self as u64)
+            }
+        })*
+        $(impl KeyInteger for $s {
+            #[inline]
+            fn split(self) -> (bool, u64) {
+                (self < 0, (self as i64).unsigned_abs())
+            }
+        })*
+    };
+}
+key_integer!(unsigned: u8, u16, u32, u64, usize; signed: i8, i16, i32, i64, isize);
+
 /// Builds one rendered key. Used by the code the attributes generate.
 #[doc(hidden)]
 pub struct KeyWriter {
@@ -141,9 +166,19 @@ impl KeyWriter {
         self
     }
 
-    /// Appends an unsigned integer placeholder (the same text `display` would write).
+    /// Appends an integer placeholder: the same text `display` would write, without the
+    /// `fmt` machinery.
     #[inline]
-    pub fn uint(&mut self, value: u64, _extra: &'static str) -> &mut Self {
+    pub fn integer<T: KeyInteger>(&mut self, value: T, extra: &'static str) -> &mut Self {
+        let (negative, magnitude) = value.split();
+        if negative {
+            push_escaped(&mut self.buf, '-', extra);
+        }
+        self.uint(magnitude)
+    }
+
+    #[inline]
+    fn uint(&mut self, value: u64) -> &mut Self {
         let mut buf = [0u8; 20];
         let mut i = buf.len();
         let mut v = value;
@@ -160,15 +195,6 @@ impl KeyWriter {
             self.buf.push(char::from(b));
         }
         self
-    }
-
-    /// Appends a signed integer placeholder (the same text `display` would write).
-    #[inline]
-    pub fn int(&mut self, value: i64, extra: &'static str) -> &mut Self {
-        if value < 0 {
-            push_escaped(&mut self.buf, '-', extra);
-        }
-        self.uint(value.unsigned_abs(), extra)
     }
 
     /// Appends one argument of a default key: JSON, escaped, comma separated.
@@ -341,7 +367,7 @@ mod tests {
     fn integers_render_like_display() {
         for v in [0u64, 7, 42, 1_000_000, u64::MAX] {
             let mut a = KeyWriter::new("");
-            a.uint(v, "");
+            a.integer(v, "");
             let mut b = KeyWriter::new("");
             b.display(&v, "");
             assert_eq!(a.finish(None), b.finish(None));
@@ -349,7 +375,7 @@ mod tests {
         for v in [0i64, -1, 42, i64::MIN, i64::MAX] {
             for extra in ["", "-"] {
                 let mut a = KeyWriter::new("");
-                a.int(v, extra);
+                a.integer(v, extra);
                 let mut b = KeyWriter::new("");
                 b.display(&v, extra);
                 assert_eq!(a.finish(None), b.finish(None), "{v} with extra {extra:?}");
