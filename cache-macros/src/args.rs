@@ -81,7 +81,12 @@ pub(crate) struct CachedArgs {
     pub(crate) cache_none: Slot<CacheNone>,
     pub(crate) version: Slot<u32>,
     pub(crate) name: Slot<LitStr>,
+    /// `lock` / `lock = <lease>`: the lease length in milliseconds.
+    pub(crate) lock_ms: Slot<u64>,
 }
+
+/// The lease of `lock` without a value.
+pub(crate) const DEFAULT_LOCK_MS: u64 = 10_000;
 
 const OPTIONS: &[&str] = &[
     "key",
@@ -92,6 +97,7 @@ const OPTIONS: &[&str] = &[
     "cache_none",
     "version",
     "name",
+    "lock",
 ];
 
 impl CachedArgs {
@@ -105,6 +111,7 @@ impl CachedArgs {
             cache_none: Slot::new("cache_none"),
             version: Slot::new("version"),
             name: Slot::new("name"),
+            lock_ms: Slot::new("lock"),
         }
     }
 
@@ -142,6 +149,18 @@ impl CachedArgs {
                 } else {
                     self.cache_none
                         .set(span, CacheNone { ttl_ms: None }, errors);
+                }
+                return;
+            }
+            "lock" => {
+                if meta.input.peek(syn::Token![=]) {
+                    if let Some(expr) = value(meta, errors) {
+                        if let Some(ms) = duration_ms(&expr, "lock", errors) {
+                            self.lock_ms.set(span, ms, errors);
+                        }
+                    }
+                } else {
+                    self.lock_ms.set(span, DEFAULT_LOCK_MS, errors);
                 }
                 return;
             }
@@ -249,6 +268,10 @@ fn value_hint(option: &str) -> String {
         "ttl" => "`ttl` takes seconds or a duration string, e.g. `ttl = 3600` or `ttl = \"1h\"`"
             .to_owned(),
         "version" => "`version` takes a whole number, e.g. `version = 2`".to_owned(),
+        "lock" => {
+            "`lock` takes the lease length in seconds or as a duration string, e.g. `lock = 10` or `lock = \"30s\"`"
+                .to_owned()
+        }
         "cache" => {
             "`cache` takes an expression naming a `Cache`, e.g. `cache = self.cache`".to_owned()
         }
@@ -409,6 +432,6 @@ mod tests {
     #[test]
     fn suggestions() {
         assert!(unknown_message("tll").contains("did you mean `ttl`"));
-        assert!(unknown_message("lock").contains("expected one of"));
+        assert!(unknown_message("tags").contains("expected one of"));
     }
 }

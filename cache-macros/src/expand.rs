@@ -365,6 +365,9 @@ fn generate(args: &CachedArgs, func: &ItemFn, config: &Config<'_>) -> TokenStrea
     if let Some(v) = args.version.get() {
         site_opts.extend(quote!(.version(#v)));
     }
+    if let Some(ms) = args.lock_ms.get() {
+        site_opts.extend(quote!(.lock_ms(#ms)));
+    }
     let site_static = quote! {
         static #site: #rt::Site = #rt::Site::new(::core::module_path!(), #fn_name) #site_opts;
     };

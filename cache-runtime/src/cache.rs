@@ -60,6 +60,8 @@ pub(crate) struct Inner {
     pub(crate) flights: Flights,
     pub(crate) stats: StatsRegistry,
     pub(crate) log: Arc<FailureLog>,
+    /// How long one backend operation may take (also bounds waiting for the subscription).
+    pub(crate) op_timeout: Duration,
 }
 
 impl std::fmt::Debug for Cache {
@@ -195,9 +197,11 @@ impl CacheBuilder {
                 if self.redis.operation_timeout.is_zero() || self.redis.connect_timeout.is_zero() {
                     return Err(Error::config("redis timeouts must be greater than zero"));
                 }
-                let backend = RedisBackend::new(&url, self.redis, log.clone()).map_err(|e| {
-                    Error::config(format!("invalid redis url {:?}: {e}", redact(&url)))
-                })?;
+                let backend =
+                    RedisBackend::new(&url, &self.namespace, self.redis.clone(), log.clone())
+                        .map_err(|e| {
+                            Error::config(format!("invalid redis url {:?}: {e}", redact(&url)))
+                        })?;
                 AnyBackend::Redis(backend)
             }
         };
@@ -211,6 +215,7 @@ impl CacheBuilder {
                 flights: Flights::new(),
                 stats: StatsRegistry::new(id),
                 log,
+                op_timeout: self.redis.operation_timeout,
             }),
         })
     }
@@ -286,7 +291,7 @@ impl Cache {
     /// with an error.
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
         let full = self.full_key(key);
-        let Some(stored) = self.inner.backend.get(&full).await? else {
+        let Some(stored) = self.inner.backend.read(&full).await?.value else {
             return Ok(None);
         };
         match envelope::decode::<T>(&stored.bytes) {
@@ -325,7 +330,7 @@ impl Cache {
         self.inner.flights.invalidate(&full);
         self.inner
             .backend
-            .set(&full, Stored::bytes(bytes), ttl)
+            .write(&full, Stored::bytes(bytes), ttl)
             .await?;
         Ok(())
     }
@@ -341,7 +346,7 @@ impl Cache {
     pub async fn invalidate(&self, key: &str) -> Result<()> {
         let full = self.full_key(key);
         self.inner.flights.invalidate(&full);
-        self.inner.backend.delete(&[&full]).await?;
+        self.inner.backend.invalidate(&[&full]).await?;
         Ok(())
     }
 

@@ -1,23 +1,31 @@
 //! The get-or-load engine: the one entry point the `#[cached]` expansion calls.
 //!
 //! ```text
-//! condition false ──────────────────────────────────────────────► run the function (bypass)
-//! memory backend: read ── hit ──────────────────────────────────► decoded value
-//! join the key's flight ── follower ── leader's value ──────────► decoded value (coalesced hit)
-//!                     │               ├ leader's result not shared ► run the function
-//!                     │               └ leader gone ──────────────► join again
-//!                     └─ leader ── read ── hit ────────────────► publish, decoded value
-//!                                       └ miss / error / garbage ► run the function,
-//!                                         store it unless Err / None / `unless`, publish
+//! condition false ─────────────────────────────────────────────► run the function (bypass)
+//! memory backend: read ── hit ─────────────────────────────────► decoded value
+//! join the key's flight (this process)
+//!   ├ follower ── leader's value ──────────────────────────────► decoded value (coalesced)
+//!   │           ├ leader's result not shared ──────────────────► run the function
+//!   │           ├ leader gone ─────────────────────────────────► join again
+//!   │           └ `lock` and the leader exceeded the lease ────► take over (as a leader)
+//!   └ leader
+//!       without `lock`: read (value, generation) ── hit ───────► publish, decoded value
+//!                       └ miss ── run ── fill if the generation is unchanged ─► publish
+//!       with `lock` (shared backend): lease ── hit ────────────► publish, decoded value
+//!                       ├ acquired ── run ── fill (releases the lease, wakes waiters)
+//!                       └ busy ── wait for the fill's notification (or a jittered
+//!                                 re-check) ── lease again ... at most twice the lease,
+//!                                 then run without the lease
 //! ```
 //!
 //! Backend failures and undecodable values are counted, logged (rate-limited) and treated as
 //! misses; they never reach the caller.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::backend::{Backend, BackendError, Stored};
+use crate::backend::{Backend, BackendError, Gen, LeaseReply, Read, Stored};
 use crate::breaker::FailureKind;
 use crate::cache::{Cache, Inner};
 use crate::envelope;
@@ -92,6 +100,17 @@ fn restore<R, M: Mode<R>>(
     envelope::decode::<M::Value>(&stored.bytes).map(|v| mode.restore(v))
 }
 
+/// What a read found.
+enum Found<R> {
+    Hit(Stored, R),
+    /// Nothing usable: load, then fill against `generation` (`None`: unknown, because the backend
+    /// failed; do not fill). `clean`: nothing was stored (rather than something unusable).
+    Miss {
+        generation: Option<Gen>,
+        clean: bool,
+    },
+}
+
 /// The cached call: see the module docs.
 #[doc(hidden)]
 pub async fn cached<R, M, U, F>(
@@ -126,18 +145,29 @@ where
             return run_uncached(&stats, &mode, fut).await;
         }
     };
+    let ctx = Ctx {
+        cache: call.cache,
+        inner,
+        site: call.site,
+        stats: &stats,
+    };
 
     // Backends that do not coalesce reads are read before joining a flight; the leader reads
     // again only after a clean miss (a racing leader may have filled the key meanwhile).
-    let mut reread = true;
+    let mut known: Option<Option<Gen>> = None;
     if !inner.backend.coalesce_reads() {
-        match read(inner, call.site, &stats, &key, &mode, typed).await {
-            Read::Hit(_, value) => {
+        match ctx.read(&key, &mode, typed).await {
+            Found::Hit(_, value) => {
                 SiteStats::inc(&stats.hits);
                 return value;
             }
-            Read::Miss => {}
-            Read::Unusable => reread = false,
+            // After a clean miss the leader reads again (a racing leader may have filled the
+            // key meanwhile); after garbage it goes straight to the load.
+            Found::Miss { generation, clean } => {
+                if !clean {
+                    known = Some(generation);
+                }
+            }
         }
     }
 
@@ -145,158 +175,465 @@ where
     loop {
         match inner.flights.join(key) {
             Role::Leader(guard) => {
-                let how = Lead {
-                    read_first: reread,
-                    typed,
-                };
-                return lead(inner, call.site, &stats, guard, &mode, how, unless, fut).await;
+                let key = guard.flight().key().to_owned();
+                return ctx
+                    .lead(&key, Some(guard), &mode, typed, known, unless, fut)
+                    .await;
             }
-            Role::Follower(follower) => match follower.wait().await {
-                Outcome::Value(stored) => match restore(&stored, &mode, typed) {
-                    Ok(v) => {
-                        SiteStats::inc(&stats.hits);
-                        SiteStats::inc(&stats.coalesced);
-                        return v;
-                    }
-                    Err(e) => {
-                        // Another function shares this key with a different type.
-                        decode_failure(inner, call.site, &stats, &e);
+            Role::Follower(follower) => {
+                let outcome = match call.site.lock {
+                    // Under `lock`, a leader that exceeds its lease is taken over, here as
+                    // across processes.
+                    Some(lease) => tokio::time::timeout(lease, follower.wait()).await.ok(),
+                    None => Some(follower.wait().await),
+                };
+                match outcome {
+                    Some(Outcome::Value(stored)) => match restore(&stored, &mode, typed) {
+                        Ok(v) => {
+                            SiteStats::inc(&stats.hits);
+                            SiteStats::inc(&stats.coalesced);
+                            return v;
+                        }
+                        Err(e) => {
+                            // Another function shares this key with a different type.
+                            decode_failure(inner, call.site, &stats, &e);
+                            SiteStats::inc(&stats.misses);
+                            return run_uncached(&stats, &mode, fut).await;
+                        }
+                    },
+                    Some(Outcome::Released) => {
                         SiteStats::inc(&stats.misses);
                         return run_uncached(&stats, &mode, fut).await;
                     }
-                },
-                Outcome::Released => {
-                    SiteStats::inc(&stats.misses);
-                    return run_uncached(&stats, &mode, fut).await;
+                    Some(Outcome::Abandoned) => key = follower.into_key(),
+                    None => {
+                        SiteStats::inc(&stats.takeovers);
+                        let key = follower.into_key();
+                        return ctx.lead(&key, None, &mode, typed, None, unless, fut).await;
+                    }
                 }
-                Outcome::Abandoned => key = follower.into_key(),
-            },
-        }
-    }
-}
-
-/// How the leader proceeds.
-struct Lead<V> {
-    /// Read the backend before loading.
-    read_first: bool,
-    typed: Option<Typed<V>>,
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn lead<R, M, U, F>(
-    inner: &Inner,
-    site: &'static Site,
-    stats: &SiteStats,
-    guard: LeaderGuard<'_>,
-    mode: &M,
-    how: Lead<M::Value>,
-    unless: U,
-    fut: F,
-) -> R
-where
-    M: Mode<R>,
-    U: FnOnce(&R) -> bool,
-    F: Future<Output = R>,
-{
-    let key = guard.flight().key();
-    if how.read_first {
-        if let Read::Hit(stored, value) = read(inner, site, stats, key, mode, how.typed).await {
-            SiteStats::inc(&stats.hits);
-            guard.publish(Outcome::Value(stored));
-            return value;
-        }
-    }
-    SiteStats::inc(&stats.misses);
-
-    let (result, took) = load(stats, fut).await;
-    let ttl = site.ttl.unwrap_or(inner.default_ttl);
-    let (value, ttl) = match mode.classify(&result) {
-        Classified::Store(v) => (Some(v), ttl),
-        Classified::StoreNone(v) if site.cache_none => (Some(v), site.none_ttl.unwrap_or(ttl)),
-        Classified::StoreNone(_) => (None, ttl),
-        Classified::Error => {
-            SiteStats::inc(&stats.load_errors);
-            (None, ttl)
-        }
-    };
-    let value = match value {
-        Some(v) if !unless(&result) => v,
-        _ => {
-            SiteStats::inc(&stats.not_stored);
-            guard.publish(Outcome::Released);
-            return result;
-        }
-    };
-    let bytes = match envelope::encode(value, took) {
-        Ok(bytes) => bytes,
-        Err(e) => {
-            SiteStats::inc(&stats.not_stored);
-            inner.log.warn(
-                FailureKind::Encode,
-                &format_args!(
-                    "result of `{}` could not be encoded, not cached: {e}",
-                    site.label(None)
-                ),
-            );
-            guard.publish(Outcome::Released);
-            return result;
-        }
-    };
-    let stored = Stored {
-        bytes,
-        typed: match how.typed {
-            Some(typed) if inner.backend.keeps_typed() => Some((typed.wrap)(value)),
-            _ => None,
-        },
-    };
-    guard.publish(Outcome::Value(stored.clone()));
-    if guard.flight().is_stale() {
-        // Invalidated or overwritten while the function ran: storing would put back a value
-        // older than the write.
-        SiteStats::inc(&stats.stale_fills);
-    } else if let Err(e) = inner.backend.set(key, stored, ttl).await {
-        backend_failure(inner, stats, &e);
-    }
-    drop(guard);
-    result
-}
-
-enum Read<R> {
-    Hit(Stored, R),
-    /// Nothing stored.
-    Miss,
-    /// Something unusable stored, or the backend failed: counted and logged already.
-    Unusable,
-}
-
-/// Reads and decodes `key`. Failures and undecodable values are misses.
-async fn read<R, M: Mode<R>>(
-    inner: &Inner,
-    site: &'static Site,
-    stats: &SiteStats,
-    key: &str,
-    mode: &M,
-    typed: Option<Typed<M::Value>>,
-) -> Read<R> {
-    match inner.backend.get(key).await {
-        Ok(Some(stored)) => match restore(&stored, mode, typed) {
-            Ok(v) => Read::Hit(stored, v),
-            Err(e) => {
-                decode_failure(inner, site, stats, &e);
-                Read::Unusable
             }
-        },
-        Ok(None) => Read::Miss,
-        Err(BackendError::Data(msg)) => {
-            // The key holds another Redis type, say: a miss, and the fill overwrites it.
-            decode_failure(inner, site, stats, &msg);
-            Read::Unusable
-        }
-        Err(e) => {
-            backend_failure(inner, stats, &e);
-            Read::Unusable
         }
     }
+}
+
+/// What every step of one call needs.
+struct Ctx<'a> {
+    cache: &'a Cache,
+    inner: &'a Inner,
+    site: &'static Site,
+    stats: &'a SiteStats,
+}
+
+/// Releases a lease that was not filled or released (the load panicked or was cancelled), in
+/// a background task: a drop cannot wait.
+struct LeaseGuard {
+    cache: Option<Cache>,
+    key: String,
+    token: String,
+}
+
+impl LeaseGuard {
+    fn disarm(mut self) -> String {
+        self.cache = None;
+        std::mem::take(&mut self.token)
+    }
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        let Some(cache) = self.cache.take() else {
+            return;
+        };
+        let (key, token) = (
+            std::mem::take(&mut self.key),
+            std::mem::take(&mut self.token),
+        );
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let _ = cache.inner.backend.release(&key, &token).await;
+            });
+        }
+    }
+}
+
+/// A lease token unique across processes: 128 random bits.
+fn new_token() -> String {
+    use std::hash::{BuildHasher, RandomState};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let a = RandomState::new().hash_one((std::process::id(), n, Instant::now()));
+    let b = RandomState::new().hash_one((n, a));
+    format!("{a:016x}{b:016x}")
+}
+
+/// `d` scaled by a pseudo-random factor in [0.75, 1.25).
+fn jitter(d: Duration) -> Duration {
+    use std::hash::{BuildHasher, RandomState};
+    let r = RandomState::new().hash_one(Instant::now()) % 1000;
+    d.mul_f64(0.75 + r as f64 / 2000.0)
+}
+
+impl Ctx<'_> {
+    /// Reads and decodes `key`. Failures and undecodable values are misses.
+    async fn read<R, M: Mode<R>>(
+        &self,
+        key: &str,
+        mode: &M,
+        typed: Option<Typed<M::Value>>,
+    ) -> Found<R> {
+        match self.inner.backend.read(key).await {
+            Ok(Read {
+                value: Some(stored),
+                generation,
+            }) => match restore(&stored, mode, typed) {
+                Ok(v) => Found::Hit(stored, v),
+                Err(e) => {
+                    decode_failure(self.inner, self.site, self.stats, &e);
+                    Found::Miss {
+                        generation: self.generation(key, generation).await,
+                        clean: false,
+                    }
+                }
+            },
+            Ok(Read {
+                value: None,
+                generation,
+            }) => Found::Miss {
+                generation: Some(generation),
+                clean: true,
+            },
+            Err(BackendError::Data(msg)) => {
+                // The key holds another Redis type, say: a miss, and the fill overwrites it.
+                decode_failure(self.inner, self.site, self.stats, &msg);
+                Found::Miss {
+                    generation: self.inner.backend.generation(key).await.ok(),
+                    clean: false,
+                }
+            }
+            Err(e) => {
+                backend_failure(self.inner, self.stats, &e);
+                Found::Miss {
+                    generation: None,
+                    clean: false,
+                }
+            }
+        }
+    }
+
+    /// The generation to fill against after an unusable value: the backend's answer if it
+    /// gave one with the read, else asked for.
+    async fn generation(&self, key: &str, with_read: Gen) -> Option<Gen> {
+        if self.inner.backend.coalesce_reads() {
+            // Remote reads return the generation with the value.
+            return Some(with_read);
+        }
+        self.inner.backend.generation(key).await.ok()
+    }
+
+    /// Leads a load of `key`: see the module docs. `guard` is the flight this call leads in
+    /// this process (`None` when taking over from a stuck leader); `known` the generation of a
+    /// read made just before.
+    #[allow(clippy::too_many_arguments)]
+    async fn lead<R, M, U, F>(
+        &self,
+        key: &str,
+        guard: Option<LeaderGuard<'_>>,
+        mode: &M,
+        typed: Option<Typed<M::Value>>,
+        known: Option<Option<Gen>>,
+        unless: U,
+        fut: F,
+    ) -> R
+    where
+        M: Mode<R>,
+        U: FnOnce(&R) -> bool,
+        F: Future<Output = R>,
+    {
+        let publish = |outcome: Outcome| {
+            if let Some(g) = &guard {
+                g.publish(outcome);
+            }
+        };
+        let lock = self
+            .site
+            .lock
+            .filter(|_| self.inner.backend.shares_leases());
+
+        let (generation, lease) = match lock {
+            Some(lease_len) => match self.acquire(key, lease_len, mode, typed).await {
+                Acquire::Hit(stored, value) => {
+                    SiteStats::inc(&self.stats.hits);
+                    publish(Outcome::Value(stored));
+                    return value;
+                }
+                Acquire::Load { generation, lease } => (generation, lease),
+            },
+            None => {
+                let found = match known {
+                    Some(generation) => Found::Miss {
+                        generation,
+                        clean: false,
+                    },
+                    None => self.read(key, mode, typed).await,
+                };
+                match found {
+                    Found::Hit(stored, value) => {
+                        SiteStats::inc(&self.stats.hits);
+                        publish(Outcome::Value(stored));
+                        return value;
+                    }
+                    Found::Miss { generation, .. } => (generation, None),
+                }
+            }
+        };
+        SiteStats::inc(&self.stats.misses);
+
+        let (result, took) = load(self.stats, fut).await;
+        let ttl = self.site.ttl.unwrap_or(self.inner.default_ttl);
+        let (value, ttl) = match mode.classify(&result) {
+            Classified::Store(v) => (Some(v), ttl),
+            Classified::StoreNone(v) if self.site.cache_none => {
+                (Some(v), self.site.none_ttl.unwrap_or(ttl))
+            }
+            Classified::StoreNone(_) => (None, ttl),
+            Classified::Error => {
+                SiteStats::inc(&self.stats.load_errors);
+                (None, ttl)
+            }
+        };
+        let value = match value {
+            Some(v) if !unless(&result) => v,
+            _ => {
+                SiteStats::inc(&self.stats.not_stored);
+                publish(Outcome::Released);
+                self.release(key, lease).await;
+                return result;
+            }
+        };
+        let bytes = match envelope::encode(value, took) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                SiteStats::inc(&self.stats.not_stored);
+                self.inner.log.warn(
+                    FailureKind::Encode,
+                    &format_args!(
+                        "result of `{}` could not be encoded, not cached: {e}",
+                        self.site.label(None)
+                    ),
+                );
+                publish(Outcome::Released);
+                self.release(key, lease).await;
+                return result;
+            }
+        };
+        let stored = Stored {
+            bytes,
+            typed: match typed {
+                Some(typed) if self.inner.backend.keeps_typed() => Some((typed.wrap)(value)),
+                _ => None,
+            },
+        };
+        publish(Outcome::Value(stored.clone()));
+        let stale_here = guard.as_ref().is_some_and(|g| g.flight().is_stale());
+        match generation {
+            Some(generation) if !stale_here => {
+                let token = lease.map(LeaseGuard::disarm);
+                match self
+                    .inner
+                    .backend
+                    .fill(key, stored, ttl, &generation, token.as_deref())
+                    .await
+                {
+                    Ok(true) => {}
+                    // Written or invalidated while the function ran: storing would put back
+                    // a value older than the write.
+                    Ok(false) => SiteStats::inc(&self.stats.stale_fills),
+                    Err(e) => backend_failure(self.inner, self.stats, &e),
+                }
+            }
+            Some(_) => {
+                SiteStats::inc(&self.stats.stale_fills);
+                self.release(key, lease).await;
+            }
+            // The read failed: without the generation a fill could be stale; skip it.
+            None => self.release(key, lease).await,
+        }
+        drop(guard);
+        result
+    }
+
+    /// Gives a lease back at once (the load's result is not stored), waking the waiters.
+    async fn release(&self, key: &str, lease: Option<LeaseGuard>) {
+        if let Some(lease) = lease {
+            let token = lease.disarm();
+            if let Err(e) = self.inner.backend.release(key, &token).await {
+                backend_failure(self.inner, self.stats, &e);
+            }
+        }
+    }
+
+    /// `lock`: gets the value, or the lease, waiting for another holder's fill if needed.
+    async fn acquire<R, M: Mode<R>>(
+        &self,
+        key: &str,
+        lease_len: Duration,
+        mode: &M,
+        typed: Option<Typed<M::Value>>,
+    ) -> Acquire<R> {
+        let backend = &self.inner.backend;
+        let token = new_token();
+        let started = Instant::now();
+        let max_wait = lease_len * 2;
+        let mut waiting = Waiting {
+            ctx: self,
+            started,
+            waited: false,
+        };
+
+        // Ask once; only a busy answer leads to subscribing and waiting.
+        let first = backend.lease(key, &token, lease_len).await;
+        if let Ok(done) = waiting.settle(first, key, mode, typed, &token).await {
+            return done;
+        }
+        let Some(bus) = backend.bus() else {
+            // Not a shared backend: nothing to wait for.
+            return Acquire::Load {
+                generation: backend.generation(key).await.ok(),
+                lease: None,
+            };
+        };
+        bus.ready(self.inner.op_timeout).await;
+        let registration = bus.register(key);
+        let mut recheck = Duration::from_millis(100);
+        loop {
+            // Registered before asking again, so that a fill between the answer and the wait
+            // still wakes us.
+            let notified = registration.notify().notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let (generation, remaining) = match waiting
+                .settle(
+                    backend.lease(key, &token, lease_len).await,
+                    key,
+                    mode,
+                    typed,
+                    &token,
+                )
+                .await
+            {
+                Ok(done) => return done,
+                Err(busy) => busy,
+            };
+            let elapsed = started.elapsed();
+            if elapsed >= max_wait {
+                waiting.finish();
+                SiteStats::inc(&self.stats.wait_timeouts);
+                return Acquire::Load {
+                    generation: Some(generation),
+                    lease: None,
+                };
+            }
+            // Notifications are expected: re-check rarely. Without a subscription, re-check
+            // often.
+            let base = if bus.is_subscribed() {
+                recheck
+            } else {
+                Duration::from_millis(50)
+            };
+            let sleep_for = jitter(base)
+                .min(remaining + Duration::from_millis(5))
+                .min(max_wait - elapsed);
+            let _ = tokio::time::timeout(sleep_for, notified).await;
+            recheck = (recheck * 2).min(Duration::from_secs(1));
+        }
+    }
+}
+
+/// The waiting state of one `acquire`.
+struct Waiting<'a> {
+    ctx: &'a Ctx<'a>,
+    started: Instant,
+    waited: bool,
+}
+
+impl Waiting<'_> {
+    fn finish(&self) {
+        if self.waited {
+            self.ctx.stats.record_wait(self.started.elapsed());
+        }
+    }
+
+    /// Turns a lease answer into the outcome, or `Err((generation, remaining))` when busy.
+    async fn settle<R, M: Mode<R>>(
+        &mut self,
+        reply: Result<LeaseReply, BackendError>,
+        key: &str,
+        mode: &M,
+        typed: Option<Typed<M::Value>>,
+        token: &str,
+    ) -> Result<Acquire<R>, (Gen, Duration)> {
+        let ctx = self.ctx;
+        match reply {
+            Ok(LeaseReply::Hit(stored)) => {
+                self.finish();
+                match restore(&stored, mode, typed) {
+                    Ok(v) => Ok(Acquire::Hit(stored, v)),
+                    Err(e) => {
+                        // Garbage under the key: load and overwrite it (no lease: the value
+                        // key exists, so nobody waits on a lease for it).
+                        decode_failure(ctx.inner, ctx.site, ctx.stats, &e);
+                        let generation = ctx.inner.backend.generation(key).await.ok();
+                        Ok(Acquire::Load {
+                            generation,
+                            lease: None,
+                        })
+                    }
+                }
+            }
+            Ok(LeaseReply::Acquired(generation)) => {
+                self.finish();
+                SiteStats::inc(&ctx.stats.lock_acquired);
+                if self.waited {
+                    SiteStats::inc(&ctx.stats.takeovers);
+                }
+                Ok(Acquire::Load {
+                    generation: Some(generation),
+                    lease: Some(LeaseGuard {
+                        cache: Some(ctx.cache.clone()),
+                        key: key.to_owned(),
+                        token: token.to_owned(),
+                    }),
+                })
+            }
+            Ok(LeaseReply::Busy {
+                generation,
+                remaining,
+            }) => {
+                if !self.waited {
+                    self.waited = true;
+                    SiteStats::inc(&ctx.stats.lock_waits);
+                }
+                Err((generation, remaining))
+            }
+            Err(e) => {
+                self.finish();
+                backend_failure(ctx.inner, ctx.stats, &e);
+                Ok(Acquire::Load {
+                    generation: None,
+                    lease: None,
+                })
+            }
+        }
+    }
+}
+
+enum Acquire<R> {
+    Hit(Stored, R),
+    Load {
+        generation: Option<Gen>,
+        lease: Option<LeaseGuard>,
+    },
 }
 
 fn decode_failure(inner: &Inner, site: &Site, stats: &SiteStats, e: &dyn std::fmt::Display) {

@@ -55,12 +55,24 @@ pub(crate) struct SiteStats {
     pub(crate) backend_errors: Counter,
     pub(crate) decode_errors: Counter,
     pub(crate) stale_fills: Counter,
+    pub(crate) lock_acquired: Counter,
+    pub(crate) lock_waits: Counter,
+    pub(crate) lock_wait_ns: Counter,
+    pub(crate) lock_wait_ns_max: AtomicU64,
+    pub(crate) takeovers: Counter,
+    pub(crate) wait_timeouts: Counter,
 }
 
 impl SiteStats {
     #[inline]
     pub(crate) fn inc(counter: &Counter) {
         counter.add(1);
+    }
+
+    pub(crate) fn record_wait(&self, waited: Duration) {
+        let ns = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
+        self.lock_wait_ns.add(ns);
+        self.lock_wait_ns_max.fetch_max(ns, Relaxed);
     }
 
     pub(crate) fn record_load(&self, took: Duration) {
@@ -85,6 +97,12 @@ impl SiteStats {
             backend_errors: self.backend_errors.get(),
             decode_errors: self.decode_errors.get(),
             stale_fills: self.stale_fills.get(),
+            lock_acquired: self.lock_acquired.get(),
+            lock_waits: self.lock_waits.get(),
+            lock_wait_total: Duration::from_nanos(self.lock_wait_ns.get()),
+            lock_wait_max: Duration::from_nanos(self.lock_wait_ns_max.load(Relaxed)),
+            takeovers: self.takeovers.get(),
+            wait_timeouts: self.wait_timeouts.get(),
         }
     }
 }
@@ -123,8 +141,23 @@ pub struct FunctionStats {
     pub backend_errors: u64,
     /// Cached values that could not be decoded and were treated as misses.
     pub decode_errors: u64,
-    /// Fills that were not stored because the key was invalidated while the function ran.
+    /// Fills that were not stored because the key was written or invalidated while the
+    /// function ran (the stale-set race, caught).
     pub stale_fills: u64,
+    /// `lock`: times this process took a key's lease and loaded it.
+    pub lock_acquired: u64,
+    /// `lock`: times this process waited for another process's (or task's) load of a key.
+    pub lock_waits: u64,
+    /// `lock`: total time spent waiting.
+    pub lock_wait_total: Duration,
+    /// `lock`: the longest wait.
+    pub lock_wait_max: Duration,
+    /// `lock`: leases taken after waiting for a holder that did not fill (its function failed,
+    /// or it died, hung, or outlived its lease).
+    pub takeovers: u64,
+    /// `lock`: waits that reached their maximum, after which the caller ran the function
+    /// itself.
+    pub wait_timeouts: u64,
 }
 
 impl FunctionStats {
@@ -257,6 +290,7 @@ pub struct Site {
     pub(crate) none_ttl: Option<Duration>,
     pub(crate) cache_none: bool,
     pub(crate) version: Option<u32>,
+    pub(crate) lock: Option<Duration>,
     slot: OnceLock<SiteSlot>,
 }
 
@@ -278,8 +312,15 @@ impl Site {
             none_ttl: None,
             cache_none: false,
             version: None,
+            lock: None,
             slot: OnceLock::new(),
         }
+    }
+
+    /// The `lock` option: the lease length, in milliseconds.
+    pub const fn lock_ms(mut self, ms: u64) -> Self {
+        self.lock = Some(Duration::from_millis(ms));
+        self
     }
 
     /// The `name` option.

@@ -1,5 +1,18 @@
 //! The Redis backend: one multiplexed connection (`ConnectionManager`), per-operation
-//! timeouts and a circuit breaker.
+//! timeouts, a circuit breaker, Lua scripts for the atomic steps, and a pub/sub subscription
+//! that wakes lease waiters.
+//!
+//! Keys of one value key `K` (all in `K`'s Redis Cluster hash slot, so one script may touch
+//! them all):
+//!
+//! ```text
+//! K                          the envelope
+//! <ns>:__gen:{K}             K's generation: bumped by writes and invalidations
+//! <ns>:__lease:{K}           the lease token of the caller loading K (lock)
+//! <ns>:__wait:{K}            set while callers wait for K's fill: only then does a fill publish
+//! ```
+//!
+//! (`{K}` is written `K` when `K` already carries a hash tag.) Every key has a TTL.
 //!
 //! The connection is made lazily, on the first operation, so building a cache never fails or
 //! waits because Redis is down. While Redis is unreachable every operation fails fast (the
@@ -10,12 +23,128 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use std::sync::LazyLock;
+
 use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{ErrorKind as RedisKind, RedisError};
+use redis::{ErrorKind as RedisKind, RedisError, Script, Value};
 
-use super::{Backend, BackendError, BackendResult, Stored};
+use super::bus::Bus;
+use super::{Backend, BackendError, BackendResult, GENERATION_TTL, Gen, LeaseReply, Read, Stored};
 use crate::breaker::{Breaker, FailureKind, FailureLog};
+use crate::key::aux_key;
+
+/// KEYS: value, generation, lease, waiters. ARGV: token, lease ms.
+/// Returns {1, value} (hit), {2, generation} (lease acquired), {3, generation, lease pttl} (busy).
+static LEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local v = redis.call('GET', KEYS[1])
+if v then return {1, v} end
+local g = redis.call('GET', KEYS[2]) or ''
+if redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {2, g}
+end
+redis.call('SET', KEYS[4], '1', 'PX', ARGV[2])
+return {3, g, redis.call('PTTL', KEYS[3])}
+",
+    )
+});
+
+/// KEYS: value, generation, lease, waiters. ARGV: generation seen, envelope, ttl ms, token ('' if none),
+/// channel. Stores only if the generation is unchanged; releases the lease if it is the
+/// caller's; wakes waiters. Returns 1 if stored.
+static FILL: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local stored = 0
+if (redis.call('GET', KEYS[2]) or '') == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  stored = 1
+end
+if ARGV[4] ~= '' and redis.call('GET', KEYS[3]) == ARGV[4] then
+  redis.call('DEL', KEYS[3])
+end
+if redis.call('DEL', KEYS[4]) == 1 then
+  redis.call('PUBLISH', ARGV[5], KEYS[1])
+end
+return stored
+",
+    )
+});
+
+/// KEYS: lease, waiters. ARGV: token, channel, value key.
+static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+end
+if redis.call('DEL', KEYS[2]) == 1 then
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+end
+return 1
+",
+    )
+});
+
+/// KEYS: value, generation, waiters. ARGV: envelope, ttl ms, generation ttl ms, channel.
+static WRITE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+if redis.call('DEL', KEYS[3]) == 1 then
+  redis.call('PUBLISH', ARGV[4], KEYS[1])
+end
+return 1
+",
+    )
+});
+
+/// KEYS: value, generation, lease, waiters. ARGV: generation ttl ms, channel.
+static INVALIDATE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+redis.call('DEL', KEYS[1], KEYS[3])
+redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+if redis.call('DEL', KEYS[4]) == 1 then
+  redis.call('PUBLISH', ARGV[2], KEYS[1])
+end
+return 1
+",
+    )
+});
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+fn bytes_of(v: Value) -> Option<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.into_bytes()),
+        Value::Int(i) => Some(i.to_string().into_bytes()),
+        _ => None,
+    }
+}
+
+fn unexpected(what: &str) -> RedisError {
+    RedisError::from((
+        RedisKind::UnexpectedReturnType,
+        "unexpected reply",
+        what.to_owned(),
+    ))
+}
+
+/// The keys one script touches for `key`.
+struct Keys {
+    generation: String,
+    lease: String,
+    waiters: String,
+}
 
 /// Connection and failure-handling settings.
 #[derive(Debug, Clone)]
@@ -44,6 +173,11 @@ pub(crate) struct RedisBackend {
     breaker: Breaker,
     options: RedisOptions,
     log: Arc<FailureLog>,
+    gen_prefix: String,
+    lease_prefix: String,
+    wait_prefix: String,
+    channel: String,
+    bus: Bus,
 }
 
 /// Whether a Redis error means "the server answered, but not with what we wanted" (the key
@@ -73,18 +207,48 @@ impl RedisBackend {
     /// Parses `url`; fails only on an invalid URL.
     pub(crate) fn new(
         url: &str,
+        namespace: &str,
         options: RedisOptions,
         log: Arc<FailureLog>,
     ) -> Result<Self, RedisError> {
         let client = redis::Client::open(url)?;
+        let ns = if namespace.is_empty() {
+            String::new()
+        } else {
+            format!("{namespace}:")
+        };
+        let channel = format!("{ns}__fills");
         Ok(RedisBackend {
+            bus: Bus::new(
+                client.clone(),
+                channel.clone(),
+                options.connect_timeout,
+                log.clone(),
+            ),
             client,
             conn: OnceLock::new(),
             init: Mutex::new(()),
             breaker: Breaker::new(options.breaker_threshold, options.breaker_cooldown),
             options,
             log,
+            gen_prefix: format!("{ns}__gen:"),
+            lease_prefix: format!("{ns}__lease:"),
+            wait_prefix: format!("{ns}__wait:"),
+            channel,
         })
+    }
+
+    fn keys(&self, key: &str) -> Keys {
+        Keys {
+            generation: aux_key(&self.gen_prefix, key),
+            lease: aux_key(&self.lease_prefix, key),
+            waiters: aux_key(&self.wait_prefix, key),
+        }
+    }
+
+    /// The subscription that wakes lease waiters.
+    pub(crate) fn bus(&self) -> &Bus {
+        &self.bus
     }
 
     /// The shared connection, created (not connected) on first use. Must be called inside a
@@ -181,35 +345,162 @@ impl RedisBackend {
 }
 
 impl Backend for RedisBackend {
-    async fn get(&self, key: &str) -> BackendResult<Option<Stored>> {
-        self.run("GET", |mut conn| async move {
-            let v: Option<Vec<u8>> = redis::cmd("GET").arg(key).query_async(&mut conn).await?;
-            Ok(v.map(|v| Stored::bytes(Bytes::from(v))))
-        })
-        .await
-    }
-
-    async fn set(&self, key: &str, value: Stored, ttl: Duration) -> BackendResult<()> {
-        let value = value.bytes;
-        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-        self.run("SET", |mut conn| async move {
-            redis::cmd("SET")
+    async fn read(&self, key: &str) -> BackendResult<Read> {
+        let gen_key = aux_key(&self.gen_prefix, key);
+        self.run("MGET", |mut conn| async move {
+            let (value, generation): (Option<Vec<u8>>, Option<Vec<u8>>) = redis::cmd("MGET")
                 .arg(key)
-                .arg(&value[..])
-                .arg("PX")
-                .arg(ms)
-                .exec_async(&mut conn)
-                .await
+                .arg(&gen_key)
+                .query_async(&mut conn)
+                .await?;
+            Ok(Read {
+                value: value.map(|v| Stored::bytes(Bytes::from(v))),
+                generation: Gen(generation.map(Bytes::from).unwrap_or_default()),
+            })
         })
         .await
     }
 
-    async fn delete(&self, keys: &[&str]) -> BackendResult<()> {
+    async fn generation(&self, key: &str) -> BackendResult<Gen> {
+        let gen_key = aux_key(&self.gen_prefix, key);
+        self.run("GET", |mut conn| async move {
+            let generation: Option<Vec<u8>> = redis::cmd("GET")
+                .arg(&gen_key)
+                .query_async(&mut conn)
+                .await?;
+            Ok(Gen(generation.map(Bytes::from).unwrap_or_default()))
+        })
+        .await
+    }
+
+    async fn fill(
+        &self,
+        key: &str,
+        value: Stored,
+        ttl: Duration,
+        generation: &Gen,
+        token: Option<&str>,
+    ) -> BackendResult<bool> {
+        let k = self.keys(key);
+        self.run("fill", |mut conn| async move {
+            let stored: i64 = FILL
+                .key(key)
+                .key(&k.generation)
+                .key(&k.lease)
+                .key(&k.waiters)
+                .arg(&generation.0[..])
+                .arg(&value.bytes[..])
+                .arg(millis(ttl))
+                .arg(token.unwrap_or(""))
+                .arg(&self.channel)
+                .invoke_async(&mut conn)
+                .await?;
+            Ok(stored == 1)
+        })
+        .await
+    }
+
+    async fn lease(&self, key: &str, token: &str, lease: Duration) -> BackendResult<LeaseReply> {
+        let k = self.keys(key);
+        self.run("lease", |mut conn| async move {
+            let reply: Value = LEASE
+                .key(key)
+                .key(&k.generation)
+                .key(&k.lease)
+                .key(&k.waiters)
+                .arg(token)
+                .arg(millis(lease))
+                .invoke_async(&mut conn)
+                .await?;
+            let Value::Array(mut items) = reply else {
+                return Err(unexpected("lease script"));
+            };
+            items.reverse();
+            let kind = match items.pop() {
+                Some(Value::Int(k)) => k,
+                _ => return Err(unexpected("lease script kind")),
+            };
+            let second = items.pop().and_then(bytes_of).unwrap_or_default();
+            match kind {
+                1 => Ok(LeaseReply::Hit(Stored::bytes(Bytes::from(second)))),
+                2 => Ok(LeaseReply::Acquired(Gen(Bytes::from(second)))),
+                3 => {
+                    let pttl = match items.pop() {
+                        Some(Value::Int(ms)) if ms > 0 => ms as u64,
+                        _ => 0,
+                    };
+                    Ok(LeaseReply::Busy {
+                        generation: Gen(Bytes::from(second)),
+                        remaining: Duration::from_millis(pttl),
+                    })
+                }
+                _ => Err(unexpected("lease script kind")),
+            }
+        })
+        .await
+    }
+
+    async fn release(&self, key: &str, token: &str) -> BackendResult<()> {
+        let k = self.keys(key);
+        self.run("release", |mut conn| async move {
+            let _: i64 = RELEASE
+                .key(&k.lease)
+                .key(&k.waiters)
+                .arg(token)
+                .arg(&self.channel)
+                .arg(key)
+                .invoke_async(&mut conn)
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn write(&self, key: &str, value: Stored, ttl: Duration) -> BackendResult<()> {
+        let k = self.keys(key);
+        self.run("write", |mut conn| async move {
+            let _: i64 = WRITE
+                .key(key)
+                .key(&k.generation)
+                .key(&k.waiters)
+                .arg(&value.bytes[..])
+                .arg(millis(ttl))
+                .arg(millis(GENERATION_TTL))
+                .arg(&self.channel)
+                .invoke_async(&mut conn)
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn invalidate(&self, keys: &[&str]) -> BackendResult<()> {
         if keys.is_empty() {
             return Ok(());
         }
-        self.run("DEL", |mut conn| async move {
-            redis::cmd("DEL").arg(keys).exec_async(&mut conn).await
+        let all: Vec<(&str, Keys)> = keys.iter().map(|k| (*k, self.keys(k))).collect();
+        self.run("invalidate", |mut conn| async move {
+            // One script per key (each touches one hash slot), pipelined: one round trip.
+            let mut pipe = redis::pipe();
+            for (key, k) in &all {
+                pipe.cmd("EVALSHA")
+                    .arg(INVALIDATE.get_hash())
+                    .arg(4)
+                    .arg(*key)
+                    .arg(&k.generation)
+                    .arg(&k.lease)
+                    .arg(&k.waiters)
+                    .arg(millis(GENERATION_TTL))
+                    .arg(&self.channel)
+                    .ignore();
+            }
+            match pipe.exec_async(&mut conn).await {
+                Err(e) if e.kind() == RedisKind::Server(redis::ServerErrorKind::NoScript) => {
+                    INVALIDATE.prepare_invoke().load_async(&mut conn).await?;
+                    pipe.exec_async(&mut conn).await
+                }
+                other => other,
+            }
         })
         .await
     }
@@ -220,5 +511,9 @@ impl Backend for RedisBackend {
 
     fn keeps_typed(&self) -> bool {
         false
+    }
+
+    fn shares_leases(&self) -> bool {
+        true
     }
 }
