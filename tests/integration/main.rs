@@ -9,4 +9,5 @@ mod behaviour;
 mod coalescing;
 mod redis_failures;
 mod shapes;
+mod stampede;
 mod ui;
