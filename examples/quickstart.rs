@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 use cache_examples::{DbError, User, queries, select_user};
 use cache_runtime::{Cache, cached, default_cache};
 
-/// An existing data-access function, plus one attribute.
-#[cached(key = "user:{id}", ttl = "10m")]
+/// An existing data-access function, plus one attribute. `lock`: one load per key at a
+/// time (across processes on Redis; in this process here), the other callers wait for it.
+#[cached(key = "user:{id}", ttl = "10m", lock)]
 async fn get_user(id: u64) -> Result<Option<User>, DbError> {
     select_user(id, Duration::from_millis(50)).await
 }
@@ -36,7 +37,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         queries()
     );
 
-    // A stampede: 100 concurrent callers of a cold key share one load.
+    // A stampede: 100 concurrent callers of a cold key share one load (`lock`).
     let before = queries();
     let callers: Vec<_> = (0..100).map(|_| tokio::spawn(get_user(7))).collect();
     for caller in callers {

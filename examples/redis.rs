@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use cache_examples::{DbError, User, queries, select_user};
 use cache_runtime::{Cache, cached, default_cache};
 
-#[cached(key = "user:{id}", ttl = "10m")]
+#[cached(key = "user:{id}", ttl = "10m", lock)]
 async fn get_user(id: u64) -> Result<Option<User>, DbError> {
     select_user(id, Duration::from_millis(50)).await
 }

@@ -30,6 +30,10 @@ const DEFAULT_MAX_ENTRIES: u64 = 100_000;
 ///   run of the function; the other callers wait for its result. If that run returns an error
 ///   or a result that is not stored, or panics, the waiting callers each run the function
 ///   themselves; if it is cancelled (its future dropped), one of them takes over.
+/// * Functions with `lock` load once across all processes sharing a Redis (leases; see
+///   [`cached`](crate::cached)).
+/// * A load's result is not stored if the key was written ([`Cache::set`]) or invalidated
+///   ([`Cache::invalidate`]) by any process since the load read it.
 /// * A Redis that is down, slow or holds garbage never fails a call: the function runs and its
 ///   result is returned. Operations time out after [`CacheBuilder::operation_timeout`]; after
 ///   repeated failures a circuit breaker skips Redis entirely (a call then costs nanoseconds

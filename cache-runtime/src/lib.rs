@@ -109,6 +109,7 @@ pub use crate::stats::{FunctionStats, LOW_HIT_RATE, Stats};
 /// | `cache_none` / `cache_none = 60` | also store `None` results, optionally with their own TTL (seconds or a duration string) |
 /// | `version = 2` | appended to the key as `:v2`; bump it when the cached type changes |
 /// | `name = "..."` | the label in [`Cache::stats`]. Default: the function's path |
+/// | `lock` / `lock = 30` / `lock = "30s"` | stampede protection across processes: one load per key at a time; the value is the lease (default 10 s) |
 ///
 /// Unknown and duplicate options are compile errors, as are a zero or unparsable `ttl`, a
 /// placeholder that names no parameter (the error lists the parameters), unbalanced braces,
@@ -138,6 +139,32 @@ pub use crate::stats::{FunctionStats, LOW_HIT_RATE, Stats};
 /// calls run the function themselves; if its caller drops the future, one of them takes
 /// over. The cache never fails the call: when Redis is down, slow, or holds a value that
 /// does not decode, the function runs and its result is returned (see [`Cache`]).
+///
+/// A load's result is stored only if the key was not written or invalidated (by any process)
+/// since the load's read: a slow reader cannot put back a value an update just invalidated.
+///
+/// # `lock`: one load across processes
+///
+/// With `lock`, a miss on Redis asks for the key's lease in the same round trip as the read.
+/// One caller across all processes gets it and runs the function; the others wait, and are
+/// woken by a pub/sub notification when the fill lands (with a jittered re-check in case the
+/// notification is lost). A holder whose function fails, panics or is cancelled releases the
+/// lease at once; a holder that dies loses it when the lease expires, and a waiter takes over;
+/// a caller that has waited twice the lease runs the function itself. The lease must exceed
+/// the function's normal run time:
+///
+/// ```
+/// # use cache_runtime::cached;
+/// # #[derive(serde::Serialize, serde::Deserialize)] pub struct Report;
+/// #[cached(key = "report:{day}", ttl = "1h", lock = "2m")]
+/// async fn daily_report(day: u32) -> Result<Report, std::io::Error> {
+///     // a minute of aggregation queries
+/// #   Ok(Report)
+/// }
+/// ```
+///
+/// On the memory backend, `lock` is the same in one process: one load per key, and a caller
+/// that waited a whole lease for a stuck load takes over.
 ///
 /// # Shapes
 ///

@@ -188,9 +188,9 @@ impl FunctionStats {
 /// `Display` prints a table, one row per function, flagging hit rates under 80%:
 ///
 /// ```text
-/// function                 calls   hits  misses  hit rate   loads  errors  load avg  load max  cache err
-/// app::get_user              100     90      10     90.0%      10       0    1.20ms    2.31ms          0
-/// app::search                 10      2       8   ! 20.0%       8       0   15.00ms   19.00ms          0
+/// function         calls     hits   misses   hit rate    loads  errors   load avg   load max  lock waits  cache err
+/// app::get_user      100       90       10      90.0%       10       0     1.20ms     2.31ms           3          0
+/// app::search         10        2        8    ! 20.0%        8       0    15.00ms    19.00ms           0          0
 /// ! hit rate under 80%
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -235,7 +235,7 @@ impl fmt::Display for Stats {
             .max("function".len());
         writeln!(
             f,
-            "{:<width$}  {:>7}  {:>7}  {:>7}  {:>9}  {:>7}  {:>6}  {:>9}  {:>9}  {:>9}",
+            "{:<width$}  {:>7}  {:>7}  {:>7}  {:>9}  {:>7}  {:>6}  {:>9}  {:>9}  {:>10}  {:>9}",
             "function",
             "calls",
             "hits",
@@ -245,6 +245,7 @@ impl fmt::Display for Stats {
             "errors",
             "load avg",
             "load max",
+            "lock waits",
             "cache err",
         )?;
         let mut any_low = false;
@@ -259,7 +260,7 @@ impl fmt::Display for Stats {
             };
             writeln!(
                 f,
-                "{:<width$}  {:>7}  {:>7}  {:>7}  {:>9}  {:>7}  {:>6}  {:>9}  {:>9}  {:>9}",
+                "{:<width$}  {:>7}  {:>7}  {:>7}  {:>9}  {:>7}  {:>6}  {:>9}  {:>9}  {:>10}  {:>9}",
                 s.name,
                 s.hits + s.misses + s.bypassed,
                 s.hits,
@@ -269,6 +270,7 @@ impl fmt::Display for Stats {
                 s.load_errors,
                 fmt_duration(s.load_time_mean()),
                 fmt_duration((s.loads > 0).then_some(s.load_time_max)),
+                s.lock_waits,
                 s.backend_errors + s.decode_errors,
             )?;
         }

@@ -27,6 +27,7 @@ impl Repo {
         unless = matches!(result, Ok(None)),
         cache_none = 30,
         version = 2,
+        lock = "30s",
         name = "repo_get"
     )]
     pub async fn get(&self, id: u64) -> Result<Option<User>, std::io::Error> {
