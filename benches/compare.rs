@@ -186,7 +186,7 @@ fn parse_args() -> Result<Args, String> {
                 .extend(value("--only")?.split(',').map(str::to_owned)),
             "-h" | "--help" => {
                 println!(
-                    "compare [--quick] [--json FILE] [--keys N] [--hot-share F] [--tasks N] [--rounds N] [--redis-url URL] [--only hit,memory,spread,hot,miss,down]"
+                    "compare [--quick] [--json FILE] [--keys N] [--hot-share F] [--tasks N] [--rounds N] [--redis-url URL] [--only hit,memory,spread,hot,miss,down,stampede]"
                 );
                 std::process::exit(0);
             }
@@ -348,6 +348,33 @@ where
     all
 }
 
+fn out_stampede(
+    report: &mut Vec<Figure>,
+    opts: &cache_benches::stampede::Options,
+    r: &cache_benches::stampede::Row,
+    p50_ns: f64,
+    p99_ns: f64,
+) {
+    report.push(Figure {
+        scenario: format!(
+            "stampede, {} processes x {} tasks, cold key (p50/p99: waiters' wake-up after the fill)",
+            opts.processes, opts.tasks
+        ),
+        contender: r.contender.clone(),
+        p50_ns,
+        p99_ns,
+        note: format!(
+            "{} executions; {}/{} correct; {} waiters; all done after {:.0} ms",
+            r.executions,
+            r.correct,
+            r.processes * r.tasks_per_process,
+            r.waiters,
+            r.total_ms
+        ),
+        ..Figure::default()
+    });
+}
+
 fn with_ratios(mut figures: Vec<Figure>) -> Vec<Figure> {
     let Some(base) = figures.first().cloned() else {
         return figures;
@@ -359,6 +386,15 @@ fn with_ratios(mut figures: Vec<Figure>) -> Vec<Figure> {
         f.ratio_throughput = r(f.ops_per_sec, base.ops_per_sec);
     }
     figures
+}
+
+/// A figure, or `-` where the scenario does not measure it.
+fn dash_or(v: f64, fmt: fn(f64) -> String) -> String {
+    if v.is_finite() && v > 0.0 {
+        fmt(v)
+    } else {
+        "-".to_owned()
+    }
 }
 
 fn ratio(r: Option<f64>) -> String {
@@ -381,6 +417,8 @@ struct Down {
 }
 
 fn main() {
+    // `compare` re-executes itself as the stampede scenario's worker processes.
+    cache_benches::stampede::worker_main_if_requested();
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {
@@ -697,6 +735,28 @@ async fn run(args: Args, down: Down) -> Result<(), String> {
         report.extend(redis_down(args.quick, down).await);
     }
 
+    // 6. Stampede: processes x tasks on one cold key (`lock`), executions and wake-up delay.
+    if args.wants("stampede") {
+        let opts = cache_benches::stampede::Options {
+            processes: if args.quick { 2 } else { 4 },
+            tasks: if args.quick { 50 } else { 250 },
+            // Not a multiple of the retry loop's 100 ms sleep, which would flatter it.
+            load_ms: if args.quick { 150 } else { 250 },
+            redis_url: args.redis_url.clone(),
+        };
+        let rows = cache_benches::stampede::run(&opts).await?;
+        for r in rows {
+            let waited = |v: Option<f64>| v.map_or(f64::NAN, |us| us * 1e3);
+            out_stampede(
+                &mut report,
+                &opts,
+                &r,
+                waited(r.wake_p50_us),
+                waited(r.wake_p99_us),
+            );
+        }
+    }
+
     // The report.
     let machine = machine_description(&redis_version);
     let mut table = Table::new(&[
@@ -715,10 +775,10 @@ async fn run(args: Args, down: Down) -> Result<(), String> {
         table.row(vec![
             f.scenario.clone(),
             f.contender.clone(),
-            fmt_ns(f.p50_ns),
-            fmt_ns(f.p99_ns),
-            fmt_ns(f.cpu_ns_per_op),
-            fmt_rate(f.ops_per_sec),
+            dash_or(f.p50_ns, fmt_ns),
+            dash_or(f.p99_ns, fmt_ns),
+            dash_or(f.cpu_ns_per_op, fmt_ns),
+            dash_or(f.ops_per_sec, fmt_rate),
             ratio(f.ratio_p50),
             ratio(f.ratio_cpu),
             ratio(f.ratio_throughput),

@@ -200,3 +200,4 @@ pub fn fmt_rate(per_sec: f64) -> String {
         format!("{per_sec:.0} /s")
     }
 }
+pub mod stampede;
