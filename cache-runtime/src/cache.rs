@@ -202,10 +202,9 @@ impl CacheBuilder {
                     return Err(Error::config("redis timeouts must be greater than zero"));
                 }
                 let backend =
-                    RedisBackend::new(&url, &self.namespace, self.redis.clone(), log.clone())
-                        .map_err(|e| {
-                            Error::config(format!("invalid redis url {:?}: {e}", redact(&url)))
-                        })?;
+                    RedisBackend::new(&url, self.redis.clone(), log.clone()).map_err(|e| {
+                        Error::config(format!("invalid redis url {:?}: {e}", redact(&url)))
+                    })?;
                 AnyBackend::Redis(backend)
             }
         };
@@ -292,9 +291,10 @@ impl Cache {
     ///
     /// [`ErrorKind::Unavailable`] or [`ErrorKind::Timeout`] when the backend cannot be reached
     /// (including while the circuit breaker is open); [`ErrorKind::Backend`] when it replies
-    /// with an error.
+    /// with an error; [`ErrorKind::InvalidKey`] for a key with a `}` that does not close a hash
+    /// tag.
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
-        let full = self.full_key(key);
+        let full = self.checked_key(key)?;
         let Some(stored) = self.inner.backend.read(&full).await?.value else {
             return Ok(None);
         };
@@ -328,14 +328,19 @@ impl Cache {
         if ttl.is_zero() {
             return Err(Error::config("ttl must be greater than zero"));
         }
+        let full = self.checked_key(key)?;
         let bytes = envelope::encode(value, Duration::ZERO)
             .map_err(|e| Error::new(ErrorKind::Encode, e.to_string()))?;
-        let full = self.full_key(key);
+        // Detach in-flight lookups before the write (their fills are then not stored) and
+        // after it (a lookup that started in between may have read the old value).
         self.inner.flights.invalidate(&full);
-        self.inner
+        let written = self
+            .inner
             .backend
             .write(&full, Stored::bytes(bytes), ttl)
-            .await?;
+            .await;
+        self.inner.flights.invalidate(&full);
+        written?;
         Ok(())
     }
 
@@ -348,10 +353,28 @@ impl Cache {
     ///
     /// As [`Cache::get`].
     pub async fn invalidate(&self, key: &str) -> Result<()> {
-        let full = self.full_key(key);
+        let full = self.checked_key(key)?;
+        // Before and after, as in `set`.
         self.inner.flights.invalidate(&full);
-        self.inner.backend.invalidate(&[&full]).await?;
+        let done = self.inner.backend.invalidate(&[&full]).await;
+        self.inner.flights.invalidate(&full);
+        done?;
         Ok(())
+    }
+
+    /// The full key, if it can be used: a `}` must close a Redis Cluster hash tag, or the
+    /// key's lease and generation would land in another hash slot.
+    fn checked_key(&self, key: &str) -> Result<String> {
+        let full = self.full_key(key);
+        if full.contains('}') && !key::has_hash_tag(&full) {
+            return Err(Error::new(
+                ErrorKind::InvalidKey,
+                format!(
+                    "{key:?} contains a `}}` that does not close a hash tag; escape the parts of the key with escape_key_part"
+                ),
+            ));
+        }
+        Ok(full)
     }
 
     /// A snapshot of the per-function counters; `Display` prints them as a table.

@@ -177,16 +177,14 @@ where
             Role::Leader(guard) => {
                 let key = guard.flight().key().to_owned();
                 return ctx
-                    .lead(&key, Some(guard), &mode, typed, known, unless, fut)
+                    .lead(&key, guard, &mode, typed, known, unless, fut)
                     .await;
             }
             Role::Follower(follower) => {
-                let outcome = match call.site.lock {
-                    // Under `lock`, a leader that exceeds its lease is taken over, here as
-                    // across processes.
-                    Some(lease) => tokio::time::timeout(lease, follower.wait()).await.ok(),
-                    None => Some(follower.wait().await),
-                };
+                // A leader that exceeds the lease (`lock`) or FOLLOWER_MAX_WAIT is taken over:
+                // its flight is detached and the callers join again, so that one of them loads.
+                let max_wait = call.site.lock.unwrap_or(FOLLOWER_MAX_WAIT);
+                let outcome = tokio::time::timeout(max_wait, follower.wait()).await.ok();
                 match outcome {
                     Some(Outcome::Value(stored)) => match restore(&stored, &mode, typed) {
                         Ok(v) => {
@@ -207,15 +205,20 @@ where
                     }
                     Some(Outcome::Abandoned) => key = follower.into_key(),
                     None => {
-                        SiteStats::inc(&stats.takeovers);
-                        let key = follower.into_key();
-                        return ctx.lead(&key, None, &mode, typed, None, unless, fut).await;
+                        if inner.flights.detach(follower.flight()) {
+                            SiteStats::inc(&stats.takeovers);
+                        }
+                        key = follower.into_key();
                     }
                 }
             }
         }
     }
 }
+
+/// How long a caller waits for another call's load in this process (without `lock`; with
+/// it, the lease) before taking over.
+const FOLLOWER_MAX_WAIT: Duration = Duration::from_secs(30);
 
 /// What every step of one call needs.
 struct Ctx<'a> {
@@ -257,8 +260,8 @@ impl Drop for LeaseGuard {
     }
 }
 
-/// A lease token unique across processes: 128 random bits.
-fn new_token() -> String {
+/// A token unique across processes and time: 128 random bits.
+pub(crate) fn new_token() -> String {
     use std::hash::{BuildHasher, RandomState};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -332,13 +335,12 @@ impl Ctx<'_> {
     }
 
     /// Leads a load of `key`: see the module docs. `guard` is the flight this call leads in
-    /// this process (`None` when taking over from a stuck leader); `known` the generation of a
-    /// read made just before.
+    /// this process; `known` the generation of a read made just before.
     #[allow(clippy::too_many_arguments)]
     async fn lead<R, M, U, F>(
         &self,
         key: &str,
-        guard: Option<LeaderGuard<'_>>,
+        guard: LeaderGuard<'_>,
         mode: &M,
         typed: Option<Typed<M::Value>>,
         known: Option<Option<Gen>>,
@@ -350,11 +352,6 @@ impl Ctx<'_> {
         U: FnOnce(&R) -> bool,
         F: Future<Output = R>,
     {
-        let publish = |outcome: Outcome| {
-            if let Some(g) = &guard {
-                g.publish(outcome);
-            }
-        };
         let lock = self
             .site
             .lock
@@ -364,7 +361,7 @@ impl Ctx<'_> {
             Some(lease_len) => match self.acquire(key, lease_len, mode, typed).await {
                 Acquire::Hit(stored, value) => {
                     SiteStats::inc(&self.stats.hits);
-                    publish(Outcome::Value(stored));
+                    guard.publish(Outcome::Value(stored));
                     return value;
                 }
                 Acquire::Load { generation, lease } => (generation, lease),
@@ -380,7 +377,7 @@ impl Ctx<'_> {
                 match found {
                     Found::Hit(stored, value) => {
                         SiteStats::inc(&self.stats.hits);
-                        publish(Outcome::Value(stored));
+                        guard.publish(Outcome::Value(stored));
                         return value;
                     }
                     Found::Miss { generation, .. } => (generation, None),
@@ -406,7 +403,7 @@ impl Ctx<'_> {
             Some(v) if !unless(&result) => v,
             _ => {
                 SiteStats::inc(&self.stats.not_stored);
-                publish(Outcome::Released);
+                guard.publish(Outcome::Released);
                 self.release(key, lease).await;
                 return result;
             }
@@ -422,7 +419,7 @@ impl Ctx<'_> {
                         self.site.label(None)
                     ),
                 );
-                publish(Outcome::Released);
+                guard.publish(Outcome::Released);
                 self.release(key, lease).await;
                 return result;
             }
@@ -434,31 +431,50 @@ impl Ctx<'_> {
                 _ => None,
             },
         };
-        publish(Outcome::Value(stored.clone()));
-        let stale_here = guard.as_ref().is_some_and(|g| g.flight().is_stale());
-        match generation {
+        // The followers hear the outcome only after the fill's verdict: a fill rejected as
+        // stale means a write or invalidation happened during the load (possibly in another
+        // process), and a caller that joined after it must not get this value.
+        let stale_here = guard.flight().is_stale();
+        let outcome = match generation {
             Some(generation) if !stale_here => {
-                let token = lease.map(LeaseGuard::disarm);
+                let token = lease.as_ref().map(|l| l.token.as_str());
                 match self
                     .inner
                     .backend
-                    .fill(key, stored, ttl, &generation, token.as_deref())
+                    .fill(key, stored.clone(), ttl, &generation, token)
                     .await
                 {
-                    Ok(true) => {}
-                    // Written or invalidated while the function ran: storing would put back
-                    // a value older than the write.
-                    Ok(false) => SiteStats::inc(&self.stats.stale_fills),
-                    Err(e) => backend_failure(self.inner, self.stats, &e),
+                    Ok(true) => {
+                        lease.map(LeaseGuard::disarm);
+                        Outcome::Value(stored)
+                    }
+                    // Written or invalidated while the function ran: storing would have put
+                    // back a value older than the write. Followers read again.
+                    Ok(false) => {
+                        lease.map(LeaseGuard::disarm);
+                        SiteStats::inc(&self.stats.stale_fills);
+                        Outcome::Abandoned
+                    }
+                    // The lease (if any) is released in the background when its guard drops.
+                    Err(e) => {
+                        backend_failure(self.inner, self.stats, &e);
+                        drop(lease);
+                        Outcome::Value(stored)
+                    }
                 }
             }
             Some(_) => {
                 SiteStats::inc(&self.stats.stale_fills);
                 self.release(key, lease).await;
+                Outcome::Abandoned
             }
             // The read failed: without the generation a fill could be stale; skip it.
-            None => self.release(key, lease).await,
-        }
+            None => {
+                self.release(key, lease).await;
+                Outcome::Value(stored)
+            }
+        };
+        guard.publish(outcome);
         drop(guard);
         result
     }
@@ -616,9 +632,26 @@ impl Waiting<'_> {
                 }
                 Err((generation, remaining))
             }
+            Err(BackendError::Data(msg)) => {
+                // The value key holds another Redis type: a miss, and the fill overwrites it.
+                self.finish();
+                decode_failure(ctx.inner, ctx.site, ctx.stats, &msg);
+                let generation = ctx.inner.backend.generation(key).await.ok();
+                Ok(Acquire::Load {
+                    generation,
+                    lease: None,
+                })
+            }
             Err(e) => {
                 self.finish();
                 backend_failure(ctx.inner, ctx.stats, &e);
+                // The script may have run and granted the lease, only its answer was lost:
+                // release it (in the background; the release checks the token).
+                drop(LeaseGuard {
+                    cache: Some(ctx.cache.clone()),
+                    key: key.to_owned(),
+                    token: token.to_owned(),
+                });
                 Ok(Acquire::Load {
                     generation: None,
                     lease: None,

@@ -166,7 +166,8 @@ impl Flights {
         }
     }
 
-    fn remove_if(&self, flight: &Arc<Flight>) {
+    /// Removes `flight` from the map if it is still there. Returns whether it was.
+    fn remove_if(&self, flight: &Arc<Flight>) -> bool {
         let mut map = self
             .shard(flight.hash)
             .lock()
@@ -176,7 +177,15 @@ impl Flights {
             .is_some_and(|f| Arc::ptr_eq(f, flight))
         {
             map.remove(&flight.hash);
+            return true;
         }
+        false
+    }
+
+    /// Detaches a stuck flight (its leader outlived the wait): later lookups start a new one.
+    /// Returns whether this call detached it (rather than another follower, or its leader).
+    pub(crate) fn detach(&self, flight: &Arc<Flight>) -> bool {
+        self.remove_if(flight)
     }
 
     #[cfg(test)]
@@ -212,7 +221,7 @@ impl LeaderGuard<'_> {
 
 impl Drop for LeaderGuard<'_> {
     fn drop(&mut self) {
-        self.flights.remove_if(&self.flight);
+        let _ = self.flights.remove_if(&self.flight);
         if !self.sent.load(Ordering::Relaxed) {
             self.flight.publish(if std::thread::panicking() {
                 Outcome::Released
@@ -228,6 +237,11 @@ pub(crate) struct Follower {
 }
 
 impl Follower {
+    /// The flight this follower waits on.
+    pub(crate) fn flight(&self) -> &Arc<Flight> {
+        &self.flight
+    }
+
     /// The key of the flight (to join again after `Abandoned`).
     pub(crate) fn into_key(self) -> String {
         self.flight.key.clone()

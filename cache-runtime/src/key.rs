@@ -261,7 +261,6 @@ impl CallKey {
 /// The name of an auxiliary key (lease, generation, ...) for `value_key`, in the same Redis
 /// Cluster hash slot: `<prefix>{<value key>}`, or `<prefix><value key>` when the value key
 /// already carries a hash tag of its own.
-#[allow(dead_code)] // used by the lease scripts
 pub(crate) fn aux_key(prefix: &str, value_key: &str) -> String {
     let mut out = String::with_capacity(prefix.len() + value_key.len() + 2);
     out.push_str(prefix);

@@ -231,6 +231,83 @@ async fn a_lost_notification_is_covered_by_the_recheck() {
     assert_eq!(calls.get(), 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expired_generation_does_not_let_a_stale_fill_through() {
+    // A counter-based generation would restart after its key expired and could repeat the
+    // value a slow loader read. Generations are random tokens: this must stay rejected.
+    let url = redis_url();
+    let ns = unique_namespace("gen_expiry");
+    let (reader, writer) = (cache_on(&url, &ns).await, cache_on(&url, &ns).await);
+    writer.invalidate("plain:1").await.unwrap();
+    let calls = Arc::new(Calls::default());
+    let gate = Gate::new();
+    let load = {
+        let (cache, calls, gate) = (reader.clone(), calls.clone(), gate.clone());
+        tokio::spawn(async move { plain(&cache, &calls, &gate, 1).await })
+    };
+    gate.entered.notified().await;
+    // The generation key expires (here: is deleted), then another process invalidates.
+    let mut conn = raw_connection(&url).await;
+    let generation_key = format!("__cr:gen:{{{}}}", reader.full_key("plain:1"));
+    let removed: i64 = conn.del(&generation_key).await.unwrap();
+    assert_eq!(removed, 1, "the generation key is {generation_key}");
+    writer.invalidate("plain:1").await.unwrap();
+    gate.release.notify_one();
+    assert_eq!(load.await.unwrap(), 1);
+    assert_eq!(
+        writer.get::<u64>("plain:1").await.unwrap(),
+        None,
+        "the stale fill was rejected"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_caller_joining_after_a_remote_invalidation_gets_fresh_data() {
+    let url = redis_url();
+    let ns = unique_namespace("join_after_invalidation");
+    let (a, b) = (cache_on(&url, &ns).await, cache_on(&url, &ns).await);
+    let calls = Arc::new(Calls::default());
+    let gate = Gate::new();
+    let leader = {
+        let (cache, calls, gate) = (a.clone(), calls.clone(), gate.clone());
+        tokio::spawn(async move { plain(&cache, &calls, &gate, 1).await })
+    };
+    gate.entered.notified().await;
+    // Another process updates the row and invalidates; then a new caller in this process
+    // joins the load that read the old row.
+    b.invalidate("plain:1").await.unwrap();
+    let late = {
+        let (cache, calls, gate) = (a.clone(), calls.clone(), gate.clone());
+        tokio::spawn(async move { plain(&cache, &calls, &gate, 1).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    gate.release.notify_one();
+    assert_eq!(
+        leader.await.unwrap(),
+        1,
+        "the leader's own caller gets what it read"
+    );
+    assert_eq!(
+        late.await.unwrap(),
+        101,
+        "the late caller does not get the pre-invalidation value"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wrong_type_under_a_locked_key_is_replaced() {
+    let url = redis_url();
+    let cache = cache_on(&url, &unique_namespace("lock_wrong_type")).await;
+    let mut conn = raw_connection(&url).await;
+    let key = cache.full_key("user:9");
+    let _: () = conn.hset(&key, "f", "v").await.unwrap();
+    let _: () = conn.expire(&key, 60).await.unwrap();
+    let calls = Calls::default();
+    assert_eq!(locked(&cache, &calls, 9).await, Ok(User::new(9)));
+    assert_eq!(locked(&cache, &calls, 9).await, Ok(User::new(9)));
+    assert_eq!(calls.get(), 1, "the hash was replaced by the fill");
+}
+
 #[cached(cache = cache, key = "stuck:{id}", ttl = 60, lock = 1, name = "stuck")]
 async fn stuck(cache: &Cache, calls: &Calls, id: u64) -> u64 {
     if calls.hit() == 1 {

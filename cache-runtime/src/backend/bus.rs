@@ -149,7 +149,7 @@ impl Bus {
     /// Starts the subscriber if needed and waits (at most `timeout`) until it is subscribed.
     /// Returns whether it is: if not, waiters rely on their re-checks.
     pub(crate) async fn ready(&self, timeout: Duration) -> bool {
-        if self.shared.subscribed.load(Ordering::Acquire) {
+        if self.shared.subscribed.load(Ordering::Acquire) && self.running() {
             return true;
         }
         self.start();
@@ -165,13 +165,22 @@ impl Bus {
 
     /// Whether the subscription is up.
     pub(crate) fn is_subscribed(&self) -> bool {
-        self.shared.subscribed.load(Ordering::Acquire)
+        self.shared.subscribed.load(Ordering::Acquire) && self.running()
     }
 
     /// Messages received so far.
     #[allow(dead_code)]
     pub(crate) fn received(&self) -> u64 {
         self.shared.received.load(Ordering::Relaxed)
+    }
+
+    /// Whether the subscriber task is alive (it dies with the runtime that spawned it).
+    fn running(&self) -> bool {
+        self.task
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|t| !t.is_finished())
     }
 
     fn start(&self) {
@@ -192,6 +201,16 @@ impl Bus {
     }
 }
 
+/// Clears `subscribed` when the subscriber task ends, however it ends (its runtime shut down,
+/// say), so that the next waiter starts a new one.
+struct Unsubscribed(Arc<Shared>);
+
+impl Drop for Unsubscribed {
+    fn drop(&mut self) {
+        self.0.subscribed.store(false, Ordering::Release);
+    }
+}
+
 async fn subscribe_forever(
     client: redis::Client,
     channel: String,
@@ -199,6 +218,7 @@ async fn subscribe_forever(
     shared: Arc<Shared>,
     log: Arc<FailureLog>,
 ) {
+    let _unsubscribed = Unsubscribed(shared.clone());
     let mut backoff = Duration::from_millis(50);
     loop {
         let connected = tokio::time::timeout(connect_timeout, async {

@@ -1,11 +1,14 @@
 //! The in-process backend, on moka with a TTL per entry.
 //!
-//! Generations live in a second moka cache (entries expire `GENERATION_TTL` after their last
-//! bump). A fill compares the generation and inserts under one of 64 striped locks, and writes
-//! and invalidations bump it under the same lock, so "check, then store" is atomic against
-//! them. Reads take no lock.
+//! Generations live in a second moka cache, bounded by time only (entries expire
+//! `GENERATION_TTL` after their last bump; a size bound would let an eviction forget a bump).
+//! A bump takes a number from a process-wide counter, so a generation never repeats. A fill
+//! compares the generation and inserts under one of 64 striped locks, and writes and
+//! invalidations bump it under the same lock, so "check, then store" is atomic against them.
+//! Reads take no lock.
 
 use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -58,7 +61,6 @@ impl MemoryBackend {
                 .expire_after(PerEntryTtl)
                 .build_with_hasher(Hasher::default()),
             generations: moka::sync::Cache::builder()
-                .max_capacity(max_entries)
                 .time_to_live(GENERATION_TTL)
                 .build_with_hasher(Hasher::default()),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
@@ -78,9 +80,10 @@ impl MemoryBackend {
         }
     }
 
-    /// Bumps the generation; the caller holds the key's stripe.
+    /// Bumps the generation to a value never used before; the caller holds the key's stripe.
     fn bump(&self, key: &str) {
-        let next = self.generations.get(key).unwrap_or(0).wrapping_add(1);
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let next = NEXT.fetch_add(1, Ordering::Relaxed);
         self.generations.insert(key.to_owned(), next);
     }
 }

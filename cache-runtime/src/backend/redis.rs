@@ -2,17 +2,19 @@
 //! timeouts, a circuit breaker, Lua scripts for the atomic steps, and a pub/sub subscription
 //! that wakes lease waiters.
 //!
-//! Keys of one value key `K` (all in `K`'s Redis Cluster hash slot, so one script may touch
-//! them all):
+//! Keys of one value key `K` (`K` includes the cache's namespace; all in `K`'s Redis Cluster
+//! hash slot, so one script may touch them all):
 //!
 //! ```text
-//! K                          the envelope
-//! <ns>:__gen:{K}             K's generation: bumped by writes and invalidations
-//! <ns>:__lease:{K}           the lease token of the caller loading K (lock)
-//! <ns>:__wait:{K}            set while callers wait for K's fill: only then does a fill publish
+//! K                  the envelope
+//! __cr:gen:{K}       K's generation: a random token replaced by every write and invalidation
+//! __cr:lease:{K}     the lease token of the caller loading K (lock)
+//! __cr:wait:{K}      set while callers wait for K's fill: only then does a fill publish
 //! ```
 //!
-//! (`{K}` is written `K` when `K` already carries a hash tag.) Every key has a TTL.
+//! (`{K}` is written `K` when `K` already carries a hash tag.) They are derived from `K` alone,
+//! so caches that split the same key differently between namespace and key agree on them.
+//! Fills are published on the channel `__cr:fills`. Every key has a TTL.
 //!
 //! The connection is made lazily, on the first operation, so building a cache never fails or
 //! waits because Redis is down. While Redis is unreachable every operation fails fast (the
@@ -88,35 +90,44 @@ return 1
     )
 });
 
-/// KEYS: value, generation, waiters. ARGV: envelope, ttl ms, generation ttl ms, channel.
+/// KEYS: value, generation, waiters. ARGV: envelope, ttl ms, new generation, generation ttl
+/// ms, channel. Generations are random tokens, never counters: a counter whose key expired
+/// would restart and could repeat the value a slow loader read.
 static WRITE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('INCR', KEYS[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
 if redis.call('DEL', KEYS[3]) == 1 then
-  redis.call('PUBLISH', ARGV[4], KEYS[1])
+  redis.call('PUBLISH', ARGV[5], KEYS[1])
 end
 return 1
 ",
     )
 });
 
-/// KEYS: value, generation, lease, waiters. ARGV: generation ttl ms, channel.
+/// KEYS: value, generation, lease, waiters. ARGV: new generation, generation ttl ms, channel.
 static INVALIDATE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 redis.call('DEL', KEYS[1], KEYS[3])
-redis.call('INCR', KEYS[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[1])
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 if redis.call('DEL', KEYS[4]) == 1 then
-  redis.call('PUBLISH', ARGV[2], KEYS[1])
+  redis.call('PUBLISH', ARGV[3], KEYS[1])
 end
 return 1
 ",
     )
 });
+
+/// The channel fills are published on (shared by every cache on the server; a waiter
+/// filters by key).
+const CHANNEL: &str = "__cr:fills";
+
+/// A generation token: 128 random bits, never repeated.
+fn new_generation() -> String {
+    crate::engine::new_token()
+}
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
@@ -173,12 +184,13 @@ pub(crate) struct RedisBackend {
     breaker: Breaker,
     options: RedisOptions,
     log: Arc<FailureLog>,
-    gen_prefix: String,
-    lease_prefix: String,
-    wait_prefix: String,
     channel: String,
     bus: Bus,
 }
+
+const GEN_PREFIX: &str = "__cr:gen:";
+const LEASE_PREFIX: &str = "__cr:lease:";
+const WAIT_PREFIX: &str = "__cr:wait:";
 
 /// Whether a Redis error means "the server answered, but not with what we wanted" (the key
 /// holds another type, a script error, ...) rather than "we could not talk to the server".
@@ -207,17 +219,11 @@ impl RedisBackend {
     /// Parses `url`; fails only on an invalid URL.
     pub(crate) fn new(
         url: &str,
-        namespace: &str,
         options: RedisOptions,
         log: Arc<FailureLog>,
     ) -> Result<Self, RedisError> {
         let client = redis::Client::open(url)?;
-        let ns = if namespace.is_empty() {
-            String::new()
-        } else {
-            format!("{namespace}:")
-        };
-        let channel = format!("{ns}__fills");
+        let channel = CHANNEL.to_owned();
         Ok(RedisBackend {
             bus: Bus::new(
                 client.clone(),
@@ -231,18 +237,15 @@ impl RedisBackend {
             breaker: Breaker::new(options.breaker_threshold, options.breaker_cooldown),
             options,
             log,
-            gen_prefix: format!("{ns}__gen:"),
-            lease_prefix: format!("{ns}__lease:"),
-            wait_prefix: format!("{ns}__wait:"),
             channel,
         })
     }
 
     fn keys(&self, key: &str) -> Keys {
         Keys {
-            generation: aux_key(&self.gen_prefix, key),
-            lease: aux_key(&self.lease_prefix, key),
-            waiters: aux_key(&self.wait_prefix, key),
+            generation: aux_key(GEN_PREFIX, key),
+            lease: aux_key(LEASE_PREFIX, key),
+            waiters: aux_key(WAIT_PREFIX, key),
         }
     }
 
@@ -346,7 +349,7 @@ impl RedisBackend {
 
 impl Backend for RedisBackend {
     async fn read(&self, key: &str) -> BackendResult<Read> {
-        let gen_key = aux_key(&self.gen_prefix, key);
+        let gen_key = aux_key(GEN_PREFIX, key);
         self.run("MGET", |mut conn| async move {
             let (value, generation): (Option<Vec<u8>>, Option<Vec<u8>>) = redis::cmd("MGET")
                 .arg(key)
@@ -362,7 +365,7 @@ impl Backend for RedisBackend {
     }
 
     async fn generation(&self, key: &str) -> BackendResult<Gen> {
-        let gen_key = aux_key(&self.gen_prefix, key);
+        let gen_key = aux_key(GEN_PREFIX, key);
         self.run("GET", |mut conn| async move {
             let generation: Option<Vec<u8>> = redis::cmd("GET")
                 .arg(&gen_key)
@@ -465,6 +468,7 @@ impl Backend for RedisBackend {
                 .key(&k.waiters)
                 .arg(&value.bytes[..])
                 .arg(millis(ttl))
+                .arg(new_generation())
                 .arg(millis(GENERATION_TTL))
                 .arg(&self.channel)
                 .invoke_async(&mut conn)
@@ -490,6 +494,7 @@ impl Backend for RedisBackend {
                     .arg(&k.generation)
                     .arg(&k.lease)
                     .arg(&k.waiters)
+                    .arg(new_generation())
                     .arg(millis(GENERATION_TTL))
                     .arg(&self.channel)
                     .ignore();
