@@ -288,13 +288,14 @@ impl Ctx<'_> {
         match self.inner.backend.read(key).await {
             Ok(Read {
                 value: Some(stored),
-                generation,
+                ..
             }) => match restore(&stored, mode, typed) {
                 Ok(v) => Found::Hit(stored, v),
                 Err(e) => {
                     decode_failure(self.inner, self.site, self.stats, &e);
+                    // A read with a value does not carry the generation: ask for it.
                     Found::Miss {
-                        generation: self.generation(key, generation).await,
+                        generation: self.inner.backend.generation(key).await.ok(),
                         clean: false,
                     }
                 }
@@ -322,16 +323,6 @@ impl Ctx<'_> {
                 }
             }
         }
-    }
-
-    /// The generation to fill against after an unusable value: the backend's answer if it
-    /// gave one with the read, else asked for.
-    async fn generation(&self, key: &str, with_read: Gen) -> Option<Gen> {
-        if self.inner.backend.coalesce_reads() {
-            // Remote reads return the generation with the value.
-            return Some(with_read);
-        }
-        self.inner.backend.generation(key).await.ok()
     }
 
     /// Leads a load of `key`: see the module docs. `guard` is the flight this call leads in

@@ -97,10 +97,12 @@ impl std::fmt::Debug for Stored {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Gen(pub(crate) Bytes);
 
-/// A read: the stored value, and the key's generation when there is no value.
+/// A read: the stored value, or the key's generation when there is no value.
 #[derive(Debug)]
 pub(crate) struct Read {
     pub(crate) value: Option<Stored>,
+    /// Read only when there is no value (`Gen::default()` otherwise): a hit does not pay for
+    /// it.
     pub(crate) generation: Gen,
 }
 
