@@ -175,10 +175,7 @@ where
     loop {
         match inner.flights.join(key) {
             Role::Leader(guard) => {
-                let key = guard.flight().key().to_owned();
-                return ctx
-                    .lead(&key, guard, &mode, typed, known, unless, fut)
-                    .await;
+                return ctx.lead(guard, &mode, typed, known, unless, fut).await;
             }
             Role::Follower(follower) => {
                 // A leader that exceeds the lease (`lock`) or FOLLOWER_MAX_WAIT is taken over:
@@ -325,12 +322,10 @@ impl Ctx<'_> {
         }
     }
 
-    /// Leads a load of `key`: see the module docs. `guard` is the flight this call leads in
-    /// this process; `known` the generation of a read made just before.
-    #[allow(clippy::too_many_arguments)]
+    /// Leads a load of the key of `guard`, the flight this call leads in this process: see
+    /// the module docs. `known`: the generation of a read made just before.
     async fn lead<R, M, U, F>(
         &self,
-        key: &str,
         guard: LeaderGuard<'_>,
         mode: &M,
         typed: Option<Typed<M::Value>>,
@@ -343,6 +338,8 @@ impl Ctx<'_> {
         U: FnOnce(&R) -> bool,
         F: Future<Output = R>,
     {
+        let flight = guard.flight_arc();
+        let key = flight.key();
         let lock = self
             .site
             .lock

@@ -210,6 +210,11 @@ impl LeaderGuard<'_> {
         &self.flight
     }
 
+    /// The flight, shared: its key outlives borrows of the guard.
+    pub(crate) fn flight_arc(&self) -> Arc<Flight> {
+        self.flight.clone()
+    }
+
     /// Hands `outcome` to the current and future followers of this flight. The flight stays
     /// joinable until the guard is dropped, so lookups arriving meanwhile get the outcome at
     /// once.
