@@ -53,40 +53,32 @@ async fn peer(id: u64) -> Result<User, BenchError> {
     Ok(load(id))
 }
 
-/// The peer pointed at a Redis that refuses connections, its store built the way its macro
-/// builds one by default (`build().await`, panicking on failure).
-#[concurrent_cached(
-    map_error = |e| BenchError(format!("{e:?}")),
-    ty = "cached::AsyncRedisCache<u64, User>",
-    create = {
-        cached::AsyncRedisCache::builder("cache-bench:peer-down:")
-            .connection_string(&std::env::var("CACHE_BENCH_REFUSED_URL").unwrap_or_default())
-            .ttl(std::time::Duration::from_secs(60))
-            .build()
-            .await
-            .unwrap_or_else(|e| panic!("error constructing AsyncRedisCache: {e}"))
-    }
-)]
-async fn peer_refused(id: u64) -> Result<User, BenchError> {
-    Ok(load(id))
+/// The peer pointed at a Redis that is down (the URL in `$env`), its store built the way its
+/// macro builds one by default (`build().await`, panicking on failure).
+macro_rules! peer_down {
+    ($name:ident, $env:literal) => {
+        #[concurrent_cached(
+                    map_error = |e| BenchError(format!("{e:?}")),
+                    ty = "cached::AsyncRedisCache<u64, User>",
+                    create = {
+                        cached::AsyncRedisCache::builder("cache-bench:peer-down:")
+                            .connection_string(&std::env::var($env).unwrap_or_default())
+                            .ttl(std::time::Duration::from_secs(60))
+                            .build()
+                            .await
+                            .unwrap_or_else(|e| panic!("error constructing AsyncRedisCache: {e}"))
+                    }
+                )]
+        async fn $name(id: u64) -> Result<User, BenchError> {
+            Ok(load(id))
+        }
+    };
 }
 
-/// The same, pointed at a Redis that accepts connections and never answers.
-#[concurrent_cached(
-    map_error = |e| BenchError(format!("{e:?}")),
-    ty = "cached::AsyncRedisCache<u64, User>",
-    create = {
-        cached::AsyncRedisCache::builder("cache-bench:peer-down:")
-            .connection_string(&std::env::var("CACHE_BENCH_HUNG_URL").unwrap_or_default())
-            .ttl(std::time::Duration::from_secs(60))
-            .build()
-            .await
-            .unwrap_or_else(|e| panic!("error constructing AsyncRedisCache: {e}"))
-    }
-)]
-async fn peer_hung(id: u64) -> Result<User, BenchError> {
-    Ok(load(id))
-}
+// Refuses connections.
+peer_down!(peer_refused, "CACHE_BENCH_REFUSED_URL");
+// Accepts connections and never answers.
+peer_down!(peer_hung, "CACHE_BENCH_HUNG_URL");
 
 /// The floor: what a hand-written cache-aside read costs. Formats the key, `GET`, decodes.
 async fn raw_get(conn: &mut ConnectionManager, prefix: &str, id: u64) -> Option<User> {
@@ -318,6 +310,32 @@ fn ids(count: usize, keys: u64, share: f64, seed: u64) -> Vec<u64> {
 /// `--contender`: run only contenders whose name contains this (for profiling).
 static CONTENDER_FILTER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
+/// A sequential scenario: every contender calls `ids(round)` one after another, in
+/// interleaved rounds; figures with ratios to the first contender.
+async fn sequential_scenario(
+    label: &str,
+    contenders: &[(&str, Op)],
+    rounds: usize,
+    ids: impl Fn(usize) -> Vec<u64>,
+) -> Vec<Figure> {
+    let figs = interleaved(contenders, rounds, |op, round| {
+        let ids = ids(round);
+        async move {
+            let mut f = RoundFigures::default();
+            sequential(&op, &ids, &mut f).await;
+            f
+        }
+    })
+    .await;
+    with_ratios(
+        contenders
+            .iter()
+            .zip(&figs)
+            .map(|((name, _), f)| f.figure(label, name))
+            .collect(),
+    )
+}
+
 /// Runs each contender once per round, rotating the order, and returns figures per contender.
 async fn interleaved<F, Fut>(
     contenders: &[(&str, Op)],
@@ -452,11 +470,7 @@ fn main() {
             msg.lines().next().unwrap_or("")
         );
     }));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let rt = cache_benches::runtime();
     if let Err(e) = rt.block_on(run(args, down)) {
         eprintln!("compare: {e}");
         std::process::exit(1);
@@ -472,17 +486,7 @@ async fn run(args: Args, down: Down) -> Result<(), String> {
     let conn = ConnectionManager::new(client)
         .await
         .map_err(|e| format!("cannot connect to {}: {e}", args.redis_url))?;
-    let info: String = redis::cmd("INFO")
-        .arg("server")
-        .query_async(&mut conn.clone())
-        .await
-        .map_err(|e| e.to_string())?;
-    let redis_version = info
-        .lines()
-        .find_map(|l| l.strip_prefix("redis_version:"))
-        .unwrap_or("?")
-        .trim()
-        .to_owned();
+    let redis_version = cache_benches::redis_version(&mut conn.clone()).await?;
 
     let run_id = format!(
         "{:x}",
@@ -583,22 +587,15 @@ async fn run(args: Args, down: Down) -> Result<(), String> {
             ("#[cached] (this project)", ours_op.clone()),
             ("cached crate #[concurrent_cached(redis)]", peer_op.clone()),
         ];
-        let figs = interleaved(&contenders, args.rounds, |op, round| {
-            let ids = ids(seq_ops, keys, 0.0, round as u64 + 1);
-            async move {
-                let mut f = RoundFigures::default();
-                sequential(&op, &ids, &mut f).await;
-                f
-            }
-        })
-        .await;
-        report.extend(with_ratios(
-            contenders
-                .iter()
-                .zip(&figs)
-                .map(|((name, _), f)| f.figure("hit latency, redis, sequential", name))
-                .collect(),
-        ));
+        report.extend(
+            sequential_scenario(
+                "hit latency, redis, sequential",
+                &contenders,
+                args.rounds,
+                |round| ids(seq_ops, keys, 0.0, round as u64 + 1),
+            )
+            .await,
+        );
     }
 
     // 2. Sequential hit latency, in process.
@@ -608,22 +605,15 @@ async fn run(args: Args, down: Down) -> Result<(), String> {
             ("moka get (bare)", moka_op.clone()),
             ("#[cached] memory backend", ours_mem_op.clone()),
         ];
-        let figs = interleaved(&contenders, args.rounds, |op, round| {
-            let ids = ids(mem_ops, keys, 0.0, round as u64 + 11);
-            async move {
-                let mut f = RoundFigures::default();
-                sequential(&op, &ids, &mut f).await;
-                f
-            }
-        })
-        .await;
-        report.extend(with_ratios(
-            contenders
-                .iter()
-                .zip(&figs)
-                .map(|((name, _), f)| f.figure("hit latency, in process, sequential", name))
-                .collect(),
-        ));
+        report.extend(
+            sequential_scenario(
+                "hit latency, in process, sequential",
+                &contenders,
+                args.rounds,
+                |round| ids(mem_ops, keys, 0.0, round as u64 + 11),
+            )
+            .await,
+        );
     }
 
     // 3. Throughput, tasks on one connection: spread keys, then one hot key.
@@ -711,22 +701,12 @@ async fn run(args: Args, down: Down) -> Result<(), String> {
             ("#[cached] (this project)", ours_miss_op),
             ("cached crate #[concurrent_cached(redis)]", peer_miss_op),
         ];
-        let figs = interleaved(&contenders, args.rounds, |op, _| {
-            let ids = vec![0u64; miss_ops];
-            async move {
-                let mut f = RoundFigures::default();
-                sequential(&op, &ids, &mut f).await;
-                f
-            }
-        })
-        .await;
-        report.extend(with_ratios(
-            contenders
-                .iter()
-                .zip(&figs)
-                .map(|((name, _), f)| f.figure("miss + fill, sequential", name))
-                .collect(),
-        ));
+        report.extend(
+            sequential_scenario("miss + fill, sequential", &contenders, args.rounds, |_| {
+                vec![0u64; miss_ops]
+            })
+            .await,
+        );
     }
 
     // 5. Redis down: refused (nothing listens), and hung (accepts, never answers).

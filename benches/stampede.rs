@@ -84,11 +84,7 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let rt = cache_benches::runtime();
     if let Err(e) = rt.block_on(coordinate(args)) {
         eprintln!("stampede: {e}");
         std::process::exit(1);
@@ -101,17 +97,7 @@ async fn coordinate(args: Args) -> Result<(), String> {
         .get_multiplexed_async_connection()
         .await
         .map_err(|e| format!("cannot connect to {}: {e}", args.opts.redis_url))?;
-    let info: String = redis::cmd("INFO")
-        .arg("server")
-        .query_async(&mut conn)
-        .await
-        .map_err(|e| e.to_string())?;
-    let redis_version = info
-        .lines()
-        .find_map(|l| l.strip_prefix("redis_version:"))
-        .unwrap_or("?")
-        .trim()
-        .to_owned();
+    let redis_version = cache_benches::redis_version(&mut conn).await?;
     let rows = stampede::run(&args.opts).await?;
 
     let us = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| fmt_ns(v * 1e3));

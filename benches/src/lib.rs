@@ -98,6 +98,34 @@ pub fn process_cpu_time() -> Duration {
     Duration::from_nanos(total)
 }
 
+/// The server's version, from `INFO server` (`?` if it does not say).
+///
+/// # Errors
+///
+/// When the command fails.
+pub async fn redis_version(conn: &mut impl redis::aio::ConnectionLike) -> Result<String, String> {
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(info
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .unwrap_or("?")
+        .trim()
+        .to_owned())
+}
+
+/// The Tokio runtime the benchmark programs and their workers run on: 2 worker threads.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
 /// One line about the machine and versions, for the report.
 pub fn machine_description(redis_version: &str) -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")

@@ -368,11 +368,7 @@ pub fn worker_main_if_requested() {
             std::process::exit(2);
         }
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let rt = crate::runtime();
     match rt.block_on(run_worker(args)) {
         Ok(results) => {
             println!(

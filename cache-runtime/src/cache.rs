@@ -430,38 +430,14 @@ mod tests {
 
     #[tokio::test]
     async fn build_checks_configuration() {
-        assert!(
-            Cache::builder()
-                .redis("nonsense://x")
-                .build()
-                .await
-                .unwrap_err()
-                .is_config()
-        );
-        assert!(
-            Cache::builder()
-                .default_ttl(Duration::ZERO)
-                .build()
-                .await
-                .unwrap_err()
-                .is_config()
-        );
-        assert!(
-            Cache::builder()
-                .namespace("a{b}")
-                .build()
-                .await
-                .unwrap_err()
-                .is_config()
-        );
-        assert!(
-            Cache::builder()
-                .memory(0)
-                .build()
-                .await
-                .unwrap_err()
-                .is_config()
-        );
+        for invalid in [
+            Cache::builder().redis("nonsense://x"),
+            Cache::builder().default_ttl(Duration::ZERO),
+            Cache::builder().namespace("a{b}"),
+            Cache::builder().memory(0),
+        ] {
+            assert!(invalid.build().await.unwrap_err().is_config());
+        }
         // A Redis that is not there is not a configuration error.
         let c = Cache::builder()
             .redis("redis://127.0.0.1:1")

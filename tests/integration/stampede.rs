@@ -18,6 +18,20 @@ use crate::support::{Calls, Gate, User};
 /// Generous: these tests look for hangs and for waiting out leases, not for speed.
 const NO_HANG: Duration = Duration::from_secs(20);
 
+/// Starts a call of a function under test as a task, with its own handles.
+fn start<T, Fut>(
+    cache: &Cache,
+    calls: &Arc<Calls>,
+    gate: &Arc<Gate>,
+    call: impl FnOnce(Cache, Arc<Calls>, Arc<Gate>) -> Fut,
+) -> tokio::task::JoinHandle<T>
+where
+    Fut: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::spawn(call(cache.clone(), calls.clone(), gate.clone()))
+}
+
 async fn cache_on(url: &str, namespace: &str) -> Cache {
     Cache::builder()
         .redis(url)
@@ -93,10 +107,9 @@ async fn a_stale_fill_from_another_process_is_rejected() {
     let (reader, writer) = (cache_on(&url, &ns).await, cache_on(&url, &ns).await);
     let calls = Arc::new(Calls::default());
     let gate = Gate::new();
-    let load = {
-        let (cache, calls, gate) = (reader.clone(), calls.clone(), gate.clone());
-        tokio::spawn(async move { plain(&cache, &calls, &gate, 1).await })
-    };
+    let load = start(&reader, &calls, &gate, |c, n, g| async move {
+        plain(&c, &n, &g, 1).await
+    });
     // The slow reader has missed and read the database; now the row changes and the writer,
     // another process, invalidates.
     gate.entered.notified().await;
@@ -128,15 +141,13 @@ async fn a_failing_holder_releases_its_lease_at_once() {
     let (a, b) = (cache_on(&url, &ns).await, cache_on(&url, &ns).await);
     let calls = Arc::new(Calls::default());
     let gate = Gate::new();
-    let holder = {
-        let (cache, calls, gate) = (a.clone(), calls.clone(), gate.clone());
-        tokio::spawn(async move { gated(&cache, &calls, &gate, 5).await })
-    };
+    let holder = start(&a, &calls, &gate, |c, n, g| async move {
+        gated(&c, &n, &g, 5).await
+    });
     gate.entered.notified().await;
-    let waiter = {
-        let (cache, calls, gate) = (b.clone(), calls.clone(), gate.clone());
-        tokio::spawn(async move { gated(&cache, &calls, &gate, 5).await })
-    };
+    let waiter = start(&b, &calls, &gate, |c, n, g| async move {
+        gated(&c, &n, &g, 5).await
+    });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         b.stats().function("gated_lock").unwrap().lock_waits,
@@ -161,10 +172,9 @@ async fn waiters_are_woken_by_the_fill() {
     let (a, b) = (cache_on(&url, &ns).await, cache_on(&url, &ns).await);
     let calls = Arc::new(Calls::default());
     let gate = Gate::new();
-    let holder = {
-        let (cache, calls, gate) = (a.clone(), calls.clone(), gate.clone());
-        tokio::spawn(async move { held(&cache, &calls, &gate, 2).await })
-    };
+    let holder = start(&a, &calls, &gate, |c, n, g| async move {
+        held(&c, &n, &g, 2).await
+    });
     gate.entered.notified().await;
     let mut waiters = JoinSet::new();
     for _ in 0..50 {
@@ -203,15 +213,13 @@ async fn a_lost_notification_is_covered_by_the_recheck() {
     );
     let calls = Arc::new(Calls::default());
     let gate = Gate::new();
-    let holder = {
-        let (cache, calls, gate) = (a.clone(), calls.clone(), gate.clone());
-        tokio::spawn(async move { held(&cache, &calls, &gate, 3).await })
-    };
+    let holder = start(&a, &calls, &gate, |c, n, g| async move {
+        held(&c, &n, &g, 3).await
+    });
     gate.entered.notified().await;
-    let waiter = {
-        let (cache, calls, gate) = (b.clone(), calls.clone(), gate.clone());
-        tokio::spawn(async move { held(&cache, &calls, &gate, 3).await })
-    };
+    let waiter = start(&b, &calls, &gate, |c, n, g| async move {
+        held(&c, &n, &g, 3).await
+    });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut admin = raw_connection(&server.url()).await;
     let killed: i64 = redis::cmd("CLIENT")
@@ -241,10 +249,9 @@ async fn an_expired_generation_does_not_let_a_stale_fill_through() {
     writer.invalidate("plain:1").await.unwrap();
     let calls = Arc::new(Calls::default());
     let gate = Gate::new();
-    let load = {
-        let (cache, calls, gate) = (reader.clone(), calls.clone(), gate.clone());
-        tokio::spawn(async move { plain(&cache, &calls, &gate, 1).await })
-    };
+    let load = start(&reader, &calls, &gate, |c, n, g| async move {
+        plain(&c, &n, &g, 1).await
+    });
     gate.entered.notified().await;
     // The generation key expires (here: is deleted), then another process invalidates.
     let mut conn = raw_connection(&url).await;
@@ -268,18 +275,16 @@ async fn a_caller_joining_after_a_remote_invalidation_gets_fresh_data() {
     let (a, b) = (cache_on(&url, &ns).await, cache_on(&url, &ns).await);
     let calls = Arc::new(Calls::default());
     let gate = Gate::new();
-    let leader = {
-        let (cache, calls, gate) = (a.clone(), calls.clone(), gate.clone());
-        tokio::spawn(async move { plain(&cache, &calls, &gate, 1).await })
-    };
+    let leader = start(&a, &calls, &gate, |c, n, g| async move {
+        plain(&c, &n, &g, 1).await
+    });
     gate.entered.notified().await;
     // Another process updates the row and invalidates; then a new caller in this process
     // joins the load that read the old row.
     b.invalidate("plain:1").await.unwrap();
-    let late = {
-        let (cache, calls, gate) = (a.clone(), calls.clone(), gate.clone());
-        tokio::spawn(async move { plain(&cache, &calls, &gate, 1).await })
-    };
+    let late = start(&a, &calls, &gate, |c, n, g| async move {
+        plain(&c, &n, &g, 1).await
+    });
     tokio::time::sleep(Duration::from_millis(200)).await;
     gate.release.notify_one();
     assert_eq!(
