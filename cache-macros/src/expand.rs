@@ -88,28 +88,21 @@ struct Param {
     /// The whole pattern, for messages.
     pat: TokenStream,
     span: Span,
-    /// Whether the declared type is a primitive integer (`u64`, `&i32`, ...): such
-    /// placeholders are formatted without the `fmt` machinery.
-    integer: Option<IntegerType>,
+    /// `Some(references to strip)` if the declared type is a primitive integer (`u64`: 0,
+    /// `&i32`: 1, ...): such placeholders are formatted without the `fmt` machinery.
+    integer: Option<usize>,
 }
 
-#[derive(Clone, Copy)]
-struct IntegerType {
-    /// How many references to strip (`&u64`: 1).
-    refs: usize,
-}
-
-/// A primitive integer type of at most 64 bits, or a shared reference to one.
-fn integer_type(ty: &Type) -> Option<IntegerType> {
+/// For a primitive integer type of at most 64 bits, or a shared reference to one: how many
+/// references to strip.
+fn integer_type(ty: &Type) -> Option<usize> {
     match ty {
-        Type::Reference(r) if r.mutability.is_none() => {
-            integer_type(&r.elem).map(|t| IntegerType { refs: t.refs + 1 })
-        }
+        Type::Reference(r) if r.mutability.is_none() => integer_type(&r.elem).map(|refs| refs + 1),
         Type::Path(p) if p.qself.is_none() => {
             let ident = p.path.get_ident()?;
             match ident.to_string().as_str() {
                 "u8" | "u16" | "u32" | "u64" | "usize" | "i8" | "i16" | "i32" | "i64" | "isize" => {
-                    Some(IntegerType { refs: 0 })
+                    Some(0)
                 }
                 _ => None,
             }
@@ -529,7 +522,7 @@ fn template_pushes(t: &Template, w: &Ident, span: Span, config: &Config<'_>) -> 
                 if let (
                     Some(Param {
                         ident: Some(ident),
-                        integer: Some(int),
+                        integer: Some(refs),
                         ..
                     }),
                     true,
@@ -538,7 +531,7 @@ fn template_pushes(t: &Template, w: &Ident, span: Span, config: &Config<'_>) -> 
                     // `{id}` with `id: u64` (or `&u64`): format the integer directly.
                     let mut ident = ident.clone();
                     ident.set_span(span);
-                    let derefs = (0..int.refs).map(|_| quote_spanned!(span=> *));
+                    let derefs = (0..*refs).map(|_| quote_spanned!(span=> *));
                     out.extend(quote_spanned!(span=> #w.integer(#(#derefs)* #ident, #extra);));
                     continue;
                 }

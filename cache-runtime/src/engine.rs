@@ -338,8 +338,7 @@ impl Ctx<'_> {
         U: FnOnce(&R) -> bool,
         F: Future<Output = R>,
     {
-        let flight = guard.flight_arc();
-        let key = flight.key();
+        let key = guard.flight().key();
         let lock = self
             .site
             .lock

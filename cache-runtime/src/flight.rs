@@ -166,8 +166,10 @@ impl Flights {
         }
     }
 
-    /// Removes `flight` from the map if it is still there. Returns whether it was.
-    fn remove_if(&self, flight: &Arc<Flight>) -> bool {
+    /// Removes `flight` from the map if it is still there (a finished leader's flight, or a
+    /// stuck one whose leader outlived the wait: later lookups then start a new one). Returns
+    /// whether it was there.
+    pub(crate) fn detach(&self, flight: &Arc<Flight>) -> bool {
         let mut map = self
             .shard(flight.hash)
             .lock()
@@ -180,12 +182,6 @@ impl Flights {
             return true;
         }
         false
-    }
-
-    /// Detaches a stuck flight (its leader outlived the wait): later lookups start a new one.
-    /// Returns whether this call detached it (rather than another follower, or its leader).
-    pub(crate) fn detach(&self, flight: &Arc<Flight>) -> bool {
-        self.remove_if(flight)
     }
 
     #[cfg(test)]
@@ -210,11 +206,6 @@ impl LeaderGuard<'_> {
         &self.flight
     }
 
-    /// The flight, shared: its key outlives borrows of the guard.
-    pub(crate) fn flight_arc(&self) -> Arc<Flight> {
-        self.flight.clone()
-    }
-
     /// Hands `outcome` to the current and future followers of this flight. The flight stays
     /// joinable until the guard is dropped, so lookups arriving meanwhile get the outcome at
     /// once.
@@ -226,7 +217,7 @@ impl LeaderGuard<'_> {
 
 impl Drop for LeaderGuard<'_> {
     fn drop(&mut self) {
-        let _ = self.flights.remove_if(&self.flight);
+        let _ = self.flights.detach(&self.flight);
         if !self.sent.load(Ordering::Relaxed) {
             self.flight.publish(if std::thread::panicking() {
                 Outcome::Released

@@ -9,7 +9,7 @@
 //! re-check at once.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,8 +24,6 @@ struct Shared {
     subscribed: AtomicBool,
     /// Woken whenever `subscribed` becomes true.
     ready: Notify,
-    /// Messages received (for tests and stats).
-    received: AtomicU64,
 }
 
 impl Shared {
@@ -57,7 +55,7 @@ impl Shared {
 
 pub(crate) struct Bus {
     client: redis::Client,
-    channel: String,
+    channel: &'static str,
     connect_timeout: Duration,
     log: Arc<FailureLog>,
     shared: Arc<Shared>,
@@ -107,7 +105,7 @@ impl Drop for Registration<'_> {
 impl Bus {
     pub(crate) fn new(
         client: redis::Client,
-        channel: String,
+        channel: &'static str,
         connect_timeout: Duration,
         log: Arc<FailureLog>,
     ) -> Bus {
@@ -120,7 +118,6 @@ impl Bus {
                 waiters: Mutex::new(HashMap::new()),
                 subscribed: AtomicBool::new(false),
                 ready: Notify::new(),
-                received: AtomicU64::new(0),
             }),
             task: Mutex::new(None),
         }
@@ -168,12 +165,6 @@ impl Bus {
         self.shared.subscribed.load(Ordering::Acquire) && self.running()
     }
 
-    /// Messages received so far.
-    #[allow(dead_code)]
-    pub(crate) fn received(&self) -> u64 {
-        self.shared.received.load(Ordering::Relaxed)
-    }
-
     /// Whether the subscriber task is alive (it dies with the runtime that spawned it).
     fn running(&self) -> bool {
         self.task
@@ -191,11 +182,7 @@ impl Bus {
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let (client, channel, timeout) = (
-            self.client.clone(),
-            self.channel.clone(),
-            self.connect_timeout,
-        );
+        let (client, channel, timeout) = (self.client.clone(), self.channel, self.connect_timeout);
         let (shared, log) = (self.shared.clone(), self.log.clone());
         *task = Some(handle.spawn(subscribe_forever(client, channel, timeout, shared, log)));
     }
@@ -213,7 +200,7 @@ impl Drop for Unsubscribed {
 
 async fn subscribe_forever(
     client: redis::Client,
-    channel: String,
+    channel: &'static str,
     connect_timeout: Duration,
     shared: Arc<Shared>,
     log: Arc<FailureLog>,
@@ -223,7 +210,7 @@ async fn subscribe_forever(
     loop {
         let connected = tokio::time::timeout(connect_timeout, async {
             let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(&channel).await?;
+            pubsub.subscribe(channel).await?;
             Ok::<_, redis::RedisError>(pubsub)
         })
         .await;
@@ -236,7 +223,6 @@ async fn subscribe_forever(
                 shared.wake_all();
                 let mut messages = pubsub.into_on_message();
                 while let Some(msg) = messages.next().await {
-                    shared.received.fetch_add(1, Ordering::Relaxed);
                     if let Ok(key) = std::str::from_utf8(msg.get_payload_bytes()) {
                         shared.wake(key);
                     }

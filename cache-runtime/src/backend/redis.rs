@@ -184,7 +184,6 @@ pub(crate) struct RedisBackend {
     breaker: Breaker,
     options: RedisOptions,
     log: Arc<FailureLog>,
-    channel: String,
     bus: Bus,
 }
 
@@ -223,11 +222,10 @@ impl RedisBackend {
         log: Arc<FailureLog>,
     ) -> Result<Self, RedisError> {
         let client = redis::Client::open(url)?;
-        let channel = CHANNEL.to_owned();
         Ok(RedisBackend {
             bus: Bus::new(
                 client.clone(),
-                channel.clone(),
+                CHANNEL,
                 options.connect_timeout,
                 log.clone(),
             ),
@@ -237,7 +235,6 @@ impl RedisBackend {
             breaker: Breaker::new(options.breaker_threshold, options.breaker_cooldown),
             options,
             log,
-            channel,
         })
     }
 
@@ -400,7 +397,7 @@ impl Backend for RedisBackend {
                 .arg(&value.bytes[..])
                 .arg(millis(ttl))
                 .arg(token.unwrap_or(""))
-                .arg(&self.channel)
+                .arg(CHANNEL)
                 .invoke_async(&mut conn)
                 .await?;
             Ok(stored == 1)
@@ -455,7 +452,7 @@ impl Backend for RedisBackend {
                 .key(&k.lease)
                 .key(&k.waiters)
                 .arg(token)
-                .arg(&self.channel)
+                .arg(CHANNEL)
                 .arg(key)
                 .invoke_async(&mut conn)
                 .await?;
@@ -475,7 +472,7 @@ impl Backend for RedisBackend {
                 .arg(millis(ttl))
                 .arg(new_generation())
                 .arg(millis(GENERATION_TTL))
-                .arg(&self.channel)
+                .arg(CHANNEL)
                 .invoke_async(&mut conn)
                 .await?;
             Ok(())
@@ -501,7 +498,7 @@ impl Backend for RedisBackend {
                     .arg(&k.waiters)
                     .arg(new_generation())
                     .arg(millis(GENERATION_TTL))
-                    .arg(&self.channel)
+                    .arg(CHANNEL)
                     .ignore();
             }
             match pipe.exec_async(&mut conn).await {
