@@ -7,13 +7,13 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::backend::{AnyBackend, Backend, MemoryBackend, RedisBackend, RedisOptions, Stored};
+use crate::backend::{AnyBackend, MemoryBackend, RedisBackend, RedisOptions, Stored};
 use crate::breaker::{FailureKind, FailureLog};
 use crate::envelope;
 use crate::error::{Error, ErrorKind, Result};
-use crate::flight::Flights;
 use crate::key;
 use crate::stats::{Stats, StatsRegistry};
+use crate::store::Store;
 
 const DEFAULT_TTL: Duration = Duration::from_secs(3600);
 const DEFAULT_MAX_ENTRIES: u64 = 100_000;
@@ -54,26 +54,20 @@ const DEFAULT_MAX_ENTRIES: u64 = 100_000;
 /// ```
 #[derive(Clone)]
 pub struct Cache {
-    pub(crate) inner: Arc<Inner>,
+    inner: Arc<Inner>,
 }
 
-pub(crate) struct Inner {
-    pub(crate) backend: AnyBackend,
-    pub(crate) namespace: String,
-    pub(crate) default_ttl: Duration,
-    pub(crate) flights: Flights,
-    pub(crate) stats: StatsRegistry,
-    pub(crate) log: Arc<FailureLog>,
-    /// How long one backend operation may take (also bounds waiting for the subscription).
-    pub(crate) op_timeout: Duration,
+struct Inner {
+    store: Store,
+    stats: StatsRegistry,
 }
 
 impl std::fmt::Debug for Cache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cache")
-            .field("backend", &self.inner.backend.name())
-            .field("namespace", &self.inner.namespace)
-            .field("default_ttl", &self.inner.default_ttl)
+            .field("backend", &self.backend_name())
+            .field("namespace", &self.namespace())
+            .field("default_ttl", &self.default_ttl())
             .finish_non_exhaustive()
     }
 }
@@ -84,6 +78,28 @@ enum BackendConfig {
 }
 
 /// Configures and builds a [`Cache`]. Start with [`Cache::builder`].
+///
+/// [`build`](CacheBuilder::build) is `async` for symmetry with the rest of the API;
+/// [`build_sync`](CacheBuilder::build_sync) does the same without a runtime, for a cache in a
+/// `static`:
+///
+/// ```
+/// use cache_runtime::Cache;
+/// use std::sync::LazyLock;
+///
+/// static CACHE: LazyLock<Cache> = LazyLock::new(|| {
+///     Cache::builder()
+///         .redis("redis://127.0.0.1:6379")
+///         .namespace("app")
+///         .build_sync()
+///         .expect("valid cache configuration")
+/// });
+///
+/// #[cache_runtime::cached(cache = CACHE, key = "answer", ttl = 60)]
+/// async fn answer() -> u64 {
+///     42
+/// }
+/// ```
 ///
 /// ```no_run
 /// use cache_runtime::Cache;
@@ -179,10 +195,18 @@ impl CacheBuilder {
     /// characters. It never fails, nor waits, because Redis is down: the connection is made on
     /// first use, and until it succeeds calls run uncached.
     pub async fn build(self) -> Result<Cache> {
-        self.build_now()
+        self.build_sync()
     }
 
-    pub(crate) fn build_now(self) -> Result<Cache> {
+    /// Builds the cache without `await`: the same as [`build`](CacheBuilder::build), usable
+    /// outside a runtime (a `LazyLock<Cache>`, a `main` before the runtime starts). Nothing is
+    /// connected until the first operation, which may run in any Tokio runtime: each runtime
+    /// that uses the cache gets its own Redis connection.
+    ///
+    /// # Errors
+    ///
+    /// As [`build`](CacheBuilder::build): invalid configuration only.
+    pub fn build_sync(self) -> Result<Cache> {
         if self.default_ttl.is_zero() {
             return Err(Error::config("default_ttl must be greater than zero"));
         }
@@ -212,13 +236,8 @@ impl CacheBuilder {
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         Ok(Cache {
             inner: Arc::new(Inner {
-                backend,
-                namespace: self.namespace,
-                default_ttl: self.default_ttl,
-                flights: Flights::new(),
+                store: Store::new(backend, self.namespace, self.default_ttl, log),
                 stats: StatsRegistry::new(id),
-                log,
-                op_timeout: self.redis.operation_timeout,
             }),
         })
     }
@@ -243,7 +262,7 @@ impl Cache {
     /// An in-process cache with the defaults: 100 000 entries, a one-hour default TTL, no
     /// namespace.
     pub fn memory() -> Cache {
-        match CacheBuilder::default().build_now() {
+        match CacheBuilder::default().build_sync() {
             Ok(cache) => cache,
             // The defaults are valid; this arm exists so that no path panics.
             Err(e) => unreachable!("default memory cache configuration is valid: {e}"),
@@ -252,17 +271,25 @@ impl Cache {
 
     /// `"redis"` or `"memory"`.
     pub fn backend_name(&self) -> &'static str {
-        self.inner.backend.name()
+        self.inner.store.backend_name()
     }
 
     /// The namespace given to the builder (empty if none).
     pub fn namespace(&self) -> &str {
-        &self.inner.namespace
+        self.inner.store.namespace()
     }
 
     /// The TTL used by functions without a `ttl` option.
     pub fn default_ttl(&self) -> Duration {
-        self.inner.default_ttl
+        self.inner.store.default_ttl()
+    }
+
+    pub(crate) fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub(crate) fn stats_registry(&self) -> &StatsRegistry {
+        &self.inner.stats
     }
 
     /// The backend key for `key`: `<namespace>:<key>`, or `key` without a namespace.
@@ -274,7 +301,7 @@ impl Cache {
     /// # }
     /// ```
     pub fn full_key(&self, key: &str) -> String {
-        let ns = &self.inner.namespace;
+        let ns = self.namespace();
         if ns.is_empty() {
             key.to_owned()
         } else {
@@ -295,13 +322,13 @@ impl Cache {
     /// tag.
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
         let full = self.checked_key(key)?;
-        let Some(stored) = self.inner.backend.read(&full).await?.value else {
+        let Some(stored) = self.inner.store.read(&full).await? else {
             return Ok(None);
         };
         match envelope::decode::<T>(&stored.bytes) {
             Ok(v) => Ok(Some(v)),
             Err(e) => {
-                self.inner.log.warn(
+                self.inner.store.log().warn(
                     FailureKind::Decode,
                     &format_args!("cached value could not be decoded, treated as a miss: {e}"),
                 );
@@ -331,16 +358,10 @@ impl Cache {
         let full = self.checked_key(key)?;
         let bytes = envelope::encode(value, Duration::ZERO)
             .map_err(|e| Error::new(ErrorKind::Encode, e.to_string()))?;
-        // Detach in-flight lookups before the write (their fills are then not stored) and
-        // after it (a lookup that started in between may have read the old value).
-        self.inner.flights.invalidate(&full);
-        let written = self
-            .inner
-            .backend
+        self.inner
+            .store
             .write(&full, Stored::bytes(bytes), ttl)
-            .await;
-        self.inner.flights.invalidate(&full);
-        written?;
+            .await?;
         Ok(())
     }
 
@@ -354,11 +375,7 @@ impl Cache {
     /// As [`Cache::get`].
     pub async fn invalidate(&self, key: &str) -> Result<()> {
         let full = self.checked_key(key)?;
-        // Before and after, as in `set`.
-        self.inner.flights.invalidate(&full);
-        let done = self.inner.backend.invalidate(&[&full]).await;
-        self.inner.flights.invalidate(&full);
-        done?;
+        self.inner.store.invalidate(&[&full]).await?;
         Ok(())
     }
 
@@ -412,7 +429,7 @@ pub fn default_cache() -> &'static Cache {
             .ok()
             .filter(|u| !u.trim().is_empty());
         if let Some(url) = url {
-            match Cache::builder().redis(url).build_now() {
+            match Cache::builder().redis(url).build_sync() {
                 Ok(cache) => return cache,
                 Err(e) => tracing::error!(
                     target: "cache_runtime",

@@ -54,6 +54,9 @@ pub(crate) fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Why a value could not be encoded.
+pub(crate) type EncodeError = serde_json::Error;
+
 /// Encodes `value` into a new envelope.
 pub(crate) fn encode<T: Serialize + ?Sized>(
     value: &T,

@@ -6,11 +6,12 @@
 //!
 //! The leader's outcome reaches the followers through a guard, whatever happens to the leader:
 //!
-//! * it completed with a storable value: followers decode that value;
-//! * its result is not stored (an `Err`, a `None`, `unless`), or it panicked: followers are
-//!   released and run their own function;
-//! * its future was dropped (the caller timed out or was cancelled): followers elect a new
-//!   leader among themselves.
+//! * it found a value, or loaded one (stored or not: a `None` without `cache_none`, a result
+//!   `unless` rejected): followers decode that value;
+//! * its function returned an error or panicked, its future was dropped (the caller timed out
+//!   or was cancelled), or its fill was rejected as stale: followers join again, so that *one*
+//!   of them leads the next attempt. However many callers wait, at most one load of a key runs
+//!   at a time in this process, also while the function keeps failing.
 //!
 //! A write or invalidation of a key through this process's cache detaches the key's flight,
 //! so a lookup that starts after the write completed never joins a flight that started
@@ -35,12 +36,10 @@ const SHARDS: usize = 64;
 /// What followers receive from their leader.
 #[derive(Clone, Debug)]
 pub(crate) enum Outcome {
-    /// The stored value.
+    /// The value the leader found or loaded.
     Value(Stored),
-    /// The leader's result is not shared; run the function yourself.
-    Released,
-    /// The leader went away; try again (one of the followers becomes the leader).
-    Abandoned,
+    /// No value to share: join again (one of the followers becomes the leader).
+    Retry,
 }
 
 #[derive(Debug)]
@@ -193,8 +192,8 @@ impl Flights {
     }
 }
 
-/// Held by the leader of a flight. Dropping it without [`LeaderGuard::publish`] tells the
-/// followers what happened: `Released` when unwinding from a panic, `Abandoned` otherwise.
+/// Held by the leader of a flight. Dropping it without [`LeaderGuard::publish`] (a panic, a
+/// cancelled future) tells the followers to join again.
 pub(crate) struct LeaderGuard<'a> {
     flights: &'a Flights,
     flight: Arc<Flight>,
@@ -219,11 +218,7 @@ impl Drop for LeaderGuard<'_> {
     fn drop(&mut self) {
         let _ = self.flights.detach(&self.flight);
         if !self.sent.load(Ordering::Relaxed) {
-            self.flight.publish(if std::thread::panicking() {
-                Outcome::Released
-            } else {
-                Outcome::Abandoned
-            });
+            self.flight.publish(Outcome::Retry);
         }
     }
 }
@@ -238,7 +233,7 @@ impl Follower {
         &self.flight
     }
 
-    /// The key of the flight (to join again after `Abandoned`).
+    /// The key of the flight (to join again after `Retry`).
     pub(crate) fn into_key(self) -> String {
         self.flight.key.clone()
     }
@@ -288,14 +283,14 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn dropped_leader_abandons() {
+    async fn dropped_leader_makes_followers_retry() {
         let flights = Flights::new();
         let leader = flights.join("k".to_owned());
         let Role::Follower(f) = flights.join("k".to_owned()) else {
             panic!()
         };
         drop(leader);
-        assert!(matches!(f.wait().await, Outcome::Abandoned));
+        assert!(matches!(f.wait().await, Outcome::Retry));
         assert!(matches!(flights.join("k".to_owned()), Role::Leader(_)));
     }
 

@@ -63,6 +63,7 @@ mod flight;
 mod key;
 mod mode;
 mod stats;
+mod store;
 
 pub use crate::cache::{Cache, CacheBuilder, default_cache, set_default};
 pub use crate::error::{Error, ErrorKind, Result};
@@ -193,7 +194,7 @@ pub mod __private {
     /// Starts a key in `cache`'s namespace.
     #[inline]
     pub fn key_writer(cache: &Cache) -> KeyWriter {
-        KeyWriter::new(&cache.inner.namespace)
+        KeyWriter::new(cache.namespace())
     }
 
     /// The default cache.

@@ -1,7 +1,9 @@
 //! In-process coalescing: concurrent misses of one key run the function once, and a leader
-//! that fails, panics or is cancelled never strands or misleads its followers.
+//! that fails, panics or is cancelled never strands or misleads its followers, nor releases
+//! them all onto the database at once.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use cache_runtime::{Cache, cached};
@@ -45,6 +47,55 @@ async fn gated(
         }
     }
     Ok(User::new(id))
+}
+
+/// Counts the loads running at once, and the most that ever did.
+#[derive(Default)]
+struct InFlight {
+    now: AtomicUsize,
+    max: AtomicUsize,
+    total: AtomicUsize,
+}
+
+impl InFlight {
+    async fn run<T>(&self, f: impl std::future::Future<Output = T>) -> T {
+        let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max.fetch_max(n, Ordering::SeqCst);
+        self.total.fetch_add(1, Ordering::SeqCst);
+        let out = f.await;
+        self.now.fetch_sub(1, Ordering::SeqCst);
+        out
+    }
+}
+
+/// A database that is down: every query fails after a while.
+#[cached(cache = cache, key = "down:{id}", name = "always_fails")]
+async fn always_fails(cache: &Cache, db: &InFlight, id: u64) -> Result<User, String> {
+    db.run(tokio::time::sleep(Duration::from_millis(5))).await;
+    Err(format!("user {id}: database down"))
+}
+
+/// The same with `lock`.
+#[cached(cache = cache, key = "down_locked:{id}", name = "always_fails_locked", lock = 5)]
+async fn always_fails_locked(cache: &Cache, db: &InFlight, id: u64) -> Result<User, String> {
+    db.run(tokio::time::sleep(Duration::from_millis(5))).await;
+    Err(format!("user {id}: database down"))
+}
+
+/// A lookup of a user that does not exist (`None` is not cached).
+#[cached(cache = cache, key = "missing:{id}", name = "missing")]
+async fn missing(cache: &Cache, db: &InFlight, id: u64) -> Option<User> {
+    db.run(tokio::time::sleep(Duration::from_millis(100))).await;
+    let _ = id;
+    None
+}
+
+/// A result that `unless` keeps out of the cache.
+#[cached(cache = cache, key = "rejected:{id}", name = "rejected", unless = result.id == 0)]
+async fn rejected(cache: &Cache, db: &InFlight, id: u64) -> User {
+    db.run(tokio::time::sleep(Duration::from_millis(100))).await;
+    let _ = id;
+    User::new(0)
 }
 
 async fn join_all<T: 'static>(set: &mut JoinSet<T>) -> Vec<T> {
@@ -103,14 +154,69 @@ on_both_backends! {
         assert_eq!(s.hits, CALLERS as u64 - 1);
     }
 
-    async fn a_failing_leader_releases_its_followers(fx: Fx) {
+    async fn a_failing_leader_hands_over_to_one_follower(fx: Fx) {
         let (leader, mut followers, calls, gate) = leader_then_followers(&fx, First::Fails).await;
         gate.release.notify_one();
         assert_eq!(leader.await.unwrap(), Err("first call fails".to_owned()));
         let results = join_all(&mut followers).await;
         assert_eq!(results.len(), CALLERS - 1);
-        assert!(results.iter().all(|r| r == &Ok(User::new(9))), "each follower got its own result");
-        assert_eq!(calls.get() as usize, CALLERS, "released followers ran the function themselves");
+        assert!(results.iter().all(|r| r == &Ok(User::new(9))));
+        assert_eq!(calls.get(), 2, "one follower loaded for the rest, not {CALLERS} at once");
+    }
+
+    async fn a_function_that_keeps_failing_runs_one_load_at_a_time(fx: Fx) {
+        // Regression: a failing leader released every waiting caller at once: 100 callers, 100
+        // concurrent queries, at the moment the database is failing.
+        for locked in [false, true] {
+            let db = Arc::new(InFlight::default());
+            let mut set = JoinSet::new();
+            for _ in 0..CALLERS {
+                let (cache, db) = (fx.cache.clone(), db.clone());
+                set.spawn(async move {
+                    if locked {
+                        always_fails_locked(&cache, &db, 3).await
+                    } else {
+                        always_fails(&cache, &db, 3).await
+                    }
+                });
+            }
+            let results = join_all(&mut set).await;
+            assert!(results.iter().all(|r| r == &Err("user 3: database down".to_owned())));
+            assert_eq!(
+                db.max.load(Ordering::SeqCst),
+                1,
+                "never more than one load of the key in flight (lock: {locked})"
+            );
+            // Errors are not shared: each caller gets its own attempt, one after the other.
+            assert_eq!(db.total.load(Ordering::SeqCst), CALLERS);
+        }
+    }
+
+    async fn results_that_are_not_stored_are_shared_with_the_waiting_callers(fx: Fx) {
+        let db = Arc::new(InFlight::default());
+        let mut set = JoinSet::new();
+        for _ in 0..CALLERS {
+            let (cache, db) = (fx.cache.clone(), db.clone());
+            set.spawn(async move { missing(&cache, &db, 4).await });
+        }
+        let results = join_all(&mut set).await;
+        assert!(results.iter().all(Option::is_none));
+        assert_eq!(db.total.load(Ordering::SeqCst), 1, "one query for {CALLERS} callers of a missing user");
+        // Not cached: the next call queries again.
+        assert_eq!(missing(&fx.cache, &db, 4).await, None);
+        assert_eq!(db.total.load(Ordering::SeqCst), 2);
+
+        let db = Arc::new(InFlight::default());
+        let mut set = JoinSet::new();
+        for _ in 0..CALLERS {
+            let (cache, db) = (fx.cache.clone(), db.clone());
+            set.spawn(async move { rejected(&cache, &db, 5).await });
+        }
+        let results = join_all(&mut set).await;
+        assert!(results.iter().all(|u| u == &User::new(0)));
+        assert_eq!(db.total.load(Ordering::SeqCst), 1, "`unless` results are shared too");
+        assert_eq!(rejected(&fx.cache, &db, 5).await, User::new(0));
+        assert_eq!(db.total.load(Ordering::SeqCst), 2, "and not stored");
     }
 
     async fn a_panicking_leader_releases_its_followers(fx: Fx) {

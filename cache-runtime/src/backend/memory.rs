@@ -1,23 +1,33 @@
 //! The in-process backend, on moka with a TTL per entry.
 //!
-//! Generations live in a second moka cache, bounded by time only (entries expire
-//! `GENERATION_TTL` after their last bump; a size bound would let an eviction forget a bump).
-//! A bump takes a number from a process-wide counter, so a generation never repeats. A fill
-//! compares the generation and inserts under one of 64 striped locks, and writes and
-//! invalidations bump it under the same lock, so "check, then store" is atomic against them.
-//! Reads take no lock.
+//! Generations live in 64 striped maps next to the stripe locks, bounded together by the
+//! cache's capacity (a key's generation is kept from its last write or invalidation until
+//! capacity pressure drops it, oldest first). A generation is a number from a process-wide
+//! counter, so it never repeats. Dropping a key's generation must not let an old load's fill
+//! through, so each stripe keeps a *floor*: the highest generation it ever dropped, which is
+//! what a key without a kept generation reads as. A load that read generation `g` before an
+//! invalidation bumped the key to `y > g` sees either `y` or a floor `>= y` at its fill, never
+//! `g`: the fill is rejected. The price of the bound is that a load whose stripe dropped a
+//! generation while it ran is rejected too (it is returned, just not stored).
+//!
+//! A fill compares the generation and inserts under the key's stripe lock, and writes and
+//! invalidations replace it under the same lock, so "check, then store" is atomic against
+//! them. Hits take no lock.
 
+use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use moka::Expiry;
 
-use super::{Backend, BackendResult, GENERATION_TTL, Gen, LeaseReply, Read, Stored};
+use super::{Backend, BackendResult, Gen, LeaseReply, Leased, OnWait, Read, Stored};
 
 const STRIPES: usize = 64;
+/// The least number of generations a stripe keeps, whatever the capacity.
+const MIN_PER_STRIPE: usize = 16;
 
 struct Entry {
     value: Stored,
@@ -44,66 +54,151 @@ impl Expiry<String, Arc<Entry>> for PerEntryTtl {
 
 type Hasher = foldhash::fast::RandomState;
 
+/// The generations of the keys of one stripe.
+struct Generations {
+    current: HashMap<Arc<str>, u64, Hasher>,
+    /// Replacements in the order they happened; an entry whose key was replaced again since
+    /// is skipped when it reaches the front.
+    order: VecDeque<(u64, Arc<str>)>,
+    /// The highest generation dropped from this stripe: the generation of every key it does
+    /// not keep.
+    floor: u64,
+    capacity: usize,
+}
+
+impl Generations {
+    fn new(capacity: usize) -> Self {
+        Generations {
+            current: HashMap::with_hasher(Hasher::default()),
+            order: VecDeque::new(),
+            floor: 0,
+            capacity,
+        }
+    }
+
+    fn get(&self, key: &str) -> u64 {
+        self.current.get(key).copied().unwrap_or(self.floor)
+    }
+
+    /// Gives `key` a generation never used before, dropping the oldest ones over capacity.
+    fn bump(&mut self, key: &str) {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let next = NEXT.fetch_add(1, Ordering::Relaxed);
+        let key: Arc<str> = match self.current.get_key_value(key) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(key),
+        };
+        self.current.insert(key.clone(), next);
+        self.order.push_back((next, key));
+        while self.current.len() > self.capacity {
+            let Some((generation, key)) = self.order.pop_front() else {
+                break;
+            };
+            if self.current.get(&*key) == Some(&generation) {
+                self.current.remove(&*key);
+                self.floor = self.floor.max(generation);
+            }
+        }
+        // Superseded entries: keep the queue within a constant factor of the map.
+        if self.order.len() > 2 * self.capacity {
+            let current = &self.current;
+            self.order.retain(|(g, k)| current.get(&**k) == Some(g));
+        }
+    }
+}
+
+fn gen_of(n: u64) -> Gen {
+    if n == 0 {
+        Gen::default()
+    } else {
+        Gen(Bytes::copy_from_slice(&n.to_le_bytes()))
+    }
+}
+
 /// Entries live in this process only, up to `max_entries` (moka's TinyLFU eviction), each for
 /// its own TTL.
 pub(crate) struct MemoryBackend {
     entries: moka::sync::Cache<String, Arc<Entry>, Hasher>,
-    generations: moka::sync::Cache<String, u64, Hasher>,
-    stripes: Box<[Mutex<()>]>,
+    stripes: Box<[Mutex<Generations>]>,
     hasher: Hasher,
 }
 
 impl MemoryBackend {
     pub(crate) fn new(max_entries: u64) -> Self {
+        let per_stripe = usize::try_from(max_entries.div_ceil(STRIPES as u64))
+            .unwrap_or(usize::MAX)
+            .max(MIN_PER_STRIPE);
         MemoryBackend {
             entries: moka::sync::Cache::builder()
                 .max_capacity(max_entries)
                 .expire_after(PerEntryTtl)
                 .build_with_hasher(Hasher::default()),
-            generations: moka::sync::Cache::builder()
-                .time_to_live(GENERATION_TTL)
-                .build_with_hasher(Hasher::default()),
-            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            stripes: (0..STRIPES)
+                .map(|_| Mutex::new(Generations::new(per_stripe)))
+                .collect(),
             hasher: Hasher::default(),
         }
     }
 
-    fn stripe(&self, key: &str) -> std::sync::MutexGuard<'_, ()> {
+    fn stripe(&self, key: &str) -> MutexGuard<'_, Generations> {
         let i = (self.hasher.hash_one(key) as usize) % STRIPES;
         self.stripes[i].lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn current_generation(&self, key: &str) -> Gen {
-        match self.generations.get(key) {
-            Some(g) => Gen(Bytes::from(g.to_string())),
-            None => Gen::default(),
-        }
+        gen_of(self.stripe(key).get(key))
     }
 
-    /// Bumps the generation to a value never used before; the caller holds the key's stripe.
-    fn bump(&self, key: &str) {
-        static NEXT: AtomicU64 = AtomicU64::new(1);
-        let next = NEXT.fetch_add(1, Ordering::Relaxed);
-        self.generations.insert(key.to_owned(), next);
+    #[cfg(test)]
+    fn kept_generations(&self) -> usize {
+        self.stripes
+            .iter()
+            .map(|s| {
+                let s = s.lock().unwrap_or_else(|e| e.into_inner());
+                s.current.len().max(s.order.len())
+            })
+            .sum()
     }
 }
 
 impl Backend for MemoryBackend {
-    async fn read(&self, key: &str) -> BackendResult<Read> {
-        if let Some(e) = self.entries.get(key) {
-            return Ok(Read {
-                value: Some(e.value.clone()),
-                generation: Gen::default(),
-            });
-        }
-        Ok(Read {
-            value: None,
-            generation: self.current_generation(key),
+    async fn read(&self, key: &str) -> BackendResult<Option<Stored>> {
+        Ok(self.entries.get(key).map(|e| e.value.clone()))
+    }
+
+    async fn read_for_fill(&self, key: &str) -> BackendResult<Read> {
+        Ok(match self.entries.get(key) {
+            Some(e) => Read::Hit(e.value.clone()),
+            None => Read::Miss(self.current_generation(key)),
         })
     }
 
     async fn generation(&self, key: &str) -> BackendResult<Gen> {
         Ok(self.current_generation(key))
+    }
+
+    async fn lease(
+        &self,
+        key: &str,
+        _token: &str,
+        _lease: Duration,
+        _on_wait: &OnWait<'_>,
+    ) -> BackendResult<LeaseReply> {
+        // One process: its coalescing already lets one caller load, and the others wait for
+        // it there. The lease is granted at once.
+        let answer = match self.read_for_fill(key).await? {
+            Read::Hit(v) => Leased::Hit(v),
+            Read::Miss(generation) => Leased::Acquired(generation),
+        };
+        Ok(LeaseReply {
+            answer,
+            waited: None,
+        })
+    }
+
+    async fn release(&self, _key: &str, _token: &str) -> BackendResult<()> {
+        // Nothing to give back: no other process waits on a memory lease.
+        Ok(())
     }
 
     async fn fill(
@@ -114,40 +209,29 @@ impl Backend for MemoryBackend {
         generation: &Gen,
         _token: Option<&str>,
     ) -> BackendResult<bool> {
-        let _stripe = self.stripe(key);
-        if self.current_generation(key) != *generation {
+        let stripe = self.stripe(key);
+        if gen_of(stripe.get(key)) != *generation {
             return Ok(false);
         }
         self.entries
             .insert(key.to_owned(), Arc::new(Entry { value, ttl }));
+        drop(stripe);
         Ok(true)
     }
 
-    async fn lease(&self, key: &str, _token: &str, _lease: Duration) -> BackendResult<LeaseReply> {
-        // One process: its own coalescing already lets one caller load. Everyone "holds" it.
-        let read = self.read(key).await?;
-        Ok(match read.value {
-            Some(v) => LeaseReply::Hit(v),
-            None => LeaseReply::Acquired(read.generation),
-        })
-    }
-
-    async fn release(&self, _key: &str, _token: &str) -> BackendResult<()> {
-        Ok(())
-    }
-
     async fn write(&self, key: &str, value: Stored, ttl: Duration) -> BackendResult<()> {
-        let _stripe = self.stripe(key);
-        self.bump(key);
+        let mut stripe = self.stripe(key);
+        stripe.bump(key);
         self.entries
             .insert(key.to_owned(), Arc::new(Entry { value, ttl }));
+        drop(stripe);
         Ok(())
     }
 
     async fn invalidate(&self, keys: &[&str]) -> BackendResult<()> {
         for key in keys {
-            let _stripe = self.stripe(key);
-            self.bump(key);
+            let mut stripe = self.stripe(key);
+            stripe.bump(key);
             self.entries.invalidate(*key);
         }
         Ok(())
@@ -159,10 +243,6 @@ impl Backend for MemoryBackend {
 
     fn keeps_typed(&self) -> bool {
         true
-    }
-
-    fn shares_leases(&self) -> bool {
-        false
     }
 }
 
@@ -177,25 +257,28 @@ mod tests {
     #[tokio::test]
     async fn a_fill_after_an_invalidation_is_rejected() {
         let m = MemoryBackend::new(100);
-        let read = m.read("k").await.unwrap();
-        assert!(read.value.is_none());
+        let Read::Miss(generation) = m.read_for_fill("k").await.unwrap() else {
+            panic!("empty cache")
+        };
         // The key is invalidated while the load runs.
         m.invalidate(&["k"]).await.unwrap();
         let ttl = Duration::from_secs(60);
         assert!(
-            !m.fill("k", stored("stale"), ttl, &read.generation, None)
+            !m.fill("k", stored("stale"), ttl, &generation, None)
                 .await
                 .unwrap()
         );
-        assert!(m.read("k").await.unwrap().value.is_none());
+        assert!(m.read("k").await.unwrap().is_none());
         // A load that read after the invalidation fills.
-        let read = m.read("k").await.unwrap();
+        let Read::Miss(generation) = m.read_for_fill("k").await.unwrap() else {
+            panic!("invalidated")
+        };
         assert!(
-            m.fill("k", stored("fresh"), ttl, &read.generation, None)
+            m.fill("k", stored("fresh"), ttl, &generation, None)
                 .await
                 .unwrap()
         );
-        let v = m.read("k").await.unwrap().value.unwrap();
+        let v = m.read("k").await.unwrap().unwrap();
         assert_eq!(&v.bytes[..], b"fresh");
     }
 
@@ -203,14 +286,60 @@ mod tests {
     async fn a_fill_after_a_write_is_rejected() {
         let m = MemoryBackend::new(100);
         let ttl = Duration::from_secs(60);
-        let read = m.read("k").await.unwrap();
+        let Read::Miss(generation) = m.read_for_fill("k").await.unwrap() else {
+            panic!("empty cache")
+        };
         m.write("k", stored("written"), ttl).await.unwrap();
         assert!(
-            !m.fill("k", stored("stale"), ttl, &read.generation, None)
+            !m.fill("k", stored("stale"), ttl, &generation, None)
                 .await
                 .unwrap()
         );
-        let v = m.read("k").await.unwrap().value.unwrap();
+        let v = m.read("k").await.unwrap().unwrap();
         assert_eq!(&v.bytes[..], b"written");
+    }
+
+    #[tokio::test]
+    async fn generations_are_bounded_by_the_capacity() {
+        // Regression: one generation per key written or invalidated was kept for 24 h,
+        // whatever the capacity (a million invalidations of distinct keys: 355 MiB).
+        let m = MemoryBackend::new(1000);
+        for i in 0..50_000 {
+            m.invalidate(&[&format!("key:{i}")]).await.unwrap();
+        }
+        let kept = m.kept_generations();
+        assert!(
+            kept <= 2 * 1000 + STRIPES * MIN_PER_STRIPE * 2,
+            "{kept} generations kept"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_dropped_generation_still_rejects_old_fills() {
+        let m = MemoryBackend::new(1); // 16 generations per stripe
+        let ttl = Duration::from_secs(60);
+        let Read::Miss(before) = m.read_for_fill("victim").await.unwrap() else {
+            panic!("empty cache")
+        };
+        m.invalidate(&["victim"]).await.unwrap();
+        // Push the victim's generation out of its stripe (and every other stripe).
+        for i in 0..20_000 {
+            m.invalidate(&[&format!("other:{i}")]).await.unwrap();
+        }
+        assert!(
+            !m.fill("victim", stored("stale"), ttl, &before, None)
+                .await
+                .unwrap(),
+            "a load that read before the invalidation must not fill"
+        );
+        // A load that starts now fills.
+        let Read::Miss(now) = m.read_for_fill("victim").await.unwrap() else {
+            panic!("invalidated")
+        };
+        assert!(
+            m.fill("victim", stored("fresh"), ttl, &now, None)
+                .await
+                .unwrap()
+        );
     }
 }

@@ -1,18 +1,20 @@
-//! Storage backends: a small trait, two implementations, and the enum the cache dispatches on.
+//! Storage backends: a small trait, two implementations, and the enum the store dispatches on.
 //!
-//! The engine (`engine.rs`) holds all the caching behaviour; a backend moves envelopes (opaque
-//! bytes) under keys, with a TTL on every write, and provides the few atomic steps the engine
-//! needs:
+//! A backend moves envelopes (opaque bytes) under keys, with a TTL on every write, and owns
+//! the atomic steps that need the storage's help:
 //!
-//! * **generations**: every key has a generation, bumped by each write and invalidation. A
-//!   read returns it; a fill is stored only if it is unchanged, so a load that started before
-//!   an invalidation can never put back the value the invalidation removed (the cache-aside
-//!   stale-set race);
-//! * **leases** (remote backends): one caller across all processes holds a key's lease and
-//!   loads; the others wait for the fill, woken by a notification ("Scaling Memcache at
-//!   Facebook", NSDI 2013, 3.2.1).
+//! * **generations**: every key has a generation, replaced by each write and invalidation. A
+//!   read for a fill returns it; a fill is stored only if it is unchanged, so a load that
+//!   started before an invalidation can never put back the value the invalidation removed
+//!   (the cache-aside stale-set race);
+//! * **leases** ([`Backend::lease`]): "the value, or the right to load it, or wait until
+//!   whoever holds that right has filled it" as one operation. On Redis one caller across all
+//!   processes holds a key's lease and loads; the others wait for the fill, woken by a
+//!   notification ("Scaling Memcache at Facebook", NSDI 2013, 3.2.1). How a backend waits
+//!   (pub/sub, re-checks) is its own business: callers see only the answer.
+//!
+//! Nothing here is generic over the cached type: the backends are compiled once.
 
-pub(crate) mod bus;
 mod memory;
 mod redis;
 
@@ -27,8 +29,8 @@ pub(crate) use self::memory::MemoryBackend;
 pub(crate) use self::redis::{RedisBackend, RedisOptions};
 use crate::error::{Error, ErrorKind};
 
-/// How long a key's generation outlives its last bump. A load that takes longer than this
-/// could, in one corner case, store a value an invalidation removed (see `fill`).
+/// How long a key's generation outlives its last replacement. A load that takes longer than
+/// this could, in one corner case, store a value an invalidation removed (see `fill`).
 pub(crate) const GENERATION_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// Why a backend operation failed.
@@ -97,36 +99,59 @@ impl std::fmt::Debug for Stored {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Gen(pub(crate) Bytes);
 
-/// A read: the stored value, or the key's generation when there is no value.
+/// A read made before a load: the value, or the key's generation to fill against.
 #[derive(Debug)]
-pub(crate) struct Read {
-    pub(crate) value: Option<Stored>,
-    /// Read only when there is no value (`Gen::default()` otherwise): a hit does not pay for
-    /// it.
-    pub(crate) generation: Gen,
-}
-
-/// The answer to a lease request.
-#[derive(Debug)]
-pub(crate) enum LeaseReply {
-    /// The value is there.
+pub(crate) enum Read {
     Hit(Stored),
-    /// The caller holds the lease: load, then `fill` with this generation and the token.
-    Acquired(Gen),
-    /// Another caller holds the lease (for at most `remaining`): wait for its fill.
-    Busy {
-        generation: Gen,
-        remaining: Duration,
-    },
+    Miss(Gen),
 }
 
-/// The operations every backend provides.
-pub(crate) trait Backend: Send + Sync {
-    /// The value under `key`, or the key's generation if there is none.
-    fn read(&self, key: &str) -> impl Future<Output = BackendResult<Read>> + Send;
+/// The answer to [`Backend::lease`].
+#[derive(Debug)]
+pub(crate) enum Leased {
+    /// The value is there (possibly filled by the holder this call waited for).
+    Hit(Stored),
+    /// The caller holds the lease: load, then `fill` with this generation and its token.
+    Acquired(Gen),
+    /// The caller waited for another holder as long as it may (twice the lease) without a
+    /// fill: load without the lease, then fill against this generation.
+    WaitedOut(Gen),
+}
 
-    /// The key's generation (after a read found an unusable value).
+/// [`Leased`], and what it took to get it.
+#[derive(Debug)]
+pub(crate) struct LeaseReply {
+    pub(crate) answer: Leased,
+    /// How long the caller waited for another holder (`None`: it did not wait).
+    pub(crate) waited: Option<Duration>,
+}
+
+/// Called by [`Backend::lease`] when the caller starts waiting for another holder.
+pub(crate) type OnWait<'a> = dyn Fn() + Send + Sync + 'a;
+
+/// The operations every backend provides. All keys are full keys (namespace included).
+pub(crate) trait Backend: Send + Sync {
+    /// The value under `key` (a manual `get`, or a hit on the request path): one round trip.
+    fn read(&self, key: &str) -> impl Future<Output = BackendResult<Option<Stored>>> + Send;
+
+    /// The value under `key`, or the key's generation if there is none: what a load needs.
+    fn read_for_fill(&self, key: &str) -> impl Future<Output = BackendResult<Read>> + Send;
+
+    /// The key's generation (after a read found a value the caller cannot use).
     fn generation(&self, key: &str) -> impl Future<Output = BackendResult<Gen>> + Send;
+
+    /// The value, or the lease `token` for `lease`, waiting as long as twice the lease for
+    /// another holder's fill if needed; `on_wait` is called when a wait begins.
+    fn lease(
+        &self,
+        key: &str,
+        token: &str,
+        lease: Duration,
+        on_wait: &OnWait<'_>,
+    ) -> impl Future<Output = BackendResult<LeaseReply>> + Send;
+
+    /// Gives back the lease `token` without filling (the load failed), waking the waiters.
+    fn release(&self, key: &str, token: &str) -> impl Future<Output = BackendResult<()>> + Send;
 
     /// Stores `value` under `key` for `ttl` (always > 0) if the key's generation is still
     /// `generation`; releases the lease `token` if the caller holds it; wakes the key's waiters.
@@ -140,18 +165,7 @@ pub(crate) trait Backend: Send + Sync {
         token: Option<&str>,
     ) -> impl Future<Output = BackendResult<bool>> + Send;
 
-    /// Answers with the value, or gives the caller the lease for `lease`, or says who waits.
-    fn lease(
-        &self,
-        key: &str,
-        token: &str,
-        lease: Duration,
-    ) -> impl Future<Output = BackendResult<LeaseReply>> + Send;
-
-    /// Gives back the lease `token` without filling (the load failed), waking the waiters.
-    fn release(&self, key: &str, token: &str) -> impl Future<Output = BackendResult<()>> + Send;
-
-    /// Stores `value` under `key` unconditionally (a write), bumping the generation so that
+    /// Stores `value` under `key` unconditionally (a write), replacing the generation so that
     /// loads that started before it do not overwrite it.
     fn write(
         &self,
@@ -160,7 +174,7 @@ pub(crate) trait Backend: Send + Sync {
         ttl: Duration,
     ) -> impl Future<Output = BackendResult<()>> + Send;
 
-    /// Removes `keys`, bumps their generations, voids their leases, wakes their waiters.
+    /// Removes `keys`, replaces their generations, voids their leases, wakes their waiters.
     fn invalidate(&self, keys: &[&str]) -> impl Future<Output = BackendResult<()>> + Send;
 
     /// Whether concurrent reads of one key should share one backend read. True for remote
@@ -170,10 +184,6 @@ pub(crate) trait Backend: Send + Sync {
 
     /// Whether the backend keeps decoded values ([`Stored::typed`]).
     fn keeps_typed(&self) -> bool;
-
-    /// Whether leases coordinate several processes. In-process backends need none: the
-    /// process's own coalescing is the whole story.
-    fn shares_leases(&self) -> bool;
 }
 
 /// The configured backend.
@@ -191,14 +201,6 @@ impl AnyBackend {
             AnyBackend::Redis(_) => "redis",
         }
     }
-
-    /// The fill notifications, for backends shared between processes.
-    pub(crate) fn bus(&self) -> Option<&bus::Bus> {
-        match self {
-            AnyBackend::Redis(r) => Some(r.bus()),
-            AnyBackend::Memory(_) => None,
-        }
-    }
 }
 
 macro_rules! dispatch {
@@ -211,12 +213,30 @@ macro_rules! dispatch {
 }
 
 impl Backend for AnyBackend {
-    async fn read(&self, key: &str) -> BackendResult<Read> {
+    async fn read(&self, key: &str) -> BackendResult<Option<Stored>> {
         dispatch!(self, b => b.read(key).await)
+    }
+
+    async fn read_for_fill(&self, key: &str) -> BackendResult<Read> {
+        dispatch!(self, b => b.read_for_fill(key).await)
     }
 
     async fn generation(&self, key: &str) -> BackendResult<Gen> {
         dispatch!(self, b => b.generation(key).await)
+    }
+
+    async fn lease(
+        &self,
+        key: &str,
+        token: &str,
+        lease: Duration,
+        on_wait: &OnWait<'_>,
+    ) -> BackendResult<LeaseReply> {
+        dispatch!(self, b => b.lease(key, token, lease, on_wait).await)
+    }
+
+    async fn release(&self, key: &str, token: &str) -> BackendResult<()> {
+        dispatch!(self, b => b.release(key, token).await)
     }
 
     async fn fill(
@@ -228,14 +248,6 @@ impl Backend for AnyBackend {
         token: Option<&str>,
     ) -> BackendResult<bool> {
         dispatch!(self, b => b.fill(key, value, ttl, generation, token).await)
-    }
-
-    async fn lease(&self, key: &str, token: &str, lease: Duration) -> BackendResult<LeaseReply> {
-        dispatch!(self, b => b.lease(key, token, lease).await)
-    }
-
-    async fn release(&self, key: &str, token: &str) -> BackendResult<()> {
-        dispatch!(self, b => b.release(key, token).await)
     }
 
     async fn write(&self, key: &str, value: Stored, ttl: Duration) -> BackendResult<()> {
@@ -252,9 +264,5 @@ impl Backend for AnyBackend {
 
     fn keeps_typed(&self) -> bool {
         dispatch!(self, b => b.keeps_typed())
-    }
-
-    fn shares_leases(&self) -> bool {
-        dispatch!(self, b => b.shares_leases())
     }
 }

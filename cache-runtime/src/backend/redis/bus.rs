@@ -174,7 +174,7 @@ impl Bus {
             .is_some_and(|t| !t.is_finished())
     }
 
-    fn start(&self) {
+    pub(super) fn start(&self) {
         let mut task = self.task.lock().unwrap_or_else(|e| e.into_inner());
         if task.as_ref().is_some_and(|t| !t.is_finished()) {
             return;

@@ -1,0 +1,197 @@
+//! The command connection: one multiplexed `ConnectionManager` per Tokio runtime that uses
+//! the cache, behind a circuit breaker and one timer per operation.
+//!
+//! A `ConnectionManager` belongs to the runtime it was created in: its driver task runs
+//! there, and dies with it. A `Cache` in a `static`, or the default cache under several
+//! `#[tokio::test]`s, is used from several runtimes, one after the other or at once. So each
+//! runtime gets its own connection, made lazily on its first operation; a connection whose
+//! runtime has shut down is dropped. The common case, one runtime, costs one atomic load and
+//! a comparison per operation.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{ErrorKind as RedisKind, RedisError};
+use tokio::runtime::{Handle, Id};
+use tokio::task::JoinHandle;
+
+use super::RedisOptions;
+use crate::backend::{BackendError, BackendResult};
+use crate::breaker::{Breaker, FailureKind, FailureLog};
+
+/// The connection of one runtime.
+struct Slot {
+    runtime: Id,
+    manager: ConnectionManager,
+    /// A task that never ends on its own: finished means the runtime has shut down.
+    alive: JoinHandle<()>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.alive.abort();
+    }
+}
+
+pub(super) struct Connections {
+    client: redis::Client,
+    options: RedisOptions,
+    /// The slot used last: checked first.
+    current: ArcSwapOption<Slot>,
+    /// Every live slot.
+    slots: Mutex<Vec<Arc<Slot>>>,
+    breaker: Breaker,
+    log: Arc<FailureLog>,
+}
+
+/// Whether a Redis error means "the server answered, but not with what we wanted" (the key
+/// holds another type, a script error, ...) rather than "we could not talk to the server".
+fn is_reply_error(e: &RedisError) -> bool {
+    matches!(
+        e.kind(),
+        RedisKind::Server(_) | RedisKind::Extension | RedisKind::UnexpectedReturnType
+    )
+}
+
+/// Clears a half-open breaker's probe if the operation is dropped before it finished.
+struct ProbeGuard<'a> {
+    breaker: &'a Breaker,
+    armed: bool,
+}
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.breaker.abandon_probe();
+        }
+    }
+}
+
+impl Connections {
+    pub(super) fn new(client: redis::Client, options: RedisOptions, log: Arc<FailureLog>) -> Self {
+        Connections {
+            breaker: Breaker::new(options.breaker_threshold, options.breaker_cooldown),
+            client,
+            options,
+            current: ArcSwapOption::empty(),
+            slots: Mutex::new(Vec::new()),
+            log,
+        }
+    }
+
+    /// The connection of the current runtime, created (not connected) on first use.
+    fn connection(&self) -> BackendResult<ConnectionManager> {
+        let handle = Handle::try_current().map_err(|_| {
+            BackendError::Unavailable("not called inside a Tokio runtime".to_owned())
+        })?;
+        let runtime = handle.id();
+        if let Some(slot) = &*self.current.load() {
+            if slot.runtime == runtime {
+                return Ok(slot.manager.clone());
+            }
+        }
+        self.connection_slow(&handle, runtime)
+    }
+
+    #[cold]
+    fn connection_slow(&self, handle: &Handle, runtime: Id) -> BackendResult<ConnectionManager> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        // Connections of runtimes that have shut down are dead: drop them.
+        slots.retain(|s| !s.alive.is_finished());
+        if let Some(slot) = slots.iter().find(|s| s.runtime == runtime) {
+            self.current.store(Some(slot.clone()));
+            return Ok(slot.manager.clone());
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.options.connect_timeout))
+            // No response timeout in redis-rs: `run` bounds the whole operation (including a
+            // wait for a reconnection) with one timer, instead of two timers per command.
+            .set_response_timeout(None)
+            // One attempt per reconnection; the breaker paces the attempts.
+            .set_number_of_retries(0);
+        let manager = ConnectionManager::new_lazy_with_config(self.client.clone(), config)
+            .map_err(|e| BackendError::Unavailable(e.to_string()))?;
+        let slot = Arc::new(Slot {
+            runtime,
+            manager: manager.clone(),
+            alive: handle.spawn(std::future::pending()),
+        });
+        slots.push(slot.clone());
+        self.current.store(Some(slot));
+        Ok(manager)
+    }
+
+    /// Runs one operation through the breaker and the timeout, classifying its failure.
+    pub(super) async fn run<T, F, Fut>(&self, op: &'static str, f: F) -> BackendResult<T>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let Some(probe) = self.breaker.acquire() else {
+            return Err(BackendError::Unavailable(
+                "circuit breaker open after repeated failures".to_owned(),
+            ));
+        };
+        let mut guard = ProbeGuard {
+            breaker: &self.breaker,
+            armed: probe,
+        };
+        let conn = self.connection()?;
+        let result = tokio::time::timeout(self.options.operation_timeout, f(conn)).await;
+        guard.armed = false;
+        match result {
+            Ok(Ok(v)) => {
+                if self.breaker.success() {
+                    tracing::info!(target: "cache_runtime", "redis is reachable again; caching resumed");
+                }
+                Ok(v)
+            }
+            Ok(Err(e)) if is_reply_error(&e) => {
+                self.breaker.success();
+                Err(BackendError::Data(e.to_string()))
+            }
+            Ok(Err(e)) => {
+                let err = if e.is_timeout() {
+                    BackendError::Timeout
+                } else {
+                    BackendError::Unavailable(e.to_string())
+                };
+                self.connectivity_failure(op, &err);
+                Err(err)
+            }
+            Err(_elapsed) => {
+                let err = BackendError::Timeout;
+                self.connectivity_failure(op, &err);
+                Err(err)
+            }
+        }
+    }
+
+    fn connectivity_failure(&self, op: &'static str, err: &BackendError) {
+        let opened = self.breaker.failure();
+        let kind = match err {
+            BackendError::Timeout => FailureKind::Timeout,
+            _ => FailureKind::Unavailable,
+        };
+        if opened {
+            tracing::warn!(
+                target: "cache_runtime",
+                "redis {op} failed ({err}); circuit breaker open, calls bypass the cache and retry redis every {:?}",
+                self.options.breaker_cooldown
+            );
+        } else {
+            self.log.warn(
+                kind,
+                &format_args!("redis {op} failed ({err}); the call runs uncached"),
+            );
+        }
+    }
+
+    /// How long one operation may take.
+    pub(super) fn operation_timeout(&self) -> Duration {
+        self.options.operation_timeout
+    }
+}

@@ -1,0 +1,469 @@
+//! [`Fetch`]: one cached call's way through the cache, compiled once for every function.
+//!
+//! The generic shell ([`super::cached`]) asks [`Fetch::lookup`] for a step, decodes what it
+//! found ([`Fetch::hit`] or [`Fetch::unusable`]), or runs the body between
+//! [`Fetch::begin_load`] and [`Fetch::end_load`] and hands the result's [`Verdict`] to
+//! [`Fetch::complete`]. A `Fetch` dropped on the way (a panic in the body, a cancelled
+//! future) tells the key's followers to retry and gives its lease back: see the guards in
+//! `flight` and `store`.
+
+use std::time::{Duration, Instant};
+
+use crate::backend::{BackendError, Gen, Read, Stored};
+use crate::breaker::FailureKind;
+use crate::cache::Cache;
+use crate::engine::Call;
+use crate::envelope::{DecodeError, EncodeError};
+use crate::flight::{Follower, LeaderGuard, Outcome, Role};
+use crate::key::CallKey;
+use crate::stats::{Site, SiteStats, StatsRef};
+use crate::store::{Lease, LeaseGuard, Store};
+
+/// How long an in-process follower waits for its leader without `lock` before taking over.
+const FOLLOWER_WAIT: Duration = Duration::from_secs(30);
+
+/// What the shell does next.
+pub(crate) enum Step {
+    /// Decode this value, then call [`Fetch::hit`] or [`Fetch::unusable`].
+    Found(Stored),
+    /// Run the function.
+    Load,
+}
+
+/// What a load's result means for the cache, as the shell classified and encoded it.
+pub(crate) enum Verdict {
+    /// A value to store (and to share with the followers).
+    Store(Stored),
+    /// A `None`: stored only with `cache_none`, shared either way.
+    StoreNone(Stored),
+    /// Not to be stored (`unless`), but shared with the followers.
+    Share(Stored),
+    /// An error: neither stored nor shared.
+    Error,
+    /// Nobody wants the value (a bypass): not encoded.
+    Skip,
+    /// The value cannot be encoded (its `Serialize` failed, or JSON cannot represent it).
+    Unencodable(EncodeError),
+}
+
+impl Verdict {
+    pub(crate) fn new(stored: Stored, none: bool, rejected: bool) -> Verdict {
+        match (rejected, none) {
+            (true, _) => Verdict::Share(stored),
+            (false, true) => Verdict::StoreNone(stored),
+            (false, false) => Verdict::Store(stored),
+        }
+    }
+}
+
+enum State<'a> {
+    /// Nothing yet, or finished.
+    Idle,
+    /// No key: the call bypasses the cache.
+    Bypass,
+    /// A value read without coalescing (memory), being decoded.
+    Direct { key: String },
+    /// This call leads the key's flight: decoding what it found, or loading.
+    Lead {
+        guard: LeaderGuard<'a>,
+        /// What to fill against (`None`: unknown because the backend failed; do not fill).
+        generation: Option<Gen>,
+        lease: Option<LeaseGuard>,
+    },
+    /// This call received its leader's value, being decoded.
+    Follow,
+    /// A load outside any flight; filled if the key and generation are known.
+    Solo {
+        key: Option<String>,
+        generation: Option<Gen>,
+    },
+}
+
+/// One cached call: see the module docs.
+pub(crate) struct Fetch<'a> {
+    store: &'a Store,
+    site: &'static Site,
+    stats: StatsRef<'a>,
+    key: Option<String>,
+    state: State<'a>,
+    load_started: Option<Instant>,
+    load_time: Duration,
+    /// Between `begin_load` and `end_load`: a drop then is a panic or a cancellation.
+    loading: bool,
+}
+
+impl Drop for Fetch<'_> {
+    fn drop(&mut self) {
+        if self.loading && std::thread::panicking() {
+            SiteStats::inc(&self.stats.load_errors);
+        }
+    }
+}
+
+impl<'a> Fetch<'a> {
+    pub(crate) fn new(call: Call<'a>) -> Self {
+        let cache: &'a Cache = call.cache;
+        let stats = call.site.stats(cache.stats_registry(), call.self_type);
+        let key = match call.key {
+            CallKey::Key(key) => Some(key),
+            CallKey::Condition => None,
+            CallKey::Unrenderable => {
+                cache.store().log().warn(
+                    FailureKind::Key,
+                    &format_args!(
+                        "the cache key of `{}` could not be rendered (an argument's Display or Serialize failed); the call runs uncached",
+                        call.site.label(call.self_type)
+                    ),
+                );
+                None
+            }
+        };
+        Fetch {
+            store: cache.store(),
+            site: call.site,
+            stats,
+            key,
+            state: State::Idle,
+            load_started: None,
+            load_time: Duration::ZERO,
+            loading: false,
+        }
+    }
+
+    /// Finds the value, or decides that this call loads it.
+    pub(crate) async fn lookup(&mut self) -> Step {
+        let Some(mut key) = self.key.take() else {
+            SiteStats::inc(&self.stats.bypassed);
+            self.state = State::Bypass;
+            return Step::Load;
+        };
+        let store = self.store;
+        if !store.coalesce_reads() {
+            // Memory: a read costs less than joining a flight.
+            match store.read(&key).await {
+                Ok(Some(stored)) => {
+                    self.state = State::Direct { key };
+                    return Step::Found(stored);
+                }
+                Ok(None) => {}
+                Err(e) => self.backend_failure(&e),
+            }
+        }
+        loop {
+            match store.join(key) {
+                Role::Leader(guard) => return self.lead(guard).await,
+                Role::Follower(follower) => match self.follow(follower).await {
+                    Ok(stored) => {
+                        self.state = State::Follow;
+                        return Step::Found(stored);
+                    }
+                    Err(again) => key = again,
+                },
+            }
+        }
+    }
+
+    /// Waits for the leader: its value, or the key to join again.
+    async fn follow(&self, follower: Follower) -> Result<Stored, String> {
+        let max_wait = self.site.lock.unwrap_or(FOLLOWER_WAIT);
+        match tokio::time::timeout(max_wait, follower.wait()).await {
+            Ok(Outcome::Value(stored)) => Ok(stored),
+            Ok(Outcome::Retry) => Err(follower.into_key()),
+            Err(_elapsed) => {
+                // The leader is stuck (a hung query, a lost wake-up). The first follower to
+                // get here detaches its flight; every follower then joins again, so exactly
+                // one of them leads the next attempt.
+                if self.store.flights().detach(follower.flight()) {
+                    SiteStats::inc(&self.stats.takeovers);
+                }
+                Err(follower.into_key())
+            }
+        }
+    }
+
+    /// Leads the flight of `guard`: reads, or leases, the key.
+    async fn lead(&mut self, guard: LeaderGuard<'a>) -> Step {
+        let store = self.store;
+        let key = guard.flight().key();
+        let (found, generation, lease) = match self.site.lock {
+            Some(lease_len) => match store
+                .lease(key, lease_len, &|| SiteStats::inc(&self.stats.lock_waits))
+                .await
+            {
+                Ok((answer, waited)) => {
+                    if let Some(waited) = waited {
+                        self.stats.record_wait(waited);
+                    }
+                    match answer {
+                        Lease::Hit(stored) => (Some(stored), None, None),
+                        Lease::Acquired(generation, lease) => {
+                            SiteStats::inc(&self.stats.lock_acquired);
+                            if waited.is_some() {
+                                SiteStats::inc(&self.stats.takeovers);
+                            }
+                            (None, Some(generation), Some(lease))
+                        }
+                        Lease::WaitedOut(generation) => {
+                            SiteStats::inc(&self.stats.wait_timeouts);
+                            (None, Some(generation), None)
+                        }
+                    }
+                }
+                Err(e) => (None, self.failed_read(key, &e).await, None),
+            },
+            None => match store.read_for_fill(key).await {
+                Ok(Read::Hit(stored)) => (Some(stored), None, None),
+                Ok(Read::Miss(generation)) => (None, Some(generation), None),
+                Err(e) => (None, self.failed_read(key, &e).await, None),
+            },
+        };
+        self.state = State::Lead {
+            guard,
+            generation,
+            lease,
+        };
+        match found {
+            Some(stored) => Step::Found(stored),
+            None => Step::Load,
+        }
+    }
+
+    /// A read failed: count it; the generation to fill against, if it can be had.
+    async fn failed_read(&self, key: &str, e: &BackendError) -> Option<Gen> {
+        match e {
+            // The key holds another Redis type, say: a miss, and the fill overwrites it.
+            BackendError::Data(msg) => {
+                self.decode_failure(msg);
+                self.store.generation(key).await.ok()
+            }
+            // Without the generation a fill could be stale: it is skipped.
+            _ => {
+                self.backend_failure(e);
+                None
+            }
+        }
+    }
+
+    /// The value found decoded: the call returns it.
+    pub(crate) fn hit(&mut self, stored: Stored) {
+        SiteStats::inc(&self.stats.hits);
+        match std::mem::replace(&mut self.state, State::Idle) {
+            State::Lead { guard, .. } => guard.publish(Outcome::Value(stored)),
+            State::Follow => SiteStats::inc(&self.stats.coalesced),
+            _ => {}
+        }
+    }
+
+    /// The value found does not decode (another program's data, an older layout): a miss,
+    /// and the load's fill overwrites it.
+    pub(crate) async fn unusable(&mut self, e: &DecodeError) {
+        self.decode_failure(e);
+        self.state = match std::mem::replace(&mut self.state, State::Idle) {
+            State::Lead { guard, lease, .. } => {
+                let generation = self.store.generation(guard.flight().key()).await.ok();
+                State::Lead {
+                    guard,
+                    generation,
+                    lease,
+                }
+            }
+            State::Direct { key } => {
+                let generation = self.store.generation(&key).await.ok();
+                State::Solo {
+                    key: Some(key),
+                    generation,
+                }
+            }
+            // The leader decoded what this call could not: load, and leave the entry alone.
+            _ => State::Solo {
+                key: None,
+                generation: None,
+            },
+        };
+    }
+
+    /// The function starts running.
+    pub(crate) fn begin_load(&mut self) {
+        if !matches!(self.state, State::Bypass) {
+            SiteStats::inc(&self.stats.misses);
+        }
+        self.loading = true;
+        self.load_started = Some(Instant::now());
+    }
+
+    /// The function returned.
+    pub(crate) fn end_load(&mut self) {
+        self.loading = false;
+        self.load_time = self.load_started.map_or(Duration::ZERO, |t| t.elapsed());
+        self.stats.record_load(self.load_time);
+    }
+
+    /// How long the function ran.
+    pub(crate) fn load_time(&self) -> Duration {
+        self.load_time
+    }
+
+    /// Whether the result will be stored or shared (otherwise the shell need not encode it).
+    pub(crate) fn wants_value(&self) -> bool {
+        match &self.state {
+            State::Lead { .. } => true,
+            State::Solo { key, generation } => key.is_some() && generation.is_some(),
+            _ => false,
+        }
+    }
+
+    /// Whether stored values may carry their decoded form.
+    pub(crate) fn keeps_typed(&self) -> bool {
+        self.store.keeps_typed()
+    }
+
+    /// Stores and shares the load's result as its verdict says.
+    pub(crate) async fn complete(&mut self, verdict: Verdict) {
+        let (stored, none) = match verdict {
+            Verdict::Store(stored) => (stored, false),
+            Verdict::StoreNone(stored) => (stored, true),
+            Verdict::Share(stored) => {
+                SiteStats::inc(&self.stats.not_stored);
+                self.share(stored).await;
+                return;
+            }
+            Verdict::Error => {
+                SiteStats::inc(&self.stats.load_errors);
+                if !matches!(self.state, State::Bypass) {
+                    SiteStats::inc(&self.stats.not_stored);
+                }
+                self.retry().await;
+                return;
+            }
+            Verdict::Skip => {
+                self.retry().await;
+                return;
+            }
+            Verdict::Unencodable(e) => {
+                SiteStats::inc(&self.stats.not_stored);
+                self.store.log().warn(
+                    FailureKind::Encode,
+                    &format_args!(
+                        "result of `{}` could not be encoded, not cached: {e}",
+                        self.site.label(None)
+                    ),
+                );
+                self.retry().await;
+                return;
+            }
+        };
+        if none && !self.site.cache_none {
+            SiteStats::inc(&self.stats.not_stored);
+            self.share(stored).await;
+            return;
+        }
+        let ttl = self.site.ttl.unwrap_or(self.store.default_ttl());
+        let ttl = if none {
+            self.site.none_ttl.unwrap_or(ttl)
+        } else {
+            ttl
+        };
+        match std::mem::replace(&mut self.state, State::Idle) {
+            State::Lead {
+                guard,
+                generation,
+                lease,
+            } => {
+                let key = guard.flight().key();
+                // The followers hear the outcome only after the fill's verdict: a fill
+                // rejected as stale means a write or invalidation happened during the load
+                // (possibly in another process), and a caller that joined after it must not
+                // get this value.
+                let outcome = match generation {
+                    // Written or invalidated through this process while the function ran.
+                    Some(_) if guard.flight().is_stale() => {
+                        SiteStats::inc(&self.stats.stale_fills);
+                        self.release(lease).await;
+                        Outcome::Retry
+                    }
+                    Some(generation) => {
+                        let filled = self
+                            .store
+                            .fill(key, stored.clone(), ttl, &generation, lease)
+                            .await;
+                        match filled {
+                            Ok(true) => Outcome::Value(stored),
+                            // Written or invalidated (in any process) while the function
+                            // ran: storing would have put back a value older than the write.
+                            Ok(false) => {
+                                SiteStats::inc(&self.stats.stale_fills);
+                                Outcome::Retry
+                            }
+                            // The lease (if any) is released in the background.
+                            Err(e) => {
+                                self.backend_failure(&e);
+                                Outcome::Value(stored)
+                            }
+                        }
+                    }
+                    // The read failed: without the generation a fill could be stale.
+                    None => {
+                        self.release(lease).await;
+                        Outcome::Value(stored)
+                    }
+                };
+                guard.publish(outcome);
+            }
+            State::Solo {
+                key: Some(key),
+                generation: Some(generation),
+            } => match self.store.fill(&key, stored, ttl, &generation, None).await {
+                Ok(true) => {}
+                Ok(false) => SiteStats::inc(&self.stats.stale_fills),
+                Err(e) => self.backend_failure(&e),
+            },
+            _ => {}
+        }
+    }
+
+    /// The result is not stored, but the followers may have it.
+    async fn share(&mut self, stored: Stored) {
+        if let State::Lead { guard, lease, .. } = std::mem::replace(&mut self.state, State::Idle) {
+            self.release(lease).await;
+            guard.publish(Outcome::Value(stored));
+        }
+    }
+
+    /// Nothing to share: the lease goes back, and one follower leads the next attempt.
+    async fn retry(&mut self) {
+        if let State::Lead { guard, lease, .. } = std::mem::replace(&mut self.state, State::Idle) {
+            self.release(lease).await;
+            guard.publish(Outcome::Retry);
+        }
+    }
+
+    async fn release(&self, lease: Option<LeaseGuard>) {
+        if let Some(lease) = lease {
+            if let Err(e) = self.store.release(lease).await {
+                self.backend_failure(&e);
+            }
+        }
+    }
+
+    fn decode_failure(&self, e: &dyn std::fmt::Display) {
+        SiteStats::inc(&self.stats.decode_errors);
+        self.store.log().warn(
+            FailureKind::Decode,
+            &format_args!(
+                "cached value of `{}` is unusable ({e}); treated as a miss and overwritten",
+                self.site.label(None)
+            ),
+        );
+    }
+
+    fn backend_failure(&self, e: &BackendError) {
+        SiteStats::inc(&self.stats.backend_errors);
+        // The backend logs connectivity failures itself (it knows about the breaker).
+        if let BackendError::Data(msg) = e {
+            self.store.log().warn(
+                FailureKind::Server,
+                &format_args!("cache operation failed ({msg}); the result is returned uncached"),
+            );
+        }
+    }
+}

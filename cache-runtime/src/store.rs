@@ -1,0 +1,241 @@
+//! The one internal store API: what the manual API ([`Cache::get`](crate::Cache::get), `set`,
+//! `invalidate`) and the engine use to reach the backend.
+//!
+//! It owns the rules that hold whoever calls:
+//!
+//! * a write or invalidation detaches the key's in-process flight, before and after the
+//!   backend operation, so a lookup that starts after it never joins a load that started
+//!   before it, and the detached load's fill is not stored;
+//! * a lease is released if its holder goes away without filling (a panic, a cancelled
+//!   future, a lost answer): [`LeaseGuard`] gives it back in the background when dropped;
+//! * every operation is non-generic: the store, like the backends, is compiled once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::backend::{
+    AnyBackend, Backend, BackendError, BackendResult, Gen, Leased, OnWait, Read, Stored,
+};
+use crate::breaker::FailureLog;
+use crate::flight::{Flights, Role};
+
+/// A random token (lease tokens, generations): 128 bits from the std hasher's random keys and
+/// a process-wide counter.
+pub(crate) fn new_token() -> String {
+    use std::hash::{BuildHasher, RandomState};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let a = RandomState::new().hash_one((n, std::process::id()));
+    let b = RandomState::new().hash_one((std::time::Instant::now(), n));
+    format!("{a:016x}{b:016x}")
+}
+
+pub(crate) struct Store {
+    backend: Arc<AnyBackend>,
+    flights: Flights,
+    namespace: String,
+    default_ttl: Duration,
+    log: Arc<FailureLog>,
+}
+
+/// The answer to [`Store::lease`].
+pub(crate) enum Lease {
+    /// The value is there.
+    Hit(Stored),
+    /// This caller holds the lease: load, then fill against the generation.
+    Acquired(Gen, LeaseGuard),
+    /// Waited as long as allowed for another holder: load without the lease.
+    WaitedOut(Gen),
+}
+
+impl Store {
+    pub(crate) fn new(
+        backend: AnyBackend,
+        namespace: String,
+        default_ttl: Duration,
+        log: Arc<FailureLog>,
+    ) -> Self {
+        Store {
+            backend: Arc::new(backend),
+            flights: Flights::new(),
+            namespace,
+            default_ttl,
+            log,
+        }
+    }
+
+    pub(crate) fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    pub(crate) fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    pub(crate) fn default_ttl(&self) -> Duration {
+        self.default_ttl
+    }
+
+    pub(crate) fn log(&self) -> &FailureLog {
+        &self.log
+    }
+
+    /// Whether concurrent lookups of one key should share one read (see
+    /// [`Backend::coalesce_reads`]).
+    pub(crate) fn coalesce_reads(&self) -> bool {
+        self.backend.coalesce_reads()
+    }
+
+    /// Whether stored values may carry their decoded form (see [`Stored::typed`]).
+    pub(crate) fn keeps_typed(&self) -> bool {
+        self.backend.keeps_typed()
+    }
+
+    /// Joins the in-process flight of `key`, or starts one.
+    pub(crate) fn join(&self, key: String) -> Role<'_> {
+        self.flights.join(key)
+    }
+
+    pub(crate) fn flights(&self) -> &Flights {
+        &self.flights
+    }
+
+    /// The value under `key`.
+    pub(crate) async fn read(&self, key: &str) -> BackendResult<Option<Stored>> {
+        self.backend.read(key).await
+    }
+
+    /// The value under `key`, or its generation.
+    pub(crate) async fn read_for_fill(&self, key: &str) -> BackendResult<Read> {
+        self.backend.read_for_fill(key).await
+    }
+
+    /// The generation of `key`.
+    pub(crate) async fn generation(&self, key: &str) -> BackendResult<Gen> {
+        self.backend.generation(key).await
+    }
+
+    /// The value, or the lease of `key` for `lease`, or a wait for its holder (`on_wait` is
+    /// called when one begins); with how long it waited. On an error the lease may have been granted with its answer lost: it is
+    /// released in the background.
+    pub(crate) async fn lease(
+        &self,
+        key: &str,
+        lease: Duration,
+        on_wait: &OnWait<'_>,
+    ) -> BackendResult<(Lease, Option<Duration>)> {
+        let token = new_token();
+        match self.backend.lease(key, &token, lease, on_wait).await {
+            Ok(reply) => {
+                let answer = match reply.answer {
+                    Leased::Hit(stored) => Lease::Hit(stored),
+                    Leased::Acquired(generation) => {
+                        Lease::Acquired(generation, self.lease_guard(key, token))
+                    }
+                    Leased::WaitedOut(generation) => Lease::WaitedOut(generation),
+                };
+                Ok((answer, reply.waited))
+            }
+            Err(e) => {
+                drop(self.lease_guard(key, token));
+                Err(e)
+            }
+        }
+    }
+
+    fn lease_guard(&self, key: &str, token: String) -> LeaseGuard {
+        LeaseGuard {
+            backend: Some(self.backend.clone()),
+            key: key.to_owned(),
+            token,
+        }
+    }
+
+    /// Stores a load's result if `key`'s generation is still `generation`, releasing `lease`.
+    /// Returns whether it was stored.
+    pub(crate) async fn fill(
+        &self,
+        key: &str,
+        value: Stored,
+        ttl: Duration,
+        generation: &Gen,
+        lease: Option<LeaseGuard>,
+    ) -> BackendResult<bool> {
+        let token = lease.as_ref().map(|l| l.token.as_str());
+        let filled = self.backend.fill(key, value, ttl, generation, token).await;
+        if filled.is_ok() {
+            // The fill script released it. On an error, the guard releases it in the
+            // background as it drops.
+            lease.map(LeaseGuard::disarm);
+        }
+        filled
+    }
+
+    /// Gives `lease` back at once (the load's result is not stored), waking the waiters.
+    pub(crate) async fn release(&self, lease: LeaseGuard) -> BackendResult<()> {
+        let key = lease.key.clone();
+        let token = lease.disarm();
+        self.backend.release(&key, &token).await
+    }
+
+    /// Stores `value` under `key`: a write. Loads of `key` running now, in any process, do
+    /// not store their results over it.
+    pub(crate) async fn write(&self, key: &str, value: Stored, ttl: Duration) -> BackendResult<()> {
+        // Detach in-flight lookups before the write (their fills are then not stored) and
+        // after it (a lookup that started in between may have read the old value).
+        self.flights.invalidate(key);
+        let written = self.backend.write(key, value, ttl).await;
+        self.flights.invalidate(key);
+        written
+    }
+
+    /// Removes `keys`. Loads of them running now, in any process, do not store their results.
+    pub(crate) async fn invalidate(&self, keys: &[&str]) -> BackendResult<()> {
+        for key in keys {
+            self.flights.invalidate(key);
+        }
+        let done = self.backend.invalidate(keys).await;
+        for key in keys {
+            self.flights.invalidate(key);
+        }
+        done
+    }
+}
+
+/// A held lease. Dropped without [`LeaseGuard::disarm`] (the holder panicked or was
+/// cancelled, or its fill failed), it is released in the background so that waiters need not
+/// wait for it to expire.
+pub(crate) struct LeaseGuard {
+    backend: Option<Arc<AnyBackend>>,
+    key: String,
+    token: String,
+}
+
+impl LeaseGuard {
+    /// Stops the background release; returns the token.
+    fn disarm(mut self) -> String {
+        self.backend = None;
+        std::mem::take(&mut self.token)
+    }
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        let Some(backend) = self.backend.take() else {
+            return;
+        };
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            // No runtime to release from: the lease expires on its own.
+            return;
+        };
+        let key = std::mem::take(&mut self.key);
+        let token = std::mem::take(&mut self.token);
+        handle.spawn(async move {
+            // A connectivity failure is logged by the backend; the lease then expires.
+            if let Err(BackendError::Data(msg)) = backend.release(&key, &token).await {
+                tracing::debug!(target: "cache_runtime", "releasing a lease failed: {msg}");
+            }
+        });
+    }
+}
