@@ -265,7 +265,8 @@ impl Cache {
         self.inner.default_ttl
     }
 
-    /// The backend key for `key`: `<namespace>:<key>`, or `key` without a namespace.
+    /// The backend key for `key`: `<namespace>:<key>`, or `key` without a namespace; the same
+    /// key a function whose `key = "..."` renders `key` uses.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -291,10 +292,9 @@ impl Cache {
     ///
     /// [`ErrorKind::Unavailable`] or [`ErrorKind::Timeout`] when the backend cannot be reached
     /// (including while the circuit breaker is open); [`ErrorKind::Backend`] when it replies
-    /// with an error; [`ErrorKind::InvalidKey`] for a key with a `}` that does not close a hash
-    /// tag.
+    /// with an error.
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
-        let full = self.checked_key(key)?;
+        let full = self.full_key(key);
         let Some(stored) = self.inner.backend.read(&full).await?.value else {
             return Ok(None);
         };
@@ -328,7 +328,7 @@ impl Cache {
         if ttl.is_zero() {
             return Err(Error::config("ttl must be greater than zero"));
         }
-        let full = self.checked_key(key)?;
+        let full = self.full_key(key);
         let bytes = envelope::encode(value, Duration::ZERO)
             .map_err(|e| Error::new(ErrorKind::Encode, e.to_string()))?;
         // Detach in-flight lookups before the write (their fills are then not stored) and
@@ -353,28 +353,13 @@ impl Cache {
     ///
     /// As [`Cache::get`].
     pub async fn invalidate(&self, key: &str) -> Result<()> {
-        let full = self.checked_key(key)?;
+        let full = self.full_key(key);
         // Before and after, as in `set`.
         self.inner.flights.invalidate(&full);
         let done = self.inner.backend.invalidate(&[&full]).await;
         self.inner.flights.invalidate(&full);
         done?;
         Ok(())
-    }
-
-    /// The full key, if it can be used: a `}` must close a Redis Cluster hash tag, or the
-    /// key's lease and generation would land in another hash slot.
-    fn checked_key(&self, key: &str) -> Result<String> {
-        let full = self.full_key(key);
-        if full.contains('}') && !key::has_hash_tag(&full) {
-            return Err(Error::new(
-                ErrorKind::InvalidKey,
-                format!(
-                    "{key:?} contains a `}}` that does not close a hash tag; escape the parts of the key with escape_key_part"
-                ),
-            ));
-        }
-        Ok(full)
     }
 
     /// A snapshot of the per-function counters; `Display` prints them as a table.

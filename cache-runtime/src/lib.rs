@@ -184,6 +184,9 @@ pub mod __private {
     pub use crate::cache::Cache;
     pub use crate::engine::{Call, cached};
     pub use crate::key::{CallKey, KeyWriter};
+    /// For the integration tests: auxiliary key names and hash slots, checked against a real
+    /// cluster node.
+    pub use crate::key::{aux_key, key_slot};
     pub use crate::mode::{
         Mode, Tag, Typed, ViaOption, ViaPlain, ViaResult, ViaResultOption, ViaTyped, ViaUntyped,
         require_cache_none,
