@@ -6,6 +6,7 @@
 mod support;
 
 mod behaviour;
+mod cluster_node;
 mod coalescing;
 mod redis_failures;
 mod shapes;
