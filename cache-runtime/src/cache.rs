@@ -268,19 +268,30 @@ impl Cache {
     /// The backend key for `key`: `<namespace>:<key>`, or `key` without a namespace; the same
     /// key a function whose `key = "..."` renders `key` uses.
     ///
+    /// A full key longer than 256 bytes (or containing `%#`) is replaced by its digest form,
+    /// at most 256 bytes long: `<readable prefix>%#<digest>[{<hash tag>}]`, where the digest is
+    /// the first 16 bytes of the SHA-256 of the full key in lowercase hex, the readable prefix
+    /// is the full key's beginning (cut at a character boundary, braces written `%7B`/`%7D`),
+    /// and the full key's Redis Cluster hash tag, if it has one of at most 64 bytes, is
+    /// re-appended so that the key keeps its hash slot.
+    ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
     /// let cache = cache_runtime::Cache::builder().namespace("app").build().await.unwrap();
     /// assert_eq!(cache.full_key("user:42"), "app:user:42");
+    /// let long = cache.full_key(&format!("{{tenant}}:search:{}", "x".repeat(300)));
+    /// assert_eq!(long.len(), 256);
+    /// assert!(long.starts_with("app:%7Btenant%7D:search:xxx"));
+    /// assert!(long.ends_with("{tenant}"));
     /// # }
     /// ```
     pub fn full_key(&self, key: &str) -> String {
         let ns = &self.inner.namespace;
-        if ns.is_empty() {
+        key::bound_key(if ns.is_empty() {
             key.to_owned()
         } else {
             format!("{ns}:{key}")
-        }
+        })
     }
 
     /// Reads the value stored under `key` (without the namespace, which is added), the same

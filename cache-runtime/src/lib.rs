@@ -126,6 +126,10 @@ pub use crate::stats::{FunctionStats, LOW_HIT_RATE, Stats};
 /// prepended: `<namespace>:<key>`. The default key needs every parameter to be `Serialize`;
 /// with other parameters (a connection pool, say) write a `key`.
 ///
+/// A key longer than 256 bytes (namespace and version included) is stored under a bounded
+/// form: a readable prefix and a SHA-256 digest of the whole key, keeping a hash tag of up to
+/// 64 bytes (see [`Cache::full_key`]), so a huge argument never makes a huge Redis key.
+///
 /// # Return types
 ///
 /// `Result<T, E>` caches `Ok` only; `Option<T>` caches `Some` only unless `cache_none`;

@@ -212,6 +212,32 @@ async fn placeholder_tag_locked(
     Ok(user(tenant, region, id))
 }
 
+// Long keys: stored in digest form, which keeps a short hash tag.
+#[cached(cache = cache, key = "{{{tenant}}}:long:{region}:{id}", ttl = 60)]
+async fn long(
+    cache: &Cache,
+    calls: &Calls,
+    tenant: &str,
+    region: &str,
+    id: u64,
+) -> Result<User, String> {
+    calls.hit();
+    Ok(user(tenant, region, id))
+}
+
+#[cached(cache = cache, key = "{{{tenant}}}:long:{region}:{id}", ttl = 60, lock = 5)]
+async fn long_locked(
+    cache: &Cache,
+    calls: &Calls,
+    tenant: &str,
+    region: &str,
+    id: u64,
+) -> Result<User, String> {
+    calls.hit();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    Ok(user(tenant, region, id))
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Shape {
     Plain,
@@ -453,5 +479,78 @@ async fn aux_keys_share_the_value_keys_slot_on_a_real_node() {
             let aux = aux_key(prefix, key);
             assert_eq!(cluster_keyslot(&mut conn, &aux).await, slot, "{aux:?}");
         }
+    }
+}
+
+/// Long keys (a huge argument, long manual keys with braces anywhere) on the cluster node: the
+/// digest form keeps a short hash tag, so the key stays in its slot, and its auxiliary keys
+/// share the digest form's slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_keys_on_a_cluster_node() {
+    let node = RedisServer::start_cluster_node();
+    let cache = cluster_cache(&node, "cluster_long").await;
+    let mut conn = raw_connection(&node.url()).await;
+    let region = "r".repeat(500);
+    for tenant in ["acme", ""] {
+        for locked in [false, true] {
+            let calls = Calls::new();
+            let expected = Ok(user(tenant, &region, 7));
+            for _ in 0..2 {
+                let got = if locked {
+                    long_locked(&cache, &calls, tenant, &region, 7).await
+                } else {
+                    long(&cache, &calls, tenant, &region, 7).await
+                };
+                assert_eq!(got, expected);
+            }
+            assert_eq!(
+                calls.get(),
+                1,
+                "{tenant:?} (lock: {locked}): the second call is a hit"
+            );
+            let key = format!("{{{tenant}}}:long:{region}:7");
+            let stored = cache.full_key(&key);
+            assert!(stored.len() <= 256, "{stored}");
+            assert_eq!(
+                cache.get::<User>(&key).await.unwrap(),
+                Some(user(tenant, &region, 7))
+            );
+            if !tenant.is_empty() {
+                let unbounded = format!("{}:{key}", cache.namespace());
+                assert_eq!(
+                    cluster_keyslot(&mut conn, &stored).await,
+                    cluster_keyslot(&mut conn, &unbounded).await,
+                    "the digest form keeps the hash tag: {stored}"
+                );
+            }
+            cache.invalidate(&key).await.unwrap();
+            assert_eq!(cache.get::<User>(&key).await.unwrap(), None);
+        }
+    }
+    assert_no_backend_errors(&cache);
+
+    let long = "x".repeat(300);
+    for key in [
+        format!("{{t}}:{long}"),
+        format!("{{}}:{long}"),
+        format!("{{:{long}"),
+        format!("}}:{long}"),
+        "}".repeat(300),
+        format!("{long}{{{long}}}"),
+    ] {
+        cache
+            .set(&key, &1u8, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(cache.get::<u8>(&key).await.unwrap(), Some(1));
+        let stored = cache.full_key(&key);
+        assert!(stored.len() <= 256, "{stored}");
+        let slot = cluster_keyslot(&mut conn, &stored).await;
+        for prefix in AUX_PREFIXES {
+            let aux = aux_key(prefix, &stored);
+            assert_eq!(cluster_keyslot(&mut conn, &aux).await, slot, "{aux:?}");
+        }
+        cache.invalidate(&key).await.unwrap();
+        assert_eq!(cache.get::<u8>(&key).await.unwrap(), None);
     }
 }
