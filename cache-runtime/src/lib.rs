@@ -130,6 +130,12 @@ pub use crate::stats::{FunctionStats, LOW_HIT_RATE, Stats};
 /// form: a readable prefix and a SHA-256 digest of the whole key, keeping a hash tag of up to
 /// 64 bytes (see [`Cache::full_key`]), so a huge argument never makes a huge Redis key.
 ///
+/// The default key of a method contains `std::any::type_name::<Self>()`, and that of a
+/// generic function the `type_name` of its type parameters. That text is not guaranteed to
+/// stay the same across compiler versions (nor to be unique), so a toolchain upgrade may
+/// change such keys: the entries written before it are then missed once and loaded again.
+/// Write `key = "..."` for keys that must stay the same.
+///
 /// # Return types
 ///
 /// `Result<T, E>` caches `Ok` only; `Option<T>` caches `Some` only unless `cache_none`;
