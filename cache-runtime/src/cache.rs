@@ -292,21 +292,33 @@ impl Cache {
         &self.inner.stats
     }
 
-    /// The backend key for `key`: `<namespace>:<key>`, or `key` without a namespace.
+    /// The backend key for `key`: `<namespace>:<key>`, or `key` without a namespace; the same
+    /// key a function whose `key = "..."` renders `key` uses.
+    ///
+    /// A full key longer than 256 bytes (or containing `%#`) is replaced by its digest form,
+    /// at most 256 bytes long: `<readable prefix>%#<digest>[{<hash tag>}]`, where the digest is
+    /// the first 16 bytes of the SHA-256 of the full key in lowercase hex, the readable prefix
+    /// is the full key's beginning (cut at a character boundary, braces written `%7B`/`%7D`),
+    /// and the full key's Redis Cluster hash tag, if it has one of at most 64 bytes, is
+    /// re-appended so that the key keeps its hash slot.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
     /// let cache = cache_runtime::Cache::builder().namespace("app").build().await.unwrap();
     /// assert_eq!(cache.full_key("user:42"), "app:user:42");
+    /// let long = cache.full_key(&format!("{{tenant}}:search:{}", "x".repeat(300)));
+    /// assert_eq!(long.len(), 256);
+    /// assert!(long.starts_with("app:%7Btenant%7D:search:xxx"));
+    /// assert!(long.ends_with("{tenant}"));
     /// # }
     /// ```
     pub fn full_key(&self, key: &str) -> String {
         let ns = self.namespace();
-        if ns.is_empty() {
+        key::bound_key(if ns.is_empty() {
             key.to_owned()
         } else {
             format!("{ns}:{key}")
-        }
+        })
     }
 
     /// Reads the value stored under `key` (without the namespace, which is added), the same
@@ -318,10 +330,9 @@ impl Cache {
     ///
     /// [`ErrorKind::Unavailable`] or [`ErrorKind::Timeout`] when the backend cannot be reached
     /// (including while the circuit breaker is open); [`ErrorKind::Backend`] when it replies
-    /// with an error; [`ErrorKind::InvalidKey`] for a key with a `}` that does not close a hash
-    /// tag.
+    /// with an error.
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
-        let full = self.checked_key(key)?;
+        let full = self.full_key(key);
         let Some(stored) = self.inner.store.read(&full).await? else {
             return Ok(None);
         };
@@ -355,7 +366,7 @@ impl Cache {
         if ttl.is_zero() {
             return Err(Error::config("ttl must be greater than zero"));
         }
-        let full = self.checked_key(key)?;
+        let full = self.full_key(key);
         let bytes = envelope::encode(value, Duration::ZERO)
             .map_err(|e| Error::new(ErrorKind::Encode, e.to_string()))?;
         self.inner
@@ -374,24 +385,9 @@ impl Cache {
     ///
     /// As [`Cache::get`].
     pub async fn invalidate(&self, key: &str) -> Result<()> {
-        let full = self.checked_key(key)?;
+        let full = self.full_key(key);
         self.inner.store.invalidate(&[&full]).await?;
         Ok(())
-    }
-
-    /// The full key, if it can be used: a `}` must close a Redis Cluster hash tag, or the
-    /// key's lease and generation would land in another hash slot.
-    fn checked_key(&self, key: &str) -> Result<String> {
-        let full = self.full_key(key);
-        if full.contains('}') && !key::has_hash_tag(&full) {
-            return Err(Error::new(
-                ErrorKind::InvalidKey,
-                format!(
-                    "{key:?} contains a `}}` that does not close a hash tag; escape the parts of the key with escape_key_part"
-                ),
-            ));
-        }
-        Ok(full)
     }
 
     /// A snapshot of the per-function counters; `Display` prints them as a table.

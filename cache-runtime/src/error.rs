@@ -20,9 +20,6 @@ pub enum ErrorKind {
     Backend,
     /// A value could not be encoded for storage (its `Serialize` implementation failed).
     Encode,
-    /// A key given to the manual API cannot be used: a `}` that does not close a Redis Cluster
-    /// hash tag (`{...}`) would put the key's lease and generation in another hash slot.
-    InvalidKey,
 }
 
 impl ErrorKind {
@@ -33,7 +30,6 @@ impl ErrorKind {
             ErrorKind::Timeout => "cache backend timed out",
             ErrorKind::Backend => "cache backend error",
             ErrorKind::Encode => "value could not be encoded",
-            ErrorKind::InvalidKey => "invalid key",
         }
     }
 }

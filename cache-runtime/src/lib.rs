@@ -127,6 +127,16 @@ pub use crate::stats::{FunctionStats, LOW_HIT_RATE, Stats};
 /// prepended: `<namespace>:<key>`. The default key needs every parameter to be `Serialize`;
 /// with other parameters (a connection pool, say) write a `key`.
 ///
+/// A key longer than 256 bytes (namespace and version included) is stored under a bounded
+/// form: a readable prefix and a SHA-256 digest of the whole key, keeping a hash tag of up to
+/// 64 bytes (see [`Cache::full_key`]), so a huge argument never makes a huge Redis key.
+///
+/// The default key of a method contains `std::any::type_name::<Self>()`, and that of a
+/// generic function the `type_name` of its type parameters. That text is not guaranteed to
+/// stay the same across compiler versions (nor to be unique), so a toolchain upgrade may
+/// change such keys: the entries written before it are then missed once and loaded again.
+/// Write `key = "..."` for keys that must stay the same.
+///
 /// # Return types
 ///
 /// `Result<T, E>` caches `Ok` only; `Option<T>` caches `Some` only unless `cache_none`;
@@ -185,6 +195,9 @@ pub mod __private {
     pub use crate::cache::Cache;
     pub use crate::engine::{Call, cached};
     pub use crate::key::{CallKey, KeyWriter};
+    /// For the integration tests: auxiliary key names and hash slots, checked against a real
+    /// cluster node.
+    pub use crate::key::{aux_key, key_slot};
     pub use crate::mode::{
         Mode, Tag, Typed, ViaOption, ViaPlain, ViaResult, ViaResultOption, ViaTyped, ViaUntyped,
         require_cache_none,

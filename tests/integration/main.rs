@@ -6,7 +6,9 @@
 mod support;
 
 mod behaviour;
+mod cluster_node;
 mod coalescing;
+mod long_keys;
 mod redis_failures;
 mod shapes;
 mod stampede;

@@ -76,6 +76,10 @@ fn redis_server_binary() -> PathBuf {
 pub struct RedisServer {
     port: u16,
     child: Option<Child>,
+    /// Arguments besides the port and the common ones (cluster mode).
+    extra_args: Vec<String>,
+    /// A directory of this server's own (a cluster node's `nodes.conf`), removed when dropped.
+    dir: Option<PathBuf>,
 }
 
 impl RedisServer {
@@ -84,9 +88,79 @@ impl RedisServer {
         let mut server = RedisServer {
             port: free_port(),
             child: None,
+            extra_args: Vec::new(),
+            dir: None,
         };
         server.restart();
         server
+    }
+
+    /// Starts a Redis Cluster node (`--cluster-enabled yes`) on a free port, assigns every
+    /// hash slot to it and waits until `CLUSTER INFO` reports `cluster_state:ok`.
+    ///
+    /// A plain (non-cluster) client can use it like any server, but it enforces the cluster's
+    /// rules: a command or script whose keys are in different hash slots fails with
+    /// `CROSSSLOT`.
+    pub fn start_cluster_node() -> RedisServer {
+        static NODES: AtomicU64 = AtomicU64::new(0);
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!(
+            "cache-tests-node-{}-{}-{}",
+            std::process::id(),
+            port,
+            NODES.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("create the cluster node's directory");
+        let nodes_conf = dir.join("nodes.conf").to_string_lossy().into_owned();
+        let mut server = RedisServer {
+            port,
+            child: None,
+            extra_args: vec![
+                "--cluster-enabled".into(),
+                "yes".into(),
+                "--cluster-config-file".into(),
+                nodes_conf,
+                // The bus port defaults to port + 10000, which may be taken or above 65535.
+                "--cluster-port".into(),
+                free_port().to_string(),
+                "--dir".into(),
+                dir.to_string_lossy().into_owned(),
+            ],
+            dir: Some(dir),
+        };
+        server.restart();
+        server.assign_all_slots();
+        server
+    }
+
+    /// `CLUSTER ADDSLOTSRANGE 0 16383`, then waits for `cluster_state:ok`.
+    fn assign_all_slots(&self) {
+        let client = redis::Client::open(self.url()).expect("valid redis url");
+        let mut conn = client
+            .get_connection_with_timeout(Duration::from_secs(5))
+            .expect("connect to the cluster node");
+        let _: () = redis::cmd("CLUSTER")
+            .arg("ADDSLOTSRANGE")
+            .arg(0)
+            .arg(16383)
+            .query(&mut conn)
+            .expect("CLUSTER ADDSLOTSRANGE 0 16383");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let info: String = redis::cmd("CLUSTER")
+                .arg("INFO")
+                .query(&mut conn)
+                .expect("CLUSTER INFO");
+            if info.lines().any(|l| l.trim() == "cluster_state:ok") {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cluster node on port {} did not reach cluster_state:ok: {info}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The server's URL.
@@ -117,6 +191,7 @@ impl RedisServer {
                 .args(["--port", &self.port.to_string()])
                 .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
                 .args(["--protected-mode", "no", "--loglevel", "warning"])
+                .args(&self.extra_args)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
@@ -163,5 +238,8 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+        if let Some(dir) = self.dir.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }

@@ -12,8 +12,10 @@
 //! __cr:wait:{K}      set while callers wait for K's fill: only then does a fill publish
 //! ```
 //!
-//! (`{K}` is written `K` when `K` already carries a hash tag.) They are derived from `K` alone,
-//! so caches that split the same key differently between namespace and key agree on them.
+//! (`{K}` is written `K` when `K` already carries a hash tag, and `{T}K`, with `T` a short tag
+//! of `K`'s slot, when `K` has no hash tag but contains a `}`; see `key::aux_key`.) They are
+//! derived from `K` alone, so caches that split the same key differently between namespace and
+//! key agree on them.
 //! Fills are published on the channel `__cr:fills`. Every key has a TTL.
 //!
 //! The connection is made lazily, on the first operation, so building a cache never fails or
