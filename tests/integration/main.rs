@@ -8,6 +8,7 @@ mod support;
 mod behaviour;
 mod cluster_node;
 mod coalescing;
+mod engine_defects;
 mod long_keys;
 mod redis_failures;
 mod shapes;

@@ -1,0 +1,186 @@
+//! Regression tests for defects found in acceptance testing of the first release: a cache used
+//! from several Tokio runtimes, what a `lock` hit and a manual miss cost in commands, values
+//! JSON cannot round-trip, and a cache in a `static`.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use cache_runtime::{Cache, cached};
+use cache_tests::{RedisServer, raw_connection, redis_url, unique_namespace};
+
+use crate::support::{Calls, User, on_both_backends};
+
+static SHARED: LazyLock<Cache> = LazyLock::new(|| {
+    Cache::builder()
+        .redis(redis_url())
+        .namespace(unique_namespace("runtimes"))
+        .operation_timeout(Duration::from_secs(2))
+        .build_sync()
+        .expect("valid configuration, built without a runtime")
+});
+
+static CALLS: Calls = Calls::new();
+
+#[cached(cache = SHARED, key = "user:{id}", ttl = 60, name = "in_static")]
+async fn in_static(id: u64) -> User {
+    CALLS.hit();
+    User::new(id)
+}
+
+#[cached(cache = SHARED, key = "locked:{id}", ttl = 60, lock = 5, name = "in_static_locked")]
+async fn in_static_locked(id: u64) -> User {
+    CALLS.hit();
+    User::new(id)
+}
+
+fn runtime(multi_thread: bool) -> tokio::runtime::Runtime {
+    let mut b = if multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    b.worker_threads(2).enable_all().build().unwrap()
+}
+
+/// Regression: the Redis connection belonged to the runtime that first used it; in every later
+/// runtime the first operations failed ("broken pipe"), the call ran uncached and a backend
+/// error was counted. This is every `#[tokio::test]` suite using a `static` or default cache.
+#[test]
+fn a_static_redis_cache_serves_five_sequential_runtimes() {
+    for i in 0..5u64 {
+        let rt = runtime(i % 2 == 0);
+        rt.block_on(async {
+            let before = CALLS.get();
+            assert_eq!(in_static(100 + i).await, User::new(100 + i));
+            assert_eq!(in_static(100 + i).await, User::new(100 + i));
+            assert_eq!(in_static_locked(100 + i).await, User::new(100 + i));
+            assert_eq!(in_static_locked(100 + i).await, User::new(100 + i));
+            assert_eq!(CALLS.get() - before, 2, "runtime {i}: the second calls are hits");
+        });
+        drop(rt);
+    }
+    let stats = SHARED.stats();
+    for name in ["in_static", "in_static_locked"] {
+        let s = stats.function(name).unwrap();
+        assert_eq!((s.hits, s.misses), (5, 5), "{name}: {s:?}");
+        assert_eq!(s.backend_errors, 0, "{name}: {s:?}");
+    }
+}
+
+/// Regression: with two runtimes alive, ending the one that made the connection cost the other
+/// one misses.
+#[test]
+fn ending_one_runtime_does_not_disturb_another() {
+    let cache = Cache::builder()
+        .redis(redis_url())
+        .namespace(unique_namespace("two_runtimes"))
+        .operation_timeout(Duration::from_secs(2))
+        .build_sync()
+        .unwrap();
+    let first = runtime(true);
+    let second = runtime(true);
+    let calls = Calls::default();
+    first.block_on(async {
+        assert_eq!(two_runtimes(&cache, &calls, 1).await, User::new(1));
+    });
+    second.block_on(async {
+        assert_eq!(two_runtimes(&cache, &calls, 1).await, User::new(1));
+    });
+    drop(first);
+    second.block_on(async {
+        for _ in 0..10 {
+            assert_eq!(two_runtimes(&cache, &calls, 1).await, User::new(1));
+        }
+    });
+    assert_eq!(calls.get(), 1);
+    let s = cache.stats().function("two_runtimes").cloned().unwrap();
+    assert_eq!(s.backend_errors, 0, "{s:?}");
+}
+
+#[cached(cache = cache, key = "user:{id}", ttl = 60, name = "two_runtimes")]
+async fn two_runtimes(cache: &Cache, calls: &Calls, id: u64) -> User {
+    calls.hit();
+    User::new(id)
+}
+
+#[cached(cache = cache, key = "user:{id}", ttl = 60, lock = 5, name = "locked_user")]
+async fn locked_user(cache: &Cache, calls: &Calls, id: u64) -> User {
+    calls.hit();
+    User::new(id)
+}
+
+/// `calls` of `cmd` in `INFO commandstats`.
+async fn command_calls(conn: &mut ::redis::aio::MultiplexedConnection, cmd: &str) -> u64 {
+    let info: String = ::redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    let prefix = format!("cmdstat_{cmd}:calls=");
+    info.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+/// Regression: every hit of a `lock` function ran the lease script (1.41x a plain `GET` +
+/// decode); and a manual `get` that missed paid a second round trip for the generation.
+/// Counted on a private server, where nothing else runs commands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_hit_is_one_get_and_a_manual_miss_is_one_get() {
+    let server = RedisServer::start();
+    let cache = Cache::builder()
+        .redis(server.url())
+        .operation_timeout(Duration::from_secs(2))
+        .build()
+        .await
+        .unwrap();
+    let mut conn = raw_connection(&server.url()).await;
+    let calls = Calls::default();
+    assert_eq!(locked_user(&cache, &calls, 1).await, User::new(1)); // the miss: fills
+    let _: () = ::redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        assert_eq!(locked_user(&cache, &calls, 1).await, User::new(1));
+    }
+    assert_eq!(calls.get(), 1);
+    assert_eq!(command_calls(&mut conn, "get").await, 10, "one GET per hit");
+    assert_eq!(command_calls(&mut conn, "evalsha").await, 0, "no script on a hit");
+    assert_eq!(command_calls(&mut conn, "eval").await, 0, "no script on a hit");
+
+    let _: () = ::redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(cache.get::<User>("absent").await.unwrap(), None);
+    assert_eq!(command_calls(&mut conn, "get").await, 1, "a manual miss is one GET");
+}
+
+#[cached(cache = cache, key = "ratio:{id}", ttl = 60, name = "ratio")]
+async fn ratio(cache: &Cache, calls: &Calls, id: u64) -> Vec<f64> {
+    calls.hit();
+    vec![id as f64, f64::NAN, f64::INFINITY]
+}
+
+// Regression: NaN and infinities are written by JSON as `null`, which never decodes: on Redis
+// every call was a miss, a decode error and a rewrite of what cannot be read back.
+on_both_backends! {
+    async fn values_json_cannot_round_trip_are_not_stored(fx: Fx) {
+        let calls = Calls::default();
+        for _ in 0..3 {
+            let v = ratio(&fx.cache, &calls, 2).await;
+            assert_eq!(v[0], 2.0);
+            assert!(v[1].is_nan() && v[2].is_infinite());
+        }
+        assert_eq!(calls.get(), 3, "nothing was cached");
+        let s = fx.cache.stats().function("ratio").cloned().unwrap();
+        assert_eq!((s.not_stored, s.decode_errors), (3, 0), "{s:?}");
+        assert_eq!(fx.raw_get("ratio:2").await, None, "nothing was written");
+        assert!(fx.cache.set("nan", &f64::NAN, Duration::from_secs(5)).await.unwrap_err().kind()
+            == cache_runtime::ErrorKind::Encode);
+    }
+}
