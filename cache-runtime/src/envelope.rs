@@ -55,20 +55,60 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 /// Why a value could not be encoded.
-pub(crate) type EncodeError = serde_json::Error;
+#[derive(Debug)]
+pub(crate) enum EncodeError {
+    /// The value contains a NaN or an infinite float: JSON writes them as `null`, which never
+    /// decodes back into the value (every lookup would miss, fail to decode and rewrite).
+    NonFinite,
+    /// The value does not serialize to JSON.
+    Json(serde_json::Error),
+}
+
+impl std::fmt::Display for EncodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EncodeError::NonFinite => f.write_str(
+                "the value contains a NaN or infinite float, which JSON cannot represent",
+            ),
+            EncodeError::Json(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for EncodeError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            EncodeError::NonFinite => None,
+            EncodeError::Json(e) => Some(e),
+        }
+    }
+}
 
 /// Encodes `value` into a new envelope.
+///
+/// Fails with [`EncodeError::NonFinite`] if the value contains a NaN or infinite float.
+/// serde_json writes those as `null`, so the value is probed for them (a second,
+/// allocation-free pass, see [`probe`]) only when its JSON contains `null`.
 pub(crate) fn encode<T: Serialize + ?Sized>(
     value: &T,
     compute: Duration,
-) -> Result<Bytes, serde_json::Error> {
+) -> Result<Bytes, EncodeError> {
     let mut buf = Vec::with_capacity(HEADER_LEN + 128);
     buf.push(FORMAT_VERSION);
     buf.extend_from_slice(&now_ms().to_le_bytes());
     let compute_us = u32::try_from(compute.as_micros()).unwrap_or(u32::MAX);
     buf.extend_from_slice(&compute_us.to_le_bytes());
-    serde_json::to_writer(&mut buf, value)?;
+    serde_json::to_writer(&mut buf, value).map_err(EncodeError::Json)?;
+    if contains_null(&buf[HEADER_LEN..]) && !probe::all_finite(value) {
+        return Err(EncodeError::NonFinite);
+    }
     Ok(Bytes::from(buf))
+}
+
+/// Whether `json` contains the token `null` (or those letters inside a string: then the
+/// probe runs for nothing, which is only slower).
+fn contains_null(json: &[u8]) -> bool {
+    json.windows(4).any(|w| w == b"null")
 }
 
 /// Reads the header of an envelope.
@@ -90,6 +130,274 @@ pub(crate) fn meta(bytes: &[u8]) -> Result<Meta, DecodeError> {
 pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
     meta(bytes)?;
     serde_json::from_slice(&bytes[HEADER_LEN..]).map_err(DecodeError::Payload)
+}
+
+/// A serializer that writes nothing and fails on a non-finite `f32` or `f64`.
+mod probe {
+    use std::fmt;
+
+    use serde::Serialize;
+    use serde::ser::{self, Serializer};
+
+    /// Whether every float in `value` is finite. A value whose `Serialize` fails here (it
+    /// serialized for JSON, so this does not happen with ordinary implementations) counts
+    /// as finite: the JSON already written is then kept.
+    pub(super) fn all_finite<T: Serialize + ?Sized>(value: &T) -> bool {
+        !matches!(value.serialize(Probe), Err(ProbeError::NonFinite))
+    }
+
+    #[derive(Debug)]
+    pub(super) enum ProbeError {
+        NonFinite,
+        Custom,
+    }
+
+    impl fmt::Display for ProbeError {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(match self {
+                ProbeError::NonFinite => "non-finite float",
+                ProbeError::Custom => "serialization failed",
+            })
+        }
+    }
+
+    impl std::error::Error for ProbeError {}
+
+    impl ser::Error for ProbeError {
+        fn custom<T: fmt::Display>(_msg: T) -> Self {
+            ProbeError::Custom
+        }
+    }
+
+    type Result = std::result::Result<(), ProbeError>;
+
+    pub(super) struct Probe;
+
+    impl Serializer for Probe {
+        type Ok = ();
+        type Error = ProbeError;
+        type SerializeSeq = Probe;
+        type SerializeTuple = Probe;
+        type SerializeTupleStruct = Probe;
+        type SerializeTupleVariant = Probe;
+        type SerializeMap = Probe;
+        type SerializeStruct = Probe;
+        type SerializeStructVariant = Probe;
+
+        fn serialize_f32(self, v: f32) -> Result {
+            if v.is_finite() {
+                Ok(())
+            } else {
+                Err(ProbeError::NonFinite)
+            }
+        }
+        fn serialize_f64(self, v: f64) -> Result {
+            if v.is_finite() {
+                Ok(())
+            } else {
+                Err(ProbeError::NonFinite)
+            }
+        }
+
+        fn serialize_bool(self, _: bool) -> Result {
+            Ok(())
+        }
+        fn serialize_i8(self, _: i8) -> Result {
+            Ok(())
+        }
+        fn serialize_i16(self, _: i16) -> Result {
+            Ok(())
+        }
+        fn serialize_i32(self, _: i32) -> Result {
+            Ok(())
+        }
+        fn serialize_i64(self, _: i64) -> Result {
+            Ok(())
+        }
+        fn serialize_i128(self, _: i128) -> Result {
+            Ok(())
+        }
+        fn serialize_u8(self, _: u8) -> Result {
+            Ok(())
+        }
+        fn serialize_u16(self, _: u16) -> Result {
+            Ok(())
+        }
+        fn serialize_u32(self, _: u32) -> Result {
+            Ok(())
+        }
+        fn serialize_u64(self, _: u64) -> Result {
+            Ok(())
+        }
+        fn serialize_u128(self, _: u128) -> Result {
+            Ok(())
+        }
+        fn serialize_char(self, _: char) -> Result {
+            Ok(())
+        }
+        fn serialize_str(self, _: &str) -> Result {
+            Ok(())
+        }
+        fn serialize_bytes(self, _: &[u8]) -> Result {
+            Ok(())
+        }
+        fn serialize_none(self) -> Result {
+            Ok(())
+        }
+        fn serialize_some<T: Serialize + ?Sized>(self, value: &T) -> Result {
+            value.serialize(Probe)
+        }
+        fn serialize_unit(self) -> Result {
+            Ok(())
+        }
+        fn serialize_unit_struct(self, _: &'static str) -> Result {
+            Ok(())
+        }
+        fn serialize_unit_variant(self, _: &'static str, _: u32, _: &'static str) -> Result {
+            Ok(())
+        }
+        fn serialize_newtype_struct<T: Serialize + ?Sized>(
+            self,
+            _: &'static str,
+            value: &T,
+        ) -> Result {
+            value.serialize(Probe)
+        }
+        fn serialize_newtype_variant<T: Serialize + ?Sized>(
+            self,
+            _: &'static str,
+            _: u32,
+            _: &'static str,
+            value: &T,
+        ) -> Result {
+            value.serialize(Probe)
+        }
+        fn serialize_seq(self, _: Option<usize>) -> std::result::Result<Probe, ProbeError> {
+            Ok(Probe)
+        }
+        fn serialize_tuple(self, _: usize) -> std::result::Result<Probe, ProbeError> {
+            Ok(Probe)
+        }
+        fn serialize_tuple_struct(
+            self,
+            _: &'static str,
+            _: usize,
+        ) -> std::result::Result<Probe, ProbeError> {
+            Ok(Probe)
+        }
+        fn serialize_tuple_variant(
+            self,
+            _: &'static str,
+            _: u32,
+            _: &'static str,
+            _: usize,
+        ) -> std::result::Result<Probe, ProbeError> {
+            Ok(Probe)
+        }
+        fn serialize_map(self, _: Option<usize>) -> std::result::Result<Probe, ProbeError> {
+            Ok(Probe)
+        }
+        fn serialize_struct(
+            self,
+            _: &'static str,
+            _: usize,
+        ) -> std::result::Result<Probe, ProbeError> {
+            Ok(Probe)
+        }
+        fn serialize_struct_variant(
+            self,
+            _: &'static str,
+            _: u32,
+            _: &'static str,
+            _: usize,
+        ) -> std::result::Result<Probe, ProbeError> {
+            Ok(Probe)
+        }
+        /// The default formats `value` into a `String`; nothing in it can be a float.
+        fn collect_str<T: fmt::Display + ?Sized>(self, _: &T) -> Result {
+            Ok(())
+        }
+    }
+
+    impl ser::SerializeSeq for Probe {
+        type Ok = ();
+        type Error = ProbeError;
+        fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result {
+            value.serialize(Probe)
+        }
+        fn end(self) -> Result {
+            Ok(())
+        }
+    }
+
+    impl ser::SerializeTuple for Probe {
+        type Ok = ();
+        type Error = ProbeError;
+        fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result {
+            value.serialize(Probe)
+        }
+        fn end(self) -> Result {
+            Ok(())
+        }
+    }
+
+    impl ser::SerializeTupleStruct for Probe {
+        type Ok = ();
+        type Error = ProbeError;
+        fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result {
+            value.serialize(Probe)
+        }
+        fn end(self) -> Result {
+            Ok(())
+        }
+    }
+
+    impl ser::SerializeTupleVariant for Probe {
+        type Ok = ();
+        type Error = ProbeError;
+        fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result {
+            value.serialize(Probe)
+        }
+        fn end(self) -> Result {
+            Ok(())
+        }
+    }
+
+    impl ser::SerializeMap for Probe {
+        type Ok = ();
+        type Error = ProbeError;
+        fn serialize_key<T: Serialize + ?Sized>(&mut self, key: &T) -> Result {
+            key.serialize(Probe)
+        }
+        fn serialize_value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result {
+            value.serialize(Probe)
+        }
+        fn end(self) -> Result {
+            Ok(())
+        }
+    }
+
+    impl ser::SerializeStruct for Probe {
+        type Ok = ();
+        type Error = ProbeError;
+        fn serialize_field<T: Serialize + ?Sized>(&mut self, _: &'static str, value: &T) -> Result {
+            value.serialize(Probe)
+        }
+        fn end(self) -> Result {
+            Ok(())
+        }
+    }
+
+    impl ser::SerializeStructVariant for Probe {
+        type Ok = ();
+        type Error = ProbeError;
+        fn serialize_field<T: Serialize + ?Sized>(&mut self, _: &'static str, value: &T) -> Result {
+            value.serialize(Probe)
+        }
+        fn end(self) -> Result {
+            Ok(())
+        }
+    }
 }
 
 #[cfg(test)]
@@ -122,5 +430,102 @@ mod tests {
         let mut truncated = bytes.to_vec();
         truncated.truncate(15);
         assert!(decode::<String>(&truncated).is_err());
+    }
+
+    #[derive(serde::Serialize)]
+    struct Point {
+        x: f64,
+        y: f32,
+    }
+
+    #[derive(serde::Serialize)]
+    enum Shape {
+        Empty,
+        Radius(f64),
+        Pair(u8, f64),
+        Rect { w: f64, h: f32 },
+    }
+
+    #[derive(serde::Serialize)]
+    struct Meters(f64);
+
+    fn non_finite<T: Serialize + ?Sized>(value: &T) -> bool {
+        matches!(encode(value, Duration::ZERO), Err(EncodeError::NonFinite))
+    }
+
+    #[test]
+    fn non_finite_floats_are_refused_wherever_they_are() {
+        use std::collections::{BTreeMap, HashMap};
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            assert!(non_finite(&bad), "top level {bad}");
+            assert!(non_finite(&vec![1.0, bad]), "in a Vec: {bad}");
+            assert!(non_finite(&[Some(1.0), Some(bad)]), "in an array: {bad}");
+            assert!(non_finite(&(1u8, "x", bad)), "in a tuple: {bad}");
+            assert!(non_finite(&Point { x: bad, y: 0.0 }), "struct field: {bad}");
+            assert!(non_finite(&Meters(bad)), "newtype struct: {bad}");
+            assert!(non_finite(&Some(bad)), "in an Option: {bad}");
+            assert!(non_finite(&Some(Some(vec![bad]))), "nested Option: {bad}");
+            assert!(non_finite(&Shape::Radius(bad)), "newtype variant: {bad}");
+            assert!(non_finite(&Shape::Pair(1, bad)), "tuple variant: {bad}");
+            assert!(
+                non_finite(&Shape::Rect { w: bad, h: 1.0 }),
+                "struct variant: {bad}"
+            );
+            let map: HashMap<String, f64> = [("a".to_owned(), 1.0), ("b".to_owned(), bad)].into();
+            assert!(non_finite(&map), "map value: {bad}");
+            let nested: BTreeMap<u32, Vec<Point>> =
+                [(1, vec![Point { x: 1.0, y: 2.0 }, Point { x: bad, y: 2.0 }])].into();
+            assert!(non_finite(&nested), "map of Vec of structs: {bad}");
+            let ok: Result<f64, String> = Ok(bad);
+            assert!(non_finite(&ok), "in a Result: {bad}");
+        }
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            assert!(non_finite(&bad), "top level f32 {bad}");
+            assert!(non_finite(&Point { x: 0.0, y: bad }), "f32 field: {bad}");
+            assert!(
+                non_finite(&Shape::Rect { w: 1.0, h: bad }),
+                "f32 variant field: {bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn nulls_and_finite_floats_still_encode() {
+        let none: Option<f64> = None;
+        let bytes = encode(&none, Duration::ZERO).unwrap();
+        assert_eq!(decode::<Option<f64>>(&bytes).unwrap(), None);
+        encode(&(), Duration::ZERO).unwrap();
+        encode(&vec![None, Some(1.5), None], Duration::ZERO).unwrap();
+        encode(&Shape::Empty, Duration::ZERO).unwrap();
+        encode(
+            &Point {
+                x: f64::MAX,
+                y: f32::MIN_POSITIVE,
+            },
+            Duration::ZERO,
+        )
+        .unwrap();
+        encode(&(-0.0f64, 1e-300f64, "null", None::<u8>), Duration::ZERO).unwrap();
+        let bytes = encode(&(f64::MIN, Some(0.25), None::<f64>), Duration::ZERO).unwrap();
+        assert_eq!(
+            decode::<(f64, Option<f64>, Option<f64>)>(&bytes).unwrap(),
+            (f64::MIN, Some(0.25), None)
+        );
+        // A value whose JSON has no `null` is not probed at all.
+        assert!(!contains_null(
+            &encode(&[1.0, 2.0], Duration::ZERO).unwrap()[HEADER_LEN..]
+        ));
+    }
+
+    #[test]
+    fn encode_errors_say_what_went_wrong() {
+        let msg = encode(&f64::NAN, Duration::ZERO).unwrap_err().to_string();
+        assert!(msg.contains("NaN or infinite"), "{msg}");
+        let mut bad_key = std::collections::BTreeMap::new();
+        bad_key.insert(vec![1u8], 1u8);
+        assert!(matches!(
+            encode(&bad_key, Duration::ZERO),
+            Err(EncodeError::Json(_))
+        ));
     }
 }

@@ -293,6 +293,11 @@ pub struct Site {
     pub(crate) cache_none: bool,
     pub(crate) version: Option<u32>,
     pub(crate) lock: Option<Duration>,
+    /// This site's identity in [`StatsRegistry`] lookups, assigned on first use (0: not yet).
+    id: AtomicU64,
+    /// The counters of the first (cache, `Self` type) pair this site was used with: the
+    /// one-comparison fast path of programs with one cache. Set once, never replaced: it
+    /// keeps at most one [`SiteStats`] per site alive after its cache is dropped.
     slot: OnceLock<SiteSlot>,
 }
 
@@ -301,6 +306,18 @@ struct SiteSlot {
     cache_id: u64,
     self_type: Option<&'static str>,
     stats: Arc<SiteStats>,
+}
+
+/// Whether two `type_name` results are the same string object (the same address and
+/// length). Equal strings at different addresses compare unequal here; that costs at most
+/// one extra index entry, since both resolve to the same label and so to the same counters.
+#[inline]
+fn same_type(a: Option<&'static str>, b: Option<&'static str>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => std::ptr::eq(a, b),
+        _ => false,
+    }
 }
 
 impl Site {
@@ -315,6 +332,7 @@ impl Site {
             cache_none: false,
             version: None,
             lock: None,
+            id: AtomicU64::new(0),
             slot: OnceLock::new(),
         }
     }
@@ -360,47 +378,96 @@ impl Site {
         }
     }
 
-    /// The counters of this site on `registry`'s cache.
+    /// This site's registry identity, unique in the process, assigned on first use.
+    fn id(&self) -> u64 {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        match self.id.load(Relaxed) {
+            0 => {
+                let new = NEXT.fetch_add(1, Relaxed);
+                match self.id.compare_exchange(0, new, Relaxed, Relaxed) {
+                    Ok(_) => new,
+                    Err(current) => current,
+                }
+            }
+            id => id,
+        }
+    }
+
+    /// The counters of this site on `registry`'s cache, for methods of `self_type`.
+    ///
+    /// Lock-free and allocation-free after the first call with a given (cache, `Self` type)
+    /// pair: the first pair the site ever sees is kept in the site itself, every pair is
+    /// indexed in the cache's registry (see [`StatsRegistry::site`]). Only a pair's first
+    /// call builds its label and takes the registry's mutex.
     pub(crate) fn stats<'a>(
         &'a self,
-        registry: &StatsRegistry,
+        registry: &'a StatsRegistry,
         self_type: Option<&'static str>,
     ) -> StatsRef<'a> {
         if let Some(slot) = self.slot.get() {
-            if slot.cache_id == registry.cache_id && slot.self_type == self_type {
-                return StatsRef::Borrowed(&slot.stats);
+            if slot.cache_id == registry.cache_id && same_type(slot.self_type, self_type) {
+                return StatsRef(&slot.stats);
             }
         }
-        let stats = registry.register(&self.label(self_type));
-        let _ = self.slot.set(SiteSlot {
-            cache_id: registry.cache_id,
-            self_type,
-            stats: stats.clone(),
-        });
-        StatsRef::Owned(stats)
+        let stats = registry.site(self, self_type);
+        if self.slot.get().is_none() {
+            let _ = self.slot.set(SiteSlot {
+                cache_id: registry.cache_id,
+                self_type,
+                stats: stats.clone(),
+            });
+        }
+        StatsRef(stats)
     }
 }
 
-pub(crate) enum StatsRef<'a> {
-    Borrowed(&'a SiteStats),
-    Owned(Arc<SiteStats>),
-}
+/// The counters of one site on one cache, borrowed from the site or the cache's registry.
+pub(crate) struct StatsRef<'a>(&'a SiteStats);
 
 impl Deref for StatsRef<'_> {
     type Target = SiteStats;
+    #[inline]
     fn deref(&self) -> &SiteStats {
-        match self {
-            StatsRef::Borrowed(s) => s,
-            StatsRef::Owned(s) => s,
-        }
+        self.0
     }
 }
 
+/// Buckets of a registry's site index (a power of two).
+const INDEX_BUCKETS: usize = 64;
+
+/// One entry of a registry's site index: a (site, `Self` type) pair and its counters.
+#[derive(Debug)]
+struct IndexNode {
+    site_id: u64,
+    self_type: Option<&'static str>,
+    stats: Arc<SiteStats>,
+    /// The next entry of the same bucket: append-only, so readers never lock.
+    next: OnceLock<Box<IndexNode>>,
+}
+
+fn bucket(site_id: u64, self_type: Option<&'static str>) -> usize {
+    let ty = self_type.map_or(0, |t| t.as_ptr() as u64);
+    let h = (site_id ^ ty.rotate_left(32)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (h >> (64 - INDEX_BUCKETS.trailing_zeros())) as usize
+}
+
 /// The counters of every site used with one cache.
+///
+/// Counters are keyed by label (the rows of [`Stats`]); `index` maps (site, `Self` type)
+/// pairs to them without a lock. The index is a fixed array of buckets, each an append-only
+/// chain of `OnceLock`-linked nodes: a reader walks the chain comparing the site's id and the
+/// `type_name` pointer, and only a pair's first call appends (building the label and taking
+/// `sites`' mutex once). Its size is bounded by the (site, `Self` type) pairs the program
+/// uses with this cache, a property of the code, not of the call count, and it is freed
+/// with the cache: creating caches in a loop leaks nothing.
 #[derive(Debug)]
 pub(crate) struct StatsRegistry {
     pub(crate) cache_id: u64,
     sites: Mutex<HashMap<String, Arc<SiteStats>>>,
+    index: Box<[OnceLock<Box<IndexNode>>; INDEX_BUCKETS]>,
+    /// Calls of `register`, to check that warm lookups do not take the mutex.
+    #[cfg(test)]
+    registrations: std::sync::atomic::AtomicUsize,
 }
 
 impl StatsRegistry {
@@ -408,10 +475,36 @@ impl StatsRegistry {
         StatsRegistry {
             cache_id,
             sites: Mutex::new(HashMap::new()),
+            index: Box::new(std::array::from_fn(|_| OnceLock::new())),
+            #[cfg(test)]
+            registrations: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// The counters of `site` for methods of `self_type`: lock-free once the pair is indexed.
+    fn site(&self, site: &Site, self_type: Option<&'static str>) -> &Arc<SiteStats> {
+        let site_id = site.id();
+        let mut link = &self.index[bucket(site_id, self_type)];
+        loop {
+            // Appending blocks only the callers racing to append to the same link, once.
+            let node = link.get_or_init(|| {
+                Box::new(IndexNode {
+                    site_id,
+                    self_type,
+                    stats: self.register(&site.label(self_type)),
+                    next: OnceLock::new(),
+                })
+            });
+            if node.site_id == site_id && same_type(node.self_type, self_type) {
+                return &node.stats;
+            }
+            link = &node.next;
         }
     }
 
     pub(crate) fn register(&self, label: &str) -> Arc<SiteStats> {
+        #[cfg(test)]
+        self.registrations.fetch_add(1, Relaxed);
         let mut sites = self.sites.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = sites.get(label) {
             return s.clone();
@@ -454,5 +547,122 @@ mod tests {
         assert!(table.contains("! 50.0%"), "{table}");
         assert!(table.contains("hit rate under 80%"), "{table}");
         assert_eq!(stats.low_hit_rate().count(), 1);
+    }
+
+    struct Alpha;
+    struct Beta;
+
+    fn registrations(reg: &StatsRegistry) -> usize {
+        reg.registrations.load(Relaxed)
+    }
+
+    #[test]
+    fn site_stats_two_caches_two_self_types_land_in_their_rows() {
+        static SITE: Site = Site::new("app", "get");
+        let caches = [StatsRegistry::new(101), StatsRegistry::new(102)];
+        let types = [
+            Some(std::any::type_name::<Alpha>()),
+            Some(std::any::type_name::<Beta>()),
+            None,
+        ];
+        // Interleaved: every call switches the cache or the type.
+        for round in 0..10u64 {
+            for (c, reg) in caches.iter().enumerate() {
+                for (t, ty) in types.iter().enumerate() {
+                    let stats = SITE.stats(reg, *ty);
+                    // A distinct count per (cache, type): 1 + c * 3 + t per round.
+                    stats.hits.add(1 + (c * 3 + t) as u64);
+                    if round == 0 {
+                        SiteStats::inc(&stats.misses);
+                    }
+                }
+            }
+        }
+        for (c, reg) in caches.iter().enumerate() {
+            let snap = reg.snapshot();
+            assert_eq!(snap.functions().len(), 3, "{snap}");
+            let rows = [
+                format!("{}::get", std::any::type_name::<Alpha>()),
+                format!("{}::get", std::any::type_name::<Beta>()),
+                "app::get".to_owned(),
+            ];
+            for (t, row) in rows.iter().enumerate() {
+                let f = snap
+                    .function(row)
+                    .unwrap_or_else(|| panic!("{row} in {snap}"));
+                assert_eq!(f.hits, 10 * (1 + (c * 3 + t) as u64), "cache {c}, {row}");
+                assert_eq!(f.misses, 1, "cache {c}, {row}");
+            }
+        }
+    }
+
+    #[test]
+    fn site_stats_warm_lookups_take_no_lock() {
+        static SITE: Site = Site::new("app", "warm");
+        let caches = [StatsRegistry::new(201), StatsRegistry::new(202)];
+        let types = [
+            Some(std::any::type_name::<Alpha>()),
+            Some(std::any::type_name::<Beta>()),
+        ];
+        // Warm-up: each pair registers its label once.
+        for reg in &caches {
+            for ty in types {
+                SITE.stats(reg, ty);
+            }
+        }
+        let warm: Vec<usize> = caches.iter().map(registrations).collect();
+        assert_eq!(warm, [2, 2]);
+        for _ in 0..1000 {
+            for reg in &caches {
+                for ty in types {
+                    SiteStats::inc(&SITE.stats(reg, ty).hits);
+                }
+            }
+        }
+        let after: Vec<usize> = caches.iter().map(registrations).collect();
+        assert_eq!(after, warm, "a warm lookup went to the registry's mutex");
+        assert_eq!(caches[1].snapshot().functions()[0].hits, 1000);
+    }
+
+    #[test]
+    fn site_stats_index_chains_many_sites_on_one_cache() {
+        // More pairs than buckets, so chains are walked and appended to.
+        static SITES: [Site; 300] = [const { Site::new("app", "many") }; 300];
+        let reg = StatsRegistry::new(301);
+        let ty = Some(std::any::type_name::<Alpha>());
+        for round in 0..3 {
+            for (i, site) in SITES.iter().enumerate() {
+                SiteStats::inc(&site.stats(&reg, if i % 2 == 0 { ty } else { None }).hits);
+            }
+            assert_eq!(registrations(&reg), 300, "round {round}");
+        }
+        let snap = reg.snapshot();
+        // Same label for every site: two rows, all counts in them.
+        assert_eq!(snap.functions().len(), 2, "{snap}");
+        assert_eq!(snap.functions().iter().map(|f| f.hits).sum::<u64>(), 900);
+    }
+
+    #[test]
+    fn site_stats_concurrent_first_use_counts_once_per_row() {
+        static SITE: Site = Site::new("app", "race");
+        let reg = StatsRegistry::new(401);
+        let types = [
+            Some(std::any::type_name::<Alpha>()),
+            Some(std::any::type_name::<Beta>()),
+        ];
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let reg = &reg;
+                s.spawn(move || {
+                    for i in 0..500 {
+                        SiteStats::inc(&SITE.stats(reg, types[(i + t) % 2]).hits);
+                    }
+                });
+            }
+        });
+        let snap = reg.snapshot();
+        assert_eq!(snap.functions().len(), 2, "{snap}");
+        assert!(snap.functions().iter().all(|f| f.hits == 1000), "{snap}");
+        assert_eq!(registrations(&reg), 2);
     }
 }
