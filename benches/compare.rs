@@ -43,6 +43,12 @@ async fn ours(cache: &Cache, id: u64) -> Result<User, BenchError> {
     Ok(load(id))
 }
 
+/// The same entries through `lock`: a hit must cost what a plain hit costs.
+#[cached(cache = cache, key = "user:{id}", ttl = 3600, lock, name = "ours_lock")]
+async fn ours_lock(cache: &Cache, id: u64) -> Result<User, BenchError> {
+    Ok(load(id))
+}
+
 #[concurrent_cached(
     redis = true,
     ttl_secs = 3600,
@@ -553,6 +559,15 @@ async fn run(args: Args, down: Down) -> Result<(), String> {
             })
         })
     };
+    let ours_lock_op: Op = {
+        let cache = ours_redis.clone();
+        Arc::new(move |id| {
+            let cache = cache.clone();
+            Box::pin(async move {
+                let _ = black_box(ours_lock(&cache, id).await);
+            })
+        })
+    };
     let peer_op: Op = Arc::new(|id| {
         Box::pin(async move {
             let _ = black_box(peer(id).await);
@@ -585,6 +600,7 @@ async fn run(args: Args, down: Down) -> Result<(), String> {
         let contenders = [
             ("raw redis-rs GET + serde_json", raw_op.clone()),
             ("#[cached] (this project)", ours_op.clone()),
+            ("#[cached(lock)] (this project)", ours_lock_op.clone()),
             ("cached crate #[concurrent_cached(redis)]", peer_op.clone()),
         ];
         report.extend(
@@ -690,6 +706,16 @@ async fn run(args: Args, down: Down) -> Result<(), String> {
                 })
             })
         };
+        let ours_lock_miss_op: Op = {
+            let cache = ours_redis.clone();
+            Arc::new(move |_| {
+                let cache = cache.clone();
+                Box::pin(async move {
+                    let id = NEXT_MISS.fetch_add(1, Ordering::Relaxed);
+                    let _ = black_box(ours_lock(&cache, id).await);
+                })
+            })
+        };
         let peer_miss_op: Op = Arc::new(|_| {
             Box::pin(async move {
                 let id = NEXT_MISS.fetch_add(1, Ordering::Relaxed);
@@ -699,6 +725,7 @@ async fn run(args: Args, down: Down) -> Result<(), String> {
         let contenders = [
             ("raw redis-rs GET + SET EX", raw_miss_op),
             ("#[cached] (this project)", ours_miss_op),
+            ("#[cached(lock)] (this project)", ours_lock_miss_op),
             ("cached crate #[concurrent_cached(redis)]", peer_miss_op),
         ];
         report.extend(

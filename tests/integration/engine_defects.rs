@@ -55,7 +55,11 @@ fn a_static_redis_cache_serves_five_sequential_runtimes() {
             assert_eq!(in_static(100 + i).await, User::new(100 + i));
             assert_eq!(in_static_locked(100 + i).await, User::new(100 + i));
             assert_eq!(in_static_locked(100 + i).await, User::new(100 + i));
-            assert_eq!(CALLS.get() - before, 2, "runtime {i}: the second calls are hits");
+            assert_eq!(
+                CALLS.get() - before,
+                2,
+                "runtime {i}: the second calls are hits"
+            );
         });
         drop(rt);
     }
@@ -148,8 +152,16 @@ async fn a_lock_hit_is_one_get_and_a_manual_miss_is_one_get() {
     }
     assert_eq!(calls.get(), 1);
     assert_eq!(command_calls(&mut conn, "get").await, 10, "one GET per hit");
-    assert_eq!(command_calls(&mut conn, "evalsha").await, 0, "no script on a hit");
-    assert_eq!(command_calls(&mut conn, "eval").await, 0, "no script on a hit");
+    assert_eq!(
+        command_calls(&mut conn, "evalsha").await,
+        0,
+        "no script on a hit"
+    );
+    assert_eq!(
+        command_calls(&mut conn, "eval").await,
+        0,
+        "no script on a hit"
+    );
 
     let _: () = ::redis::cmd("CONFIG")
         .arg("RESETSTAT")
@@ -157,7 +169,11 @@ async fn a_lock_hit_is_one_get_and_a_manual_miss_is_one_get() {
         .await
         .unwrap();
     assert_eq!(cache.get::<User>("absent").await.unwrap(), None);
-    assert_eq!(command_calls(&mut conn, "get").await, 1, "a manual miss is one GET");
+    assert_eq!(
+        command_calls(&mut conn, "get").await,
+        1,
+        "a manual miss is one GET"
+    );
 }
 
 #[cached(cache = cache, key = "ratio:{id}", ttl = 60, name = "ratio")]
