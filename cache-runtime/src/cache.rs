@@ -418,7 +418,9 @@ pub fn set_default(cache: Cache) -> Result<()> {
 ///
 /// Unless [`set_default`] ran first, it is built on first use from the environment:
 /// `REDIS_URL` set (and valid) selects Redis at that URL, otherwise an in-process memory cache.
-/// The first use must happen inside a Tokio runtime when `REDIS_URL` is set.
+/// Building connects nothing, so the first use may happen anywhere; operations need a Tokio
+/// runtime, and each runtime that uses the cache (every `#[tokio::test]`, say) gets its own
+/// Redis connection.
 pub fn default_cache() -> &'static Cache {
     DEFAULT.get_or_init(|| {
         let url = std::env::var("REDIS_URL")

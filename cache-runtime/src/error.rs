@@ -6,9 +6,12 @@ use std::fmt;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ErrorKind {
-    /// The configuration is invalid (a malformed Redis URL, a zero TTL, a bad namespace, a
-    /// second `set_default`). Returned by [`CacheBuilder::build`](crate::CacheBuilder::build)
-    /// and [`set_default`](crate::set_default); never by a cache operation.
+    /// The configuration or an argument is invalid (a malformed Redis URL, a zero TTL, a bad
+    /// namespace, a second `set_default`). Returned by
+    /// [`CacheBuilder::build`](crate::CacheBuilder::build) and
+    /// [`build_sync`](crate::CacheBuilder::build_sync), [`set_default`](crate::set_default),
+    /// and [`Cache::set`](crate::Cache::set) given a zero `ttl`; never because of the
+    /// backend's state.
     Config,
     /// The backend is unreachable: connection refused or dropped, or the circuit breaker is
     /// open after repeated failures, so the operation was not attempted.
@@ -18,7 +21,9 @@ pub enum ErrorKind {
     /// The backend answered with an error (for example `WRONGTYPE` on a key that holds
     /// something else).
     Backend,
-    /// A value could not be encoded for storage (its `Serialize` implementation failed).
+    /// A value could not be encoded for storage: its `Serialize` implementation failed, or it
+    /// holds a NaN or infinite float, which JSON cannot represent (it would be written as
+    /// `null` and never read back).
     Encode,
 }
 
