@@ -7,6 +7,7 @@
 
 mod args;
 mod expand;
+mod item;
 mod template;
 
 use proc_macro::TokenStream;
