@@ -359,19 +359,21 @@ fn generate(args: &CachedArgs, func: &ItemFn, config: &Config) -> TokenStream {
 
     let body = match &config.shape {
         Shape::Native => {
-            // The body, in its own braces (with their spans).
-            let mut block = Group::new(Delimiter::Brace, body.stmts.clone());
-            block.set_span(body.brace.span.join());
-            let future = quote! {
-                async move {
+            // The user's braces become the async block's: the body is not a block in tail
+            // position of another, which `unused_braces` would flag when it is one line.
+            let stmts = &body.stmts;
+            let mut block = Group::new(
+                Delimiter::Brace,
+                quote! {
                     if let ::core::option::Option::Some(#fake_ret) = ::core::option::Option::None::<#ret> {
                         #[allow(unreachable_code)]
                         return #fake_ret;
                     }
-                    #block
-                }
-            };
-            call(future)
+                    #stmts
+                },
+            );
+            block.set_span(body.brace.span.join());
+            call(quote!(async move #block))
         }
         Shape::AsyncTrait { pin_fn, future } => {
             let inner = call(future.clone());
