@@ -12,7 +12,7 @@ use syn::spanned::Spanned;
 use syn::{FnArg, GenericParam, Ident, Pat, ReturnType, Signature, Type};
 
 use crate::args::{CachedArgs, Errors};
-use crate::item::{self, ItemFn, Shape};
+use crate::item::{self, Generic, ItemFn, Shape};
 use crate::template::{self, Part, Template};
 
 /// Entry point: parse, validate, generate. On any error the user's item is emitted unchanged,
@@ -102,6 +102,19 @@ impl Config {
                 return None;
             }
         };
+        if let Some(generic) = item::generic_return(&ret, sig) {
+            let what = match generic {
+                Generic::Param => "a type parameter",
+                Generic::Projection => "an associated type of a type parameter",
+            };
+            errors.push(syn::Error::new_spanned(
+                &ret,
+                format_args!(
+                    "`#[cached]` cannot tell whether `{}` is a `Result` or an `Option`: the return type is {what}; write the shape, e.g. `Result<T, E>` or `Option<T>`",
+                    type_text(&ret)
+                ),
+            ));
+        }
         let has_self = sig.receiver().is_some();
         let params: Vec<Param> = sig
             .inputs
@@ -170,6 +183,17 @@ impl Config {
             template,
         })
     }
+}
+
+/// A type as it is written, for messages: `T::Output`, not `T :: Output`.
+fn type_text(ty: &Type) -> String {
+    ty.to_token_stream()
+        .to_string()
+        .replace(" :: ", "::")
+        .replace(" <", "<")
+        .replace("< ", "<")
+        .replace(" >", ">")
+        .replace(" ,", ",")
 }
 
 /// Hidden names: `Span::mixed_site()` locals cannot be named by the user's code.

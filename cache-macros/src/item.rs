@@ -6,8 +6,8 @@ use quote::ToTokens;
 use syn::parse::{Parse, ParseStream, Parser};
 use syn::token::Brace;
 use syn::{
-    Attribute, Block, Expr, GenericArgument, PathArguments, ReturnType, Signature, Stmt, Token,
-    Type, TypeParamBound, Visibility, braced,
+    Attribute, Block, Expr, GenericArgument, GenericParam, PathArguments, ReturnType, Signature,
+    Stmt, Token, Type, TypeParamBound, Visibility, braced,
 };
 
 /// A function, with its body unparsed (as in tokio-macros' `entry.rs`): a syntax error in the
@@ -189,4 +189,46 @@ fn single_generic<'t>(ty: &'t Type, name: &str) -> Option<&'t Type> {
         GenericArgument::Type(t) => Some(t),
         _ => None,
     })
+}
+
+/// A return type that hides its shape behind a type parameter.
+pub(crate) enum Generic {
+    /// `R`, a type parameter of the function.
+    Param,
+    /// `T::Output` or `<T as Tr>::Output`, an associated type of one.
+    Projection,
+}
+
+/// Whether the return type is a type parameter of the function, or an associated type of
+/// one. The caching rule (`Result`, `Option`, ...) is picked where the function is compiled,
+/// where such a type is neither a `Result` nor an `Option`: `Err` would be stored when the
+/// caller picks a `Result`. Only the function's own type parameters are known here; an
+/// impl's are not, and `R` could as well name a struct.
+pub(crate) fn generic_return(ret: &Type, sig: &Signature) -> Option<Generic> {
+    let is_param = |ident: &syn::Ident| {
+        sig.generics
+            .params
+            .iter()
+            .any(|p| matches!(p, GenericParam::Type(t) if t.ident == *ident))
+    };
+    match ret {
+        Type::Paren(p) => generic_return(&p.elem, sig),
+        Type::Group(g) => generic_return(&g.elem, sig),
+        Type::Path(p) => match &p.qself {
+            // `<T as Tr>::Output`, `<T::A as Tr>::B`.
+            Some(q) => generic_return(&q.ty, sig).map(|_| Generic::Projection),
+            None if p.path.leading_colon.is_some() => None,
+            None => {
+                let first = p.path.segments.first()?;
+                if !is_param(&first.ident) {
+                    None
+                } else if p.path.segments.len() == 1 {
+                    Some(Generic::Param)
+                } else {
+                    Some(Generic::Projection)
+                }
+            }
+        },
+        _ => None,
+    }
 }
