@@ -203,21 +203,49 @@ fn hidden(name: &str) -> Ident {
 
 // Input:
 //     #[cached(key = "user:{id}", ttl = 60)]
-//     pub async fn get_user(id: u64) -> Result<User, E> { body }
+//     pub async fn get_user(id: u64) -> Result<User, E> { #![inner] stmts }
 //
-// Output:
+// Output (`::cache_runtime::__private::` and `::core::..::` paths shortened, `#[allow(..)]`s
+// left out; the `__cache_*` names have mixed-site hygiene, so `stmts` cannot name them):
 //     pub async fn get_user(id: u64) -> Result<User, E> {
+//         #![inner]
 //         static __CACHE_SITE: Site = Site::new(module_path!(), "get_user").ttl_ms(60000);
 //         let __cache_handle: &Cache = default_cache();
-//         let __cache_key: Option<String> = {
+//         let __cache_key: CallKey = {
 //             let mut __cache_w = key_writer(__cache_handle);
 //             __cache_w.literal("user:");
-//             __cache_w.display(&id, "");
+//             __cache_w.integer(id, ""); // `display(&id, "")` for a non-integer parameter
 //             __cache_w.finish(None)
 //         };
-//         let __cache_mode = (&&&&Tag::<Result<User, E>>::new()).__cache_mode();
-//         cached(Call { .. }, __cache_mode, |_| false, async move { body }).await
+//         let __cache_mode = {
+//             use {ViaOption as _, ViaPlain as _, ViaResult as _, ViaResultOption as _};
+//             (&&&&Tag::<Result<User, E>>::new()).__cache_mode()
+//         };
+//         let __cache_typed = {
+//             use {ViaTyped as _, ViaUntyped as _};
+//             (&&__cache_mode).__cache_typed()
+//         };
+//         cached(
+//             Call { cache: __cache_handle, site: &__CACHE_SITE, self_type: None, key: __cache_key },
+//             __cache_mode,
+//             __cache_typed,
+//             |_: &Result<User, E>| false,
+//             async move { // these braces are the body's own (their spans)
+//                 if let Some(__cache_ret) = None::<Result<User, E>> {
+//                     return __cache_ret;
+//                 }
+//                 stmts
+//             },
+//         )
+//         .await
 //     }
+//
+// With `condition`, the key is `if cond { .. } else { CallKey::Condition }`; with `unless`,
+// the closure is `|result: &R| -> bool { expr }`; `cache_none` adds
+// `require_cache_none(PhantomData::<R>);` before the call; in a method, `self_type` is
+// `Some(type_name::<Self>())`. After `#[async_trait]`, the body `{ Box::pin(async move {
+// .. }) }` becomes `{ let ..; Box::pin(async move { cached(.., async move { .. }).await }) }`,
+// the inner `async move { .. }` being `#[async_trait]`'s, unchanged.
 fn generate(args: &CachedArgs, func: &ItemFn, config: &Config) -> TokenStream {
     let rt = quote!(::cache_runtime::__private);
     let ItemFn {
