@@ -3,17 +3,16 @@
 //! The function is rewritten in place: attributes, visibility and signature are re-emitted
 //! unchanged, and the body becomes one call of the runtime's `cached` entry point with the
 //! original body as an `async move` block. `self`, generics, lifetimes and `where` clauses
-//! need no special handling because the body stays inside the same function.
+//! need no special handling because the body stays inside the same function. The body's
+//! statements are not parsed (see `item.rs`), except to recognise `#[async_trait]`'s shape.
 
-use proc_macro2::{Span, TokenStream};
+use proc_macro2::{Delimiter, Group, Span, TokenStream};
 use quote::{ToTokens, quote, quote_spanned};
 use syn::spanned::Spanned;
-use syn::{
-    Block, Expr, FnArg, GenericArgument, GenericParam, Ident, ItemFn, Pat, PathArguments,
-    ReturnType, Signature, Stmt, Type, TypeParamBound,
-};
+use syn::{FnArg, GenericParam, Ident, Pat, ReturnType, Signature, Type};
 
 use crate::args::{CachedArgs, Errors};
+use crate::item::{self, Generic, ItemFn, Shape};
 use crate::template::{self, Part, Template};
 
 /// Entry point: parse, validate, generate. On any error the user's item is emitted unchanged,
@@ -23,8 +22,13 @@ pub(crate) fn cached(args: TokenStream, item: TokenStream) -> TokenStream {
     let args = CachedArgs::parse(args, &mut errors);
     let func: ItemFn = match syn::parse2(item.clone()) {
         Ok(f) => f,
+        // A function with a syntax error in its signature: syn's error, where rustc's will be.
+        Err(e) if item::looks_like_fn(&item) => {
+            errors.push(e);
+            return with_errors(item, errors);
+        }
         Err(_) => {
-            let (span, what) = describe_item(&item);
+            let (span, what) = item::describe_item(&item);
             errors.error(
                 span,
                 format_args!("`#[cached]` can only be applied to an `async fn`, not {what}"),
@@ -44,41 +48,6 @@ fn with_errors(item: TokenStream, errors: Errors) -> TokenStream {
         Err(e) => e.into_compile_error(),
     };
     quote!(#item #errs)
-}
-
-/// The span and a description of a non-function item, for the error message.
-fn describe_item(item: &TokenStream) -> (Span, &'static str) {
-    match syn::parse2::<syn::Item>(item.clone()) {
-        Ok(syn::Item::Struct(s)) => (s.struct_token.span, "a struct"),
-        Ok(syn::Item::Enum(e)) => (e.enum_token.span, "an enum"),
-        Ok(syn::Item::Const(c)) => (c.const_token.span, "a const"),
-        Ok(syn::Item::Static(s)) => (s.static_token.span, "a static"),
-        Ok(syn::Item::Impl(i)) => (
-            i.impl_token.span,
-            "an impl block (put it on the `async fn`s inside)",
-        ),
-        Ok(syn::Item::Trait(t)) => (t.trait_token.span, "a trait"),
-        Ok(syn::Item::Mod(m)) => (m.mod_token.span, "a module"),
-        Ok(syn::Item::Type(t)) => (t.type_token.span, "a type alias"),
-        Ok(syn::Item::Union(u)) => (u.union_token.span, "a union"),
-        Ok(syn::Item::Use(u)) => (u.use_token.span, "a `use` item"),
-        _ => (
-            item.clone()
-                .into_iter()
-                .next()
-                .map_or_else(Span::call_site, |t| t.span()),
-            "this item",
-        ),
-    }
-}
-
-/// How the function's body produces its future.
-enum Shape<'a> {
-    /// `async fn f(..) -> R { body }`.
-    Native,
-    /// What `#[async_trait]` leaves: `fn f(..) -> Pin<Box<dyn Future<Output = R> + ..>>`
-    /// whose body is `Box::pin(async move { .. })`.
-    AsyncTrait { pin_fn: &'a Expr, future: &'a Expr },
 }
 
 /// A parameter of the function.
@@ -112,18 +81,18 @@ fn integer_type(ty: &Type) -> Option<usize> {
 }
 
 /// What generation needs, checked.
-struct Config<'a> {
-    shape: Shape<'a>,
+struct Config {
+    shape: Shape,
     ret: Type,
     has_self: bool,
     params: Vec<Param>,
     template: Option<Template>,
 }
 
-impl<'a> Config<'a> {
-    fn build(args: &CachedArgs, func: &'a ItemFn, errors: &mut Errors) -> Option<Config<'a>> {
+impl Config {
+    fn build(args: &CachedArgs, func: &ItemFn, errors: &mut Errors) -> Option<Config> {
         let sig = &func.sig;
-        let (shape, ret) = match shape(sig, &func.block) {
+        let (shape, ret) = match item::shape(sig, &func.body) {
             Some(found) => found,
             None => {
                 errors.error(
@@ -133,6 +102,19 @@ impl<'a> Config<'a> {
                 return None;
             }
         };
+        if let Some(generic) = item::generic_return(&ret, sig) {
+            let what = match generic {
+                Generic::Param => "a type parameter",
+                Generic::Projection => "an associated type of a type parameter",
+            };
+            errors.push(syn::Error::new_spanned(
+                &ret,
+                format_args!(
+                    "`#[cached]` cannot tell whether `{}` is a `Result` or an `Option`: the return type is {what}; write the shape, e.g. `Result<T, E>` or `Option<T>`",
+                    type_text(&ret)
+                ),
+            ));
+        }
         let has_self = sig.receiver().is_some();
         let params: Vec<Param> = sig
             .inputs
@@ -203,83 +185,15 @@ impl<'a> Config<'a> {
     }
 }
 
-/// Recognises a native `async fn`, or the shape `#[async_trait]` rewrote one into.
-fn shape<'a>(sig: &Signature, block: &'a Block) -> Option<(Shape<'a>, Type)> {
-    if sig.asyncness.is_some() {
-        let ret = match &sig.output {
-            ReturnType::Default => syn::parse_quote!(()),
-            ReturnType::Type(_, ty) => (**ty).clone(),
-        };
-        return Some((Shape::Native, ret));
-    }
-    // Input (after #[async_trait]):
-    //     fn f<'life0, 'async_trait>(&'life0 self, id: u64)
-    //         -> Pin<Box<dyn Future<Output = R> + Send + 'async_trait>>
-    //     { Box::pin(async move { ... }) }
-    let ret = future_output(&sig.output)?;
-    let [Stmt::Expr(Expr::Call(call), None)] = block.stmts.as_slice() else {
-        return None;
-    };
-    let Expr::Path(path) = &*call.func else {
-        return None;
-    };
-    if path.path.segments.last()?.ident != "pin" || call.args.len() != 1 {
-        return None;
-    }
-    let future = call.args.first()?;
-    if !matches!(future, Expr::Async(_)) {
-        return None;
-    }
-    Some((
-        Shape::AsyncTrait {
-            pin_fn: &call.func,
-            future,
-        },
-        ret,
-    ))
-}
-
-/// `R` of `Pin<Box<dyn Future<Output = R> + ...>>`.
-fn future_output(output: &ReturnType) -> Option<Type> {
-    let ReturnType::Type(_, ty) = output else {
-        return None;
-    };
-    let inner = single_generic(ty, "Pin")?;
-    let boxed = single_generic(inner, "Box")?;
-    let Type::TraitObject(obj) = boxed else {
-        return None;
-    };
-    obj.bounds.iter().find_map(|b| {
-        let TypeParamBound::Trait(t) = b else {
-            return None;
-        };
-        let seg = t.path.segments.last()?;
-        if seg.ident != "Future" {
-            return None;
-        }
-        let PathArguments::AngleBracketed(args) = &seg.arguments else {
-            return None;
-        };
-        args.args.iter().find_map(|a| match a {
-            GenericArgument::AssocType(assoc) if assoc.ident == "Output" => Some(assoc.ty.clone()),
-            _ => None,
-        })
-    })
-}
-
-fn single_generic<'t>(ty: &'t Type, name: &str) -> Option<&'t Type> {
-    let Type::Path(p) = ty else { return None };
-    let seg = p.path.segments.last()?;
-    if seg.ident != name {
-        return None;
-    }
-    let PathArguments::AngleBracketed(args) = &seg.arguments else {
-        return None;
-    };
-    args.args.iter().find_map(|a| match a {
-        GenericArgument::Type(t) => Some(t),
-        _ => None,
-    })
+/// A type as it is written, for messages: `T::Output`, not `T :: Output`.
+fn type_text(ty: &Type) -> String {
+    ty.to_token_stream()
+        .to_string()
+        .replace(" :: ", "::")
+        .replace(" <", "<")
+        .replace("< ", "<")
+        .replace(" >", ">")
+        .replace(" ,", ",")
 }
 
 /// Hidden names: `Span::mixed_site()` locals cannot be named by the user's code.
@@ -289,36 +203,59 @@ fn hidden(name: &str) -> Ident {
 
 // Input:
 //     #[cached(key = "user:{id}", ttl = 60)]
-//     pub async fn get_user(id: u64) -> Result<User, E> { body }
+//     pub async fn get_user(id: u64) -> Result<User, E> { #![inner] stmts }
 //
-// Output:
+// Output (`::cache_runtime::__private::` and `::core::..::` paths shortened, `#[allow(..)]`s
+// left out; the `__cache_*` names have mixed-site hygiene, so `stmts` cannot name them):
 //     pub async fn get_user(id: u64) -> Result<User, E> {
+//         #![inner]
 //         static __CACHE_SITE: Site = Site::new(module_path!(), "get_user").ttl_ms(60000);
 //         let __cache_handle: &Cache = default_cache();
-//         let __cache_key: Option<String> = {
+//         let __cache_key: CallKey = {
 //             let mut __cache_w = key_writer(__cache_handle);
 //             __cache_w.literal("user:");
-//             __cache_w.display(&id, "");
+//             __cache_w.integer(id, ""); // `display(&id, "")` for a non-integer parameter
 //             __cache_w.finish(None)
 //         };
-//         let __cache_mode = (&&&&Tag::<Result<User, E>>::new()).__cache_mode();
-//         cached(Call { .. }, __cache_mode, |_| false, async move { body }).await
+//         let __cache_mode = {
+//             use {ViaOption as _, ViaPlain as _, ViaResult as _, ViaResultOption as _};
+//             (&&&&Tag::<Result<User, E>>::new()).__cache_mode()
+//         };
+//         let __cache_typed = {
+//             use {ViaTyped as _, ViaUntyped as _};
+//             (&&__cache_mode).__cache_typed()
+//         };
+//         cached(
+//             Call { cache: __cache_handle, site: &__CACHE_SITE, self_type: None, key: __cache_key },
+//             __cache_mode,
+//             __cache_typed,
+//             |_: &Result<User, E>| false,
+//             async move { // these braces are the body's own (their spans)
+//                 if let Some(__cache_ret) = None::<Result<User, E>> {
+//                     return __cache_ret;
+//                 }
+//                 stmts
+//             },
+//         )
+//         .await
 //     }
-fn generate(args: &CachedArgs, func: &ItemFn, config: &Config<'_>) -> TokenStream {
+//
+// With `condition`, the key is `if cond { .. } else { CallKey::Condition }`; with `unless`,
+// the closure is `|result: &R| -> bool { expr }`; `cache_none` adds
+// `require_cache_none(PhantomData::<R>);` before the call; in a method, `self_type` is
+// `Some(type_name::<Self>())`. After `#[async_trait]`, the body `{ Box::pin(async move {
+// .. }) }` becomes `{ let ..; Box::pin(async move { cached(.., async move { .. }).await }) }`,
+// the inner `async move { .. }` being `#[async_trait]`'s, unchanged.
+fn generate(args: &CachedArgs, func: &ItemFn, config: &Config) -> TokenStream {
     let rt = quote!(::cache_runtime::__private);
     let ItemFn {
         attrs,
         vis,
         sig,
-        block,
-        ..
+        body,
     } = func;
-    let outer_attrs = attrs
-        .iter()
-        .filter(|a| matches!(a.style, syn::AttrStyle::Outer));
-    let inner_attrs = attrs
-        .iter()
-        .filter(|a| matches!(a.style, syn::AttrStyle::Inner(_)));
+    // The body's inner attributes (`#![allow(..)]`) apply to the whole rewritten function.
+    let inner_attrs = &body.inner_attrs;
     let fn_name = sig.ident.to_string();
     let fn_name = fn_name.strip_prefix("r#").unwrap_or(&fn_name);
     let ret = &config.ret;
@@ -474,25 +411,30 @@ fn generate(args: &CachedArgs, func: &ItemFn, config: &Config<'_>) -> TokenStrea
 
     let body = match &config.shape {
         Shape::Native => {
-            let future = quote! {
-                async move {
+            // The user's braces become the async block's: the body is not a block in tail
+            // position of another, which `unused_braces` would flag when it is one line.
+            let stmts = &body.stmts;
+            let mut block = Group::new(
+                Delimiter::Brace,
+                quote! {
                     if let ::core::option::Option::Some(#fake_ret) = ::core::option::Option::None::<#ret> {
                         #[allow(unreachable_code)]
                         return #fake_ret;
                     }
-                    #block
-                }
-            };
-            call(future)
+                    #stmts
+                },
+            );
+            block.set_span(body.brace.span.join());
+            call(quote!(async move #block))
         }
         Shape::AsyncTrait { pin_fn, future } => {
-            let inner = call(future.to_token_stream());
+            let inner = call(future.clone());
             quote!(#pin_fn(async move { #inner }))
         }
     };
 
     quote! {
-        #(#outer_attrs)*
+        #(#attrs)*
         #vis #sig {
             #(#inner_attrs)*
             #site_static
@@ -506,7 +448,7 @@ fn generate(args: &CachedArgs, func: &ItemFn, config: &Config<'_>) -> TokenStrea
     }
 }
 
-fn template_pushes(t: &Template, w: &Ident, span: Span, config: &Config<'_>) -> TokenStream {
+fn template_pushes(t: &Template, w: &Ident, span: Span, config: &Config) -> TokenStream {
     let extra = &t.extra_escapes;
     let mut out = TokenStream::new();
     for part in &t.parts {
@@ -578,12 +520,7 @@ fn template_pushes(t: &Template, w: &Ident, span: Span, config: &Config<'_>) -> 
     out
 }
 
-fn default_key_pushes(
-    w: &Ident,
-    fn_name: &str,
-    sig: &Signature,
-    config: &Config<'_>,
-) -> TokenStream {
+fn default_key_pushes(w: &Ident, fn_name: &str, sig: &Signature, config: &Config) -> TokenStream {
     let mut out = if config.has_self {
         let suffix = format!("::{fn_name}");
         quote! {

@@ -1,17 +1,21 @@
 //! Procedural macros for [`cache-runtime`](https://docs.rs/cache-runtime).
 //!
 //! Do not depend on this crate directly: depend on `cache-runtime`, which re-exports the
-//! attributes (`use cache_runtime::cached;`) and documents them. This crate only parses,
-//! validates and rewrites; every behaviour lives in the runtime.
+//! attributes (`use cache_runtime::cached;`). This crate only parses, validates and rewrites;
+//! every behaviour lives in the runtime.
 #![forbid(unsafe_code)]
 
 mod args;
 mod expand;
+mod item;
 mod template;
 
 use proc_macro::TokenStream;
 
-/// Caches an `async fn`'s results. Documented at `cache_runtime::cached`.
+// The user documentation: IDEs show the proc-macro item's docs, not the re-export's. Its
+// examples need `cache-runtime`, so they run as `cache-runtime`'s doctests (see
+// `CachedDocTests` there), not here (`doctest = false`).
+#[doc = include_str!("docs/cached.md")]
 #[proc_macro_attribute]
 pub fn cached(args: TokenStream, item: TokenStream) -> TokenStream {
     expand::cached(args.into(), item.into()).into()

@@ -140,6 +140,53 @@ pub(crate) async fn kept(x: u8) -> u8 {
     y
 }
 
+/// One-line bodies stay on one line (`unused_braces` only looks at one-line blocks), in a
+/// crate that denies warnings and is checked by clippy.
+#[rustfmt::skip]
+mod one_line {
+    use async_trait::async_trait;
+    use cache_runtime::cached;
+
+    use super::{Repo, SHAPES};
+    use crate::support::Calls;
+
+    pub static COUNTED: Calls = Calls::new();
+
+    #[cached(cache = SHAPES)]
+    pub async fn plain(id: u64) -> u64 { id * 2 }
+
+    #[cached(cache = SHAPES, key = "one-line:counted")]
+    pub async fn counted() -> u32 { COUNTED.hit() }
+
+    #[cached(cache = SHAPES, key = "one-line:result:{id}")]
+    pub async fn result(id: u64) -> Result<u64, String> { Ok(id) }
+
+    #[cached(cache = SHAPES)]
+    pub async fn option(id: u64) -> Option<u64> { Some(id) }
+
+    #[cached(cache = SHAPES, key = "one-line:string:{id}")]
+    pub async fn string(id: u64) -> String { format!("{id}") }
+
+    impl Repo {
+        #[cached(cache = self.cache, key = "one-line:tenant")]
+        pub async fn tenant(&self) -> String { self.tenant.clone() }
+
+        #[cached(cache = self.cache)]
+        pub async fn double(&self, id: u64) -> Result<u64, String> { Ok(id * 2) }
+    }
+
+    #[async_trait]
+    pub trait Doubler {
+        async fn double(&self, id: u64) -> Option<u64>;
+    }
+
+    #[async_trait]
+    impl Doubler for Repo {
+        #[cached(cache = self.cache, key = "one-line:doubler:{id}")]
+        async fn double(&self, id: u64) -> Option<u64> { Some(id * 2) }
+    }
+}
+
 #[tokio::test]
 async fn methods_use_self_fields_in_keys() {
     let a = Repo::new("acme");
@@ -256,4 +303,25 @@ fn cached_futures_are_send() {
     assert_send(&parse::<u32>("1"));
     assert_send(&repo.get(1));
     assert_send(&kept(1));
+}
+
+#[tokio::test]
+async fn one_line_bodies() {
+    use one_line::Doubler;
+
+    assert_eq!(one_line::plain(2).await, 4);
+    assert_eq!(one_line::counted().await, 1);
+    assert_eq!(one_line::counted().await, 1, "cached");
+    assert_eq!(one_line::COUNTED.get(), 1);
+    assert_eq!(one_line::result(3).await, Ok(3));
+    assert_eq!(one_line::option(3).await, Some(3));
+    assert_eq!(one_line::string(3).await, "3");
+    let repo = Repo::new("acme");
+    assert_eq!(repo.tenant().await, "acme");
+    assert_eq!(Repo::double(&repo, 2).await, Ok(4));
+    assert_eq!(Doubler::double(&repo, 2).await, Some(4));
+    assert_eq!(
+        repo.cache.get::<u64>("one-line:doubler:2").await.unwrap(),
+        Some(4)
+    );
 }
