@@ -380,9 +380,10 @@ fn generate(args: &CachedArgs, func: &ItemFn, config: &Config) -> TokenStream {
             // A non-`bool` expression is "expected `bool` because of" the `unless` option.
             let unless_span = args.unless.span().unwrap_or_else(|| expr.span());
             let bool_ty = quote_spanned!(unless_span=> bool);
-            quote_spanned!(expr.span()=> |#result: &#ret| -> #bool_ty { #expr })
+            let closure = quote_spanned!(expr.span()=> |#result: &#ret| -> #bool_ty { #expr });
+            quote!(::core::option::Option::Some(&mut #closure))
         }
-        None => quote!(|_: &#ret| false),
+        None => quote!(::core::option::Option::None),
     };
     let self_type = if config.has_self {
         quote!(::core::option::Option::Some(
@@ -392,20 +393,28 @@ fn generate(args: &CachedArgs, func: &ItemFn, config: &Config) -> TokenStream {
         quote!(::core::option::Option::None)
     };
     let rt_ret = quote_spanned!(ret_loc=> ::cache_runtime::__private);
-    let call = |future: TokenStream| {
+    let fetch = hidden("__cache_fetch");
+    let hit = hidden("__cache_hit");
+    let result = hidden("__cache_result");
+    let verdict = hidden("__cache_verdict");
+    // The function's own state machine drives the call: `find` and `verdict` are generic
+    // over the return type only, everything else in the runtime is not generic at all, so an
+    // annotated function adds little code of its own.
+    let run = |future: TokenStream| {
         quote_spanned! {ret_loc=>
-            #rt_ret::cached(
-                #rt_ret::Call {
-                    cache: #handle,
-                    site: &#site,
-                    self_type: #self_type,
-                    key: #key,
-                },
-                #mode,
-                #typed,
-                #unless,
-                #future,
-            ).await
+            let mut #fetch = #rt_ret::Fetch::new(#rt_ret::Call {
+                cache: #handle,
+                site: &#site,
+                self_type: #self_type,
+                key: #key,
+            });
+            if let ::core::option::Option::Some(#hit) = #fetch.find(&#mode, #typed).await {
+                return #hit;
+            }
+            let #result = #future.await;
+            let #verdict = #fetch.verdict(&#mode, #typed, &#result, #unless);
+            #fetch.complete(#verdict).await;
+            #result
         }
     };
 
@@ -425,10 +434,10 @@ fn generate(args: &CachedArgs, func: &ItemFn, config: &Config) -> TokenStream {
                 },
             );
             block.set_span(body.brace.span.join());
-            call(quote!(async move #block))
+            run(quote!(async move #block))
         }
         Shape::AsyncTrait { pin_fn, future } => {
-            let inner = call(future.clone());
+            let inner = run(future.clone());
             quote!(#pin_fn(async move { #inner }))
         }
     };

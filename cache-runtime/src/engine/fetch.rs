@@ -1,7 +1,7 @@
 //! [`Fetch`]: one cached call's way through the cache, compiled once for every function.
 //!
-//! The generic shell ([`super::cached`]) asks [`Fetch::lookup`] for a step, decodes what it
-//! found ([`Fetch::hit`] or [`Fetch::unusable`]), or runs the body between
+//! [`Fetch::find`] asks [`Fetch::lookup`] for a step and decodes what it found
+//! ([`Fetch::hit`] or [`Fetch::unusable`]); the expansion runs the body between
 //! [`Fetch::begin_load`] and [`Fetch::end_load`] and hands the result's [`Verdict`] to
 //! [`Fetch::complete`]. A `Fetch` dropped on the way (a panic in the body, a cancelled
 //! future) tells the key's followers to retry and gives its lease back: see the guards in
@@ -30,8 +30,12 @@ pub(crate) enum Step {
     Load,
 }
 
-/// What a load's result means for the cache, as the shell classified and encoded it.
-pub(crate) enum Verdict {
+/// What a load's result means for the cache, as [`Fetch::verdict`] classified and encoded it.
+/// Opaque: the expansion only passes it on to [`Fetch::complete`].
+#[doc(hidden)]
+pub struct Verdict(pub(crate) Kind);
+
+pub(crate) enum Kind {
     /// A value to store (and to share with the followers).
     Store(Stored),
     /// A `None`: stored only with `cache_none`, shared either way.
@@ -48,11 +52,11 @@ pub(crate) enum Verdict {
 
 impl Verdict {
     pub(crate) fn new(stored: Stored, none: bool, rejected: bool) -> Verdict {
-        match (rejected, none) {
-            (true, _) => Verdict::Share(stored),
-            (false, true) => Verdict::StoreNone(stored),
-            (false, false) => Verdict::Store(stored),
-        }
+        Verdict(match (rejected, none) {
+            (true, _) => Kind::Share(stored),
+            (false, true) => Kind::StoreNone(stored),
+            (false, false) => Kind::Store(stored),
+        })
     }
 }
 
@@ -79,8 +83,9 @@ enum State<'a> {
     },
 }
 
-/// One cached call: see the module docs.
-pub(crate) struct Fetch<'a> {
+/// One cached call: see the module docs. Not public API: the attribute's expansion drives it.
+#[doc(hidden)]
+pub struct Fetch<'a> {
     store: &'a Store,
     site: &'static Site,
     stats: StatsRef<'a>,
@@ -101,7 +106,8 @@ impl Drop for Fetch<'_> {
 }
 
 impl<'a> Fetch<'a> {
-    pub(crate) fn new(call: Call<'a>) -> Self {
+    /// Starts a call.
+    pub fn new(call: Call<'a>) -> Self {
         let cache: &'a Cache = call.cache;
         let stats = call.site.stats(cache.stats_registry(), call.self_type);
         let key = match call.key {
@@ -318,16 +324,16 @@ impl<'a> Fetch<'a> {
     }
 
     /// Stores and shares the load's result as its verdict says.
-    pub(crate) async fn complete(&mut self, verdict: Verdict) {
-        let (stored, none) = match verdict {
-            Verdict::Store(stored) => (stored, false),
-            Verdict::StoreNone(stored) => (stored, true),
-            Verdict::Share(stored) => {
+    pub async fn complete(&mut self, verdict: Verdict) {
+        let (stored, none) = match verdict.0 {
+            Kind::Store(stored) => (stored, false),
+            Kind::StoreNone(stored) => (stored, true),
+            Kind::Share(stored) => {
                 SiteStats::inc(&self.stats.not_stored);
                 self.share(stored).await;
                 return;
             }
-            Verdict::Error => {
+            Kind::Error => {
                 SiteStats::inc(&self.stats.load_errors);
                 if !matches!(self.state, State::Bypass) {
                     SiteStats::inc(&self.stats.not_stored);
@@ -335,11 +341,11 @@ impl<'a> Fetch<'a> {
                 self.retry().await;
                 return;
             }
-            Verdict::Skip => {
+            Kind::Skip => {
                 self.retry().await;
                 return;
             }
-            Verdict::Unencodable(e) => {
+            Kind::Unencodable(e) => {
                 SiteStats::inc(&self.stats.not_stored);
                 self.store.log().warn(
                     FailureKind::Encode,

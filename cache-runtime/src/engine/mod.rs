@@ -16,14 +16,14 @@
 //!             followers, or tell them to retry
 //! ```
 //!
-//! The code is split so that each annotated function compiles little: [`cached`] is the thin
-//! generic shell (decode a value, run the body, classify and encode its result) and
-//! [`fetch::Fetch`] is everything else, compiled once. Backend failures and undecodable values
+//! The code is split so that each annotated function compiles little. The expansion calls
+//! [`Fetch::new`], awaits [`Fetch::find`] (a hit returns here), awaits the body, then calls
+//! [`Fetch::verdict`] and awaits [`Fetch::complete`]: `find` and `verdict` are generic over
+//! the return type only (decode, classify, encode), so functions returning the same type share
+//! them; everything else is non-generic and compiled once. Backend failures and undecodable values
 //! are counted, logged (rate-limited) and treated as misses; they never reach the caller.
 
 mod fetch;
-
-use std::future::Future;
 
 use crate::backend::Stored;
 use crate::cache::Cache;
@@ -32,7 +32,8 @@ use crate::key::CallKey;
 use crate::mode::{Classified, Mode, Typed};
 use crate::stats::Site;
 
-pub(crate) use self::fetch::{Fetch, Step, Verdict};
+pub use self::fetch::{Fetch, Verdict};
+use self::fetch::{Kind, Step};
 
 /// One call of a cached function, as the attribute's expansion describes it.
 #[doc(hidden)]
@@ -62,67 +63,62 @@ fn restore<R, M: Mode<R>>(
     envelope::decode::<M::Value>(&stored.bytes).map(|v| mode.restore(v))
 }
 
-/// What `result` means for the cache, encoded if it is to be stored or shared.
-fn verdict<R, M: Mode<R>>(
-    fetch: &Fetch<'_>,
-    mode: &M,
-    typed: Option<Typed<M::Value>>,
-    result: &R,
-    unless: impl FnOnce(&R) -> bool,
-) -> Verdict {
-    let (value, none) = match mode.classify(result) {
-        Classified::Store(v) => (v, false),
-        Classified::StoreNone(v) => (v, true),
-        Classified::Error => return Verdict::Error,
-    };
-    if !fetch.wants_value() {
-        return Verdict::Skip;
-    }
-    let rejected = unless(result);
-    let bytes = match envelope::encode(value, fetch.load_time()) {
-        Ok(bytes) => bytes,
-        Err(e) => return Verdict::Unencodable(e),
-    };
-    let stored = Stored {
-        bytes,
-        typed: match typed {
-            Some(typed) if fetch.keeps_typed() => Some((typed.wrap)(value)),
-            _ => None,
-        },
-    };
-    Verdict::new(stored, none, rejected)
-}
-
-/// The cached call: see the module docs.
-#[doc(hidden)]
-pub async fn cached<R, M, U, F>(
-    call: Call<'_>,
-    mode: M,
-    typed: Option<Typed<M::Value>>,
-    unless: U,
-    fut: F,
-) -> R
-where
-    M: Mode<R>,
-    U: FnOnce(&R) -> bool,
-    F: Future<Output = R>,
-{
-    let mut fetch = Fetch::new(call);
-    if let Step::Found(stored) = fetch.lookup().await {
-        match restore(&stored, &mode, typed) {
-            Ok(value) => {
-                fetch.hit(stored);
-                return value;
+impl<'a> Fetch<'a> {
+    /// The cached value, if there is a usable one: the call returns it. `None`: the call runs
+    /// the function, then hands its result to [`Fetch::verdict`] and [`Fetch::complete`].
+    ///
+    /// Generic over the return type only, so every function returning the same type shares
+    /// one copy.
+    pub async fn find<R, M: Mode<R>>(
+        &mut self,
+        mode: &M,
+        typed: Option<Typed<M::Value>>,
+    ) -> Option<R> {
+        if let Step::Found(stored) = self.lookup().await {
+            match restore(&stored, mode, typed) {
+                Ok(value) => {
+                    self.hit(stored);
+                    return Some(value);
+                }
+                Err(e) => self.unusable(&e).await,
             }
-            Err(e) => fetch.unusable(&e).await,
         }
+        self.begin_load();
+        None
     }
-    fetch.begin_load();
-    let result = fut.await;
-    fetch.end_load();
-    let verdict = verdict(&fetch, &mode, typed, &result, unless);
-    fetch.complete(verdict).await;
-    result
+
+    /// What the function's `result` means for the cache: classified, checked against
+    /// `unless`, and encoded if it is to be stored or shared with waiting callers.
+    pub fn verdict<R, M: Mode<R>>(
+        &mut self,
+        mode: &M,
+        typed: Option<Typed<M::Value>>,
+        result: &R,
+        unless: Option<&mut dyn FnMut(&R) -> bool>,
+    ) -> Verdict {
+        self.end_load();
+        let (value, none) = match mode.classify(result) {
+            Classified::Store(v) => (v, false),
+            Classified::StoreNone(v) => (v, true),
+            Classified::Error => return Verdict(Kind::Error),
+        };
+        if !self.wants_value() {
+            return Verdict(Kind::Skip);
+        }
+        let rejected = unless.is_some_and(|unless| unless(result));
+        let bytes = match envelope::encode(value, self.load_time()) {
+            Ok(bytes) => bytes,
+            Err(e) => return Verdict(Kind::Unencodable(e)),
+        };
+        let stored = Stored {
+            bytes,
+            typed: match typed {
+                Some(typed) if self.keeps_typed() => Some((typed.wrap)(value)),
+                _ => None,
+            },
+        };
+        Verdict::new(stored, none, rejected)
+    }
 }
 
 #[cfg(test)]
@@ -132,25 +128,31 @@ mod tests {
 
     fn assert_send<T: Send>(_: &T) {}
 
-    /// The shell's future is `Send` when the body's future and the return type are: a cached
-    /// function can be spawned.
+    /// What the expansion generates is `Send` when the body's future and the return type are:
+    /// a cached function can be spawned.
     #[test]
     fn the_call_is_send() {
-        let cache = Cache::memory();
         static SITE: Site = Site::new("tests", "send");
-        #[allow(clippy::needless_borrow)]
-        let mode = (&&Tag::<Result<u32, String>>::new()).__cache_mode();
-        #[allow(clippy::needless_borrow)]
-        let typed = (&&mode).__cache_typed();
-        let call = Call {
-            cache: &cache,
-            site: &SITE,
-            self_type: None,
-            key: CallKey::Key("k".to_owned()),
+        let fut = async {
+            let cache = Cache::memory();
+            #[allow(clippy::needless_borrow)]
+            let mode = (&&Tag::<Result<u32, String>>::new()).__cache_mode();
+            #[allow(clippy::needless_borrow)]
+            let typed = (&&mode).__cache_typed();
+            let mut fetch = Fetch::new(Call {
+                cache: &cache,
+                site: &SITE,
+                self_type: None,
+                key: CallKey::Key("k".to_owned()),
+            });
+            if let Some(hit) = fetch.find(&mode, typed).await {
+                return hit;
+            }
+            let result = async { Ok::<u32, String>(1) }.await;
+            let verdict = fetch.verdict(&mode, typed, &result, Some(&mut |_: &_| false));
+            fetch.complete(verdict).await;
+            result
         };
-        let fut = cached(call, mode, typed, |_: &Result<u32, String>| false, async {
-            Ok::<u32, String>(1)
-        });
         assert_send(&fut);
     }
 }
