@@ -395,6 +395,7 @@ fn generate(args: &CachedArgs, func: &ItemFn, config: &Config) -> TokenStream {
     let rt_ret = quote_spanned!(ret_loc=> ::cache_runtime::__private);
     let fetch = hidden("__cache_fetch");
     let hit = hidden("__cache_hit");
+    let finish = hidden("__cache_finish");
     let result = hidden("__cache_result");
     let verdict = hidden("__cache_verdict");
     // The function's own state machine drives the call: `find` and `verdict` are generic
@@ -408,11 +409,12 @@ fn generate(args: &CachedArgs, func: &ItemFn, config: &Config) -> TokenStream {
                 self_type: #self_type,
                 key: #key,
             });
-            if let ::core::option::Option::Some(#hit) = #fetch.find(&#mode, #typed).await {
-                return #hit;
-            }
+            let #finish = match #fetch.find(&#mode, #typed).await {
+                ::core::result::Result::Ok(#hit) => return #hit,
+                ::core::result::Result::Err(#finish) => #finish,
+            };
             let #result = #future.await;
-            let #verdict = #fetch.verdict(&#mode, #typed, &#result, #unless);
+            let #verdict = #finish.verdict(&mut #fetch, &#mode, #typed, &#result, #unless);
             #fetch.complete(#verdict).await;
             #result
         }

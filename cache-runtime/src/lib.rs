@@ -85,7 +85,7 @@ pub struct CachedDocTests;
 #[doc(hidden)]
 pub mod __private {
     pub use crate::cache::Cache;
-    pub use crate::engine::{Call, Fetch, Verdict};
+    pub use crate::engine::{Call, Fetch, Finish, Verdict};
     pub use crate::key::{CallKey, KeyWriter};
     /// For the integration tests: auxiliary key names and hash slots, checked against a real
     /// cluster node.

@@ -18,7 +18,7 @@
 //!
 //! The code is split so that each annotated function compiles little. The expansion calls
 //! [`Fetch::new`], awaits [`Fetch::find`] (a hit returns here), awaits the body, then calls
-//! [`Fetch::verdict`] and awaits [`Fetch::complete`]: `find` and `verdict` are generic over
+//! [`Finish::verdict`] and awaits [`Fetch::complete`]: `find` and `verdict` are generic over
 //! the return type only (decode, classify, encode), so functions returning the same type share
 //! them; everything else is non-generic and compiled once. Backend failures and undecodable values
 //! are counted, logged (rate-limited) and treated as misses; they never reach the caller.
@@ -63,9 +63,37 @@ fn restore<R, M: Mode<R>>(
     envelope::decode::<M::Value>(&stored.bytes).map(|v| mode.restore(v))
 }
 
-impl<'a> Fetch<'a> {
-    /// The cached value, if there is a usable one: the call returns it. `None`: the call runs
-    /// the function, then hands its result to [`Fetch::verdict`] and [`Fetch::complete`].
+/// What a call that found nothing needs to finish: the encoding of its result, chosen where
+/// the return type's bounds were checked (in [`Fetch::find`]), so that the expansion's second
+/// step carries no trait bound of its own (and a type error is reported once).
+#[doc(hidden)]
+pub struct Finish<R, M, V> {
+    verdict: Verdict_<R, M, V>,
+}
+
+type Verdict_<R, M, V> =
+    fn(&mut Fetch<'_>, &M, Option<Typed<V>>, &R, Option<&mut dyn FnMut(&R) -> bool>) -> Verdict;
+
+impl<R, M, V> Finish<R, M, V> {
+    /// What the function's `result` means for the cache: classified, checked against
+    /// `unless`, and encoded if it is to be stored or shared with waiting callers.
+    #[inline]
+    pub fn verdict(
+        &self,
+        fetch: &mut Fetch<'_>,
+        mode: &M,
+        typed: Option<Typed<V>>,
+        result: &R,
+        unless: Option<&mut dyn FnMut(&R) -> bool>,
+    ) -> Verdict {
+        (self.verdict)(fetch, mode, typed, result, unless)
+    }
+}
+
+impl Fetch<'_> {
+    /// The cached value, if there is a usable one: the call returns it. Otherwise the call
+    /// runs the function, then hands its result to [`Finish::verdict`] and the verdict to
+    /// [`Fetch::complete`].
     ///
     /// Generic over the return type only, so every function returning the same type shares
     /// one copy.
@@ -73,52 +101,53 @@ impl<'a> Fetch<'a> {
         &mut self,
         mode: &M,
         typed: Option<Typed<M::Value>>,
-    ) -> Option<R> {
+    ) -> Result<R, Finish<R, M, M::Value>> {
         if let Step::Found(stored) = self.lookup().await {
             match restore(&stored, mode, typed) {
                 Ok(value) => {
                     self.hit(stored);
-                    return Some(value);
+                    return Ok(value);
                 }
                 Err(e) => self.unusable(&e).await,
             }
         }
         self.begin_load();
-        None
+        Err(Finish {
+            verdict: verdict::<R, M>,
+        })
     }
+}
 
-    /// What the function's `result` means for the cache: classified, checked against
-    /// `unless`, and encoded if it is to be stored or shared with waiting callers.
-    pub fn verdict<R, M: Mode<R>>(
-        &mut self,
-        mode: &M,
-        typed: Option<Typed<M::Value>>,
-        result: &R,
-        unless: Option<&mut dyn FnMut(&R) -> bool>,
-    ) -> Verdict {
-        self.end_load();
-        let (value, none) = match mode.classify(result) {
-            Classified::Store(v) => (v, false),
-            Classified::StoreNone(v) => (v, true),
-            Classified::Error => return Verdict(Kind::Error),
-        };
-        if !self.wants_value() {
-            return Verdict(Kind::Skip);
-        }
-        let rejected = unless.is_some_and(|unless| unless(result));
-        let bytes = match envelope::encode(value, self.load_time()) {
-            Ok(bytes) => bytes,
-            Err(e) => return Verdict(Kind::Unencodable(e)),
-        };
-        let stored = Stored {
-            bytes,
-            typed: match typed {
-                Some(typed) if self.keeps_typed() => Some((typed.wrap)(value)),
-                _ => None,
-            },
-        };
-        Verdict::new(stored, none, rejected)
+/// See [`Finish::verdict`].
+fn verdict<R, M: Mode<R>>(
+    fetch: &mut Fetch<'_>,
+    mode: &M,
+    typed: Option<Typed<M::Value>>,
+    result: &R,
+    unless: Option<&mut dyn FnMut(&R) -> bool>,
+) -> Verdict {
+    fetch.end_load();
+    let (value, none) = match mode.classify(result) {
+        Classified::Store(v) => (v, false),
+        Classified::StoreNone(v) => (v, true),
+        Classified::Error => return Verdict(Kind::Error),
+    };
+    if !fetch.wants_value() {
+        return Verdict(Kind::Skip);
     }
+    let rejected = unless.is_some_and(|unless| unless(result));
+    let bytes = match envelope::encode(value, fetch.load_time()) {
+        Ok(bytes) => bytes,
+        Err(e) => return Verdict(Kind::Unencodable(e)),
+    };
+    let stored = Stored {
+        bytes,
+        typed: match typed {
+            Some(typed) if fetch.keeps_typed() => Some((typed.wrap)(value)),
+            _ => None,
+        },
+    };
+    Verdict::new(stored, none, rejected)
 }
 
 #[cfg(test)]
@@ -145,11 +174,13 @@ mod tests {
                 self_type: None,
                 key: CallKey::Key("k".to_owned()),
             });
-            if let Some(hit) = fetch.find(&mode, typed).await {
-                return hit;
-            }
+            let finish = match fetch.find(&mode, typed).await {
+                Ok(hit) => return hit,
+                Err(finish) => finish,
+            };
             let result = async { Ok::<u32, String>(1) }.await;
-            let verdict = fetch.verdict(&mode, typed, &result, Some(&mut |_: &_| false));
+            let verdict =
+                finish.verdict(&mut fetch, &mode, typed, &result, Some(&mut |_: &_| false));
             fetch.complete(verdict).await;
             result
         };
