@@ -1,0 +1,105 @@
+//! The live counters: [`Counter`], striped across cache lines, and [`SiteStats`], one
+//! function's counters on one cache, which [`SiteStats::snapshot`] turns into a
+//! [`FunctionStats`].
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use super::FunctionStats;
+
+const STRIPES: usize = 8;
+
+#[derive(Default, Debug)]
+#[repr(align(64))]
+struct Padded(AtomicU64);
+
+/// A counter striped across cache lines: threads increment their own stripe, so counting a
+/// hit on every call does not bounce one cache line between cores.
+#[derive(Default, Debug)]
+pub(crate) struct Counter([Padded; STRIPES]);
+
+thread_local! {
+    static STRIPE: usize = {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        (NEXT.fetch_add(1, Relaxed) as usize) % STRIPES
+    };
+}
+
+impl Counter {
+    #[inline]
+    pub(crate) fn add(&self, n: u64) {
+        let i = STRIPE.try_with(|s| *s).unwrap_or(0);
+        self.0[i].0.fetch_add(n, Relaxed);
+    }
+
+    pub(crate) fn get(&self) -> u64 {
+        self.0.iter().map(|p| p.0.load(Relaxed)).sum()
+    }
+}
+
+/// The live counters of one function (one call site) on one cache.
+#[derive(Default, Debug)]
+pub(crate) struct SiteStats {
+    pub(crate) hits: Counter,
+    pub(crate) coalesced: Counter,
+    pub(crate) misses: Counter,
+    pub(crate) bypassed: Counter,
+    pub(crate) loads: Counter,
+    pub(crate) load_errors: Counter,
+    pub(crate) not_stored: Counter,
+    pub(crate) load_ns: Counter,
+    pub(crate) load_ns_max: AtomicU64,
+    pub(crate) backend_errors: Counter,
+    pub(crate) decode_errors: Counter,
+    pub(crate) stale_fills: Counter,
+    pub(crate) lock_acquired: Counter,
+    pub(crate) lock_waits: Counter,
+    pub(crate) lock_wait_ns: Counter,
+    pub(crate) lock_wait_ns_max: AtomicU64,
+    pub(crate) takeovers: Counter,
+    pub(crate) wait_timeouts: Counter,
+}
+
+impl SiteStats {
+    #[inline]
+    pub(crate) fn inc(counter: &Counter) {
+        counter.add(1);
+    }
+
+    pub(crate) fn record_wait(&self, waited: Duration) {
+        let ns = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
+        self.lock_wait_ns.add(ns);
+        self.lock_wait_ns_max.fetch_max(ns, Relaxed);
+    }
+
+    pub(crate) fn record_load(&self, took: Duration) {
+        let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        self.loads.add(1);
+        self.load_ns.add(ns);
+        self.load_ns_max.fetch_max(ns, Relaxed);
+    }
+
+    pub(super) fn snapshot(&self, name: &str) -> FunctionStats {
+        FunctionStats {
+            name: name.to_owned(),
+            hits: self.hits.get(),
+            coalesced: self.coalesced.get(),
+            misses: self.misses.get(),
+            bypassed: self.bypassed.get(),
+            loads: self.loads.get(),
+            load_errors: self.load_errors.get(),
+            not_stored: self.not_stored.get(),
+            load_time_total: Duration::from_nanos(self.load_ns.get()),
+            load_time_max: Duration::from_nanos(self.load_ns_max.load(Relaxed)),
+            backend_errors: self.backend_errors.get(),
+            decode_errors: self.decode_errors.get(),
+            stale_fills: self.stale_fills.get(),
+            lock_acquired: self.lock_acquired.get(),
+            lock_waits: self.lock_waits.get(),
+            lock_wait_total: Duration::from_nanos(self.lock_wait_ns.get()),
+            lock_wait_max: Duration::from_nanos(self.lock_wait_ns_max.load(Relaxed)),
+            takeovers: self.takeovers.get(),
+            wait_timeouts: self.wait_timeouts.get(),
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! Per-function statistics: the public [`Stats`] snapshot and its table.
+//!
+//! This module holds the snapshot types users see ([`Stats`], [`FunctionStats`]) and the
+//! `Display` table. The live counters the engine increments are in [`counters`]; call sites
+//! ([`Site`]) and each cache's lock-free index from (site, `Self` type) to counters
+//! ([`StatsRegistry`]) are in [`site`].
+
+mod counters;
+mod site;
+
+use std::fmt;
+use std::time::Duration;
+
+pub(crate) use self::counters::SiteStats;
+pub use self::site::Site;
+pub(crate) use self::site::{StatsRef, StatsRegistry};
+
+/// Hit rates under this are flagged in [`Stats`]'s table and by [`FunctionStats::is_low`].
+pub const LOW_HIT_RATE: f64 = 0.80;
+
+/// One function's counters at the time of [`Cache::stats`](crate::Cache::stats).
+///
+/// Every call of a cached function is exactly one of: a hit (answered from the cache, including
+/// `coalesced` calls that waited for another call's load), a miss (the function ran because
+/// nothing usable was cached), or a bypass (`condition` was false).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FunctionStats {
+    /// The function's label: its `name` option, else its path (`crate::module::function` or
+    /// `crate::module::Type::method`).
+    pub name: String,
+    /// Calls answered from the cache.
+    pub hits: u64,
+    /// Of the hits, calls that waited for a concurrent call's load in this process instead of
+    /// running the function.
+    pub coalesced: u64,
+    /// Calls that ran the function because nothing usable was cached.
+    pub misses: u64,
+    /// Calls that skipped the cache because `condition` was false.
+    pub bypassed: u64,
+    /// Times the function ran (misses and bypasses).
+    pub loads: u64,
+    /// Loads that returned `Err` or panicked.
+    pub load_errors: u64,
+    /// Loads whose result was not stored: an error, a `None` without `cache_none`, or `unless`.
+    pub not_stored: u64,
+    /// Total time spent in loads.
+    pub load_time_total: Duration,
+    /// The slowest load.
+    pub load_time_max: Duration,
+    /// Cache operations that failed (backend down, timed out, breaker open, write failed).
+    pub backend_errors: u64,
+    /// Cached values that could not be decoded and were treated as misses.
+    pub decode_errors: u64,
+    /// Fills that were not stored because the key was written or invalidated while the
+    /// function ran (the stale-set race, caught).
+    pub stale_fills: u64,
+    /// `lock`: times this process took a key's lease and loaded it.
+    pub lock_acquired: u64,
+    /// `lock`: times this process waited for another process's (or task's) load of a key.
+    pub lock_waits: u64,
+    /// `lock`: total time spent waiting.
+    pub lock_wait_total: Duration,
+    /// `lock`: the longest wait.
+    pub lock_wait_max: Duration,
+    /// `lock`: leases taken after waiting for a holder that did not fill (its function failed,
+    /// or it died, hung, or outlived its lease).
+    pub takeovers: u64,
+    /// `lock`: waits that reached their maximum, after which the caller ran the function
+    /// itself.
+    pub wait_timeouts: u64,
+}
+
+impl FunctionStats {
+    /// `hits / (hits + misses)`, or `None` before the first lookup.
+    pub fn hit_rate(&self) -> Option<f64> {
+        let lookups = self.hits + self.misses;
+        (lookups > 0).then(|| self.hits as f64 / lookups as f64)
+    }
+
+    /// Mean load time, or `None` before the first load.
+    pub fn load_time_mean(&self) -> Option<Duration> {
+        (self.loads > 0).then(|| {
+            Duration::from_nanos(
+                u64::try_from(self.load_time_total.as_nanos() / u128::from(self.loads))
+                    .unwrap_or(u64::MAX),
+            )
+        })
+    }
+
+    /// Whether the hit rate is under [`LOW_HIT_RATE`] (80%).
+    pub fn is_low(&self) -> bool {
+        self.hit_rate().is_some_and(|r| r < LOW_HIT_RATE)
+    }
+}
+
+/// A snapshot of every cached function's counters on one [`Cache`](crate::Cache).
+///
+/// `Display` prints a table, one row per function, flagging hit rates under 80%:
+///
+/// ```text
+/// function         calls     hits   misses   hit rate    loads  errors   load avg   load max  lock waits  cache err
+/// app::get_user      100       90       10      90.0%       10       0     1.20ms     2.31ms           3          0
+/// app::search         10        2        8    ! 20.0%        8       0    15.00ms    19.00ms           0          0
+/// ! hit rate under 80%
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    functions: Vec<FunctionStats>,
+}
+
+impl Stats {
+    /// The functions, sorted by name.
+    pub fn functions(&self) -> &[FunctionStats] {
+        &self.functions
+    }
+
+    /// The counters of the function labelled `name`.
+    pub fn function(&self, name: &str) -> Option<&FunctionStats> {
+        self.functions.iter().find(|f| f.name == name)
+    }
+
+    /// The functions whose hit rate is under 80%.
+    pub fn low_hit_rate(&self) -> impl Iterator<Item = &FunctionStats> {
+        self.functions.iter().filter(|f| f.is_low())
+    }
+}
+
+fn fmt_duration(d: Option<Duration>) -> String {
+    match d {
+        None => "-".to_owned(),
+        Some(d) if d < Duration::from_millis(1) => format!("{}µs", d.as_micros()),
+        Some(d) if d < Duration::from_secs(10) => format!("{:.2}ms", d.as_secs_f64() * 1e3),
+        Some(d) => format!("{:.1}s", d.as_secs_f64()),
+    }
+}
+
+impl fmt::Display for Stats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let width = self
+            .functions
+            .iter()
+            .map(|s| s.name.chars().count())
+            .max()
+            .unwrap_or(0)
+            .max("function".len());
+        writeln!(
+            f,
+            "{:<width$}  {:>7}  {:>7}  {:>7}  {:>9}  {:>7}  {:>6}  {:>9}  {:>9}  {:>10}  {:>9}",
+            "function",
+            "calls",
+            "hits",
+            "misses",
+            "hit rate",
+            "loads",
+            "errors",
+            "load avg",
+            "load max",
+            "lock waits",
+            "cache err",
+        )?;
+        let mut any_low = false;
+        for s in &self.functions {
+            let rate = match s.hit_rate() {
+                None => "-".to_owned(),
+                Some(r) if r < LOW_HIT_RATE => {
+                    any_low = true;
+                    format!("! {:.1}%", r * 100.0)
+                }
+                Some(r) => format!("{:.1}%", r * 100.0),
+            };
+            writeln!(
+                f,
+                "{:<width$}  {:>7}  {:>7}  {:>7}  {:>9}  {:>7}  {:>6}  {:>9}  {:>9}  {:>10}  {:>9}",
+                s.name,
+                s.hits + s.misses + s.bypassed,
+                s.hits,
+                s.misses,
+                rate,
+                s.loads,
+                s.load_errors,
+                fmt_duration(s.load_time_mean()),
+                fmt_duration((s.loads > 0).then_some(s.load_time_max)),
+                s.lock_waits,
+                s.backend_errors + s.decode_errors,
+            )?;
+        }
+        if any_low {
+            writeln!(f, "! hit rate under {:.0}%", LOW_HIT_RATE * 100.0)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_flags_low_hit_rates() {
+        let reg = StatsRegistry::new(1);
+        let good = reg.register("app::good");
+        for _ in 0..9 {
+            SiteStats::inc(&good.hits);
+        }
+        SiteStats::inc(&good.misses);
+        good.record_load(Duration::from_millis(2));
+        let bad = reg.register("app::bad");
+        SiteStats::inc(&bad.hits);
+        SiteStats::inc(&bad.misses);
+        let stats = reg.snapshot();
+        assert_eq!(stats.function("app::good").unwrap().hit_rate(), Some(0.9));
+        assert!(stats.function("app::bad").unwrap().is_low());
+        let table = stats.to_string();
+        assert!(table.contains("90.0%"), "{table}");
+        assert!(table.contains("! 50.0%"), "{table}");
+        assert!(table.contains("hit rate under 80%"), "{table}");
+        assert_eq!(stats.low_hit_rate().count(), 1);
+    }
+}
