@@ -225,27 +225,36 @@ fn hidden(name: &str) -> Ident {
 //             use {ViaTyped as _, ViaUntyped as _};
 //             (&&__cache_mode).__cache_typed()
 //         };
-//         cached(
-//             Call { cache: __cache_handle, site: &__CACHE_SITE, self_type: None, key: __cache_key },
-//             __cache_mode,
-//             __cache_typed,
-//             |_: &Result<User, E>| false,
-//             async move { // these braces are the body's own (their spans)
-//                 if let Some(__cache_ret) = None::<Result<User, E>> {
-//                     return __cache_ret;
-//                 }
-//                 stmts
-//             },
-//         )
-//         .await
+//         let mut __cache_fetch = Fetch::new(Call {
+//             cache: __cache_handle, site: &__CACHE_SITE, self_type: None, key: __cache_key,
+//         });
+//         let __cache_finish = match __cache_fetch.find(&__cache_mode, __cache_typed).await {
+//             Ok(__cache_hit) => return __cache_hit,
+//             Err(__cache_finish) => __cache_finish,
+//         };
+//         let __cache_result = async move { // these braces are the body's own (their spans)
+//             if let Some(__cache_ret) = None::<Result<User, E>> {
+//                 return __cache_ret;
+//             }
+//             stmts
+//         }
+//         .await;
+//         let __cache_verdict = __cache_finish.verdict(
+//             &mut __cache_fetch, &__cache_mode, __cache_typed, &__cache_result, None,
+//         );
+//         __cache_fetch.complete(__cache_verdict).await;
+//         __cache_result
 //     }
 //
 // With `condition`, the key is `if cond { .. } else { CallKey::Condition }`; with `unless`,
-// the closure is `|result: &R| -> bool { expr }`; `cache_none` adds
-// `require_cache_none(PhantomData::<R>);` before the call; in a method, `self_type` is
+// the last argument of `verdict` is `Some(&mut |result: &R| -> bool { expr })`; `cache_none`
+// adds `require_cache_none(PhantomData::<R>);` first; in a method, `self_type` is
 // `Some(type_name::<Self>())`. After `#[async_trait]`, the body `{ Box::pin(async move {
-// .. }) }` becomes `{ let ..; Box::pin(async move { cached(.., async move { .. }).await }) }`,
-// the inner `async move { .. }` being `#[async_trait]`'s, unchanged.
+// .. }) }` becomes `{ let ..; Box::pin(async move { let mut __cache_fetch = ..; ..
+// async move { .. }.await; .. }) }`, the inner `async move { .. }` being `#[async_trait]`'s,
+// unchanged. The function's own state machine drives the call; the runtime's `find` and
+// `verdict` are generic over the return type only, so functions returning the same type
+// share them.
 fn generate(args: &CachedArgs, func: &ItemFn, config: &Config) -> TokenStream {
     let rt = quote!(::cache_runtime::__private);
     let ItemFn {
@@ -393,11 +402,13 @@ fn generate(args: &CachedArgs, func: &ItemFn, config: &Config) -> TokenStream {
         quote!(::core::option::Option::None)
     };
     let rt_ret = quote_spanned!(ret_loc=> ::cache_runtime::__private);
-    let fetch = hidden("__cache_fetch");
-    let hit = hidden("__cache_hit");
-    let finish = hidden("__cache_finish");
-    let result = hidden("__cache_result");
-    let verdict = hidden("__cache_verdict");
+    // At the return type, like the mode: a type error in these calls is one about the
+    // return type.
+    let fetch = Ident::new("__cache_fetch", ret_loc);
+    let hit = Ident::new("__cache_hit", ret_loc);
+    let finish = Ident::new("__cache_finish", ret_loc);
+    let result = Ident::new("__cache_result", ret_loc);
+    let verdict = Ident::new("__cache_verdict", ret_loc);
     // The function's own state machine drives the call: `find` and `verdict` are generic
     // over the return type only, everything else in the runtime is not generic at all, so an
     // annotated function adds little code of its own.
