@@ -22,7 +22,7 @@ use crate::store::{Lease, LeaseGuard, Store};
 /// How long an in-process follower waits for its leader without `lock` before taking over.
 const FOLLOWER_WAIT: Duration = Duration::from_secs(30);
 
-/// What the shell does next.
+/// What [`Fetch::find`] does next.
 pub(crate) enum Step {
     /// Decode this value, then call [`Fetch::hit`] or [`Fetch::unusable`].
     Found(Stored),
@@ -309,7 +309,7 @@ impl<'a> Fetch<'a> {
         self.load_time
     }
 
-    /// Whether the result will be stored or shared (otherwise the shell need not encode it).
+    /// Whether the result will be stored or shared (otherwise it need not be encoded).
     pub(crate) fn wants_value(&self) -> bool {
         match &self.state {
             State::Lead { .. } => true,
