@@ -108,7 +108,7 @@ pub(crate) fn encode<T: Serialize + ?Sized>(
 /// Whether `json` contains the token `null` (or those letters inside a string: then the
 /// probe runs for nothing, which is only slower).
 fn contains_null(json: &[u8]) -> bool {
-    json.windows(4).any(|w| w == b"null")
+    memchr::memmem::find(json, b"null").is_some()
 }
 
 /// Reads the header of an envelope.

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::backend::{
-    AnyBackend, Backend, BackendError, BackendResult, Gen, Leased, OnWait, Read, Stored,
+    AnyBackend, Backend, BackendError, BackendResult, Gen, Leased, OnWait, Read, Stored, Token,
 };
 use crate::breaker::FailureLog;
 use crate::flight::{Flights, Role};
@@ -125,20 +125,34 @@ impl Store {
         lease: Duration,
         on_wait: &OnWait<'_>,
     ) -> BackendResult<(Lease, Option<Duration>)> {
-        let token = new_token();
-        match self.backend.lease(key, &token, lease, on_wait).await {
+        let token = Token::default();
+        let reply = self.backend.lease(key, &token, lease, on_wait).await;
+        let token = token.into_issued();
+        match reply {
             Ok(reply) => {
-                let answer = match reply.answer {
-                    Leased::Hit(stored) => Lease::Hit(stored),
-                    Leased::Acquired(generation) => {
+                let answer = match (reply.answer, token) {
+                    (Leased::Hit(stored), _) => Lease::Hit(stored),
+                    (Leased::Acquired(generation), Some(token)) => {
                         Lease::Acquired(generation, self.lease_guard(key, token))
                     }
-                    Leased::WaitedOut(generation) => Lease::WaitedOut(generation),
+                    // Granted without a token (memory: nobody else waits on it): nothing to
+                    // give back.
+                    (Leased::Acquired(generation), None) => Lease::Acquired(
+                        generation,
+                        LeaseGuard {
+                            backend: None,
+                            key: key.to_owned(),
+                            token: String::new(),
+                        },
+                    ),
+                    (Leased::WaitedOut(generation), _) => Lease::WaitedOut(generation),
                 };
                 Ok((answer, reply.waited))
             }
             Err(e) => {
-                drop(self.lease_guard(key, token));
+                if let Some(token) = token {
+                    drop(self.lease_guard(key, token));
+                }
                 Err(e)
             }
         }
@@ -176,6 +190,9 @@ impl Store {
     pub(crate) async fn release(&self, lease: LeaseGuard) -> BackendResult<()> {
         let key = lease.key.clone();
         let token = lease.disarm();
+        if token.is_empty() {
+            return Ok(());
+        }
         self.backend.release(&key, &token).await
     }
 

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use moka::Expiry;
 
-use super::{Backend, BackendResult, Gen, LeaseReply, Leased, OnWait, Read, Stored};
+use super::{Backend, BackendResult, Gen, LeaseReply, Leased, OnWait, Read, Stored, Token};
 
 const STRIPES: usize = 64;
 /// The least number of generations a stripe keeps, whatever the capacity.
@@ -180,7 +180,7 @@ impl Backend for MemoryBackend {
     async fn lease(
         &self,
         key: &str,
-        _token: &str,
+        _token: &Token,
         _lease: Duration,
         _on_wait: &OnWait<'_>,
     ) -> BackendResult<LeaseReply> {

@@ -129,6 +129,23 @@ pub(crate) struct LeaseReply {
 /// Called by [`Backend::lease`] when the caller starts waiting for another holder.
 pub(crate) type OnWait<'a> = dyn Fn() + Send + Sync + 'a;
 
+/// A lease token, made on first use: a `lock` hit, which never asks for the lease, does not
+/// pay for one.
+#[derive(Default)]
+pub(crate) struct Token(std::sync::OnceLock<String>);
+
+impl Token {
+    /// The token, made now if it was not yet.
+    pub(crate) fn get(&self) -> &str {
+        self.0.get_or_init(crate::store::new_token)
+    }
+
+    /// The token if it was ever used (otherwise no lease can have been granted with it).
+    pub(crate) fn into_issued(self) -> Option<String> {
+        self.0.into_inner()
+    }
+}
+
 /// The operations every backend provides. All keys are full keys (namespace included).
 pub(crate) trait Backend: Send + Sync {
     /// The value under `key` (a manual `get`, or a hit on the request path): one round trip.
@@ -145,7 +162,7 @@ pub(crate) trait Backend: Send + Sync {
     fn lease(
         &self,
         key: &str,
-        token: &str,
+        token: &Token,
         lease: Duration,
         on_wait: &OnWait<'_>,
     ) -> impl Future<Output = BackendResult<LeaseReply>> + Send;
@@ -228,7 +245,7 @@ impl Backend for AnyBackend {
     async fn lease(
         &self,
         key: &str,
-        token: &str,
+        token: &Token,
         lease: Duration,
         on_wait: &OnWait<'_>,
     ) -> BackendResult<LeaseReply> {

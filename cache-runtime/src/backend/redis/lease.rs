@@ -22,7 +22,7 @@ use redis::Value;
 
 use super::RedisBackend;
 use super::scripts::LEASE;
-use crate::backend::{BackendResult, Gen, LeaseReply, Leased, OnWait, Stored};
+use crate::backend::{BackendResult, Gen, LeaseReply, Leased, OnWait, Stored, Token};
 
 /// One answer of the LEASE script.
 enum Once {
@@ -62,7 +62,7 @@ impl RedisBackend {
     pub(super) async fn lease_or_wait(
         &self,
         key: &str,
-        token: &str,
+        token: &Token,
         lease: Duration,
         on_wait: &OnWait<'_>,
     ) -> BackendResult<LeaseReply> {
@@ -72,7 +72,7 @@ impl RedisBackend {
             return Ok(reply(Leased::Hit(stored), None));
         }
         let started = Instant::now();
-        match self.lease_once(key, token, lease).await? {
+        match self.lease_once(key, token.get(), lease).await? {
             Once::Hit(stored) => return Ok(reply(Leased::Hit(stored), None)),
             Once::Acquired(generation) => return Ok(reply(Leased::Acquired(generation), None)),
             Once::Busy { .. } => {}
@@ -90,7 +90,7 @@ impl RedisBackend {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let waited = Some(started.elapsed());
-            let (generation, remaining) = match self.lease_once(key, token, lease).await? {
+            let (generation, remaining) = match self.lease_once(key, token.get(), lease).await? {
                 Once::Hit(stored) => return Ok(reply(Leased::Hit(stored), waited)),
                 Once::Acquired(generation) => {
                     return Ok(reply(Leased::Acquired(generation), waited));

@@ -37,7 +37,7 @@ use redis::ErrorKind as RedisKind;
 use self::bus::Bus;
 use self::conn::Connections;
 use self::scripts::{FILL, INVALIDATE, RELEASE, WRITE};
-use super::{Backend, BackendResult, GENERATION_TTL, Gen, LeaseReply, OnWait, Read, Stored};
+use super::{Backend, BackendResult, GENERATION_TTL, Gen, LeaseReply, OnWait, Read, Stored, Token};
 use crate::breaker::FailureLog;
 use crate::key::aux_key;
 
@@ -188,7 +188,7 @@ impl Backend for RedisBackend {
     async fn lease(
         &self,
         key: &str,
-        token: &str,
+        token: &Token,
         lease: Duration,
         on_wait: &OnWait<'_>,
     ) -> BackendResult<LeaseReply> {
