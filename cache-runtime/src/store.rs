@@ -117,53 +117,49 @@ impl Store {
     }
 
     /// The value, or the lease of `key` for `lease`, or a wait for its holder (`on_wait` is
-    /// called when one begins); with how long it waited. On an error the lease may have been granted with its answer lost: it is
-    /// released in the background.
+    /// called when one begins); with how long it waited. If the call is dropped while it
+    /// asks or waits, or fails (the lease may have been granted with its answer lost), a
+    /// lease it may hold is released in the background.
     pub(crate) async fn lease(
         &self,
         key: &str,
         lease: Duration,
         on_wait: &OnWait<'_>,
     ) -> BackendResult<(Lease, Option<Duration>)> {
-        let token = Token::default();
-        let reply = self.backend.lease(key, &token, lease, on_wait).await;
-        let token = token.into_issued();
-        match reply {
-            Ok(reply) => {
-                let answer = match (reply.answer, token) {
-                    (Leased::Hit(stored), _) => Lease::Hit(stored),
-                    (Leased::Acquired(generation), Some(token)) => {
-                        Lease::Acquired(generation, self.lease_guard(key, token))
-                    }
-                    // Granted without a token (memory: nobody else waits on it): nothing to
-                    // give back.
-                    (Leased::Acquired(generation), None) => Lease::Acquired(
-                        generation,
-                        LeaseGuard {
-                            backend: None,
-                            key: key.to_owned(),
-                            token: String::new(),
-                        },
-                    ),
-                    (Leased::WaitedOut(generation), _) => Lease::WaitedOut(generation),
-                };
-                Ok((answer, reply.waited))
-            }
-            Err(e) => {
-                if let Some(token) = token {
-                    drop(self.lease_guard(key, token));
-                }
-                Err(e)
-            }
-        }
-    }
-
-    fn lease_guard(&self, key: &str, token: String) -> LeaseGuard {
-        LeaseGuard {
-            backend: Some(self.backend.clone()),
-            key: key.to_owned(),
-            token,
-        }
+        let mut pending = PendingLease {
+            backend: &self.backend,
+            key,
+            token: Token::default(),
+            armed: true,
+        };
+        let reply = self
+            .backend
+            .lease(key, &pending.token, lease, on_wait)
+            .await?;
+        pending.armed = false;
+        let token = std::mem::take(&mut pending.token).into_issued();
+        let answer = match (reply.answer, token) {
+            (Leased::Hit(stored), _) => Lease::Hit(stored),
+            (Leased::Acquired(generation), Some(token)) => Lease::Acquired(
+                generation,
+                LeaseGuard {
+                    backend: Some(self.backend.clone()),
+                    key: key.to_owned(),
+                    token,
+                },
+            ),
+            // Granted without a token (memory: nobody else waits on it): nothing to give back.
+            (Leased::Acquired(generation), None) => Lease::Acquired(
+                generation,
+                LeaseGuard {
+                    backend: None,
+                    key: key.to_owned(),
+                    token: String::new(),
+                },
+            ),
+            (Leased::WaitedOut(generation), _) => Lease::WaitedOut(generation),
+        };
+        Ok((answer, reply.waited))
     }
 
     /// Stores a load's result if `key`'s generation is still `generation`, releasing `lease`.
@@ -181,19 +177,23 @@ impl Store {
         if filled.is_ok() {
             // The fill script released it. On an error, the guard releases it in the
             // background as it drops.
-            lease.map(LeaseGuard::disarm);
+            if let Some(lease) = lease {
+                lease.disarm();
+            }
         }
         filled
     }
 
-    /// Gives `lease` back at once (the load's result is not stored), waking the waiters.
+    /// Gives `lease` back at once (the load's result is not stored), waking the waiters. If
+    /// this fails, or is dropped before it finishes, the guard releases it in the background.
     pub(crate) async fn release(&self, lease: LeaseGuard) -> BackendResult<()> {
-        let key = lease.key.clone();
-        let token = lease.disarm();
-        if token.is_empty() {
+        if lease.token.is_empty() {
+            lease.disarm();
             return Ok(());
         }
-        self.backend.release(&key, &token).await
+        self.backend.release(&lease.key, &lease.token).await?;
+        lease.disarm();
+        Ok(())
     }
 
     /// Stores `value` under `key`: a write. Loads of `key` running now, in any process, do
@@ -220,6 +220,30 @@ impl Store {
     }
 }
 
+/// A lease being asked for: dropped while armed (the caller was cancelled while it asked or
+/// waited, or the answer was lost), a token it sent is released in the background.
+struct PendingLease<'a> {
+    backend: &'a Arc<AnyBackend>,
+    key: &'a str,
+    token: Token,
+    armed: bool,
+}
+
+impl Drop for PendingLease<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Some(token) = std::mem::take(&mut self.token).into_issued() {
+            drop(LeaseGuard {
+                backend: Some(self.backend.clone()),
+                key: self.key.to_owned(),
+                token,
+            });
+        }
+    }
+}
+
 /// A held lease. Dropped without [`LeaseGuard::disarm`] (the holder panicked or was
 /// cancelled, or its fill failed), it is released in the background so that waiters need not
 /// wait for it to expire.
@@ -230,10 +254,9 @@ pub(crate) struct LeaseGuard {
 }
 
 impl LeaseGuard {
-    /// Stops the background release; returns the token.
-    fn disarm(mut self) -> String {
+    /// Stops the background release.
+    fn disarm(mut self) {
         self.backend = None;
-        std::mem::take(&mut self.token)
     }
 }
 

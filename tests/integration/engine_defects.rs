@@ -200,3 +200,54 @@ on_both_backends! {
             == cache_runtime::ErrorKind::Encode);
     }
 }
+
+#[cached(cache = cache, key = "leased:{id}", ttl = 60, lock = 5, name = "leased")]
+async fn leased(cache: &Cache, calls: &Calls, id: u64) -> User {
+    calls.hit();
+    User::new(id)
+}
+
+/// Regression: a caller dropped (a request timeout) while its lease request was in flight
+/// left the lease held for its whole length: every other process then waited it out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_cancelled_while_asking_for_the_lease_gives_it_back() {
+    let server = RedisServer::start();
+    let build = || {
+        Cache::builder()
+            .redis(server.url())
+            .operation_timeout(Duration::from_secs(3))
+            .build_sync()
+            .unwrap()
+    };
+    let (a, b) = (build(), build());
+    let calls = Calls::default();
+    // Warm both connections, and load the scripts (a first EVALSHA answers NOSCRIPT).
+    a.get::<User>("warm").await.unwrap();
+    b.get::<User>("warm").await.unwrap();
+    assert_eq!(leased(&a, &calls, 99).await, User::new(99));
+    let mut conn = raw_connection(&server.url()).await;
+    // Writes (the lease script among them) wait 600 ms; reads do not.
+    let _: () = ::redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(600)
+        .arg("WRITE")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let cancelled = tokio::time::timeout(Duration::from_millis(200), leased(&a, &calls, 1)).await;
+    assert!(
+        cancelled.is_err(),
+        "the caller gave up while the lease request waited"
+    );
+    // The pause ends; the lease request runs (granting the lease to nobody), then its release.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let started = std::time::Instant::now();
+    assert_eq!(leased(&b, &calls, 1).await, User::new(1));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "another process waited {:?} for a lease nobody held (lease: 5 s)",
+        started.elapsed()
+    );
+    let s = b.stats().function("leased").cloned().unwrap();
+    assert_eq!((s.lock_waits, s.takeovers), (0, 0), "{s:?}");
+}

@@ -1,18 +1,21 @@
 //! The in-process backend, on moka with a TTL per entry.
 //!
-//! Generations live in 64 striped maps next to the stripe locks, bounded together by the
-//! cache's capacity (a key's generation is kept from its last write or invalidation until
-//! capacity pressure drops it, oldest first). A generation is a number from a process-wide
-//! counter, so it never repeats. Dropping a key's generation must not let an old load's fill
-//! through, so each stripe keeps a *floor*: the highest generation it ever dropped, which is
-//! what a key without a kept generation reads as. A load that read generation `g` before an
-//! invalidation bumped the key to `y > g` sees either `y` or a floor `>= y` at its fill, never
-//! `g`: the fill is rejected. The price of the bound is that a load whose stripe dropped a
-//! generation while it ran is rejected too (it is returned, just not stored).
+//! Generations: every write or invalidation gives its key a number from a process-wide
+//! counter, so numbers only grow. A read for a fill returns a *ticket*: the counter's value at
+//! the read, taken under the key's stripe lock. A fill is stored only if the key's generation
+//! is still below its ticket, i.e. nothing wrote or invalidated the key since the read.
 //!
-//! A fill compares the generation and inserts under the key's stripe lock, and writes and
-//! invalidations replace it under the same lock, so "check, then store" is atomic against
-//! them. Hits take no lock.
+//! Generations live in 64 striped maps next to the stripe locks, bounded together by the
+//! cache's capacity (at least 64 per stripe): over capacity, a stripe drops its oldest
+//! generation and remembers the highest one it dropped as its *floor*, which is the
+//! generation of every key it does not keep. A load that read before an invalidation of its
+//! key sees, at its fill, that generation or a floor at least as high: rejected. A load whose
+//! key was not touched is rejected only if its stripe dropped a generation *newer* than its
+//! read, that is, if the stripe cycled through its whole capacity while the function ran.
+//!
+//! A fill compares and inserts under the key's stripe lock, and writes and invalidations
+//! replace the generation under the same lock, so "check, then store" is atomic against them.
+//! Hits take no lock.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
@@ -27,7 +30,7 @@ use super::{Backend, BackendResult, Gen, LeaseReply, Leased, OnWait, Read, Store
 
 const STRIPES: usize = 64;
 /// The least number of generations a stripe keeps, whatever the capacity.
-const MIN_PER_STRIPE: usize = 16;
+const MIN_PER_STRIPE: usize = 64;
 
 struct Entry {
     value: Stored,
@@ -82,7 +85,6 @@ impl Generations {
 
     /// Gives `key` a generation never used before, dropping the oldest ones over capacity.
     fn bump(&mut self, key: &str) {
-        static NEXT: AtomicU64 = AtomicU64::new(1);
         let next = NEXT.fetch_add(1, Ordering::Relaxed);
         let key: Arc<str> = match self.current.get_key_value(key) {
             Some((k, _)) => k.clone(),
@@ -107,12 +109,16 @@ impl Generations {
     }
 }
 
-fn gen_of(n: u64) -> Gen {
-    if n == 0 {
-        Gen::default()
-    } else {
-        Gen(Bytes::copy_from_slice(&n.to_le_bytes()))
-    }
+/// The next generation number: every number below it has been handed out.
+static NEXT: AtomicU64 = AtomicU64::new(1);
+
+fn ticket(n: u64) -> Gen {
+    Gen(Bytes::copy_from_slice(&n.to_le_bytes()))
+}
+
+fn ticket_of(generation: &Gen) -> Option<u64> {
+    let bytes: [u8; 8] = generation.0.as_ref().try_into().ok()?;
+    Some(u64::from_le_bytes(bytes))
 }
 
 /// Entries live in this process only, up to `max_entries` (moka's TinyLFU eviction), each for
@@ -145,8 +151,11 @@ impl MemoryBackend {
         self.stripes[i].lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn current_generation(&self, key: &str) -> Gen {
-        gen_of(self.stripe(key).get(key))
+    /// A ticket for a load of `key`: taken under the key's stripe lock, so every write or
+    /// invalidation of the key is either below it (before) or at or above it (after).
+    fn ticket(&self, key: &str) -> Gen {
+        let _stripe = self.stripe(key);
+        ticket(NEXT.load(Ordering::Relaxed))
     }
 
     #[cfg(test)]
@@ -169,12 +178,12 @@ impl Backend for MemoryBackend {
     async fn read_for_fill(&self, key: &str) -> BackendResult<Read> {
         Ok(match self.entries.get(key) {
             Some(e) => Read::Hit(e.value.clone()),
-            None => Read::Miss(self.current_generation(key)),
+            None => Read::Miss(self.ticket(key)),
         })
     }
 
     async fn generation(&self, key: &str) -> BackendResult<Gen> {
-        Ok(self.current_generation(key))
+        Ok(self.ticket(key))
     }
 
     async fn lease(
@@ -210,8 +219,9 @@ impl Backend for MemoryBackend {
         _token: Option<&str>,
     ) -> BackendResult<bool> {
         let stripe = self.stripe(key);
-        if gen_of(stripe.get(key)) != *generation {
-            return Ok(false);
+        match ticket_of(generation) {
+            Some(ticket) if stripe.get(key) < ticket => {}
+            _ => return Ok(false),
         }
         self.entries
             .insert(key.to_owned(), Arc::new(Entry { value, ttl }));
@@ -340,6 +350,31 @@ mod tests {
             m.fill("victim", stored("fresh"), ttl, &now, None)
                 .await
                 .unwrap()
+        );
+    }
+
+    #[tokio::test]
+    async fn writes_to_other_keys_do_not_reject_a_fill() {
+        // Regression: a stripe's floor rose whenever it dropped any generation, and a key
+        // without a kept generation reads as the floor: every fill of an untouched key failed
+        // while other keys were being written.
+        let m = MemoryBackend::new(64 * 100); // 100 generations per stripe
+        let ttl = Duration::from_secs(60);
+        for i in 0..20_000 {
+            m.invalidate(&[&format!("old:{i}")]).await.unwrap(); // every stripe full
+        }
+        let Read::Miss(generation) = m.read_for_fill("untouched").await.unwrap() else {
+            panic!("empty cache")
+        };
+        // While the load runs: far fewer writes per stripe than its capacity.
+        for i in 0..1_000 {
+            m.invalidate(&[&format!("new:{i}")]).await.unwrap();
+        }
+        assert!(
+            m.fill("untouched", stored("v"), ttl, &generation, None)
+                .await
+                .unwrap(),
+            "nothing wrote the key: the fill is stored"
         );
     }
 }
