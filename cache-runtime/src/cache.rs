@@ -27,9 +27,10 @@ const DEFAULT_MAX_ENTRIES: u64 = 100_000;
 /// # Concurrency and failure
 ///
 /// * Concurrent lookups of one key in one process share one backend read and, on a miss, one
-///   run of the function; the other callers wait for its result. If that run returns an error
-///   or a result that is not stored, or panics, the waiting callers each run the function
-///   themselves; if it is cancelled (its future dropped), one of them takes over.
+///   run of the function; the other callers wait for its result. A result that is not stored
+///   (`None` without `cache_none`, `unless`) is shared with them all the same. If the run
+///   returns an error, panics or is cancelled (its future dropped), *one* of the waiting
+///   callers runs the function next: at most one load of a key runs at a time in a process.
 /// * Functions with `lock` load once across all processes sharing a Redis (leases; see
 ///   [`cached`](crate::cached)).
 /// * A load's result is not stored if the key was written ([`Cache::set`]) or invalidated

@@ -25,6 +25,11 @@ pub enum ErrorKind {
     /// holds a NaN or infinite float, which JSON cannot represent (it would be written as
     /// `null` and never read back).
     Encode,
+    /// No longer returned: every key is accepted now (a key whose braces do not form a Redis
+    /// Cluster hash tag still gets its auxiliary keys in its own hash slot). Kept so that code
+    /// matching on it keeps compiling.
+    #[deprecated(note = "no operation returns it any more: every key is accepted")]
+    InvalidKey,
 }
 
 impl ErrorKind {
@@ -35,6 +40,8 @@ impl ErrorKind {
             ErrorKind::Timeout => "cache backend timed out",
             ErrorKind::Backend => "cache backend error",
             ErrorKind::Encode => "value could not be encoded",
+            #[allow(deprecated)]
+            ErrorKind::InvalidKey => "invalid key",
         }
     }
 }

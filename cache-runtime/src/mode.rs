@@ -27,6 +27,8 @@ pub enum Classified<'a, V> {
     StoreNone(&'a V),
     /// An error: never stored.
     Error,
+    /// A return type this mode cannot classify (see [`PlainMode`]): never stored.
+    Refused,
 }
 
 /// Maps a return type `R` to the value that is stored, and back.
@@ -103,10 +105,28 @@ impl<T: Serialize + DeserializeOwned> Mode<Option<T>> for OptionMode<T> {
     }
 }
 
+/// Whether `R` is a `Result` or an `Option`: then the plain mode was selected only because
+/// the expansion saw a type parameter (of an `impl`, which the macro cannot see), and storing
+/// would cache `Err`s and `None`s.
+fn is_result_or_option<R>() -> bool {
+    let name = std::any::type_name::<R>();
+    [
+        "core::result::Result<",
+        "core::option::Option<",
+        "std::result::Result<",
+        "std::option::Option<",
+    ]
+    .iter()
+    .any(|p| name.starts_with(p))
+}
+
 impl<R: Serialize + DeserializeOwned> Mode<R> for PlainMode<R> {
     type Value = R;
     #[inline]
     fn classify<'a>(&self, result: &'a R) -> Classified<'a, R> {
+        if is_result_or_option::<R>() {
+            return Classified::Refused;
+        }
         Classified::Store(result)
     }
     #[inline]
@@ -298,6 +318,17 @@ mod tests {
         assert!((&&m).__cache_typed().is_none(), "Cell is not Sync");
         let m = PlainMode::<NotClone>(PhantomData);
         assert!((&&m).__cache_typed().is_none());
+    }
+
+    #[test]
+    fn the_plain_mode_refuses_results_and_options() {
+        // What a method returning its impl's type parameter `R = Result<..>` gets.
+        let m = PlainMode::<Result<u32, String>>(PhantomData);
+        assert!(matches!(m.classify(&Err("x".into())), Classified::Refused));
+        let m = PlainMode::<Option<u32>>(PhantomData);
+        assert!(matches!(m.classify(&None), Classified::Refused));
+        let m = PlainMode::<Vec<Option<u32>>>(PhantomData);
+        assert!(matches!(m.classify(&vec![]), Classified::Store(_)));
     }
 
     #[test]

@@ -81,6 +81,11 @@ impl Store {
         &self.log
     }
 
+    /// Whether other processes use the same entries (see [`Backend::shared`]).
+    pub(crate) fn is_shared(&self) -> bool {
+        self.backend.shared()
+    }
+
     /// Whether concurrent lookups of one key should share one read (see
     /// [`Backend::coalesce_reads`]).
     pub(crate) fn coalesce_reads(&self) -> bool {

@@ -219,13 +219,15 @@ on_both_backends! {
         assert_eq!(db.total.load(Ordering::SeqCst), 2, "and not stored");
     }
 
-    async fn a_panicking_leader_releases_its_followers(fx: Fx) {
-        let (leader, mut followers, _calls, gate) = leader_then_followers(&fx, First::Panics).await;
+    async fn a_panicking_leader_hands_over_to_one_follower(fx: Fx) {
+        let (leader, mut followers, calls, gate) = leader_then_followers(&fx, First::Panics).await;
         gate.release.notify_one();
         assert!(leader.await.unwrap_err().is_panic(), "the panic reaches the leader's caller");
         let results = join_all(&mut followers).await;
         assert!(results.iter().all(|r| r == &Ok(User::new(9))));
-        assert_eq!(fx.cache.stats().function("gated").unwrap().load_errors, 1);
+        assert_eq!(calls.get(), 2, "one follower loaded for the rest, not {CALLERS} at once");
+        let s = fx.cache.stats().function("gated").cloned().unwrap();
+        assert_eq!((s.load_errors, s.loads, s.misses), (1, 2, 2), "{s:?}");
     }
 
     async fn a_cancelled_leader_hands_over(fx: Fx) {

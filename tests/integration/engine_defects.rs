@@ -199,6 +199,31 @@ on_both_backends! {
         assert!(fx.cache.set("nan", &f64::NAN, Duration::from_secs(5)).await.unwrap_err().kind()
             == cache_runtime::ErrorKind::Encode);
     }
+
+    // Regression: a return type that is a type parameter was cached as a plain value, so an
+    // `Err` was stored. The macro now rejects a function's own type parameter; an impl's is
+    // caught at run time: nothing is cached.
+    async fn a_result_through_an_impl_type_parameter_is_never_cached(fx: Fx) {
+        let failing = Generic::<Result<u64, String>> {
+            cache: fx.cache.clone(),
+            calls: Calls::default(),
+            make: |id| Err(format!("no user {id}")),
+        };
+        for _ in 0..3 {
+            assert_eq!(failing.load(1).await, Err("no user 1".to_owned()));
+        }
+        assert_eq!(failing.calls.get(), 3, "the Err was not cached");
+        let s = fx.cache.stats().function("generic_impl").cloned().unwrap();
+        assert_eq!(s.not_stored, 3, "{s:?}");
+        let plain = Generic::<Vec<u64>> {
+            cache: fx.cache.clone(),
+            calls: Calls::default(),
+            make: |id| vec![id],
+        };
+        assert_eq!(plain.load(2).await, vec![2]);
+        assert_eq!(plain.load(2).await, vec![2]);
+        assert_eq!(plain.calls.get(), 1, "other types are cached");
+    }
 }
 
 #[cached(cache = cache, key = "leased:{id}", ttl = 60, lock = 5, name = "leased")]
@@ -250,4 +275,19 @@ async fn a_caller_cancelled_while_asking_for_the_lease_gives_it_back() {
     );
     let s = b.stats().function("leased").cloned().unwrap();
     assert_eq!((s.lock_waits, s.takeovers), (0, 0), "{s:?}");
+}
+
+/// A repository generic over what it loads: the macro cannot see the impl's `R`.
+struct Generic<R> {
+    cache: Cache,
+    calls: Calls,
+    make: fn(u64) -> R,
+}
+
+impl<R: serde::Serialize + serde::de::DeserializeOwned + Send + Sync> Generic<R> {
+    #[cached(cache = self.cache, key = "generic:{id}", name = "generic_impl")]
+    async fn load(&self, id: u64) -> R {
+        self.calls.hit();
+        (self.make)(id)
+    }
 }

@@ -251,6 +251,10 @@ impl Backend for MemoryBackend {
         false
     }
 
+    fn shared(&self) -> bool {
+        false
+    }
+
     fn keeps_typed(&self) -> bool {
         true
     }

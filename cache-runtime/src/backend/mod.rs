@@ -199,6 +199,9 @@ pub(crate) trait Backend: Send + Sync {
     /// the coordination.
     fn coalesce_reads(&self) -> bool;
 
+    /// Whether other processes use the same entries (so a lease may make its caller wait).
+    fn shared(&self) -> bool;
+
     /// Whether the backend keeps decoded values ([`Stored::typed`]).
     fn keeps_typed(&self) -> bool;
 }
@@ -277,6 +280,10 @@ impl Backend for AnyBackend {
 
     fn coalesce_reads(&self) -> bool {
         dispatch!(self, b => b.coalesce_reads())
+    }
+
+    fn shared(&self) -> bool {
+        dispatch!(self, b => b.shared())
     }
 
     fn keeps_typed(&self) -> bool {

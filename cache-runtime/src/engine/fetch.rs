@@ -48,6 +48,8 @@ pub(crate) enum Kind {
     Skip,
     /// The value cannot be encoded (its `Serialize` failed, or JSON cannot represent it).
     Unencodable(EncodeError),
+    /// The return type (named) is a `Result` or `Option` the expansion could not see.
+    Refused(&'static str),
 }
 
 impl Verdict {
@@ -88,6 +90,7 @@ enum State<'a> {
 pub struct Fetch<'a> {
     store: &'a Store,
     site: &'static Site,
+    self_type: Option<&'static str>,
     stats: StatsRef<'a>,
     key: Option<String>,
     state: State<'a>,
@@ -100,6 +103,9 @@ pub struct Fetch<'a> {
 impl Drop for Fetch<'_> {
     fn drop(&mut self) {
         if self.loading && std::thread::panicking() {
+            // The function ran, and panicked: a load, and an error.
+            self.stats
+                .record_load(self.load_started.map_or(Duration::ZERO, |t| t.elapsed()));
             SiteStats::inc(&self.stats.load_errors);
         }
     }
@@ -127,6 +133,7 @@ impl<'a> Fetch<'a> {
         Fetch {
             store: cache.store(),
             site: call.site,
+            self_type: call.self_type,
             stats,
             key,
             state: State::Idle,
@@ -171,14 +178,22 @@ impl<'a> Fetch<'a> {
 
     /// Waits for the leader: its value, or the key to join again.
     async fn follow(&self, follower: Follower) -> Result<Stored, String> {
-        let max_wait = self.site.lock.unwrap_or(FOLLOWER_WAIT);
+        let max_wait = match self.site.lock {
+            // The leader may wait up to twice the lease for another process's holder, then
+            // load for up to one lease itself.
+            Some(lease) if self.store.is_shared() => lease * 3,
+            // In-process only: the leader loads at once.
+            Some(lease) => lease,
+            None => FOLLOWER_WAIT,
+        };
         match tokio::time::timeout(max_wait, follower.wait()).await {
             Ok(Outcome::Value(stored)) => Ok(stored),
             Ok(Outcome::Retry) => Err(follower.into_key()),
             Err(_elapsed) => {
-                // The leader is stuck (a hung query, a lost wake-up). The first follower to
-                // get here detaches its flight; every follower then joins again, so exactly
-                // one of them leads the next attempt.
+                // The leader is stuck (a hung query, a lost wake-up). The first follower whose
+                // wait ends detaches its flight and joins again, leading a new one; the others
+                // join that new flight as their own waits end, so exactly one load runs.
+                SiteStats::inc(&self.stats.wait_timeouts);
                 if self.store.flights().detach(follower.flight()) {
                     SiteStats::inc(&self.stats.takeovers);
                 }
@@ -351,7 +366,19 @@ impl<'a> Fetch<'a> {
                     FailureKind::Encode,
                     &format_args!(
                         "result of `{}` could not be encoded, not cached: {e}",
-                        self.site.label(None)
+                        self.site.label(self.self_type)
+                    ),
+                );
+                self.retry().await;
+                return;
+            }
+            Kind::Refused(ty) => {
+                SiteStats::inc(&self.stats.not_stored);
+                self.store.log().warn(
+                    FailureKind::Encode,
+                    &format_args!(
+                        "`{}` returns `{ty}` through a type parameter, so `#[cached]` cannot tell its errors or `None`s from values: nothing is cached; write the return type's shape (`Result<T, E>`, `Option<T>`)",
+                        self.site.label(self.self_type)
                     ),
                 );
                 self.retry().await;
@@ -457,7 +484,7 @@ impl<'a> Fetch<'a> {
             FailureKind::Decode,
             &format_args!(
                 "cached value of `{}` is unusable ({e}); treated as a miss and overwritten",
-                self.site.label(None)
+                self.site.label(self.self_type)
             ),
         );
     }

@@ -131,6 +131,7 @@ fn verdict<R, M: Mode<R>>(
         Classified::Store(v) => (v, false),
         Classified::StoreNone(v) => (v, true),
         Classified::Error => return Verdict(Kind::Error),
+        Classified::Refused => return Verdict(Kind::Refused(std::any::type_name::<R>())),
     };
     if !fetch.wants_value() {
         return Verdict(Kind::Skip);

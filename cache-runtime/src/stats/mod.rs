@@ -36,13 +36,16 @@ pub struct FunctionStats {
     pub coalesced: u64,
     /// Calls that ran the function because nothing usable was cached.
     pub misses: u64,
-    /// Calls that skipped the cache because `condition` was false.
+    /// Calls that skipped the cache: `condition` was false, or an argument could not be
+    /// rendered into the key (its `Display` or `Serialize` failed).
     pub bypassed: u64,
     /// Times the function ran (misses and bypasses).
     pub loads: u64,
     /// Loads that returned `Err` or panicked.
     pub load_errors: u64,
-    /// Loads whose result was not stored: an error, a `None` without `cache_none`, or `unless`.
+    /// Loads whose result was not stored: an error, a `None` without `cache_none`, `unless`,
+    /// or a value that cannot be encoded (its `Serialize` failed, or it holds a NaN or
+    /// infinite float).
     pub not_stored: u64,
     /// Total time spent in loads.
     pub load_time_total: Duration,
@@ -57,17 +60,22 @@ pub struct FunctionStats {
     pub stale_fills: u64,
     /// `lock`: times this process took a key's lease and loaded it.
     pub lock_acquired: u64,
-    /// `lock`: times this process waited for another process's (or task's) load of a key.
+    /// `lock`: times this process waited for another process's load of a key (callers
+    /// waiting for a load in their own process are `coalesced`).
     pub lock_waits: u64,
     /// `lock`: total time spent waiting.
     pub lock_wait_total: Duration,
     /// `lock`: the longest wait.
     pub lock_wait_max: Duration,
-    /// `lock`: leases taken after waiting for a holder that did not fill (its function failed,
-    /// or it died, hung, or outlived its lease).
+    /// Loads taken over from a holder that did not fill: with `lock`, leases taken after
+    /// waiting for another process's holder (its function failed, or it died, hung, or
+    /// outlived its lease); with or without `lock`, an in-process load detached after its
+    /// callers waited their maximum for it (one per stuck load).
     pub takeovers: u64,
-    /// `lock`: waits that reached their maximum, after which the caller ran the function
-    /// itself.
+    /// Waits that reached their maximum: with `lock`, a wait for another process's holder
+    /// (twice the lease), after which the caller loads without the lease; and any caller's
+    /// wait for a stuck load in its own process (three leases with `lock` on Redis, one on
+    /// memory, 30 s without `lock`), after which one of them loads again.
     pub wait_timeouts: u64,
 }
 

@@ -269,6 +269,10 @@ impl Backend for RedisBackend {
         true
     }
 
+    fn shared(&self) -> bool {
+        true
+    }
+
     fn keeps_typed(&self) -> bool {
         false
     }
