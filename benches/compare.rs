@@ -246,6 +246,25 @@ type Op = Arc<
     dyn Fn(u64) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync,
 >;
 
+/// An `Op` that calls `$f(&cache, id)` on its own clone of `$cache`: `id` is the op's argument,
+/// or, when given, what `$id` evaluates to in each call.
+macro_rules! cache_op {
+    ($cache:expr, $f:ident) => {
+        cache_op!($cache, $f, |id| id)
+    };
+    ($cache:expr, $f:ident, |$arg:pat_param| $id:expr) => {{
+        let cache = $cache.clone();
+        let op: Op = Arc::new(move |$arg| {
+            let cache = cache.clone();
+            Box::pin(async move {
+                let id = $id;
+                let _ = black_box($f(&cache, id).await);
+            })
+        });
+        op
+    }};
+}
+
 /// Sequential latency: `ops` calls one after another, ids from `ids`.
 async fn sequential(op: &Op, ids: &[u64], figures: &mut RoundFigures) {
     let mut samples = Samples(Vec::with_capacity(ids.len()));
@@ -550,38 +569,14 @@ async fn run(args: Args, down: Down) -> Result<(), String> {
             })
         })
     };
-    let ours_op: Op = {
-        let cache = ours_redis.clone();
-        Arc::new(move |id| {
-            let cache = cache.clone();
-            Box::pin(async move {
-                let _ = black_box(ours(&cache, id).await);
-            })
-        })
-    };
-    let ours_lock_op: Op = {
-        let cache = ours_redis.clone();
-        Arc::new(move |id| {
-            let cache = cache.clone();
-            Box::pin(async move {
-                let _ = black_box(ours_lock(&cache, id).await);
-            })
-        })
-    };
+    let ours_op = cache_op!(ours_redis, ours);
+    let ours_lock_op = cache_op!(ours_redis, ours_lock);
     let peer_op: Op = Arc::new(|id| {
         Box::pin(async move {
             let _ = black_box(peer(id).await);
         })
     });
-    let ours_mem_op: Op = {
-        let cache = ours_memory.clone();
-        Arc::new(move |id| {
-            let cache = cache.clone();
-            Box::pin(async move {
-                let _ = black_box(ours(&cache, id).await);
-            })
-        })
-    };
+    let ours_mem_op = cache_op!(ours_memory, ours);
     let moka_op: Op = {
         let moka = moka.clone();
         Arc::new(move |id| {
@@ -696,26 +691,10 @@ async fn run(args: Args, down: Down) -> Result<(), String> {
                 })
             })
         };
-        let ours_miss_op: Op = {
-            let cache = ours_redis.clone();
-            Arc::new(move |_| {
-                let cache = cache.clone();
-                Box::pin(async move {
-                    let id = NEXT_MISS.fetch_add(1, Ordering::Relaxed);
-                    let _ = black_box(ours(&cache, id).await);
-                })
-            })
-        };
-        let ours_lock_miss_op: Op = {
-            let cache = ours_redis.clone();
-            Arc::new(move |_| {
-                let cache = cache.clone();
-                Box::pin(async move {
-                    let id = NEXT_MISS.fetch_add(1, Ordering::Relaxed);
-                    let _ = black_box(ours_lock(&cache, id).await);
-                })
-            })
-        };
+        let ours_miss_op = cache_op!(ours_redis, ours, |_| NEXT_MISS
+            .fetch_add(1, Ordering::Relaxed));
+        let ours_lock_miss_op = cache_op!(ours_redis, ours_lock, |_| NEXT_MISS
+            .fetch_add(1, Ordering::Relaxed));
         let peer_miss_op: Op = Arc::new(|_| {
             Box::pin(async move {
                 let id = NEXT_MISS.fetch_add(1, Ordering::Relaxed);

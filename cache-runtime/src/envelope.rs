@@ -319,84 +319,33 @@ mod probe {
         }
     }
 
-    impl ser::SerializeSeq for Probe {
-        type Ok = ();
-        type Error = ProbeError;
-        fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result {
-            value.serialize(Probe)
-        }
-        fn end(self) -> Result {
-            Ok(())
-        }
+    /// The compound serializers: each method serializes its value (a map's key too) with a
+    /// fresh `Probe`, skipping the arguments of the types listed before it (field names).
+    macro_rules! compound {
+        ($($trait:ident { $($method:ident($($skip:ty),*)),+ })*) => {$(
+            impl ser::$trait for Probe {
+                type Ok = ();
+                type Error = ProbeError;
+                $(
+                    fn $method<T: Serialize + ?Sized>(&mut self, $(_: $skip,)* value: &T) -> Result {
+                        value.serialize(Probe)
+                    }
+                )+
+                fn end(self) -> Result {
+                    Ok(())
+                }
+            }
+        )*};
     }
 
-    impl ser::SerializeTuple for Probe {
-        type Ok = ();
-        type Error = ProbeError;
-        fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result {
-            value.serialize(Probe)
-        }
-        fn end(self) -> Result {
-            Ok(())
-        }
-    }
-
-    impl ser::SerializeTupleStruct for Probe {
-        type Ok = ();
-        type Error = ProbeError;
-        fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result {
-            value.serialize(Probe)
-        }
-        fn end(self) -> Result {
-            Ok(())
-        }
-    }
-
-    impl ser::SerializeTupleVariant for Probe {
-        type Ok = ();
-        type Error = ProbeError;
-        fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result {
-            value.serialize(Probe)
-        }
-        fn end(self) -> Result {
-            Ok(())
-        }
-    }
-
-    impl ser::SerializeMap for Probe {
-        type Ok = ();
-        type Error = ProbeError;
-        fn serialize_key<T: Serialize + ?Sized>(&mut self, key: &T) -> Result {
-            key.serialize(Probe)
-        }
-        fn serialize_value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result {
-            value.serialize(Probe)
-        }
-        fn end(self) -> Result {
-            Ok(())
-        }
-    }
-
-    impl ser::SerializeStruct for Probe {
-        type Ok = ();
-        type Error = ProbeError;
-        fn serialize_field<T: Serialize + ?Sized>(&mut self, _: &'static str, value: &T) -> Result {
-            value.serialize(Probe)
-        }
-        fn end(self) -> Result {
-            Ok(())
-        }
-    }
-
-    impl ser::SerializeStructVariant for Probe {
-        type Ok = ();
-        type Error = ProbeError;
-        fn serialize_field<T: Serialize + ?Sized>(&mut self, _: &'static str, value: &T) -> Result {
-            value.serialize(Probe)
-        }
-        fn end(self) -> Result {
-            Ok(())
-        }
+    compound! {
+        SerializeSeq { serialize_element() }
+        SerializeTuple { serialize_element() }
+        SerializeTupleStruct { serialize_field() }
+        SerializeTupleVariant { serialize_field() }
+        SerializeMap { serialize_key(), serialize_value() }
+        SerializeStruct { serialize_field(&'static str) }
+        SerializeStructVariant { serialize_field(&'static str) }
     }
 }
 

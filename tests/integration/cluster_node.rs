@@ -31,223 +31,81 @@ fn user(tenant: &str, region: &str, id: u64) -> User {
     }
 }
 
-// For each key template, a cached function without and one with `lock` (the locked ones
-// sleep long enough for a concurrent caller to find the lease taken).
-
-#[cached(cache = cache, key = "user:{id}", ttl = 60)]
-async fn plain(
-    cache: &Cache,
-    calls: &Calls,
-    tenant: &str,
-    region: &str,
-    id: u64,
-) -> Result<User, String> {
-    calls.hit();
-    Ok(user(tenant, region, id))
+/// For each key template, a cached function without and one with `lock` (the locked one
+/// sleeps long enough for a concurrent caller to find the lease taken).
+///
+/// The parameters the template names (`(tenant, region, id)`) are passed in from where the
+/// template is written: `#[cached]` resolves the template's placeholders at the template's
+/// own site, so, through a `macro_rules`, they must be spelled there too (hygiene).
+macro_rules! fixtures {
+    (@fn ($tenant:ident, $region:ident, $id:ident) $name:ident, $key:tt, [$($lock:tt)*], {$($pause:tt)*}) => {
+        #[cached(cache = cache, key = $key, ttl = 60 $($lock)*)]
+        async fn $name(
+            cache: &Cache,
+            calls: &Calls,
+            $tenant: &str,
+            $region: &str,
+            $id: u64,
+        ) -> Result<User, String> {
+            calls.hit();
+            $($pause)*
+            Ok(user($tenant, $region, $id))
+        }
+    };
+    ($params:tt $plain:ident, $locked:ident, $key:tt) => {
+        fixtures!(@fn $params $plain, $key, [], {});
+        fixtures!(@fn $params $locked, $key, [, lock = 5], {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        });
+    };
 }
 
-#[cached(cache = cache, key = "user:{id}", ttl = 60, lock = 5)]
-async fn plain_locked(
-    cache: &Cache,
-    calls: &Calls,
-    tenant: &str,
-    region: &str,
-    id: u64,
-) -> Result<User, String> {
-    calls.hit();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    Ok(user(tenant, region, id))
+/// The `Shape`s, their fixtures (see `fixtures!`), and `call`, which calls a shape's fixture
+/// (with `lock` or without) for id 7.
+macro_rules! shapes {
+    ($params:tt $($shape:ident => $plain:ident, $locked:ident, $key:tt;)*) => {
+        $(fixtures!($params $plain, $locked, $key);)*
+
+        #[derive(Debug, Clone, Copy)]
+        enum Shape {
+            $($shape,)*
+        }
+
+        async fn call(
+            shape: Shape,
+            locked: bool,
+            cache: &Cache,
+            calls: &Calls,
+            tenant: &str,
+            region: &str,
+        ) -> Result<User, String> {
+            let id = 7;
+            match (shape, locked) {
+                $(
+                    (Shape::$shape, false) => $plain(cache, calls, tenant, region, id).await,
+                    (Shape::$shape, true) => $locked(cache, calls, tenant, region, id).await,
+                )*
+            }
+        }
+    };
 }
 
-#[cached(cache = cache, key = "{{{tenant}}}:x:{id}", ttl = 60)]
-async fn tagged(
-    cache: &Cache,
-    calls: &Calls,
-    tenant: &str,
-    region: &str,
-    id: u64,
-) -> Result<User, String> {
-    calls.hit();
-    Ok(user(tenant, region, id))
-}
-
-#[cached(cache = cache, key = "{{{tenant}}}:x:{id}", ttl = 60, lock = 5)]
-async fn tagged_locked(
-    cache: &Cache,
-    calls: &Calls,
-    tenant: &str,
-    region: &str,
-    id: u64,
-) -> Result<User, String> {
-    calls.hit();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    Ok(user(tenant, region, id))
-}
-
-// With an empty tenant: `{}:user:7`, an empty tag, so Redis hashes the whole key.
-#[cached(cache = cache, key = "{{{tenant}}}:user:{id}", ttl = 60)]
-async fn empty_tag(
-    cache: &Cache,
-    calls: &Calls,
-    tenant: &str,
-    region: &str,
-    id: u64,
-) -> Result<User, String> {
-    calls.hit();
-    Ok(user(tenant, region, id))
-}
-
-#[cached(cache = cache, key = "{{{tenant}}}:user:{id}", ttl = 60, lock = 5)]
-async fn empty_tag_locked(
-    cache: &Cache,
-    calls: &Calls,
-    tenant: &str,
-    region: &str,
-    id: u64,
-) -> Result<User, String> {
-    calls.hit();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    Ok(user(tenant, region, id))
-}
-
-#[cached(cache = cache, key = "open{{:{id}", ttl = 60)]
-async fn open_brace(
-    cache: &Cache,
-    calls: &Calls,
-    tenant: &str,
-    region: &str,
-    id: u64,
-) -> Result<User, String> {
-    calls.hit();
-    Ok(user(tenant, region, id))
-}
-
-#[cached(cache = cache, key = "open{{:{id}", ttl = 60, lock = 5)]
-async fn open_brace_locked(
-    cache: &Cache,
-    calls: &Calls,
-    tenant: &str,
-    region: &str,
-    id: u64,
-) -> Result<User, String> {
-    calls.hit();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    Ok(user(tenant, region, id))
-}
-
-// With an empty tenant: `{}:stray}:7`, an empty tag and a `}` that closes nothing.
-#[cached(cache = cache, key = "{{{tenant}}}:stray}}:{id}", ttl = 60)]
-async fn stray(
-    cache: &Cache,
-    calls: &Calls,
-    tenant: &str,
-    region: &str,
-    id: u64,
-) -> Result<User, String> {
-    calls.hit();
-    Ok(user(tenant, region, id))
-}
-
-#[cached(cache = cache, key = "{{{tenant}}}:stray}}:{id}", ttl = 60, lock = 5)]
-async fn stray_locked(
-    cache: &Cache,
-    calls: &Calls,
-    tenant: &str,
-    region: &str,
-    id: u64,
-) -> Result<User, String> {
-    calls.hit();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    Ok(user(tenant, region, id))
-}
-
-#[cached(cache = cache, key = "{{{tenant}}}:{{{region}}}:{id}", ttl = 60)]
-async fn several_tags(
-    cache: &Cache,
-    calls: &Calls,
-    tenant: &str,
-    region: &str,
-    id: u64,
-) -> Result<User, String> {
-    calls.hit();
-    Ok(user(tenant, region, id))
-}
-
-#[cached(cache = cache, key = "{{{tenant}}}:{{{region}}}:{id}", ttl = 60, lock = 5)]
-async fn several_tags_locked(
-    cache: &Cache,
-    calls: &Calls,
-    tenant: &str,
-    region: &str,
-    id: u64,
-) -> Result<User, String> {
-    calls.hit();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    Ok(user(tenant, region, id))
-}
-
-// A tag made of placeholders only.
-#[cached(cache = cache, key = "{{{tenant}-{region}}}:{id}", ttl = 60)]
-async fn placeholder_tag(
-    cache: &Cache,
-    calls: &Calls,
-    tenant: &str,
-    region: &str,
-    id: u64,
-) -> Result<User, String> {
-    calls.hit();
-    Ok(user(tenant, region, id))
-}
-
-#[cached(cache = cache, key = "{{{tenant}-{region}}}:{id}", ttl = 60, lock = 5)]
-async fn placeholder_tag_locked(
-    cache: &Cache,
-    calls: &Calls,
-    tenant: &str,
-    region: &str,
-    id: u64,
-) -> Result<User, String> {
-    calls.hit();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    Ok(user(tenant, region, id))
+shapes! {
+    (tenant, region, id)
+    Plain => plain, plain_locked, "user:{id}";
+    Tagged => tagged, tagged_locked, "{{{tenant}}}:x:{id}";
+    // With an empty tenant: `{}:user:7`, an empty tag, so Redis hashes the whole key.
+    EmptyTag => empty_tag, empty_tag_locked, "{{{tenant}}}:user:{id}";
+    OpenBrace => open_brace, open_brace_locked, "open{{:{id}";
+    // With an empty tenant: `{}:stray}:7`, an empty tag and a `}` that closes nothing.
+    Stray => stray, stray_locked, "{{{tenant}}}:stray}}:{id}";
+    SeveralTags => several_tags, several_tags_locked, "{{{tenant}}}:{{{region}}}:{id}";
+    // A tag made of placeholders only.
+    PlaceholderTag => placeholder_tag, placeholder_tag_locked, "{{{tenant}-{region}}}:{id}";
 }
 
 // Long keys: stored in digest form, which keeps a short hash tag.
-#[cached(cache = cache, key = "{{{tenant}}}:long:{region}:{id}", ttl = 60)]
-async fn long(
-    cache: &Cache,
-    calls: &Calls,
-    tenant: &str,
-    region: &str,
-    id: u64,
-) -> Result<User, String> {
-    calls.hit();
-    Ok(user(tenant, region, id))
-}
-
-#[cached(cache = cache, key = "{{{tenant}}}:long:{region}:{id}", ttl = 60, lock = 5)]
-async fn long_locked(
-    cache: &Cache,
-    calls: &Calls,
-    tenant: &str,
-    region: &str,
-    id: u64,
-) -> Result<User, String> {
-    calls.hit();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    Ok(user(tenant, region, id))
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Shape {
-    Plain,
-    Tagged,
-    EmptyTag,
-    OpenBrace,
-    Stray,
-    SeveralTags,
-    PlaceholderTag,
-}
+fixtures!((tenant, region, id) long, long_locked, "{{{tenant}}}:long:{region}:{id}");
 
 /// Every shape, with its arguments and the key (without the namespace) it renders for id 7.
 const CASES: &[(Shape, &str, &str, &str)] = &[
@@ -265,35 +123,6 @@ const CASES: &[(Shape, &str, &str, &str)] = &[
     (Shape::PlaceholderTag, "a-b", "c", "{a%2Db-c}:7"),
 ];
 
-async fn call(
-    shape: Shape,
-    locked: bool,
-    cache: &Cache,
-    calls: &Calls,
-    tenant: &str,
-    region: &str,
-) -> Result<User, String> {
-    let id = 7;
-    match (shape, locked) {
-        (Shape::Plain, false) => plain(cache, calls, tenant, region, id).await,
-        (Shape::Plain, true) => plain_locked(cache, calls, tenant, region, id).await,
-        (Shape::Tagged, false) => tagged(cache, calls, tenant, region, id).await,
-        (Shape::Tagged, true) => tagged_locked(cache, calls, tenant, region, id).await,
-        (Shape::EmptyTag, false) => empty_tag(cache, calls, tenant, region, id).await,
-        (Shape::EmptyTag, true) => empty_tag_locked(cache, calls, tenant, region, id).await,
-        (Shape::OpenBrace, false) => open_brace(cache, calls, tenant, region, id).await,
-        (Shape::OpenBrace, true) => open_brace_locked(cache, calls, tenant, region, id).await,
-        (Shape::Stray, false) => stray(cache, calls, tenant, region, id).await,
-        (Shape::Stray, true) => stray_locked(cache, calls, tenant, region, id).await,
-        (Shape::SeveralTags, false) => several_tags(cache, calls, tenant, region, id).await,
-        (Shape::SeveralTags, true) => several_tags_locked(cache, calls, tenant, region, id).await,
-        (Shape::PlaceholderTag, false) => placeholder_tag(cache, calls, tenant, region, id).await,
-        (Shape::PlaceholderTag, true) => {
-            placeholder_tag_locked(cache, calls, tenant, region, id).await
-        }
-    }
-}
-
 /// No function of `cache` saw a backend or decode error.
 fn assert_no_backend_errors(cache: &Cache) {
     let stats = cache.stats();
@@ -308,6 +137,15 @@ fn assert_no_backend_errors(cache: &Cache) {
 async fn cluster_keyslot(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> u16 {
     redis::cmd("CLUSTER")
         .arg("KEYSLOT")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .unwrap()
+}
+
+/// `EXISTS key` on `conn`.
+async fn exists(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> bool {
+    redis::cmd("EXISTS")
         .arg(key)
         .query_async(conn)
         .await
@@ -341,12 +179,10 @@ async fn every_shape(locked: bool) {
             "{case}: rendered {key:?}"
         );
         let full = cache.full_key(key);
-        let exists: bool = redis::cmd("EXISTS")
-            .arg(&full)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        assert!(exists, "{case}: {full:?} was written");
+        assert!(
+            exists(&mut conn, &full).await,
+            "{case}: {full:?} was written"
+        );
         assert_no_backend_errors(&cache);
         // The invalidation script touches the value, generation, lease and waiter keys.
         cache.invalidate(key).await.unwrap();
@@ -441,12 +277,7 @@ async fn manual_api_on_every_key_shape() {
             slot,
             "{key:?}"
         );
-        let exists: bool = redis::cmd("EXISTS")
-            .arg(&generation)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        assert!(exists, "{generation:?}");
+        assert!(exists(&mut conn, &generation).await, "{generation:?}");
         cache
             .invalidate(key)
             .await
