@@ -337,6 +337,9 @@ impl Cache {
         let Some(stored) = self.inner.store.read(&full).await? else {
             return Ok(None);
         };
+        if envelope::is_tagged(&stored.bytes) && !self.tags_current(&stored.bytes).await? {
+            return Ok(None);
+        }
         match envelope::decode::<T>(&stored.bytes) {
             Ok(v) => Ok(Some(v)),
             Err(e) => {
@@ -368,11 +371,11 @@ impl Cache {
             return Err(Error::config("ttl must be greater than zero"));
         }
         let full = self.full_key(key);
-        let bytes = envelope::encode(value, Duration::ZERO)
+        let bytes = envelope::encode(value, Duration::ZERO, None)
             .map_err(|e| Error::new(ErrorKind::Encode, e.to_string()))?;
         self.inner
             .store
-            .write(&full, Stored::bytes(bytes), ttl)
+            .write(&full, Stored::bytes(bytes), ttl, None)
             .await?;
         Ok(())
     }
@@ -389,6 +392,62 @@ impl Cache {
         let full = self.full_key(key);
         self.inner.store.invalidate(&[&full]).await?;
         Ok(())
+    }
+
+    /// Invalidates every entry recorded under `tag` (without the namespace, which is added),
+    /// in every process: the `tags = [..]` of `#[cached]` and `#[cache_put]` record entries
+    /// under tags. One command, whatever the number of entries.
+    ///
+    /// A load that read the tag before this call is never served after it returns.
+    ///
+    /// ```
+    /// use cache_runtime::{Cache, cached};
+    ///
+    /// #[cached(key = "user:{id}", tags = ["org:{org}"], cache = cache)]
+    /// async fn user_name(cache: &Cache, org: u32, id: u32) -> String {
+    ///     format!("user {id} of org {org}")
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let cache = Cache::memory();
+    /// user_name(&cache, 1, 7).await; // a miss: stored under the tag `org:1`
+    /// user_name(&cache, 1, 7).await; // a hit
+    /// cache.invalidate_tag("org:1").await.unwrap();
+    /// user_name(&cache, 1, 7).await; // a miss again
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`Cache::get`].
+    pub async fn invalidate_tag(&self, tag: &str) -> Result<()> {
+        self.invalidate_tags(&[tag]).await
+    }
+
+    /// Invalidates every entry recorded under any of `tags` (see [`Cache::invalidate_tag`]):
+    /// one round trip.
+    ///
+    /// # Errors
+    ///
+    /// As [`Cache::get`].
+    pub async fn invalidate_tags(&self, tags: &[&str]) -> Result<()> {
+        let full: Vec<String> = tags.iter().map(|t| self.full_key(t)).collect();
+        let names: Vec<&str> = full.iter().map(String::as_str).collect();
+        self.inner.store.invalidate_tags(&names).await?;
+        Ok(())
+    }
+
+    /// Whether every tag a tagged envelope records still has the version it recorded.
+    async fn tags_current(&self, bytes: &[u8]) -> Result<bool> {
+        let recorded: Vec<(&str, &[u8])> = envelope::recorded_tags(bytes)
+            .filter_map(|(n, v)| std::str::from_utf8(n).ok().map(|n| (n, v)))
+            .collect();
+        let names: Vec<&str> = recorded.iter().map(|(n, _)| *n).collect();
+        let current = self.inner.store.current_tags(&names, None).await?;
+        Ok(current
+            .iter()
+            .zip(&recorded)
+            .all(|(c, (_, v))| c.as_deref() == Some(*v)))
     }
 
     /// A snapshot of the per-function counters; `Display` prints them as a table.

@@ -1,11 +1,16 @@
 //! The value envelope: what every backend stores under a value key.
 //!
 //! ```text
-//! byte 0        format version (currently 1)
+//! byte 0        format: 1 (untagged) or 2 (tagged)
 //! bytes 1..9    created-at, milliseconds since the Unix epoch, little endian
 //! bytes 9..13   compute time of the value, microseconds, little endian (saturating)
-//! bytes 13..    the payload, JSON
+//! format 2 only: the tags the value was computed under, with the version each had then
+//!   u16 LE      number of tags
+//!   per tag     u16 LE name length, name (UTF-8), u8 version length, version
+//! then          the payload, JSON
 //! ```
+//!
+//! An untagged value pays nothing for tags: format 1 is the format of every untagged entry.
 //!
 //! Anything else under a value key (another format version, a truncated header, JSON that does
 //! not decode into the expected type, a value written by another program) is treated as a miss
@@ -17,7 +22,10 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::tags::TagSet;
+
 const FORMAT_VERSION: u8 = 1;
+const FORMAT_TAGGED: u8 = 2;
 const HEADER_LEN: usize = 13;
 
 /// Why an envelope could not be read.
@@ -32,13 +40,14 @@ pub(crate) enum DecodeError {
 impl std::fmt::Display for DecodeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            DecodeError::Format => f.write_str("not a cache envelope of format version 1"),
+            DecodeError::Format => f.write_str("not a cache envelope of format version 1 or 2"),
             DecodeError::Payload(e) => write!(f, "payload does not decode: {e}"),
         }
     }
 }
 
 /// The metadata kept next to a payload.
+#[allow(dead_code)] // read by the tests; an inspection tool (`cachectl get`) will show it
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Meta {
     /// When the value was stored, milliseconds since the Unix epoch.
@@ -84,7 +93,8 @@ impl std::error::Error for EncodeError {
     }
 }
 
-/// Encodes `value` into a new envelope.
+/// Encodes `value` into a new envelope, recording `tags` (names and the versions read before
+/// the value was computed) if there are any.
 ///
 /// Fails with [`EncodeError::NonFinite`] if the value contains a NaN or infinite float.
 /// serde_json writes those as `null`, so the value is probed for them (a second,
@@ -92,17 +102,128 @@ impl std::error::Error for EncodeError {
 pub(crate) fn encode<T: Serialize + ?Sized>(
     value: &T,
     compute: Duration,
+    tags: Option<&TagSet>,
 ) -> Result<Bytes, EncodeError> {
     let mut buf = Vec::with_capacity(HEADER_LEN + 128);
-    buf.push(FORMAT_VERSION);
-    buf.extend_from_slice(&now_ms().to_le_bytes());
-    let compute_us = u32::try_from(compute.as_micros()).unwrap_or(u32::MAX);
-    buf.extend_from_slice(&compute_us.to_le_bytes());
+    let payload = header(&mut buf, compute, tags);
     serde_json::to_writer(&mut buf, value).map_err(EncodeError::Json)?;
-    if contains_null(&buf[HEADER_LEN..]) && !probe::all_finite(value) {
+    if contains_null(&buf[payload..]) && !probe::all_finite(value) {
         return Err(EncodeError::NonFinite);
     }
     Ok(Bytes::from(buf))
+}
+
+/// Writes the header (and the tags section); returns where the payload starts.
+fn header(buf: &mut Vec<u8>, compute: Duration, tags: Option<&TagSet>) -> usize {
+    let tags = tags.filter(|t| !t.is_empty());
+    buf.push(if tags.is_some() {
+        FORMAT_TAGGED
+    } else {
+        FORMAT_VERSION
+    });
+    buf.extend_from_slice(&now_ms().to_le_bytes());
+    let compute_us = u32::try_from(compute.as_micros()).unwrap_or(u32::MAX);
+    buf.extend_from_slice(&compute_us.to_le_bytes());
+    if let Some(tags) = tags {
+        // Tag names are bounded like keys (256 bytes), versions are short tokens, and a
+        // function has a handful of tags: the lengths fit.
+        let n = tags.names.len().min(usize::from(u16::MAX));
+        buf.extend_from_slice(&(n as u16).to_le_bytes());
+        for (name, version) in tags.names.iter().zip(&tags.versions).take(n) {
+            let name = &name.as_bytes()[..name.len().min(usize::from(u16::MAX))];
+            buf.extend_from_slice(&(name.len() as u16).to_le_bytes());
+            buf.extend_from_slice(name);
+            let version = &version[..version.len().min(usize::from(u8::MAX))];
+            buf.push(version.len() as u8);
+            buf.extend_from_slice(version);
+        }
+    }
+    buf.len()
+}
+
+/// The tags recorded in an envelope: `(name, version)` pairs, in order.
+pub(crate) struct RecordedTags<'a> {
+    rest: &'a [u8],
+    left: u16,
+}
+
+impl<'a> Iterator for RecordedTags<'a> {
+    type Item = (&'a [u8], &'a [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        let (name, rest) = split_len16(self.rest)?;
+        let (&vlen, rest) = rest.split_first()?;
+        let (version, rest) = split_at_checked(rest, usize::from(vlen))?;
+        self.rest = rest;
+        Some((name, version))
+    }
+}
+
+fn split_at_checked(bytes: &[u8], n: usize) -> Option<(&[u8], &[u8])> {
+    (bytes.len() >= n).then(|| bytes.split_at(n))
+}
+
+fn split_len16(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (len, rest) = split_at_checked(bytes, 2)?;
+    split_at_checked(rest, usize::from(u16::from_le_bytes([len[0], len[1]])))
+}
+
+/// Where the payload starts and the tags section (empty for format 1).
+fn layout(bytes: &[u8]) -> Result<(usize, RecordedTags<'_>), DecodeError> {
+    if bytes.len() < HEADER_LEN {
+        return Err(DecodeError::Format);
+    }
+    match bytes[0] {
+        FORMAT_VERSION => Ok((
+            HEADER_LEN,
+            RecordedTags {
+                rest: &[],
+                left: 0,
+            },
+        )),
+        FORMAT_TAGGED => {
+            let rest = &bytes[HEADER_LEN..];
+            let (n, section) = split_at_checked(rest, 2).ok_or(DecodeError::Format)?;
+            let n = u16::from_le_bytes([n[0], n[1]]);
+            let mut walk = RecordedTags {
+                rest: section,
+                left: n,
+            };
+            for _ in 0..n {
+                walk.next().ok_or(DecodeError::Format)?;
+            }
+            let payload = bytes.len() - walk.rest.len();
+            Ok((
+                payload,
+                RecordedTags {
+                    rest: section,
+                    left: n,
+                },
+            ))
+        }
+        _ => Err(DecodeError::Format),
+    }
+}
+
+/// The tags an envelope records (none for an untagged one, or one that is not an envelope).
+pub(crate) fn recorded_tags(bytes: &[u8]) -> RecordedTags<'_> {
+    match layout(bytes) {
+        Ok((_, tags)) => tags,
+        Err(_) => RecordedTags {
+            rest: &[],
+            left: 0,
+        },
+    }
+}
+
+/// Whether an envelope records tags (format 2): a one-byte test.
+#[inline]
+pub(crate) fn is_tagged(bytes: &[u8]) -> bool {
+    bytes.first() == Some(&FORMAT_TAGGED)
 }
 
 /// Whether `json` contains the token `null` (or those letters inside a string: then the
@@ -112,8 +233,9 @@ fn contains_null(json: &[u8]) -> bool {
 }
 
 /// Reads the header of an envelope.
+#[allow(dead_code)] // read by the tests; an inspection tool (`cachectl get`) will show it
 pub(crate) fn meta(bytes: &[u8]) -> Result<Meta, DecodeError> {
-    if bytes.len() < HEADER_LEN || bytes[0] != FORMAT_VERSION {
+    if bytes.len() < HEADER_LEN || !matches!(bytes[0], FORMAT_VERSION | FORMAT_TAGGED) {
         return Err(DecodeError::Format);
     }
     let mut created = [0u8; 8];
@@ -128,8 +250,16 @@ pub(crate) fn meta(bytes: &[u8]) -> Result<Meta, DecodeError> {
 
 /// Decodes the payload of an envelope.
 pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
-    meta(bytes)?;
-    serde_json::from_slice(&bytes[HEADER_LEN..]).map_err(DecodeError::Payload)
+    let payload = payload_start(bytes)?;
+    serde_json::from_slice(&bytes[payload..]).map_err(DecodeError::Payload)
+}
+
+/// Where the JSON starts. Non-generic: decoding compiles it once.
+fn payload_start(bytes: &[u8]) -> Result<usize, DecodeError> {
+    if bytes.first() == Some(&FORMAT_VERSION) && bytes.len() >= HEADER_LEN {
+        return Ok(HEADER_LEN);
+    }
+    layout(bytes).map(|(payload, _)| payload)
 }
 
 /// A serializer that writes nothing and fails on a non-finite `f32` or `f64`.
@@ -355,12 +485,41 @@ mod tests {
 
     #[test]
     fn round_trip_keeps_value_and_meta() {
-        let bytes = encode(&vec![1u32, 2, 3], Duration::from_millis(12)).unwrap();
+        let bytes = encode(&vec![1u32, 2, 3], Duration::from_millis(12), None).unwrap();
         let v: Vec<u32> = decode(&bytes).unwrap();
         assert_eq!(v, vec![1, 2, 3]);
         let m = meta(&bytes).unwrap();
         assert_eq!(m.compute_us, 12_000);
         assert!(m.created_at_ms > 1_600_000_000_000);
+    }
+
+    #[test]
+    fn tags_are_recorded_and_the_payload_still_decodes() {
+        let tags = TagSet::with_versions(
+            vec!["ns:org:1".to_owned(), "ns:users".to_owned()],
+            vec![Bytes::from_static(b"v1"), Bytes::from_static(b"0123456789abcdef")],
+        );
+        let bytes = encode(&vec![1u32, 2], Duration::from_millis(3), Some(&tags)).unwrap();
+        assert!(is_tagged(&bytes));
+        let recorded: Vec<_> = recorded_tags(&bytes).collect();
+        assert_eq!(
+            recorded,
+            vec![
+                (&b"ns:org:1"[..], &b"v1"[..]),
+                (&b"ns:users"[..], &b"0123456789abcdef"[..])
+            ]
+        );
+        assert_eq!(decode::<Vec<u32>>(&bytes).unwrap(), vec![1, 2]);
+        assert_eq!(meta(&bytes).unwrap().compute_us, 3_000);
+        // No tags: format 1, byte for byte what an untagged function writes.
+        let untagged = encode(&7u8, Duration::ZERO, Some(&TagSet::default())).unwrap();
+        assert!(!is_tagged(&untagged));
+        assert_eq!(recorded_tags(&untagged).count(), 0);
+        // A truncated tags section is not an envelope, never a panic.
+        for cut in HEADER_LEN..bytes.len() - 3 {
+            assert!(decode::<Vec<u32>>(&bytes[..cut]).is_err(), "cut at {cut}");
+            let _ = recorded_tags(&bytes[..cut]).count();
+        }
     }
 
     #[test]
@@ -371,7 +530,7 @@ mod tests {
             decode::<u32>(b"\x02aaaaaaaaaaaa1"),
             Err(DecodeError::Format)
         ));
-        let bytes = encode("text", Duration::ZERO).unwrap();
+        let bytes = encode("text", Duration::ZERO, None).unwrap();
         assert!(matches!(
             decode::<u32>(&bytes),
             Err(DecodeError::Payload(_))
@@ -399,7 +558,7 @@ mod tests {
     struct Meters(f64);
 
     fn non_finite<T: Serialize + ?Sized>(value: &T) -> bool {
-        matches!(encode(value, Duration::ZERO), Err(EncodeError::NonFinite))
+        matches!(encode(value, Duration::ZERO, None), Err(EncodeError::NonFinite))
     }
 
     #[test]
@@ -441,39 +600,40 @@ mod tests {
     #[test]
     fn nulls_and_finite_floats_still_encode() {
         let none: Option<f64> = None;
-        let bytes = encode(&none, Duration::ZERO).unwrap();
+        let bytes = encode(&none, Duration::ZERO, None).unwrap();
         assert_eq!(decode::<Option<f64>>(&bytes).unwrap(), None);
-        encode(&(), Duration::ZERO).unwrap();
-        encode(&vec![None, Some(1.5), None], Duration::ZERO).unwrap();
-        encode(&Shape::Empty, Duration::ZERO).unwrap();
+        encode(&(), Duration::ZERO, None).unwrap();
+        encode(&vec![None, Some(1.5), None], Duration::ZERO, None).unwrap();
+        encode(&Shape::Empty, Duration::ZERO, None).unwrap();
         encode(
             &Point {
                 x: f64::MAX,
                 y: f32::MIN_POSITIVE,
             },
             Duration::ZERO,
+            None,
         )
         .unwrap();
-        encode(&(-0.0f64, 1e-300f64, "null", None::<u8>), Duration::ZERO).unwrap();
-        let bytes = encode(&(f64::MIN, Some(0.25), None::<f64>), Duration::ZERO).unwrap();
+        encode(&(-0.0f64, 1e-300f64, "null", None::<u8>), Duration::ZERO, None).unwrap();
+        let bytes = encode(&(f64::MIN, Some(0.25), None::<f64>), Duration::ZERO, None).unwrap();
         assert_eq!(
             decode::<(f64, Option<f64>, Option<f64>)>(&bytes).unwrap(),
             (f64::MIN, Some(0.25), None)
         );
         // A value whose JSON has no `null` is not probed at all.
         assert!(!contains_null(
-            &encode(&[1.0, 2.0], Duration::ZERO).unwrap()[HEADER_LEN..]
+            &encode(&[1.0, 2.0], Duration::ZERO, None).unwrap()[HEADER_LEN..]
         ));
     }
 
     #[test]
     fn encode_errors_say_what_went_wrong() {
-        let msg = encode(&f64::NAN, Duration::ZERO).unwrap_err().to_string();
+        let msg = encode(&f64::NAN, Duration::ZERO, None).unwrap_err().to_string();
         assert!(msg.contains("NaN or infinite"), "{msg}");
         let mut bad_key = std::collections::BTreeMap::new();
         bad_key.insert(vec![1u8], 1u8);
         assert!(matches!(
-            encode(&bad_key, Duration::ZERO),
+            encode(&bad_key, Duration::ZERO, None),
             Err(EncodeError::Json(_))
         ));
     }

@@ -64,6 +64,7 @@ mod key;
 mod mode;
 mod stats;
 mod store;
+mod tags;
 
 pub use crate::cache::{Cache, CacheBuilder, default_cache, set_default};
 pub use crate::error::{Error, ErrorKind, Result};
@@ -85,15 +86,16 @@ pub struct CachedDocTests;
 #[doc(hidden)]
 pub mod __private {
     pub use crate::cache::Cache;
-    pub use crate::engine::{Call, Fetch, Finish, Verdict};
+    pub use crate::engine::{Call, Evict, EvictCall, Fetch, Finish, Put, Verdict};
     pub use crate::key::{CallKey, KeyWriter};
     /// For the integration tests: auxiliary key names and hash slots, checked against a real
     /// cluster node.
     pub use crate::key::{aux_key, key_slot};
     pub use crate::mode::{
-        Mode, Tag, Typed, ViaOption, ViaPlain, ViaResult, ViaResultOption, ViaTyped, ViaUntyped,
-        require_cache_none,
+        Mode, SuccessOption, SuccessPlain, SuccessResult, Tag, Typed, ViaOption, ViaPlain,
+        ViaResult, ViaResultOption, ViaTyped, ViaUntyped, require_cache_none,
     };
+    pub use crate::tags::Tags;
     pub use crate::stats::Site;
 
     /// Starts a key in `cache`'s namespace.

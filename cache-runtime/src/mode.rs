@@ -281,6 +281,52 @@ impl<R> ViaPlain for Tag<R> {
     }
 }
 
+/// Whether a result is a success: `Ok`, `Some`, or any value of another type. What
+/// `#[cache_put]` (with `value = ..`) and `#[cache_evict]` test before they write or evict.
+/// Selected like the mode: `(&&Tag::<R>::new()).__cache_success()`.
+pub trait SuccessResult {
+    /// The result's type.
+    type R;
+    /// The test.
+    fn __cache_success(&self) -> fn(&Self::R) -> bool;
+}
+/// See [`SuccessResult`].
+pub trait SuccessOption {
+    /// The result's type.
+    type R;
+    /// The test.
+    fn __cache_success(&self) -> fn(&Self::R) -> bool;
+}
+/// See [`SuccessResult`].
+pub trait SuccessPlain {
+    /// The result's type.
+    type R;
+    /// The test.
+    fn __cache_success(&self) -> fn(&Self::R) -> bool;
+}
+
+impl<T, E> SuccessResult for &&Tag<Result<T, E>> {
+    type R = Result<T, E>;
+    #[inline]
+    fn __cache_success(&self) -> fn(&Result<T, E>) -> bool {
+        Result::is_ok
+    }
+}
+impl<T> SuccessOption for &Tag<Option<T>> {
+    type R = Option<T>;
+    #[inline]
+    fn __cache_success(&self) -> fn(&Option<T>) -> bool {
+        Option::is_some
+    }
+}
+impl<R> SuccessPlain for Tag<R> {
+    type R = R;
+    #[inline]
+    fn __cache_success(&self) -> fn(&R) -> bool {
+        |_| true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -329,6 +375,19 @@ mod tests {
         assert!(matches!(m.classify(&None), Classified::Refused));
         let m = PlainMode::<Vec<Option<u32>>>(PhantomData);
         assert!(matches!(m.classify(&vec![]), Classified::Store(_)));
+    }
+
+    #[test]
+    #[allow(clippy::needless_borrow)] // the borrows are the selection mechanism
+    fn success_follows_the_type() {
+        let ok = (&&&Tag::<Result<(), String>>::new()).__cache_success();
+        assert!(ok(&Ok(())));
+        assert!(!ok(&Err("x".into())));
+        let some = (&&&Tag::<Option<u8>>::new()).__cache_success();
+        assert!(some(&Some(1)));
+        assert!(!some(&None));
+        let plain = (&&&Tag::<u64>::new()).__cache_success();
+        assert!(plain(&0));
     }
 
     #[test]

@@ -18,6 +18,7 @@ use crate::backend::{
 };
 use crate::breaker::FailureLog;
 use crate::flight::{Flights, Role};
+use crate::tags::TagSet;
 
 /// A random token (lease tokens, generations): 128 bits from the std hasher's random keys and
 /// a process-wide counter.
@@ -29,6 +30,22 @@ pub(crate) fn new_token() -> String {
     let a = RandomState::new().hash_one((n, std::process::id()));
     let b = RandomState::new().hash_one((std::time::Instant::now(), n));
     format!("{a:016x}{b:016x}")
+}
+
+/// A pending load's marker (Redis): `\0crp:` then a process-unique, never repeated id. Cheap:
+/// one is made per Redis lookup.
+pub(crate) fn new_marker() -> String {
+    use std::fmt::Write;
+    use std::sync::LazyLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static PROCESS: LazyLock<String> = LazyLock::new(new_token);
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mut marker = String::with_capacity(5 + 32 + 17);
+    marker.push_str("\0crp:");
+    marker.push_str(&PROCESS);
+    let _ = write!(marker, ":{n:x}");
+    marker
 }
 
 pub(crate) struct Store {
@@ -202,14 +219,55 @@ impl Store {
     }
 
     /// Stores `value` under `key`: a write. Loads of `key` running now, in any process, do
-    /// not store their results over it.
-    pub(crate) async fn write(&self, key: &str, value: Stored, ttl: Duration) -> BackendResult<()> {
+    /// not store their results over it. A tagged value's tags are made to live as long as it.
+    pub(crate) async fn write(
+        &self,
+        key: &str,
+        value: Stored,
+        ttl: Duration,
+        tags: Option<&TagSet>,
+    ) -> BackendResult<()> {
         // Detach in-flight lookups before the write (their fills are then not stored) and
         // after it (a lookup that started in between may have read the old value).
         self.flights.invalidate(key);
-        let written = self.backend.write(key, value, ttl).await;
+        let written = match tags.filter(|t| !t.is_empty()) {
+            None => self.backend.write(key, value, ttl).await,
+            Some(tags) => {
+                let names = tags.names();
+                let (written, touched) = tokio::join!(
+                    self.backend.write(key, value, ttl),
+                    self.backend.current_tags(&names, Some(ttl))
+                );
+                written.and(touched.map(drop))
+            }
+        };
         self.flights.invalidate(key);
         written
+    }
+
+    /// The current versions of `tags`, created where missing (see [`Backend::tag_versions`]).
+    pub(crate) async fn tag_versions(
+        &self,
+        tags: &[&str],
+        ttl: Duration,
+    ) -> BackendResult<Vec<bytes::Bytes>> {
+        self.backend.tag_versions(tags, ttl).await
+    }
+
+    /// The current versions of `tags`, without creating any (see
+    /// [`Backend::current_tags`]).
+    pub(crate) async fn current_tags(
+        &self,
+        tags: &[&str],
+        extend: Option<Duration>,
+    ) -> BackendResult<Vec<Option<bytes::Bytes>>> {
+        self.backend.current_tags(tags, extend).await
+    }
+
+    /// Invalidates every entry recorded under any of `tags`, in every process. A load that
+    /// read a tag's version before this is never served after it (its followers retry).
+    pub(crate) async fn invalidate_tags(&self, tags: &[&str]) -> BackendResult<()> {
+        self.backend.invalidate_tags(tags).await
     }
 
     /// Removes `keys`. Loads of them running now, in any process, do not store their results.

@@ -121,10 +121,42 @@ fn ticket_of(generation: &Gen) -> Option<u64> {
     Some(u64::from_le_bytes(bytes))
 }
 
+/// A tag's version and when it expires (it lives as long as its longest-lived entry).
+#[derive(Clone, Copy)]
+struct TagEntry {
+    version: u64,
+    expires: Instant,
+}
+
+struct TagTtl;
+
+impl Expiry<String, TagEntry> for TagTtl {
+    fn expire_after_create(&self, _: &String, tag: &TagEntry, now: Instant) -> Option<Duration> {
+        Some(tag.expires.saturating_duration_since(now))
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &String,
+        tag: &TagEntry,
+        now: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(tag.expires.saturating_duration_since(now))
+    }
+}
+
+fn tag_version(n: u64) -> Bytes {
+    Bytes::copy_from_slice(&n.to_le_bytes())
+}
+
 /// Entries live in this process only, up to `max_entries` (moka's TinyLFU eviction), each for
 /// its own TTL.
 pub(crate) struct MemoryBackend {
     entries: moka::sync::Cache<String, Arc<Entry>, Hasher>,
+    /// Tag versions, bounded like the entries: a tag evicted early gets a new version, so its
+    /// entries read as misses.
+    tags: moka::sync::Cache<String, TagEntry, Hasher>,
     stripes: Box<[Mutex<Generations>]>,
     hasher: Hasher,
 }
@@ -138,6 +170,10 @@ impl MemoryBackend {
             entries: moka::sync::Cache::builder()
                 .max_capacity(max_entries)
                 .expire_after(PerEntryTtl)
+                .build_with_hasher(Hasher::default()),
+            tags: moka::sync::Cache::builder()
+                .max_capacity(max_entries)
+                .expire_after(TagTtl)
                 .build_with_hasher(Hasher::default()),
             stripes: (0..STRIPES)
                 .map(|_| Mutex::new(Generations::new(per_stripe)))
@@ -243,6 +279,82 @@ impl Backend for MemoryBackend {
             let mut stripe = self.stripe(key);
             stripe.bump(key);
             self.entries.invalidate(*key);
+        }
+        Ok(())
+    }
+
+    async fn tag_versions(&self, tags: &[&str], ttl: Duration) -> BackendResult<Vec<Bytes>> {
+        use moka::ops::compute::Op;
+        Ok(tags
+            .iter()
+            .map(|tag| {
+                let entry = self
+                    .tags
+                    .entry_by_ref(*tag)
+                    .and_compute_with(|current| match current {
+                        Some(_) => Op::Nop,
+                        None => Op::Put(TagEntry {
+                            version: NEXT.fetch_add(1, Ordering::Relaxed),
+                            expires: Instant::now() + ttl,
+                        }),
+                    });
+                let version = match entry {
+                    moka::ops::compute::CompResult::Inserted(e)
+                    | moka::ops::compute::CompResult::Unchanged(e)
+                    | moka::ops::compute::CompResult::ReplacedWith(e) => e.into_value().version,
+                    // Not produced by the closure above; a fresh version is always safe.
+                    _ => NEXT.fetch_add(1, Ordering::Relaxed),
+                };
+                tag_version(version)
+            })
+            .collect())
+    }
+
+    async fn current_tags(
+        &self,
+        tags: &[&str],
+        extend: Option<Duration>,
+    ) -> BackendResult<Vec<Option<Bytes>>> {
+        use moka::ops::compute::Op;
+        Ok(tags
+            .iter()
+            .map(|tag| match extend {
+                None => self.tags.get(*tag).map(|e| tag_version(e.version)),
+                Some(ttl) => {
+                    let mut version = None;
+                    self.tags
+                        .entry_by_ref(*tag)
+                        .and_compute_with(|current| match current {
+                            None => Op::Nop,
+                            Some(e) => {
+                                let e = *e.value();
+                                version = Some(tag_version(e.version));
+                                let expires = Instant::now() + ttl;
+                                if expires > e.expires {
+                                    Op::Put(TagEntry { expires, ..e })
+                                } else {
+                                    Op::Nop
+                                }
+                            }
+                        });
+                    version
+                }
+            })
+            .collect())
+    }
+
+    async fn invalidate_tags(&self, tags: &[&str]) -> BackendResult<()> {
+        use moka::ops::compute::Op;
+        for tag in tags {
+            self.tags
+                .entry_by_ref(*tag)
+                .and_compute_with(|current| match current {
+                    None => Op::Nop,
+                    Some(e) => Op::Put(TagEntry {
+                        version: NEXT.fetch_add(1, Ordering::Relaxed),
+                        ..*e.value()
+                    }),
+                });
         }
         Ok(())
     }

@@ -29,9 +29,9 @@ pub(crate) use self::memory::MemoryBackend;
 pub(crate) use self::redis::{RedisBackend, RedisOptions};
 use crate::error::{Error, ErrorKind};
 
-/// How long a key's generation outlives its last replacement. A load that takes longer than
-/// this could, in one corner case, store a value an invalidation removed (see `fill`).
-pub(crate) const GENERATION_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How long a pending load's marker lives (Redis): a load that takes longer is not stored
+/// (its marker is gone, so its fill is rejected), unless a `lock` lease asks for longer.
+pub(crate) const PENDING_TTL: Duration = Duration::from_secs(120);
 
 /// Why a backend operation failed.
 #[derive(Debug, Clone)]
@@ -137,7 +137,7 @@ pub(crate) struct Token(std::sync::OnceLock<String>);
 impl Token {
     /// The token, made now if it was not yet.
     pub(crate) fn get(&self) -> &str {
-        self.0.get_or_init(crate::store::new_token)
+        self.0.get_or_init(crate::store::new_marker)
     }
 
     /// The token if it was ever used (otherwise no lease can have been granted with it).
@@ -193,6 +193,26 @@ pub(crate) trait Backend: Send + Sync {
 
     /// Removes `keys`, replaces their generations, voids their leases, wakes their waiters.
     fn invalidate(&self, keys: &[&str]) -> impl Future<Output = BackendResult<()>> + Send;
+
+    /// The current version of each tag (full names), creating a version for a tag that has
+    /// none, with at least `ttl` to live. One round trip, whatever the number of tags.
+    fn tag_versions(
+        &self,
+        tags: &[&str],
+        ttl: Duration,
+    ) -> impl Future<Output = BackendResult<Vec<Bytes>>> + Send;
+
+    /// The current version of each tag (`None`: it has none), without creating any; with
+    /// `extend`, each existing tag is made to live at least that long.
+    fn current_tags(
+        &self,
+        tags: &[&str],
+        extend: Option<Duration>,
+    ) -> impl Future<Output = BackendResult<Vec<Option<Bytes>>>> + Send;
+
+    /// Gives each tag that has a version a new one (its entries are then never served).
+    /// O(1) per tag, whatever the number of entries.
+    fn invalidate_tags(&self, tags: &[&str]) -> impl Future<Output = BackendResult<()>> + Send;
 
     /// Whether concurrent reads of one key should share one backend read. True for remote
     /// backends, where a read costs a round trip; false for memory, where it costs less than
@@ -276,6 +296,22 @@ impl Backend for AnyBackend {
 
     async fn invalidate(&self, keys: &[&str]) -> BackendResult<()> {
         dispatch!(self, b => b.invalidate(keys).await)
+    }
+
+    async fn tag_versions(&self, tags: &[&str], ttl: Duration) -> BackendResult<Vec<Bytes>> {
+        dispatch!(self, b => b.tag_versions(tags, ttl).await)
+    }
+
+    async fn current_tags(
+        &self,
+        tags: &[&str],
+        extend: Option<Duration>,
+    ) -> BackendResult<Vec<Option<Bytes>>> {
+        dispatch!(self, b => b.current_tags(tags, extend).await)
+    }
+
+    async fn invalidate_tags(&self, tags: &[&str]) -> BackendResult<()> {
+        dispatch!(self, b => b.invalidate_tags(tags).await)
     }
 
     fn coalesce_reads(&self) -> bool {

@@ -13,11 +13,12 @@ use crate::backend::{BackendError, Gen, Read, Stored};
 use crate::breaker::FailureKind;
 use crate::cache::Cache;
 use crate::engine::Call;
-use crate::envelope::{DecodeError, EncodeError};
+use crate::envelope::{self, DecodeError, EncodeError};
 use crate::flight::{Follower, LeaderGuard, Outcome, Role};
 use crate::key::CallKey;
 use crate::stats::{Site, SiteStats, StatsRef};
 use crate::store::{Lease, LeaseGuard, Store};
+use crate::tags::{TagSet, Tags};
 
 /// How long an in-process follower waits for its leader without `lock` before taking over.
 const FOLLOWER_WAIT: Duration = Duration::from_secs(30);
@@ -93,6 +94,8 @@ pub struct Fetch<'a> {
     self_type: Option<&'static str>,
     stats: StatsRef<'a>,
     key: Option<String>,
+    /// `tags = [..]`: the call's tags, and their versions once read.
+    tags: Option<Box<TagSet>>,
     state: State<'a>,
     load_started: Option<Instant>,
     load_time: Duration,
@@ -136,10 +139,103 @@ impl<'a> Fetch<'a> {
             self_type: call.self_type,
             stats,
             key,
+            tags: None,
             state: State::Idle,
             load_started: None,
             load_time: Duration::ZERO,
             loading: false,
+        }
+    }
+
+    /// The `tags` option: the entry is recorded under these tags, and served only while none
+    /// of them was invalidated.
+    pub fn tags(&mut self, tags: Tags) {
+        if tags.failed && self.key.is_some() {
+            self.store.log().warn(
+                FailureKind::Key,
+                &format_args!(
+                    "a tag of `{}` could not be rendered (an argument's Display or Serialize failed); the call runs uncached",
+                    self.site.label(self.self_type)
+                ),
+            );
+            self.key = None;
+        }
+        if !tags.names.is_empty() {
+            self.tags = Some(Box::new(tags.into_set()));
+        }
+    }
+
+    /// The tags and the versions read, to record in the envelope (`None`: untagged).
+    pub(crate) fn tag_set(&self) -> Option<&TagSet> {
+        self.tags.as_deref().filter(|t| t.has_versions())
+    }
+
+    fn entry_ttl(&self) -> Duration {
+        self.site.ttl.unwrap_or(self.store.default_ttl())
+    }
+
+    /// Reads the versions of this call's tags, if it has tags and they were not read yet.
+    async fn read_tag_versions(&mut self) {
+        let ttl = self.entry_ttl();
+        let Some(tags) = self.tags.as_deref_mut() else {
+            return;
+        };
+        if tags.has_versions() {
+            return;
+        }
+        match self.store.tag_versions(&tags.names(), ttl).await {
+            Ok(versions) => tags.versions = versions,
+            Err(e) => self.backend_failure(&e),
+        }
+    }
+
+    /// Whether a value found may be served: every tag it records still has the version it
+    /// recorded, and it records every tag of this call.
+    async fn tags_current(&self, stored: &Stored) -> bool {
+        let mine = self.tags.as_deref();
+        if !envelope::is_tagged(&stored.bytes) {
+            // An entry written without tags would escape this call's tag invalidations.
+            return mine.is_none();
+        }
+        let recorded: Vec<(&[u8], &[u8])> = envelope::recorded_tags(&stored.bytes).collect();
+        if let Some(mine) = mine {
+            if !mine
+                .names
+                .iter()
+                .all(|n| recorded.iter().any(|(r, _)| *r == n.as_bytes()))
+            {
+                return false;
+            }
+        }
+        let mut unknown: Vec<(&str, &[u8])> = Vec::new();
+        for (name, version) in &recorded {
+            match mine.and_then(|t| t.version_of(name)) {
+                Some(current) => {
+                    if current[..] != **version {
+                        return false;
+                    }
+                }
+                None => match std::str::from_utf8(name) {
+                    Ok(name) => unknown.push((name, version)),
+                    Err(_) => return false,
+                },
+            }
+        }
+        if unknown.is_empty() {
+            return true;
+        }
+        // Written under tags this call does not have (another function's entry): one more
+        // round trip for their versions.
+        let names: Vec<&str> = unknown.iter().map(|(n, _)| *n).collect();
+        match self.store.current_tags(&names, None).await {
+            Ok(current) => current
+                .iter()
+                .zip(&unknown)
+                .all(|(c, (_, v))| c.as_deref() == Some(*v)),
+            Err(e) => {
+                self.backend_failure(&e);
+                false
+            }
         }
     }
 
@@ -152,11 +248,21 @@ impl<'a> Fetch<'a> {
         };
         let store = self.store;
         if !store.coalesce_reads() {
-            // Memory: a read costs less than joining a flight.
+            // Memory: a read costs less than joining a flight (and tag versions are as cheap).
+            self.read_tag_versions().await;
             match store.read(&key).await {
-                Ok(Some(stored)) => {
+                Ok(Some(stored)) if self.tags_current(&stored).await => {
                     self.state = State::Direct { key };
                     return Step::Found(stored);
+                }
+                Ok(Some(_)) => {
+                    // Invalidated by a tag: load, and fill over it.
+                    let generation = store.generation(&key).await.ok();
+                    self.state = State::Solo {
+                        key: Some(key),
+                        generation,
+                    };
+                    return Step::Load;
                 }
                 Ok(None) => {}
                 Err(e) => self.backend_failure(&e),
@@ -202,11 +308,62 @@ impl<'a> Fetch<'a> {
         }
     }
 
-    /// Leads the flight of `guard`: reads, or leases, the key.
+    /// Leads the flight of `guard`: reads, or leases, the key (and reads its tags' versions at
+    /// the same time).
     async fn lead(&mut self, guard: LeaderGuard<'a>) -> Step {
         let store = self.store;
         let key = guard.flight().key();
-        let (found, generation, lease) = match self.site.lock {
+        let ttl = self.entry_ttl();
+        let names = self
+            .tags
+            .as_deref()
+            .filter(|t| !t.has_versions())
+            .map(TagSet::names);
+        let ((mut found, mut generation, lease), versions) = tokio::join!(self.read(key), async {
+            match &names {
+                Some(names) => Some(store.tag_versions(names, ttl).await),
+                None => None,
+            }
+        });
+        drop(names);
+        match versions {
+            Some(Ok(versions)) => {
+                if let Some(tags) = self.tags.as_deref_mut() {
+                    tags.versions = versions;
+                }
+            }
+            Some(Err(e)) => {
+                // Without the versions nothing can be served or recorded under the tags.
+                self.backend_failure(&e);
+                found = None;
+                generation = None;
+            }
+            None => {}
+        }
+        if let Some(stored) = &found {
+            if (self.tags.is_some() || envelope::is_tagged(&stored.bytes))
+                && !self.tags_current(stored).await
+            {
+                // Invalidated by a tag: load, and fill over it.
+                found = None;
+                generation = store.generation(key).await.ok();
+            }
+        }
+        self.state = State::Lead {
+            guard,
+            generation,
+            lease,
+        };
+        match found {
+            Some(stored) => Step::Found(stored),
+            None => Step::Load,
+        }
+    }
+
+    /// The leader's read: the value, or what to fill against (and the lease, with `lock`).
+    async fn read(&self, key: &str) -> (Option<Stored>, Option<Gen>, Option<LeaseGuard>) {
+        let store = self.store;
+        match self.site.lock {
             Some(lease_len) => match store
                 .lease(key, lease_len, &|| SiteStats::inc(&self.stats.lock_waits))
                 .await
@@ -237,15 +394,6 @@ impl<'a> Fetch<'a> {
                 Ok(Read::Miss(generation)) => (None, Some(generation), None),
                 Err(e) => (None, self.failed_read(key, &e).await, None),
             },
-        };
-        self.state = State::Lead {
-            guard,
-            generation,
-            lease,
-        };
-        match found {
-            Some(stored) => Step::Found(stored),
-            None => Step::Load,
         }
     }
 
@@ -415,11 +563,17 @@ impl<'a> Fetch<'a> {
                         Outcome::Retry
                     }
                     Some(generation) => {
-                        let filled = self
-                            .store
+                        let (filled, tags_kept) = self
                             .fill(key, stored.clone(), ttl, &generation, lease)
                             .await;
                         match filled {
+                            // A tag was invalidated while the function ran: the entry records
+                            // the old version (it is never served), and a caller that joined
+                            // after the invalidation must not get this value either.
+                            Ok(true) if !tags_kept => {
+                                SiteStats::inc(&self.stats.stale_fills);
+                                Outcome::Retry
+                            }
                             Ok(true) => Outcome::Value(stored),
                             // Written or invalidated (in any process) while the function
                             // ran: storing would have put back a value older than the write.
@@ -445,13 +599,42 @@ impl<'a> Fetch<'a> {
             State::Solo {
                 key: Some(key),
                 generation: Some(generation),
-            } => match self.store.fill(&key, stored, ttl, &generation, None).await {
+            } => match self.fill(&key, stored, ttl, &generation, None).await.0 {
                 Ok(true) => {}
                 Ok(false) => SiteStats::inc(&self.stats.stale_fills),
                 Err(e) => self.backend_failure(&e),
             },
             _ => {}
         }
+    }
+
+    /// Fills, and with tags, at the same time extends the tags' lives to the entry's and
+    /// checks that none was invalidated during the load (`false` if one was).
+    async fn fill(
+        &self,
+        key: &str,
+        stored: Stored,
+        ttl: Duration,
+        generation: &Gen,
+        lease: Option<LeaseGuard>,
+    ) -> (Result<bool, BackendError>, bool) {
+        let fill = self.store.fill(key, stored, ttl, generation, lease);
+        let Some(tags) = self.tag_set() else {
+            return (fill.await, true);
+        };
+        let names = tags.names();
+        let (filled, current) = tokio::join!(fill, self.store.current_tags(&names, Some(ttl)));
+        let kept = match current {
+            Ok(current) => current
+                .iter()
+                .zip(&tags.versions)
+                .all(|(c, v)| c.as_ref() == Some(v)),
+            Err(e) => {
+                self.backend_failure(&e);
+                false
+            }
+        };
+        (filled, kept)
     }
 
     /// The result is not stored, but the followers may have it.

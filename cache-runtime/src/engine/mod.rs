@@ -24,6 +24,7 @@
 //! are counted, logged (rate-limited) and treated as misses; they never reach the caller.
 
 mod fetch;
+mod write;
 
 use crate::backend::Stored;
 use crate::cache::Cache;
@@ -33,6 +34,7 @@ use crate::mode::{Classified, Mode, Typed};
 use crate::stats::Site;
 
 pub use self::fetch::{Fetch, Verdict};
+pub use self::write::{Evict, EvictCall, Put};
 use self::fetch::{Kind, Step};
 
 /// One call of a cached function, as the attribute's expansion describes it.
@@ -137,7 +139,7 @@ fn verdict<R, M: Mode<R>>(
         return Verdict(Kind::Skip);
     }
     let rejected = unless.is_some_and(|unless| unless(result));
-    let bytes = match envelope::encode(value, fetch.load_time()) {
+    let bytes = match envelope::encode(value, fetch.load_time(), fetch.tag_set()) {
         Ok(bytes) => bytes,
         Err(e) => return Verdict(Kind::Unencodable(e)),
     };

@@ -247,6 +247,14 @@ impl KeyWriter {
     }
 }
 
+impl KeyWriter {
+    /// Finishes a tag: like a key without a version; `None` if an argument could not be
+    /// rendered.
+    pub(crate) fn finish_tag(self) -> Option<String> {
+        (!self.failed).then(|| bound_key(self.buf))
+    }
+}
+
 /// The key of one call, or why it has none.
 #[doc(hidden)]
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -58,6 +58,9 @@ pub(crate) struct SiteStats {
     pub(crate) lock_wait_ns_max: AtomicU64,
     pub(crate) takeovers: Counter,
     pub(crate) wait_timeouts: Counter,
+    pub(crate) puts: Counter,
+    pub(crate) evictions: Counter,
+    pub(crate) tag_invalidations: Counter,
 }
 
 impl SiteStats {
@@ -100,6 +103,9 @@ impl SiteStats {
             lock_wait_max: Duration::from_nanos(self.lock_wait_ns_max.load(Relaxed)),
             takeovers: self.takeovers.get(),
             wait_timeouts: self.wait_timeouts.get(),
+            puts: self.puts.get(),
+            evictions: self.evictions.get(),
+            tag_invalidations: self.tag_invalidations.get(),
         }
     }
 }

@@ -77,6 +77,13 @@ pub struct FunctionStats {
     /// wait for a stuck load in its own process (three leases with `lock` on Redis, one on
     /// memory, 30 s without `lock`), after which one of them loads again.
     pub wait_timeouts: u64,
+    /// `#[cache_put]`: entries written (calls that succeeded and stored their value).
+    pub puts: u64,
+    /// `#[cache_evict]`: calls that invalidated their keys (counted once per call, `before`
+    /// included).
+    pub evictions: u64,
+    /// `#[cache_evict]`: tags invalidated (one per tag per call).
+    pub tag_invalidations: u64,
 }
 
 impl FunctionStats {
@@ -154,7 +161,7 @@ impl fmt::Display for Stats {
             .max("function".len());
         writeln!(
             f,
-            "{:<width$}  {:>7}  {:>7}  {:>7}  {:>9}  {:>7}  {:>6}  {:>9}  {:>9}  {:>10}  {:>9}",
+            "{:<width$}  {:>7}  {:>7}  {:>7}  {:>9}  {:>7}  {:>6}  {:>9}  {:>9}  {:>10}  {:>6}  {:>6}  {:>7}  {:>9}",
             "function",
             "calls",
             "hits",
@@ -165,6 +172,9 @@ impl fmt::Display for Stats {
             "load avg",
             "load max",
             "lock waits",
+            "puts",
+            "evicts",
+            "tag inv",
             "cache err",
         )?;
         let mut any_low = false;
@@ -179,7 +189,7 @@ impl fmt::Display for Stats {
             };
             writeln!(
                 f,
-                "{:<width$}  {:>7}  {:>7}  {:>7}  {:>9}  {:>7}  {:>6}  {:>9}  {:>9}  {:>10}  {:>9}",
+                "{:<width$}  {:>7}  {:>7}  {:>7}  {:>9}  {:>7}  {:>6}  {:>9}  {:>9}  {:>10}  {:>6}  {:>6}  {:>7}  {:>9}",
                 s.name,
                 s.hits + s.misses + s.bypassed,
                 s.hits,
@@ -190,6 +200,9 @@ impl fmt::Display for Stats {
                 fmt_duration(s.load_time_mean()),
                 fmt_duration((s.loads > 0).then_some(s.load_time_max)),
                 s.lock_waits,
+                s.puts,
+                s.evictions,
+                s.tag_invalidations,
                 s.backend_errors + s.decode_errors,
             )?;
         }

@@ -1,55 +1,30 @@
 //! `lock` on Redis: the value, or the key's lease, or a wait for the holder's fill.
 //!
+//! The lease is the pending load's marker in the value key itself (see the module above):
+//!
 //! ```text
-//! GET ── hit ─────────────────────────────────────────────────► Hit (a lock hit costs a plain hit)
-//!  └ miss ── LEASE script ── hit ─────────────────────────────► Hit
-//!                           ├ acquired ───────────────────────► Acquired(generation)
-//!                           └ busy ── register for the key's fill notification,
-//!                                     then LEASE again ... woken by the fill's PUBLISH or a
-//!                                     jittered re-check (100 ms doubling to 1 s; 50 ms while
-//!                                     the subscription is down), at most twice the lease
-//!                                     ──────────────────────────► WaitedOut(generation)
+//! SET K m NX GET ── value ────────────────────────────────────────► Hit (a lock hit costs a plain hit)
+//!                ├ nil (m set) ───────────────────────────────────► Acquired(m)
+//!                └ another marker o ── register for the key's fill notification
+//!                     (LEASE script: SET NX GET + waiters flag), then again ...
+//!                     woken by the fill's PUBLISH or a jittered re-check (100 ms doubling to
+//!                     1 s; 50 ms while the subscription is down)
+//!                     ├ the same marker o for a whole lease: its holder is gone or too
+//!                     │ slow, TAKEOVER (o -> m, if o is still there) ──► Acquired(m)
+//!                     └ at most twice the lease ───────────────────► WaitedOut(o)
 //! ```
 //!
-//! A holder that dies loses its lease when it expires: the next LEASE of a waiter takes it
-//! (a takeover). Every process asks once per key, however many of its tasks wait: the engine
-//! coalesces them before they get here.
+//! A lock miss is two round trips (this lookup and the fill), like a miss without `lock`.
+//! Every process asks once per key, however many of its tasks wait: the engine coalesces them
+//! before they get here.
 
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use redis::Value;
 
-use super::RedisBackend;
-use super::scripts::LEASE;
-use crate::backend::{BackendResult, Gen, LeaseReply, Leased, OnWait, Stored, Token};
-
-/// One answer of the LEASE script.
-enum Once {
-    Hit(Stored),
-    Acquired(Gen),
-    Busy {
-        generation: Gen,
-        remaining: Duration,
-    },
-}
-
-fn unexpected(what: &str) -> redis::RedisError {
-    redis::RedisError::from((
-        redis::ErrorKind::UnexpectedReturnType,
-        "unexpected reply",
-        what.to_owned(),
-    ))
-}
-
-fn bytes_of(v: Value) -> Option<Vec<u8>> {
-    match v {
-        Value::BulkString(b) => Some(b),
-        Value::SimpleString(s) => Some(s.into_bytes()),
-        Value::Int(i) => Some(i.to_string().into_bytes()),
-        _ => None,
-    }
-}
+use super::scripts::{LEASE, TAKEOVER};
+use super::{RedisBackend, classify, millis};
+use crate::backend::{BackendResult, Gen, LeaseReply, Leased, OnWait, PENDING_TTL, Read, Token};
 
 /// `d` scaled by a pseudo-random factor in [0.75, 1.25).
 fn jitter(d: Duration) -> Duration {
@@ -67,16 +42,18 @@ impl RedisBackend {
         on_wait: &OnWait<'_>,
     ) -> BackendResult<LeaseReply> {
         let reply = |answer, waited| LeaseReply { answer, waited };
-        // A hit must cost what a plain hit costs: a GET, not a script.
-        if let Some(stored) = self.get(key).await? {
-            return Ok(reply(Leased::Hit(stored), None));
-        }
+        let mine = token.get();
+        // The marker outlives the lease: a holder slower than its lease still fills, unless a
+        // waiter took over.
+        let marker_ttl = PENDING_TTL.max(lease * 4);
         let started = Instant::now();
-        match self.lease_once(key, token.get(), lease).await? {
-            Once::Hit(stored) => return Ok(reply(Leased::Hit(stored), None)),
-            Once::Acquired(generation) => return Ok(reply(Leased::Acquired(generation), None)),
-            Once::Busy { .. } => {}
-        }
+        let mut observed = match self.lookup(key, mine, marker_ttl).await? {
+            Read::Hit(stored) => return Ok(reply(Leased::Hit(stored), None)),
+            Read::Miss(m) if m.0 == mine.as_bytes() => {
+                return Ok(reply(Leased::Acquired(m), None));
+            }
+            Read::Miss(other) => other,
+        };
 
         // Someone else loads. Subscribe (once per cache), register for this key, ask again,
         // then wait: registered before asking, so a fill in between still wakes us.
@@ -84,25 +61,40 @@ impl RedisBackend {
         let max_wait = lease * 2;
         self.bus.ready(self.conns.operation_timeout()).await;
         let registration = self.bus.register(key);
+        let mut observed_since = Instant::now();
         let mut recheck = Duration::from_millis(100);
         loop {
             let notified = registration.notify().notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             let waited = Some(started.elapsed());
-            let (generation, remaining) = match self.lease_once(key, token.get(), lease).await? {
-                Once::Hit(stored) => return Ok(reply(Leased::Hit(stored), waited)),
-                Once::Acquired(generation) => {
-                    return Ok(reply(Leased::Acquired(generation), waited));
+            match self.lease_once(key, mine, marker_ttl, max_wait).await? {
+                Read::Hit(stored) => return Ok(reply(Leased::Hit(stored), waited)),
+                Read::Miss(m) if m.0 == mine.as_bytes() => {
+                    return Ok(reply(Leased::Acquired(m), waited));
                 }
-                Once::Busy {
-                    generation,
-                    remaining,
-                } => (generation, remaining),
-            };
+                Read::Miss(m) => {
+                    if m != observed {
+                        // A new holder: its lease starts now.
+                        observed = m;
+                        observed_since = Instant::now();
+                    }
+                }
+            }
+            let held = observed_since.elapsed();
+            if held >= lease {
+                // The same holder for a whole lease: gone, or slower than its lease.
+                if self.takeover(key, &observed, mine, marker_ttl).await? {
+                    return Ok(reply(
+                        Leased::Acquired(Gen(Bytes::copy_from_slice(mine.as_bytes()))),
+                        Some(started.elapsed()),
+                    ));
+                }
+                continue;
+            }
             let elapsed = started.elapsed();
             if elapsed >= max_wait {
-                return Ok(reply(Leased::WaitedOut(generation), Some(elapsed)));
+                return Ok(reply(Leased::WaitedOut(observed), Some(elapsed)));
             }
             // Notifications are expected: re-check rarely. Without a subscription (it
             // dropped, or its runtime ended), re-check often and try to restore it.
@@ -113,50 +105,56 @@ impl RedisBackend {
                 Duration::from_millis(50)
             };
             let sleep_for = jitter(base)
-                .min(remaining + Duration::from_millis(5))
+                .min(lease - held + Duration::from_millis(5))
                 .min(max_wait - elapsed);
             let _ = tokio::time::timeout(sleep_for, notified).await;
             recheck = (recheck * 2).min(Duration::from_secs(1));
         }
     }
 
-    async fn lease_once(&self, key: &str, token: &str, lease: Duration) -> BackendResult<Once> {
-        let k = self.keys(key);
-        self.conns
+    /// The LEASE script: the lookup, registering as a waiter if another caller holds the key.
+    async fn lease_once(
+        &self,
+        key: &str,
+        mine: &str,
+        marker_ttl: Duration,
+        wait: Duration,
+    ) -> BackendResult<Read> {
+        let waiters = self.waiters(key);
+        let value: Option<Vec<u8>> = self
+            .conns
             .run("lease", |mut conn| async move {
-                let reply: Value = LEASE
+                LEASE
                     .key(key)
-                    .key(&k.generation)
-                    .key(&k.lease)
-                    .key(&k.waiters)
-                    .arg(token)
-                    .arg(super::millis(lease))
+                    .key(&waiters)
+                    .arg(mine)
+                    .arg(millis(marker_ttl))
+                    .arg(millis(wait))
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(classify(value, mine))
+    }
+
+    /// Replaces `observed` with `mine` if the key still holds it.
+    async fn takeover(
+        &self,
+        key: &str,
+        observed: &Gen,
+        mine: &str,
+        marker_ttl: Duration,
+    ) -> BackendResult<bool> {
+        self.conns
+            .run("takeover", |mut conn| async move {
+                let taken: i64 = TAKEOVER
+                    .key(key)
+                    .arg(&observed.0[..])
+                    .arg(mine)
+                    .arg(millis(marker_ttl))
                     .invoke_async(&mut conn)
                     .await?;
-                let Value::Array(mut items) = reply else {
-                    return Err(unexpected("lease script"));
-                };
-                items.reverse();
-                let kind = match items.pop() {
-                    Some(Value::Int(k)) => k,
-                    _ => return Err(unexpected("lease script kind")),
-                };
-                let second = items.pop().and_then(bytes_of).unwrap_or_default();
-                match kind {
-                    1 => Ok(Once::Hit(Stored::bytes(Bytes::from(second)))),
-                    2 => Ok(Once::Acquired(Gen(Bytes::from(second)))),
-                    3 => {
-                        let pttl = match items.pop() {
-                            Some(Value::Int(ms)) if ms > 0 => ms as u64,
-                            _ => 0,
-                        };
-                        Ok(Once::Busy {
-                            generation: Gen(Bytes::from(second)),
-                            remaining: Duration::from_millis(pttl),
-                        })
-                    }
-                    _ => Err(unexpected("lease script kind")),
-                }
+                Ok(taken == 1)
             })
             .await
     }

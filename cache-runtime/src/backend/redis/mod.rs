@@ -2,21 +2,28 @@
 //! timeouts and a circuit breaker, Lua scripts for the atomic steps (`scripts`), and a
 //! pub/sub subscription (`bus`) that wakes lease waiters (`lease`).
 //!
-//! Keys of one value key `K` (`K` includes the cache's namespace; all in `K`'s Redis Cluster
-//! hash slot, so one script may touch them all):
+//! Keys of one value key `K` (`K` includes the cache's namespace):
 //!
 //! ```text
-//! K                  the envelope
-//! __cr:gen:{K}       K's generation: a random token replaced by every write and invalidation
-//! __cr:lease:{K}     the lease token of the caller loading K (lock)
+//! K                  the envelope, or a pending load's marker ("\0crp:<token>")
 //! __cr:wait:{K}      set while callers wait for K's fill: only then does a fill publish
+//! __cr:tag:{T}       the current version of the tag T (see `tags`)
 //! ```
 //!
+//! **The stale-fill guard lives in `K` itself.** A lookup is `SET K <marker> NX PX .. GET`:
+//! one command that returns the value (a hit, costing what a `GET` costs), or sets the
+//! caller's marker (a miss), or returns another loader's marker. The fill stores only if `K`
+//! still holds the marker the lookup saw; a write replaces it, an invalidation deletes it, and
+//! a later lookup that found `K` empty sets its own. So a load that started before a write or
+//! invalidation never stores its result, and a miss is two round trips (lookup, fill), like
+//! a hand-written cache-aside. The guard is positive: a marker lost to eviction or expiry
+//! rejects the fill (a miss), it never lets a stale one through. With `lock`, the marker is
+//! also the lease: waiters see it, and the holder's fill releases it.
+//!
 //! (`{K}` is written `K` when `K` already carries a hash tag, and `{T}K`, with `T` a short tag
-//! of `K`'s slot, when `K` has no hash tag but contains a `}`; see `key::aux_key`.) They are
-//! derived from `K` alone, so caches that split the same key differently between namespace and
-//! key agree on them.
-//! Fills are published on the channel `__cr:fills`. Every key has a TTL.
+//! of `K`'s slot, when `K` has no hash tag but contains a `}`; see `key::aux_key`.) Each
+//! script touches `K` and its waiters key only, one hash slot. Fills are published on the
+//! channel `__cr:fills`. Every key has a TTL.
 //!
 //! The connection is made lazily, on the first operation, so building a cache never fails or
 //! waits because Redis is down. While Redis is unreachable every operation fails fast (the
@@ -37,7 +44,7 @@ use redis::ErrorKind as RedisKind;
 use self::bus::Bus;
 use self::conn::Connections;
 use self::scripts::{FILL, INVALIDATE, RELEASE, WRITE};
-use super::{Backend, BackendResult, GENERATION_TTL, Gen, LeaseReply, OnWait, Read, Stored, Token};
+use super::{Backend, BackendResult, Gen, LeaseReply, OnWait, PENDING_TTL, Read, Stored, Token};
 use crate::breaker::FailureLog;
 use crate::key::aux_key;
 
@@ -45,25 +52,28 @@ use crate::key::aux_key;
 /// filters by key).
 const CHANNEL: &str = "__cr:fills";
 
-const GEN_PREFIX: &str = "__cr:gen:";
-const LEASE_PREFIX: &str = "__cr:lease:";
 const WAIT_PREFIX: &str = "__cr:wait:";
+const TAG_PREFIX: &str = "__cr:tag:";
 
-/// A generation token: 128 random bits, never repeated.
-fn new_generation() -> String {
-    crate::store::new_token()
+/// Whether a value read from a value key is a pending load's marker (an envelope starts with
+/// its format byte, 1 or 2).
+fn is_marker(bytes: &[u8]) -> bool {
+    bytes.first() == Some(&0)
+}
+
+/// What a lookup of a value key found.
+fn classify(value: Option<Vec<u8>>, marker: &str) -> Read {
+    match value {
+        None => Read::Miss(Gen(Bytes::copy_from_slice(marker.as_bytes()))),
+        Some(v) if is_marker(&v) => Read::Miss(Gen(Bytes::from(v))),
+        Some(v) => Read::Hit(Stored::bytes(Bytes::from(v))),
+    }
 }
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
-/// The keys one script touches for `key`.
-struct Keys {
-    generation: String,
-    lease: String,
-    waiters: String,
-}
 
 /// Connection and failure-handling settings.
 #[derive(Debug, Clone)]
@@ -109,15 +119,11 @@ impl RedisBackend {
         })
     }
 
-    fn keys(&self, key: &str) -> Keys {
-        Keys {
-            generation: aux_key(GEN_PREFIX, key),
-            lease: aux_key(LEASE_PREFIX, key),
-            waiters: aux_key(WAIT_PREFIX, key),
-        }
+    fn waiters(&self, key: &str) -> String {
+        aux_key(WAIT_PREFIX, key)
     }
 
-    /// A plain `GET`: what a hit costs.
+    /// A plain `GET`: a pending load's marker reads as nothing.
     async fn get(&self, key: &str) -> BackendResult<Option<Stored>> {
         let value = self
             .conns
@@ -126,7 +132,34 @@ impl RedisBackend {
                 Ok(v)
             })
             .await?;
-        Ok(value.map(|v| Stored::bytes(Bytes::from(v))))
+        Ok(value
+            .filter(|v| !is_marker(v))
+            .map(|v| Stored::bytes(Bytes::from(v))))
+    }
+
+    /// `SET key marker NX PX ttl GET`: the value, or the marker this call set, or another
+    /// loader's marker. One command: a hit costs what a `GET` does.
+    async fn lookup(&self, key: &str, marker: &str, ttl: Duration) -> BackendResult<Read> {
+        let value = self
+            .conns
+            .run("SET NX GET", |mut conn| async move {
+                let v: Option<Vec<u8>> = redis::cmd("SET")
+                    .arg(key)
+                    .arg(marker)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(millis(ttl))
+                    .arg("GET")
+                    .query_async(&mut conn)
+                    .await?;
+                Ok(v)
+            })
+            .await?;
+        Ok(classify(value, marker))
+    }
+
+    fn tag_keys(tags: &[&str]) -> Vec<String> {
+        tags.iter().map(|t| aux_key(TAG_PREFIX, t)).collect()
     }
 }
 
@@ -136,23 +169,24 @@ impl Backend for RedisBackend {
     }
 
     async fn read_for_fill(&self, key: &str) -> BackendResult<Read> {
-        // A plain GET: a hit costs what a hand-written cache-aside read costs. Only a miss
-        // reads the generation too (before the load starts, which is what the fill needs).
-        match self.get(key).await? {
-            Some(stored) => Ok(Read::Hit(stored)),
-            None => Ok(Read::Miss(self.generation(key).await?)),
-        }
+        let marker = crate::store::new_marker();
+        self.lookup(key, &marker, PENDING_TTL).await
     }
 
     async fn generation(&self, key: &str) -> BackendResult<Gen> {
-        let gen_key = aux_key(GEN_PREFIX, key);
+        // The key holds something this call cannot use: replace it with a marker. A value
+        // written in between is lost to a miss, never to a stale fill: this call loads after.
+        let marker = crate::store::new_marker();
         self.conns
-            .run("GET", |mut conn| async move {
-                let generation: Option<Vec<u8>> = redis::cmd("GET")
-                    .arg(&gen_key)
+            .run("SET", |mut conn| async move {
+                let () = redis::cmd("SET")
+                    .arg(key)
+                    .arg(&marker)
+                    .arg("PX")
+                    .arg(millis(PENDING_TTL))
                     .query_async(&mut conn)
                     .await?;
-                Ok(Gen(generation.map(Bytes::from).unwrap_or_default()))
+                Ok(Gen(Bytes::from(marker.into_bytes())))
             })
             .await
     }
@@ -163,20 +197,18 @@ impl Backend for RedisBackend {
         value: Stored,
         ttl: Duration,
         generation: &Gen,
-        token: Option<&str>,
+        _token: Option<&str>,
     ) -> BackendResult<bool> {
-        let k = self.keys(key);
+        // With `lock`, the marker read is the lease: filling against it releases it.
+        let waiters = self.waiters(key);
         self.conns
             .run("fill", |mut conn| async move {
                 let stored: i64 = FILL
                     .key(key)
-                    .key(&k.generation)
-                    .key(&k.lease)
-                    .key(&k.waiters)
+                    .key(&waiters)
                     .arg(&generation.0[..])
                     .arg(&value.bytes[..])
                     .arg(millis(ttl))
-                    .arg(token.unwrap_or(""))
                     .arg(CHANNEL)
                     .invoke_async(&mut conn)
                     .await?;
@@ -196,15 +228,14 @@ impl Backend for RedisBackend {
     }
 
     async fn release(&self, key: &str, token: &str) -> BackendResult<()> {
-        let k = self.keys(key);
+        let waiters = self.waiters(key);
         self.conns
             .run("release", |mut conn| async move {
                 let _: i64 = RELEASE
-                    .key(&k.lease)
-                    .key(&k.waiters)
+                    .key(key)
+                    .key(&waiters)
                     .arg(token)
                     .arg(CHANNEL)
-                    .arg(key)
                     .invoke_async(&mut conn)
                     .await?;
                 Ok(())
@@ -213,17 +244,14 @@ impl Backend for RedisBackend {
     }
 
     async fn write(&self, key: &str, value: Stored, ttl: Duration) -> BackendResult<()> {
-        let k = self.keys(key);
+        let waiters = self.waiters(key);
         self.conns
             .run("write", |mut conn| async move {
                 let _: i64 = WRITE
                     .key(key)
-                    .key(&k.generation)
-                    .key(&k.waiters)
+                    .key(&waiters)
                     .arg(&value.bytes[..])
                     .arg(millis(ttl))
-                    .arg(new_generation())
-                    .arg(millis(GENERATION_TTL))
                     .arg(CHANNEL)
                     .invoke_async(&mut conn)
                     .await?;
@@ -236,21 +264,17 @@ impl Backend for RedisBackend {
         if keys.is_empty() {
             return Ok(());
         }
-        let all: Vec<(&str, Keys)> = keys.iter().map(|k| (*k, self.keys(k))).collect();
+        let all: Vec<(&str, String)> = keys.iter().map(|k| (*k, self.waiters(k))).collect();
         self.conns
             .run("invalidate", |mut conn| async move {
                 // One script per key (each touches one hash slot), pipelined: one round trip.
                 let mut pipe = redis::pipe();
-                for (key, k) in &all {
+                for (key, waiters) in &all {
                     pipe.cmd("EVALSHA")
                         .arg(INVALIDATE.get_hash())
-                        .arg(4)
+                        .arg(2)
                         .arg(*key)
-                        .arg(&k.generation)
-                        .arg(&k.lease)
-                        .arg(&k.waiters)
-                        .arg(new_generation())
-                        .arg(millis(GENERATION_TTL))
+                        .arg(waiters)
                         .arg(CHANNEL)
                         .ignore();
                 }
@@ -261,6 +285,84 @@ impl Backend for RedisBackend {
                     }
                     other => other,
                 }
+            })
+            .await
+    }
+
+    async fn tag_versions(&self, tags: &[&str], ttl: Duration) -> BackendResult<Vec<Bytes>> {
+        let keys = Self::tag_keys(tags);
+        let fresh: Vec<String> = tags.iter().map(|_| crate::store::new_token()).collect();
+        self.conns
+            .run("tag versions", |mut conn| async move {
+                // `SET .. NX GET`: the current version, or a new one: never none.
+                let mut pipe = redis::pipe();
+                for (key, version) in keys.iter().zip(&fresh) {
+                    pipe.cmd("SET")
+                        .arg(key)
+                        .arg(version)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(millis(ttl))
+                        .arg("GET");
+                }
+                let found: Vec<Option<Vec<u8>>> = pipe.query_async(&mut conn).await?;
+                Ok(found
+                    .into_iter()
+                    .zip(fresh)
+                    .map(|(found, fresh)| match found {
+                        Some(v) => Bytes::from(v),
+                        None => Bytes::from(fresh.into_bytes()),
+                    })
+                    .collect())
+            })
+            .await
+    }
+
+    async fn current_tags(
+        &self,
+        tags: &[&str],
+        extend: Option<Duration>,
+    ) -> BackendResult<Vec<Option<Bytes>>> {
+        let keys = Self::tag_keys(tags);
+        self.conns
+            .run("tag check", |mut conn| async move {
+                let mut pipe = redis::pipe();
+                for key in &keys {
+                    if let Some(ttl) = extend {
+                        // A tag lives as long as its longest-lived entry, and no longer.
+                        pipe.cmd("PEXPIRE")
+                            .arg(key)
+                            .arg(millis(ttl))
+                            .arg("GT")
+                            .ignore();
+                    }
+                    pipe.cmd("GET").arg(key);
+                }
+                let found: Vec<Option<Vec<u8>>> = pipe.query_async(&mut conn).await?;
+                Ok(found.into_iter().map(|v| v.map(Bytes::from)).collect())
+            })
+            .await
+    }
+
+    async fn invalidate_tags(&self, tags: &[&str]) -> BackendResult<()> {
+        if tags.is_empty() {
+            return Ok(());
+        }
+        let keys = Self::tag_keys(tags);
+        self.conns
+            .run("invalidate tags", |mut conn| async move {
+                // One command per tag, whatever the number of entries; a tag without a version
+                // has no entry that could be served.
+                let mut pipe = redis::pipe();
+                for key in &keys {
+                    pipe.cmd("SET")
+                        .arg(key)
+                        .arg(crate::store::new_token())
+                        .arg("XX")
+                        .arg("KEEPTTL")
+                        .ignore();
+                }
+                pipe.exec_async(&mut conn).await
             })
             .await
     }

@@ -1,50 +1,61 @@
-//! The Lua scripts of the atomic steps. Each touches one value key and its auxiliary keys,
-//! all in one Redis Cluster hash slot (see `key::aux_key`).
+//! The Lua scripts of the atomic steps. Each touches one value key and its waiters key, both
+//! in one Redis Cluster hash slot (see `key::aux_key`).
 
 use std::sync::LazyLock;
 
 use redis::Script;
 
-/// KEYS: value, generation, lease, waiters. ARGV: token, lease ms.
-/// Returns {1, value} (hit), {2, generation} (lease acquired), {3, generation, lease pttl} (busy).
+/// KEYS: value, waiters. ARGV: marker, marker ttl ms, waiters ttl ms.
+/// `SET value marker NX PX .. GET`, and if the key holds another caller's marker, registers a
+/// waiter (so that the fill publishes). Returns what the key held (nil: the marker was set).
 pub(super) static LEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-local v = redis.call('GET', KEYS[1])
-if v then return {1, v} end
-local g = redis.call('GET', KEYS[2]) or ''
-if redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {2, g}
+local v = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2], 'GET')
+if v and string.byte(v, 1) == 0 then
+  redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
 end
-redis.call('SET', KEYS[4], '1', 'PX', ARGV[2])
-return {3, g, redis.call('PTTL', KEYS[3])}
+return v
 ",
     )
 });
 
-/// KEYS: value, generation, lease, waiters. ARGV: generation seen, envelope, ttl ms, token ('' if none),
-/// channel. Stores only if the generation is unchanged; releases the lease if it is the
-/// caller's; wakes waiters. Returns 1 if stored.
+/// KEYS: value. ARGV: the marker observed, our marker, marker ttl ms.
+/// Takes over a lease whose holder seems gone: replaces its marker with ours if it is still
+/// there. Returns 1 if taken.
+pub(super) static TAKEOVER: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+",
+    )
+});
+
+/// KEYS: value, waiters. ARGV: the marker read before the load, envelope, ttl ms, channel.
+/// Stores only if the key still holds that marker (no write, invalidation or eviction since
+/// the read); wakes waiters. Returns 1 if stored.
 pub(super) static FILL: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local stored = 0
-if (redis.call('GET', KEYS[2]) or '') == ARGV[1] then
+if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
   stored = 1
 end
-if ARGV[4] ~= '' and redis.call('GET', KEYS[3]) == ARGV[4] then
-  redis.call('DEL', KEYS[3])
-end
-if redis.call('DEL', KEYS[4]) == 1 then
-  redis.call('PUBLISH', ARGV[5], KEYS[1])
+if redis.call('DEL', KEYS[2]) == 1 then
+  redis.call('PUBLISH', ARGV[4], KEYS[1])
 end
 return stored
 ",
     )
 });
 
-/// KEYS: lease, waiters. ARGV: token, channel, value key.
+/// KEYS: value, waiters. ARGV: marker, channel. Removes the caller's marker (its load is not
+/// stored), waking the waiters.
 pub(super) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -52,37 +63,35 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
 end
 if redis.call('DEL', KEYS[2]) == 1 then
-  redis.call('PUBLISH', ARGV[2], ARGV[3])
+  redis.call('PUBLISH', ARGV[2], KEYS[1])
 end
 return 1
 ",
     )
 });
 
-/// KEYS: value, generation, waiters. ARGV: envelope, ttl ms, new generation, generation ttl
-/// ms, channel. Generations are random tokens, never counters: a counter whose key expired
-/// would restart and could repeat the value a slow loader read.
+/// KEYS: value, waiters. ARGV: envelope, ttl ms, channel. A write: replaces whatever the key
+/// holds (a pending load's marker included, so that load's fill is rejected).
 pub(super) static WRITE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
-if redis.call('DEL', KEYS[3]) == 1 then
-  redis.call('PUBLISH', ARGV[5], KEYS[1])
+if redis.call('DEL', KEYS[2]) == 1 then
+  redis.call('PUBLISH', ARGV[3], KEYS[1])
 end
 return 1
 ",
     )
 });
 
-/// KEYS: value, generation, lease, waiters. ARGV: new generation, generation ttl ms, channel.
+/// KEYS: value, waiters. ARGV: channel. Removes the value or a pending load's marker (that
+/// load's fill is then rejected), waking the waiters.
 pub(super) static INVALIDATE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-redis.call('DEL', KEYS[1], KEYS[3])
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-if redis.call('DEL', KEYS[4]) == 1 then
-  redis.call('PUBLISH', ARGV[3], KEYS[1])
+redis.call('DEL', KEYS[1])
+if redis.call('DEL', KEYS[2]) == 1 then
+  redis.call('PUBLISH', ARGV[1], KEYS[1])
 end
 return 1
 ",
