@@ -178,13 +178,7 @@ fn layout(bytes: &[u8]) -> Result<(usize, RecordedTags<'_>), DecodeError> {
         return Err(DecodeError::Format);
     }
     match bytes[0] {
-        FORMAT_VERSION => Ok((
-            HEADER_LEN,
-            RecordedTags {
-                rest: &[],
-                left: 0,
-            },
-        )),
+        FORMAT_VERSION => Ok((HEADER_LEN, RecordedTags { rest: &[], left: 0 })),
         FORMAT_TAGGED => {
             let rest = &bytes[HEADER_LEN..];
             let (n, section) = split_at_checked(rest, 2).ok_or(DecodeError::Format)?;
@@ -213,10 +207,7 @@ fn layout(bytes: &[u8]) -> Result<(usize, RecordedTags<'_>), DecodeError> {
 pub(crate) fn recorded_tags(bytes: &[u8]) -> RecordedTags<'_> {
     match layout(bytes) {
         Ok((_, tags)) => tags,
-        Err(_) => RecordedTags {
-            rest: &[],
-            left: 0,
-        },
+        Err(_) => RecordedTags { rest: &[], left: 0 },
     }
 }
 
@@ -497,7 +488,10 @@ mod tests {
     fn tags_are_recorded_and_the_payload_still_decodes() {
         let tags = TagSet::with_versions(
             vec!["ns:org:1".to_owned(), "ns:users".to_owned()],
-            vec![Bytes::from_static(b"v1"), Bytes::from_static(b"0123456789abcdef")],
+            vec![
+                Bytes::from_static(b"v1"),
+                Bytes::from_static(b"0123456789abcdef"),
+            ],
         );
         let bytes = encode(&vec![1u32, 2], Duration::from_millis(3), Some(&tags)).unwrap();
         assert!(is_tagged(&bytes));
@@ -558,7 +552,10 @@ mod tests {
     struct Meters(f64);
 
     fn non_finite<T: Serialize + ?Sized>(value: &T) -> bool {
-        matches!(encode(value, Duration::ZERO, None), Err(EncodeError::NonFinite))
+        matches!(
+            encode(value, Duration::ZERO, None),
+            Err(EncodeError::NonFinite)
+        )
     }
 
     #[test]
@@ -614,7 +611,12 @@ mod tests {
             None,
         )
         .unwrap();
-        encode(&(-0.0f64, 1e-300f64, "null", None::<u8>), Duration::ZERO, None).unwrap();
+        encode(
+            &(-0.0f64, 1e-300f64, "null", None::<u8>),
+            Duration::ZERO,
+            None,
+        )
+        .unwrap();
         let bytes = encode(&(f64::MIN, Some(0.25), None::<f64>), Duration::ZERO, None).unwrap();
         assert_eq!(
             decode::<(f64, Option<f64>, Option<f64>)>(&bytes).unwrap(),
@@ -628,7 +630,9 @@ mod tests {
 
     #[test]
     fn encode_errors_say_what_went_wrong() {
-        let msg = encode(&f64::NAN, Duration::ZERO, None).unwrap_err().to_string();
+        let msg = encode(&f64::NAN, Duration::ZERO, None)
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("NaN or infinite"), "{msg}");
         let mut bad_key = std::collections::BTreeMap::new();
         bad_key.insert(vec![1u8], 1u8);

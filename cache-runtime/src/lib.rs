@@ -95,8 +95,8 @@ pub mod __private {
         Mode, SuccessOption, SuccessPlain, SuccessResult, Tag, Typed, ViaOption, ViaPlain,
         ViaResult, ViaResultOption, ViaTyped, ViaUntyped, require_cache_none,
     };
-    pub use crate::tags::Tags;
     pub use crate::stats::Site;
+    pub use crate::tags::Tags;
 
     /// Starts a key in `cache`'s namespace.
     #[inline]

@@ -32,22 +32,6 @@ pub(crate) fn new_token() -> String {
     format!("{a:016x}{b:016x}")
 }
 
-/// A pending load's marker (Redis): `\0crp:` then a process-unique, never repeated id. Cheap:
-/// one is made per Redis lookup.
-pub(crate) fn new_marker() -> String {
-    use std::fmt::Write;
-    use std::sync::LazyLock;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static PROCESS: LazyLock<String> = LazyLock::new(new_token);
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let mut marker = String::with_capacity(5 + 32 + 17);
-    marker.push_str("\0crp:");
-    marker.push_str(&PROCESS);
-    let _ = write!(marker, ":{n:x}");
-    marker
-}
-
 pub(crate) struct Store {
     backend: Arc<AnyBackend>,
     flights: Flights,
@@ -128,9 +112,25 @@ impl Store {
         self.backend.read(key).await
     }
 
-    /// The value under `key`, or its generation.
-    pub(crate) async fn read_for_fill(&self, key: &str) -> BackendResult<Read> {
-        self.backend.read_for_fill(key).await
+    /// The value under `key`, or what to fill against; with the guard of the pending-load
+    /// marker this call left in the key, if it did (released if the load is not stored).
+    pub(crate) async fn read_for_fill(
+        &self,
+        key: &str,
+    ) -> BackendResult<(Read, Option<LeaseGuard>)> {
+        let token = Token::default();
+        let read = self.backend.read_for_fill(key, &token).await?;
+        let guard = match (&read, token.into_issued()) {
+            (Read::Miss(generation), Some(marker)) if generation.0 == marker.as_bytes() => {
+                Some(LeaseGuard {
+                    backend: Some(self.backend.clone()),
+                    key: key.to_owned(),
+                    token: marker,
+                })
+            }
+            _ => None,
+        };
+        Ok((read, guard))
     }
 
     /// The generation of `key`.

@@ -12,7 +12,7 @@ use cache_tests::{RedisServer, raw_connection, unique_namespace};
 use crate::support::{Calls, User};
 
 /// The auxiliary key prefixes of the Redis backend.
-const AUX_PREFIXES: [&str; 3] = ["__cr:gen:", "__cr:lease:", "__cr:wait:"];
+const AUX_PREFIXES: [&str; 2] = ["__cr:wait:", "__cr:tag:"];
 
 async fn cluster_cache(node: &RedisServer, name: &str) -> Cache {
     Cache::builder()
@@ -268,16 +268,12 @@ async fn manual_api_on_every_key_shape() {
             .await
             .unwrap_or_else(|e| panic!("set {key:?}: {e}"));
         assert_eq!(cache.get::<String>(key).await.unwrap(), Some(value));
-        // `set` wrote the generation key, in the value key's slot.
+        // The waiters key a write clears is in the value key's slot.
         let full = cache.full_key(key);
         let slot = cluster_keyslot(&mut conn, &full).await;
-        let generation = aux_key("__cr:gen:", &full);
-        assert_eq!(
-            cluster_keyslot(&mut conn, &generation).await,
-            slot,
-            "{key:?}"
-        );
-        assert!(exists(&mut conn, &generation).await, "{generation:?}");
+        let waiters = aux_key("__cr:wait:", &full);
+        assert_eq!(cluster_keyslot(&mut conn, &waiters).await, slot, "{key:?}");
+        assert!(exists(&mut conn, &full).await, "{full:?}");
         cache
             .invalidate(key)
             .await

@@ -240,11 +240,12 @@ async fn a_lost_notification_is_covered_by_the_recheck() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_expired_generation_does_not_let_a_stale_fill_through() {
-    // A counter-based generation would restart after its key expired and could repeat the
-    // value a slow loader read. Generations are random tokens: this must stay rejected.
+async fn an_evicted_marker_does_not_let_a_stale_fill_through() {
+    // The stale-fill guard is the loader's marker in the value key: positive. A marker lost to
+    // eviction or expiry (here: deleted) rejects the fill; it can never let one through, even
+    // when an invalidation follows.
     let url = redis_url();
-    let ns = unique_namespace("gen_expiry");
+    let ns = unique_namespace("marker_eviction");
     let (reader, writer) = (cache_on(&url, &ns).await, cache_on(&url, &ns).await);
     writer.invalidate("plain:1").await.unwrap();
     let calls = Arc::new(Calls::default());
@@ -253,11 +254,11 @@ async fn an_expired_generation_does_not_let_a_stale_fill_through() {
         plain(&c, &n, &g, 1).await
     });
     gate.entered.notified().await;
-    // The generation key expires (here: is deleted), then another process invalidates.
+    // The loader's marker is evicted, then another process invalidates.
     let mut conn = raw_connection(&url).await;
-    let generation_key = format!("__cr:gen:{{{}}}", reader.full_key("plain:1"));
-    let removed: i64 = conn.del(&generation_key).await.unwrap();
-    assert_eq!(removed, 1, "the generation key is {generation_key}");
+    let value_key = reader.full_key("plain:1");
+    let removed: i64 = conn.del(&value_key).await.unwrap();
+    assert_eq!(removed, 1, "the marker is under {value_key}");
     writer.invalidate("plain:1").await.unwrap();
     gate.release.notify_one();
     assert_eq!(load.await.unwrap(), 1);

@@ -211,7 +211,7 @@ impl Backend for MemoryBackend {
         Ok(self.entries.get(key).map(|e| e.value.clone()))
     }
 
-    async fn read_for_fill(&self, key: &str) -> BackendResult<Read> {
+    async fn read_for_fill(&self, key: &str, _token: &Token) -> BackendResult<Read> {
         Ok(match self.entries.get(key) {
             Some(e) => Read::Hit(e.value.clone()),
             None => Read::Miss(self.ticket(key)),
@@ -231,7 +231,7 @@ impl Backend for MemoryBackend {
     ) -> BackendResult<LeaseReply> {
         // One process: its coalescing already lets one caller load, and the others wait for
         // it there. The lease is granted at once.
-        let answer = match self.read_for_fill(key).await? {
+        let answer = match self.read_for_fill(key, &Token::default()).await? {
             Read::Hit(v) => Leased::Hit(v),
             Read::Miss(generation) => Leased::Acquired(generation),
         };
@@ -288,16 +288,16 @@ impl Backend for MemoryBackend {
         Ok(tags
             .iter()
             .map(|tag| {
-                let entry = self
-                    .tags
-                    .entry_by_ref(*tag)
-                    .and_compute_with(|current| match current {
-                        Some(_) => Op::Nop,
-                        None => Op::Put(TagEntry {
-                            version: NEXT.fetch_add(1, Ordering::Relaxed),
-                            expires: Instant::now() + ttl,
-                        }),
-                    });
+                let entry =
+                    self.tags
+                        .entry_by_ref(*tag)
+                        .and_compute_with(|current| match current {
+                            Some(_) => Op::Nop,
+                            None => Op::Put(TagEntry {
+                                version: NEXT.fetch_add(1, Ordering::Relaxed),
+                                expires: Instant::now() + ttl,
+                            }),
+                        });
                 let version = match entry {
                     moka::ops::compute::CompResult::Inserted(e)
                     | moka::ops::compute::CompResult::Unchanged(e)
@@ -383,7 +383,7 @@ mod tests {
     #[tokio::test]
     async fn a_fill_after_an_invalidation_is_rejected() {
         let m = MemoryBackend::new(100);
-        let Read::Miss(generation) = m.read_for_fill("k").await.unwrap() else {
+        let Read::Miss(generation) = m.read_for_fill("k", &Token::default()).await.unwrap() else {
             panic!("empty cache")
         };
         // The key is invalidated while the load runs.
@@ -396,7 +396,7 @@ mod tests {
         );
         assert!(m.read("k").await.unwrap().is_none());
         // A load that read after the invalidation fills.
-        let Read::Miss(generation) = m.read_for_fill("k").await.unwrap() else {
+        let Read::Miss(generation) = m.read_for_fill("k", &Token::default()).await.unwrap() else {
             panic!("invalidated")
         };
         assert!(
@@ -412,7 +412,7 @@ mod tests {
     async fn a_fill_after_a_write_is_rejected() {
         let m = MemoryBackend::new(100);
         let ttl = Duration::from_secs(60);
-        let Read::Miss(generation) = m.read_for_fill("k").await.unwrap() else {
+        let Read::Miss(generation) = m.read_for_fill("k", &Token::default()).await.unwrap() else {
             panic!("empty cache")
         };
         m.write("k", stored("written"), ttl).await.unwrap();
@@ -444,7 +444,7 @@ mod tests {
     async fn a_dropped_generation_still_rejects_old_fills() {
         let m = MemoryBackend::new(1); // 16 generations per stripe
         let ttl = Duration::from_secs(60);
-        let Read::Miss(before) = m.read_for_fill("victim").await.unwrap() else {
+        let Read::Miss(before) = m.read_for_fill("victim", &Token::default()).await.unwrap() else {
             panic!("empty cache")
         };
         m.invalidate(&["victim"]).await.unwrap();
@@ -459,7 +459,7 @@ mod tests {
             "a load that read before the invalidation must not fill"
         );
         // A load that starts now fills.
-        let Read::Miss(now) = m.read_for_fill("victim").await.unwrap() else {
+        let Read::Miss(now) = m.read_for_fill("victim", &Token::default()).await.unwrap() else {
             panic!("invalidated")
         };
         assert!(
@@ -479,7 +479,11 @@ mod tests {
         for i in 0..20_000 {
             m.invalidate(&[&format!("old:{i}")]).await.unwrap(); // every stripe full
         }
-        let Read::Miss(generation) = m.read_for_fill("untouched").await.unwrap() else {
+        let Read::Miss(generation) = m
+            .read_for_fill("untouched", &Token::default())
+            .await
+            .unwrap()
+        else {
             panic!("empty cache")
         };
         // While the load runs: far fewer writes per stripe than its capacity.

@@ -135,9 +135,9 @@ pub(crate) type OnWait<'a> = dyn Fn() + Send + Sync + 'a;
 pub(crate) struct Token(std::sync::OnceLock<String>);
 
 impl Token {
-    /// The token, made now if it was not yet.
-    pub(crate) fn get(&self) -> &str {
-        self.0.get_or_init(crate::store::new_marker)
+    /// The token, made now by `make` if it was not yet.
+    pub(crate) fn get_or(&self, make: impl FnOnce() -> String) -> &str {
+        self.0.get_or_init(make)
     }
 
     /// The token if it was ever used (otherwise no lease can have been granted with it).
@@ -151,8 +151,14 @@ pub(crate) trait Backend: Send + Sync {
     /// The value under `key` (a manual `get`, or a hit on the request path): one round trip.
     fn read(&self, key: &str) -> impl Future<Output = BackendResult<Option<Stored>>> + Send;
 
-    /// The value under `key`, or the key's generation if there is none: what a load needs.
-    fn read_for_fill(&self, key: &str) -> impl Future<Output = BackendResult<Read>> + Send;
+    /// The value under `key`, or what a load's fill is checked against if there is none. A
+    /// shared backend may leave `token` in the key as a pending load's marker (then
+    /// `Read::Miss` carries it, and `release` removes it).
+    fn read_for_fill(
+        &self,
+        key: &str,
+        token: &Token,
+    ) -> impl Future<Output = BackendResult<Read>> + Send;
 
     /// The key's generation (after a read found a value the caller cannot use).
     fn generation(&self, key: &str) -> impl Future<Output = BackendResult<Gen>> + Send;
@@ -257,8 +263,8 @@ impl Backend for AnyBackend {
         dispatch!(self, b => b.read(key).await)
     }
 
-    async fn read_for_fill(&self, key: &str) -> BackendResult<Read> {
-        dispatch!(self, b => b.read_for_fill(key).await)
+    async fn read_for_fill(&self, key: &str, token: &Token) -> BackendResult<Read> {
+        dispatch!(self, b => b.read_for_fill(key, token).await)
     }
 
     async fn generation(&self, key: &str) -> BackendResult<Gen> {

@@ -389,9 +389,11 @@ impl<'a> Fetch<'a> {
                 }
                 Err(e) => (None, self.failed_read(key, &e).await, None),
             },
+            // The marker this call may leave in the key is held like a lease: filling
+            // replaces it, a result not stored removes it (in the background).
             None => match store.read_for_fill(key).await {
-                Ok(Read::Hit(stored)) => (Some(stored), None, None),
-                Ok(Read::Miss(generation)) => (None, Some(generation), None),
+                Ok((Read::Hit(stored), _)) => (Some(stored), None, None),
+                Ok((Read::Miss(generation), marker)) => (None, Some(generation), marker),
                 Err(e) => (None, self.failed_read(key, &e).await, None),
             },
         }
@@ -654,6 +656,12 @@ impl<'a> Fetch<'a> {
     }
 
     async fn release(&self, lease: Option<LeaseGuard>) {
+        if self.site.lock.is_none() {
+            // A pending-load marker, not a lease: nobody waits on it, so the call does not
+            // wait for its removal either (the guard removes it in the background).
+            drop(lease);
+            return;
+        }
         if let Some(lease) = lease {
             if let Err(e) = self.store.release(lease).await {
                 self.backend_failure(&e);

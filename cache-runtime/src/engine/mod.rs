@@ -34,8 +34,8 @@ use crate::mode::{Classified, Mode, Typed};
 use crate::stats::Site;
 
 pub use self::fetch::{Fetch, Verdict};
-pub use self::write::{Evict, EvictCall, Put};
 use self::fetch::{Kind, Step};
+pub use self::write::{Evict, EvictCall, Put};
 
 /// One call of a cached function, as the attribute's expansion describes it.
 #[doc(hidden)]

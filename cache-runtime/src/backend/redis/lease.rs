@@ -42,7 +42,7 @@ impl RedisBackend {
         on_wait: &OnWait<'_>,
     ) -> BackendResult<LeaseReply> {
         let reply = |answer, waited| LeaseReply { answer, waited };
-        let mine = token.get();
+        let mine = self.marker(token);
         // The marker outlives the lease: a holder slower than its lease still fills, unless a
         // waiter took over.
         let marker_ttl = PENDING_TTL.max(lease * 4);
@@ -138,7 +138,7 @@ impl RedisBackend {
     }
 
     /// Replaces `observed` with `mine` if the key still holds it.
-    async fn takeover(
+    pub(super) async fn takeover(
         &self,
         key: &str,
         observed: &Gen,

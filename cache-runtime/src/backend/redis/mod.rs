@@ -55,10 +55,12 @@ const CHANNEL: &str = "__cr:fills";
 const WAIT_PREFIX: &str = "__cr:wait:";
 const TAG_PREFIX: &str = "__cr:tag:";
 
-/// Whether a value read from a value key is a pending load's marker (an envelope starts with
-/// its format byte, 1 or 2).
+/// How every pending load's marker starts (an envelope starts with its format byte, 1 or 2).
+const MARKER: &str = "\0crp:";
+
+/// Whether a value read from a value key is a pending load's marker.
 fn is_marker(bytes: &[u8]) -> bool {
-    bytes.first() == Some(&0)
+    bytes.starts_with(MARKER.as_bytes())
 }
 
 /// What a lookup of a value key found.
@@ -73,7 +75,6 @@ fn classify(value: Option<Vec<u8>>, marker: &str) -> Read {
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
-
 
 /// Connection and failure-handling settings.
 #[derive(Debug, Clone)]
@@ -98,6 +99,8 @@ impl Default for RedisOptions {
 pub(crate) struct RedisBackend {
     conns: Connections,
     bus: Bus,
+    /// How this backend's markers start: `\0crp:<random>:`, then a counter.
+    marker_prefix: String,
 }
 
 impl RedisBackend {
@@ -116,7 +119,25 @@ impl RedisBackend {
                 log.clone(),
             ),
             conns: Connections::new(client, options, log),
+            marker_prefix: format!("{MARKER}{}:", crate::store::new_token()),
         })
+    }
+
+    /// A new pending-load marker: never repeated. Cheap: one is made per lookup.
+    fn new_marker(&self) -> String {
+        use std::fmt::Write;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let mut marker = String::with_capacity(self.marker_prefix.len() + 16);
+        marker.push_str(&self.marker_prefix);
+        let _ = write!(marker, "{n:x}");
+        marker
+    }
+
+    /// The marker of `token`, made now if it has none yet.
+    fn marker<'t>(&self, token: &'t Token) -> &'t str {
+        token.get_or(|| self.new_marker())
     }
 
     fn waiters(&self, key: &str) -> String {
@@ -139,7 +160,28 @@ impl RedisBackend {
 
     /// `SET key marker NX PX ttl GET`: the value, or the marker this call set, or another
     /// loader's marker. One command: a hit costs what a `GET` does.
+    ///
+    /// A marker of this backend that is not `marker` is dead: the engine lets one call per key
+    /// lead at a time in a cache, so its holder failed, was cancelled or was given up on, and
+    /// its removal (in the background) has not happened yet. It is replaced with `marker`
+    /// rather than filled against, which its removal would reject.
     async fn lookup(&self, key: &str, marker: &str, ttl: Duration) -> BackendResult<Read> {
+        match self.set_nx_get(key, marker, ttl).await? {
+            Read::Miss(other)
+                if other.0 != marker.as_bytes()
+                    && other.0.starts_with(self.marker_prefix.as_bytes()) =>
+            {
+                if self.takeover(key, &other, marker, ttl).await? {
+                    Ok(Read::Miss(Gen(Bytes::copy_from_slice(marker.as_bytes()))))
+                } else {
+                    self.set_nx_get(key, marker, ttl).await
+                }
+            }
+            read => Ok(read),
+        }
+    }
+
+    async fn set_nx_get(&self, key: &str, marker: &str, ttl: Duration) -> BackendResult<Read> {
         let value = self
             .conns
             .run("SET NX GET", |mut conn| async move {
@@ -168,15 +210,14 @@ impl Backend for RedisBackend {
         self.get(key).await
     }
 
-    async fn read_for_fill(&self, key: &str) -> BackendResult<Read> {
-        let marker = crate::store::new_marker();
-        self.lookup(key, &marker, PENDING_TTL).await
+    async fn read_for_fill(&self, key: &str, token: &Token) -> BackendResult<Read> {
+        self.lookup(key, self.marker(token), PENDING_TTL).await
     }
 
     async fn generation(&self, key: &str) -> BackendResult<Gen> {
         // The key holds something this call cannot use: replace it with a marker. A value
         // written in between is lost to a miss, never to a stale fill: this call loads after.
-        let marker = crate::store::new_marker();
+        let marker = self.new_marker();
         self.conns
             .run("SET", |mut conn| async move {
                 let () = redis::cmd("SET")

@@ -12,7 +12,7 @@ pub(super) static LEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local v = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2], 'GET')
-if v and string.byte(v, 1) == 0 then
+if v and string.sub(v, 1, 5) == '\0crp:' then
   redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
 end
 return v
