@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use cache_benches::{
     Samples, Table, User, fmt_ns, fmt_rate, machine_description, median, process_cpu_time,
 };
-use cache_runtime::{Cache, cached};
+use cache_runtime::{Cache, cache_evict, cache_put, cached};
 use cached::macros::concurrent_cached;
 use redis::aio::ConnectionManager;
 use serde::Serialize;
@@ -47,6 +47,51 @@ async fn ours(cache: &Cache, id: u64) -> Result<User, BenchError> {
 #[cached(cache = cache, key = "user:{id}", ttl = 3600, lock, name = "ours_lock")]
 async fn ours_lock(cache: &Cache, id: u64) -> Result<User, BenchError> {
     Ok(load(id))
+}
+
+/// The same entries under a tag (ten orgs): a tagged hit reads the tag's version with the value.
+#[cached(cache = cache, key = "tagged:{id}", ttl = 3600, tags = ["org:{org}"], name = "ours_tagged")]
+async fn ours_tagged_in(cache: &Cache, org: u64, id: u64) -> Result<User, BenchError> {
+    Ok(load(id))
+}
+
+async fn ours_tagged(cache: &Cache, id: u64) -> Result<User, BenchError> {
+    ours_tagged_in(cache, id % 10, id).await
+}
+
+/// Write-through: the database write (none here), then the entry.
+#[cache_put(cache = cache, key = "user:{id}", ttl = 3600, name = "ours_put")]
+async fn ours_put(cache: &Cache, id: u64) -> Result<User, BenchError> {
+    Ok(load(id))
+}
+
+/// Event invalidation: three keys.
+#[cache_evict(cache = cache, keys = ["user:{id}", "profile:{id}", "list"], name = "ours_evict")]
+async fn ours_evict(cache: &Cache, id: u64) -> Result<(), BenchError> {
+    let _ = id;
+    Ok(())
+}
+
+/// A hand-written write-through: encode, `SET EX`.
+async fn raw_set(conn: &mut ConnectionManager, prefix: &str, id: u64) {
+    let bytes = serde_json::to_vec(&load(id)).unwrap_or_default();
+    let _: Result<(), _> = redis::cmd("SET")
+        .arg(format!("{prefix}user:{id}"))
+        .arg(bytes)
+        .arg("EX")
+        .arg(3600)
+        .query_async(conn)
+        .await;
+}
+
+/// A hand-written invalidation of three keys: one `DEL`.
+async fn raw_del(conn: &mut ConnectionManager, prefix: &str, id: u64) {
+    let _: Result<(), _> = redis::cmd("DEL")
+        .arg(format!("{prefix}user:{id}"))
+        .arg(format!("{prefix}profile:{id}"))
+        .arg(format!("{prefix}list"))
+        .query_async(conn)
+        .await;
 }
 
 #[concurrent_cached(
@@ -184,7 +229,7 @@ fn parse_args() -> Result<Args, String> {
                 .extend(value("--only")?.split(',').map(str::to_owned)),
             "-h" | "--help" => {
                 println!(
-                    "compare [--quick] [--json FILE] [--keys N] [--hot-share F] [--tasks N] [--rounds N] [--redis-url URL] [--only hit,memory,spread,hot,miss,down,stampede]"
+                    "compare [--quick] [--json FILE] [--keys N] [--hot-share F] [--tasks N] [--rounds N] [--redis-url URL] [--only hit,memory,spread,hot,miss,writes,down,stampede]"
                 );
                 std::process::exit(0);
             }
@@ -540,6 +585,7 @@ async fn run(args: Args, down: Down) -> Result<(), String> {
     eprintln!("warming {} keys ...", keys);
     for id in 0..keys {
         let _ = ours(&ours_redis, id).await;
+        let _ = ours_tagged(&ours_redis, id).await;
         let _ = ours(&ours_memory, id).await;
         let _ = peer(id).await;
         moka.insert(id, load(id)).await;
@@ -596,6 +642,7 @@ async fn run(args: Args, down: Down) -> Result<(), String> {
             ("raw redis-rs GET + serde_json", raw_op.clone()),
             ("#[cached] (this project)", ours_op.clone()),
             ("#[cached(lock)] (this project)", ours_lock_op.clone()),
+            ("#[cached(tags)] (this project)", cache_op!(ours_redis, ours_tagged)),
             ("cached crate #[concurrent_cached(redis)]", peer_op.clone()),
         ];
         report.extend(
@@ -695,6 +742,8 @@ async fn run(args: Args, down: Down) -> Result<(), String> {
             .fetch_add(1, Ordering::Relaxed));
         let ours_lock_miss_op = cache_op!(ours_redis, ours_lock, |_| NEXT_MISS
             .fetch_add(1, Ordering::Relaxed));
+        let ours_tagged_miss_op = cache_op!(ours_redis, ours_tagged, |_| NEXT_MISS
+            .fetch_add(1, Ordering::Relaxed));
         let peer_miss_op: Op = Arc::new(|_| {
             Box::pin(async move {
                 let id = NEXT_MISS.fetch_add(1, Ordering::Relaxed);
@@ -705,6 +754,7 @@ async fn run(args: Args, down: Down) -> Result<(), String> {
             ("raw redis-rs GET + SET EX", raw_miss_op),
             ("#[cached] (this project)", ours_miss_op),
             ("#[cached(lock)] (this project)", ours_lock_miss_op),
+            ("#[cached(tags)] (this project)", ours_tagged_miss_op),
             ("cached crate #[concurrent_cached(redis)]", peer_miss_op),
         ];
         report.extend(
@@ -715,13 +765,81 @@ async fn run(args: Args, down: Down) -> Result<(), String> {
         );
     }
 
-    // 5. Redis down: refused (nothing listens), and hung (accepts, never answers).
+    // 5. Writes: write-through and event invalidation against their hand-written forms, and
+    //    a tag invalidation with 10 and with 10 000 entries under the tag.
+    if args.wants("writes") {
+        eprintln!("writes ...");
+        let raw_set_op: Op = {
+            let (conn, prefix) = (conn.clone(), raw_prefix.clone());
+            Arc::new(move |id| {
+                let (mut conn, prefix) = (conn.clone(), prefix.clone());
+                Box::pin(async move { raw_set(&mut conn, &prefix, id).await })
+            })
+        };
+        let contenders = [
+            ("raw redis-rs SET EX + serde_json", raw_set_op),
+            ("#[cache_put] (this project)", cache_op!(ours_redis, ours_put)),
+        ];
+        report.extend(
+            sequential_scenario("put, sequential", &contenders, args.rounds, |round| {
+                ids(seq_ops, keys, 0.0, round as u64 + 31)
+            })
+            .await,
+        );
+        let raw_del_op: Op = {
+            let (conn, prefix) = (conn.clone(), raw_prefix.clone());
+            Arc::new(move |id| {
+                let (mut conn, prefix) = (conn.clone(), prefix.clone());
+                Box::pin(async move { raw_del(&mut conn, &prefix, id).await })
+            })
+        };
+        let contenders = [
+            ("raw redis-rs DEL (3 keys)", raw_del_op.clone()),
+            ("#[cache_evict] 3 keys (this project)", cache_op!(ours_redis, ours_evict)),
+        ];
+        report.extend(
+            sequential_scenario("evict, sequential", &contenders, args.rounds, |round| {
+                ids(seq_ops, keys, 0.0, round as u64 + 41)
+            })
+            .await,
+        );
+        // Tags: org 1000 has 10 entries, org 1001 has 10 000 (filled once; an invalidation
+        // does not remove them, so every round invalidates the same number).
+        for id in 0..10_000u64 {
+            if id < 10 {
+                let _ = ours_tagged_in(&ours_redis, 1000, 1_000_000 + id).await;
+            }
+            let _ = ours_tagged_in(&ours_redis, 1001, 2_000_000 + id).await;
+        }
+        let tag_op = |tag: &'static str| -> Op {
+            let cache = ours_redis.clone();
+            Arc::new(move |_| {
+                let cache = cache.clone();
+                Box::pin(async move {
+                    let _ = black_box(cache.invalidate_tag(tag).await);
+                })
+            })
+        };
+        let contenders = [
+            ("raw redis-rs DEL (3 keys)", raw_del_op),
+            ("invalidate_tag, 10 entries", tag_op("org:1000")),
+            ("invalidate_tag, 10 000 entries", tag_op("org:1001")),
+        ];
+        report.extend(
+            sequential_scenario("tag invalidation, sequential", &contenders, args.rounds, |round| {
+                ids(seq_ops, keys, 0.0, round as u64 + 51)
+            })
+            .await,
+        );
+    }
+
+    // 6. Redis down: refused (nothing listens), and hung (accepts, never answers).
     if args.wants("down") {
         eprintln!("redis down ...");
         report.extend(redis_down(args.quick, down).await);
     }
 
-    // 6. Stampede: processes x tasks on one cold key (`lock`), executions and wake-up delay.
+    // 7. Stampede: processes x tasks on one cold key (`lock`), executions and wake-up delay.
     if args.wants("stampede") {
         let opts = cache_benches::stampede::Options {
             processes: if args.quick { 2 } else { 4 },

@@ -95,6 +95,18 @@ impl RedisServer {
         server
     }
 
+    /// Starts a server with extra `redis-server` arguments (`["--maxmemory", "4mb"]`).
+    pub fn start_with(args: &[&str]) -> RedisServer {
+        let mut server = RedisServer {
+            port: free_port(),
+            child: None,
+            extra_args: args.iter().map(|a| (*a).to_owned()).collect(),
+            dir: None,
+        };
+        server.restart();
+        server
+    }
+
     /// Starts a Redis Cluster node (`--cluster-enabled yes`) on a free port, assigns every
     /// hash slot to it and waits until `CLUSTER INFO` reports `cluster_state:ok`.
     ///
