@@ -642,7 +642,10 @@ async fn run(args: Args, down: Down) -> Result<(), String> {
             ("raw redis-rs GET + serde_json", raw_op.clone()),
             ("#[cached] (this project)", ours_op.clone()),
             ("#[cached(lock)] (this project)", ours_lock_op.clone()),
-            ("#[cached(tags)] (this project)", cache_op!(ours_redis, ours_tagged)),
+            (
+                "#[cached(tags)] (this project)",
+                cache_op!(ours_redis, ours_tagged),
+            ),
             ("cached crate #[concurrent_cached(redis)]", peer_op.clone()),
         ];
         report.extend(
@@ -778,7 +781,10 @@ async fn run(args: Args, down: Down) -> Result<(), String> {
         };
         let contenders = [
             ("raw redis-rs SET EX + serde_json", raw_set_op),
-            ("#[cache_put] (this project)", cache_op!(ours_redis, ours_put)),
+            (
+                "#[cache_put] (this project)",
+                cache_op!(ours_redis, ours_put),
+            ),
         ];
         report.extend(
             sequential_scenario("put, sequential", &contenders, args.rounds, |round| {
@@ -795,7 +801,10 @@ async fn run(args: Args, down: Down) -> Result<(), String> {
         };
         let contenders = [
             ("raw redis-rs DEL (3 keys)", raw_del_op.clone()),
-            ("#[cache_evict] 3 keys (this project)", cache_op!(ours_redis, ours_evict)),
+            (
+                "#[cache_evict] 3 keys (this project)",
+                cache_op!(ours_redis, ours_evict),
+            ),
         ];
         report.extend(
             sequential_scenario("evict, sequential", &contenders, args.rounds, |round| {
@@ -826,9 +835,12 @@ async fn run(args: Args, down: Down) -> Result<(), String> {
             ("invalidate_tag, 10 000 entries", tag_op("org:1001")),
         ];
         report.extend(
-            sequential_scenario("tag invalidation, sequential", &contenders, args.rounds, |round| {
-                ids(seq_ops, keys, 0.0, round as u64 + 51)
-            })
+            sequential_scenario(
+                "tag invalidation, sequential",
+                &contenders,
+                args.rounds,
+                |round| ids(seq_ops, keys, 0.0, round as u64 + 51),
+            )
             .await,
         );
     }

@@ -50,7 +50,13 @@ fn renamed(id: u64, name: &str) -> User {
 // The readers: a user, tagged with its org; a slow one held by a gate.
 
 #[cached(cache = cache, key = "user:{id}", ttl = 60, tags = ["org:{org}"], name = "get_user")]
-async fn get_user(cache: &Cache, db: &Db, calls: &Calls, org: u64, id: u64) -> Result<User, String> {
+async fn get_user(
+    cache: &Cache,
+    db: &Db,
+    calls: &Calls,
+    org: u64,
+    id: u64,
+) -> Result<User, String> {
     calls.hit();
     Ok(db.read(id))
 }
@@ -112,7 +118,11 @@ async fn store_user(cache: &Cache, db: &Db, org: u64, id: u64, user: User) -> Re
 /// The seed's event invalidation, as one attribute.
 #[cache_evict(cache = cache, keys = ["user:{id}", "user_profile:{id}", "user_list"], tags = ["org:{org}"], name = "on_user_updated")]
 async fn on_user_updated(cache: &Cache, org: u64, id: u64, ok: bool) -> Result<(), String> {
-    if ok { Ok(()) } else { Err("the update failed".to_owned()) }
+    if ok {
+        Ok(())
+    } else {
+        Err("the update failed".to_owned())
+    }
 }
 
 #[cache_evict(cache = cache, keys = ["user:{id}"], before)]
@@ -326,10 +336,18 @@ async fn a_tag_with_ten_thousand_entries_is_invalidated_in_one_command() {
     }
     assert_eq!(calls.get(), 10_000);
     let mut conn = raw_connection(&server.url()).await;
-    let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query_async(&mut conn).await.unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     cache.invalidate_tag("org:7").await.unwrap();
     let stats = commandstats(&mut conn).await;
-    let total: u64 = stats.iter().filter(|(c, _)| c.as_str() != "info" && c.as_str() != "config|resetstat").map(|(_, n)| n).sum();
+    let total: u64 = stats
+        .iter()
+        .filter(|(c, _)| c.as_str() != "info" && c.as_str() != "config|resetstat")
+        .map(|(_, n)| n)
+        .sum();
     assert_eq!(total, 1, "one command for 10 000 entries: {stats:?}");
     assert_eq!(stats.get("set"), Some(&1), "{stats:?}");
     for id in [0, 4_999, 9_999] {
@@ -339,13 +357,15 @@ async fn a_tag_with_ten_thousand_entries_is_invalidated_in_one_command() {
 }
 
 /// Every key in the namespace (a private server: `SCAN` is fine here) with its PTTL.
-async fn keys_and_ttls(
-    conn: &mut redis::aio::MultiplexedConnection,
-) -> Vec<(String, i64)> {
+async fn keys_and_ttls(conn: &mut redis::aio::MultiplexedConnection) -> Vec<(String, i64)> {
     let keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(conn).await.unwrap();
     let mut out = Vec::new();
     for key in keys {
-        let ttl: i64 = redis::cmd("PTTL").arg(&key).query_async(conn).await.unwrap();
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(&key)
+            .query_async(conn)
+            .await
+            .unwrap();
         out.push((key, ttl));
     }
     out
@@ -367,7 +387,10 @@ async fn every_key_written_has_a_ttl_and_tags_go_with_their_entries() {
     cache.invalidate_tag("org:0").await.unwrap();
     let mut conn = raw_connection(&server.url()).await;
     let all = keys_and_ttls(&mut conn).await;
-    assert!(all.iter().any(|(k, _)| k.starts_with("__cr:tag:")), "{all:?}");
+    assert!(
+        all.iter().any(|(k, _)| k.starts_with("__cr:tag:")),
+        "{all:?}"
+    );
     for (key, ttl) in &all {
         assert!(*ttl > 0, "{key} has no TTL ({ttl})");
     }
@@ -382,8 +405,15 @@ async fn every_key_written_has_a_ttl_and_tags_go_with_their_entries() {
         brief(&short, id).await;
     }
     let tag_key = cache_runtime::__private::aux_key("__cr:tag:", "short:brief_tag");
-    let ttl: i64 = redis::cmd("PTTL").arg(&tag_key).query_async(&mut conn).await.unwrap();
-    assert!((1..=1000).contains(&ttl), "the tag lives as long as its entries: {ttl}");
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(&tag_key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        (1..=1000).contains(&ttl),
+        "the tag lives as long as its entries: {ttl}"
+    );
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let left: Vec<String> = keys_and_ttls(&mut conn)
         .await
@@ -397,7 +427,8 @@ async fn every_key_written_has_a_ttl_and_tags_go_with_their_entries() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn under_memory_pressure_a_tag_invalidation_never_lets_a_stale_value_be_read() {
     // A private Redis that evicts any key (values, tag versions, markers) when full.
-    let server = RedisServer::start_with(&["--maxmemory", "3mb", "--maxmemory-policy", "allkeys-lru"]);
+    let server =
+        RedisServer::start_with(&["--maxmemory", "3mb", "--maxmemory-policy", "allkeys-lru"]);
     let cache = private_cache(&server, "lru").await;
     let (db, calls) = (Db::new(), Calls::default());
     let mut conn = raw_connection(&server.url()).await;
@@ -429,7 +460,11 @@ async fn under_memory_pressure_a_tag_invalidation_never_lets_a_stale_value_be_re
         }
         cache.invalidate_tag("org:1").await.unwrap();
     }
-    let evicted: String = redis::cmd("INFO").arg("stats").query_async(&mut conn).await.unwrap();
+    let evicted: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     let evicted: u64 = evicted
         .lines()
         .find_map(|l| l.strip_prefix("evicted_keys:"))

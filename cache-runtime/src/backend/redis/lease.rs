@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::scripts::{LEASE, TAKEOVER};
+use super::scripts::{LEASE, TAKEOVER, evalsha, run};
 use super::{RedisBackend, classify, millis};
 use crate::backend::{BackendResult, Gen, LeaseReply, Leased, OnWait, PENDING_TTL, Read, Token};
 
@@ -124,14 +124,13 @@ impl RedisBackend {
         let value: Option<Vec<u8>> = self
             .conns
             .run("lease", |mut conn| async move {
-                LEASE
-                    .key(key)
-                    .key(&waiters)
+                let mut cmd = evalsha(&LEASE, 2, 5, 2 * key.len() + mine.len() + 32);
+                cmd.arg(key)
+                    .arg(&waiters)
                     .arg(mine)
                     .arg(millis(marker_ttl))
-                    .arg(millis(wait))
-                    .invoke_async(&mut conn)
-                    .await
+                    .arg(millis(wait));
+                run(&mut conn, &LEASE, &cmd).await
             })
             .await?;
         Ok(classify(value, mine))
@@ -147,13 +146,17 @@ impl RedisBackend {
     ) -> BackendResult<bool> {
         self.conns
             .run("takeover", |mut conn| async move {
-                let taken: i64 = TAKEOVER
-                    .key(key)
+                let mut cmd = evalsha(
+                    &TAKEOVER,
+                    1,
+                    4,
+                    key.len() + observed.0.len() + mine.len() + 16,
+                );
+                cmd.arg(key)
                     .arg(&observed.0[..])
                     .arg(mine)
-                    .arg(millis(marker_ttl))
-                    .invoke_async(&mut conn)
-                    .await?;
+                    .arg(millis(marker_ttl));
+                let taken: i64 = run(&mut conn, &TAKEOVER, &cmd).await?;
                 Ok(taken == 1)
             })
             .await

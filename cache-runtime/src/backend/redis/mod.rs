@@ -43,7 +43,7 @@ use redis::ErrorKind as RedisKind;
 
 use self::bus::Bus;
 use self::conn::Connections;
-use self::scripts::{FILL, INVALIDATE, RELEASE, WRITE};
+use self::scripts::{FILL, INVALIDATE, RELEASE, WRITE, evalsha, run};
 use super::{Backend, BackendResult, Gen, LeaseReply, OnWait, PENDING_TTL, Read, Stored, Token};
 use crate::breaker::FailureLog;
 use crate::key::aux_key;
@@ -123,15 +123,25 @@ impl RedisBackend {
         })
     }
 
-    /// A new pending-load marker: never repeated. Cheap: one is made per lookup.
+    /// A new pending-load marker: never repeated. Cheap (one is made per lookup): the prefix,
+    /// then a counter in hex.
     fn new_marker(&self) -> String {
-        use std::fmt::Write;
         use std::sync::atomic::{AtomicU64, Ordering};
         static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let mut n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let mut digits = [0u8; 16];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b"0123456789abcdef"[(n & 15) as usize];
+            n >>= 4;
+            if n == 0 {
+                break;
+            }
+        }
         let mut marker = String::with_capacity(self.marker_prefix.len() + 16);
         marker.push_str(&self.marker_prefix);
-        let _ = write!(marker, "{n:x}");
+        marker.extend(digits[i..].iter().map(|&d| char::from(d)));
         marker
     }
 
@@ -185,15 +195,17 @@ impl RedisBackend {
         let value = self
             .conns
             .run("SET NX GET", |mut conn| async move {
-                let v: Option<Vec<u8>> = redis::cmd("SET")
-                    .arg(key)
-                    .arg(marker)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(millis(ttl))
-                    .arg("GET")
-                    .query_async(&mut conn)
-                    .await?;
+                let v: Option<Vec<u8>> =
+                    redis::Cmd::with_capacity(7, key.len() + marker.len() + 24)
+                        .arg("SET")
+                        .arg(key)
+                        .arg(marker)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(millis(ttl))
+                        .arg("GET")
+                        .query_async(&mut conn)
+                        .await?;
                 Ok(v)
             })
             .await?;
@@ -244,15 +256,19 @@ impl Backend for RedisBackend {
         let waiters = self.waiters(key);
         self.conns
             .run("fill", |mut conn| async move {
-                let stored: i64 = FILL
-                    .key(key)
-                    .key(&waiters)
+                let mut cmd = evalsha(
+                    &FILL,
+                    2,
+                    6,
+                    2 * key.len() + generation.0.len() + value.bytes.len() + 40,
+                );
+                cmd.arg(key)
+                    .arg(&waiters)
                     .arg(&generation.0[..])
                     .arg(&value.bytes[..])
                     .arg(millis(ttl))
-                    .arg(CHANNEL)
-                    .invoke_async(&mut conn)
-                    .await?;
+                    .arg(CHANNEL);
+                let stored: i64 = run(&mut conn, &FILL, &cmd).await?;
                 Ok(stored == 1)
             })
             .await
@@ -272,13 +288,9 @@ impl Backend for RedisBackend {
         let waiters = self.waiters(key);
         self.conns
             .run("release", |mut conn| async move {
-                let _: i64 = RELEASE
-                    .key(key)
-                    .key(&waiters)
-                    .arg(token)
-                    .arg(CHANNEL)
-                    .invoke_async(&mut conn)
-                    .await?;
+                let mut cmd = evalsha(&RELEASE, 2, 4, 2 * key.len() + token.len() + 32);
+                cmd.arg(key).arg(&waiters).arg(token).arg(CHANNEL);
+                let _: i64 = run(&mut conn, &RELEASE, &cmd).await?;
                 Ok(())
             })
             .await
@@ -288,14 +300,13 @@ impl Backend for RedisBackend {
         let waiters = self.waiters(key);
         self.conns
             .run("write", |mut conn| async move {
-                let _: i64 = WRITE
-                    .key(key)
-                    .key(&waiters)
+                let mut cmd = evalsha(&WRITE, 2, 5, 2 * key.len() + value.bytes.len() + 40);
+                cmd.arg(key)
+                    .arg(&waiters)
                     .arg(&value.bytes[..])
                     .arg(millis(ttl))
-                    .arg(CHANNEL)
-                    .invoke_async(&mut conn)
-                    .await?;
+                    .arg(CHANNEL);
+                let _: i64 = run(&mut conn, &WRITE, &cmd).await?;
                 Ok(())
             })
             .await

@@ -3,7 +3,33 @@
 
 use std::sync::LazyLock;
 
-use redis::Script;
+use redis::aio::ConnectionManager;
+use redis::{Cmd, FromRedisValue, RedisResult, Script};
+
+/// `EVALSHA <script> <keys>`: add the keys and arguments, then [`run`] it. The arguments are
+/// written into the command once (`Script::key`/`arg` would copy each into a buffer of its own
+/// first, the envelope included), sized for `args` more arguments of `bytes` bytes in all.
+pub(super) fn evalsha(script: &Script, keys: usize, args: usize, bytes: usize) -> Cmd {
+    let mut cmd = Cmd::with_capacity(3 + args, 48 + bytes);
+    cmd.arg("EVALSHA").arg(script.get_hash()).arg(keys);
+    cmd
+}
+
+/// Runs a command made by [`evalsha`], loading `script` if the server does not have it
+/// (`NOSCRIPT`: a restart, a failover, `SCRIPT FLUSH`).
+pub(super) async fn run<T: FromRedisValue>(
+    conn: &mut ConnectionManager,
+    script: &Script,
+    cmd: &Cmd,
+) -> RedisResult<T> {
+    match cmd.query_async(conn).await {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            script.prepare_invoke().load_async(conn).await?;
+            cmd.query_async(conn).await
+        }
+        other => other,
+    }
+}
 
 /// KEYS: value, waiters. ARGV: marker, marker ttl ms, waiters ttl ms.
 /// `SET value marker NX PX .. GET`, and if the key holds another caller's marker, registers a
