@@ -148,6 +148,9 @@ pub(crate) struct Args {
     pub(crate) value: Slot<Expr>,
     /// `#[cache_evict(before)]`.
     pub(crate) before: Slot<()>,
+    /// The options written, valid or not: a missing option is not reported when it was
+    /// written wrong.
+    written: Vec<String>,
 }
 
 /// The lease of `lock` without a value.
@@ -170,6 +173,7 @@ impl Args {
             keys: Slot::new("keys"),
             value: Slot::new("value"),
             before: Slot::new("before"),
+            written: Vec::new(),
         }
     }
 
@@ -204,6 +208,7 @@ impl Args {
             skip_value(meta, errors);
             return;
         }
+        self.written.push(ident.clone());
         // Options that are flags or take a value.
         match ident.as_str() {
             "cache_none" => {
@@ -319,10 +324,12 @@ impl Args {
 
     /// The rules that involve several options, or an option that is missing.
     fn validate(&self, errors: &mut Errors) {
+        // An option written wrong was reported already, not to be reported missing too.
+        let written = |name: &str| self.written.iter().any(|w| w == name);
         match self.kind {
             Kind::Cached => {}
             Kind::Put => {
-                if self.key.get().is_none() {
+                if !written("key") {
                     errors.error(
                         Span::call_site(),
                         "`#[cache_put]` needs the key it writes: add `key = \"...\"`, the template of the `#[cached]` function that reads the entry, e.g. `key = \"user:{id}\"`",
@@ -337,7 +344,9 @@ impl Args {
             }
             Kind::Evict => {
                 let none = |slot: &Slot<Vec<LitStr>>| slot.get().is_none_or(Vec::is_empty);
-                if none(&self.keys) && none(&self.tags) {
+                let wrong = |slot: &Slot<Vec<LitStr>>| slot.get().is_none() && written(slot.name);
+                if none(&self.keys) && none(&self.tags) && !wrong(&self.keys) && !wrong(&self.tags)
+                {
                     let msg = "`#[cache_evict]` has nothing to evict: list the keys, e.g. `keys = [\"user:{id}\"]`, or the tags, e.g. `tags = [\"org:{org}\"]`";
                     let span = self.keys.span().or(self.tags.span());
                     errors.error(span.unwrap_or_else(Span::call_site), msg);
@@ -616,5 +625,56 @@ mod tests {
         assert!(unknown_message("refresh", Kind::Cached).contains("expected one of"));
         assert!(unknown_message("lock", Kind::Put).contains("option of `#[cached]`"));
         assert!(unknown_message("key", Kind::Evict).contains("`keys = ["));
+    }
+
+    /// The messages of parsing `args` for `kind`.
+    fn messages(kind: Kind, args: &str) -> Vec<String> {
+        let mut errors = Errors::default();
+        Args::parse(kind, args.parse().unwrap(), &mut errors);
+        match errors.into_result() {
+            Ok(()) => Vec::new(),
+            Err(e) => e.into_iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn evict_options() {
+        let mut errors = Errors::default();
+        let args = Args::parse(
+            Kind::Evict,
+            r#"keys = ["user:{id}", "user_list"], tags = ["org:{org}"], before"#
+                .parse()
+                .unwrap(),
+            &mut errors,
+        );
+        assert!(errors.is_empty());
+        let values = |slot: &Slot<Vec<LitStr>>| -> Vec<String> {
+            slot.get().unwrap().iter().map(LitStr::value).collect()
+        };
+        assert_eq!(values(&args.keys), ["user:{id}", "user_list"]);
+        assert_eq!(values(&args.tags), ["org:{org}"]);
+        assert!(args.before.get().is_some());
+    }
+
+    #[test]
+    fn one_message_per_mistake() {
+        let one = |kind, args| {
+            let m = messages(kind, args);
+            assert_eq!(m.len(), 1, "{args}: {m:?}");
+            m.into_iter().next().unwrap()
+        };
+        assert!(one(Kind::Evict, "keys = []").contains("nothing to evict"));
+        assert!(one(Kind::Evict, "name = \"x\"").contains("nothing to evict"));
+        assert!(one(Kind::Evict, r#"keys = "user:{id}""#).contains("takes an array"));
+        assert!(one(Kind::Evict, "keys = [K]").contains("must be a string literal"));
+        assert!(one(Kind::Evict, r#"keys = ["a"], before = true"#).contains("is a flag"));
+        assert!(one(Kind::Put, "ttl = 60").contains("needs the key it writes"));
+        assert!(one(Kind::Put, "key = 5").contains("takes a string literal"));
+        assert!(one(Kind::Put, r#"key = "a", lock"#).contains("option of `#[cached]`"));
+        assert!(one(Kind::Put, r#"key = "a", cache_none = 5"#).contains("without a value"));
+        assert!(one(Kind::Put, r#"key = "a", value = x, cache_none"#).contains("no effect"));
+        assert!(one(Kind::Cached, r#"tags = "a""#).contains("takes an array"));
+        assert!(messages(Kind::Evict, r#"keys = [], tags = ["a"]"#).is_empty());
+        assert!(messages(Kind::Put, r#"key = "a", value = "text""#).is_empty());
     }
 }

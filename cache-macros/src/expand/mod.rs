@@ -275,6 +275,19 @@ fn mentions_result(tokens: TokenStream) -> bool {
     })
 }
 
+/// `&(<expr>)`, spanned from the expression's first token to its last (spans cannot be
+/// joined on stable Rust), so that an error about the reference's type underlines the whole
+/// expression.
+fn spanned_ref(expr: &Expr) -> TokenStream {
+    let tokens = expr.to_token_stream();
+    let mut spans = tokens.clone().into_iter().map(|t| t.span());
+    let first = spans.next().unwrap_or_else(Span::call_site);
+    let last = spans.last().unwrap_or(first);
+    let mut group = Group::new(Delimiter::Parenthesis, tokens);
+    group.set_span(last);
+    quote_spanned!(first=> &#group)
+}
+
 /// The pieces of generated code the attributes share.
 struct Gen<'a> {
     args: &'a Args,
