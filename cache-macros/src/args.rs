@@ -1,4 +1,4 @@
-//! Parsing of the attribute's options into [`CachedArgs`].
+//! Parsing of the attributes' options into [`Args`].
 //!
 //! Every option is read into a set-once [`Slot`] that remembers its span and reports a second
 //! occurrence. Errors are collected, not returned at the first one, so that one compilation
@@ -71,8 +71,65 @@ pub(crate) struct CacheNone {
     pub(crate) ttl_ms: Option<u64>,
 }
 
-/// The options of `#[cached(...)]`, each with the span it was written at.
-pub(crate) struct CachedArgs {
+/// Which attribute the options belong to.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Kind {
+    Cached,
+    Put,
+    Evict,
+}
+
+impl Kind {
+    /// The attribute as written, for messages: `#[cached]`.
+    pub(crate) fn attr(self) -> &'static str {
+        match self {
+            Kind::Cached => "#[cached]",
+            Kind::Put => "#[cache_put]",
+            Kind::Evict => "#[cache_evict]",
+        }
+    }
+
+    /// Whether the attribute takes `option`.
+    fn takes(self, option: &str) -> bool {
+        OPTIONS
+            .iter()
+            .any(|(o, kinds)| *o == option && kinds.contains(&self))
+    }
+
+    /// The attribute's options, for messages.
+    fn options(self) -> impl Iterator<Item = &'static str> {
+        OPTIONS
+            .iter()
+            .filter(move |(_, kinds)| kinds.contains(&self))
+            .map(|(o, _)| *o)
+    }
+}
+
+/// Every option, and the attributes that take it.
+const OPTIONS: &[(&str, &[Kind])] = {
+    use Kind::{Cached, Evict, Put};
+    &[
+        ("key", &[Cached, Put]),
+        ("keys", &[Evict]),
+        ("value", &[Put]),
+        ("ttl", &[Cached, Put]),
+        ("cache", &[Cached, Put, Evict]),
+        ("condition", &[Cached, Put, Evict]),
+        ("unless", &[Cached, Put]),
+        ("cache_none", &[Cached, Put]),
+        ("version", &[Cached, Put, Evict]),
+        ("name", &[Cached, Put, Evict]),
+        ("lock", &[Cached]),
+        ("tags", &[Cached, Put, Evict]),
+        ("before", &[Evict]),
+    ]
+};
+
+/// The options of `#[cached(...)]`, `#[cache_put(...)]` or `#[cache_evict(...)]`, each with
+/// the span it was written at. Options the attribute does not take are rejected while
+/// parsing, so the slots of other attributes stay empty.
+pub(crate) struct Args {
+    pub(crate) kind: Kind,
     pub(crate) key: Slot<LitStr>,
     pub(crate) ttl_ms: Slot<u64>,
     pub(crate) cache: Slot<Expr>,
@@ -83,26 +140,26 @@ pub(crate) struct CachedArgs {
     pub(crate) name: Slot<LitStr>,
     /// `lock` / `lock = <lease>`: the lease length in milliseconds.
     pub(crate) lock_ms: Slot<u64>,
+    /// `tags = ["org:{org}", ..]`.
+    pub(crate) tags: Slot<Vec<LitStr>>,
+    /// `#[cache_evict(keys = ["user:{id}", ..])]`.
+    pub(crate) keys: Slot<Vec<LitStr>>,
+    /// `#[cache_put(value = <expr>)]`.
+    pub(crate) value: Slot<Expr>,
+    /// `#[cache_evict(before)]`.
+    pub(crate) before: Slot<()>,
+    /// The options written, valid or not: a missing option is not reported when it was
+    /// written wrong.
+    written: Vec<String>,
 }
 
 /// The lease of `lock` without a value.
 pub(crate) const DEFAULT_LOCK_MS: u64 = 10_000;
 
-const OPTIONS: &[&str] = &[
-    "key",
-    "ttl",
-    "cache",
-    "condition",
-    "unless",
-    "cache_none",
-    "version",
-    "name",
-    "lock",
-];
-
-impl CachedArgs {
-    fn new() -> Self {
-        CachedArgs {
+impl Args {
+    fn new(kind: Kind) -> Self {
+        Args {
+            kind,
             key: Slot::new("key"),
             ttl_ms: Slot::new("ttl"),
             cache: Slot::new("cache"),
@@ -112,12 +169,18 @@ impl CachedArgs {
             version: Slot::new("version"),
             name: Slot::new("name"),
             lock_ms: Slot::new("lock"),
+            tags: Slot::new("tags"),
+            keys: Slot::new("keys"),
+            value: Slot::new("value"),
+            before: Slot::new("before"),
+            written: Vec::new(),
         }
     }
 
-    /// Parses the attribute's arguments. Returns the options that parsed, and every error.
-    pub(crate) fn parse(args: TokenStream, errors: &mut Errors) -> CachedArgs {
-        let mut out = CachedArgs::new();
+    /// Parses the attribute's arguments and checks the rules that involve several options.
+    /// Returns the options that parsed, and every error.
+    pub(crate) fn parse(kind: Kind, args: TokenStream, errors: &mut Errors) -> Args {
+        let mut out = Args::new(kind);
         let parser = syn::meta::parser(|meta| {
             out.option(&meta, errors);
             Ok(())
@@ -125,6 +188,7 @@ impl CachedArgs {
         if let Err(e) = parser.parse2(args) {
             errors.push(e);
         }
+        out.validate(errors);
         out
     }
 
@@ -132,16 +196,30 @@ impl CachedArgs {
         let path = &meta.path;
         let span = path.span();
         let Some(ident) = path.get_ident().map(|i| i.to_string()) else {
-            errors.error(span, unknown_message(&quote::quote!(#path).to_string()));
+            errors.error(
+                span,
+                unknown_message(&quote::quote!(#path).to_string(), self.kind),
+            );
             skip_value(meta, errors);
             return;
         };
+        if !self.kind.takes(&ident) {
+            errors.error(span, unknown_message(&ident, self.kind));
+            skip_value(meta, errors);
+            return;
+        }
+        self.written.push(ident.clone());
         // Options that are flags or take a value.
         match ident.as_str() {
             "cache_none" => {
                 if meta.input.peek(syn::Token![=]) {
                     if let Some(expr) = value(meta, errors) {
-                        if let Some(ms) = duration_ms(&expr, "cache_none", errors) {
+                        if self.kind == Kind::Put {
+                            errors.error(
+                                expr.span(),
+                                "`#[cache_put]` writes `None` with its `ttl`; write `cache_none` without a value",
+                            );
+                        } else if let Some(ms) = duration_ms(&expr, "cache_none", errors) {
                             self.cache_none
                                 .set(span, CacheNone { ttl_ms: Some(ms) }, errors);
                         }
@@ -164,12 +242,17 @@ impl CachedArgs {
                 }
                 return;
             }
-            "key" | "ttl" | "cache" | "condition" | "unless" | "version" | "name" => {}
-            other => {
-                errors.error(span, unknown_message(other));
-                skip_value(meta, errors);
+            "before" => {
+                if meta.input.peek(syn::Token![=]) {
+                    if let Some(expr) = value(meta, errors) {
+                        errors.error(expr.span(), value_hint("before"));
+                    }
+                } else {
+                    self.before.set(span, (), errors);
+                }
                 return;
             }
+            _ => {}
         }
         if !meta.input.peek(syn::Token![=]) {
             errors.error(span, value_hint(&ident));
@@ -184,6 +267,16 @@ impl CachedArgs {
                 Some(lit) => self.key.set(span, lit, errors),
                 None => errors.error(expr.span(), value_hint("key")),
             },
+            "keys" => {
+                if let Some(list) = templates(&expr, "keys", errors) {
+                    self.keys.set(span, list, errors);
+                }
+            }
+            "tags" => {
+                if let Some(list) = templates(&expr, "tags", errors) {
+                    self.tags.set(span, list, errors);
+                }
+            }
             "name" => match lit_str(&expr) {
                 Some(lit) if lit.value().trim().is_empty() => {
                     errors.error(lit.span(), "`name` must not be empty")
@@ -210,6 +303,7 @@ impl CachedArgs {
                 _ => errors.error(expr.span(), value_hint("version")),
             },
             "cache" => self.cache.set(span, expr, errors),
+            "value" => self.value.set(span, expr, errors),
             "condition" | "unless" => {
                 if let Some(lit) = lit_str(&expr) {
                     errors.error(
@@ -227,6 +321,60 @@ impl CachedArgs {
             _ => unreachable!("options matched above"),
         }
     }
+
+    /// The rules that involve several options, or an option that is missing.
+    fn validate(&self, errors: &mut Errors) {
+        // An option written wrong was reported already, not to be reported missing too.
+        let written = |name: &str| self.written.iter().any(|w| w == name);
+        match self.kind {
+            Kind::Cached => {}
+            Kind::Put => {
+                if !written("key") {
+                    errors.error(
+                        Span::call_site(),
+                        "`#[cache_put]` needs the key it writes: add `key = \"...\"`, the template of the `#[cached]` function that reads the entry, e.g. `key = \"user:{id}\"`",
+                    );
+                }
+                if let (Some(span), Some(_)) = (self.cache_none.span(), self.value.get()) {
+                    errors.error(
+                        span,
+                        "`cache_none` has no effect with `value`: the value is written only when the function returns `Ok` or `Some`; remove it",
+                    );
+                }
+            }
+            Kind::Evict => {
+                let none = |slot: &Slot<Vec<LitStr>>| slot.get().is_none_or(Vec::is_empty);
+                let wrong = |slot: &Slot<Vec<LitStr>>| slot.get().is_none() && written(slot.name);
+                if none(&self.keys) && none(&self.tags) && !wrong(&self.keys) && !wrong(&self.tags)
+                {
+                    let msg = "`#[cache_evict]` has nothing to evict: list the keys, e.g. `keys = [\"user:{id}\"]`, or the tags, e.g. `tags = [\"org:{org}\"]`";
+                    let span = self.keys.span().or(self.tags.span());
+                    errors.error(span.unwrap_or_else(Span::call_site), msg);
+                }
+            }
+        }
+    }
+}
+
+/// `["a:{x}", "b"]`: an array of string literals.
+fn templates(expr: &Expr, option: &str, errors: &mut Errors) -> Option<Vec<LitStr>> {
+    let Expr::Array(array) = expr else {
+        errors.error(expr.span(), value_hint(option));
+        return None;
+    };
+    let mut out = Vec::with_capacity(array.elems.len());
+    for elem in &array.elems {
+        match lit_str(elem) {
+            Some(lit) => out.push(lit),
+            None => errors.error(
+                elem.span(),
+                format_args!(
+                    "each of `{option}` must be a string literal template, e.g. `\"user:{{id}}\"`"
+                ),
+            ),
+        }
+    }
+    (out.len() == array.elems.len()).then_some(out)
 }
 
 /// Parses `= <expr>`, reporting a malformed expression.
@@ -264,6 +412,14 @@ fn lit_str(expr: &Expr) -> Option<LitStr> {
 fn value_hint(option: &str) -> String {
     match option {
         "key" => "`key` takes a string literal template, e.g. `key = \"user:{id}\"`".to_owned(),
+        "keys" => {
+            "`keys` takes an array of string literal templates, e.g. `keys = [\"user:{id}\", \"user_list\"]`"
+                .to_owned()
+        }
+        "tags" => {
+            "`tags` takes an array of string literal templates, e.g. `tags = [\"org:{org_id}\"]`"
+                .to_owned()
+        }
         "name" => "`name` takes a string literal, e.g. `name = \"get_user\"`".to_owned(),
         "ttl" => "`ttl` takes seconds or a duration string, e.g. `ttl = 3600` or `ttl = \"1h\"`"
             .to_owned(),
@@ -272,6 +428,7 @@ fn value_hint(option: &str) -> String {
             "`lock` takes the lease length in seconds or as a duration string, e.g. `lock = 10` or `lock = \"30s\"`"
                 .to_owned()
         }
+        "before" => "`before` is a flag and takes no value; write `before` alone".to_owned(),
         "cache" => {
             "`cache` takes an expression naming a `Cache`, e.g. `cache = self.cache`".to_owned()
         }
@@ -283,23 +440,56 @@ fn value_hint(option: &str) -> String {
             "`unless` takes a boolean expression over `result`, e.g. `unless = result.is_empty()`"
                 .to_owned()
         }
+        "value" => {
+            "`value` takes an expression over the arguments or `result`, e.g. `value = user`"
+                .to_owned()
+        }
         other => format!("`{other}` takes a value"),
     }
 }
 
-fn unknown_message(option: &str) -> String {
-    let list = OPTIONS
-        .iter()
+/// Why `option` is rejected by the attribute `kind`: an option of another attribute gets its
+/// reason, anything else the closest option or the list of options.
+fn unknown_message(option: &str, kind: Kind) -> String {
+    let attr = kind.attr();
+    let misplaced = match (kind, option) {
+        (Kind::Cached | Kind::Put, "keys") => Some(format!(
+            "`{attr}` has one key: write `key = \"...\"` (`keys = [..]` is an option of `#[cache_evict]`)"
+        )),
+        (Kind::Cached, "value") => Some(
+            "`value` is an option of `#[cache_put]`; `#[cached]` stores the function's result"
+                .to_owned(),
+        ),
+        (Kind::Cached | Kind::Put, "before") => Some(format!(
+            "`before` is an option of `#[cache_evict]`, not of `{attr}`"
+        )),
+        (Kind::Put, "lock") => Some(
+            "`lock` is an option of `#[cached]`: a put always runs its function, it has no load to share; remove it"
+                .to_owned(),
+        ),
+        (Kind::Evict, "key") => Some(
+            "`#[cache_evict]` takes a list of keys: write `keys = [\"...\"]`".to_owned(),
+        ),
+        (Kind::Evict, "ttl" | "unless" | "cache_none" | "lock" | "value") => Some(format!(
+            "`{option}` is not an option of `#[cache_evict]`, which writes nothing; remove it"
+        )),
+        _ => None,
+    };
+    if let Some(msg) = misplaced {
+        return msg;
+    }
+    let list = kind
+        .options()
         .map(|o| format!("`{o}`"))
         .collect::<Vec<_>>()
         .join(", ");
-    match OPTIONS
-        .iter()
+    match kind
+        .options()
         .filter(|o| edit_distance(o, option) <= 2)
         .min_by_key(|o| edit_distance(o, option))
     {
         Some(close) => format!("unknown option `{option}`; did you mean `{close}`?"),
-        None => format!("unknown option `{option}`; expected one of {list}"),
+        None => format!("unknown option `{option}` of `{attr}`; expected one of {list}"),
     }
 }
 
@@ -431,7 +621,60 @@ mod tests {
 
     #[test]
     fn suggestions() {
-        assert!(unknown_message("tll").contains("did you mean `ttl`"));
-        assert!(unknown_message("tags").contains("expected one of"));
+        assert!(unknown_message("tll", Kind::Cached).contains("did you mean `ttl`"));
+        assert!(unknown_message("refresh", Kind::Cached).contains("expected one of"));
+        assert!(unknown_message("lock", Kind::Put).contains("option of `#[cached]`"));
+        assert!(unknown_message("key", Kind::Evict).contains("`keys = ["));
+    }
+
+    /// The messages of parsing `args` for `kind`.
+    fn messages(kind: Kind, args: &str) -> Vec<String> {
+        let mut errors = Errors::default();
+        Args::parse(kind, args.parse().unwrap(), &mut errors);
+        match errors.into_result() {
+            Ok(()) => Vec::new(),
+            Err(e) => e.into_iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn evict_options() {
+        let mut errors = Errors::default();
+        let args = Args::parse(
+            Kind::Evict,
+            r#"keys = ["user:{id}", "user_list"], tags = ["org:{org}"], before"#
+                .parse()
+                .unwrap(),
+            &mut errors,
+        );
+        assert!(errors.is_empty());
+        let values = |slot: &Slot<Vec<LitStr>>| -> Vec<String> {
+            slot.get().unwrap().iter().map(LitStr::value).collect()
+        };
+        assert_eq!(values(&args.keys), ["user:{id}", "user_list"]);
+        assert_eq!(values(&args.tags), ["org:{org}"]);
+        assert!(args.before.get().is_some());
+    }
+
+    #[test]
+    fn one_message_per_mistake() {
+        let one = |kind, args| {
+            let m = messages(kind, args);
+            assert_eq!(m.len(), 1, "{args}: {m:?}");
+            m.into_iter().next().unwrap()
+        };
+        assert!(one(Kind::Evict, "keys = []").contains("nothing to evict"));
+        assert!(one(Kind::Evict, "name = \"x\"").contains("nothing to evict"));
+        assert!(one(Kind::Evict, r#"keys = "user:{id}""#).contains("takes an array"));
+        assert!(one(Kind::Evict, "keys = [K]").contains("must be a string literal"));
+        assert!(one(Kind::Evict, r#"keys = ["a"], before = true"#).contains("is a flag"));
+        assert!(one(Kind::Put, "ttl = 60").contains("needs the key it writes"));
+        assert!(one(Kind::Put, "key = 5").contains("takes a string literal"));
+        assert!(one(Kind::Put, r#"key = "a", lock"#).contains("option of `#[cached]`"));
+        assert!(one(Kind::Put, r#"key = "a", cache_none = 5"#).contains("without a value"));
+        assert!(one(Kind::Put, r#"key = "a", value = x, cache_none"#).contains("no effect"));
+        assert!(one(Kind::Cached, r#"tags = "a""#).contains("takes an array"));
+        assert!(messages(Kind::Evict, r#"keys = [], tags = ["a"]"#).is_empty());
+        assert!(messages(Kind::Put, r#"key = "a", value = "text""#).is_empty());
     }
 }

@@ -1,9 +1,9 @@
-//! The item `#[cached]` is applied to: a function whose signature is parsed and whose body is
-//! kept as tokens, and the two shapes of `async fn` the attribute accepts.
+//! The item an attribute is applied to: a function whose signature is parsed and whose body
+//! is kept as tokens, and the two shapes of `async fn` the attributes accept.
 
 use proc_macro2::{Span, TokenStream, TokenTree};
 use quote::ToTokens;
-use syn::parse::{Parse, ParseStream, Parser};
+use syn::parse::{ParseStream, Parser};
 use syn::token::Brace;
 use syn::{
     Attribute, Block, Expr, GenericArgument, GenericParam, PathArguments, ReturnType, Signature,
@@ -28,31 +28,37 @@ pub(crate) struct Body {
     pub(crate) stmts: TokenStream,
 }
 
-impl Parse for ItemFn {
-    fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
-        let attrs = input.call(Attribute::parse_outer)?;
-        let vis = input.parse()?;
-        let sig = input.parse()?;
-        if let Some(semi) = input.parse::<Option<Token![;]>>()? {
-            return Err(syn::Error::new(
-                semi.span,
-                "`#[cached]` needs the function's body; put it on the `async fn` in the `impl`, not on its declaration",
-            ));
-        }
-        let content;
-        let brace = braced!(content in input);
-        let inner_attrs = content.call(Attribute::parse_inner)?;
-        let stmts = content.parse()?;
-        Ok(ItemFn {
-            attrs,
-            vis,
-            sig,
-            body: Body {
-                brace,
-                inner_attrs,
-                stmts,
-            },
-        })
+impl ItemFn {
+    /// Parses the function `attr` (`#[cached]`, for messages) is applied to.
+    pub(crate) fn parse(item: TokenStream, attr: &str) -> syn::Result<ItemFn> {
+        let parser = |input: ParseStream<'_>| {
+            let attrs = input.call(Attribute::parse_outer)?;
+            let vis = input.parse()?;
+            let sig = input.parse()?;
+            if let Some(semi) = input.parse::<Option<Token![;]>>()? {
+                return Err(syn::Error::new(
+                    semi.span,
+                    format_args!(
+                        "`{attr}` needs the function's body; put it on the `async fn` in the `impl`, not on its declaration"
+                    ),
+                ));
+            }
+            let content;
+            let brace = braced!(content in input);
+            let inner_attrs = content.call(Attribute::parse_inner)?;
+            let stmts = content.parse()?;
+            Ok(ItemFn {
+                attrs,
+                vis,
+                sig,
+                body: Body {
+                    brace,
+                    inner_attrs,
+                    stmts,
+                },
+            })
+        };
+        parser.parse2(item)
     }
 }
 

@@ -20,6 +20,9 @@
 //! ```
 //!
 //! * [`cached`] — the attribute, and the list of its options.
+//! * [`cache_put`] — write-through: store a function's result (or a `value`) under a key
+//!   after it succeeds.
+//! * [`cache_evict`] — invalidate keys and tags after a function succeeds.
 //! * [`Cache`] — the handle: build one with [`Cache::builder`] (Redis or memory, namespace,
 //!   default TTL, timeouts), install it with [`set_default`], or name it per function with
 //!   `cache = <expr>`. Without either, [`default_cache`] uses Redis if `REDIS_URL` is set and
@@ -71,16 +74,26 @@ pub use crate::error::{Error, ErrorKind, Result};
 pub use crate::key::escape_key_part;
 pub use crate::stats::{FunctionStats, LOW_HIT_RATE, Stats};
 
-// Documented on the proc-macro item (cache-macros/src/docs/cached.md), whose docs rustdoc
+// Documented on the proc-macro items (cache-macros/src/docs/*.md), whose docs rustdoc
 // inlines here and IDEs show on hover.
 #[cfg(feature = "macros")]
-pub use cache_macros::cached;
+pub use cache_macros::{cache_evict, cache_put, cached};
 
 /// The examples of `#[cached]`'s documentation, which lives in cache-macros (whose own
 /// doctests cannot use this crate), run as this crate's doctests.
 #[cfg(all(doctest, feature = "macros"))]
 #[doc = include_str!("../../cache-macros/src/docs/cached.md")]
 pub struct CachedDocTests;
+
+/// The examples of `#[cache_put]`'s documentation, run as this crate's doctests.
+#[cfg(all(doctest, feature = "macros"))]
+#[doc = include_str!("../../cache-macros/src/docs/cache_put.md")]
+pub struct CachePutDocTests;
+
+/// The examples of `#[cache_evict]`'s documentation, run as this crate's doctests.
+#[cfg(all(doctest, feature = "macros"))]
+#[doc = include_str!("../../cache-macros/src/docs/cache_evict.md")]
+pub struct CacheEvictDocTests;
 
 /// Not public API: the items the attribute macros' expansions refer to.
 #[doc(hidden)]

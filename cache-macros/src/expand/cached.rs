@@ -1,0 +1,135 @@
+//! `#[cached]`: cache-aside, driven by the runtime's `Fetch`.
+
+use proc_macro2::{Ident, Span, TokenStream};
+use quote::{quote, quote_spanned};
+use syn::spanned::Spanned;
+
+use super::{Gen, hidden};
+
+// Input:
+//     #[cached(key = "user:{id}", ttl = 60)]
+//     pub async fn get_user(id: u64) -> Result<User, E> { #![inner] stmts }
+//
+// Output (`::cache_runtime::__private::` and `::core::..::` paths shortened, `#[allow(..)]`s
+// left out; the `__cache_*` names have mixed-site hygiene, so `stmts` cannot name them):
+//     pub async fn get_user(id: u64) -> Result<User, E> {
+//         #![inner]
+//         static __CACHE_SITE: Site = Site::new(module_path!(), "get_user").ttl_ms(60000);
+//         let __cache_handle: &Cache = default_cache();
+//         let __cache_key: CallKey = {
+//             let mut __cache_w = key_writer(__cache_handle);
+//             __cache_w.literal("user:");
+//             __cache_w.integer(id, ""); // `display(&id, "")` for a non-integer parameter
+//             __cache_w.finish(None)
+//         };
+//         let __cache_mode = {
+//             use {ViaOption as _, ViaPlain as _, ViaResult as _, ViaResultOption as _};
+//             (&&&&Tag::<Result<User, E>>::new()).__cache_mode()
+//         };
+//         let __cache_typed = {
+//             use {ViaTyped as _, ViaUntyped as _};
+//             (&&__cache_mode).__cache_typed()
+//         };
+//         let mut __cache_fetch = Fetch::new(Call {
+//             cache: __cache_handle, site: &__CACHE_SITE, self_type: None, key: __cache_key,
+//         });
+//         let __cache_finish = match __cache_fetch.find(&__cache_mode, __cache_typed).await {
+//             Ok(__cache_hit) => return __cache_hit,
+//             Err(__cache_finish) => __cache_finish,
+//         };
+//         let __cache_result = async move { // these braces are the body's own (their spans)
+//             if let Some(__cache_ret) = None::<Result<User, E>> {
+//                 return __cache_ret;
+//             }
+//             stmts
+//         }
+//         .await;
+//         let __cache_verdict = __cache_finish.verdict(
+//             &mut __cache_fetch, &__cache_mode, __cache_typed, &__cache_result, None,
+//         );
+//         __cache_fetch.complete(__cache_verdict).await;
+//         __cache_result
+//     }
+//
+// With `tags = ["org:{org}"]`, `let __cache_tags: Tags = { let mut __cache_tags =
+// Tags::new(); { let mut __cache_w = key_writer(..); ..; __cache_tags.push(__cache_w); }
+// __cache_tags };` follows the key, and `__cache_fetch.tags(__cache_tags);` follows
+// `Fetch::new` (an untagged function has neither).
+// With `condition`, the key is `if cond { .. } else { CallKey::Condition }`; with `unless`,
+// the last argument of `verdict` is `Some(&mut |result: &R| -> bool { expr })`; `cache_none`
+// adds `require_cache_none(PhantomData::<R>);` first; in a method, `self_type` is
+// `Some(type_name::<Self>())`. After `#[async_trait]`, the body `{ Box::pin(async move {
+// .. }) }` becomes `{ let ..; Box::pin(async move { let mut __cache_fetch = ..; ..
+// async move { .. }.await; .. }) }`, the inner `async move { .. }` being `#[async_trait]`'s,
+// unchanged. The function's own state machine drives the call; the runtime's `find` and
+// `verdict` are generic over the return type only, so functions returning the same type
+// share them.
+pub(super) fn generate(g: &Gen<'_>) -> TokenStream {
+    let (args, ret, rt_ret) = (g.args, &g.config.ret, g.rt_ret());
+    let (key, key_let) = g.key_let();
+    let tags = g.tags_let();
+    let (mode, mode_let) = g.mode_let();
+    // In-process backends keep the decoded value when its type is `Clone + Send + Sync`, so
+    // that a hit clones it instead of decoding JSON.
+    let typed = hidden("__cache_typed");
+    let rt = &g.rt;
+    let typed_let = quote! {
+        #[allow(clippy::needless_borrow)]
+        let #typed = {
+            #[allow(unused_imports)]
+            use #rt::{ViaTyped as _, ViaUntyped as _};
+            (&&#mode).__cache_typed()
+        };
+    };
+    let cache_none_check = g.cache_none_check();
+
+    let unless = match args.unless.get() {
+        Some(expr) => {
+            let result = Ident::new("result", Span::call_site());
+            // A non-`bool` expression is "expected `bool` because of" the `unless` option.
+            let unless_span = args.unless.span().unwrap_or_else(|| expr.span());
+            let bool_ty = quote_spanned!(unless_span=> bool);
+            let closure = quote_spanned!(expr.span()=> |#result: &#ret| -> #bool_ty { #expr });
+            quote!(::core::option::Option::Some(&mut #closure))
+        }
+        None => quote!(::core::option::Option::None),
+    };
+    let call = g.call(&key);
+    // At the return type, like the mode: a type error in these calls is one about the
+    // return type.
+    let fetch = g.at_ret("__cache_fetch");
+    let hit = g.at_ret("__cache_hit");
+    let finish = g.at_ret("__cache_finish");
+    let result = g.at_ret("__cache_result");
+    let verdict = g.at_ret("__cache_verdict");
+    let (tags_let, tags_call) = match &tags {
+        Some((tags, tags_let)) => (tags_let.clone(), quote!(#fetch.tags(#tags);)),
+        None => Default::default(),
+    };
+    // The function's own state machine drives the call: `find` and `verdict` are generic
+    // over the return type only, everything else in the runtime is not generic at all, so an
+    // annotated function adds little code of its own.
+    let body = g.body(|future| {
+        quote_spanned! {g.ret_loc=>
+            let mut #fetch = #rt_ret::Fetch::new(#call);
+            #tags_call
+            let #finish = match #fetch.find(&#mode, #typed).await {
+                ::core::result::Result::Ok(#hit) => return #hit,
+                ::core::result::Result::Err(#finish) => #finish,
+            };
+            let #result = #future.await;
+            let #verdict = #finish.verdict(&mut #fetch, &#mode, #typed, &#result, #unless);
+            #fetch.complete(#verdict).await;
+            #result
+        }
+    });
+
+    quote! {
+        #key_let
+        #tags_let
+        #mode_let
+        #typed_let
+        #cache_none_check
+        #body
+    }
+}

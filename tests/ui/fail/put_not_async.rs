@@ -1,0 +1,8 @@
+use cache_runtime::cache_put;
+
+#[cache_put(key = "user:{id}")]
+fn rename_user(id: u64, name: String) -> Result<String, std::io::Error> {
+    Ok(format!("{id}:{name}"))
+}
+
+fn main() {}

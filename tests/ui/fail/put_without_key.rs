@@ -1,0 +1,8 @@
+use cache_runtime::cache_put;
+
+#[cache_put(ttl = "1h")]
+async fn rename_user(id: u64, name: String) -> Result<String, std::io::Error> {
+    Ok(format!("{id}:{name}"))
+}
+
+fn main() {}
