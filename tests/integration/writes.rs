@@ -302,8 +302,8 @@ on_both_backends! {
 }
 
 /// Counts of each command since the last `CONFIG RESETSTAT`.
-async fn commandstats(conn: &mut redis::aio::MultiplexedConnection) -> HashMap<String, u64> {
-    let info: String = redis::cmd("INFO")
+async fn commandstats(conn: &mut ::redis::aio::MultiplexedConnection) -> HashMap<String, u64> {
+    let info: String = ::redis::cmd("INFO")
         .arg("commandstats")
         .query_async(conn)
         .await
@@ -336,7 +336,7 @@ async fn a_tag_with_ten_thousand_entries_is_invalidated_in_one_command() {
     }
     assert_eq!(calls.get(), 10_000);
     let mut conn = raw_connection(&server.url()).await;
-    let _: () = redis::cmd("CONFIG")
+    let _: () = ::redis::cmd("CONFIG")
         .arg("RESETSTAT")
         .query_async(&mut conn)
         .await
@@ -357,11 +357,11 @@ async fn a_tag_with_ten_thousand_entries_is_invalidated_in_one_command() {
 }
 
 /// Every key in the namespace (a private server: `SCAN` is fine here) with its PTTL.
-async fn keys_and_ttls(conn: &mut redis::aio::MultiplexedConnection) -> Vec<(String, i64)> {
-    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(conn).await.unwrap();
+async fn keys_and_ttls(conn: &mut ::redis::aio::MultiplexedConnection) -> Vec<(String, i64)> {
+    let keys: Vec<String> = ::redis::cmd("KEYS").arg("*").query_async(conn).await.unwrap();
     let mut out = Vec::new();
     for key in keys {
-        let ttl: i64 = redis::cmd("PTTL")
+        let ttl: i64 = ::redis::cmd("PTTL")
             .arg(&key)
             .query_async(conn)
             .await
@@ -405,7 +405,7 @@ async fn every_key_written_has_a_ttl_and_tags_go_with_their_entries() {
         brief(&short, id).await;
     }
     let tag_key = cache_runtime::__private::aux_key("__cr:tag:", "short:brief_tag");
-    let ttl: i64 = redis::cmd("PTTL")
+    let ttl: i64 = ::redis::cmd("PTTL")
         .arg(&tag_key)
         .query_async(&mut conn)
         .await
@@ -445,7 +445,7 @@ async fn under_memory_pressure_a_tag_invalidation_never_lets_a_stale_value_be_re
             );
         }
         for i in 0..30 {
-            let _: () = redis::cmd("SET")
+            let _: () = ::redis::cmd("SET")
                 .arg(format!("ballast:{round}:{i}"))
                 .arg(&ballast)
                 .arg("EX")
@@ -460,7 +460,7 @@ async fn under_memory_pressure_a_tag_invalidation_never_lets_a_stale_value_be_re
         }
         cache.invalidate_tag("org:1").await.unwrap();
     }
-    let evicted: String = redis::cmd("INFO")
+    let evicted: String = ::redis::cmd("INFO")
         .arg("stats")
         .query_async(&mut conn)
         .await
