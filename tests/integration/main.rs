@@ -14,3 +14,4 @@ mod redis_failures;
 mod shapes;
 mod stampede;
 mod ui;
+mod writes;
