@@ -14,4 +14,5 @@ mod redis_failures;
 mod shapes;
 mod stampede;
 mod ui;
+mod write_shapes;
 mod writes;

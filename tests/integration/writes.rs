@@ -358,7 +358,11 @@ async fn a_tag_with_ten_thousand_entries_is_invalidated_in_one_command() {
 
 /// Every key in the namespace (a private server: `SCAN` is fine here) with its PTTL.
 async fn keys_and_ttls(conn: &mut ::redis::aio::MultiplexedConnection) -> Vec<(String, i64)> {
-    let keys: Vec<String> = ::redis::cmd("KEYS").arg("*").query_async(conn).await.unwrap();
+    let keys: Vec<String> = ::redis::cmd("KEYS")
+        .arg("*")
+        .query_async(conn)
+        .await
+        .unwrap();
     let mut out = Vec::new();
     for key in keys {
         let ttl: i64 = ::redis::cmd("PTTL")

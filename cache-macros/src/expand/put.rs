@@ -57,7 +57,7 @@ pub(super) fn generate(g: &Gen<'_>) -> TokenStream {
     let (mode_let, before_body, after_body) = match args.value.get() {
         Some(expr) => {
             // Spanned at the expression: a value that is not `Serialize` is reported there.
-            let value = super::spanned_ref(expr);
+            let value = super::shared::spanned_ref(expr);
             let encode = quote_spanned!(expr.span()=> #put.encode(#value););
             let succeeded = g.success(&result);
             let bind = g.bind_result(&result, expr);

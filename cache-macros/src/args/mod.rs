@@ -10,6 +10,12 @@ use syn::parse::Parser;
 use syn::spanned::Spanned;
 use syn::{Expr, ExprLit, Lit, LitStr};
 
+mod duration;
+mod messages;
+
+use duration::parse_duration;
+use messages::{unknown_message, value_hint};
+
 /// Collects errors; `combine`s them into one `syn::Error` that reports each.
 #[derive(Default)]
 pub(crate) struct Errors(Option<syn::Error>);
@@ -409,104 +415,6 @@ fn lit_str(expr: &Expr) -> Option<LitStr> {
     }
 }
 
-fn value_hint(option: &str) -> String {
-    match option {
-        "key" => "`key` takes a string literal template, e.g. `key = \"user:{id}\"`".to_owned(),
-        "keys" => {
-            "`keys` takes an array of string literal templates, e.g. `keys = [\"user:{id}\", \"user_list\"]`"
-                .to_owned()
-        }
-        "tags" => {
-            "`tags` takes an array of string literal templates, e.g. `tags = [\"org:{org_id}\"]`"
-                .to_owned()
-        }
-        "name" => "`name` takes a string literal, e.g. `name = \"get_user\"`".to_owned(),
-        "ttl" => "`ttl` takes seconds or a duration string, e.g. `ttl = 3600` or `ttl = \"1h\"`"
-            .to_owned(),
-        "version" => "`version` takes a whole number, e.g. `version = 2`".to_owned(),
-        "lock" => {
-            "`lock` takes the lease length in seconds or as a duration string, e.g. `lock = 10` or `lock = \"30s\"`"
-                .to_owned()
-        }
-        "before" => "`before` is a flag and takes no value; write `before` alone".to_owned(),
-        "cache" => {
-            "`cache` takes an expression naming a `Cache`, e.g. `cache = self.cache`".to_owned()
-        }
-        "condition" => {
-            "`condition` takes a boolean expression over the arguments, e.g. `condition = id > 0`"
-                .to_owned()
-        }
-        "unless" => {
-            "`unless` takes a boolean expression over `result`, e.g. `unless = result.is_empty()`"
-                .to_owned()
-        }
-        "value" => {
-            "`value` takes an expression over the arguments or `result`, e.g. `value = user`"
-                .to_owned()
-        }
-        other => format!("`{other}` takes a value"),
-    }
-}
-
-/// Why `option` is rejected by the attribute `kind`: an option of another attribute gets its
-/// reason, anything else the closest option or the list of options.
-fn unknown_message(option: &str, kind: Kind) -> String {
-    let attr = kind.attr();
-    let misplaced = match (kind, option) {
-        (Kind::Cached | Kind::Put, "keys") => Some(format!(
-            "`{attr}` has one key: write `key = \"...\"` (`keys = [..]` is an option of `#[cache_evict]`)"
-        )),
-        (Kind::Cached, "value") => Some(
-            "`value` is an option of `#[cache_put]`; `#[cached]` stores the function's result"
-                .to_owned(),
-        ),
-        (Kind::Cached | Kind::Put, "before") => Some(format!(
-            "`before` is an option of `#[cache_evict]`, not of `{attr}`"
-        )),
-        (Kind::Put, "lock") => Some(
-            "`lock` is an option of `#[cached]`: a put always runs its function, it has no load to share; remove it"
-                .to_owned(),
-        ),
-        (Kind::Evict, "key") => Some(
-            "`#[cache_evict]` takes a list of keys: write `keys = [\"...\"]`".to_owned(),
-        ),
-        (Kind::Evict, "ttl" | "unless" | "cache_none" | "lock" | "value") => Some(format!(
-            "`{option}` is not an option of `#[cache_evict]`, which writes nothing; remove it"
-        )),
-        _ => None,
-    };
-    if let Some(msg) = misplaced {
-        return msg;
-    }
-    let list = kind
-        .options()
-        .map(|o| format!("`{o}`"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    match kind
-        .options()
-        .filter(|o| edit_distance(o, option) <= 2)
-        .min_by_key(|o| edit_distance(o, option))
-    {
-        Some(close) => format!("unknown option `{option}`; did you mean `{close}`?"),
-        None => format!("unknown option `{option}` of `{attr}`; expected one of {list}"),
-    }
-}
-
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let cost = usize::from(ca != *cb);
-            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        prev = cur;
-    }
-    prev[b.len()]
-}
-
 /// A TTL-like option: an integer number of seconds, or a duration string (`"15m"`,
 /// `"1h30m"`, `"500ms"`). Must be greater than zero.
 fn duration_ms(expr: &Expr, option: &str, errors: &mut Errors) -> Option<u64> {
@@ -559,73 +467,9 @@ fn duration_ms(expr: &Expr, option: &str, errors: &mut Errors) -> Option<u64> {
     }
 }
 
-/// Parses `"90s"`, `"15m"`, `"1h30m"`, `"500ms"`, `"2d"` into milliseconds.
-pub(crate) fn parse_duration(text: &str) -> Result<u64, String> {
-    const HINT: &str = "expected a number and a unit (ms, s, m, h, d), e.g. \"15m\" or \"1h30m\"";
-    let text = text.trim();
-    if text.is_empty() {
-        return Err(format!("empty duration; {HINT}"));
-    }
-    let mut total: u64 = 0;
-    let mut rest = text;
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        if digits == 0 {
-            return Err(format!("{text:?} is not a duration; {HINT}"));
-        }
-        let number: u64 = rest[..digits]
-            .parse()
-            .map_err(|_| format!("{text:?} is too large"))?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let unit = rest[..unit_len].trim();
-        let factor: u64 = match unit {
-            "ms" => 1,
-            "s" => 1_000,
-            "m" => 60_000,
-            "h" => 3_600_000,
-            "d" => 86_400_000,
-            "" => return Err(format!("{text:?} has a number without a unit; {HINT}")),
-            other => return Err(format!("unknown unit {other:?} in {text:?}; {HINT}")),
-        };
-        rest = &rest[unit_len..];
-        total = number
-            .checked_mul(factor)
-            .and_then(|v| total.checked_add(v))
-            .ok_or_else(|| format!("{text:?} is too large"))?;
-    }
-    Ok(total)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("15m"), Ok(900_000));
-        assert_eq!(parse_duration("1h30m"), Ok(5_400_000));
-        assert_eq!(parse_duration("500ms"), Ok(500));
-        assert_eq!(parse_duration("2d"), Ok(172_800_000));
-        assert_eq!(parse_duration("0s"), Ok(0));
-        assert!(parse_duration("15").is_err());
-        assert!(parse_duration("15x").is_err());
-        assert!(parse_duration("m").is_err());
-        assert!(parse_duration("").is_err());
-        assert!(parse_duration("99999999999999999999d").is_err());
-    }
-
-    #[test]
-    fn suggestions() {
-        assert!(unknown_message("tll", Kind::Cached).contains("did you mean `ttl`"));
-        assert!(unknown_message("refresh", Kind::Cached).contains("expected one of"));
-        assert!(unknown_message("lock", Kind::Put).contains("option of `#[cached]`"));
-        assert!(unknown_message("key", Kind::Evict).contains("`keys = ["));
-    }
 
     /// The messages of parsing `args` for `kind`.
     fn messages(kind: Kind, args: &str) -> Vec<String> {

@@ -1,0 +1,114 @@
+//! The wording of option errors: what each option takes, and why an option is rejected.
+
+use super::Kind;
+
+pub(super) fn value_hint(option: &str) -> String {
+    match option {
+        "key" => "`key` takes a string literal template, e.g. `key = \"user:{id}\"`".to_owned(),
+        "keys" => {
+            "`keys` takes an array of string literal templates, e.g. `keys = [\"user:{id}\", \"user_list\"]`"
+                .to_owned()
+        }
+        "tags" => {
+            "`tags` takes an array of string literal templates, e.g. `tags = [\"org:{org_id}\"]`"
+                .to_owned()
+        }
+        "name" => "`name` takes a string literal, e.g. `name = \"get_user\"`".to_owned(),
+        "ttl" => "`ttl` takes seconds or a duration string, e.g. `ttl = 3600` or `ttl = \"1h\"`"
+            .to_owned(),
+        "version" => "`version` takes a whole number, e.g. `version = 2`".to_owned(),
+        "lock" => {
+            "`lock` takes the lease length in seconds or as a duration string, e.g. `lock = 10` or `lock = \"30s\"`"
+                .to_owned()
+        }
+        "before" => "`before` is a flag and takes no value; write `before` alone".to_owned(),
+        "cache" => {
+            "`cache` takes an expression naming a `Cache`, e.g. `cache = self.cache`".to_owned()
+        }
+        "condition" => {
+            "`condition` takes a boolean expression over the arguments, e.g. `condition = id > 0`"
+                .to_owned()
+        }
+        "unless" => {
+            "`unless` takes a boolean expression over `result`, e.g. `unless = result.is_empty()`"
+                .to_owned()
+        }
+        "value" => {
+            "`value` takes an expression over the arguments or `result`, e.g. `value = user`"
+                .to_owned()
+        }
+        other => format!("`{other}` takes a value"),
+    }
+}
+
+/// Why `option` is rejected by the attribute `kind`: an option of another attribute gets its
+/// reason, anything else the closest option or the list of options.
+pub(super) fn unknown_message(option: &str, kind: Kind) -> String {
+    let attr = kind.attr();
+    let misplaced = match (kind, option) {
+        (Kind::Cached | Kind::Put, "keys") => Some(format!(
+            "`{attr}` has one key: write `key = \"...\"` (`keys = [..]` is an option of `#[cache_evict]`)"
+        )),
+        (Kind::Cached, "value") => Some(
+            "`value` is an option of `#[cache_put]`; `#[cached]` stores the function's result"
+                .to_owned(),
+        ),
+        (Kind::Cached | Kind::Put, "before") => Some(format!(
+            "`before` is an option of `#[cache_evict]`, not of `{attr}`"
+        )),
+        (Kind::Put, "lock") => Some(
+            "`lock` is an option of `#[cached]`: a put always runs its function, it has no load to share; remove it"
+                .to_owned(),
+        ),
+        (Kind::Evict, "key") => Some(
+            "`#[cache_evict]` takes a list of keys: write `keys = [\"...\"]`".to_owned(),
+        ),
+        (Kind::Evict, "ttl" | "unless" | "cache_none" | "lock" | "value") => Some(format!(
+            "`{option}` is not an option of `#[cache_evict]`, which writes nothing; remove it"
+        )),
+        _ => None,
+    };
+    if let Some(msg) = misplaced {
+        return msg;
+    }
+    let list = kind
+        .options()
+        .map(|o| format!("`{o}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    match kind
+        .options()
+        .filter(|o| edit_distance(o, option) <= 2)
+        .min_by_key(|o| edit_distance(o, option))
+    {
+        Some(close) => format!("unknown option `{option}`; did you mean `{close}`?"),
+        None => format!("unknown option `{option}` of `{attr}`; expected one of {list}"),
+    }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suggestions() {
+        assert!(unknown_message("tll", Kind::Cached).contains("did you mean `ttl`"));
+        assert!(unknown_message("refresh", Kind::Cached).contains("expected one of"));
+        assert!(unknown_message("lock", Kind::Put).contains("option of `#[cached]`"));
+        assert!(unknown_message("key", Kind::Evict).contains("`keys = ["));
+    }
+}
