@@ -141,10 +141,10 @@ pub(crate) fn shape(sig: &Signature, body: &Body) -> Option<(Shape, Type)> {
     if path.path.segments.last()?.ident != "pin" || call.args.len() != 1 {
         return None;
     }
-    let future = call.args.pop()?;
-    if !matches!(future, Expr::Async(_)) {
+    let Expr::Async(mut future) = call.args.pop()? else {
         return None;
-    }
+    };
+    mark_rebound_params_used(&mut future.block);
     Some((
         Shape::AsyncTrait {
             pin_fn: call.func.into_token_stream(),
@@ -152,6 +152,32 @@ pub(crate) fn shape(sig: &Signature, body: &Body) -> Option<(Shape, Type)> {
         },
         ret,
     ))
+}
+
+/// `#[async_trait]` moves each argument into its future (`let id = id;`). An argument only the
+/// attribute uses (in a key, a tag, `value`) is then unused there, which `#![deny(warnings)]`
+/// turns into an error: each rebinding is followed by `let _ = &id;`.
+fn mark_rebound_params_used(block: &mut syn::Block) {
+    let mut i = 0;
+    while i < block.stmts.len() {
+        let rebound = match &block.stmts[i] {
+            Stmt::Local(local) => match (&local.pat, &local.init) {
+                (syn::Pat::Ident(pat), Some(init)) if pat.subpat.is_none() => match &*init.expr {
+                    Expr::Path(path) if path.qself.is_none() && path.path.is_ident(&pat.ident) => {
+                        Some(pat.ident.clone())
+                    }
+                    _ => None,
+                },
+                _ => None,
+            },
+            _ => None,
+        };
+        i += 1;
+        if let Some(ident) = rebound {
+            block.stmts.insert(i, syn::parse_quote!(let _ = &#ident;));
+            i += 1;
+        }
+    }
 }
 
 /// `R` of `Pin<Box<dyn Future<Output = R> + ...>>`.

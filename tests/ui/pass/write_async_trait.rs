@@ -18,6 +18,8 @@ pub trait UserStore {
     async fn upper(&self, id: u64) -> Option<String>;
     /// Evicts.
     async fn delete(&self, id: u64) -> Result<(), std::io::Error>;
+    /// Reads, with an argument only the key uses.
+    async fn schema(&self, tenant: u64) -> u32;
 }
 
 /// An implementation.
@@ -40,9 +42,7 @@ impl UserStore for PgStore {
 
     #[cache_put(cache = self.cache, key = "user:{id}", value = name, unless = result.is_err())]
     async fn save(&self, id: u64, name: String) -> Result<(), std::io::Error> {
-        // `#[async_trait]` moves every argument into its future: one that only the
-        // attribute uses is reported unused there.
-        let _ = (id, name);
+        // `id` and `name` are used by the attribute only.
         Ok(())
     }
 
@@ -53,8 +53,12 @@ impl UserStore for PgStore {
 
     #[cache_evict(cache = self.cache, keys = ["user:{id}"], tags = ["region:{self.region}"], before)]
     async fn delete(&self, id: u64) -> Result<(), std::io::Error> {
-        let _ = id;
         Ok(())
+    }
+
+    #[cached(cache = self.cache, key = "schema:{tenant}")]
+    async fn schema(&self, tenant: u64) -> u32 {
+        3
     }
 }
 
@@ -65,5 +69,5 @@ fn main() {
     };
     let store: &dyn UserStore = &store;
     let _ = (store.load(1), store.rename(1, "a".into()), store.save(1, "b".into()));
-    let _ = (store.upper(1), store.delete(1));
+    let _ = (store.upper(1), store.delete(1), store.schema(1));
 }
