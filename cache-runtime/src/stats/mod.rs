@@ -114,9 +114,11 @@ impl FunctionStats {
 /// `Display` prints a table, one row per function, flagging hit rates under 80%:
 ///
 /// ```text
-/// function         calls     hits   misses   hit rate    loads  errors   load avg   load max  lock waits  cache err
-/// app::get_user      100       90       10      90.0%       10       0     1.20ms     2.31ms           3          0
-/// app::search         10        2        8    ! 20.0%        8       0    15.00ms    19.00ms           0          0
+/// function           calls     hits   misses   hit rate    loads  errors   load avg   load max  lock waits    puts  evicts  tag inv  cache err
+/// app::get_user        100       90       10      90.0%       10       0     1.20ms     2.31ms           3       0       0        0          0
+/// app::search           10        2        8    ! 20.0%        8       0    15.00ms    19.00ms           0       0       0        0          0
+/// app::save_user         0        0        0          -        0       0          -          -           0       4       0        0          0
+/// app::on_user_updated   0        0        0          -        0       0          -          -           0       0       2        2          0
 /// ! hit rate under 80%
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
