@@ -197,7 +197,8 @@ pub(crate) trait Backend: Send + Sync {
         ttl: Duration,
     ) -> impl Future<Output = BackendResult<()>> + Send;
 
-    /// Removes `keys`, replaces their generations, voids their leases, wakes their waiters.
+    /// Removes `keys` and replaces their generations (voiding the leases and pending loads
+    /// of them: their fills are rejected, which wakes their waiters).
     fn invalidate(&self, keys: &[&str]) -> impl Future<Output = BackendResult<()>> + Send;
 
     /// The current version of each tag (full names), creating a version for a tag that has

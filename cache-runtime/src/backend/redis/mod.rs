@@ -39,11 +39,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use redis::ErrorKind as RedisKind;
 
 use self::bus::Bus;
 use self::conn::Connections;
-use self::scripts::{FILL, INVALIDATE, RELEASE, WRITE, evalsha, run};
+use self::scripts::{FILL, RELEASE, WRITE, evalsha, run};
 use super::{Backend, BackendResult, Gen, LeaseReply, OnWait, PENDING_TTL, Read, Stored, Token};
 use crate::breaker::FailureLog;
 use crate::key::aux_key;
@@ -316,27 +315,25 @@ impl Backend for RedisBackend {
         if keys.is_empty() {
             return Ok(());
         }
-        let all: Vec<(&str, String)> = keys.iter().map(|k| (*k, self.waiters(k))).collect();
+        // A `DEL` per hash slot (one command on Redis Cluster may not span slots), pipelined:
+        // one round trip. No script and no notification: a load holding a removed marker
+        // wakes its waiters when its fill is rejected, and a waiter of a holder that is gone
+        // finds the key empty at its next re-check.
+        let mut by_slot: Vec<(u16, Vec<&str>)> = Vec::new();
+        for key in keys {
+            let slot = crate::key::key_slot(key);
+            match by_slot.iter_mut().find(|(s, _)| *s == slot) {
+                Some((_, group)) => group.push(key),
+                None => by_slot.push((slot, vec![key])),
+            }
+        }
         self.conns
             .run("invalidate", |mut conn| async move {
-                // One script per key (each touches one hash slot), pipelined: one round trip.
                 let mut pipe = redis::pipe();
-                for (key, waiters) in &all {
-                    pipe.cmd("EVALSHA")
-                        .arg(INVALIDATE.get_hash())
-                        .arg(2)
-                        .arg(*key)
-                        .arg(waiters)
-                        .arg(CHANNEL)
-                        .ignore();
+                for (_, group) in &by_slot {
+                    pipe.cmd("DEL").arg(group).ignore();
                 }
-                match pipe.exec_async(&mut conn).await {
-                    Err(e) if e.kind() == RedisKind::Server(redis::ServerErrorKind::NoScript) => {
-                        INVALIDATE.prepare_invoke().load_async(&mut conn).await?;
-                        pipe.exec_async(&mut conn).await
-                    }
-                    other => other,
-                }
+                pipe.exec_async(&mut conn).await
             })
             .await
     }

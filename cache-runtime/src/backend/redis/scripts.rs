@@ -109,17 +109,3 @@ return 1
 ",
     )
 });
-
-/// KEYS: value, waiters. ARGV: channel. Removes the value or a pending load's marker (that
-/// load's fill is then rejected), waking the waiters.
-pub(super) static INVALIDATE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-redis.call('DEL', KEYS[1])
-if redis.call('DEL', KEYS[2]) == 1 then
-  redis.call('PUBLISH', ARGV[1], KEYS[1])
-end
-return 1
-",
-    )
-});
