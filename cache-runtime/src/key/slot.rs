@@ -191,7 +191,7 @@ mod tests {
         }
     }
 
-    const PREFIXES: [&str; 3] = ["__cr:gen:", "__cr:lease:", "__cr:wait:"];
+    const PREFIXES: [&str; 2] = ["__cr:wait:", "__cr:tag:"];
 
     fn assert_same_slot(key: &str) {
         for prefix in PREFIXES {
