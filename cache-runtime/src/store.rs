@@ -34,6 +34,9 @@ pub(crate) fn new_token() -> String {
 
 pub(crate) struct Store {
     backend: Arc<AnyBackend>,
+    /// Bumped before and after every tag invalidation through this store: a tagged load whose
+    /// versions were read under another value may be stale for callers that joined it.
+    tag_epoch: std::sync::atomic::AtomicU64,
     flights: Flights,
     namespace: String,
     default_ttl: Duration,
@@ -59,6 +62,7 @@ impl Store {
     ) -> Self {
         Store {
             backend: Arc::new(backend),
+            tag_epoch: std::sync::atomic::AtomicU64::new(0),
             flights: Flights::new(),
             namespace,
             default_ttl,
@@ -120,22 +124,32 @@ impl Store {
     ) -> BackendResult<(Read, Option<LeaseGuard>)> {
         let token = Token::default();
         let read = self.backend.read_for_fill(key, &token).await?;
-        let guard = match (&read, token.into_issued()) {
-            (Read::Miss(generation), Some(marker)) if generation.0 == marker.as_bytes() => {
-                Some(LeaseGuard {
-                    backend: Some(self.backend.clone()),
-                    key: key.to_owned(),
-                    token: marker,
-                })
-            }
-            _ => None,
+        let guard = match &read {
+            Read::Miss(generation) => self.guard_if_mine(key, generation, token),
+            Read::Hit(_) => None,
         };
         Ok((read, guard))
     }
 
-    /// The generation of `key`.
-    pub(crate) async fn generation(&self, key: &str) -> BackendResult<Gen> {
-        self.backend.generation(key).await
+    /// What to fill against after a read found a value the caller cannot use (see
+    /// [`Backend::replace`]); with the guard of the marker this call left, if it did.
+    pub(crate) async fn replace(&self, key: &str) -> BackendResult<(Gen, Option<LeaseGuard>)> {
+        let token = Token::default();
+        let generation = self.backend.replace(key, &token).await?;
+        let guard = self.guard_if_mine(key, &generation, token);
+        Ok((generation, guard))
+    }
+
+    /// A guard for the marker `token` if `generation` is it (this call left it in the key).
+    fn guard_if_mine(&self, key: &str, generation: &Gen, token: Token) -> Option<LeaseGuard> {
+        match token.into_issued() {
+            Some(marker) if generation.0 == marker.as_bytes() => Some(LeaseGuard {
+                backend: Some(self.backend.clone()),
+                key: key.to_owned(),
+                token: marker,
+            }),
+            _ => None,
+        }
     }
 
     /// The value, or the lease of `key` for `lease`, or a wait for its holder (`on_wait` is
@@ -267,7 +281,45 @@ impl Store {
     /// Invalidates every entry recorded under any of `tags`, in every process. A load that
     /// read a tag's version before this is never served after it (its followers retry).
     pub(crate) async fn invalidate_tags(&self, tags: &[&str]) -> BackendResult<()> {
-        self.backend.invalidate_tags(tags).await
+        use std::sync::atomic::Ordering::SeqCst;
+        if tags.is_empty() {
+            return Ok(());
+        }
+        self.tag_epoch.fetch_add(1, SeqCst);
+        let done = self.backend.invalidate_tags(tags).await;
+        self.tag_epoch.fetch_add(1, SeqCst);
+        done
+    }
+
+    /// See the `tag_epoch` field.
+    pub(crate) fn tag_epoch(&self) -> u64 {
+        self.tag_epoch.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Invalidates `keys` and `tags` in the background (a put or evict whose call was dropped
+    /// after its function may have written the database): in-process flights at once.
+    pub(crate) fn invalidate_in_background(&self, keys: Vec<String>, tags: Vec<String>) {
+        for key in &keys {
+            self.flights.invalidate(key);
+        }
+        if !tags.is_empty() {
+            self.tag_epoch
+                .fetch_add(2, std::sync::atomic::Ordering::SeqCst);
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let backend = self.backend.clone();
+        handle.spawn(async move {
+            let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+            let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
+            if !keys.is_empty() {
+                let _ = backend.invalidate(&keys).await;
+            }
+            if !tags.is_empty() {
+                let _ = backend.invalidate_tags(&tags).await;
+            }
+        });
     }
 
     /// Removes `keys`. Loads of them running now, in any process, do not store their results.

@@ -14,5 +14,6 @@ mod redis_failures;
 mod shapes;
 mod stampede;
 mod ui;
+mod write_regressions;
 mod write_shapes;
 mod writes;

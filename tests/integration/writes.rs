@@ -116,7 +116,7 @@ async fn store_user(cache: &Cache, db: &Db, org: u64, id: u64, user: User) -> Re
 }
 
 /// The seed's event invalidation, as one attribute.
-#[cache_evict(cache = cache, keys = ["user:{id}", "user_profile:{id}", "user_list"], tags = ["org:{org}"], name = "on_user_updated")]
+#[cache_evict(cache = cache, keys = ["user:{id}", "user_profile:{id}", "user_list"], tags = ["org:{org}", "teams"], name = "on_user_updated")]
 async fn on_user_updated(cache: &Cache, org: u64, id: u64, ok: bool) -> Result<(), String> {
     if ok {
         Ok(())
@@ -196,7 +196,7 @@ on_both_backends! {
             assert_eq!(get_user(cache, &db, &calls, 7, 1).await, Ok(renamed(1, "changed")));
         }
         let s = other.stats().function("on_user_updated").cloned().unwrap();
-        assert_eq!((s.evictions, s.tag_invalidations), (1, 1));
+        assert_eq!((s.evictions, s.tag_invalidations), (1, 2));
     }
 
     async fn a_tag_invalidation_during_a_slow_load_wins(fx: Fx) {
@@ -259,21 +259,26 @@ on_both_backends! {
         user_list(&fx.cache, &db, &calls).await;
         team(&fx.cache, &db, &calls, 7, 3).await;
         team(&fx.cache, &db, &calls, 8, 4).await;
-        assert_eq!(calls.get(), 5);
+        get_user(&fx.cache, &db, &calls, 8, 2).await.unwrap();
+        assert_eq!(calls.get(), 6);
         db.write(&renamed(1, "new"));
+        // One call: three keys and two tags (`org:7`, `teams`).
         on_user_updated(&fx.cache, 7, 1, true).await.unwrap();
         assert_eq!(get_user(&fx.cache, &db, &calls, 7, 1).await, Ok(renamed(1, "new")));
         assert_eq!(get_profile(&fx.cache, &db, &calls, 1).await, "profile of new");
         assert_eq!(user_list(&fx.cache, &db, &calls).await, vec!["new".to_owned(), "user 2".to_owned()]);
-        assert_eq!(calls.get(), 8, "three keys evicted");
-        // The org:7 tag went with them: team 3 (org 7) reloads, team 4 (org 8) does not.
-        team(&fx.cache, &db, &calls, 7, 3).await;
-        team(&fx.cache, &db, &calls, 8, 4).await;
-        assert_eq!(calls.get(), 9);
-        // Two tags in one call: `teams` reaches org 8's team too.
+        assert_eq!(calls.get(), 9, "three keys evicted");
+        team(&fx.cache, &db, &calls, 7, 3).await; // under `org:7`
+        team(&fx.cache, &db, &calls, 8, 4).await; // under `teams`
+        assert_eq!(calls.get(), 11, "both tags invalidated");
+        get_user(&fx.cache, &db, &calls, 8, 2).await.unwrap(); // under `org:8` only
+        assert_eq!(calls.get(), 11, "an entry under neither tag is kept");
+        let s = fx.cache.stats().function("on_user_updated").cloned().unwrap();
+        assert_eq!((s.evictions, s.tag_invalidations), (1, 2));
+        // Tags only, no keys.
         reorganize(&fx.cache, 9).await;
         team(&fx.cache, &db, &calls, 8, 4).await;
-        assert_eq!(calls.get(), 10);
+        assert_eq!(calls.get(), 12);
         assert_eq!(fx.cache.stats().function(&format!("{}::reorganize", module_path!())).unwrap().tag_invalidations, 2);
     }
 
@@ -389,7 +394,49 @@ async fn every_key_written_has_a_ttl_and_tags_go_with_their_entries() {
     on_user_updated(&cache, 2, 2, true).await.unwrap();
     reorganize(&cache, 1).await;
     cache.invalidate_tag("org:0").await.unwrap();
+    // A failed load leaves its marker until it is removed (in the background), and a lock
+    // wait leaves a waiters key: both have TTLs (looked at while they exist).
+    #[cached(cache = cache, key = "failing:{id}", tags = ["org:{id}"])]
+    async fn failing(cache: &Cache, gate: &Gate, id: u64) -> Result<u64, String> {
+        gate.pass().await;
+        Err(format!("no row {id}"))
+    }
+    #[cached(cache = cache, key = "locked:{id}", lock = 5)]
+    async fn locked(cache: &Cache, gate: &Gate, id: u64) -> u64 {
+        gate.pass().await;
+        id
+    }
+    let (g1, g2) = (Gate::new(), Gate::new());
+    let other = private_cache(&server, "ttl").await;
+    let fail = {
+        let (c, g) = (cache.clone(), g1.clone());
+        tokio::spawn(async move { failing(&c, &g, 1).await })
+    };
+    let lock_holder = {
+        let (c, g) = (cache.clone(), g2.clone());
+        tokio::spawn(async move { locked(&c, &g, 1).await })
+    };
+    g1.entered.notified().await;
+    g2.entered.notified().await;
+    let waiter = {
+        let (c, g) = (other.clone(), Gate::new());
+        tokio::spawn(async move { locked(&c, &g, 1).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let mut conn = raw_connection(&server.url()).await;
+    let during = keys_and_ttls(&mut conn).await;
+    assert!(
+        during.iter().any(|(k, _)| k.starts_with("__cr:wait:")),
+        "{during:?}"
+    );
+    for (key, ttl) in &during {
+        assert!(*ttl > 0, "{key} has no TTL ({ttl})");
+    }
+    g1.release.notify_one();
+    g2.release.notify_one();
+    assert!(fail.await.unwrap().is_err());
+    assert_eq!(lock_holder.await.unwrap(), 1);
+    assert_eq!(waiter.await.unwrap(), 1);
     let all = keys_and_ttls(&mut conn).await;
     assert!(
         all.iter().any(|(k, _)| k.starts_with("__cr:tag:")),

@@ -218,6 +218,23 @@ impl Config {
             }
         }
 
+        // In `value` and `unless`, `result` is the function's output: a parameter of that name
+        // would be shadowed there without a word.
+        let names_result = [args.value.get(), args.unless.get()]
+            .into_iter()
+            .flatten()
+            .any(|e| shared::mentions_result(e.to_token_stream()));
+        if names_result {
+            for p in &params {
+                if p.ident.as_ref().is_some_and(|i| i == "result") {
+                    errors.error(
+                        p.span,
+                        "this parameter is named `result`, which `value` and `unless` use for the function's output; rename the parameter",
+                    );
+                }
+            }
+        }
+
         if let Type::Tuple(t) = &ret {
             if t.elems.is_empty() {
                 if let Some(span) = args.unless.span() {

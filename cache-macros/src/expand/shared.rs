@@ -17,7 +17,7 @@ pub(super) fn hidden(name: &str) -> Ident {
 
 /// Whether an option's expression names `result` (as an identifier, or inside a string
 /// literal, where `format!("{result}")` captures it).
-fn mentions_result(tokens: TokenStream) -> bool {
+pub(super) fn mentions_result(tokens: TokenStream) -> bool {
     tokens.into_iter().any(|tt| match tt {
         TokenTree::Ident(i) => i == "result",
         TokenTree::Group(g) => mentions_result(g.stream()),

@@ -218,7 +218,7 @@ impl Backend for MemoryBackend {
         })
     }
 
-    async fn generation(&self, key: &str) -> BackendResult<Gen> {
+    async fn replace(&self, key: &str, _token: &Token) -> BackendResult<Gen> {
         Ok(self.ticket(key))
     }
 

@@ -160,8 +160,11 @@ pub(crate) trait Backend: Send + Sync {
         token: &Token,
     ) -> impl Future<Output = BackendResult<Read>> + Send;
 
-    /// The key's generation (after a read found a value the caller cannot use).
-    fn generation(&self, key: &str) -> impl Future<Output = BackendResult<Gen>> + Send;
+    /// What to fill against after a read found a value the caller cannot use (undecodable,
+    /// of another Redis type, or invalidated by a tag). A shared backend replaces the value
+    /// with `token` as a pending load's marker, unless another caller's marker is already
+    /// there (then it returns that one, and the caller's fill is checked against it).
+    fn replace(&self, key: &str, token: &Token) -> impl Future<Output = BackendResult<Gen>> + Send;
 
     /// The value, or the lease `token` for `lease`, waiting as long as twice the lease for
     /// another holder's fill if needed; `on_wait` is called when a wait begins.
@@ -268,8 +271,8 @@ impl Backend for AnyBackend {
         dispatch!(self, b => b.read_for_fill(key, token).await)
     }
 
-    async fn generation(&self, key: &str) -> BackendResult<Gen> {
-        dispatch!(self, b => b.generation(key).await)
+    async fn replace(&self, key: &str, token: &Token) -> BackendResult<Gen> {
+        dispatch!(self, b => b.replace(key, token).await)
     }
 
     async fn lease(

@@ -96,6 +96,8 @@ pub struct Fetch<'a> {
     key: Option<String>,
     /// `tags = [..]`: the call's tags, and their versions once read.
     tags: Option<Box<TagSet>>,
+    /// The store's tag epoch when the versions were read (see `Store::tag_epoch`).
+    tag_epoch: u64,
     state: State<'a>,
     load_started: Option<Instant>,
     load_time: Duration,
@@ -140,6 +142,7 @@ impl<'a> Fetch<'a> {
             stats,
             key,
             tags: None,
+            tag_epoch: 0,
             state: State::Idle,
             load_started: None,
             load_time: Duration::ZERO,
@@ -183,6 +186,7 @@ impl<'a> Fetch<'a> {
         if tags.has_versions() {
             return;
         }
+        self.tag_epoch = self.store.tag_epoch();
         match self.store.tag_versions(&tags.names(), ttl).await {
             Ok(versions) => tags.versions = versions,
             Err(e) => self.backend_failure(&e),
@@ -255,16 +259,8 @@ impl<'a> Fetch<'a> {
                     self.state = State::Direct { key };
                     return Step::Found(stored);
                 }
-                Ok(Some(_)) => {
-                    // Invalidated by a tag: load, and fill over it.
-                    let generation = store.generation(&key).await.ok();
-                    self.state = State::Solo {
-                        key: Some(key),
-                        generation,
-                    };
-                    return Step::Load;
-                }
-                Ok(None) => {}
+                // Invalidated by a tag: a miss, loaded through the flight like any other.
+                Ok(Some(_)) | Ok(None) => {}
                 Err(e) => self.backend_failure(&e),
             }
         }
@@ -276,8 +272,41 @@ impl<'a> Fetch<'a> {
                         self.state = State::Follow;
                         return Step::Found(stored);
                     }
-                    Err(again) => key = again,
+                    Err(again) => {
+                        // The leader's value is not for this call: read the tags again too
+                        // (one may have been invalidated since this call read them).
+                        if let Some(tags) = self.tags.as_deref_mut() {
+                            tags.versions.clear();
+                        }
+                        key = again;
+                    }
                 },
+            }
+        }
+    }
+
+    /// Whether a tag was invalidated through this store since this call read its versions:
+    /// then its value may be stale for callers that joined it after the invalidation.
+    fn tags_moved(&self) -> bool {
+        self.tags.is_some() && self.store.tag_epoch() != self.tag_epoch
+    }
+
+    /// What the followers get: not a value computed under tag versions that moved since.
+    fn vet(&self, outcome: Outcome) -> Outcome {
+        match outcome {
+            Outcome::Value(_) if self.tags_moved() => Outcome::Retry,
+            other => other,
+        }
+    }
+
+    /// Replaces a value this call cannot use with its marker: what to fill against, and the
+    /// marker's guard if it is this call's.
+    async fn replaced(&self, key: &str) -> (Option<Gen>, Option<LeaseGuard>) {
+        match self.store.replace(key).await {
+            Ok((generation, guard)) => (Some(generation), guard),
+            Err(e) => {
+                self.backend_failure(&e);
+                (None, None)
             }
         }
     }
@@ -319,12 +348,16 @@ impl<'a> Fetch<'a> {
             .as_deref()
             .filter(|t| !t.has_versions())
             .map(TagSet::names);
-        let ((mut found, mut generation, lease), versions) = tokio::join!(self.read(key), async {
-            match &names {
-                Some(names) => Some(store.tag_versions(names, ttl).await),
-                None => None,
-            }
-        });
+        if names.is_some() {
+            self.tag_epoch = store.tag_epoch();
+        }
+        let ((mut found, mut generation, mut lease), versions) =
+            tokio::join!(self.read(key), async {
+                match &names {
+                    Some(names) => Some(store.tag_versions(names, ttl).await),
+                    None => None,
+                }
+            });
         drop(names);
         match versions {
             Some(Ok(versions)) => {
@@ -346,7 +379,19 @@ impl<'a> Fetch<'a> {
             {
                 // Invalidated by a tag: load, and fill over it.
                 found = None;
-                generation = store.generation(key).await.ok();
+                (generation, lease) = self.replaced(key).await;
+                if lease.is_none() && generation.is_some() && self.site.lock.is_some() {
+                    // With `lock`, another process replaced it first and loads: wait for its
+                    // fill as any lock waiter does.
+                    match self.read(key).await {
+                        (Some(fresh), ..) if self.tags_current(&fresh).await => {
+                            found = Some(fresh);
+                            generation = None;
+                        }
+                        (Some(_), ..) => (generation, lease) = self.replaced(key).await,
+                        (None, g, l) => (generation, lease) = (g, l),
+                    }
+                }
             }
         }
         self.state = State::Lead {
@@ -387,30 +432,36 @@ impl<'a> Fetch<'a> {
                         }
                     }
                 }
-                Err(e) => (None, self.failed_read(key, &e).await, None),
+                Err(e) => {
+                    let (generation, marker) = self.failed_read(key, &e).await;
+                    (None, generation, marker)
+                }
             },
             // The marker this call may leave in the key is held like a lease: filling
             // replaces it, a result not stored removes it (in the background).
             None => match store.read_for_fill(key).await {
                 Ok((Read::Hit(stored), _)) => (Some(stored), None, None),
                 Ok((Read::Miss(generation), marker)) => (None, Some(generation), marker),
-                Err(e) => (None, self.failed_read(key, &e).await, None),
+                Err(e) => {
+                    let (generation, marker) = self.failed_read(key, &e).await;
+                    (None, generation, marker)
+                }
             },
         }
     }
 
-    /// A read failed: count it; the generation to fill against, if it can be had.
-    async fn failed_read(&self, key: &str, e: &BackendError) -> Option<Gen> {
+    /// A read failed: count it; what to fill against, if it can be had.
+    async fn failed_read(&self, key: &str, e: &BackendError) -> (Option<Gen>, Option<LeaseGuard>) {
         match e {
             // The key holds another Redis type, say: a miss, and the fill overwrites it.
             BackendError::Data(msg) => {
                 self.decode_failure(msg);
-                self.store.generation(key).await.ok()
+                self.replaced(key).await
             }
             // Without the generation a fill could be stale: it is skipped.
             _ => {
                 self.backend_failure(e);
-                None
+                (None, None)
             }
         }
     }
@@ -419,7 +470,7 @@ impl<'a> Fetch<'a> {
     pub(crate) fn hit(&mut self, stored: Stored) {
         SiteStats::inc(&self.stats.hits);
         match std::mem::replace(&mut self.state, State::Idle) {
-            State::Lead { guard, .. } => guard.publish(Outcome::Value(stored)),
+            State::Lead { guard, .. } => guard.publish(self.vet(Outcome::Value(stored))),
             State::Follow => SiteStats::inc(&self.stats.coalesced),
             _ => {}
         }
@@ -431,15 +482,16 @@ impl<'a> Fetch<'a> {
         self.decode_failure(e);
         self.state = match std::mem::replace(&mut self.state, State::Idle) {
             State::Lead { guard, lease, .. } => {
-                let generation = self.store.generation(guard.flight().key()).await.ok();
+                let (generation, marker) = self.replaced(guard.flight().key()).await;
                 State::Lead {
                     guard,
                     generation,
-                    lease,
+                    lease: lease.or(marker),
                 }
             }
             State::Direct { key } => {
-                let generation = self.store.generation(&key).await.ok();
+                // Memory: no marker to guard.
+                let (generation, _) = self.replaced(&key).await;
                 State::Solo {
                     key: Some(key),
                     generation,
@@ -596,7 +648,7 @@ impl<'a> Fetch<'a> {
                         Outcome::Value(stored)
                     }
                 };
-                guard.publish(outcome);
+                guard.publish(self.vet(outcome));
             }
             State::Solo {
                 key: Some(key),
@@ -643,7 +695,7 @@ impl<'a> Fetch<'a> {
     async fn share(&mut self, stored: Stored) {
         if let State::Lead { guard, lease, .. } = std::mem::replace(&mut self.state, State::Idle) {
             self.release(lease).await;
-            guard.publish(Outcome::Value(stored));
+            guard.publish(self.vet(Outcome::Value(stored)));
         }
     }
 

@@ -58,6 +58,17 @@ pub struct Put<'a> {
     tags: Option<TagSet>,
     value: Option<Stored>,
     ok: bool,
+    /// From `begin` to `finish`: dropped in between (a panic, a cancelled call), the function
+    /// may have written the database, so the key is invalidated in the background.
+    armed: bool,
+}
+
+impl Drop for Put<'_> {
+    fn drop(&mut self) {
+        if let (true, Some(key)) = (self.armed, self.key.take()) {
+            self.store.invalidate_in_background(vec![key], Vec::new());
+        }
+    }
 }
 
 impl<'a> Put<'a> {
@@ -83,11 +94,15 @@ impl<'a> Put<'a> {
             tags: None,
             value: None,
             ok: true,
+            armed: false,
         }
     }
 
     /// The tags the written entry is recorded under.
     pub fn tags(&mut self, tags: Tags) {
+        if tags.names.is_empty() && !tags.failed {
+            return;
+        }
         if tags.failed && self.key.is_some() {
             // An entry missing one of its tags would escape that tag's invalidation.
             warn_key(self.store, self.site, self.self_type, "tag");
@@ -99,6 +114,7 @@ impl<'a> Put<'a> {
     /// Reads the tags' versions before the function runs: the value is computed after them,
     /// so an invalidation of a tag after this point is never lost.
     pub async fn begin(&mut self) {
+        self.armed = self.key.is_some();
         let (Some(_), Some(tags)) = (&self.key, &mut self.tags) else {
             return;
         };
@@ -193,6 +209,7 @@ impl<'a> Put<'a> {
 
     /// Writes the entry if the function succeeded.
     pub async fn finish(mut self) {
+        self.armed = false;
         let (true, Some(key), Some(value)) = (self.ok, self.key.take(), self.value.take()) else {
             if self.key.is_some() && !self.ok {
                 SiteStats::inc(&self.stats.not_stored);
@@ -237,6 +254,22 @@ pub struct Evict<'a> {
     keys: Vec<String>,
     tags: Vec<String>,
     ok: bool,
+    /// The call's eviction was counted (`before`, then `finish`: one call, counted once).
+    counted: bool,
+    /// Until `finish`: dropped before (a panic, a cancelled call), the function may have
+    /// written the database, so the keys and tags are invalidated in the background.
+    armed: bool,
+}
+
+impl Drop for Evict<'_> {
+    fn drop(&mut self) {
+        if self.armed && self.active {
+            self.store.invalidate_in_background(
+                std::mem::take(&mut self.keys),
+                std::mem::take(&mut self.tags),
+            );
+        }
+    }
 }
 
 impl<'a> Evict<'a> {
@@ -252,6 +285,8 @@ impl<'a> Evict<'a> {
             keys: Vec::new(),
             tags: Vec::new(),
             ok: true,
+            counted: false,
+            armed: true,
         }
     }
 
@@ -294,13 +329,14 @@ impl<'a> Evict<'a> {
     }
 
     /// Invalidates the keys and tags if the function succeeded.
-    pub async fn finish(self) {
+    pub async fn finish(mut self) {
+        self.armed = false;
         if self.active && self.ok {
             self.run().await;
         }
     }
 
-    async fn run(&self) {
+    async fn run(&mut self) {
         let keys: Vec<&str> = self.keys.iter().map(String::as_str).collect();
         let tags: Vec<&str> = self.tags.iter().map(String::as_str).collect();
         let (k, t) = tokio::join!(
@@ -319,14 +355,17 @@ impl<'a> Evict<'a> {
                 }
             }
         );
+        let first = !self.counted;
         match k {
-            Ok(()) if !keys.is_empty() => SiteStats::inc(&self.stats.evictions),
+            Ok(()) if !keys.is_empty() && first => SiteStats::inc(&self.stats.evictions),
             Ok(()) => {}
             Err(e) => count_failure(self.store, &self.stats, &e),
         }
         match t {
-            Ok(()) => self.stats.tag_invalidations.add(tags.len() as u64),
+            Ok(()) if first => self.stats.tag_invalidations.add(tags.len() as u64),
+            Ok(()) => {}
             Err(e) => count_failure(self.store, &self.stats, &e),
         }
+        self.counted = true;
     }
 }

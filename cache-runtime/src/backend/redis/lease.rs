@@ -52,6 +52,8 @@ impl RedisBackend {
             Read::Miss(m) if m.0 == mine.as_bytes() => {
                 return Ok(reply(Leased::Acquired(m), None));
             }
+            // The server refuses writes (see `set_nx_get`): no lease to take or wait for.
+            Read::Miss(m) if m.0.is_empty() => return Ok(reply(Leased::WaitedOut(m), None)),
             Read::Miss(other) => other,
         };
 

@@ -42,7 +42,7 @@ use bytes::Bytes;
 
 use self::bus::Bus;
 use self::conn::Connections;
-use self::scripts::{FILL, RELEASE, WRITE, evalsha, run};
+use self::scripts::{FILL, RELEASE, REPLACE, WRITE, evalsha, run};
 use super::{Backend, BackendResult, Gen, LeaseReply, OnWait, PENDING_TTL, Read, Stored, Token};
 use crate::breaker::FailureLog;
 use crate::key::aux_key;
@@ -191,23 +191,36 @@ impl RedisBackend {
     }
 
     async fn set_nx_get(&self, key: &str, marker: &str, ttl: Duration) -> BackendResult<Read> {
-        let value = self
+        let (value, marked) = self
             .conns
             .run("SET NX GET", |mut conn| async move {
-                let v: Option<Vec<u8>> =
-                    redis::Cmd::with_capacity(7, key.len() + marker.len() + 24)
-                        .arg("SET")
-                        .arg(key)
-                        .arg(marker)
-                        .arg("NX")
-                        .arg("PX")
-                        .arg(millis(ttl))
-                        .arg("GET")
-                        .query_async(&mut conn)
-                        .await?;
-                Ok(v)
+                let set = redis::Cmd::with_capacity(7, key.len() + marker.len() + 24)
+                    .arg("SET")
+                    .arg(key)
+                    .arg(marker)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(millis(ttl))
+                    .arg("GET")
+                    .query_async::<Option<Vec<u8>>>(&mut conn)
+                    .await;
+                match set {
+                    Ok(v) => Ok((v, true)),
+                    // A server that refuses writes (over `maxmemory` with `noeviction`, a
+                    // read-only replica or user) still serves hits: a plain `GET`, and a miss
+                    // without a marker (its fill is not stored).
+                    Err(e) if matches!(e.code(), Some("OOM" | "READONLY" | "NOPERM")) => {
+                        let v: Option<Vec<u8>> =
+                            redis::cmd("GET").arg(key).query_async(&mut conn).await?;
+                        Ok((v, false))
+                    }
+                    Err(e) => Err(e),
+                }
             })
             .await?;
+        if !marked && value.as_deref().is_none_or(is_marker) {
+            return Ok(Read::Miss(Gen::default()));
+        }
         Ok(classify(value, marker))
     }
 
@@ -225,22 +238,22 @@ impl Backend for RedisBackend {
         self.lookup(key, self.marker(token), PENDING_TTL).await
     }
 
-    async fn generation(&self, key: &str) -> BackendResult<Gen> {
-        // The key holds something this call cannot use: replace it with a marker. A value
-        // written in between is lost to a miss, never to a stale fill: this call loads after.
-        let marker = self.new_marker();
-        self.conns
-            .run("SET", |mut conn| async move {
-                let () = redis::cmd("SET")
-                    .arg(key)
-                    .arg(&marker)
-                    .arg("PX")
-                    .arg(millis(PENDING_TTL))
-                    .query_async(&mut conn)
-                    .await?;
-                Ok(Gen(Bytes::from(marker.into_bytes())))
+    async fn replace(&self, key: &str, token: &Token) -> BackendResult<Gen> {
+        // A value written in between is lost to a miss, never to a stale fill: this call
+        // loads after.
+        let marker = self.marker(token);
+        let found: Option<Vec<u8>> = self
+            .conns
+            .run("replace", |mut conn| async move {
+                let mut cmd = evalsha(&REPLACE, 1, 3, key.len() + marker.len() + 16);
+                cmd.arg(key).arg(marker).arg(millis(PENDING_TTL));
+                run(&mut conn, &REPLACE, &cmd).await
             })
-            .await
+            .await?;
+        Ok(Gen(match found {
+            Some(other) => Bytes::from(other),
+            None => Bytes::copy_from_slice(marker.as_bytes()),
+        }))
     }
 
     async fn fill(
@@ -339,6 +352,9 @@ impl Backend for RedisBackend {
     }
 
     async fn tag_versions(&self, tags: &[&str], ttl: Duration) -> BackendResult<Vec<Bytes>> {
+        if tags.is_empty() {
+            return Ok(Vec::new());
+        }
         let keys = Self::tag_keys(tags);
         let fresh: Vec<String> = tags.iter().map(|_| crate::store::new_token()).collect();
         self.conns
@@ -372,6 +388,9 @@ impl Backend for RedisBackend {
         tags: &[&str],
         extend: Option<Duration>,
     ) -> BackendResult<Vec<Option<Bytes>>> {
+        if tags.is_empty() {
+            return Ok(Vec::new());
+        }
         let keys = Self::tag_keys(tags);
         self.conns
             .run("tag check", |mut conn| async move {
