@@ -155,7 +155,7 @@ async fn lock_after_tag_invalidation_stampedes() {
     caches[0].invalidate_tag("g").await.unwrap();
     let before = calls.get();
     let mut hs = Vec::new();
-    for c in caches.iter().cloned() {
+    for c in caches {
         let calls = calls.clone();
         hs.push(tokio::spawn(
             async move { slow_locked(&c, &calls, 1).await },
