@@ -36,7 +36,7 @@ pub(crate) struct Store {
     backend: Arc<AnyBackend>,
     /// Bumped before and after every tag invalidation through this store: a tagged load whose
     /// versions were read under another value may be stale for callers that joined it.
-    tag_epoch: std::sync::atomic::AtomicU64,
+    tag_epoch: Arc<std::sync::atomic::AtomicU64>,
     flights: Flights,
     namespace: String,
     default_ttl: Duration,
@@ -62,7 +62,7 @@ impl Store {
     ) -> Self {
         Store {
             backend: Arc::new(backend),
-            tag_epoch: std::sync::atomic::AtomicU64::new(0),
+            tag_epoch: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             flights: Flights::new(),
             namespace,
             default_ttl,
@@ -299,25 +299,42 @@ impl Store {
     /// Invalidates `keys` and `tags` in the background (a put or evict whose call was dropped
     /// after its function may have written the database): in-process flights at once.
     pub(crate) fn invalidate_in_background(&self, keys: Vec<String>, tags: Vec<String>) {
+        use std::sync::atomic::Ordering::SeqCst;
         for key in &keys {
             self.flights.invalidate(key);
         }
-        if !tags.is_empty() {
-            self.tag_epoch
-                .fetch_add(2, std::sync::atomic::Ordering::SeqCst);
-        }
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            // No runtime to do it from (the call was dropped as its runtime shut down).
+            self.log.warn(
+                crate::breaker::FailureKind::Server,
+                &format_args!(
+                    "a cancelled put or evict could not invalidate its keys (no runtime); they expire with their TTL"
+                ),
+            );
             return;
         };
         let backend = self.backend.clone();
+        let epoch = self.tag_epoch.clone();
+        let log = self.log.clone();
         handle.spawn(async move {
             let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
             let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
+            let mut failed = None;
             if !keys.is_empty() {
-                let _ = backend.invalidate(&keys).await;
+                failed = backend.invalidate(&keys).await.err();
             }
             if !tags.is_empty() {
-                let _ = backend.invalidate_tags(&tags).await;
+                epoch.fetch_add(1, SeqCst);
+                failed = backend.invalidate_tags(&tags).await.err().or(failed);
+                epoch.fetch_add(1, SeqCst);
+            }
+            if let Some(e) = failed {
+                log.warn(
+                    crate::breaker::FailureKind::Server,
+                    &format_args!(
+                        "a cancelled put or evict could not invalidate its keys ({e}); they expire with their TTL"
+                    ),
+                );
             }
         });
     }

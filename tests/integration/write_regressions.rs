@@ -286,3 +286,66 @@ async fn memory_lock_after_tag_invalidation_stampedes() {
         "memory + lock: loads after invalidate_tag by 20 concurrent callers"
     );
 }
+
+#[cached(cache = cache, key = "row:{id}", ttl = 60)]
+async fn read_row(cache: &Cache, calls: &Calls, id: u64) -> u64 {
+    calls.hit();
+    id
+}
+
+#[cache_put(cache = cache, key = "row:{id}", ttl = 60)]
+async fn put_row_slowly(cache: &Cache, gate: &Gate, id: u64) -> u64 {
+    // The database write has happened; the call is dropped before it returns.
+    gate.pass().await;
+    id + 1
+}
+
+#[cache_evict(cache = cache, keys = ["row:{id}"])]
+async fn evict_row_slowly(cache: &Cache, gate: &Gate, id: u64) {
+    gate.pass().await;
+}
+
+/// A put or evict dropped after its function started (a timeout, a client that went away)
+/// may have written the database: the key is invalidated anyway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_or_evict_dropped_mid_call_invalidates_its_key() {
+    for cache in [
+        Cache::memory(),
+        redis_cache(&unique_namespace("dropped")).await,
+    ] {
+        let calls = Arc::new(Calls::default());
+        read_row(&cache, &calls, 1).await;
+        read_row(&cache, &calls, 2).await;
+        assert_eq!(calls.get(), 2);
+        let gate = Gate::new();
+        let put = {
+            let (c, g) = (cache.clone(), gate.clone());
+            tokio::spawn(async move { put_row_slowly(&c, &g, 1).await })
+        };
+        gate.entered.notified().await;
+        put.abort();
+        assert!(put.await.unwrap_err().is_cancelled());
+        let gate = Gate::new();
+        let evict = {
+            let (c, g) = (cache.clone(), gate.clone());
+            tokio::spawn(async move { evict_row_slowly(&c, &g, 2).await })
+        };
+        gate.entered.notified().await;
+        evict.abort();
+        assert!(evict.await.unwrap_err().is_cancelled());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        read_row(&cache, &calls, 1).await;
+        read_row(&cache, &calls, 2).await;
+        assert_eq!(
+            calls.get(),
+            4,
+            "both keys reloaded on {}",
+            cache.backend_name()
+        );
+        // A future dropped before it ran evicts nothing.
+        drop(evict_row_slowly(&cache, &Gate::default(), 1));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        read_row(&cache, &calls, 1).await;
+        assert_eq!(calls.get(), 4, "not evicted on {}", cache.backend_name());
+    }
+}

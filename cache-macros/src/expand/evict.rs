@@ -20,6 +20,7 @@ use super::{Gen, hidden};
 //         __cache_evict.key({ /* "user_list" */ });
 //         let __cache_tags: Tags = { /* one key writer per tag, pushed */ };
 //         __cache_evict.tags(__cache_tags);
+//         __cache_evict.start();                         // inside the future: armed
 //         __cache_evict.before().await;                  // only with `before`
 //         let __cache_result = async move { /* the fake return, as #[cached] */ stmts }.await;
 //         __cache_evict.succeeded(<Ok, Some or any value>);
@@ -57,11 +58,11 @@ pub(super) fn generate(g: &Gen<'_>) -> TokenStream {
     if g.args.condition.get().is_some() {
         targets = quote!(if #active { #targets });
     }
-    let before = g
-        .args
-        .before
-        .get()
-        .map(|()| quote_spanned!(g.ret_loc=> #evict.before().await;));
+    // Armed inside the future: a future dropped before it ran evicts nothing.
+    let mut before = quote_spanned!(g.ret_loc=> #evict.start(););
+    if g.args.before.get().is_some() {
+        before.extend(quote_spanned!(g.ret_loc=> #evict.before().await;));
+    }
     let succeeded = g.success(&result);
     let body = g.body(|future| {
         quote_spanned! {g.ret_loc=>

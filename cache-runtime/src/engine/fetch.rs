@@ -380,7 +380,11 @@ impl<'a> Fetch<'a> {
                 // Invalidated by a tag: load, and fill over it.
                 found = None;
                 (generation, lease) = self.replaced(key).await;
-                if lease.is_none() && generation.is_some() && self.site.lock.is_some() {
+                if lease.is_none()
+                    && generation.is_some()
+                    && self.site.lock.is_some()
+                    && store.is_shared()
+                {
                     // With `lock`, another process replaced it first and loads: wait for its
                     // fill as any lock waiter does.
                     match self.read(key).await {
@@ -426,6 +430,10 @@ impl<'a> Fetch<'a> {
                             }
                             (None, Some(generation), Some(lease))
                         }
+                        // The server refuses writes: no lease, and nothing to fill.
+                        Lease::WaitedOut(generation) if generation.0.is_empty() => {
+                            (None, None, None)
+                        }
                         Lease::WaitedOut(generation) => {
                             SiteStats::inc(&self.stats.wait_timeouts);
                             (None, Some(generation), None)
@@ -441,6 +449,8 @@ impl<'a> Fetch<'a> {
             // replaces it, a result not stored removes it (in the background).
             None => match store.read_for_fill(key).await {
                 Ok((Read::Hit(stored), _)) => (Some(stored), None, None),
+                // The server refuses writes: nothing to fill against.
+                Ok((Read::Miss(generation), _)) if generation.0.is_empty() => (None, None, None),
                 Ok((Read::Miss(generation), marker)) => (None, Some(generation), marker),
                 Err(e) => {
                     let (generation, marker) = self.failed_read(key, &e).await;
@@ -453,8 +463,8 @@ impl<'a> Fetch<'a> {
     /// A read failed: count it; what to fill against, if it can be had.
     async fn failed_read(&self, key: &str, e: &BackendError) -> (Option<Gen>, Option<LeaseGuard>) {
         match e {
-            // The key holds another Redis type, say: a miss, and the fill overwrites it.
-            BackendError::Data(msg) => {
+            // The key holds another Redis type: a miss, and the fill overwrites it.
+            BackendError::Data(msg) if msg.contains("WRONGTYPE") => {
                 self.decode_failure(msg);
                 self.replaced(key).await
             }

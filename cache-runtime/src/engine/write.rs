@@ -55,6 +55,9 @@ pub struct Put<'a> {
     stats: StatsRef<'a>,
     /// `None`: nothing to write (`condition` false, the key did not render).
     key: Option<String>,
+    /// The entry cannot be written under its tags (one did not render, their versions could
+    /// not be read): the key is invalidated instead.
+    invalidate_only: bool,
     tags: Option<TagSet>,
     value: Option<Stored>,
     ok: bool,
@@ -95,6 +98,7 @@ impl<'a> Put<'a> {
             value: None,
             ok: true,
             armed: false,
+            invalidate_only: false,
         }
     }
 
@@ -106,7 +110,7 @@ impl<'a> Put<'a> {
         if tags.failed && self.key.is_some() {
             // An entry missing one of its tags would escape that tag's invalidation.
             warn_key(self.store, self.site, self.self_type, "tag");
-            self.key = None;
+            self.invalidate_only = true;
         }
         self.tags = Some(tags.into_set());
     }
@@ -128,14 +132,14 @@ impl<'a> Put<'a> {
             Err(e) => {
                 // Without the versions the entry cannot be recorded under its tags.
                 count_failure(self.store, &self.stats, &e);
-                self.key = None;
+                self.invalidate_only = true;
             }
         }
     }
 
     /// Whether a value is still wanted (the call has a key and has not failed).
     pub fn wants_value(&self) -> bool {
-        self.ok && self.key.is_some()
+        self.ok && self.key.is_some() && !self.invalidate_only
     }
 
     /// Encodes `value` (the `value = ..` option) as the entry to write.
@@ -209,20 +213,34 @@ impl<'a> Put<'a> {
 
     /// Writes the entry if the function succeeded.
     pub async fn finish(mut self) {
+        self.finish_inner().await;
+        // Only now: a call dropped during the write above still invalidates.
         self.armed = false;
-        let (true, Some(key), Some(value)) = (self.ok, self.key.take(), self.value.take()) else {
-            if self.key.is_some() && !self.ok {
+    }
+
+    async fn finish_inner(&mut self) {
+        let Some(key) = self.key.as_deref() else {
+            return;
+        };
+        if self.invalidate_only && self.ok {
+            if let Err(e) = self.store.invalidate(&[key]).await {
+                count_failure(self.store, &self.stats, &e);
+            }
+            return;
+        }
+        let (true, Some(value)) = (self.ok, self.value.take()) else {
+            if !self.ok {
                 SiteStats::inc(&self.stats.not_stored);
             }
             return;
         };
         let ttl = self.site.ttl.unwrap_or(self.store.default_ttl());
-        match self.store.write(&key, value, ttl, self.tags.as_ref()).await {
+        match self.store.write(key, value, ttl, self.tags.as_ref()).await {
             Ok(()) => SiteStats::inc(&self.stats.puts),
             Err(e) => {
                 // The entry may still hold the old value: drop it rather than leave it.
                 count_failure(self.store, &self.stats, &e);
-                if let Err(e) = self.store.invalidate(&[&key]).await {
+                if let Err(e) = self.store.invalidate(&[key]).await {
                     count_failure(self.store, &self.stats, &e);
                 }
             }
@@ -286,8 +304,14 @@ impl<'a> Evict<'a> {
             tags: Vec::new(),
             ok: true,
             counted: false,
-            armed: true,
+            armed: false,
         }
+    }
+
+    /// The function is about to run: from now until `finish`, a dropped call (a panic, a
+    /// cancellation) may have written the database, and invalidates in the background.
+    pub fn start(&mut self) {
+        self.armed = true;
     }
 
     /// A key to invalidate.
@@ -330,10 +354,11 @@ impl<'a> Evict<'a> {
 
     /// Invalidates the keys and tags if the function succeeded.
     pub async fn finish(mut self) {
-        self.armed = false;
         if self.active && self.ok {
             self.run().await;
         }
+        // Only now: a call dropped during the invalidation above still invalidates.
+        self.armed = false;
     }
 
     async fn run(&mut self) {
@@ -356,6 +381,7 @@ impl<'a> Evict<'a> {
             }
         );
         let first = !self.counted;
+        let ok = k.is_ok() && t.is_ok();
         match k {
             Ok(()) if !keys.is_empty() && first => SiteStats::inc(&self.stats.evictions),
             Ok(()) => {}
@@ -366,6 +392,6 @@ impl<'a> Evict<'a> {
             Ok(()) => {}
             Err(e) => count_failure(self.store, &self.stats, &e),
         }
-        self.counted = true;
+        self.counted |= ok;
     }
 }

@@ -47,13 +47,16 @@ return v
 });
 
 /// KEYS: value. ARGV: marker, marker ttl ms.
-/// Replaces a value the caller cannot use with its marker, unless another caller's marker is
-/// already there (returned: that caller is loading). Returns nil if the marker was set.
+/// Replaces a value the caller cannot use (of any Redis type) with its marker, unless another
+/// caller's marker is already there (returned: that caller is loading). Returns nil if the
+/// marker was set.
 pub(super) static REPLACE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-local v = redis.call('GET', KEYS[1])
-if v and string.sub(v, 1, 5) == '\0crp:' then return v end
+if redis.call('TYPE', KEYS[1]).ok == 'string' then
+  local v = redis.call('GET', KEYS[1])
+  if string.sub(v, 1, 5) == '\0crp:' then return v end
+end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return false
 ",
