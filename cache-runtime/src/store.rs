@@ -131,6 +131,32 @@ impl Store {
         Ok((read, guard))
     }
 
+    /// [`Store::read_for_fill`] and [`Store::tag_versions`] in one request where the backend
+    /// can (one pipeline on Redis).
+    pub(crate) async fn read_for_fill_tagged(
+        &self,
+        key: &str,
+        tags: &[&str],
+        ttl: Duration,
+    ) -> (
+        BackendResult<(Read, Option<LeaseGuard>)>,
+        BackendResult<Vec<bytes::Bytes>>,
+    ) {
+        let token = Token::default();
+        let (read, versions) = self
+            .backend
+            .read_for_fill_tagged(key, &token, tags, ttl)
+            .await;
+        let read = read.map(|read| {
+            let guard = match &read {
+                Read::Miss(generation) => self.guard_if_mine(key, generation, token),
+                Read::Hit(_) => None,
+            };
+            (read, guard)
+        });
+        (read, versions)
+    }
+
     /// What to fill against after a read found a value the caller cannot use (see
     /// [`Backend::replace`]); with the guard of the marker this call left, if it did.
     pub(crate) async fn replace(&self, key: &str) -> BackendResult<(Gen, Option<LeaseGuard>)> {

@@ -212,6 +212,23 @@ pub(crate) trait Backend: Send + Sync {
         ttl: Duration,
     ) -> impl Future<Output = BackendResult<Vec<Bytes>>> + Send;
 
+    /// [`Backend::read_for_fill`] and [`Backend::tag_versions`]: a backend that can do both in
+    /// one request (Redis: one pipeline) overrides this.
+    fn read_for_fill_tagged(
+        &self,
+        key: &str,
+        token: &Token,
+        tags: &[&str],
+        ttl: Duration,
+    ) -> impl Future<Output = (BackendResult<Read>, BackendResult<Vec<Bytes>>)> + Send {
+        async move {
+            (
+                self.read_for_fill(key, token).await,
+                self.tag_versions(tags, ttl).await,
+            )
+        }
+    }
+
     /// The current version of each tag (`None`: it has none), without creating any; with
     /// `extend`, each existing tag is made to live at least that long.
     fn current_tags(
@@ -310,6 +327,16 @@ impl Backend for AnyBackend {
 
     async fn tag_versions(&self, tags: &[&str], ttl: Duration) -> BackendResult<Vec<Bytes>> {
         dispatch!(self, b => b.tag_versions(tags, ttl).await)
+    }
+
+    async fn read_for_fill_tagged(
+        &self,
+        key: &str,
+        token: &Token,
+        tags: &[&str],
+        ttl: Duration,
+    ) -> (BackendResult<Read>, BackendResult<Vec<Bytes>>) {
+        dispatch!(self, b => b.read_for_fill_tagged(key, token, tags, ttl).await)
     }
 
     async fn current_tags(

@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::backend::{BackendError, Gen, Read, Stored};
+use crate::backend::{BackendError, BackendResult, Gen, Read, Stored};
 use crate::breaker::FailureKind;
 use crate::cache::Cache;
 use crate::engine::Call;
@@ -351,13 +351,21 @@ impl<'a> Fetch<'a> {
         if names.is_some() {
             self.tag_epoch = store.tag_epoch();
         }
-        let ((mut found, mut generation, mut lease), versions) =
-            tokio::join!(self.read(key), async {
-                match &names {
-                    Some(names) => Some(store.tag_versions(names, ttl).await),
-                    None => None,
-                }
-            });
+        let ((mut found, mut generation, mut lease), versions) = match (&names, self.site.lock) {
+            // The value and the tags' versions in one request.
+            (Some(names), None) => {
+                let (read, versions) = store.read_for_fill_tagged(key, names, ttl).await;
+                (self.read_done(key, read).await, Some(versions))
+            }
+            _ => {
+                tokio::join!(self.read(key), async {
+                    match &names {
+                        Some(names) => Some(store.tag_versions(names, ttl).await),
+                        None => None,
+                    }
+                })
+            }
+        };
         drop(names);
         match versions {
             Some(Ok(versions)) => {
@@ -447,16 +455,25 @@ impl<'a> Fetch<'a> {
             },
             // The marker this call may leave in the key is held like a lease: filling
             // replaces it, a result not stored removes it (in the background).
-            None => match store.read_for_fill(key).await {
-                Ok((Read::Hit(stored), _)) => (Some(stored), None, None),
-                // The server refuses writes: nothing to fill against.
-                Ok((Read::Miss(generation), _)) if generation.0.is_empty() => (None, None, None),
-                Ok((Read::Miss(generation), marker)) => (None, Some(generation), marker),
-                Err(e) => {
-                    let (generation, marker) = self.failed_read(key, &e).await;
-                    (None, generation, marker)
-                }
-            },
+            None => self.read_done(key, store.read_for_fill(key).await).await,
+        }
+    }
+
+    /// What a read without `lock` found.
+    async fn read_done(
+        &self,
+        key: &str,
+        read: BackendResult<(Read, Option<LeaseGuard>)>,
+    ) -> (Option<Stored>, Option<Gen>, Option<LeaseGuard>) {
+        match read {
+            Ok((Read::Hit(stored), _)) => (Some(stored), None, None),
+            // The server refuses writes: nothing to fill against.
+            Ok((Read::Miss(generation), _)) if generation.0.is_empty() => (None, None, None),
+            Ok((Read::Miss(generation), marker)) => (None, Some(generation), marker),
+            Err(e) => {
+                let (generation, marker) = self.failed_read(key, &e).await;
+                (None, generation, marker)
+            }
         }
     }
 

@@ -175,7 +175,19 @@ impl RedisBackend {
     /// its removal (in the background) has not happened yet. It is replaced with `marker`
     /// rather than filled against, which its removal would reject.
     async fn lookup(&self, key: &str, marker: &str, ttl: Duration) -> BackendResult<Read> {
-        match self.set_nx_get(key, marker, ttl).await? {
+        let read = self.set_nx_get(key, marker, ttl).await?;
+        self.settle(key, read, marker, ttl).await
+    }
+
+    /// A lookup's answer, with a dead marker of this backend replaced (see [`Self::lookup`]).
+    async fn settle(
+        &self,
+        key: &str,
+        read: Read,
+        marker: &str,
+        ttl: Duration,
+    ) -> BackendResult<Read> {
+        match read {
             Read::Miss(other)
                 if other.0 != marker.as_bytes()
                     && other.0.starts_with(self.marker_prefix.as_bytes()) =>
@@ -349,6 +361,74 @@ impl Backend for RedisBackend {
                 pipe.exec_async(&mut conn).await
             })
             .await
+    }
+
+    async fn read_for_fill_tagged(
+        &self,
+        key: &str,
+        token: &Token,
+        tags: &[&str],
+        ttl: Duration,
+    ) -> (BackendResult<Read>, BackendResult<Vec<Bytes>>) {
+        if tags.is_empty() {
+            return (self.read_for_fill(key, token).await, Ok(Vec::new()));
+        }
+        // The lookup and the tags' `SET .. NX GET`s in one pipeline: one request, one round
+        // trip (on a cluster the pipeline is split per node, the requests still concurrent).
+        let marker = self.marker(token);
+        let tag_keys = Self::tag_keys(tags);
+        let fresh: Vec<String> = tags.iter().map(|_| crate::store::new_token()).collect();
+        let versions_sent = &fresh;
+        let found = self
+            .conns
+            .run("SET NX GET + tags", |mut conn| async move {
+                let mut pipe = redis::pipe();
+                pipe.cmd("SET")
+                    .arg(key)
+                    .arg(marker)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(millis(PENDING_TTL))
+                    .arg("GET");
+                for (tag, version) in tag_keys.iter().zip(versions_sent) {
+                    pipe.cmd("SET")
+                        .arg(tag)
+                        .arg(version)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(millis(ttl))
+                        .arg("GET");
+                }
+                match pipe.query_async::<Vec<Option<Vec<u8>>>>(&mut conn).await {
+                    Ok(all) => Ok(Some(all)),
+                    // A server that refuses writes: the separate calls know what to do.
+                    Err(e) if matches!(e.code(), Some("OOM" | "READONLY" | "NOPERM")) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            })
+            .await;
+        let mut all = match found {
+            Ok(Some(all)) if all.len() == tags.len() + 1 => all.into_iter(),
+            Ok(_) => {
+                return (
+                    self.read_for_fill(key, token).await,
+                    self.tag_versions(tags, ttl).await,
+                );
+            }
+            Err(e) => return (Err(e.clone()), Err(e)),
+        };
+        let value = all.next().flatten();
+        let versions = all
+            .zip(fresh)
+            .map(|(found, fresh)| match found {
+                Some(v) => Bytes::from(v),
+                None => Bytes::from(fresh.into_bytes()),
+            })
+            .collect();
+        let read = self
+            .settle(key, classify(value, marker), marker, PENDING_TTL)
+            .await;
+        (read, Ok(versions))
     }
 
     async fn tag_versions(&self, tags: &[&str], ttl: Duration) -> BackendResult<Vec<Bytes>> {
