@@ -18,7 +18,7 @@ use crate::backend::{
 };
 use crate::breaker::FailureLog;
 use crate::flight::{Flights, Role};
-use crate::tags::TagSet;
+use crate::tags::{TagEpochs, TagSet};
 
 /// A random token (lease tokens, generations): 128 bits from the std hasher's random keys and
 /// a process-wide counter.
@@ -34,9 +34,10 @@ pub(crate) fn new_token() -> String {
 
 pub(crate) struct Store {
     backend: Arc<AnyBackend>,
-    /// Bumped before and after every tag invalidation through this store: a tagged load whose
-    /// versions were read under another value may be stale for callers that joined it.
-    tag_epoch: Arc<std::sync::atomic::AtomicU64>,
+    /// Bumped, per tag, before and after every tag invalidation through this store: a tagged
+    /// load whose tags moved since it read their versions may be stale for callers that
+    /// joined it.
+    tag_epochs: Arc<TagEpochs>,
     flights: Flights,
     namespace: String,
     default_ttl: Duration,
@@ -62,7 +63,7 @@ impl Store {
     ) -> Self {
         Store {
             backend: Arc::new(backend),
-            tag_epoch: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            tag_epochs: Arc::new(TagEpochs::new()),
             flights: Flights::new(),
             namespace,
             default_ttl,
@@ -307,25 +308,23 @@ impl Store {
     /// Invalidates every entry recorded under any of `tags`, in every process. A load that
     /// read a tag's version before this is never served after it (its followers retry).
     pub(crate) async fn invalidate_tags(&self, tags: &[&str]) -> BackendResult<()> {
-        use std::sync::atomic::Ordering::SeqCst;
         if tags.is_empty() {
             return Ok(());
         }
-        self.tag_epoch.fetch_add(1, SeqCst);
+        self.tag_epochs.bump(tags);
         let done = self.backend.invalidate_tags(tags).await;
-        self.tag_epoch.fetch_add(1, SeqCst);
+        self.tag_epochs.bump(tags);
         done
     }
 
-    /// See the `tag_epoch` field.
-    pub(crate) fn tag_epoch(&self) -> u64 {
-        self.tag_epoch.load(std::sync::atomic::Ordering::SeqCst)
+    /// The epoch of `tags` in this store (see [`TagEpochs`]).
+    pub(crate) fn tag_epoch<S: AsRef<str>>(&self, tags: &[S]) -> u64 {
+        self.tag_epochs.of(tags)
     }
 
     /// Invalidates `keys` and `tags` in the background (a put or evict whose call was dropped
     /// after its function may have written the database): in-process flights at once.
     pub(crate) fn invalidate_in_background(&self, keys: Vec<String>, tags: Vec<String>) {
-        use std::sync::atomic::Ordering::SeqCst;
         for key in &keys {
             self.flights.invalidate(key);
         }
@@ -340,7 +339,7 @@ impl Store {
             return;
         };
         let backend = self.backend.clone();
-        let epoch = self.tag_epoch.clone();
+        let epochs = self.tag_epochs.clone();
         let log = self.log.clone();
         handle.spawn(async move {
             let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
@@ -350,9 +349,9 @@ impl Store {
                 failed = backend.invalidate(&keys).await.err();
             }
             if !tags.is_empty() {
-                epoch.fetch_add(1, SeqCst);
+                epochs.bump(&tags);
                 failed = backend.invalidate_tags(&tags).await.err().or(failed);
-                epoch.fetch_add(1, SeqCst);
+                epochs.bump(&tags);
             }
             if let Some(e) = failed {
                 log.warn(

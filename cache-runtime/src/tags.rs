@@ -98,3 +98,69 @@ impl Tags {
         }
     }
 }
+
+/// Per-tag invalidation counters of one store, striped: bumped before and after every tag
+/// invalidation through the store. A tagged load compares the sum over its tags' stripes at
+/// its version read with the sum when it hands its value to the callers that joined it: if a
+/// tag of its stripes was invalidated in between, they read again. Counters only grow, so an
+/// unchanged sum means no change. Striped by tag, so that invalidating one tag does not
+/// disturb the loads of unrelated tags (rarely, a tag that shares a stripe).
+pub(crate) struct TagEpochs {
+    stripes: [std::sync::atomic::AtomicU64; 64],
+}
+
+impl TagEpochs {
+    pub(crate) fn new() -> Self {
+        TagEpochs {
+            stripes: std::array::from_fn(|_| std::sync::atomic::AtomicU64::new(0)),
+        }
+    }
+
+    fn stripe(&self, tag: &str) -> &std::sync::atomic::AtomicU64 {
+        use std::hash::BuildHasher;
+        let h = foldhash::fast::FixedState::default().hash_one(tag);
+        &self.stripes[(h % 64) as usize]
+    }
+
+    /// Marks `tags` as being (or having been) invalidated.
+    pub(crate) fn bump<S: AsRef<str>>(&self, tags: &[S]) {
+        for tag in tags {
+            self.stripe(tag.as_ref())
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// The epoch of `tags`: changes whenever one of them is invalidated.
+    pub(crate) fn of<S: AsRef<str>>(&self, tags: &[S]) -> u64 {
+        tags.iter().fold(0u64, |sum, tag| {
+            sum.wrapping_add(
+                self.stripe(tag.as_ref())
+                    .load(std::sync::atomic::Ordering::SeqCst),
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_epoch_moves_with_its_tags_only() {
+        let epochs = TagEpochs::new();
+        let mine = ["ns:org:1", "ns:users"];
+        let before = epochs.of(&mine);
+        // Some other tag, in another stripe.
+        let other = (0..1000)
+            .map(|i| format!("ns:other:{i}"))
+            .find(|t| {
+                mine.iter()
+                    .all(|m| !std::ptr::eq(epochs.stripe(m), epochs.stripe(t)))
+            })
+            .unwrap();
+        epochs.bump(&[other.as_str()]);
+        assert_eq!(epochs.of(&mine), before, "an unrelated tag");
+        epochs.bump(&["ns:users"]);
+        assert_ne!(epochs.of(&mine), before, "one of the call's tags");
+    }
+}

@@ -96,7 +96,7 @@ pub struct Fetch<'a> {
     key: Option<String>,
     /// `tags = [..]`: the call's tags, and their versions once read.
     tags: Option<Box<TagSet>>,
-    /// The store's tag epoch when the versions were read (see `Store::tag_epoch`).
+    /// The epoch of this call's tags when their versions were read (see `TagEpochs`).
     tag_epoch: u64,
     state: State<'a>,
     load_started: Option<Instant>,
@@ -186,7 +186,7 @@ impl<'a> Fetch<'a> {
         if tags.has_versions() {
             return;
         }
-        self.tag_epoch = self.store.tag_epoch();
+        self.tag_epoch = self.store.tag_epoch(&tags.names);
         match self.store.tag_versions(&tags.names(), ttl).await {
             Ok(versions) => tags.versions = versions,
             Err(e) => self.backend_failure(&e),
@@ -288,7 +288,9 @@ impl<'a> Fetch<'a> {
     /// Whether a tag was invalidated through this store since this call read its versions:
     /// then its value may be stale for callers that joined it after the invalidation.
     fn tags_moved(&self) -> bool {
-        self.tags.is_some() && self.store.tag_epoch() != self.tag_epoch
+        self.tags
+            .as_deref()
+            .is_some_and(|t| self.store.tag_epoch(&t.names) != self.tag_epoch)
     }
 
     /// What the followers get: not a value computed under tag versions that moved since.
@@ -348,8 +350,8 @@ impl<'a> Fetch<'a> {
             .as_deref()
             .filter(|t| !t.has_versions())
             .map(TagSet::names);
-        if names.is_some() {
-            self.tag_epoch = store.tag_epoch();
+        if let Some(names) = &names {
+            self.tag_epoch = store.tag_epoch(names);
         }
         let ((mut found, mut generation, mut lease), versions) = match (&names, self.site.lock) {
             // The value and the tags' versions in one request.

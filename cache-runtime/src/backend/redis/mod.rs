@@ -257,8 +257,12 @@ impl Backend for RedisBackend {
         let found: Option<Vec<u8>> = self
             .conns
             .run("replace", |mut conn| async move {
-                let mut cmd = evalsha(&REPLACE, 1, 3, key.len() + marker.len() + 16);
-                cmd.arg(key).arg(marker).arg(millis(PENDING_TTL));
+                let prefix = &self.marker_prefix;
+                let mut cmd = evalsha(&REPLACE, 1, 4, key.len() + 2 * marker.len() + 16);
+                cmd.arg(key)
+                    .arg(marker)
+                    .arg(millis(PENDING_TTL))
+                    .arg(prefix);
                 run(&mut conn, &REPLACE, &cmd).await
             })
             .await?;

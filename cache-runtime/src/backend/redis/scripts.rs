@@ -46,16 +46,19 @@ return v
     )
 });
 
-/// KEYS: value. ARGV: marker, marker ttl ms.
+/// KEYS: value. ARGV: marker, marker ttl ms, the caller's backend's marker prefix.
 /// Replaces a value the caller cannot use (of any Redis type) with its marker, unless another
-/// caller's marker is already there (returned: that caller is loading). Returns nil if the
-/// marker was set.
+/// process's marker is already there (returned: that process is loading; a marker of the
+/// caller's own backend is dead, see `RedisBackend::lookup`, and is replaced). Returns nil if
+/// the marker was set.
 pub(super) static REPLACE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 if redis.call('TYPE', KEYS[1]).ok == 'string' then
   local v = redis.call('GET', KEYS[1])
-  if string.sub(v, 1, 5) == '\0crp:' then return v end
+  if string.sub(v, 1, 5) == '\0crp:' and string.sub(v, 1, #ARGV[3]) ~= ARGV[3] then
+    return v
+  end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return false
