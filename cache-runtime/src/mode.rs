@@ -223,28 +223,28 @@ impl<R> Tag<R> {
     }
 }
 
-/// Selects [`ResultOptionMode`] (most specific).
+/// Selects `ResultOptionMode` (most specific).
 pub trait ViaResultOption {
     /// The selected mode.
     type Mode;
     /// The selected mode.
     fn __cache_mode(&self) -> Self::Mode;
 }
-/// Selects [`ResultMode`].
+/// Selects `ResultMode`.
 pub trait ViaResult {
     /// The selected mode.
     type Mode;
     /// The selected mode.
     fn __cache_mode(&self) -> Self::Mode;
 }
-/// Selects [`OptionMode`].
+/// Selects `OptionMode`.
 pub trait ViaOption {
     /// The selected mode.
     type Mode;
     /// The selected mode.
     fn __cache_mode(&self) -> Self::Mode;
 }
-/// Selects [`PlainMode`] (least specific).
+/// Selects `PlainMode` (least specific).
 pub trait ViaPlain {
     /// The selected mode.
     type Mode;
