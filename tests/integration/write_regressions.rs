@@ -248,6 +248,46 @@ async fn noeviction_full_redis_still_serves_hits() {
         "entries that are in Redis were not served: {}",
         cache.stats()
     );
+    // The refusal is remembered: the hits that follow are one plain GET each, not a refused
+    // SET and a GET.
+    let _: () = ::redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for id in 0..10 {
+        oom_get(&cache, &calls, id).await;
+    }
+    let info: String = ::redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let calls_of = |cmd: &str| -> u64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:calls=")))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |n| n.parse().unwrap())
+    };
+    assert!(calls_of("set") <= 1, "{info}");
+    assert!(calls_of("get") >= 10, "{info}");
+    // Writes accepted again: within the back-off, lookups try SET again and fills resume.
+    let _: () = ::redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("0")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    oom_get(&cache, &calls, 100).await;
+    oom_get(&cache, &calls, 100).await;
+    oom_get(&cache, &calls, 100).await;
+    assert_eq!(
+        calls.get(),
+        11,
+        "cached again once the server accepts writes"
+    );
 }
 
 #[cache_put(cache = cache, key = "score:{id}", ttl = 60, tags = [])]

@@ -100,7 +100,15 @@ pub(crate) struct RedisBackend {
     bus: Bus,
     /// How this backend's markers start: `\0crp:<random>:`, then a counter.
     marker_prefix: String,
+    /// Until when (ms since `started`) lookups skip the `SET` and read with a plain `GET`: the
+    /// server refused a write (see `set_nx_get`), and asking again on every hit would cost a
+    /// failed command each time. 0: writes are accepted.
+    refusing_until: std::sync::atomic::AtomicU64,
+    started: std::time::Instant,
 }
+
+/// How long a refused write makes lookups read-only before they try `SET` again.
+const REFUSAL_BACKOFF: Duration = Duration::from_secs(1);
 
 impl RedisBackend {
     /// Parses `url`; fails only on an invalid URL.
@@ -119,6 +127,8 @@ impl RedisBackend {
             ),
             conns: Connections::new(client, options, log),
             marker_prefix: format!("{MARKER}{}:", crate::store::new_token()),
+            refusing_until: std::sync::atomic::AtomicU64::new(0),
+            started: std::time::Instant::now(),
         })
     }
 
@@ -203,6 +213,14 @@ impl RedisBackend {
     }
 
     async fn set_nx_get(&self, key: &str, marker: &str, ttl: Duration) -> BackendResult<Read> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let refusing = self.refusing_until.load(Relaxed);
+        if refusing != 0 {
+            if (self.started.elapsed().as_millis() as u64) < refusing {
+                return self.read_only_lookup(key).await;
+            }
+            self.refusing_until.store(0, Relaxed);
+        }
         let (value, marked) = self
             .conns
             .run("SET NX GET", |mut conn| async move {
@@ -230,10 +248,23 @@ impl RedisBackend {
                 }
             })
             .await?;
-        if !marked && value.as_deref().is_none_or(is_marker) {
-            return Ok(Read::Miss(Gen::default()));
+        if !marked {
+            let until = self.started.elapsed() + REFUSAL_BACKOFF;
+            self.refusing_until
+                .store((until.as_millis() as u64).max(1), Relaxed);
+            if value.as_deref().is_none_or(is_marker) {
+                return Ok(Read::Miss(Gen::default()));
+            }
         }
         Ok(classify(value, marker))
+    }
+
+    /// A lookup while the server refuses writes: a hit, or a miss with nothing to fill against.
+    async fn read_only_lookup(&self, key: &str) -> BackendResult<Read> {
+        Ok(match self.get(key).await? {
+            Some(stored) => Read::Hit(stored),
+            None => Read::Miss(Gen::default()),
+        })
     }
 
     fn tag_keys(tags: &[&str]) -> Vec<String> {
