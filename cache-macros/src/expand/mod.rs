@@ -226,10 +226,13 @@ impl Config {
             .any(|e| shared::mentions_result(e.to_token_stream()));
         if names_result {
             for p in &params {
-                if p.ident.as_ref().is_some_and(|i| i == "result") {
+                // A plain `result`, or a pattern that binds one (`(result, n): (u8, u8)`).
+                if p.ident.as_ref().is_some_and(|i| i == "result")
+                    || (p.ident.is_none() && shared::mentions_result(p.pat.clone()))
+                {
                     errors.error(
                         p.span,
-                        "this parameter is named `result`, which `value` and `unless` use for the function's output; rename the parameter",
+                        "this parameter binds the name `result`, which `value` and `unless` use for the function's output; rename it",
                     );
                 }
             }

@@ -7,4 +7,10 @@ async fn save_score(id: u64, result: u64) -> Result<(), String> {
     Ok(())
 }
 
+// Nor a pattern that binds `result`.
+#[cache_put(key = "pair:{id}", unless = result.is_err())]
+async fn save_pair(id: u64, (result, n): (u64, u64)) -> Result<u64, String> {
+    Ok(id + result + n)
+}
+
 fn main() {}
