@@ -47,7 +47,7 @@ impl std::fmt::Display for DecodeError {
 }
 
 /// The metadata kept next to a payload.
-#[allow(dead_code)] // read by the tests; an inspection tool (`cachectl get`) will show it
+#[cfg(test)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Meta {
     /// When the value was stored, milliseconds since the Unix epoch.
@@ -224,7 +224,7 @@ fn contains_null(json: &[u8]) -> bool {
 }
 
 /// Reads the header of an envelope.
-#[allow(dead_code)] // read by the tests; an inspection tool (`cachectl get`) will show it
+#[cfg(test)]
 pub(crate) fn meta(bytes: &[u8]) -> Result<Meta, DecodeError> {
     if bytes.len() < HEADER_LEN || !matches!(bytes[0], FORMAT_VERSION | FORMAT_TAGGED) {
         return Err(DecodeError::Format);

@@ -125,11 +125,7 @@ impl Store {
     ) -> BackendResult<(Read, Option<LeaseGuard>)> {
         let token = Token::default();
         let read = self.backend.read_for_fill(key, &token).await?;
-        let guard = match &read {
-            Read::Miss(generation) => self.guard_if_mine(key, generation, token),
-            Read::Hit(_) => None,
-        };
-        Ok((read, guard))
+        Ok(self.with_guard(key, read, token))
     }
 
     /// [`Store::read_for_fill`] and [`Store::tag_versions`] in one request where the backend
@@ -148,14 +144,7 @@ impl Store {
             .backend
             .read_for_fill_tagged(key, &token, tags, ttl)
             .await;
-        let read = read.map(|read| {
-            let guard = match &read {
-                Read::Miss(generation) => self.guard_if_mine(key, generation, token),
-                Read::Hit(_) => None,
-            };
-            (read, guard)
-        });
-        (read, versions)
+        (read.map(|read| self.with_guard(key, read, token)), versions)
     }
 
     /// What to fill against after a read found a value the caller cannot use (see
@@ -165,6 +154,15 @@ impl Store {
         let generation = self.backend.replace(key, &token).await?;
         let guard = self.guard_if_mine(key, &generation, token);
         Ok((generation, guard))
+    }
+
+    /// A read, with the guard of the marker `token` if the read is a miss that left it.
+    fn with_guard(&self, key: &str, read: Read, token: Token) -> (Read, Option<LeaseGuard>) {
+        let guard = match &read {
+            Read::Miss(generation) => self.guard_if_mine(key, generation, token),
+            Read::Hit(_) => None,
+        };
+        (read, guard)
     }
 
     /// A guard for the marker `token` if `generation` is it (this call left it in the key).

@@ -41,7 +41,7 @@ async fn p_slow(
 /// the versions it read before, leads, and serves (to a follower that started after the
 /// invalidation) the entry recorded under the old version.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn memory_retry_with_stale_versions_serves_stale() {
+async fn memory_a_retry_after_a_tag_invalidation_does_not_serve_the_old_value() {
     let mut stale = 0;
     for _ in 0..20 {
         let cache = Cache::memory();
@@ -127,7 +127,7 @@ async fn redis_cache(ns: &str) -> Cache {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lock_after_tag_invalidation_failed_load_stalls_other_process() {
+async fn lock_after_tag_invalidation_a_failed_load_does_not_stall_another_process() {
     let ns = unique_namespace("stall");
     let a = redis_cache(&ns).await;
     let b = redis_cache(&ns).await;
@@ -147,7 +147,7 @@ async fn lock_after_tag_invalidation_failed_load_stalls_other_process() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lock_after_tag_invalidation_stampedes() {
+async fn lock_after_tag_invalidation_one_process_loads() {
     let ns = unique_namespace("stamp");
     let caches: Vec<Cache> = futures_join(&ns, 8).await;
     let calls = Arc::new(Calls::default());
@@ -304,7 +304,7 @@ async fn put_with_empty_tags_on_redis() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn memory_lock_after_tag_invalidation_stampedes() {
+async fn memory_lock_after_tag_invalidation_one_caller_loads() {
     let cache = Cache::memory();
     let calls = Arc::new(Calls::default());
     slow_locked(&cache, &calls, 1).await.unwrap();

@@ -62,6 +62,34 @@ fn is_marker(bytes: &[u8]) -> bool {
     bytes.starts_with(MARKER.as_bytes())
 }
 
+/// Whether Redis refused a command because it refuses writes (over `maxmemory` with
+/// `noeviction`, a read-only replica or ACL user).
+fn refuses_writes(e: &redis::RedisError) -> bool {
+    matches!(e.code(), Some("OOM" | "READONLY" | "NOPERM"))
+}
+
+/// Adds `SET key value NX PX ttl GET` to `pipe`: the current value, or `value` set.
+fn push_set_nx_get(pipe: &mut redis::Pipeline, key: &str, value: &str, ttl: Duration) {
+    pipe.cmd("SET")
+        .arg(key)
+        .arg(value)
+        .arg("NX")
+        .arg("PX")
+        .arg(millis(ttl))
+        .arg("GET");
+}
+
+/// The tags' versions from their `SET .. NX GET` replies: the one found, or the one sent.
+fn versions_of(found: impl Iterator<Item = Option<Vec<u8>>>, sent: Vec<String>) -> Vec<Bytes> {
+    found
+        .zip(sent)
+        .map(|(found, sent)| match found {
+            Some(v) => Bytes::from(v),
+            None => Bytes::from(sent.into_bytes()),
+        })
+        .collect()
+}
+
 /// What a lookup of a value key found.
 fn classify(value: Option<Vec<u8>>, marker: &str) -> Read {
     match value {
@@ -239,7 +267,7 @@ impl RedisBackend {
                     // A server that refuses writes (over `maxmemory` with `noeviction`, a
                     // read-only replica or user) still serves hits: a plain `GET`, and a miss
                     // without a marker (its fill is not stored).
-                    Err(e) if matches!(e.code(), Some("OOM" | "READONLY" | "NOPERM")) => {
+                    Err(e) if refuses_writes(&e) => {
                         let v: Option<Vec<u8>> =
                             redis::cmd("GET").arg(key).query_async(&mut conn).await?;
                         Ok((v, false))
@@ -418,26 +446,14 @@ impl Backend for RedisBackend {
             .conns
             .run("SET NX GET + tags", |mut conn| async move {
                 let mut pipe = redis::pipe();
-                pipe.cmd("SET")
-                    .arg(key)
-                    .arg(marker)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(millis(PENDING_TTL))
-                    .arg("GET");
+                push_set_nx_get(&mut pipe, key, marker, PENDING_TTL);
                 for (tag, version) in tag_keys.iter().zip(versions_sent) {
-                    pipe.cmd("SET")
-                        .arg(tag)
-                        .arg(version)
-                        .arg("NX")
-                        .arg("PX")
-                        .arg(millis(ttl))
-                        .arg("GET");
+                    push_set_nx_get(&mut pipe, tag, version, ttl);
                 }
                 match pipe.query_async::<Vec<Option<Vec<u8>>>>(&mut conn).await {
                     Ok(all) => Ok(Some(all)),
                     // A server that refuses writes: the separate calls know what to do.
-                    Err(e) if matches!(e.code(), Some("OOM" | "READONLY" | "NOPERM")) => Ok(None),
+                    Err(e) if refuses_writes(&e) => Ok(None),
                     Err(e) => Err(e),
                 }
             })
@@ -453,13 +469,7 @@ impl Backend for RedisBackend {
             Err(e) => return (Err(e.clone()), Err(e)),
         };
         let value = all.next().flatten();
-        let versions = all
-            .zip(fresh)
-            .map(|(found, fresh)| match found {
-                Some(v) => Bytes::from(v),
-                None => Bytes::from(fresh.into_bytes()),
-            })
-            .collect();
+        let versions = versions_of(all, fresh);
         let read = self
             .settle(key, classify(value, marker), marker, PENDING_TTL)
             .await;
@@ -477,19 +487,13 @@ impl Backend for RedisBackend {
                 // `SET .. NX GET`: the current version, or a new one: never none.
                 let mut pipe = redis::pipe();
                 for (key, version) in keys.iter().zip(&fresh) {
-                    pipe.cmd("SET")
-                        .arg(key)
-                        .arg(version)
-                        .arg("NX")
-                        .arg("PX")
-                        .arg(millis(ttl))
-                        .arg("GET");
+                    push_set_nx_get(&mut pipe, key, version, ttl);
                 }
                 let found: Vec<Option<Vec<u8>>> = match pipe.query_async(&mut conn).await {
                     Ok(found) => found,
                     // A server that refuses writes: the versions there are (an absent one,
                     // empty, matches no entry), none created.
-                    Err(e) if matches!(e.code(), Some("OOM" | "READONLY" | "NOPERM")) => {
+                    Err(e) if refuses_writes(&e) => {
                         let mut get = redis::pipe();
                         for key in &keys {
                             get.cmd("GET").arg(key);
@@ -502,14 +506,7 @@ impl Backend for RedisBackend {
                     }
                     Err(e) => return Err(e),
                 };
-                Ok(found
-                    .into_iter()
-                    .zip(fresh)
-                    .map(|(found, fresh)| match found {
-                        Some(v) => Bytes::from(v),
-                        None => Bytes::from(fresh.into_bytes()),
-                    })
-                    .collect())
+                Ok(versions_of(found.into_iter(), fresh))
             })
             .await
     }
