@@ -253,6 +253,28 @@ pub(crate) trait Backend: Send + Sync {
     fn keeps_typed(&self) -> bool;
 }
 
+/// Where a shared backend delivers the writes and invalidations other processes made, and
+/// the health of that stream: what keeps the in-process tier (`local`) coherent.
+///
+/// A backend calls these from its subscriber task; they must not block.
+pub(crate) trait Invalidations: Send + Sync + 'static {
+    /// These keys (full keys) were written or invalidated (in another process).
+    fn keys(&self, keys: &mut dyn Iterator<Item = &str>);
+
+    /// These tags (full names) were invalidated (in another process).
+    fn tags(&self, tags: &mut dyn Iterator<Item = &str>);
+
+    /// Messages may have been missed (the subscription dropped, the server restarted, a
+    /// heartbeat went unanswered, the breaker opened): nothing derived from earlier state may
+    /// be served until [`Invalidations::delivered`] is called again.
+    fn lost(&self);
+
+    /// Every invalidation published before `sent` (a heartbeat sent at that instant, whose
+    /// answer came back after everything published before it was delivered) has been passed
+    /// to [`Invalidations::keys`] / [`Invalidations::tags`].
+    fn delivered(&self, sent: std::time::Instant);
+}
+
 /// The configured backend.
 // One per cache, behind an `Arc`: the size difference between variants does not matter.
 #[allow(clippy::large_enum_variant)]
@@ -262,6 +284,15 @@ pub(crate) enum AnyBackend {
 }
 
 impl AnyBackend {
+    /// Starts delivering other processes' invalidations to `sink` (shared backends), with a
+    /// heartbeat every `heartbeat`; idempotent. An in-process backend has nothing to deliver.
+    pub(crate) fn watch(&self, sink: &Arc<dyn Invalidations>, heartbeat: Duration) {
+        match self {
+            AnyBackend::Memory(_) => {}
+            AnyBackend::Redis(b) => b.watch(sink, heartbeat),
+        }
+    }
+
     pub(crate) fn name(&self) -> &'static str {
         match self {
             AnyBackend::Memory(_) => "memory",

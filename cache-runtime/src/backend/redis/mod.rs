@@ -182,6 +182,13 @@ impl RedisBackend {
         marker
     }
 
+    /// Starts delivering other processes' invalidations to `sink` (see
+    /// [`AnyBackend::watch`](super::AnyBackend::watch)).
+    // TODO(issue 9, channel increment): subscribe to the invalidation channel, heartbeat.
+    pub(crate) fn watch(&self, sink: &Arc<dyn super::Invalidations>, heartbeat: Duration) {
+        let _ = (sink, heartbeat);
+    }
+
     /// The marker of `token`, made now if it has none yet.
     fn marker<'t>(&self, token: &'t Token) -> &'t str {
         token.get_or(|| self.new_marker())
