@@ -13,7 +13,7 @@ use crate::envelope;
 use crate::error::{Error, ErrorKind, Result};
 use crate::key;
 use crate::stats::{Stats, StatsRegistry};
-use crate::store::Store;
+use crate::store::{LocalConfig, Store};
 
 const DEFAULT_TTL: Duration = Duration::from_secs(3600);
 const DEFAULT_MAX_ENTRIES: u64 = 100_000;
@@ -123,6 +123,7 @@ pub struct CacheBuilder {
     default_ttl: Duration,
     redis: RedisOptions,
     log_every: Duration,
+    local: LocalConfig,
 }
 
 impl Default for CacheBuilder {
@@ -135,6 +136,7 @@ impl Default for CacheBuilder {
             default_ttl: DEFAULT_TTL,
             redis: RedisOptions::default(),
             log_every: Duration::from_secs(10),
+            local: LocalConfig::default(),
         }
     }
 }
@@ -187,13 +189,46 @@ impl CacheBuilder {
         self
     }
 
+    /// The size of the in-process tier that functions with `local` use in front of Redis: at
+    /// most `max_entries` decoded values (10 000 by default). The tier is made when a `local`
+    /// function is first called; a cache whose functions have no `local` has none. On the
+    /// memory backend, values are in process already and `local` changes nothing.
+    ///
+    /// Copies are kept coherent across processes: every write or invalidation in any process
+    /// removes them everywhere (see [`cached`](crate::cached)'s `local` and
+    /// [`local_staleness`](CacheBuilder::local_staleness)).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), cache_runtime::Error> {
+    /// let cache = cache_runtime::Cache::builder()
+    ///     .redis("redis://127.0.0.1:6379")
+    ///     .local(50_000)
+    ///     .build()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn local(mut self, max_entries: u64) -> Self {
+        self.local.capacity = max_entries;
+        self
+    }
+
+    /// The in-process tier's staleness bound (1 s by default): if invalidation messages may
+    /// have been missed (Redis unreachable, the subscription dropped, a heartbeat unanswered),
+    /// no in-process copy is served later than this after a write in another process
+    /// returned. Normally copies are gone within the message's delivery time (about a
+    /// millisecond); this bounds the failure cases. Heartbeats go out twice per bound.
+    pub fn local_staleness(mut self, bound: Duration) -> Self {
+        self.local.staleness = bound;
+        self
+    }
+
     /// Builds the cache.
     ///
     /// # Errors
     ///
     /// Fails with [`ErrorKind::Config`] on invalid configuration only: a malformed Redis URL,
-    /// a zero TTL, timeout or entry limit, a namespace with braces, spaces or control
-    /// characters. It never fails, nor waits, because Redis is down: the connection is made on
+    /// a zero TTL, timeout or entry limit, a `local_staleness` under 10 ms, a namespace with
+    /// braces, spaces or control characters. It never fails, nor waits, because Redis is down: the connection is made on
     /// first use, and until it succeeds calls run uncached.
     pub async fn build(self) -> Result<Cache> {
         self.build_sync()
@@ -212,6 +247,12 @@ impl CacheBuilder {
             return Err(Error::config("default_ttl must be greater than zero"));
         }
         key::validate_namespace(&self.namespace).map_err(Error::config)?;
+        if self.local.capacity == 0 {
+            return Err(Error::config("local max_entries must be greater than zero"));
+        }
+        if self.local.staleness < Duration::from_millis(10) {
+            return Err(Error::config("local_staleness must be at least 10ms"));
+        }
         let log = Arc::new(FailureLog::new(self.log_every));
         let backend = match self.backend {
             BackendConfig::Memory { max_entries } => {
@@ -237,7 +278,7 @@ impl CacheBuilder {
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         Ok(Cache {
             inner: Arc::new(Inner {
-                store: Store::new(backend, self.namespace, self.default_ttl, log),
+                store: Store::new(backend, self.namespace, self.default_ttl, log, self.local),
                 stats: StatsRegistry::new(id),
             }),
         })
@@ -452,7 +493,8 @@ impl Cache {
 
     /// A snapshot of the per-function counters; `Display` prints them as a table.
     pub fn stats(&self) -> Stats {
-        self.inner.stats.snapshot()
+        let clears = self.store().local().map_or(0, |l| l.clears());
+        self.inner.stats.snapshot().with_l1_clears(clears)
     }
 }
 

@@ -63,6 +63,17 @@ pub(crate) fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// When the envelope was written (Unix ms), if `bytes` is an envelope.
+pub(crate) fn created_at_ms(bytes: &[u8]) -> Option<u64> {
+    match bytes.first() {
+        Some(&(FORMAT_VERSION | FORMAT_TAGGED)) => {
+            let at: [u8; 8] = bytes.get(1..9)?.try_into().ok()?;
+            Some(u64::from_le_bytes(at))
+        }
+        _ => None,
+    }
+}
+
 /// Why a value could not be encoded.
 #[derive(Debug)]
 pub(crate) enum EncodeError {

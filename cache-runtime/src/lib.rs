@@ -64,6 +64,7 @@ mod envelope;
 mod error;
 mod flight;
 mod key;
+mod local;
 mod mode;
 mod stats;
 mod store;
@@ -106,7 +107,7 @@ pub mod __private {
     pub use crate::key::{aux_key, key_slot};
     pub use crate::mode::{
         Mode, SuccessOption, SuccessPlain, SuccessResult, Tag, Typed, ViaOption, ViaPlain,
-        ViaResult, ViaResultOption, ViaTyped, ViaUntyped, require_cache_none,
+        ViaResult, ViaResultOption, ViaTyped, ViaUntyped, require_cache_none, require_local,
     };
     pub use crate::stats::Site;
     pub use crate::tags::Tags;

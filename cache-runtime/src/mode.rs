@@ -142,6 +142,23 @@ impl<T> SupportsNone for Option<T> {}
 #[inline]
 pub fn require_cache_none<R: SupportsNone>(_: PhantomData<R>) {}
 
+/// Stored types the in-process tier (`local`) can keep: it hands each hit a clone.
+#[diagnostic::on_unimplemented(
+    message = "`local` keeps decoded values in process: `{Self}` must be `Clone + Send + Sync + 'static`",
+    label = "the cached value `{Self}` is not `Clone + Send + Sync + 'static`",
+    note = "derive `Clone` for it, wrap it in an `Arc`, or remove `local`"
+)]
+pub trait LocalValue {}
+impl<T: Clone + Send + Sync + 'static> LocalValue for T {}
+
+/// Checks at compile time that `local` fits the function's stored type.
+#[inline]
+pub fn require_local<M: ModeValue>(_: &M)
+where
+    M::Value: LocalValue,
+{
+}
+
 /// The stored type of a mode, independent of the return type (for [`ViaTyped`]).
 pub trait ModeValue {
     /// The stored type.

@@ -10,7 +10,7 @@
 //!   future, a lost answer): [`LeaseGuard`] gives it back in the background when dropped;
 //! * every operation is non-generic: the store, like the backends, is compiled once.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use crate::backend::{
@@ -18,6 +18,7 @@ use crate::backend::{
 };
 use crate::breaker::FailureLog;
 use crate::flight::{Flights, Role};
+use crate::local::Local;
 use crate::tags::{TagEpochs, TagSet};
 
 /// A random token (lease tokens, generations): 128 bits from the std hasher's random keys and
@@ -42,6 +43,26 @@ pub(crate) struct Store {
     namespace: String,
     default_ttl: Duration,
     log: Arc<FailureLog>,
+    /// The in-process tier, made when a `local` function first uses it (shared backends
+    /// only).
+    local: OnceLock<Arc<Local>>,
+    local_config: LocalConfig,
+}
+
+/// The in-process tier's settings (see [`CacheBuilder::local`](crate::CacheBuilder::local)).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LocalConfig {
+    pub(crate) capacity: u64,
+    pub(crate) staleness: Duration,
+}
+
+impl Default for LocalConfig {
+    fn default() -> Self {
+        LocalConfig {
+            capacity: crate::local::DEFAULT_CAPACITY,
+            staleness: crate::local::DEFAULT_STALENESS,
+        }
+    }
 }
 
 /// The answer to [`Store::lease`].
@@ -60,6 +81,7 @@ impl Store {
         namespace: String,
         default_ttl: Duration,
         log: Arc<FailureLog>,
+        local_config: LocalConfig,
     ) -> Self {
         Store {
             backend: Arc::new(backend),
@@ -68,6 +90,64 @@ impl Store {
             namespace,
             default_ttl,
             log,
+            local: OnceLock::new(),
+            local_config,
+        }
+    }
+
+    /// The in-process tier, if a `local` function made it.
+    #[inline]
+    pub(crate) fn local(&self) -> Option<&Local> {
+        self.local.get().map(|l| &**l)
+    }
+
+    /// The in-process tier for a `local` function: made on first use, with the subscription
+    /// to other processes' invalidations. `None` on an in-process backend, which needs none.
+    /// While the tier is not usable (the subscription is not confirmed yet), asks the
+    /// backend to (re)start it.
+    #[inline]
+    pub(crate) fn local_tier(&self) -> Option<&Local> {
+        if let Some(local) = self.local.get() {
+            if !local.usable() {
+                self.watch(local);
+            }
+            return Some(local);
+        }
+        if !self.backend.shared() {
+            return None;
+        }
+        let local = self.local.get_or_init(|| {
+            Arc::new(Local::new(
+                self.local_config.capacity,
+                self.local_config.staleness,
+                self.tag_epochs.clone(),
+            ))
+        });
+        self.watch(local);
+        Some(local)
+    }
+
+    #[cold]
+    fn watch(&self, local: &Arc<Local>) {
+        let sink: Arc<dyn crate::backend::Invalidations> = local.clone();
+        // The heartbeat runs twice per staleness bound: one lost answer does not make the
+        // tier unusable.
+        self.backend.watch(&sink, local.staleness() / 2);
+    }
+
+    /// Removes the in-process copies of `keys` (see [`Local::remove`]).
+    fn forget(&self, keys: &[&str]) {
+        if let Some(local) = self.local() {
+            for key in keys {
+                local.remove(key);
+            }
+        }
+    }
+
+    /// Hides the in-process copies recorded under `tags` (see [`Local::bump_tags`]).
+    fn forget_tags(&self, tags: &[&str]) {
+        if let Some(local) = self.local() {
+            local.bump_tags(tags);
         }
     }
 
@@ -269,6 +349,7 @@ impl Store {
         // Detach in-flight lookups before the write (their fills are then not stored) and
         // after it (a lookup that started in between may have read the old value).
         self.flights.invalidate(key);
+        self.forget(&[key]);
         let written = match tags.filter(|t| !t.is_empty()) {
             None => self.backend.write(key, value, ttl).await,
             Some(tags) => {
@@ -281,6 +362,7 @@ impl Store {
             }
         };
         self.flights.invalidate(key);
+        self.forget(&[key]);
         written
     }
 
@@ -310,8 +392,10 @@ impl Store {
             return Ok(());
         }
         self.tag_epochs.bump(tags);
+        self.forget_tags(tags);
         let done = self.backend.invalidate_tags(tags).await;
         self.tag_epochs.bump(tags);
+        self.forget_tags(tags);
         done
     }
 
@@ -325,6 +409,7 @@ impl Store {
     pub(crate) fn invalidate_in_background(&self, keys: Vec<String>, tags: Vec<String>) {
         for key in &keys {
             self.flights.invalidate(key);
+            self.forget(&[key]);
         }
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             // No runtime to do it from (the call was dropped as its runtime shut down).
@@ -338,6 +423,7 @@ impl Store {
         };
         let backend = self.backend.clone();
         let epochs = self.tag_epochs.clone();
+        let local = self.local.get().cloned();
         let log = self.log.clone();
         handle.spawn(async move {
             let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
@@ -345,11 +431,20 @@ impl Store {
             let mut failed = None;
             if !keys.is_empty() {
                 failed = backend.invalidate(&keys).await.err();
+                if let Some(local) = &local {
+                    keys.iter().for_each(|k| local.remove(k));
+                }
             }
             if !tags.is_empty() {
                 epochs.bump(&tags);
+                if let Some(local) = &local {
+                    local.bump_tags(&tags);
+                }
                 failed = backend.invalidate_tags(&tags).await.err().or(failed);
                 epochs.bump(&tags);
+                if let Some(local) = &local {
+                    local.bump_tags(&tags);
+                }
             }
             if let Some(e) = failed {
                 log.warn(
@@ -367,10 +462,12 @@ impl Store {
         for key in keys {
             self.flights.invalidate(key);
         }
+        self.forget(keys);
         let done = self.backend.invalidate(keys).await;
         for key in keys {
             self.flights.invalidate(key);
         }
+        self.forget(keys);
         done
     }
 }

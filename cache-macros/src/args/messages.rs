@@ -21,6 +21,10 @@ pub(super) fn value_hint(option: &str) -> String {
             "`lock` takes the lease length in seconds or as a duration string, e.g. `lock = 10` or `lock = \"30s\"`"
                 .to_owned()
         }
+        "local" => {
+            "`local` takes the in-process copy's TTL in seconds or as a duration string, e.g. `local = 30` or `local = \"30s\"`, or nothing (`local` alone: as long as the entry)"
+                .to_owned()
+        }
         "before" => "`before` is a flag and takes no value; write `before` alone".to_owned(),
         "cache" => {
             "`cache` takes an expression naming a `Cache`, e.g. `cache = self.cache`".to_owned()
@@ -56,6 +60,10 @@ pub(super) fn unknown_message(option: &str, kind: Kind) -> String {
         (Kind::Cached | Kind::Put, "before") => Some(format!(
             "`before` is an option of `#[cache_evict]`, not of `{attr}`"
         )),
+        (Kind::Put, "local") => Some(
+            "`local` is an option of `#[cached]`: a put removes the key's in-process copies in every process, and the next read keeps the new value; remove it"
+                .to_owned(),
+        ),
         (Kind::Put, "lock") => Some(
             "`lock` is an option of `#[cached]`: a put always runs its function, it has no load to share; remove it"
                 .to_owned(),
@@ -63,7 +71,7 @@ pub(super) fn unknown_message(option: &str, kind: Kind) -> String {
         (Kind::Evict, "key") => Some(
             "`#[cache_evict]` takes a list of keys: write `keys = [\"...\"]`".to_owned(),
         ),
-        (Kind::Evict, "ttl" | "unless" | "cache_none" | "lock" | "value") => Some(format!(
+        (Kind::Evict, "ttl" | "unless" | "cache_none" | "lock" | "local" | "value") => Some(format!(
             "`{option}` is not an option of `#[cache_evict]`, which writes nothing; remove it"
         )),
         _ => None,

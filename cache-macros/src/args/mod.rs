@@ -126,6 +126,7 @@ const OPTIONS: &[(&str, &[Kind])] = {
         ("version", &[Cached, Put, Evict]),
         ("name", &[Cached, Put, Evict]),
         ("lock", &[Cached]),
+        ("local", &[Cached]),
         ("tags", &[Cached, Put, Evict]),
         ("before", &[Evict]),
     ]
@@ -146,6 +147,9 @@ pub(crate) struct Args {
     pub(crate) name: Slot<LitStr>,
     /// `lock` / `lock = <lease>`: the lease length in milliseconds.
     pub(crate) lock_ms: Slot<u64>,
+    /// `local` / `local = <ttl>`: the in-process copy's TTL in milliseconds (`u64::MAX`: the
+    /// entry's own).
+    pub(crate) local_ms: Slot<u64>,
     /// `tags = ["org:{org}", ..]`.
     pub(crate) tags: Slot<Vec<LitStr>>,
     /// `#[cache_evict(keys = ["user:{id}", ..])]`.
@@ -175,6 +179,7 @@ impl Args {
             version: Slot::new("version"),
             name: Slot::new("name"),
             lock_ms: Slot::new("lock"),
+            local_ms: Slot::new("local"),
             tags: Slot::new("tags"),
             keys: Slot::new("keys"),
             value: Slot::new("value"),
@@ -245,6 +250,18 @@ impl Args {
                     }
                 } else {
                     self.lock_ms.set(span, DEFAULT_LOCK_MS, errors);
+                }
+                return;
+            }
+            "local" => {
+                if meta.input.peek(syn::Token![=]) {
+                    if let Some(expr) = value(meta, errors) {
+                        if let Some(ms) = duration_ms(&expr, "local", errors) {
+                            self.local_ms.set(span, ms, errors);
+                        }
+                    }
+                } else {
+                    self.local_ms.set(span, u64::MAX, errors);
                 }
                 return;
             }

@@ -54,7 +54,9 @@ use super::{Gen, hidden};
 // With `tags = ["org:{org}"]`, `let __cache_tags: Tags = { let mut __cache_tags =
 // Tags::new(); { let mut __cache_w = key_writer(..); ..; __cache_tags.push(__cache_w); }
 // __cache_tags };` follows the key, and `__cache_fetch.tags(__cache_tags);` follows
-// `Fetch::new` (an untagged function has neither).
+// `Fetch::new` (an untagged function has neither). With `local`, `require_local(&__cache_mode);`
+// follows the mode (at the option's span), and `if let Some(__cache_hit) =
+// __cache_fetch.local(&__cache_mode, __cache_typed) { return __cache_hit; }` precedes `find`.
 // With `condition`, the key is `if cond { .. } else { CallKey::Condition }`; with `unless`,
 // the last argument of `verdict` is `Some(&mut |result: &R| -> bool { expr })`; `cache_none`
 // adds `require_cache_none(PhantomData::<R>);` first; in a method, `self_type` is
@@ -82,6 +84,24 @@ pub(super) fn generate(g: &Gen<'_>) -> TokenStream {
         };
     };
     let cache_none_check = g.cache_none_check();
+    // `local`: the stored type must be cloneable (each in-process hit gets a clone), checked
+    // at the option; the in-process tier is probed before anything else.
+    let (local_check, local_probe) = match args.local_ms.span() {
+        Some(span) => {
+            let rt_local = quote_spanned!(span=> ::cache_runtime::__private);
+            let hit = g.at_ret("__cache_hit");
+            let fetch = g.at_ret("__cache_fetch");
+            (
+                quote_spanned!(span=> #rt_local::require_local(&#mode);),
+                quote! {
+                    if let ::core::option::Option::Some(#hit) = #fetch.local(&#mode, #typed) {
+                        return #hit;
+                    }
+                },
+            )
+        }
+        None => Default::default(),
+    };
 
     let unless = match args.unless.get() {
         Some(expr) => {
@@ -113,6 +133,7 @@ pub(super) fn generate(g: &Gen<'_>) -> TokenStream {
         quote_spanned! {g.ret_loc=>
             let mut #fetch = #rt_ret::Fetch::new(#call);
             #tags_call
+            #local_probe
             let #finish = match #fetch.find(&#mode, #typed).await {
                 ::core::result::Result::Ok(#hit) => return #hit,
                 ::core::result::Result::Err(#finish) => #finish,
@@ -130,6 +151,7 @@ pub(super) fn generate(g: &Gen<'_>) -> TokenStream {
         #mode_let
         #typed_let
         #cache_none_check
+        #local_check
         #body
     }
 }

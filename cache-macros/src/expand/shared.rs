@@ -139,6 +139,9 @@ impl<'a> Gen<'a> {
         if let Some(ms) = args.lock_ms.get() {
             site_opts.extend(quote!(.lock_ms(#ms)));
         }
+        if let Some(ms) = args.local_ms.get() {
+            site_opts.extend(quote!(.local_ms(#ms)));
+        }
         quote! {
             static #site: #rt::Site = #rt::Site::new(::core::module_path!(), #fn_name) #site_opts;
         }

@@ -9,13 +9,16 @@
 
 use std::time::{Duration, Instant};
 
-use crate::backend::{BackendError, BackendResult, Gen, Read, Stored};
+use std::sync::Arc;
+
+use crate::backend::{BackendError, BackendResult, Gen, Read, Stored, TypedValue};
 use crate::breaker::FailureKind;
 use crate::cache::Cache;
 use crate::engine::Call;
 use crate::envelope::{self, DecodeError, EncodeError};
 use crate::flight::{Follower, LeaderGuard, Outcome, Role};
 use crate::key::CallKey;
+use crate::local::{LocalEntry, Ticket};
 use crate::stats::{Site, SiteStats, StatsRef};
 use crate::store::{Lease, LeaseGuard, Store};
 use crate::tags::{TagSet, Tags};
@@ -103,6 +106,9 @@ pub struct Fetch<'a> {
     load_time: Duration,
     /// Between `begin_load` and `end_load`: a drop then is a panic or a cancellation.
     loading: bool,
+    /// `local`: taken by the leader before it reads the backend; what it read or loaded is
+    /// put in the in-process tier only if nothing touched the key since (see `local`).
+    ticket: Option<Ticket>,
 }
 
 impl Drop for Fetch<'_> {
@@ -147,6 +153,76 @@ impl<'a> Fetch<'a> {
             load_started: None,
             load_time: Duration::ZERO,
             loading: false,
+            ticket: None,
+        }
+    }
+
+    /// `local`: the in-process tier's copy, if it has a live one (the call returns it, with
+    /// no round trip).
+    #[inline]
+    pub(crate) fn local_hit(&self) -> Option<Arc<LocalEntry>> {
+        let key = self.key.as_deref()?;
+        let entry = self.store.local_tier()?.get(key)?;
+        SiteStats::inc(&self.stats.hits);
+        SiteStats::inc(&self.stats.l1_hits);
+        Some(entry)
+    }
+
+    /// Whether the value found or loaded goes into the in-process tier (so the verdict keeps
+    /// it decoded).
+    pub(crate) fn wants_local(&self) -> bool {
+        self.ticket.is_some()
+    }
+
+    /// How long an in-process copy of an entry created at `created_ms` (Unix ms; `None`:
+    /// now) may live: the `local` option, within what is left of the entry's TTL.
+    fn local_ttl(&self, entry_ttl: Duration, created_ms: Option<u64>) -> Duration {
+        let left = match created_ms {
+            Some(created) => {
+                let age = Duration::from_millis(envelope::now_ms().saturating_sub(created));
+                entry_ttl.saturating_sub(age)
+            }
+            None => entry_ttl,
+        };
+        self.site.local.unwrap_or(Duration::ZERO).min(left)
+    }
+
+    /// `local`: puts a value read from the backend in the in-process tier (with the ticket
+    /// taken before the read), if the entry records exactly this call's tags (an entry
+    /// written under other tags needs their versions checked on every read).
+    pub(crate) fn keep_found(&mut self, stored: &Stored, value: TypedValue) {
+        let Some(ticket) = self.ticket.take() else {
+            return;
+        };
+        let State::Lead { guard, .. } = &self.state else {
+            return;
+        };
+        let recorded = if envelope::is_tagged(&stored.bytes) {
+            envelope::recorded_tags(&stored.bytes).count()
+        } else {
+            0
+        };
+        if recorded != self.tags.as_ref().map_or(0, |t| t.names.len()) {
+            return;
+        }
+        let mut entry_ttl = self.entry_ttl();
+        if self.site.cache_none {
+            // The entry may be a `None`, stored for its own TTL.
+            entry_ttl = entry_ttl.min(self.site.none_ttl.unwrap_or(entry_ttl));
+        }
+        let ttl = self.local_ttl(entry_ttl, envelope::created_at_ms(&stored.bytes));
+        if let Some(local) = self.store.local() {
+            local.insert(guard.flight().key(), ticket, value, ttl);
+        }
+    }
+
+    /// `local`: puts a value this call loaded and stored in the in-process tier.
+    fn keep_filled(&mut self, key: &str, stored: &Stored, ttl: Duration) {
+        let (Some(ticket), Some(value)) = (self.ticket.take(), &stored.typed) else {
+            return;
+        };
+        if let Some(local) = self.store.local() {
+            local.insert(key, ticket, value.clone(), self.local_ttl(ttl, None));
         }
     }
 
@@ -345,6 +421,11 @@ impl<'a> Fetch<'a> {
         let store = self.store;
         let key = guard.flight().key();
         let ttl = self.entry_ttl();
+        if self.site.local.is_some() {
+            // Before the read: an invalidation after it makes the insert fail.
+            let tags = self.tags.as_deref().map_or(&[][..], |t| &t.names[..]);
+            self.ticket = store.local_tier().and_then(|l| l.ticket(key, tags));
+        }
         let names = self
             .tags
             .as_deref()
@@ -657,7 +738,10 @@ impl<'a> Fetch<'a> {
                                 SiteStats::inc(&self.stats.stale_fills);
                                 Outcome::Retry
                             }
-                            Ok(true) => Outcome::Value(stored),
+                            Ok(true) => {
+                                self.keep_filled(key, &stored, ttl);
+                                Outcome::Value(stored)
+                            }
                             // Written or invalidated (in any process) while the function
                             // ran: storing would have put back a value older than the write.
                             Ok(false) => {

@@ -52,17 +52,16 @@ pub struct Call<'a> {
 
 /// Decodes a stored value: the kept decoded value when there is one of the right type,
 /// otherwise the envelope's JSON.
-fn restore<R, M: Mode<R>>(
+fn decode_value<V: serde::de::DeserializeOwned>(
     stored: &Stored,
-    mode: &M,
-    typed: Option<Typed<M::Value>>,
-) -> Result<R, envelope::DecodeError> {
+    typed: Option<Typed<V>>,
+) -> Result<V, envelope::DecodeError> {
     if let (Some(any), Some(typed)) = (&stored.typed, typed) {
         if let Some(v) = (typed.unwrap)(&**any) {
-            return Ok(mode.restore(v));
+            return Ok(v);
         }
     }
-    envelope::decode::<M::Value>(&stored.bytes).map(|v| mode.restore(v))
+    envelope::decode::<V>(&stored.bytes)
 }
 
 /// What a call that found nothing needs to finish: the encoding of its result, chosen where
@@ -93,6 +92,17 @@ impl<R, M, V> Finish<R, M, V> {
 }
 
 impl Fetch<'_> {
+    /// `local`: the in-process tier's copy, if it has a live one. The expansion of a `local`
+    /// function calls this first, and returns what it gives; otherwise it goes on with
+    /// [`Fetch::find`].
+    #[inline]
+    pub fn local<R, M: Mode<R>>(&mut self, mode: &M, typed: Option<Typed<M::Value>>) -> Option<R> {
+        let typed = typed?;
+        let entry = self.local_hit()?;
+        let value = (typed.unwrap)(&*entry.value)?;
+        Some(mode.restore(value))
+    }
+
     /// The cached value, if there is a usable one: the call returns it. Otherwise the call
     /// runs the function, then hands its result to [`Finish::verdict`] and the verdict to
     /// [`Fetch::complete`].
@@ -105,10 +115,13 @@ impl Fetch<'_> {
         typed: Option<Typed<M::Value>>,
     ) -> Result<R, Finish<R, M, M::Value>> {
         if let Step::Found(stored) = self.lookup().await {
-            match restore(&stored, mode, typed) {
+            match decode_value(&stored, typed) {
                 Ok(value) => {
+                    if let (true, Some(typed)) = (self.wants_local(), typed) {
+                        self.keep_found(&stored, (typed.wrap)(&value));
+                    }
                     self.hit(stored);
-                    return Ok(value);
+                    return Ok(mode.restore(value));
                 }
                 Err(e) => self.unusable(&e).await,
             }
@@ -146,7 +159,7 @@ fn verdict<R, M: Mode<R>>(
     let stored = Stored {
         bytes,
         typed: match typed {
-            Some(typed) if fetch.keeps_typed() => Some((typed.wrap)(value)),
+            Some(typed) if fetch.keeps_typed() || fetch.wants_local() => Some((typed.wrap)(value)),
             _ => None,
         },
     };

@@ -41,6 +41,7 @@ impl Counter {
 #[derive(Default, Debug)]
 pub(crate) struct SiteStats {
     pub(crate) hits: Counter,
+    pub(crate) l1_hits: Counter,
     pub(crate) coalesced: Counter,
     pub(crate) misses: Counter,
     pub(crate) bypassed: Counter,
@@ -86,6 +87,7 @@ impl SiteStats {
         FunctionStats {
             name: name.to_owned(),
             hits: self.hits.get(),
+            l1_hits: self.l1_hits.get(),
             coalesced: self.coalesced.get(),
             misses: self.misses.get(),
             bypassed: self.bypassed.get(),

@@ -29,8 +29,11 @@ pub struct FunctionStats {
     /// The function's label: its `name` option, else its path (`crate::module::function` or
     /// `crate::module::Type::method`).
     pub name: String,
-    /// Calls answered from the cache.
+    /// Calls answered from the cache: `l1_hits` + [`l2_hits`](FunctionStats::l2_hits) +
+    /// `coalesced`.
     pub hits: u64,
+    /// Of the hits, calls answered from the in-process tier (`local`), without a round trip.
+    pub l1_hits: u64,
     /// Of the hits, calls that waited for a concurrent call's load in this process instead of
     /// running the function.
     pub coalesced: u64,
@@ -93,6 +96,12 @@ impl FunctionStats {
         (lookups > 0).then(|| self.hits as f64 / lookups as f64)
     }
 
+    /// Of the hits, calls answered by a read of the backend (Redis, or the memory backend):
+    /// neither from the in-process tier nor from another call's load.
+    pub fn l2_hits(&self) -> u64 {
+        self.hits.saturating_sub(self.l1_hits + self.coalesced)
+    }
+
     /// Mean load time, or `None` before the first load.
     pub fn load_time_mean(&self) -> Option<Duration> {
         (self.loads > 0).then(|| {
@@ -114,16 +123,18 @@ impl FunctionStats {
 /// `Display` prints a table, one row per function, flagging hit rates under 80%:
 ///
 /// ```text
-/// function           calls     hits   misses   hit rate    loads  errors   load avg   load max  lock waits    puts  evicts  tag inv  cache err
-/// app::get_user        100       90       10      90.0%       10       0     1.20ms     2.31ms           3       0       0        0          0
-/// app::search           10        2        8    ! 20.0%        8       0    15.00ms    19.00ms           0       0       0        0          0
-/// app::save_user         0        0        0          -        0       0          -          -           0       4       0        0          0
-/// app::on_user_updated   0        0        0          -        0       0          -          -           0       0       2        2          0
+/// function              calls     hits  L1 hits  L2 hits   misses   hit rate    loads  errors   load avg   load max  lock waits    puts  evicts  tag inv  cache err
+/// app::get_user             100       90       80       10       10      90.0%       10       0     1.20ms     2.31ms           3       0       0        0          0
+/// app::search                10        2        0        2        8    ! 20.0%        8       0    15.00ms    19.00ms           0       0       0        0          0
+/// app::save_user              0        0        0        0        0          -        0       0          -          -           0       4       0        0          0
+/// app::on_user_updated        0        0        0        0        0          -        0       0          -          -           0       0       2        2          0
 /// ! hit rate under 80%
+/// L1 cleared 1 time (invalidations may have been missed)
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
-    functions: Vec<FunctionStats>,
+    pub(crate) functions: Vec<FunctionStats>,
+    pub(crate) l1_clears: u64,
 }
 
 impl Stats {
@@ -135,6 +146,18 @@ impl Stats {
     /// The counters of the function labelled `name`.
     pub fn function(&self, name: &str) -> Option<&FunctionStats> {
         self.functions.iter().find(|f| f.name == name)
+    }
+
+    /// How many times the in-process tier (`local`) was cleared because invalidations from
+    /// other processes may have been missed (Redis unreachable, the subscription dropped, a
+    /// heartbeat unanswered).
+    pub fn l1_clears(&self) -> u64 {
+        self.l1_clears
+    }
+
+    pub(crate) fn with_l1_clears(mut self, clears: u64) -> Self {
+        self.l1_clears = clears;
+        self
     }
 
     /// The functions whose hit rate is under 80%.
@@ -163,10 +186,12 @@ impl fmt::Display for Stats {
             .max("function".len());
         writeln!(
             f,
-            "{:<width$}  {:>7}  {:>7}  {:>7}  {:>9}  {:>7}  {:>6}  {:>9}  {:>9}  {:>10}  {:>6}  {:>6}  {:>7}  {:>9}",
+            "{:<width$}  {:>7}  {:>7}  {:>7}  {:>7}  {:>7}  {:>9}  {:>7}  {:>6}  {:>9}  {:>9}  {:>10}  {:>6}  {:>6}  {:>7}  {:>9}",
             "function",
             "calls",
             "hits",
+            "L1 hits",
+            "L2 hits",
             "misses",
             "hit rate",
             "loads",
@@ -191,10 +216,12 @@ impl fmt::Display for Stats {
             };
             writeln!(
                 f,
-                "{:<width$}  {:>7}  {:>7}  {:>7}  {:>9}  {:>7}  {:>6}  {:>9}  {:>9}  {:>10}  {:>6}  {:>6}  {:>7}  {:>9}",
+                "{:<width$}  {:>7}  {:>7}  {:>7}  {:>7}  {:>7}  {:>9}  {:>7}  {:>6}  {:>9}  {:>9}  {:>10}  {:>6}  {:>6}  {:>7}  {:>9}",
                 s.name,
                 s.hits + s.misses + s.bypassed,
                 s.hits,
+                s.l1_hits,
+                s.l2_hits(),
                 s.misses,
                 rate,
                 s.loads,
@@ -210,6 +237,14 @@ impl fmt::Display for Stats {
         }
         if any_low {
             writeln!(f, "! hit rate under {:.0}%", LOW_HIT_RATE * 100.0)?;
+        }
+        if self.l1_clears > 0 {
+            let times = if self.l1_clears == 1 { "time" } else { "times" };
+            writeln!(
+                f,
+                "L1 cleared {} {times} (invalidations may have been missed)",
+                self.l1_clears
+            )?;
         }
         Ok(())
     }

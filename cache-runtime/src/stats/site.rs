@@ -23,6 +23,9 @@ pub struct Site {
     pub(crate) cache_none: bool,
     pub(crate) version: Option<u32>,
     pub(crate) lock: Option<Duration>,
+    /// `local` / `local = ..`: how long a copy lives in the in-process tier (at most the
+    /// entry's own TTL; `Duration::MAX`: as long as the entry).
+    pub(crate) local: Option<Duration>,
     /// This site's identity in [`StatsRegistry`] lookups, assigned on first use (0: not yet).
     id: AtomicU64,
     /// The counters of the first (cache, `Self` type) pair this site was used with: the
@@ -62,6 +65,7 @@ impl Site {
             cache_none: false,
             version: None,
             lock: None,
+            local: None,
             id: AtomicU64::new(0),
             slot: OnceLock::new(),
         }
@@ -70,6 +74,17 @@ impl Site {
     /// The `lock` option: the lease length, in milliseconds.
     pub const fn lock_ms(mut self, ms: u64) -> Self {
         self.lock = Some(Duration::from_millis(ms));
+        self
+    }
+
+    /// The `local` option: the in-process copy's TTL in milliseconds (`u64::MAX`: the
+    /// entry's own).
+    pub const fn local_ms(mut self, ms: u64) -> Self {
+        self.local = Some(if ms == u64::MAX {
+            Duration::MAX
+        } else {
+            Duration::from_millis(ms)
+        });
         self
     }
 
@@ -249,7 +264,10 @@ impl StatsRegistry {
         let mut functions: Vec<FunctionStats> =
             sites.iter().map(|(name, s)| s.snapshot(name)).collect();
         functions.sort_by(|a, b| a.name.cmp(&b.name));
-        Stats { functions }
+        Stats {
+            functions,
+            l1_clears: 0,
+        }
     }
 }
 
