@@ -9,6 +9,7 @@ mod behaviour;
 mod cluster_node;
 mod coalescing;
 mod engine_defects;
+mod local;
 mod long_keys;
 mod redis_failures;
 mod shapes;

@@ -89,10 +89,12 @@ pub(super) fn generate(g: &Gen<'_>) -> TokenStream {
     let (local_check, local_probe) = match args.local_ms.span() {
         Some(span) => {
             let rt_local = quote_spanned!(span=> ::cache_runtime::__private);
+            // The same hygienic name, reported at the option.
+            let mode_at = Ident::new(&mode.to_string(), mode.span().located_at(span));
             let hit = g.at_ret("__cache_hit");
             let fetch = g.at_ret("__cache_fetch");
             (
-                quote_spanned!(span=> #rt_local::require_local(&#mode);),
+                quote_spanned!(span=> #rt_local::require_local(&#mode_at);),
                 quote! {
                     if let ::core::option::Option::Some(#hit) = #fetch.local(&#mode, #typed) {
                         return #hit;
