@@ -49,6 +49,24 @@ async fn ours_lock(cache: &Cache, id: u64) -> Result<User, BenchError> {
     Ok(load(id))
 }
 
+/// The same entries through the in-process tier: an L1 hit makes no round trip.
+#[cached(cache = cache, key = "user:{id}", ttl = 3600, local, name = "ours_local")]
+async fn ours_local(cache: &Cache, id: u64) -> Result<User, BenchError> {
+    Ok(load(id))
+}
+
+/// The Zipf workload's keys, through Redis alone.
+#[cached(cache = cache, key = "zipf:{id}", ttl = 3600, name = "zipf_redis")]
+async fn zipf_redis(cache: &Cache, id: u64) -> Result<User, BenchError> {
+    Ok(load(id))
+}
+
+/// The same keys through the in-process tier in front of Redis.
+#[cached(cache = cache, key = "zipf:{id}", ttl = 3600, local, name = "zipf_local")]
+async fn zipf_local(cache: &Cache, id: u64) -> Result<User, BenchError> {
+    Ok(load(id))
+}
+
 /// The same entries under a tag (ten orgs): a tagged hit reads the tag's version with the value.
 #[cached(cache = cache, key = "tagged:{id}", ttl = 3600, tags = ["org:{org}"], name = "ours_tagged")]
 async fn ours_tagged_in(cache: &Cache, org: u64, id: u64) -> Result<User, BenchError> {
@@ -229,7 +247,7 @@ fn parse_args() -> Result<Args, String> {
                 .extend(value("--only")?.split(',').map(str::to_owned)),
             "-h" | "--help" => {
                 println!(
-                    "compare [--quick] [--json FILE] [--keys N] [--hot-share F] [--tasks N] [--rounds N] [--redis-url URL] [--only hit,memory,spread,hot,miss,writes,down,stampede]"
+                    "compare [--quick] [--json FILE] [--keys N] [--hot-share F] [--tasks N] [--rounds N] [--redis-url URL] [--only hit,memory,spread,hot,zipf,invalidation,miss,writes,down,stampede]"
                 );
                 std::process::exit(0);
             }
@@ -375,6 +393,40 @@ fn ids(count: usize, keys: u64, share: f64, seed: u64) -> Vec<u64> {
             }
         })
         .collect()
+}
+
+/// Zipf(`s`) ids over `0..keys` (rank 0 the most frequent), deterministic per seed.
+fn zipf_ids(count: usize, keys: u64, s: f64, seed: u64) -> Vec<u64> {
+    let mut cdf = Vec::with_capacity(keys as usize);
+    let mut total = 0.0;
+    for rank in 1..=keys {
+        total += 1.0 / (rank as f64).powf(s);
+        cdf.push(total);
+    }
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..count)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let u = (x >> 11) as f64 / (1u64 << 53) as f64 * total;
+            cdf.partition_point(|&c| c < u) as u64
+        })
+        .collect()
+}
+
+/// Calls `read` until the cache's in-process tier answers it (the tier is usable once its
+/// subscription answered a heartbeat).
+async fn until_l1(cache: &Cache, name: &str, read: impl AsyncFn()) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cache.stats().function(name).map_or(0, |f| f.l1_hits) == 0 {
+        read().await;
+        if Instant::now() > deadline {
+            return Err(format!("the in-process tier never answered:\n{}", cache.stats()));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
 }
 
 /// `--contender`: run only contenders whose name contains this (for profiling).
@@ -566,11 +618,15 @@ async fn run(args: Args, down: Down) -> Result<(), String> {
     let ours_redis = Cache::builder()
         .redis(&args.redis_url)
         .namespace(format!("cache-bench:{run_id}:ours"))
+        .local(1_000_000)
         .build()
         .await
         .map_err(|e| e.to_string())?;
     let ours_memory = Cache::memory();
     let moka: moka::future::Cache<u64, User> = moka::future::Cache::builder()
+        .max_capacity(1_000_000)
+        .build();
+    let moka_sync: moka::sync::Cache<u64, User> = moka::sync::Cache::builder()
         .max_capacity(1_000_000)
         .build();
 
@@ -583,7 +639,13 @@ async fn run(args: Args, down: Down) -> Result<(), String> {
 
     // Warm every key every contender will read.
     eprintln!("warming {} keys ...", keys);
+    until_l1(&ours_redis, "ours_local", async || {
+        let _ = ours_local(&ours_redis, 0).await;
+    })
+    .await?;
     for id in 0..keys {
+        let _ = ours_local(&ours_redis, id).await;
+        moka_sync.insert(id, load(id));
         let _ = ours(&ours_redis, id).await;
         let _ = ours_tagged(&ours_redis, id).await;
         let _ = ours(&ours_memory, id).await;
@@ -633,6 +695,17 @@ async fn run(args: Args, down: Down) -> Result<(), String> {
         })
     };
 
+    let ours_local_op = cache_op!(ours_redis, ours_local);
+    let moka_sync_op: Op = {
+        let moka = moka_sync.clone();
+        Arc::new(move |id| {
+            let moka = moka.clone();
+            Box::pin(async move {
+                black_box(moka.get(&id));
+            })
+        })
+    };
+
     let mut report: Vec<Figure> = Vec::new();
 
     // 1. Sequential hit latency, Redis.
@@ -647,6 +720,7 @@ async fn run(args: Args, down: Down) -> Result<(), String> {
                 cache_op!(ours_redis, ours_tagged),
             ),
             ("cached crate #[concurrent_cached(redis)]", peer_op.clone()),
+            ("#[cached(local)] L1 hit (this project)", ours_local_op.clone()),
         ];
         report.extend(
             sequential_scenario(
@@ -664,7 +738,9 @@ async fn run(args: Args, down: Down) -> Result<(), String> {
         eprintln!("hit latency (in process, sequential) ...");
         let contenders = [
             ("moka get (bare)", moka_op.clone()),
+            ("moka sync get (bare)", moka_sync_op.clone()),
             ("#[cached] memory backend", ours_mem_op.clone()),
+            ("#[cached(local)] L1 hit, Redis behind", ours_local_op.clone()),
         ];
         report.extend(
             sequential_scenario(
@@ -720,6 +796,125 @@ async fn run(args: Args, down: Down) -> Result<(), String> {
                 .map(|((name, _), f)| f.figure(&label, name))
                 .collect(),
         ));
+    }
+
+    // 3b. The multi-level tier under a skewed workload: Zipf(1.1) over 100 000 keys, 64 tasks,
+    //     Redis alone against L1 (10 000 entries, the default) in front of the same Redis.
+    if args.wants("zipf") {
+        eprintln!("zipf: warming 100 000 keys ...");
+        const ZIPF_KEYS: u64 = 100_000;
+        let zipf_cache = Cache::builder()
+            .redis(&args.redis_url)
+            .namespace(format!("cache-bench:{run_id}:zipf"))
+            .build()
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut set = tokio::task::JoinSet::new();
+        for t in 0..64u64 {
+            let cache = zipf_cache.clone();
+            set.spawn(async move {
+                for id in (t..ZIPF_KEYS).step_by(64) {
+                    let _ = zipf_redis(&cache, id).await;
+                }
+            });
+        }
+        while set.join_next().await.is_some() {}
+        until_l1(&zipf_cache, "zipf_local", async || {
+            let _ = zipf_local(&zipf_cache, 0).await;
+        })
+        .await?;
+        let label = format!("zipf(1.1) over 100 000 keys, {} tasks", args.tasks);
+        let contenders = [
+            ("#[cached] Redis alone", cache_op!(zipf_cache, zipf_redis)),
+            (
+                "#[cached(local)] L1 (10 000 entries) + Redis",
+                cache_op!(zipf_cache, zipf_local),
+            ),
+        ];
+        let tasks = args.tasks;
+        let before = zipf_cache.stats();
+        let figs = interleaved(&contenders, args.rounds, |op, round| {
+            let ids = Arc::new(zipf_ids(conc_ops, ZIPF_KEYS, 1.1, round as u64 + 61));
+            async move {
+                let mut f = RoundFigures::default();
+                concurrent(&op, &ids, tasks, &mut f).await;
+                f
+            }
+        })
+        .await;
+        let after = zipf_cache.stats();
+        let rate = |name: &str| {
+            let (a, b) = (after.function(name), before.function(name));
+            let d = |f: fn(&cache_runtime::FunctionStats) -> u64| {
+                a.map_or(0, f) - b.map_or(0, f)
+            };
+            let calls = d(|f| f.hits + f.misses).max(1) as f64;
+            format!(
+                "hit rate {:.1}%, L1 {:.1}%",
+                d(|f| f.hits) as f64 / calls * 100.0,
+                d(|f| f.l1_hits) as f64 / calls * 100.0
+            )
+        };
+        let mut figures = with_ratios(
+            contenders
+                .iter()
+                .zip(&figs)
+                .map(|((name, _), f)| f.figure(&label, name))
+                .collect(),
+        );
+        figures[0].note = rate("zipf_redis");
+        figures[1].note = rate("zipf_local");
+        report.extend(figures);
+    }
+
+    // 3c. Invalidation to removal: another cache (its own connections and subscription) writes
+    //     a key this one holds in its in-process tier; how long until a read here returns the
+    //     new value (one Redis read included), from the write's return.
+    if args.wants("invalidation") {
+        eprintln!("invalidation to removal ...");
+        let writer = Cache::builder()
+            .redis(&args.redis_url)
+            .namespace(format!("cache-bench:{run_id}:ours"))
+            .build()
+            .await
+            .map_err(|e| e.to_string())?;
+        let id = 4_000_000_000u64;
+        let rounds = if args.quick { 300 } else { 1_000 };
+        let mut samples = Samples(Vec::with_capacity(rounds));
+        for n in 0..rounds as u64 {
+            // Back in this tier first.
+            let l1 = || ours_redis.stats().function("ours_local").map_or(0, |f| f.l1_hits);
+            let (held, deadline) = (l1(), Instant::now() + Duration::from_secs(5));
+            while l1() == held && Instant::now() < deadline {
+                let _ = ours_local(&ours_redis, id).await;
+            }
+            let user = User {
+                name: format!("v{n}"),
+                ..load(id)
+            };
+            writer
+                .set(&format!("user:{id}"), &user, Duration::from_secs(3600))
+                .await
+                .map_err(|e| e.to_string())?;
+            let t = Instant::now();
+            loop {
+                if matches!(ours_local(&ours_redis, id).await, Ok(u) if u.name == user.name) {
+                    break;
+                }
+                if t.elapsed() > Duration::from_secs(5) {
+                    return Err("a write was not seen within 5 s".into());
+                }
+            }
+            samples.0.push(t.elapsed().as_nanos() as u64);
+        }
+        report.push(Figure {
+            scenario: "invalidation to removal, another cache's write".to_owned(),
+            contender: "#[cached(local)] (this project)".to_owned(),
+            p50_ns: samples.percentile(50.0) as f64,
+            p99_ns: samples.percentile(99.0) as f64,
+            note: format!("{rounds} writes; from the write's return to a read of the new value"),
+            ..Figure::default()
+        });
     }
 
     // 4. Miss cost: a miss plus the fill, on keys never read before.

@@ -276,6 +276,12 @@ impl Local {
         self.staleness
     }
 
+    /// The sequence number of `key`'s stripe (it moves with every removal there).
+    #[cfg(test)]
+    pub(crate) fn seq_of(&self, key: &str) -> u64 {
+        *self.lock(self.stripe(key))
+    }
+
     #[cfg(test)]
     fn make_usable(&self) {
         self.delivered(Instant::now());

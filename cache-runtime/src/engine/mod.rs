@@ -115,6 +115,8 @@ impl Fetch<'_> {
         typed: Option<Typed<M::Value>>,
     ) -> Result<R, Finish<R, M, M::Value>> {
         if let Step::Found(stored) = self.lookup().await {
+            #[cfg(test)]
+            tests::after_read().await;
             match decode_value(&stored, typed) {
                 Ok(value) => {
                     if let (true, Some(typed)) = (self.wants_local(), typed) {
@@ -170,6 +172,101 @@ fn verdict<R, M: Mode<R>>(
 mod tests {
     use super::*;
     use crate::mode::{Tag, ViaResult as _, ViaTyped as _};
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    type Hook = Box<dyn FnOnce() -> futures_util::future::BoxFuture<'static, ()> + Send>;
+
+    /// Run once by the next lookup that found a value, right after the read returned.
+    static AFTER_READ: Mutex<Option<Hook>> = Mutex::new(None);
+
+    pub(super) async fn after_read() {
+        let hook = AFTER_READ.lock().unwrap().take();
+        if let Some(hook) = hook {
+            hook().await;
+        }
+    }
+
+    async fn call(cache: &Cache, site: &'static Site, key: &str) -> String {
+        #[allow(clippy::needless_borrow)]
+        let mode = (&&Tag::<Result<String, String>>::new()).__cache_mode();
+        #[allow(clippy::needless_borrow)]
+        let typed = (&&mode).__cache_typed();
+        let mut fetch = Fetch::new(Call {
+            cache,
+            site,
+            self_type: None,
+            key: CallKey::Key(cache.full_key(key)),
+        });
+        if let Some(hit) = fetch.local(&mode, typed) {
+            return hit.unwrap();
+        }
+        let finish = match fetch.find(&mode, typed).await {
+            Ok(hit) => return hit.unwrap(),
+            Err(finish) => finish,
+        };
+        let result = Ok::<String, String>("loaded".to_owned());
+        let verdict = finish.verdict(&mut fetch, &mode, typed, &result, None);
+        fetch.complete(verdict).await;
+        result.unwrap()
+    }
+
+    /// A value read from Redis just before another process's write of the key reaches this
+    /// one never lands in the in-process tier: the ticket was taken before the read.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_value_read_before_a_remote_write_is_not_kept() {
+        static SITE: Site = Site::new("tests", "l1_race").ttl_ms(60_000).local_ms(u64::MAX);
+        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let ns = format!("test:l1_race:{}", crate::store::new_token());
+        let build = || {
+            Cache::builder()
+                .redis(url.clone())
+                .namespace(ns.clone())
+                .operation_timeout(Duration::from_secs(2))
+                .build_sync()
+                .unwrap()
+        };
+        let (a, b) = (build(), build());
+        // The tier becomes usable once its subscription answered a heartbeat.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            call(&a, &SITE, "warm").await;
+            if a.store().local().is_some_and(|l| l.usable()) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the tier never became usable");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        b.set("k", &"old", Duration::from_secs(60)).await.unwrap();
+        let local_seq = {
+            let a = a.clone();
+            move || a.store().local().unwrap().seq_of(&a.full_key("k"))
+        };
+        let before = local_seq();
+        let b2 = b.clone();
+        *AFTER_READ.lock().unwrap() = Some(Box::new(move || {
+            Box::pin(async move {
+                // Another process writes the key, and its message reaches this one.
+                b2.set("k", &"new", Duration::from_secs(60)).await.unwrap();
+                let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                while local_seq() == before {
+                    assert!(std::time::Instant::now() < deadline, "the message never came");
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+        }));
+        assert_eq!(call(&a, &SITE, "k").await, "old", "read before the write");
+        assert!(a.store().local().unwrap().get(&a.full_key("k")).is_none());
+        assert_eq!(call(&a, &SITE, "k").await, "new");
+        // Now it is kept: the next call is an in-process hit.
+        let l1 = || a.stats().functions()[0].l1_hits;
+        let hits = l1();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while l1() == hits {
+            assert_eq!(call(&a, &SITE, "k").await, "new");
+            assert!(std::time::Instant::now() < deadline);
+        }
+    }
 
     fn assert_send<T: Send>(_: &T) {}
 
