@@ -168,14 +168,21 @@ impl RedisBackend {
         let client = redis::Client::open(url)?;
         let origin = inv::new_origin();
         let inv_channel = inv::channel(namespace);
+        let conns = Connections::new(client.clone(), options.clone(), log.clone());
+        let bus = Bus::new(bus::Config {
+            client,
+            fills: CHANNEL,
+            invalidations: inv_channel.clone(),
+            origin,
+            connect_timeout: options.connect_timeout,
+            log,
+            breaker: conns.breaker().clone(),
+        });
+        // The in-process tier must not be used while Redis is unreachable.
+        conns.on_breaker_open(Box::new(bus.on_lost()));
         Ok(RedisBackend {
-            bus: Bus::new(
-                client.clone(),
-                CHANNEL,
-                options.connect_timeout,
-                log.clone(),
-            ),
-            conns: Connections::new(client, options, log),
+            bus,
+            conns,
             origin,
             inv_channel,
             marker_prefix: format!("{MARKER}{}:", crate::store::new_token()),
@@ -207,10 +214,13 @@ impl RedisBackend {
     }
 
     /// Starts delivering other processes' invalidations to `sink` (see
-    /// [`AnyBackend::watch`](super::AnyBackend::watch)).
-    // TODO(issue 9, channel increment): subscribe to the invalidation channel, heartbeat.
+    /// [`AnyBackend::watch`](super::AnyBackend::watch)): the bus subscribes to this cache's
+    /// invalidation channel and sends a heartbeat every `heartbeat` (see `bus`). The first
+    /// call's sink and heartbeat are kept; a later call only makes sure the subscriber runs
+    /// (it is started in the calling Tokio runtime, and dies with it), which costs two atomic
+    /// loads when it does.
     pub(crate) fn watch(&self, sink: &Arc<dyn super::Invalidations>, heartbeat: Duration) {
-        let _ = (sink, heartbeat);
+        self.bus.watch(sink, heartbeat);
     }
 
     /// The frame announcing that `names` (of `kind`) changed.
