@@ -48,6 +48,8 @@ mod conn;
 mod inv;
 mod lease;
 mod scripts;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 use std::time::Duration;
