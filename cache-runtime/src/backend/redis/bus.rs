@@ -35,12 +35,14 @@
 //! (`is_confirmation`, the `b"pong"` test) that completes the oldest in-flight request's
 //! oneshot (`handle_confirmation`). So by the time `PubSubSink::ping` resolves on our task,
 //! every earlier message has been pushed to the channel (the oneshot's completion
-//! happens-after those sends). It may not have been *received* yet: we poll the stream before
-//! the ping in a biased `select!`, but the driver runs on another thread and may push a message
-//! and complete the `PONG` between the two polls. Hence the drain after the `PONG`: the stream
-//! is polled without blocking (and outside Tokio's cooperative budget, which could otherwise
-//! make a ready channel look empty) until it is empty, and only then is `delivered` called.
-//! (RESP3 answers `PONG` as a plain reply, which completes the request the same way, in order.)
+//! happens-after those sends). They may not have been *received* from the channel yet (the
+//! driver runs on another thread, and our loop may see the answer before the messages queued
+//! ahead of it). Hence the drain after the `PONG`: the stream is polled without blocking (and
+//! outside Tokio's cooperative budget, which could otherwise make a ready channel look empty)
+//! until it is empty, and only then is `delivered` called. Because of the drain, the loop can
+//! look at the answer and the timer *before* the stream: a flood of messages cannot starve
+//! the heartbeat. (RESP3 answers `PONG` as a plain reply, which completes the request the same
+//! way, in order.)
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -551,13 +553,14 @@ async fn serve(
                 .as_mut()
                 .reset((Instant::now() + Duration::from_secs(3600)).into()),
         }
+        // The answer first (it drains the stream), the timer next, so that neither is starved.
         let event = tokio::select! {
             biased;
-            msg = stream.next() => Event::Message(msg),
             answer = async { ping.as_mut().expect("guarded").answer.as_mut().await },
                 if ping.is_some() => Event::Answer(answer),
-            () = &mut watched, if !watching => Event::Watched,
             () = &mut timer => Event::Timer,
+            msg = stream.next() => Event::Message(msg),
+            () = &mut watched, if !watching => Event::Watched,
         };
         match event {
             Event::Message(Some(msg)) => dispatch(config, shared, &msg),
