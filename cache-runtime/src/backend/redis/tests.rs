@@ -577,3 +577,28 @@ async fn an_unanswered_heartbeat_is_lost_and_the_connection_is_made_again() {
     }
     assert_eq!(rb.count(|e| matches!(e, Event::Delivered(_))), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_after_the_fill_subscription_subscribes_the_running_connection() {
+    let ns = namespace("late-watch");
+    let (a, b) = (backend(&ns), backend(&ns));
+    assert!(b.bus.ready(Duration::from_secs(1)).await, "fills only");
+    let mut conn = raw().await;
+    let id = client_id(&mut conn, &b.bus.client_name()).await.unwrap();
+    let rb = watch(&b, Duration::from_millis(50));
+    rb.delivered_after(Instant::now()).await;
+    assert_eq!(
+        client_id(&mut conn, &b.bus.client_name()).await,
+        Some(id),
+        "the same connection"
+    );
+    let k = format!("{ns}:k");
+    a.write(&k, value("v"), TTL).await.unwrap();
+    rb.delivered_after(Instant::now()).await;
+    assert_eq!(rb.names().0, vec![k.clone()]);
+    let _: () = redis::cmd("DEL")
+        .arg(&k)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
