@@ -94,8 +94,8 @@ impl Breaker {
         false
     }
 
-    #[cfg(test)]
-    fn is_open(&self) -> bool {
+    /// Whether the breaker is open or half-open (not every operation goes through).
+    pub(crate) fn is_open(&self) -> bool {
         self.state.load(Ordering::Acquire) != CLOSED
     }
 }

@@ -268,9 +268,10 @@ impl CacheBuilder {
                     return Err(Error::config("redis timeouts must be greater than zero"));
                 }
                 let backend =
-                    RedisBackend::new(&url, self.redis.clone(), log.clone()).map_err(|e| {
-                        Error::config(format!("invalid redis url {:?}: {e}", redact(&url)))
-                    })?;
+                    RedisBackend::new(&url, &self.namespace, self.redis.clone(), log.clone())
+                        .map_err(|e| {
+                            Error::config(format!("invalid redis url {:?}: {e}", redact(&url)))
+                        })?;
                 AnyBackend::Redis(backend)
             }
         };

@@ -1,22 +1,100 @@
-//! The fill notifications of one Redis cache: one pub/sub connection per `Cache`, fanned out
-//! in-process to the callers waiting for a key's fill.
+//! The pub/sub side of one Redis cache: one pub/sub connection per `Cache` (named
+//! `cr-bus:<origin>` with `CLIENT SETNAME`), subscribed lazily, which carries
 //!
-//! A fill (or a released lease, a write, an invalidation) publishes the key on the cache's
-//! channel, but only when someone waits for it (the lease script sets a "waiters" flag). The
-//! subscriber task receives the key and wakes that key's waiters. Pub/sub delivery is at most
-//! once (a dropped subscription loses messages), so waiters also re-check on a bounded,
-//! jittered timer; and when the subscription comes back after a drop, every waiter is woken to
-//! re-check at once.
+//! * **fill notifications** (`__cr:fills`), fanned out in-process to the callers waiting for a
+//!   key's fill. A fill (or a released lease, a write) publishes the key, but only when someone
+//!   waits for it (the lease script sets a "waiters" flag). Pub/sub delivery is at most once (a
+//!   dropped subscription loses messages), so waiters also re-check on a bounded, jittered
+//!   timer; and when the subscription comes back after a drop, every waiter is woken to
+//!   re-check at once;
+//! * **invalidations** (`__cr:inv:<namespace>`, see `inv`), once [`Bus::watch`] registered a
+//!   sink: other processes' writes, invalidations and tag invalidations, decoded and passed to
+//!   the sink's `keys` / `tags`. This process's own frames (its origin) are skipped. A frame
+//!   that cannot be decoded is logged and reported as `lost`.
+//!
+//! **Health.** While a sink is registered, the task sends `PING` on the subscribed connection
+//! every `heartbeat` and expects the answer within `heartbeat`. When the answer comes, it first
+//! passes on every message already received, then calls `delivered(sent)`, `sent` being the
+//! instant taken just before the `PING` was sent. `lost` is called when the answer is late
+//! (and the connection is dropped and made again after [`GIVE_UP`] heartbeats without one),
+//! when the subscription drops or fails, when the subscriber task ends (its runtime shut down),
+//! after every (re)subscription (whatever was published in between is gone), for an
+//! undecodable frame, and when the command connection's breaker opens. `delivered(sent)` is
+//! only called for a `PING` sent after the last `lost`, and not while the breaker is open: after
+//! a `lost`, the next answered heartbeat makes the stream trusted again. `lost` and `delivered`
+//! are called under one lock, so the sink sees them in the order they were decided.
+//!
+//! **Why "drain, then delivered" is right** (verified in redis-rs 1.8.1,
+//! `src/aio/pubsub.rs`). Redis answers a connection's commands in order and writes a message
+//! to a subscriber's output buffer when the `PUBLISH` runs; so every message published before
+//! the server handled our `PING` precedes the `PONG` on the socket (RESP2 subscribed mode
+//! answers `["pong", ""]`, a push-shaped array). In redis-rs, one driver task
+//! (`PipelineSink::poll_read` → `handle_message`) decodes the socket's values in order: a
+//! message goes to the stream's unbounded channel (`sender.send(msg)`, synchronously, before
+//! the next value is decoded), and the `pong` array is recognised as a confirmation
+//! (`is_confirmation`, the `b"pong"` test) that completes the oldest in-flight request's
+//! oneshot (`handle_confirmation`). So by the time `PubSubSink::ping` resolves on our task,
+//! every earlier message has been pushed to the channel (the oneshot's completion
+//! happens-after those sends). They may not have been *received* from the channel yet (the
+//! driver runs on another thread, and our loop may see the answer before the messages queued
+//! ahead of it). Hence the drain after the `PONG`: the stream is polled without blocking (and
+//! outside Tokio's cooperative budget, which could otherwise make a ready channel look empty)
+//! until it is empty, and only then is `delivered` called. Because of the drain, the loop can
+//! look at the answer and the timer *before* the stream: a flood of messages cannot starve
+//! the heartbeat. (RESP3 answers `PONG` as a plain reply, which completes the request the same
+//! way, in order.)
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
+use redis::Msg;
+use redis::aio::{PubSub, PubSubSink, PubSubStream};
 use tokio::sync::Notify;
 
-use crate::breaker::{FailureKind, FailureLog};
+use super::inv;
+use crate::backend::Invalidations;
+use crate::breaker::{Breaker, FailureKind, FailureLog};
+
+/// After this many heartbeats without an answer to a `PING`, the connection is given up on
+/// (dropped and made again): a half-open connection, a server that stopped answering.
+const GIVE_UP: u32 = 4;
+
+/// What the bus needs to know, fixed when the backend is built.
+pub(super) struct Config {
+    pub(super) client: redis::Client,
+    /// The fill notifications' channel.
+    pub(super) fills: &'static str,
+    /// This cache's invalidation channel.
+    pub(super) invalidations: String,
+    /// This backend's frames: skipped.
+    pub(super) origin: inv::Origin,
+    pub(super) connect_timeout: Duration,
+    pub(super) log: Arc<FailureLog>,
+    /// The command connection's breaker: while it is open, no heartbeat counts.
+    pub(super) breaker: Arc<Breaker>,
+}
+
+impl Config {
+    /// The pub/sub connection's client name.
+    fn client_name(&self) -> String {
+        let mut name = String::from("cr-bus:");
+        for b in self.origin {
+            name.push_str(&format!("{b:02x}"));
+        }
+        name
+    }
+}
+
+/// A registered sink and its heartbeat.
+struct Watch {
+    sink: Arc<dyn Invalidations>,
+    heartbeat: Duration,
+}
 
 struct Shared {
     /// Per key: the notification, and how many registrations hold it.
@@ -24,6 +102,14 @@ struct Shared {
     subscribed: AtomicBool,
     /// Woken whenever `subscribed` becomes true.
     ready: Notify,
+    /// The number of the running subscriber task (0: none runs).
+    alive: AtomicU64,
+    /// The sink, once [`Bus::watch`] was called.
+    watch: OnceLock<Watch>,
+    /// Woken when `watch` is set, so that a running task subscribes to the invalidations.
+    watch_added: Notify,
+    /// How many times `lost` was called; held while calling `lost` or `delivered`.
+    losses: Mutex<u64>,
 }
 
 impl Shared {
@@ -51,13 +137,61 @@ impl Shared {
             n.notify_waiters();
         }
     }
+
+    /// Tells the sink (if any) that messages may have been missed.
+    fn lose(&self) {
+        if let Some(watch) = self.watch.get() {
+            let mut losses = self.losses.lock().unwrap_or_else(|e| e.into_inner());
+            *losses += 1;
+            watch.sink.lost();
+        }
+    }
+
+    /// The number of `lost` calls so far.
+    fn losses(&self) -> u64 {
+        *self.losses.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Tells the sink that everything published before `sent` was delivered, unless `lost`
+    /// was called since the `PING` was sent (`losses` then) or the breaker is open.
+    fn deliver(&self, losses: u64, sent: Instant, breaker: &Breaker) {
+        if let Some(watch) = self.watch.get() {
+            let current = self.losses.lock().unwrap_or_else(|e| e.into_inner());
+            if *current == losses && !breaker.is_open() {
+                watch.sink.delivered(sent);
+            }
+        }
+    }
+
+    /// An invalidation message: decoded and passed to the sink.
+    fn invalidated(&self, config: &Config, payload: &[u8]) {
+        let Some(watch) = self.watch.get() else {
+            return;
+        };
+        match inv::decode(payload) {
+            Ok(frame) if frame.origin == config.origin => {}
+            Ok(frame) if frame.is_everything() => self.lose(),
+            Ok(frame) => match frame.kind {
+                inv::Kind::Keys => watch.sink.keys(&mut frame.names()),
+                inv::Kind::Tags => watch.sink.tags(&mut frame.names()),
+            },
+            Err(e) => {
+                config.log.warn(
+                    FailureKind::Decode,
+                    &format_args!(
+                        "undecodable message on {} ({e}, {} bytes); the in-process tier is cleared",
+                        config.invalidations,
+                        payload.len()
+                    ),
+                );
+                self.lose();
+            }
+        }
+    }
 }
 
 pub(crate) struct Bus {
-    client: redis::Client,
-    channel: &'static str,
-    connect_timeout: Duration,
-    log: Arc<FailureLog>,
+    config: Arc<Config>,
     shared: Arc<Shared>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -103,21 +237,17 @@ impl Drop for Registration<'_> {
 }
 
 impl Bus {
-    pub(crate) fn new(
-        client: redis::Client,
-        channel: &'static str,
-        connect_timeout: Duration,
-        log: Arc<FailureLog>,
-    ) -> Bus {
+    pub(super) fn new(config: Config) -> Bus {
         Bus {
-            client,
-            channel,
-            connect_timeout,
-            log,
+            config: Arc::new(config),
             shared: Arc::new(Shared {
                 waiters: Mutex::new(HashMap::new()),
                 subscribed: AtomicBool::new(false),
                 ready: Notify::new(),
+                alive: AtomicU64::new(0),
+                watch: OnceLock::new(),
+                watch_added: Notify::new(),
+                losses: Mutex::new(0),
             }),
             task: Mutex::new(None),
         }
@@ -165,6 +295,40 @@ impl Bus {
         self.shared.subscribed.load(Ordering::Acquire) && self.running()
     }
 
+    /// Registers `sink` (the first call's is kept) for this cache's invalidations, with a
+    /// heartbeat every `heartbeat`, and makes sure the subscriber runs. Repeated calls cost
+    /// two atomic loads while the subscriber runs.
+    pub(super) fn watch(&self, sink: &Arc<dyn Invalidations>, heartbeat: Duration) {
+        if self.shared.watch.get().is_some() && self.shared.alive.load(Ordering::Acquire) != 0 {
+            return;
+        }
+        self.watch_slow(sink, heartbeat);
+    }
+
+    #[cold]
+    fn watch_slow(&self, sink: &Arc<dyn Invalidations>, heartbeat: Duration) {
+        let watch = Watch {
+            sink: sink.clone(),
+            heartbeat: heartbeat.max(Duration::from_millis(1)),
+        };
+        if self.shared.watch.set(watch).is_ok() {
+            self.shared.watch_added.notify_waiters();
+        }
+        self.start();
+    }
+
+    /// What the breaker calls when it opens: the sink is told that messages may be lost.
+    pub(super) fn on_lost(&self) -> impl Fn() + Send + Sync + 'static {
+        let shared = self.shared.clone();
+        move || shared.lose()
+    }
+
+    /// The pub/sub connection's client name (`CLIENT LIST` shows it).
+    #[cfg(test)]
+    pub(super) fn client_name(&self) -> String {
+        self.config.client_name()
+    }
+
     /// Whether the subscriber task is alive (it dies with the runtime that spawned it).
     fn running(&self) -> bool {
         self.task
@@ -175,6 +339,7 @@ impl Bus {
     }
 
     pub(super) fn start(&self) {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
         let mut task = self.task.lock().unwrap_or_else(|e| e.into_inner());
         if task.as_ref().is_some_and(|t| !t.is_finished()) {
             return;
@@ -182,73 +347,280 @@ impl Bus {
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let (client, channel, timeout) = (self.client.clone(), self.channel, self.connect_timeout);
-        let (shared, log) = (self.shared.clone(), self.log.clone());
-        *task = Some(handle.spawn(subscribe_forever(client, channel, timeout, shared, log)));
+        let number = NEXT.fetch_add(1, Ordering::Relaxed);
+        self.shared.alive.store(number, Ordering::Release);
+        let (config, shared) = (self.config.clone(), self.shared.clone());
+        *task = Some(handle.spawn(subscribe_forever(config, shared, number)));
     }
 }
 
-/// Clears `subscribed` when the subscriber task ends, however it ends (its runtime shut down,
-/// say), so that the next waiter starts a new one.
-struct Unsubscribed(Arc<Shared>);
-
-impl Drop for Unsubscribed {
-    fn drop(&mut self) {
-        self.0.subscribed.store(false, Ordering::Release);
-    }
-}
-
-async fn subscribe_forever(
-    client: redis::Client,
-    channel: &'static str,
-    connect_timeout: Duration,
+/// Marks the end of a subscriber task, however it ends (its runtime shut down, say): clears
+/// `subscribed` and `alive`, so that the next waiter or `watch` starts a new one, and tells
+/// the sink.
+struct Ended {
     shared: Arc<Shared>,
-    log: Arc<FailureLog>,
-) {
-    let _unsubscribed = Unsubscribed(shared.clone());
+    number: u64,
+}
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        self.shared.subscribed.store(false, Ordering::Release);
+        let _ =
+            self.shared
+                .alive
+                .compare_exchange(self.number, 0, Ordering::AcqRel, Ordering::Acquire);
+        self.shared.lose();
+    }
+}
+
+async fn subscribe_forever(config: Arc<Config>, shared: Arc<Shared>, number: u64) {
+    let _ended = Ended {
+        shared: shared.clone(),
+        number,
+    };
     let mut backoff = Duration::from_millis(50);
     loop {
-        let connected = tokio::time::timeout(connect_timeout, async {
-            let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(channel).await?;
-            Ok::<_, redis::RedisError>(pubsub)
+        let watching = shared.watch.get().is_some();
+        let connected = tokio::time::timeout(config.connect_timeout, async {
+            let (mut sink, stream) = connect(&config).await?.split();
+            if watching {
+                sink.subscribe(&[config.fills, config.invalidations.as_str()])
+                    .await?;
+            } else {
+                sink.subscribe(config.fills).await?;
+            }
+            Ok::<_, redis::RedisError>((sink, stream))
         })
         .await;
         match connected {
-            Ok(Ok(pubsub)) => {
+            Ok(Ok((sink, stream))) => {
                 backoff = Duration::from_millis(50);
                 shared.subscribed.store(true, Ordering::Release);
                 shared.ready.notify_waiters();
                 // Fills published while we were not subscribed are lost: re-check now.
                 shared.wake_all();
-                let mut messages = pubsub.into_on_message();
-                while let Some(msg) = messages.next().await {
-                    if let Ok(key) = std::str::from_utf8(msg.get_payload_bytes()) {
-                        shared.wake(key);
-                    }
-                }
+                // So are invalidations: nothing from before may be trusted.
+                shared.lose();
+                let why = serve(&config, &shared, sink, stream, watching).await;
                 shared.subscribed.store(false, Ordering::Release);
-                log.warn(
+                shared.lose();
+                config.log.warn(
                     FailureKind::Unavailable,
                     &format_args!(
-                        "the fill-notification subscription to redis dropped; waiters re-check until it is back"
+                        "the redis subscription dropped ({why}); fill waiters re-check and the in-process tier is off until it is back"
                     ),
                 );
             }
-            Ok(Err(e)) => log.warn(
+            Ok(Err(e)) => config.log.warn(
                 FailureKind::Unavailable,
                 &format_args!(
-                    "cannot subscribe to fill notifications ({e}); waiters re-check instead"
+                    "cannot subscribe to redis notifications ({e}); fill waiters re-check instead"
                 ),
             ),
-            Err(_) => log.warn(
+            Err(_) => config.log.warn(
                 FailureKind::Timeout,
                 &format_args!(
-                    "subscribing to fill notifications timed out; waiters re-check instead"
+                    "subscribing to redis notifications timed out; fill waiters re-check instead"
                 ),
             ),
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// A connection to the server, named `config.client_name()` when it is a TCP or Unix socket
+/// (redis-rs has no way to send `CLIENT SETNAME` on a pub/sub connection, and the server
+/// refuses it once subscribed in RESP2: it is sent on the socket first, then redis-rs does its
+/// usual setup on it). Other addresses (TLS, not built in) go through redis-rs unnamed.
+async fn connect(config: &Config) -> redis::RedisResult<PubSub> {
+    let info = config.client.get_connection_info();
+    let settings = info.redis_settings();
+    match info.addr() {
+        redis::ConnectionAddr::Tcp(host, port) => {
+            let mut socket = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+            socket.set_nodelay(true)?;
+            name_connection(&mut socket, settings, &config.client_name()).await?;
+            PubSub::new(settings, socket).await
+        }
+        #[cfg(unix)]
+        redis::ConnectionAddr::Unix(path) => {
+            let mut socket = tokio::net::UnixStream::connect(path).await?;
+            name_connection(&mut socket, settings, &config.client_name()).await?;
+            PubSub::new(settings, socket).await
+        }
+        _ => config.client.get_async_pubsub().await,
+    }
+}
+
+/// Sends `AUTH` (if the URL has a password) and `CLIENT SETNAME name` on a new connection and
+/// reads their one-line replies. Errors in the replies are ignored: redis-rs authenticates
+/// again on this connection and reports a failure itself; an unnamed connection works too.
+async fn name_connection<S>(
+    socket: &mut S,
+    settings: &redis::RedisConnectionInfo,
+    name: &str,
+) -> std::io::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut pipe = redis::pipe();
+    if let Some(password) = settings.password() {
+        let auth = pipe.cmd("AUTH");
+        if let Some(user) = settings.username() {
+            auth.arg(user);
+        }
+        auth.arg(password);
+    }
+    pipe.cmd("CLIENT").arg("SETNAME").arg(name);
+    socket.write_all(&pipe.get_packed_pipeline()).await?;
+    // Each reply is one line (`+OK`, or `-ERR ...`), and nothing else comes before the next
+    // command: reading up to the last line's end leaves the socket at a command boundary.
+    let mut lines = pipe.len();
+    let (mut buf, mut last) = ([0u8; 256], 0u8);
+    while lines > 0 {
+        let n = socket.read(&mut buf).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        for &b in &buf[..n] {
+            if last == b'\r' && b == b'\n' {
+                lines -= 1;
+            }
+            last = b;
+        }
+    }
+    Ok(())
+}
+
+/// The heartbeat in flight.
+struct Ping {
+    answer: Pin<Box<dyn Future<Output = redis::RedisResult<redis::Value>> + Send>>,
+    /// Taken just before it was sent.
+    sent: Instant,
+    /// `Shared::losses` when it was sent.
+    losses: u64,
+    /// Whether its deadline passed (`lost` was called).
+    late: bool,
+}
+
+/// What woke the serving loop.
+enum Event {
+    Message(Option<Msg>),
+    Answer(redis::RedisResult<redis::Value>),
+    Watched,
+    Timer,
+}
+
+/// Serves one subscription until it fails; returns why it ended.
+async fn serve(
+    config: &Config,
+    shared: &Shared,
+    sink: PubSubSink,
+    mut stream: PubSubStream,
+    mut watching: bool,
+) -> &'static str {
+    let mut ping: Option<Ping> = None;
+    // The first heartbeat goes at once: the stream is trusted after its answer.
+    let mut next_ping = Instant::now();
+    let timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(timer);
+    loop {
+        let watched = shared.watch_added.notified();
+        tokio::pin!(watched);
+        watched.as_mut().enable();
+        if !watching && shared.watch.get().is_some() {
+            let mut sink = sink.clone();
+            let subscribed = tokio::time::timeout(
+                config.connect_timeout,
+                sink.subscribe(&config.invalidations),
+            )
+            .await;
+            if !matches!(subscribed, Ok(Ok(()))) {
+                return "subscribing to the invalidation channel failed";
+            }
+            watching = true;
+            shared.lose();
+            next_ping = Instant::now();
+        }
+        let heartbeat = shared.watch.get().map(|w| w.heartbeat);
+        match (&ping, heartbeat) {
+            (None, Some(_)) if watching => timer.as_mut().reset(next_ping.into()),
+            (Some(p), Some(h)) if !p.late => timer.as_mut().reset((p.sent + h).into()),
+            (Some(p), Some(h)) => timer.as_mut().reset((p.sent + h * GIVE_UP).into()),
+            _ => timer
+                .as_mut()
+                .reset((Instant::now() + Duration::from_secs(3600)).into()),
+        }
+        // The answer first (it drains the stream), the timer next, so that neither is starved.
+        let event = tokio::select! {
+            biased;
+            answer = async { ping.as_mut().expect("guarded").answer.as_mut().await },
+                if ping.is_some() => Event::Answer(answer),
+            () = &mut timer => Event::Timer,
+            msg = stream.next() => Event::Message(msg),
+            () = &mut watched, if !watching => Event::Watched,
+        };
+        match event {
+            Event::Message(Some(msg)) => dispatch(config, shared, &msg),
+            Event::Message(None) => return "the connection closed",
+            Event::Answer(Err(_)) => return "a heartbeat failed",
+            Event::Answer(Ok(_)) => {
+                let p = ping.take().expect("answered");
+                // Everything published before the PING is in the channel by now: pass it on
+                // before saying so (see the module docs).
+                loop {
+                    match tokio::task::unconstrained(stream.next()).now_or_never() {
+                        Some(Some(msg)) => dispatch(config, shared, &msg),
+                        Some(None) => return "the connection closed",
+                        None => break,
+                    }
+                }
+                shared.deliver(p.losses, p.sent, &config.breaker);
+                let h = heartbeat.unwrap_or_default();
+                next_ping = (p.sent + h).max(Instant::now());
+            }
+            Event::Watched => {}
+            Event::Timer => match &mut ping {
+                None => {
+                    if watching {
+                        let losses = shared.losses();
+                        let mut sink = sink.clone();
+                        let sent = Instant::now();
+                        ping = Some(Ping {
+                            answer: Box::pin(async move { sink.ping::<redis::Value>().await }),
+                            sent,
+                            losses,
+                            late: false,
+                        });
+                    }
+                }
+                Some(p) if !p.late => {
+                    p.late = true;
+                    shared.lose();
+                    config.log.warn(
+                        FailureKind::Timeout,
+                        &format_args!(
+                            "a heartbeat on the redis subscription was not answered within {:?}; the in-process tier is off until one is",
+                            heartbeat.unwrap_or_default()
+                        ),
+                    );
+                }
+                Some(_) => return "heartbeats went unanswered",
+            },
+        }
+    }
+}
+
+/// One message: a fill wakes its waiters, an invalidation goes to the sink.
+fn dispatch(config: &Config, shared: &Shared, msg: &Msg) {
+    let channel = msg.get_channel_name();
+    if channel == config.fills {
+        if let Ok(key) = std::str::from_utf8(msg.get_payload_bytes()) {
+            shared.wake(key);
+        }
+    } else if channel == config.invalidations {
+        shared.invalidated(config, msg.get_payload_bytes());
     }
 }

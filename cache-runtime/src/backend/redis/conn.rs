@@ -9,7 +9,7 @@
 //! a comparison per operation.
 
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -43,7 +43,10 @@ pub(super) struct Connections {
     current: ArcSwapOption<Slot>,
     /// Every live slot.
     slots: Mutex<Vec<Arc<Slot>>>,
-    breaker: Breaker,
+    /// Shared with the bus: no heartbeat counts while it is open.
+    breaker: Arc<Breaker>,
+    /// Called when the breaker opens (see [`Connections::on_breaker_open`]).
+    on_open: OnceLock<Box<dyn Fn() + Send + Sync>>,
     log: Arc<FailureLog>,
 }
 
@@ -73,13 +76,29 @@ impl Drop for ProbeGuard<'_> {
 impl Connections {
     pub(super) fn new(client: redis::Client, options: RedisOptions, log: Arc<FailureLog>) -> Self {
         Connections {
-            breaker: Breaker::new(options.breaker_threshold, options.breaker_cooldown),
+            breaker: Arc::new(Breaker::new(
+                options.breaker_threshold,
+                options.breaker_cooldown,
+            )),
+            on_open: OnceLock::new(),
             client,
             options,
             current: ArcSwapOption::empty(),
             slots: Mutex::new(Vec::new()),
             log,
         }
+    }
+
+    /// The circuit breaker every operation goes through.
+    pub(super) fn breaker(&self) -> &Arc<Breaker> {
+        &self.breaker
+    }
+
+    /// Calls `hook` whenever the breaker opens (Redis is unreachable: the invalidation stream
+    /// can no longer be trusted). Set once; later calls are ignored. It runs on the failing
+    /// operation's task and must not block.
+    pub(super) fn on_breaker_open(&self, hook: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.on_open.set(hook);
     }
 
     /// The connection of the current runtime, created (not connected) on first use.
@@ -177,6 +196,9 @@ impl Connections {
             _ => FailureKind::Unavailable,
         };
         if opened {
+            if let Some(hook) = self.on_open.get() {
+                hook();
+            }
             tracing::warn!(
                 target: "cache_runtime",
                 "redis {op} failed ({err}); circuit breaker open, calls bypass the cache and retry redis every {:?}",

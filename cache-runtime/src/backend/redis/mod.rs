@@ -1,6 +1,7 @@
 //! The Redis backend: a multiplexed connection per Tokio runtime (`conn`), per-operation
 //! timeouts and a circuit breaker, Lua scripts for the atomic steps (`scripts`), and a
-//! pub/sub subscription (`bus`) that wakes lease waiters (`lease`).
+//! pub/sub subscription (`bus`) that wakes lease waiters (`lease`) and delivers other
+//! processes' invalidations to the in-process tier (`inv`, [`RedisBackend::watch`]).
 //!
 //! Keys of one value key `K` (`K` includes the cache's namespace):
 //!
@@ -8,6 +9,18 @@
 //! K                  the envelope, or a pending load's marker ("\0crp:<token>")
 //! __cr:wait:{K}      set while callers wait for K's fill: only then does a fill publish
 //! __cr:tag:{T}       the current version of the tag T (see `tags`)
+//! ```
+//!
+//! Channels:
+//!
+//! ```text
+//! __cr:fills             K, when a fill, a released lease or a write finds K's waiters flag
+//!                        (shared by every cache on the server; a waiter filters by key)
+//! __cr:inv:<namespace>   a frame (see `inv`) naming the keys a write or an invalidation
+//!                        changed (`WRITE`: its key; `invalidate`: one frame per hash slot) or
+//!                        the tags a tag invalidation moved; published always, in the same
+//!                        script or pipeline as the change and after it. Fills, markers,
+//!                        leases, `REPLACE`, `TAKEOVER`, `PEXPIRE .. GT` publish nothing
 //! ```
 //!
 //! **The stale-fill guard lives in `K` itself.** A lookup is `SET K <marker> NX PX .. GET`:
@@ -22,8 +35,8 @@
 //!
 //! (`{K}` is written `K` when `K` already carries a hash tag, and `{T}K`, with `T` a short tag
 //! of `K`'s slot, when `K` has no hash tag but contains a `}`; see `key::aux_key`.) Each
-//! script touches `K` and its waiters key only, one hash slot. Fills are published on the
-//! channel `__cr:fills`. Every key has a TTL.
+//! script touches `K` and its waiters key only, one hash slot (its `PUBLISH`es name channels,
+//! not keys). Every key has a TTL.
 //!
 //! The connection is made lazily, on the first operation, so building a cache never fails or
 //! waits because Redis is down. While Redis is unreachable every operation fails fast (the
@@ -32,8 +45,11 @@
 
 mod bus;
 mod conn;
+mod inv;
 mod lease;
 mod scripts;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -126,6 +142,10 @@ impl Default for RedisOptions {
 pub(crate) struct RedisBackend {
     conns: Connections,
     bus: Bus,
+    /// This backend's identity in invalidation frames (see `inv`).
+    origin: inv::Origin,
+    /// `__cr:inv:<namespace>`.
+    inv_channel: String,
     /// How this backend's markers start: `\0crp:<random>:`, then a counter.
     marker_prefix: String,
     /// Until when (ms since `started`) lookups skip the `SET` and read with a plain `GET`: the
@@ -139,21 +159,34 @@ pub(crate) struct RedisBackend {
 const REFUSAL_BACKOFF: Duration = Duration::from_secs(1);
 
 impl RedisBackend {
-    /// Parses `url`; fails only on an invalid URL.
+    /// Parses `url`; fails only on an invalid URL. `namespace` is the cache's (checked by
+    /// `key::validate_namespace`): its writes are announced on `__cr:inv:<namespace>`.
     pub(crate) fn new(
         url: &str,
+        namespace: &str,
         options: RedisOptions,
         log: Arc<FailureLog>,
     ) -> Result<Self, redis::RedisError> {
         let client = redis::Client::open(url)?;
+        let origin = inv::new_origin();
+        let inv_channel = inv::channel(namespace);
+        let conns = Connections::new(client.clone(), options.clone(), log.clone());
+        let bus = Bus::new(bus::Config {
+            client,
+            fills: CHANNEL,
+            invalidations: inv_channel.clone(),
+            origin,
+            connect_timeout: options.connect_timeout,
+            log,
+            breaker: conns.breaker().clone(),
+        });
+        // The in-process tier must not be used while Redis is unreachable.
+        conns.on_breaker_open(Box::new(bus.on_lost()));
         Ok(RedisBackend {
-            bus: Bus::new(
-                client.clone(),
-                CHANNEL,
-                options.connect_timeout,
-                log.clone(),
-            ),
-            conns: Connections::new(client, options, log),
+            bus,
+            conns,
+            origin,
+            inv_channel,
             marker_prefix: format!("{MARKER}{}:", crate::store::new_token()),
             refusing_until: std::sync::atomic::AtomicU64::new(0),
             started: std::time::Instant::now(),
@@ -183,10 +216,18 @@ impl RedisBackend {
     }
 
     /// Starts delivering other processes' invalidations to `sink` (see
-    /// [`AnyBackend::watch`](super::AnyBackend::watch)).
-    // TODO(issue 9, channel increment): subscribe to the invalidation channel, heartbeat.
+    /// [`AnyBackend::watch`](super::AnyBackend::watch)): the bus subscribes to this cache's
+    /// invalidation channel and sends a heartbeat every `heartbeat` (see `bus`). The first
+    /// call's sink and heartbeat are kept; a later call only makes sure the subscriber runs
+    /// (it is started in the calling Tokio runtime, and dies with it), which costs two atomic
+    /// loads when it does.
     pub(crate) fn watch(&self, sink: &Arc<dyn super::Invalidations>, heartbeat: Duration) {
-        let _ = (sink, heartbeat);
+        self.bus.watch(sink, heartbeat);
+    }
+
+    /// The frame announcing that `names` (of `kind`) changed.
+    fn frame<S: AsRef<str>>(&self, kind: inv::Kind, names: &[S]) -> Vec<u8> {
+        inv::encode(kind, &self.origin, names)
     }
 
     /// The marker of `token`, made now if it has none yet.
@@ -392,14 +433,23 @@ impl Backend for RedisBackend {
 
     async fn write(&self, key: &str, value: Stored, ttl: Duration) -> BackendResult<()> {
         let waiters = self.waiters(key);
+        let frame = self.frame(inv::Kind::Keys, &[key]);
+        let (frame, channel) = (&frame, &self.inv_channel);
         self.conns
             .run("write", |mut conn| async move {
-                let mut cmd = evalsha(&WRITE, 2, 5, 2 * key.len() + value.bytes.len() + 40);
+                let mut cmd = evalsha(
+                    &WRITE,
+                    2,
+                    7,
+                    2 * key.len() + value.bytes.len() + frame.len() + channel.len() + 40,
+                );
                 cmd.arg(key)
                     .arg(&waiters)
                     .arg(&value.bytes[..])
                     .arg(millis(ttl))
-                    .arg(CHANNEL);
+                    .arg(CHANNEL)
+                    .arg(channel)
+                    .arg(&frame[..]);
                 let _: i64 = run(&mut conn, &WRITE, &cmd).await?;
                 Ok(())
             })
@@ -411,9 +461,10 @@ impl Backend for RedisBackend {
             return Ok(());
         }
         // A `DEL` per hash slot (one command on Redis Cluster may not span slots), pipelined:
-        // one round trip. No script and no notification: a load holding a removed marker
+        // one round trip. No script and no fill notification: a load holding a removed marker
         // wakes its waiters when its fill is rejected, and a waiter of a holder that is gone
-        // finds the key empty at its next re-check.
+        // finds the key empty at its next re-check. Each `DEL` is followed by the `PUBLISH`
+        // of its keys' invalidation frame (after it, in the same pipeline).
         let mut by_slot: Vec<(u16, Vec<&str>)> = Vec::new();
         for key in keys {
             let slot = crate::key::key_slot(key);
@@ -422,11 +473,17 @@ impl Backend for RedisBackend {
                 None => by_slot.push((slot, vec![key])),
             }
         }
+        let frames: Vec<Vec<u8>> = by_slot
+            .iter()
+            .map(|(_, group)| self.frame(inv::Kind::Keys, group))
+            .collect();
+        let (by_slot, frames, channel) = (&by_slot, &frames, &self.inv_channel);
         self.conns
             .run("invalidate", |mut conn| async move {
                 let mut pipe = redis::pipe();
-                for (_, group) in &by_slot {
+                for ((_, group), frame) in by_slot.iter().zip(frames) {
                     pipe.cmd("DEL").arg(group).ignore();
+                    pipe.cmd("PUBLISH").arg(channel).arg(&frame[..]).ignore();
                 }
                 pipe.exec_async(&mut conn).await
             })
@@ -552,10 +609,13 @@ impl Backend for RedisBackend {
             return Ok(());
         }
         let keys = Self::tag_keys(tags);
+        // The names as given (not the `__cr:tag:{..}` keys): what other processes' tiers know.
+        let frame = self.frame(inv::Kind::Tags, tags);
+        let (frame, channel) = (&frame, &self.inv_channel);
         self.conns
             .run("invalidate tags", |mut conn| async move {
                 // One command per tag, whatever the number of entries; a tag without a version
-                // has no entry that could be served.
+                // has no entry that could be served. Then one `PUBLISH` of all the names.
                 let mut pipe = redis::pipe();
                 for key in &keys {
                     pipe.cmd("SET")
@@ -565,6 +625,7 @@ impl Backend for RedisBackend {
                         .arg("KEEPTTL")
                         .ignore();
                 }
+                pipe.cmd("PUBLISH").arg(channel).arg(&frame[..]).ignore();
                 pipe.exec_async(&mut conn).await
             })
             .await

@@ -116,8 +116,10 @@ return 1
     )
 });
 
-/// KEYS: value, waiters. ARGV: envelope, ttl ms, channel. A write: replaces whatever the key
-/// holds (a pending load's marker included, so that load's fill is rejected).
+/// KEYS: value, waiters. ARGV: envelope, ttl ms, fill channel, invalidation channel, the
+/// key's invalidation frame (see `inv`). A write: replaces whatever the key holds (a pending
+/// load's marker included, so that load's fill is rejected), wakes the key's waiters, and
+/// announces the write to other processes' in-process tiers, after it is applied.
 pub(super) static WRITE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -125,6 +127,7 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 if redis.call('DEL', KEYS[2]) == 1 then
   redis.call('PUBLISH', ARGV[3], KEYS[1])
 end
+redis.call('PUBLISH', ARGV[4], ARGV[5])
 return 1
 ",
     )
