@@ -422,7 +422,10 @@ async fn until_l1(cache: &Cache, name: &str, read: impl AsyncFn()) -> Result<(),
     while cache.stats().function(name).map_or(0, |f| f.l1_hits) == 0 {
         read().await;
         if Instant::now() > deadline {
-            return Err(format!("the in-process tier never answered:\n{}", cache.stats()));
+            return Err(format!(
+                "the in-process tier never answered:\n{}",
+                cache.stats()
+            ));
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -626,9 +629,8 @@ async fn run(args: Args, down: Down) -> Result<(), String> {
     let moka: moka::future::Cache<u64, User> = moka::future::Cache::builder()
         .max_capacity(1_000_000)
         .build();
-    let moka_sync: moka::sync::Cache<u64, User> = moka::sync::Cache::builder()
-        .max_capacity(1_000_000)
-        .build();
+    let moka_sync: moka::sync::Cache<u64, User> =
+        moka::sync::Cache::builder().max_capacity(1_000_000).build();
 
     let scale = if args.quick { 1 } else { 5 };
     let seq_ops = 2_000 * scale;
@@ -720,7 +722,10 @@ async fn run(args: Args, down: Down) -> Result<(), String> {
                 cache_op!(ours_redis, ours_tagged),
             ),
             ("cached crate #[concurrent_cached(redis)]", peer_op.clone()),
-            ("#[cached(local)] L1 hit (this project)", ours_local_op.clone()),
+            (
+                "#[cached(local)] L1 hit (this project)",
+                ours_local_op.clone(),
+            ),
         ];
         report.extend(
             sequential_scenario(
@@ -740,7 +745,10 @@ async fn run(args: Args, down: Down) -> Result<(), String> {
             ("moka get (bare)", moka_op.clone()),
             ("moka sync get (bare)", moka_sync_op.clone()),
             ("#[cached] memory backend", ours_mem_op.clone()),
-            ("#[cached(local)] L1 hit, Redis behind", ours_local_op.clone()),
+            (
+                "#[cached(local)] L1 hit, Redis behind",
+                ours_local_op.clone(),
+            ),
         ];
         report.extend(
             sequential_scenario(
@@ -845,9 +853,7 @@ async fn run(args: Args, down: Down) -> Result<(), String> {
         let after = zipf_cache.stats();
         let rate = |name: &str| {
             let (a, b) = (after.function(name), before.function(name));
-            let d = |f: fn(&cache_runtime::FunctionStats) -> u64| {
-                a.map_or(0, f) - b.map_or(0, f)
-            };
+            let d = |f: fn(&cache_runtime::FunctionStats) -> u64| a.map_or(0, f) - b.map_or(0, f);
             let calls = d(|f| f.hits + f.misses).max(1) as f64;
             format!(
                 "hit rate {:.1}%, L1 {:.1}%",
@@ -883,7 +889,12 @@ async fn run(args: Args, down: Down) -> Result<(), String> {
         let mut samples = Samples(Vec::with_capacity(rounds));
         for n in 0..rounds as u64 {
             // Back in this tier first.
-            let l1 = || ours_redis.stats().function("ours_local").map_or(0, |f| f.l1_hits);
+            let l1 = || {
+                ours_redis
+                    .stats()
+                    .function("ours_local")
+                    .map_or(0, |f| f.l1_hits)
+            };
             let (held, deadline) = (l1(), Instant::now() + Duration::from_secs(5));
             while l1() == held && Instant::now() < deadline {
                 let _ = ours_local(&ours_redis, id).await;

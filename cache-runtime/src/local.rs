@@ -260,10 +260,10 @@ impl Local {
     }
 
     /// Drops every entry, and every ticket taken before.
-    pub(crate) fn clear(&self) {
+    #[cfg(test)]
+    fn clear(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.entries.invalidate_all();
-        self.clears.fetch_add(1, Ordering::Relaxed);
     }
 
     /// How many times the tier was cleared because invalidations may have been missed.
@@ -308,9 +308,15 @@ impl Invalidations for Local {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         *lost_at = self.ticks(Instant::now());
-        self.health.fresh_until.store(0, Ordering::Release);
+        let was_usable = self.health.fresh_until.swap(0, Ordering::AcqRel) != 0;
         drop(lost_at);
-        self.clear();
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.entries.invalidate_all();
+        // Counted when the tier had been in use (not for the loss every new subscription
+        // starts with).
+        if was_usable {
+            self.clears.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn delivered(&self, sent: Instant) {
