@@ -143,11 +143,11 @@ impl Local {
         }
     }
 
-    /// Microseconds since `base`, at least 1.
+    /// Microseconds since `base`, at least 1 (integer arithmetic only: this is on every hit).
+    #[inline]
     fn ticks(&self, at: Instant) -> u64 {
-        u64::try_from(at.saturating_duration_since(self.base).as_micros())
-            .unwrap_or(u64::MAX)
-            .saturating_add(1)
+        let d = at.saturating_duration_since(self.base);
+        d.as_secs() * 1_000_000 + u64::from(d.subsec_micros()) + 1
     }
 
     /// Whether the tier may be used now (the invalidation stream is known to be complete up

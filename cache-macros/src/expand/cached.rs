@@ -56,7 +56,8 @@ use super::{Gen, hidden};
 // __cache_tags };` follows the key, and `__cache_fetch.tags(__cache_tags);` follows
 // `Fetch::new` (an untagged function has neither). With `local`, `require_local(&__cache_mode);`
 // follows the mode (at the option's span), and `if let Some(__cache_hit) =
-// __cache_fetch.local(&__cache_mode, __cache_typed) { return __cache_hit; }` precedes `find`.
+// __cache_call.local(Some(&__cache_tags) /* or None */, &__cache_mode, __cache_typed) {
+// return __cache_hit; }` precedes `Fetch::new(__cache_call)`.
 // With `condition`, the key is `if cond { .. } else { CallKey::Condition }`; with `unless`,
 // the last argument of `verdict` is `Some(&mut |result: &R| -> bool { expr })`; `cache_none`
 // adds `require_cache_none(PhantomData::<R>);` first; in a method, `self_type` is
@@ -86,17 +87,23 @@ pub(super) fn generate(g: &Gen<'_>) -> TokenStream {
     let cache_none_check = g.cache_none_check();
     // `local`: the stored type must be cloneable (each in-process hit gets a clone), checked
     // at the option; the in-process tier is probed before anything else.
+    let call_var = g.at_ret("__cache_call");
     let (local_check, local_probe) = match args.local_ms.span() {
         Some(span) => {
             let rt_local = quote_spanned!(span=> ::cache_runtime::__private);
             // The same hygienic name, reported at the option.
             let mode_at = Ident::new(&mode.to_string(), mode.span().located_at(span));
             let hit = g.at_ret("__cache_hit");
-            let fetch = g.at_ret("__cache_fetch");
+            let tags_arg = match &tags {
+                Some((tags, _)) => quote!(::core::option::Option::Some(&#tags)),
+                None => quote!(::core::option::Option::None),
+            };
             (
                 quote_spanned!(span=> #rt_local::require_local(&#mode_at);),
                 quote! {
-                    if let ::core::option::Option::Some(#hit) = #fetch.local(&#mode, #typed) {
+                    if let ::core::option::Option::Some(#hit) =
+                        #call_var.local(#tags_arg, &#mode, #typed)
+                    {
                         return #hit;
                     }
                 },
@@ -104,7 +111,6 @@ pub(super) fn generate(g: &Gen<'_>) -> TokenStream {
         }
         None => Default::default(),
     };
-
     let unless = match args.unless.get() {
         Some(expr) => {
             let result = Ident::new("result", Span::call_site());
@@ -133,9 +139,10 @@ pub(super) fn generate(g: &Gen<'_>) -> TokenStream {
     // annotated function adds little code of its own.
     let body = g.body(|future| {
         quote_spanned! {g.ret_loc=>
-            let mut #fetch = #rt_ret::Fetch::new(#call);
-            #tags_call
+            let #call_var = #call;
             #local_probe
+            let mut #fetch = #rt_ret::Fetch::new(#call_var);
+            #tags_call
             let #finish = match #fetch.find(&#mode, #typed).await {
                 ::core::result::Result::Ok(#hit) => return #hit,
                 ::core::result::Result::Err(#finish) => #finish,

@@ -9,8 +9,6 @@
 
 use std::time::{Duration, Instant};
 
-use std::sync::Arc;
-
 use crate::backend::{BackendError, BackendResult, Gen, Read, Stored, TypedValue};
 use crate::breaker::FailureKind;
 use crate::cache::Cache;
@@ -18,7 +16,7 @@ use crate::engine::Call;
 use crate::envelope::{self, DecodeError, EncodeError};
 use crate::flight::{Follower, LeaderGuard, Outcome, Role};
 use crate::key::CallKey;
-use crate::local::{LocalEntry, Ticket};
+use crate::local::Ticket;
 use crate::stats::{Site, SiteStats, StatsRef};
 use crate::store::{Lease, LeaseGuard, Store};
 use crate::tags::{TagSet, Tags};
@@ -155,17 +153,6 @@ impl<'a> Fetch<'a> {
             loading: false,
             ticket: None,
         }
-    }
-
-    /// `local`: the in-process tier's copy, if it has a live one (the call returns it, with
-    /// no round trip).
-    #[inline]
-    pub(crate) fn local_hit(&self) -> Option<Arc<LocalEntry>> {
-        let key = self.key.as_deref()?;
-        let entry = self.store.local_tier()?.get(key)?;
-        SiteStats::inc(&self.stats.hits);
-        SiteStats::inc(&self.stats.l1_hits);
-        Some(entry)
     }
 
     /// Whether the value found or loaded goes into the in-process tier (so the verdict keeps

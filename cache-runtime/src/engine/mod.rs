@@ -31,7 +31,8 @@ use crate::cache::Cache;
 use crate::envelope;
 use crate::key::CallKey;
 use crate::mode::{Classified, Mode, Typed};
-use crate::stats::Site;
+use crate::stats::{Site, SiteStats};
+use crate::tags::Tags;
 
 pub use self::fetch::{Fetch, Verdict};
 use self::fetch::{Kind, Step};
@@ -91,18 +92,34 @@ impl<R, M, V> Finish<R, M, V> {
     }
 }
 
-impl Fetch<'_> {
+impl Call<'_> {
     /// `local`: the in-process tier's copy, if it has a live one. The expansion of a `local`
-    /// function calls this first, and returns what it gives; otherwise it goes on with
-    /// [`Fetch::find`].
+    /// function calls this before it makes its [`Fetch`], and returns what it gives (a hit
+    /// costs a hash lookup and a clone; nothing else is built).
     #[inline]
-    pub fn local<R, M: Mode<R>>(&mut self, mode: &M, typed: Option<Typed<M::Value>>) -> Option<R> {
-        let typed = typed?;
-        let entry = self.local_hit()?;
+    pub fn local<R, M: Mode<R>>(
+        &self,
+        tags: Option<&Tags>,
+        mode: &M,
+        typed: Option<Typed<M::Value>>,
+    ) -> Option<R> {
+        let (CallKey::Key(key), Some(typed)) = (&self.key, typed) else {
+            return None;
+        };
+        if tags.is_some_and(|t| t.failed) {
+            // The call bypasses the cache (`Fetch::tags` says why).
+            return None;
+        }
+        let entry = self.cache.store().local_tier()?.get(key)?;
         let value = (typed.unwrap)(&*entry.value)?;
+        let stats = self.site.stats(self.cache.stats_registry(), self.self_type);
+        SiteStats::inc(&stats.hits);
+        SiteStats::inc(&stats.l1_hits);
         Some(mode.restore(value))
     }
+}
 
+impl Fetch<'_> {
     /// The cached value, if there is a usable one: the call returns it. Otherwise the call
     /// runs the function, then hands its result to [`Finish::verdict`] and the verdict to
     /// [`Fetch::complete`].
@@ -192,15 +209,16 @@ mod tests {
         let mode = (&&Tag::<Result<String, String>>::new()).__cache_mode();
         #[allow(clippy::needless_borrow)]
         let typed = (&&mode).__cache_typed();
-        let mut fetch = Fetch::new(Call {
+        let call = Call {
             cache,
             site,
             self_type: None,
             key: CallKey::Key(cache.full_key(key)),
-        });
-        if let Some(hit) = fetch.local(&mode, typed) {
+        };
+        if let Some(hit) = call.local(None, &mode, typed) {
             return hit.unwrap();
         }
+        let mut fetch = Fetch::new(call);
         let finish = match fetch.find(&mode, typed).await {
             Ok(hit) => return hit.unwrap(),
             Err(finish) => finish,
