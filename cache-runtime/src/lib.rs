@@ -100,7 +100,7 @@ pub struct CacheEvictDocTests;
 #[doc(hidden)]
 pub mod __private {
     pub use crate::cache::Cache;
-    pub use crate::engine::{Call, Evict, EvictCall, Fetch, Finish, Put, Verdict};
+    pub use crate::engine::{Call, Evict, EvictCall, Fetch, Finish, Put, Verdict, catch_unwind};
     pub use crate::key::{CallKey, KeyWriter};
     /// For the integration tests: auxiliary key names and hash slots, checked against a real
     /// cluster node.

@@ -236,6 +236,19 @@ impl Store {
         Ok((generation, guard))
     }
 
+    /// [`Store::replace`] for a value past its TTL (`stale`, see [`Backend::retire`]).
+    pub(crate) async fn retire(&self, key: &str) -> BackendResult<(Gen, Option<LeaseGuard>)> {
+        let token = Token::default();
+        let generation = self.backend.retire(key, &token).await?;
+        let guard = self.guard_if_mine(key, &generation, token);
+        Ok((generation, guard))
+    }
+
+    /// The value kept for `key` past its TTL (see [`Backend::read_stale`]).
+    pub(crate) async fn read_stale(&self, key: &str) -> BackendResult<Option<Stored>> {
+        self.backend.read_stale(key).await
+    }
+
     /// A read, with the guard of the marker `token` if the read is a miss that left it.
     fn with_guard(&self, key: &str, read: Read, token: Token) -> (Read, Option<LeaseGuard>) {
         let guard = match &read {

@@ -13,6 +13,7 @@ mod local;
 mod long_keys;
 mod redis_failures;
 mod shapes;
+mod stale;
 mod stampede;
 mod ui;
 mod write_regressions;

@@ -25,6 +25,10 @@ pub(super) fn value_hint(option: &str) -> String {
             "`local` takes the in-process copy's TTL in seconds or as a duration string, e.g. `local = 30` or `local = \"30s\"`, or nothing (`local` alone: as long as the entry)"
                 .to_owned()
         }
+        "stale" => {
+            "`stale` takes how long a value is kept past its TTL, to be served if a load fails: seconds or a duration string, e.g. `stale = 600` or `stale = \"10m\"`"
+                .to_owned()
+        }
         "before" => "`before` is a flag and takes no value; write `before` alone".to_owned(),
         "cache" => {
             "`cache` takes an expression naming a `Cache`, e.g. `cache = self.cache`".to_owned()
@@ -60,6 +64,10 @@ pub(super) fn unknown_message(option: &str, kind: Kind) -> String {
         (Kind::Cached | Kind::Put, "before") => Some(format!(
             "`before` is an option of `#[cache_evict]`, not of `{attr}`"
         )),
+        (Kind::Put, "stale") => Some(
+            "`stale` is an option of `#[cached]`: a put has no load to fall back from; remove it"
+                .to_owned(),
+        ),
         (Kind::Put, "local") => Some(
             "`local` is an option of `#[cached]`: a put removes the key's in-process copies in every process, and the next read keeps the new value; remove it"
                 .to_owned(),
@@ -71,7 +79,7 @@ pub(super) fn unknown_message(option: &str, kind: Kind) -> String {
         (Kind::Evict, "key") => Some(
             "`#[cache_evict]` takes a list of keys: write `keys = [\"...\"]`".to_owned(),
         ),
-        (Kind::Evict, "ttl" | "unless" | "cache_none" | "lock" | "local" | "value") => Some(format!(
+        (Kind::Evict, "ttl" | "unless" | "cache_none" | "lock" | "local" | "stale" | "value") => Some(format!(
             "`{option}` is not an option of `#[cache_evict]`, which writes nothing; remove it"
         )),
         _ => None,

@@ -127,6 +127,7 @@ const OPTIONS: &[(&str, &[Kind])] = {
         ("name", &[Cached, Put, Evict]),
         ("lock", &[Cached]),
         ("local", &[Cached]),
+        ("stale", &[Cached]),
         ("tags", &[Cached, Put, Evict]),
         ("before", &[Evict]),
     ]
@@ -150,6 +151,8 @@ pub(crate) struct Args {
     /// `local` / `local = <ttl>`: the in-process copy's TTL in milliseconds (`u64::MAX`: the
     /// entry's own).
     pub(crate) local_ms: Slot<u64>,
+    /// `stale = <duration>`: how long a value is kept past its TTL, in milliseconds.
+    pub(crate) stale_ms: Slot<u64>,
     /// `tags = ["org:{org}", ..]`.
     pub(crate) tags: Slot<Vec<LitStr>>,
     /// `#[cache_evict(keys = ["user:{id}", ..])]`.
@@ -180,6 +183,7 @@ impl Args {
             name: Slot::new("name"),
             lock_ms: Slot::new("lock"),
             local_ms: Slot::new("local"),
+            stale_ms: Slot::new("stale"),
             tags: Slot::new("tags"),
             keys: Slot::new("keys"),
             value: Slot::new("value"),
@@ -310,6 +314,11 @@ impl Args {
             "ttl" => {
                 if let Some(ms) = duration_ms(&expr, "ttl", errors) {
                     self.ttl_ms.set(span, ms, errors);
+                }
+            }
+            "stale" => {
+                if let Some(ms) = duration_ms(&expr, "stale", errors) {
+                    self.stale_ms.set(span, ms, errors);
                 }
             }
             "version" => match &expr {

@@ -57,7 +57,10 @@ use super::{Gen, hidden};
 // `Fetch::new` (an untagged function has neither). With `local`, `require_local(&__cache_mode);`
 // follows the mode (at the option's span), and `if let Some(__cache_hit) =
 // __cache_call.local(Some(&__cache_tags) /* or None */, &__cache_mode, __cache_typed) {
-// return __cache_hit; }` precedes `Fetch::new(__cache_call)`.
+// return __cache_hit; }` precedes `Fetch::new(__cache_call)`. With `stale`, the body runs as
+// `match catch_unwind(async move { .. }).await { Ok(r) => r, Err(p) => { if let Some(h) =
+// __cache_finish.panicked(..).await { return h; } resume_unwind(p) } }`, and `if let Some(h) =
+// __cache_finish.stale(&mut __cache_fetch, ..) { return h; }` follows `complete`.
 // With `condition`, the key is `if cond { .. } else { CallKey::Condition }`; with `unless`,
 // the last argument of `verdict` is `Some(&mut |result: &R| -> bool { expr })`; `cache_none`
 // adds `require_cache_none(PhantomData::<R>);` first; in a method, `self_type` is
@@ -134,10 +137,41 @@ pub(super) fn generate(g: &Gen<'_>) -> TokenStream {
         Some((tags, tags_let)) => (tags_let.clone(), quote!(#fetch.tags(#tags);)),
         None => Default::default(),
     };
+    // `stale`: a failed load (an error, or a panic, caught) returns the value kept past its
+    // TTL if there is one.
+    let stale_on = args.stale_ms.get().is_some();
+    let stale_return = if stale_on {
+        let hit = g.at_ret("__cache_hit");
+        quote! {
+            if let ::core::option::Option::Some(#hit) = #finish.stale(&mut #fetch, &#mode, #typed) {
+                return #hit;
+            }
+        }
+    } else {
+        TokenStream::new()
+    };
     // The function's own state machine drives the call: `find` and `verdict` are generic
     // over the return type only, everything else in the runtime is not generic at all, so an
     // annotated function adds little code of its own.
     let body = g.body(|future| {
+        let run_body = if stale_on {
+            let (hit, panic) = (g.at_ret("__cache_hit"), g.at_ret("__cache_panic"));
+            quote_spanned! {g.ret_loc=>
+                let #result = match #rt_ret::catch_unwind(#future).await {
+                    ::core::result::Result::Ok(#result) => #result,
+                    ::core::result::Result::Err(#panic) => {
+                        if let ::core::option::Option::Some(#hit) =
+                            #finish.panicked(&mut #fetch, &#mode, #typed).await
+                        {
+                            return #hit;
+                        }
+                        ::std::panic::resume_unwind(#panic)
+                    }
+                };
+            }
+        } else {
+            quote_spanned! {g.ret_loc=> let #result = #future.await; }
+        };
         quote_spanned! {g.ret_loc=>
             let #call_var = #call;
             #local_probe
@@ -147,9 +181,10 @@ pub(super) fn generate(g: &Gen<'_>) -> TokenStream {
                 ::core::result::Result::Ok(#hit) => return #hit,
                 ::core::result::Result::Err(#finish) => #finish,
             };
-            let #result = #future.await;
+            #run_body
             let #verdict = #finish.verdict(&mut #fetch, &#mode, #typed, &#result, #unless);
             #fetch.complete(#verdict).await;
+            #stale_return
             #result
         }
     });

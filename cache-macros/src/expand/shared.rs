@@ -142,6 +142,9 @@ impl<'a> Gen<'a> {
         if let Some(ms) = args.local_ms.get() {
             site_opts.extend(quote!(.local_ms(#ms)));
         }
+        if let Some(ms) = args.stale_ms.get() {
+            site_opts.extend(quote!(.stale_ms(#ms)));
+        }
         quote! {
             static #site: #rt::Site = #rt::Site::new(::core::module_path!(), #fn_name) #site_opts;
         }

@@ -166,6 +166,19 @@ pub(crate) trait Backend: Send + Sync {
     /// there (then it returns that one, and the caller's fill is checked against it).
     fn replace(&self, key: &str, token: &Token) -> impl Future<Output = BackendResult<Gen>> + Send;
 
+    /// [`Backend::replace`] for a value past its TTL (`stale`): the value is kept, for what is
+    /// left of its life, where [`Backend::read_stale`] finds it if the load fails. An
+    /// in-process backend keeps the entry itself (its physical TTL includes the stale time).
+    fn retire(&self, key: &str, token: &Token) -> impl Future<Output = BackendResult<Gen>> + Send {
+        self.replace(key, token)
+    }
+
+    /// The value kept for `key` past its TTL (see [`Backend::retire`]), if there is one and
+    /// no write or invalidation of the key dropped it since.
+    fn read_stale(&self, key: &str) -> impl Future<Output = BackendResult<Option<Stored>>> + Send {
+        self.read(key)
+    }
+
     /// The value, or the lease `token` for `lease`, waiting as long as twice the lease for
     /// another holder's fill if needed; `on_wait` is called when a wait begins.
     fn lease(
@@ -326,6 +339,14 @@ impl Backend for AnyBackend {
 
     async fn replace(&self, key: &str, token: &Token) -> BackendResult<Gen> {
         dispatch!(self, b => b.replace(key, token).await)
+    }
+
+    async fn retire(&self, key: &str, token: &Token) -> BackendResult<Gen> {
+        dispatch!(self, b => b.retire(key, token).await)
+    }
+
+    async fn read_stale(&self, key: &str) -> BackendResult<Option<Stored>> {
+        dispatch!(self, b => b.read_stale(key).await)
     }
 
     async fn lease(

@@ -107,6 +107,8 @@ pub struct Fetch<'a> {
     /// `local`: taken by the leader before it reads the backend; what it read or loaded is
     /// put in the in-process tier only if nothing touched the key since (see `local`).
     ticket: Option<Ticket>,
+    /// `stale`: a value kept past its TTL, found after the load failed.
+    stale: Option<Stored>,
 }
 
 impl Drop for Fetch<'_> {
@@ -152,6 +154,7 @@ impl<'a> Fetch<'a> {
             load_time: Duration::ZERO,
             loading: false,
             ticket: None,
+            stale: None,
         }
     }
 
@@ -318,7 +321,7 @@ impl<'a> Fetch<'a> {
             // Memory: a read costs less than joining a flight (and tag versions are as cheap).
             self.read_tag_versions().await;
             match store.read(&key).await {
-                Ok(Some(stored)) if self.tags_current(&stored).await => {
+                Ok(Some(stored)) if self.tags_current(&stored).await && !self.expired(&stored) => {
                     self.state = State::Direct { key };
                     return Step::Found(stored);
                 }
@@ -374,6 +377,55 @@ impl<'a> Fetch<'a> {
                 (None, None)
             }
         }
+    }
+
+    /// `stale`: whether `stored` is past the function's TTL (its physical TTL is longer, so
+    /// that it can be served if a load fails).
+    fn expired(&self, stored: &Stored) -> bool {
+        self.site.stale.is_some()
+            && envelope::created_at_ms(&stored.bytes).is_some_and(|created| {
+                let ttl = u64::try_from(self.entry_ttl().as_millis()).unwrap_or(u64::MAX);
+                envelope::now_ms() >= created.saturating_add(ttl)
+            })
+    }
+
+    /// [`Fetch::replaced`] for a value past its TTL: it is kept where a failed load finds it.
+    async fn retired(&self, key: &str) -> (Option<Gen>, Option<LeaseGuard>) {
+        match self.store.retire(key).await {
+            Ok((generation, guard)) => (Some(generation), guard),
+            Err(e) => {
+                self.backend_failure(&e);
+                (None, None)
+            }
+        }
+    }
+
+    /// `stale`: the value kept past its TTL, if the load failed and one may be served (no
+    /// write or invalidation of the key, or of its tags, since).
+    async fn find_stale(&self) -> Option<Stored> {
+        let key = match &self.state {
+            State::Lead { guard, .. } => guard.flight().key(),
+            State::Solo { key: Some(key), .. } | State::Direct { key } => key.as_str(),
+            _ => return None,
+        };
+        match self.store.read_stale(key).await {
+            Ok(Some(stored)) if self.tags_current(&stored).await => Some(stored),
+            Ok(_) => None,
+            Err(e) => {
+                self.backend_failure(&e);
+                None
+            }
+        }
+    }
+
+    /// `stale`: the value found by a failed load's [`Fetch::find_stale`], for the caller.
+    pub(crate) fn take_stale(&mut self) -> Option<Stored> {
+        self.stale.take()
+    }
+
+    /// Counts a stale value served.
+    pub(crate) fn served_stale(&self) {
+        SiteStats::inc(&self.stats.stale_served);
     }
 
     /// Waits for the leader: its value, or the key to join again.
@@ -452,12 +504,18 @@ impl<'a> Fetch<'a> {
             None => {}
         }
         if let Some(stored) = &found {
-            if (self.tags.is_some() || envelope::is_tagged(&stored.bytes))
-                && !self.tags_current(stored).await
-            {
-                // Invalidated by a tag: load, and fill over it.
+            let stale_tags = (self.tags.is_some() || envelope::is_tagged(&stored.bytes))
+                && !self.tags_current(stored).await;
+            // Past its TTL (`stale`: kept longer, to be served if the load fails).
+            let expired = !stale_tags && self.expired(stored);
+            if stale_tags || expired {
+                // Invalidated by a tag, or expired: load, and fill over it.
                 found = None;
-                (generation, lease) = self.replaced(key).await;
+                (generation, lease) = if expired {
+                    self.retired(key).await
+                } else {
+                    self.replaced(key).await
+                };
                 if lease.is_none()
                     && generation.is_some()
                     && self.site.lock.is_some()
@@ -466,7 +524,9 @@ impl<'a> Fetch<'a> {
                     // With `lock`, another process replaced it first and loads: wait for its
                     // fill as any lock waiter does.
                     match self.read(key).await {
-                        (Some(fresh), ..) if self.tags_current(&fresh).await => {
+                        (Some(fresh), ..)
+                            if self.tags_current(&fresh).await && !self.expired(&fresh) =>
+                        {
                             found = Some(fresh);
                             generation = None;
                         }
@@ -652,6 +712,14 @@ impl<'a> Fetch<'a> {
                 if !matches!(self.state, State::Bypass) {
                     SiteStats::inc(&self.stats.not_stored);
                 }
+                if self.site.stale.is_some() {
+                    if let Some(stale) = self.find_stale().await {
+                        // The callers waiting for this load get the stale value too.
+                        self.stale = Some(stale.clone());
+                        self.share(stale).await;
+                        return;
+                    }
+                }
                 self.retry().await;
                 return;
             }
@@ -690,10 +758,16 @@ impl<'a> Fetch<'a> {
             return;
         }
         let ttl = self.site.ttl.unwrap_or(self.store.default_ttl());
-        let ttl = if none {
-            self.site.none_ttl.unwrap_or(ttl)
+        // `stale`: a value lives that much longer in the backend, served only if a load fails
+        // (a `None` does not).
+        let (ttl, kept) = if none {
+            let ttl = self.site.none_ttl.unwrap_or(ttl);
+            (ttl, ttl)
         } else {
-            ttl
+            (
+                ttl,
+                ttl.saturating_add(self.site.stale.unwrap_or(Duration::ZERO)),
+            )
         };
         match std::mem::replace(&mut self.state, State::Idle) {
             State::Lead {
@@ -715,7 +789,7 @@ impl<'a> Fetch<'a> {
                     }
                     Some(generation) => {
                         let (filled, tags_kept) = self
-                            .fill(key, stored.clone(), ttl, &generation, lease)
+                            .fill(key, stored.clone(), kept, &generation, lease)
                             .await;
                         match filled {
                             // A tag was invalidated while the function ran: the entry records
@@ -753,7 +827,7 @@ impl<'a> Fetch<'a> {
             State::Solo {
                 key: Some(key),
                 generation: Some(generation),
-            } => match self.fill(&key, stored, ttl, &generation, None).await.0 {
+            } => match self.fill(&key, stored, kept, &generation, None).await.0 {
                 Ok(true) => {}
                 Ok(false) => SiteStats::inc(&self.stats.stale_fills),
                 Err(e) => self.backend_failure(&e),

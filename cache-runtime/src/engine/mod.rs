@@ -36,6 +36,16 @@ use crate::tags::Tags;
 
 pub use self::fetch::{Fetch, Verdict};
 use self::fetch::{Kind, Step};
+
+/// `stale`: runs a function's body, catching a panic (so that a value kept past its TTL can be
+/// returned instead).
+#[doc(hidden)]
+pub fn catch_unwind<F: std::future::Future>(
+    body: F,
+) -> futures_util::future::CatchUnwind<std::panic::AssertUnwindSafe<F>> {
+    use futures_util::FutureExt as _;
+    std::panic::AssertUnwindSafe(body).catch_unwind()
+}
 pub use self::write::{Evict, EvictCall, Put};
 
 /// One call of a cached function, as the attribute's expansion describes it.
@@ -75,6 +85,32 @@ pub struct Finish<R, M, V> {
 
 type Verdict_<R, M, V> =
     fn(&mut Fetch<'_>, &M, Option<Typed<V>>, &R, Option<&mut dyn FnMut(&R) -> bool>) -> Verdict;
+
+impl<R, M: Mode<R, Value = V>, V: serde::de::DeserializeOwned> Finish<R, M, V> {
+    /// `stale`: after [`Fetch::complete`], the value kept past its TTL if the load failed and
+    /// one may be served: the call returns it instead of the error.
+    #[inline]
+    pub fn stale(&self, fetch: &mut Fetch<'_>, mode: &M, typed: Option<Typed<V>>) -> Option<R> {
+        let stored = fetch.take_stale()?;
+        let value = decode_value(&stored, typed).ok()?;
+        fetch.served_stale();
+        Some(mode.restore(value))
+    }
+
+    /// `stale`: the function panicked (the expansion caught it). Counts the failed load, tells
+    /// the waiting callers, and returns the value kept past its TTL if there is one (otherwise
+    /// the expansion resumes the panic).
+    pub async fn panicked(
+        &self,
+        fetch: &mut Fetch<'_>,
+        mode: &M,
+        typed: Option<Typed<V>>,
+    ) -> Option<R> {
+        fetch.end_load();
+        fetch.complete(Verdict(Kind::Error)).await;
+        self.stale(fetch, mode, typed)
+    }
+}
 
 impl<R, M, V> Finish<R, M, V> {
     /// What the function's `result` means for the cache: classified, checked against

@@ -62,6 +62,7 @@ pub(crate) struct SiteStats {
     pub(crate) puts: Counter,
     pub(crate) evictions: Counter,
     pub(crate) tag_invalidations: Counter,
+    pub(crate) stale_served: Counter,
 }
 
 impl SiteStats {
@@ -108,6 +109,7 @@ impl SiteStats {
             puts: self.puts.get(),
             evictions: self.evictions.get(),
             tag_invalidations: self.tag_invalidations.get(),
+            stale_served: self.stale_served.get(),
         }
     }
 }

@@ -87,6 +87,10 @@ pub struct FunctionStats {
     pub evictions: u64,
     /// `#[cache_evict]`: tags invalidated (one per tag per call).
     pub tag_invalidations: u64,
+    /// `stale`: calls whose load failed (an error or a panic) and that returned the value kept
+    /// past its TTL instead (the callers that waited for that load got it too, counted as
+    /// `coalesced`).
+    pub stale_served: u64,
 }
 
 impl FunctionStats {
@@ -123,11 +127,11 @@ impl FunctionStats {
 /// `Display` prints a table, one row per function, flagging hit rates under 80%:
 ///
 /// ```text
-/// function              calls     hits  L1 hits  L2 hits   misses   hit rate    loads  errors   load avg   load max  lock waits    puts  evicts  tag inv  cache err
-/// app::get_user             100       90       80       10       10      90.0%       10       0     1.20ms     2.31ms           3       0       0        0          0
-/// app::search                10        2        0        2        8    ! 20.0%        8       0    15.00ms    19.00ms           0       0       0        0          0
-/// app::save_user              0        0        0        0        0          -        0       0          -          -           0       4       0        0          0
-/// app::on_user_updated        0        0        0        0        0          -        0       0          -          -           0       0       2        2          0
+/// function              calls     hits  L1 hits  L2 hits   misses   hit rate    loads  errors  stale   load avg   load max  lock waits    puts  evicts  tag inv  cache err
+/// app::get_user             100       90       80       10       10      90.0%       10       0      0     1.20ms     2.31ms           3       0       0        0          0
+/// app::search                10        2        0        2        8    ! 20.0%        8       3      3    15.00ms    19.00ms           0       0       0        0          0
+/// app::save_user              0        0        0        0        0          -        0       0      0          -          -           0       4       0        0          0
+/// app::on_user_updated        0        0        0        0        0          -        0       0      0          -          -           0       0       2        2          0
 /// ! hit rate under 80%
 /// L1 cleared 1 time (invalidations may have been missed)
 /// ```
@@ -186,7 +190,7 @@ impl fmt::Display for Stats {
             .max("function".len());
         writeln!(
             f,
-            "{:<width$}  {:>7}  {:>7}  {:>7}  {:>7}  {:>7}  {:>9}  {:>7}  {:>6}  {:>9}  {:>9}  {:>10}  {:>6}  {:>6}  {:>7}  {:>9}",
+            "{:<width$}  {:>7}  {:>7}  {:>7}  {:>7}  {:>7}  {:>9}  {:>7}  {:>6}  {:>5}  {:>9}  {:>9}  {:>10}  {:>6}  {:>6}  {:>7}  {:>9}",
             "function",
             "calls",
             "hits",
@@ -196,6 +200,7 @@ impl fmt::Display for Stats {
             "hit rate",
             "loads",
             "errors",
+            "stale",
             "load avg",
             "load max",
             "lock waits",
@@ -216,7 +221,7 @@ impl fmt::Display for Stats {
             };
             writeln!(
                 f,
-                "{:<width$}  {:>7}  {:>7}  {:>7}  {:>7}  {:>7}  {:>9}  {:>7}  {:>6}  {:>9}  {:>9}  {:>10}  {:>6}  {:>6}  {:>7}  {:>9}",
+                "{:<width$}  {:>7}  {:>7}  {:>7}  {:>7}  {:>7}  {:>9}  {:>7}  {:>6}  {:>5}  {:>9}  {:>9}  {:>10}  {:>6}  {:>6}  {:>7}  {:>9}",
                 s.name,
                 s.hits + s.misses + s.bypassed,
                 s.hits,
@@ -226,6 +231,7 @@ impl fmt::Display for Stats {
                 rate,
                 s.loads,
                 s.load_errors,
+                s.stale_served,
                 fmt_duration(s.load_time_mean()),
                 fmt_duration((s.loads > 0).then_some(s.load_time_max)),
                 s.lock_waits,

@@ -26,6 +26,8 @@ pub struct Site {
     /// `local` / `local = ..`: how long a copy lives in the in-process tier (at most the
     /// entry's own TTL; `Duration::MAX`: as long as the entry).
     pub(crate) local: Option<Duration>,
+    /// `stale = ..`: how long a value is kept past its TTL, to be served if a load fails.
+    pub(crate) stale: Option<Duration>,
     /// This site's identity in [`StatsRegistry`] lookups, assigned on first use (0: not yet).
     id: AtomicU64,
     /// The counters of the first (cache, `Self` type) pair this site was used with: the
@@ -66,6 +68,7 @@ impl Site {
             version: None,
             lock: None,
             local: None,
+            stale: None,
             id: AtomicU64::new(0),
             slot: OnceLock::new(),
         }
@@ -85,6 +88,12 @@ impl Site {
         } else {
             Duration::from_millis(ms)
         });
+        self
+    }
+
+    /// The `stale` option, in milliseconds.
+    pub const fn stale_ms(mut self, ms: u64) -> Self {
+        self.stale = Some(Duration::from_millis(ms));
         self
     }
 

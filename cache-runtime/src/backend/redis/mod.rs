@@ -68,6 +68,7 @@ use crate::key::aux_key;
 const CHANNEL: &str = "__cr:fills";
 
 const WAIT_PREFIX: &str = "__cr:wait:";
+const STALE_PREFIX: &str = "__cr:stale:";
 const TAG_PREFIX: &str = "__cr:tag:";
 
 /// How every pending load's marker starts (an envelope starts with its format byte, 1 or 2).
@@ -239,6 +240,39 @@ impl RedisBackend {
         aux_key(WAIT_PREFIX, key)
     }
 
+    /// [`Backend::replace`]; with `keep`, the value is first copied to its stale copy (see
+    /// `scripts::REPLACE`).
+    async fn replace_keeping(&self, key: &str, token: &Token, keep: bool) -> BackendResult<Gen> {
+        // A value written in between is lost to a miss, never to a stale fill: this call
+        // loads after.
+        let marker = self.marker(token);
+        let copy = keep.then(|| Self::stale_copy(key));
+        let copy = copy.as_deref();
+        let found: Option<Vec<u8>> = self
+            .conns
+            .run("replace", |mut conn| async move {
+                let prefix = &self.marker_prefix;
+                let keys = 1 + usize::from(copy.is_some());
+                let mut cmd = evalsha(&REPLACE, keys, 4, 3 * key.len() + 2 * marker.len() + 32);
+                cmd.arg(key);
+                if let Some(copy) = copy {
+                    cmd.arg(copy);
+                }
+                cmd.arg(marker).arg(millis(PENDING_TTL)).arg(prefix);
+                run(&mut conn, &REPLACE, &cmd).await
+            })
+            .await?;
+        Ok(Gen(match found {
+            Some(other) => Bytes::from(other),
+            None => Bytes::copy_from_slice(marker.as_bytes()),
+        }))
+    }
+
+    /// Where a value past its TTL is kept while it is reloaded (`stale`).
+    fn stale_copy(key: &str) -> String {
+        aux_key(STALE_PREFIX, key)
+    }
+
     /// A plain `GET`: a pending load's marker reads as nothing.
     async fn get(&self, key: &str) -> BackendResult<Option<Stored>> {
         let value = self
@@ -358,25 +392,17 @@ impl Backend for RedisBackend {
     }
 
     async fn replace(&self, key: &str, token: &Token) -> BackendResult<Gen> {
-        // A value written in between is lost to a miss, never to a stale fill: this call
-        // loads after.
-        let marker = self.marker(token);
-        let found: Option<Vec<u8>> = self
-            .conns
-            .run("replace", |mut conn| async move {
-                let prefix = &self.marker_prefix;
-                let mut cmd = evalsha(&REPLACE, 1, 4, key.len() + 2 * marker.len() + 16);
-                cmd.arg(key)
-                    .arg(marker)
-                    .arg(millis(PENDING_TTL))
-                    .arg(prefix);
-                run(&mut conn, &REPLACE, &cmd).await
-            })
-            .await?;
-        Ok(Gen(match found {
-            Some(other) => Bytes::from(other),
-            None => Bytes::copy_from_slice(marker.as_bytes()),
-        }))
+        self.replace_keeping(key, token, false).await
+    }
+
+    async fn retire(&self, key: &str, token: &Token) -> BackendResult<Gen> {
+        self.replace_keeping(key, token, true).await
+    }
+
+    async fn read_stale(&self, key: &str) -> BackendResult<Option<Stored>> {
+        let copy = Self::stale_copy(key);
+        let found = self.get(&copy).await?;
+        Ok(found)
     }
 
     async fn fill(
@@ -433,18 +459,20 @@ impl Backend for RedisBackend {
 
     async fn write(&self, key: &str, value: Stored, ttl: Duration) -> BackendResult<()> {
         let waiters = self.waiters(key);
+        let copy = Self::stale_copy(key);
         let frame = self.frame(inv::Kind::Keys, &[key]);
-        let (frame, channel) = (&frame, &self.inv_channel);
+        let (frame, channel, copy) = (&frame, &self.inv_channel, &copy);
         self.conns
             .run("write", |mut conn| async move {
                 let mut cmd = evalsha(
                     &WRITE,
-                    2,
-                    7,
-                    2 * key.len() + value.bytes.len() + frame.len() + channel.len() + 40,
+                    3,
+                    8,
+                    3 * key.len() + value.bytes.len() + frame.len() + channel.len() + 60,
                 );
                 cmd.arg(key)
                     .arg(&waiters)
+                    .arg(copy)
                     .arg(&value.bytes[..])
                     .arg(millis(ttl))
                     .arg(CHANNEL)
@@ -482,7 +510,12 @@ impl Backend for RedisBackend {
             .run("invalidate", |mut conn| async move {
                 let mut pipe = redis::pipe();
                 for ((_, group), frame) in by_slot.iter().zip(frames) {
-                    pipe.cmd("DEL").arg(group).ignore();
+                    // With each key its stale copy (`stale`), in the same slot.
+                    let del = pipe.cmd("DEL").arg(group);
+                    for key in group {
+                        del.arg(Self::stale_copy(key));
+                    }
+                    del.ignore();
                     pipe.cmd("PUBLISH").arg(channel).arg(&frame[..]).ignore();
                 }
                 pipe.exec_async(&mut conn).await

@@ -46,18 +46,27 @@ return v
     )
 });
 
-/// KEYS: value. ARGV: marker, marker ttl ms, the caller's backend's marker prefix.
+/// KEYS: value[, stale copy]. ARGV: marker, marker ttl ms, the caller's backend's marker
+/// prefix.
 /// Replaces a value the caller cannot use (of any Redis type) with its marker, unless another
 /// process's marker is already there (returned: that process is loading; a marker of the
-/// caller's own backend is dead, see `RedisBackend::lookup`, and is replaced). Returns nil if
-/// the marker was set.
+/// caller's own backend is dead, see `RedisBackend::lookup`, and is replaced). With a second
+/// key (`stale`: the value is past its TTL), the value is first copied there for what is left
+/// of its life, to be served if the load fails. Returns nil if the marker was set.
 pub(super) static REPLACE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 if redis.call('TYPE', KEYS[1]).ok == 'string' then
   local v = redis.call('GET', KEYS[1])
-  if string.sub(v, 1, 5) == '\0crp:' and string.sub(v, 1, #ARGV[3]) ~= ARGV[3] then
-    return v
+  if string.sub(v, 1, 5) == '\0crp:' then
+    if string.sub(v, 1, #ARGV[3]) ~= ARGV[3] then
+      return v
+    end
+  elseif KEYS[2] then
+    local left = redis.call('PTTL', KEYS[1])
+    if left > 0 then
+      redis.call('SET', KEYS[2], v, 'PX', left)
+    end
   end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
@@ -116,14 +125,16 @@ return 1
     )
 });
 
-/// KEYS: value, waiters. ARGV: envelope, ttl ms, fill channel, invalidation channel, the
-/// key's invalidation frame (see `inv`). A write: replaces whatever the key holds (a pending
-/// load's marker included, so that load's fill is rejected), wakes the key's waiters, and
+/// KEYS: value, waiters, stale copy. ARGV: envelope, ttl ms, fill channel, invalidation
+/// channel, the key's invalidation frame (see `inv`). A write: replaces whatever the key holds
+/// (a pending load's marker included, so that load's fill is rejected) and drops the key's
+/// stale copy (`stale`: an older value must not be served after it), wakes the key's waiters, and
 /// announces the write to other processes' in-process tiers, after it is applied.
 pub(super) static WRITE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('DEL', KEYS[3])
 if redis.call('DEL', KEYS[2]) == 1 then
   redis.call('PUBLISH', ARGV[3], KEYS[1])
 end
