@@ -247,7 +247,7 @@ fn parse_args() -> Result<Args, String> {
                 .extend(value("--only")?.split(',').map(str::to_owned)),
             "-h" | "--help" => {
                 println!(
-                    "compare [--quick] [--json FILE] [--keys N] [--hot-share F] [--tasks N] [--rounds N] [--redis-url URL] [--only hit,memory,spread,hot,zipf,invalidation,miss,writes,down,stampede]"
+                    "compare [--quick] [--json FILE] [--keys N] [--hot-share F] [--tasks N] [--rounds N] [--redis-url URL] [--only hit,memory,spread,hot,zipf,invalidation,coherence,miss,writes,down,stampede]"
                 );
                 std::process::exit(0);
             }
@@ -430,6 +430,114 @@ async fn until_l1(cache: &Cache, name: &str, read: impl AsyncFn()) -> Result<(),
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     Ok(())
+}
+
+/// Counts the invalidation pushes a tracking client (BCAST, the namespace's value and tag key
+/// prefixes) and a subscriber of the namespace's invalidation channel receive while one cache
+/// makes 1 000 operations of each kind.
+async fn coherence(url: &str, run_id: &str) -> Result<Vec<Figure>, String> {
+    use futures_util::StreamExt as _;
+    let ns = format!("cache-coherence:{run_id}");
+    let cache = Cache::builder()
+        .redis(url)
+        .namespace(&ns)
+        .build()
+        .await
+        .map_err(|e| e.to_string())?;
+    let pushes = Arc::new(AtomicU64::new(0));
+    let keys = Arc::new(AtomicU64::new(0));
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let client =
+        redis::Client::open(format!("{url}{sep}protocol=resp3")).map_err(|e| e.to_string())?;
+    let (p, k) = (pushes.clone(), keys.clone());
+    let config =
+        redis::AsyncConnectionConfig::new().set_push_sender(move |info: redis::PushInfo| {
+            if info.kind == redis::PushKind::Invalidate {
+                p.fetch_add(1, Ordering::Relaxed);
+                if let Some(redis::Value::Array(ks)) = info.data.first() {
+                    k.fetch_add(ks.len() as u64, Ordering::Relaxed);
+                }
+            }
+            Ok::<(), redis::aio::SendError>(())
+        });
+    let mut tracker = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .map_err(|e| format!("RESP3 connection: {e}"))?;
+    let _: () = redis::cmd("CLIENT")
+        .arg("TRACKING")
+        .arg("ON")
+        .arg("BCAST")
+        .arg("PREFIX")
+        .arg(format!("{ns}:"))
+        .arg("PREFIX")
+        .arg(format!("__cr:tag:{{{ns}:"))
+        .query_async(&mut tracker)
+        .await
+        .map_err(|e| format!("CLIENT TRACKING: {e}"))?;
+    let messages = Arc::new(AtomicU64::new(0));
+    let mut pubsub = redis::Client::open(url)
+        .map_err(|e| e.to_string())?
+        .get_async_pubsub()
+        .await
+        .map_err(|e| e.to_string())?;
+    pubsub
+        .subscribe(format!("__cr:inv:{ns}"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let m = messages.clone();
+    let counter = tokio::spawn(async move {
+        let mut stream = pubsub.into_on_message();
+        while stream.next().await.is_some() {
+            m.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    const N: u64 = 1_000;
+    let mut out = Vec::new();
+    let phases: [(&str, u64); 5] = [
+        ("miss + fill", 10_000_000),
+        ("hit", 10_000_000),
+        ("tagged miss + fill", 20_000_000),
+        ("#[cache_put]", 30_000_000),
+        ("#[cache_evict] of 3 keys", 40_000_000),
+    ];
+    for (phase, base) in phases {
+        let (p0, k0, m0) = (
+            pushes.load(Ordering::Relaxed),
+            keys.load(Ordering::Relaxed),
+            messages.load(Ordering::Relaxed),
+        );
+        for id in base..base + N {
+            match phase {
+                "miss + fill" | "hit" => {
+                    let _ = ours(&cache, id - base + 10_000_000).await;
+                }
+                "tagged miss + fill" => {
+                    let _ = ours_tagged(&cache, id).await;
+                }
+                "#[cache_put]" => {
+                    let _ = ours_put(&cache, id).await;
+                }
+                _ => {
+                    let _ = ours_evict(&cache, id).await;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let tracked = pushes.load(Ordering::Relaxed) - p0;
+        let tracked_keys = keys.load(Ordering::Relaxed) - k0;
+        let ours_msgs = messages.load(Ordering::Relaxed) - m0;
+        out.push(Figure {
+            scenario: "coherence: messages to one instance per 1 000 operations".to_owned(),
+            contender: phase.to_owned(),
+            note: format!(
+                "CLIENT TRACKING BCAST: {tracked} pushes ({tracked_keys} keys); invalidation channel: {ours_msgs} messages"
+            ),
+            ..Figure::default()
+        });
+    }
+    counter.abort();
+    Ok(out)
 }
 
 /// `--contender`: run only contenders whose name contains this (for profiling).
@@ -926,6 +1034,14 @@ async fn run(args: Args, down: Down) -> Result<(), String> {
             note: format!("{rounds} writes; from the write's return to a read of the new value"),
             ..Figure::default()
         });
+    }
+
+    // 3d. Coherence: what reaches one instance per 1 000 operations elsewhere, under Redis's
+    //     server-assisted client tracking (RESP3, BCAST, prefixes of the value and tag keys)
+    //     and under this project's invalidation channel (what `local` uses).
+    if args.wants("coherence") {
+        eprintln!("coherence messages ...");
+        report.extend(coherence(&args.redis_url, &run_id).await?);
     }
 
     // 4. Miss cost: a miss plus the fill, on keys never read before.
