@@ -491,8 +491,8 @@ impl Backend for RedisBackend {
         // A `DEL` per hash slot (one command on Redis Cluster may not span slots), pipelined:
         // one round trip. No script and no fill notification: a load holding a removed marker
         // wakes its waiters when its fill is rejected, and a waiter of a holder that is gone
-        // finds the key empty at its next re-check. Each `DEL` is followed by the `PUBLISH`
-        // of its keys' invalidation frame (after it, in the same pipeline).
+        // finds the key empty at its next re-check. The `PUBLISH` of the keys' invalidation
+        // frame follows the `DEL`s in the same pipeline (after them: never before the change).
         let mut by_slot: Vec<(u16, Vec<&str>)> = Vec::new();
         for key in keys {
             let slot = crate::key::key_slot(key);
@@ -501,23 +501,20 @@ impl Backend for RedisBackend {
                 None => by_slot.push((slot, vec![key])),
             }
         }
-        let frames: Vec<Vec<u8>> = by_slot
-            .iter()
-            .map(|(_, group)| self.frame(inv::Kind::Keys, group))
-            .collect();
-        let (by_slot, frames, channel) = (&by_slot, &frames, &self.inv_channel);
+        let frame = self.frame(inv::Kind::Keys, keys);
+        let (by_slot, frame, channel) = (&by_slot, &frame, &self.inv_channel);
         self.conns
             .run("invalidate", |mut conn| async move {
                 let mut pipe = redis::pipe();
-                for ((_, group), frame) in by_slot.iter().zip(frames) {
+                for (_, group) in by_slot {
                     // With each key its stale copy (`stale`), in the same slot.
                     let del = pipe.cmd("DEL").arg(group);
                     for key in group {
                         del.arg(Self::stale_copy(key));
                     }
                     del.ignore();
-                    pipe.cmd("PUBLISH").arg(channel).arg(&frame[..]).ignore();
                 }
+                pipe.cmd("PUBLISH").arg(channel).arg(&frame[..]).ignore();
                 pipe.exec_async(&mut conn).await
             })
             .await

@@ -157,7 +157,7 @@ async fn writes_and_invalidations_reach_the_other_process_not_their_own() {
 
     let k1 = format!("{ns}:k1");
     a.write(&k1, value("v"), TTL).await.unwrap();
-    // Three keys over two hash slots: one frame per slot.
+    // Three keys over two hash slots: one `DEL` per slot, one frame for all.
     let grouped = [
         format!("{ns}:a"),
         format!("{ns}:{{g}}b"),
@@ -183,9 +183,9 @@ async fn writes_and_invalidations_reach_the_other_process_not_their_own() {
     );
     assert_eq!(got_tags, tags);
     assert_eq!(
-        rb.count(|e| matches!(e, Event::Keys(k) if k.len() == 2)),
+        rb.count(|e| matches!(e, Event::Keys(k) if k.len() == 3)),
         1,
-        "the two keys of one slot came in one frame"
+        "the three keys of one invalidation came in one frame"
     );
     assert_eq!(
         ra.names(),
