@@ -9,6 +9,9 @@
 //! K                  the envelope, or a pending load's marker ("\0crp:<token>")
 //! __cr:wait:{K}      set while callers wait for K's fill: only then does a fill publish
 //! __cr:tag:{T}       the current version of the tag T (see `tags`)
+//! __cr:stale:{K}     `stale`: K's value past its TTL, kept while it is reloaded (for what is
+//!                    left of its life), served if the load fails; dropped by writes and
+//!                    invalidations of K
 //! ```
 //!
 //! Channels:
