@@ -53,8 +53,10 @@ pub(crate) struct LocalEntry {
     pub(crate) value: TypedValue,
     /// The tier's epoch at the ticket: a clear kills the entry even if it was inserted after.
     epoch: u64,
-    /// (tag stripe, its sequence number at the ticket), per tag of the entry.
-    tags: Box<[(u32, u64)]>,
+    /// Per tag of the entry, in the order of the call that made it: the tag's stripe, the
+    /// stripe's sequence number at the ticket, and a hash of the tag's name (a hit must be for
+    /// the same tags).
+    tags: Box<[TagMark]>,
     /// How long it lives in the tier.
     ttl: Duration,
 }
@@ -82,6 +84,14 @@ impl Expiry<String, Arc<LocalEntry>> for EntryTtl {
     }
 }
 
+/// One tag of an entry or ticket: its stripe, the stripe's sequence number, its name's hash.
+#[derive(Debug, Clone, Copy)]
+struct TagMark {
+    stripe: u32,
+    seq: u64,
+    name: u64,
+}
+
 /// What a load took before it read the shared backend: an insert of its result is accepted
 /// only if nothing touched its key, its tags or the tier since.
 #[derive(Debug)]
@@ -89,7 +99,7 @@ pub(crate) struct Ticket {
     epoch: u64,
     stripe: u32,
     seq: u64,
-    tags: Box<[(u32, u64)]>,
+    tags: Box<[TagMark]>,
 }
 
 /// Whether the tier may be used, and since when it may not.
@@ -171,18 +181,22 @@ impl Local {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The value under `key`, if the tier is usable and it holds a live one.
+    /// The value under `key` for a call with `tags`, if the tier is usable and it holds a live
+    /// one made under the same tags: none of them invalidated since, and no other (an entry
+    /// made under other tags would escape this call's tag invalidations, as on a read of the
+    /// backend).
     #[inline]
-    pub(crate) fn get(&self, key: &str) -> Option<Arc<LocalEntry>> {
+    pub(crate) fn get<S: AsRef<str>>(&self, key: &str, tags: &[S]) -> Option<Arc<LocalEntry>> {
         if !self.usable() {
             return None;
         }
         let entry = self.entries.get(key)?;
         let live = entry.epoch == self.epoch.load(Ordering::Acquire)
-            && entry
-                .tags
-                .iter()
-                .all(|&(s, seq)| self.tag_seqs[s as usize].load(Ordering::Acquire) == seq);
+            && entry.tags.len() == tags.len()
+            && entry.tags.iter().zip(tags).all(|(mark, name)| {
+                mark.name == self.hasher.hash_one(name.as_ref())
+                    && self.tag_seqs[mark.stripe as usize].load(Ordering::Acquire) == mark.seq
+            });
         live.then_some(entry)
     }
 
@@ -196,8 +210,12 @@ impl Local {
         let tags = tags
             .iter()
             .map(|t| {
-                let s = self.tag_stripe(t.as_ref());
-                (s, self.tag_seqs[s as usize].load(Ordering::Acquire))
+                let stripe = self.tag_stripe(t.as_ref());
+                TagMark {
+                    stripe,
+                    seq: self.tag_seqs[stripe as usize].load(Ordering::Acquire),
+                    name: self.hasher.hash_one(t.as_ref()),
+                }
             })
             .collect();
         let seq = *self.lock(stripe);
@@ -228,7 +246,7 @@ impl Local {
             && ticket
                 .tags
                 .iter()
-                .all(|&(s, seq)| self.tag_seqs[s as usize].load(Ordering::Acquire) == seq);
+                .all(|m| self.tag_seqs[m.stripe as usize].load(Ordering::Acquire) == m.seq);
         if current {
             self.entries.insert(
                 key.to_owned(),
@@ -345,8 +363,12 @@ mod tests {
     }
 
     fn read(local: &Local, key: &str) -> Option<u32> {
+        read_tagged(local, key, &[])
+    }
+
+    fn read_tagged(local: &Local, key: &str, tags: &[&str]) -> Option<u32> {
         local
-            .get(key)
+            .get(key, tags)
             .and_then(|e| e.value.downcast_ref::<u32>().copied())
     }
 
@@ -386,13 +408,28 @@ mod tests {
         let local = tier();
         let t = local.ticket("k", &["org:1"]).unwrap();
         assert!(local.insert("k", t, value(1), Duration::from_secs(60)));
+        assert_eq!(read_tagged(&local, "k", &["org:1"]), Some(1));
         let t = local.ticket("j", &["org:1", "org:2"]).unwrap();
         local.bump_tags(&["org:1"]);
         assert!(!local.insert("j", t, value(1), Duration::from_secs(60)));
-        assert_eq!(read(&local, "k"), None);
+        assert_eq!(read_tagged(&local, "k", &["org:1"]), None);
         let t = local.ticket("k", &["org:1"]).unwrap();
         assert!(local.insert("k", t, value(3), Duration::from_secs(60)));
-        assert_eq!(read(&local, "k"), Some(3));
+        assert_eq!(read_tagged(&local, "k", &["org:1"]), Some(3));
+    }
+
+    #[test]
+    fn a_hit_is_for_the_tags_the_entry_was_made_under() {
+        let local = tier();
+        let t = local.ticket("k", &["org:1"]).unwrap();
+        assert!(local.insert("k", t, value(1), Duration::from_secs(60)));
+        assert_eq!(read_tagged(&local, "k", &["org:1"]), Some(1));
+        assert_eq!(read_tagged(&local, "k", &["org:2"]), None, "other tags");
+        assert_eq!(read(&local, "k"), None, "an untagged call");
+        assert_eq!(read_tagged(&local, "k", &["org:1", "x"]), None, "more tags");
+        let t = local.ticket("u", &[] as &[&str]).unwrap();
+        assert!(local.insert("u", t, value(2), Duration::from_secs(60)));
+        assert_eq!(read_tagged(&local, "u", &["org:1"]), None, "a tagged call");
     }
 
     #[test]

@@ -236,15 +236,7 @@ impl Store {
         Ok((generation, guard))
     }
 
-    /// [`Store::replace`] for a value past its TTL (`stale`, see [`Backend::retire`]).
-    pub(crate) async fn retire(&self, key: &str) -> BackendResult<(Gen, Option<LeaseGuard>)> {
-        let token = Token::default();
-        let generation = self.backend.retire(key, &token).await?;
-        let guard = self.guard_if_mine(key, &generation, token);
-        Ok((generation, guard))
-    }
-
-    /// The value kept for `key` past its TTL (see [`Backend::read_stale`]).
+    /// `stale`: the copy of `key`'s last filled value (see [`Backend::read_stale`]).
     pub(crate) async fn read_stale(&self, key: &str) -> BackendResult<Option<Stored>> {
         self.backend.read_stale(key).await
     }
@@ -316,8 +308,9 @@ impl Store {
         Ok((answer, reply.waited))
     }
 
-    /// Stores a load's result if `key`'s generation is still `generation`, releasing `lease`.
-    /// Returns whether it was stored.
+    /// Stores a load's result if `key`'s generation is still `generation`, releasing `lease`
+    /// (with `keep`, also as the key's stale copy, see [`Backend::fill`]). Returns whether it
+    /// was stored.
     pub(crate) async fn fill(
         &self,
         key: &str,
@@ -325,9 +318,13 @@ impl Store {
         ttl: Duration,
         generation: &Gen,
         lease: Option<LeaseGuard>,
+        keep: Option<Duration>,
     ) -> BackendResult<bool> {
         let token = lease.as_ref().map(|l| l.token.as_str());
-        let filled = self.backend.fill(key, value, ttl, generation, token).await;
+        let filled = self
+            .backend
+            .fill(key, value, ttl, generation, token, keep)
+            .await;
         if filled.is_ok() {
             // The fill script released it. On an error, the guard releases it in the
             // background as it drops.

@@ -203,6 +203,28 @@ async fn another_cache_s_writes_drop_the_copy_within_the_bound() {
     eprintln!("invalidate: {took:?}");
 }
 
+#[cached(cache = cache, key = "item:{id}", ttl = 60, tags = ["org:{org}"], local, name = "item")]
+async fn item(cache: &Cache, calls: &Calls, org: u64, id: u64) -> Result<String, String> {
+    Ok(format!("load {} org {org}", calls.hit()))
+}
+
+/// An in-process copy made under one tag is not served to a call under another (the key
+/// leaves the tag's argument out): as on a read of Redis, where the entry does not record the
+/// call's tag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_l1_copy_is_served_only_under_its_own_tags() {
+    let ns = unique_namespace("l1_tags");
+    let cache = cache_on(&redis_url(), &ns).await;
+    let calls = Calls::new();
+    until_l1_hit(&cache, "item", || item(&cache, &calls, 1, 7)).await;
+    let org2 = item(&cache, &calls, 2, 7).await.unwrap();
+    assert!(org2.ends_with("org 2"), "{org2}");
+    cache.invalidate_tag("org:2").await.unwrap();
+    let again = item(&cache, &calls, 2, 7).await.unwrap();
+    assert_ne!(again, org2, "invalidated under org:2");
+    assert!(again.ends_with("org 2"), "{again}");
+}
+
 #[cached(cache = cache, key = "locked:{id}", ttl = 60, lock, local, name = "locked")]
 async fn locked(cache: &Cache, calls: &Calls, id: u64) -> User {
     calls.hit();
@@ -503,5 +525,20 @@ async fn processes_4_readers_see_every_write_of_a_fifth() {
             }
         }
         assert!(last.contains_key("v4"), "the last value was read\n{stdout}");
+        // The readers were answered from their in-process tier (not from Redis) throughout.
+        let (reads, l1) = stdout
+            .lines()
+            .find_map(|l| {
+                let rest = &l[l.find("READS ")? + 6..];
+                let mut w = rest.split_whitespace();
+                let reads: u64 = w.next()?.parse().ok()?;
+                let l1: u64 = w.nth(1)?.parse().ok()?;
+                Some((reads, l1))
+            })
+            .expect("the worker's READS line");
+        assert!(
+            l1 * 10 >= reads * 9,
+            "{l1} of {reads} reads from L1\n{stdout}"
+        );
     }
 }

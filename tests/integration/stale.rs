@@ -110,12 +110,35 @@ on_both_backends! {
         tokio::time::sleep(TTL + Duration::from_millis(100)).await;
         db.failing.store(true, Ordering::SeqCst);
         assert_eq!(price(&fx.cache, &db, 4).await.unwrap(), "v1");
-        // A write, then it expires too: the stale value is the written one, not v1.
+        // A write drops the stale copy; once the written value expires, a failing load has
+        // nothing to fall back on (a write keeps no stale copy): the error, never v1.
         fx.cache.set("price:4", &"written", TTL).await.unwrap();
         assert_eq!(price(&fx.cache, &db, 4).await.unwrap(), "written");
         tokio::time::sleep(TTL + Duration::from_millis(100)).await;
-        let r = price(&fx.cache, &db, 4).await;
-        assert_ne!(r, Ok("v1".to_owned()), "never the value from before the write");
+        assert_eq!(price(&fx.cache, &db, 4).await, Err("database down".to_owned()));
+    }
+
+    async fn a_newer_fill_replaces_the_stale_copy(fx: Fx) {
+        let db = Db::new("v1");
+        assert_eq!(price(&fx.cache, &db, 10).await.unwrap(), "v1");
+        tokio::time::sleep(TTL + Duration::from_millis(100)).await;
+        db.set("v2");
+        assert_eq!(price(&fx.cache, &db, 10).await.unwrap(), "v2");
+        // The entry disappears early (evicted under memory pressure, say), then loads fail:
+        // the copy kept is v2's, never the older v1.
+        fx.evict_behind_the_cache("price:10").await;
+        db.failing.store(true, Ordering::SeqCst);
+        assert_eq!(price(&fx.cache, &db, 10).await.unwrap(), "v2");
+    }
+
+    async fn past_its_ttl_a_value_is_gone_for_every_reader(fx: Fx) {
+        let db = Db::new("v1");
+        assert_eq!(price(&fx.cache, &db, 11).await.unwrap(), "v1");
+        assert_eq!(fx.cache.get::<String>("price:11").await.unwrap(), Some("v1".to_owned()));
+        tokio::time::sleep(TTL + Duration::from_millis(100)).await;
+        // The stale copy is not the entry: other readers see the entry expired.
+        assert_eq!(fx.cache.get::<String>("price:11").await.unwrap(), None);
+        assert_eq!(fx.pttl("price:11").await.map(|ms| ms < 0), fx.is_redis().then_some(true));
     }
 
     async fn a_tag_invalidated_value_is_never_served_stale(fx: Fx) {

@@ -154,6 +154,9 @@ fn tag_version(n: u64) -> Bytes {
 /// its own TTL.
 pub(crate) struct MemoryBackend {
     entries: moka::sync::Cache<String, Arc<Entry>, Hasher>,
+    /// `stale`: copies of filled values that outlive their entries, dropped with them by
+    /// writes and invalidations.
+    stale: moka::sync::Cache<String, Arc<Entry>, Hasher>,
     /// Tag versions, bounded like the entries: a tag evicted early gets a new version, so its
     /// entries read as misses.
     tags: moka::sync::Cache<String, TagEntry, Hasher>,
@@ -168,6 +171,10 @@ impl MemoryBackend {
             .max(MIN_PER_STRIPE);
         MemoryBackend {
             entries: moka::sync::Cache::builder()
+                .max_capacity(max_entries)
+                .expire_after(PerEntryTtl)
+                .build_with_hasher(Hasher::default()),
+            stale: moka::sync::Cache::builder()
                 .max_capacity(max_entries)
                 .expire_after(PerEntryTtl)
                 .build_with_hasher(Hasher::default()),
@@ -253,11 +260,21 @@ impl Backend for MemoryBackend {
         ttl: Duration,
         generation: &Gen,
         _token: Option<&str>,
+        keep: Option<Duration>,
     ) -> BackendResult<bool> {
         let stripe = self.stripe(key);
         match ticket_of(generation) {
             Some(ticket) if stripe.get(key) < ticket => {}
             _ => return Ok(false),
+        }
+        if let Some(keep) = keep {
+            self.stale.insert(
+                key.to_owned(),
+                Arc::new(Entry {
+                    value: value.clone(),
+                    ttl: keep,
+                }),
+            );
         }
         self.entries
             .insert(key.to_owned(), Arc::new(Entry { value, ttl }));
@@ -265,9 +282,14 @@ impl Backend for MemoryBackend {
         Ok(true)
     }
 
+    async fn read_stale(&self, key: &str) -> BackendResult<Option<Stored>> {
+        Ok(self.stale.get(key).map(|e| e.value.clone()))
+    }
+
     async fn write(&self, key: &str, value: Stored, ttl: Duration) -> BackendResult<()> {
         let mut stripe = self.stripe(key);
         stripe.bump(key);
+        self.stale.invalidate(key);
         self.entries
             .insert(key.to_owned(), Arc::new(Entry { value, ttl }));
         drop(stripe);
@@ -278,6 +300,7 @@ impl Backend for MemoryBackend {
         for key in keys {
             let mut stripe = self.stripe(key);
             stripe.bump(key);
+            self.stale.invalidate(*key);
             self.entries.invalidate(*key);
         }
         Ok(())
@@ -390,7 +413,7 @@ mod tests {
         m.invalidate(&["k"]).await.unwrap();
         let ttl = Duration::from_secs(60);
         assert!(
-            !m.fill("k", stored("stale"), ttl, &generation, None)
+            !m.fill("k", stored("stale"), ttl, &generation, None, None)
                 .await
                 .unwrap()
         );
@@ -400,7 +423,7 @@ mod tests {
             panic!("invalidated")
         };
         assert!(
-            m.fill("k", stored("fresh"), ttl, &generation, None)
+            m.fill("k", stored("fresh"), ttl, &generation, None, None)
                 .await
                 .unwrap()
         );
@@ -417,7 +440,7 @@ mod tests {
         };
         m.write("k", stored("written"), ttl).await.unwrap();
         assert!(
-            !m.fill("k", stored("stale"), ttl, &generation, None)
+            !m.fill("k", stored("stale"), ttl, &generation, None, None)
                 .await
                 .unwrap()
         );
@@ -453,7 +476,7 @@ mod tests {
             m.invalidate(&[&format!("other:{i}")]).await.unwrap();
         }
         assert!(
-            !m.fill("victim", stored("stale"), ttl, &before, None)
+            !m.fill("victim", stored("stale"), ttl, &before, None, None)
                 .await
                 .unwrap(),
             "a load that read before the invalidation must not fill"
@@ -463,7 +486,7 @@ mod tests {
             panic!("invalidated")
         };
         assert!(
-            m.fill("victim", stored("fresh"), ttl, &now, None)
+            m.fill("victim", stored("fresh"), ttl, &now, None, None)
                 .await
                 .unwrap()
         );
@@ -491,7 +514,7 @@ mod tests {
             m.invalidate(&[&format!("new:{i}")]).await.unwrap();
         }
         assert!(
-            m.fill("untouched", stored("v"), ttl, &generation, None)
+            m.fill("untouched", stored("v"), ttl, &generation, None, None)
                 .await
                 .unwrap(),
             "nothing wrote the key: the fill is stored"

@@ -166,18 +166,9 @@ pub(crate) trait Backend: Send + Sync {
     /// there (then it returns that one, and the caller's fill is checked against it).
     fn replace(&self, key: &str, token: &Token) -> impl Future<Output = BackendResult<Gen>> + Send;
 
-    /// [`Backend::replace`] for a value past its TTL (`stale`): the value is kept, for what is
-    /// left of its life, where [`Backend::read_stale`] finds it if the load fails. An
-    /// in-process backend keeps the entry itself (its physical TTL includes the stale time).
-    fn retire(&self, key: &str, token: &Token) -> impl Future<Output = BackendResult<Gen>> + Send {
-        self.replace(key, token)
-    }
-
-    /// The value kept for `key` past its TTL (see [`Backend::retire`]), if there is one and
-    /// no write or invalidation of the key dropped it since.
-    fn read_stale(&self, key: &str) -> impl Future<Output = BackendResult<Option<Stored>>> + Send {
-        self.read(key)
-    }
+    /// `stale`: the copy of `key`'s last filled value that outlives it (see
+    /// [`Backend::fill`]'s `keep`), if no write or invalidation of the key dropped it since.
+    fn read_stale(&self, key: &str) -> impl Future<Output = BackendResult<Option<Stored>>> + Send;
 
     /// The value, or the lease `token` for `lease`, waiting as long as twice the lease for
     /// another holder's fill if needed; `on_wait` is called when a wait begins.
@@ -194,7 +185,8 @@ pub(crate) trait Backend: Send + Sync {
 
     /// Stores `value` under `key` for `ttl` (always > 0) if the key's generation is still
     /// `generation`; releases the lease `token` if the caller holds it; wakes the key's waiters.
-    /// Returns whether the value was stored.
+    /// With `keep` (`stale`), also stores the value as the key's stale copy for `keep`, in the
+    /// same step (replacing an older copy). Returns whether the value was stored.
     fn fill(
         &self,
         key: &str,
@@ -202,6 +194,7 @@ pub(crate) trait Backend: Send + Sync {
         ttl: Duration,
         generation: &Gen,
         token: Option<&str>,
+        keep: Option<Duration>,
     ) -> impl Future<Output = BackendResult<bool>> + Send;
 
     /// Stores `value` under `key` unconditionally (a write), replacing the generation so that
@@ -341,10 +334,6 @@ impl Backend for AnyBackend {
         dispatch!(self, b => b.replace(key, token).await)
     }
 
-    async fn retire(&self, key: &str, token: &Token) -> BackendResult<Gen> {
-        dispatch!(self, b => b.retire(key, token).await)
-    }
-
     async fn read_stale(&self, key: &str) -> BackendResult<Option<Stored>> {
         dispatch!(self, b => b.read_stale(key).await)
     }
@@ -370,8 +359,9 @@ impl Backend for AnyBackend {
         ttl: Duration,
         generation: &Gen,
         token: Option<&str>,
+        keep: Option<Duration>,
     ) -> BackendResult<bool> {
-        dispatch!(self, b => b.fill(key, value, ttl, generation, token).await)
+        dispatch!(self, b => b.fill(key, value, ttl, generation, token, keep).await)
     }
 
     async fn write(&self, key: &str, value: Stored, ttl: Duration) -> BackendResult<()> {

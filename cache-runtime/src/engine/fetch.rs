@@ -321,7 +321,7 @@ impl<'a> Fetch<'a> {
             // Memory: a read costs less than joining a flight (and tag versions are as cheap).
             self.read_tag_versions().await;
             match store.read(&key).await {
-                Ok(Some(stored)) if self.tags_current(&stored).await && !self.expired(&stored) => {
+                Ok(Some(stored)) if self.tags_current(&stored).await => {
                     self.state = State::Direct { key };
                     return Step::Found(stored);
                 }
@@ -379,29 +379,8 @@ impl<'a> Fetch<'a> {
         }
     }
 
-    /// `stale`: whether `stored` is past the function's TTL (its physical TTL is longer, so
-    /// that it can be served if a load fails).
-    fn expired(&self, stored: &Stored) -> bool {
-        self.site.stale.is_some()
-            && envelope::created_at_ms(&stored.bytes).is_some_and(|created| {
-                let ttl = u64::try_from(self.entry_ttl().as_millis()).unwrap_or(u64::MAX);
-                envelope::now_ms() >= created.saturating_add(ttl)
-            })
-    }
-
-    /// [`Fetch::replaced`] for a value past its TTL: it is kept where a failed load finds it.
-    async fn retired(&self, key: &str) -> (Option<Gen>, Option<LeaseGuard>) {
-        match self.store.retire(key).await {
-            Ok((generation, guard)) => (Some(generation), guard),
-            Err(e) => {
-                self.backend_failure(&e);
-                (None, None)
-            }
-        }
-    }
-
-    /// `stale`: the value kept past its TTL, if the load failed and one may be served (no
-    /// write or invalidation of the key, or of its tags, since).
+    /// `stale`: the copy of the key's last filled value, if the load failed and one may be
+    /// served (no write or invalidation of the key, or of its tags, since).
     async fn find_stale(&self) -> Option<Stored> {
         let key = match &self.state {
             State::Lead { guard, .. } => guard.flight().key(),
@@ -504,18 +483,12 @@ impl<'a> Fetch<'a> {
             None => {}
         }
         if let Some(stored) = &found {
-            let stale_tags = (self.tags.is_some() || envelope::is_tagged(&stored.bytes))
-                && !self.tags_current(stored).await;
-            // Past its TTL (`stale`: kept longer, to be served if the load fails).
-            let expired = !stale_tags && self.expired(stored);
-            if stale_tags || expired {
-                // Invalidated by a tag, or expired: load, and fill over it.
+            if (self.tags.is_some() || envelope::is_tagged(&stored.bytes))
+                && !self.tags_current(stored).await
+            {
+                // Invalidated by a tag: load, and fill over it.
                 found = None;
-                (generation, lease) = if expired {
-                    self.retired(key).await
-                } else {
-                    self.replaced(key).await
-                };
+                (generation, lease) = self.replaced(key).await;
                 if lease.is_none()
                     && generation.is_some()
                     && self.site.lock.is_some()
@@ -524,9 +497,7 @@ impl<'a> Fetch<'a> {
                     // With `lock`, another process replaced it first and loads: wait for its
                     // fill as any lock waiter does.
                     match self.read(key).await {
-                        (Some(fresh), ..)
-                            if self.tags_current(&fresh).await && !self.expired(&fresh) =>
-                        {
+                        (Some(fresh), ..) if self.tags_current(&fresh).await => {
                             found = Some(fresh);
                             generation = None;
                         }
@@ -758,16 +729,12 @@ impl<'a> Fetch<'a> {
             return;
         }
         let ttl = self.site.ttl.unwrap_or(self.store.default_ttl());
-        // `stale`: a value lives that much longer in the backend, served only if a load fails
-        // (a `None` does not).
-        let (ttl, kept) = if none {
-            let ttl = self.site.none_ttl.unwrap_or(ttl);
-            (ttl, ttl)
+        // `stale`: a copy of the value outlives the entry by that much, served only if a load
+        // fails (a `None` gets none).
+        let (ttl, keep) = if none {
+            (self.site.none_ttl.unwrap_or(ttl), None)
         } else {
-            (
-                ttl,
-                ttl.saturating_add(self.site.stale.unwrap_or(Duration::ZERO)),
-            )
+            (ttl, self.site.stale.map(|stale| ttl.saturating_add(stale)))
         };
         match std::mem::replace(&mut self.state, State::Idle) {
             State::Lead {
@@ -789,7 +756,7 @@ impl<'a> Fetch<'a> {
                     }
                     Some(generation) => {
                         let (filled, tags_kept) = self
-                            .fill(key, stored.clone(), kept, &generation, lease)
+                            .fill(key, stored.clone(), ttl, &generation, lease, keep)
                             .await;
                         match filled {
                             // A tag was invalidated while the function ran: the entry records
@@ -827,7 +794,11 @@ impl<'a> Fetch<'a> {
             State::Solo {
                 key: Some(key),
                 generation: Some(generation),
-            } => match self.fill(&key, stored, kept, &generation, None).await.0 {
+            } => match self
+                .fill(&key, stored, ttl, &generation, None, keep)
+                .await
+                .0
+            {
                 Ok(true) => {}
                 Ok(false) => SiteStats::inc(&self.stats.stale_fills),
                 Err(e) => self.backend_failure(&e),
@@ -845,13 +816,16 @@ impl<'a> Fetch<'a> {
         ttl: Duration,
         generation: &Gen,
         lease: Option<LeaseGuard>,
+        keep: Option<Duration>,
     ) -> (Result<bool, BackendError>, bool) {
-        let fill = self.store.fill(key, stored, ttl, generation, lease);
+        let fill = self.store.fill(key, stored, ttl, generation, lease, keep);
         let Some(tags) = self.tag_set() else {
             return (fill.await, true);
         };
         let names = tags.names();
-        let (filled, current) = tokio::join!(fill, self.store.current_tags(&names, Some(ttl)));
+        // The tags live as long as the entry, or its stale copy.
+        let life = keep.unwrap_or(ttl);
+        let (filled, current) = tokio::join!(fill, self.store.current_tags(&names, Some(life)));
         let kept = match current {
             Ok(current) => current
                 .iter()

@@ -146,7 +146,8 @@ impl Call<'_> {
             // The call bypasses the cache (`Fetch::tags` says why).
             return None;
         }
-        let entry = self.cache.store().local_tier()?.get(key)?;
+        let names = tags.map_or(&[][..], |t| &t.names[..]);
+        let entry = self.cache.store().local_tier()?.get(key, names)?;
         let value = (typed.unwrap)(&*entry.value)?;
         let stats = self.site.stats(self.cache.stats_registry(), self.self_type);
         SiteStats::inc(&stats.hits);
@@ -318,7 +319,13 @@ mod tests {
             })
         }));
         assert_eq!(call(&a, &SITE, "k").await, "old", "read before the write");
-        assert!(a.store().local().unwrap().get(&a.full_key("k")).is_none());
+        assert!(
+            a.store()
+                .local()
+                .unwrap()
+                .get(&a.full_key("k"), &[] as &[&str])
+                .is_none()
+        );
         assert_eq!(call(&a, &SITE, "k").await, "new");
         // Now it is kept: the next call is an in-process hit.
         let l1 = || a.stats().functions()[0].l1_hits;

@@ -9,8 +9,11 @@
 //!   re-check at once;
 //! * **invalidations** (`__cr:inv:<namespace>`, see `inv`), once [`Bus::watch`] registered a
 //!   sink: other processes' writes, invalidations and tag invalidations, decoded and passed to
-//!   the sink's `keys` / `tags`. This process's own frames (its origin) are skipped. A frame
-//!   that cannot be decoded is logged and reported as `lost`.
+//!   the sink's `keys` / `tags`. This process's own frames are passed on too: its store
+//!   already removed its copies, before and after the write, but a write whose call timed out
+//!   may still be applied in Redis later, and only its message then removes a copy read in
+//!   between (an extra removal costs at most a miss). A frame that cannot be decoded is logged
+//!   and reported as `lost`.
 //!
 //! **Health.** While a sink is registered, the task sends `PING` on the subscribed connection
 //! every `heartbeat` and expects the answer within `heartbeat`. When the answer comes, it first
@@ -71,7 +74,7 @@ pub(super) struct Config {
     pub(super) fills: &'static str,
     /// This cache's invalidation channel.
     pub(super) invalidations: String,
-    /// This backend's frames: skipped.
+    /// This backend's origin: the pub/sub connection's name (`cr-bus:<origin>`).
     pub(super) origin: inv::Origin,
     pub(super) connect_timeout: Duration,
     pub(super) log: Arc<FailureLog>,
@@ -169,7 +172,6 @@ impl Shared {
             return;
         };
         match inv::decode(payload) {
-            Ok(frame) if frame.origin == config.origin => {}
             Ok(frame) if frame.is_everything() => self.lose(),
             Ok(frame) => match frame.kind {
                 inv::Kind::Keys => watch.sink.keys(&mut frame.names()),

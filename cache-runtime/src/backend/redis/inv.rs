@@ -13,8 +13,8 @@
 //! ```text
 //! byte  0       kind: b'k' (these keys were written or invalidated)
 //!                     b't' (these tags were invalidated)
-//! bytes 1..9    origin: 8 random bytes, one value per `RedisBackend` (receivers skip their own
-//!               messages: the local removal on a process's own writes is synchronous)
+//! bytes 1..9    origin: 8 random bytes, one value per `RedisBackend` (for diagnostics: receivers
+//!               apply their own messages too, see `bus`)
 //! then          names, each a u16 (big-endian) length and that many bytes of UTF-8: full keys
 //!               (namespace included) for b'k', full tag names (as `Backend::invalidate_tags`
 //!               receives them, not the `__cr:tag:{..}` keys) for b't'

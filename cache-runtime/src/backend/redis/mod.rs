@@ -243,35 +243,8 @@ impl RedisBackend {
         aux_key(WAIT_PREFIX, key)
     }
 
-    /// [`Backend::replace`]; with `keep`, the value is first copied to its stale copy (see
-    /// `scripts::REPLACE`).
-    async fn replace_keeping(&self, key: &str, token: &Token, keep: bool) -> BackendResult<Gen> {
-        // A value written in between is lost to a miss, never to a stale fill: this call
-        // loads after.
-        let marker = self.marker(token);
-        let copy = keep.then(|| Self::stale_copy(key));
-        let copy = copy.as_deref();
-        let found: Option<Vec<u8>> = self
-            .conns
-            .run("replace", |mut conn| async move {
-                let prefix = &self.marker_prefix;
-                let keys = 1 + usize::from(copy.is_some());
-                let mut cmd = evalsha(&REPLACE, keys, 4, 3 * key.len() + 2 * marker.len() + 32);
-                cmd.arg(key);
-                if let Some(copy) = copy {
-                    cmd.arg(copy);
-                }
-                cmd.arg(marker).arg(millis(PENDING_TTL)).arg(prefix);
-                run(&mut conn, &REPLACE, &cmd).await
-            })
-            .await?;
-        Ok(Gen(match found {
-            Some(other) => Bytes::from(other),
-            None => Bytes::copy_from_slice(marker.as_bytes()),
-        }))
-    }
-
-    /// Where a value past its TTL is kept while it is reloaded (`stale`).
+    /// `stale`: where a filled value is kept, longer than the key, to be served if a later
+    /// load fails.
     fn stale_copy(key: &str) -> String {
         aux_key(STALE_PREFIX, key)
     }
@@ -395,11 +368,25 @@ impl Backend for RedisBackend {
     }
 
     async fn replace(&self, key: &str, token: &Token) -> BackendResult<Gen> {
-        self.replace_keeping(key, token, false).await
-    }
-
-    async fn retire(&self, key: &str, token: &Token) -> BackendResult<Gen> {
-        self.replace_keeping(key, token, true).await
+        // A value written in between is lost to a miss, never to a stale fill: this call
+        // loads after.
+        let marker = self.marker(token);
+        let found: Option<Vec<u8>> = self
+            .conns
+            .run("replace", |mut conn| async move {
+                let prefix = &self.marker_prefix;
+                let mut cmd = evalsha(&REPLACE, 1, 4, key.len() + 2 * marker.len() + 16);
+                cmd.arg(key)
+                    .arg(marker)
+                    .arg(millis(PENDING_TTL))
+                    .arg(prefix);
+                run(&mut conn, &REPLACE, &cmd).await
+            })
+            .await?;
+        Ok(Gen(match found {
+            Some(other) => Bytes::from(other),
+            None => Bytes::copy_from_slice(marker.as_bytes()),
+        }))
     }
 
     async fn read_stale(&self, key: &str) -> BackendResult<Option<Stored>> {
@@ -415,23 +402,32 @@ impl Backend for RedisBackend {
         ttl: Duration,
         generation: &Gen,
         _token: Option<&str>,
+        keep: Option<Duration>,
     ) -> BackendResult<bool> {
         // With `lock`, the marker read is the lease: filling against it releases it.
         let waiters = self.waiters(key);
+        let copy = keep.map(|_| Self::stale_copy(key));
+        let copy = copy.as_deref();
         self.conns
             .run("fill", |mut conn| async move {
+                let keys = 2 + usize::from(copy.is_some());
                 let mut cmd = evalsha(
                     &FILL,
-                    2,
-                    6,
-                    2 * key.len() + generation.0.len() + value.bytes.len() + 40,
+                    keys,
+                    8,
+                    3 * key.len() + generation.0.len() + value.bytes.len() + 60,
                 );
-                cmd.arg(key)
-                    .arg(&waiters)
-                    .arg(&generation.0[..])
+                cmd.arg(key).arg(&waiters);
+                if let Some(copy) = copy {
+                    cmd.arg(copy);
+                }
+                cmd.arg(&generation.0[..])
                     .arg(&value.bytes[..])
                     .arg(millis(ttl))
                     .arg(CHANNEL);
+                if let Some(keep) = keep {
+                    cmd.arg(millis(keep));
+                }
                 let stored: i64 = run(&mut conn, &FILL, &cmd).await?;
                 Ok(stored == 1)
             })

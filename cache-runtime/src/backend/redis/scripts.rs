@@ -46,27 +46,18 @@ return v
     )
 });
 
-/// KEYS: value[, stale copy]. ARGV: marker, marker ttl ms, the caller's backend's marker
-/// prefix.
+/// KEYS: value. ARGV: marker, marker ttl ms, the caller's backend's marker prefix.
 /// Replaces a value the caller cannot use (of any Redis type) with its marker, unless another
 /// process's marker is already there (returned: that process is loading; a marker of the
-/// caller's own backend is dead, see `RedisBackend::lookup`, and is replaced). With a second
-/// key (`stale`: the value is past its TTL), the value is first copied there for what is left
-/// of its life, to be served if the load fails. Returns nil if the marker was set.
+/// caller's own backend is dead, see `RedisBackend::lookup`, and is replaced). Returns nil if
+/// the marker was set.
 pub(super) static REPLACE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 if redis.call('TYPE', KEYS[1]).ok == 'string' then
   local v = redis.call('GET', KEYS[1])
-  if string.sub(v, 1, 5) == '\0crp:' then
-    if string.sub(v, 1, #ARGV[3]) ~= ARGV[3] then
-      return v
-    end
-  elseif KEYS[2] then
-    local left = redis.call('PTTL', KEYS[1])
-    if left > 0 then
-      redis.call('SET', KEYS[2], v, 'PX', left)
-    end
+  if string.sub(v, 1, 5) == '\0crp:' and string.sub(v, 1, #ARGV[3]) ~= ARGV[3] then
+    return v
   end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
@@ -90,15 +81,20 @@ return 0
     )
 });
 
-/// KEYS: value, waiters. ARGV: the marker read before the load, envelope, ttl ms, channel.
+/// KEYS: value, waiters[, stale copy]. ARGV: the marker read before the load, envelope, ttl
+/// ms, channel[, the stale copy's ttl ms].
 /// Stores only if the key still holds that marker (no write, invalidation or eviction since
-/// the read); wakes waiters. Returns 1 if stored.
+/// the read), and with a third key (`stale`) the same envelope as the key's stale copy, which
+/// outlives it; wakes waiters. Returns 1 if stored.
 pub(super) static FILL: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local stored = 0
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  if KEYS[3] then
+    redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[5])
+  end
   stored = 1
 end
 if redis.call('DEL', KEYS[2]) == 1 then
