@@ -9,9 +9,9 @@
 //! K                  the envelope, or a pending load's marker ("\0crp:<token>")
 //! __cr:wait:{K}      set while callers wait for K's fill: only then does a fill publish
 //! __cr:tag:{T}       the current version of the tag T (see `tags`)
-//! __cr:stale:{K}     `stale`: K's value past its TTL, kept while it is reloaded (for what is
-//!                    left of its life), served if the load fails; dropped by writes and
-//!                    invalidations of K
+//! __cr:stale:{K}     `stale`: a copy of K's last filled value, written by the fill with a
+//!                    TTL of K's plus the stale time, served if a load fails; dropped by
+//!                    writes and invalidations of K
 //! ```
 //!
 //! Channels:
@@ -20,7 +20,7 @@
 //! __cr:fills             K, when a fill, a released lease or a write finds K's waiters flag
 //!                        (shared by every cache on the server; a waiter filters by key)
 //! __cr:inv:<namespace>   a frame (see `inv`) naming the keys a write or an invalidation
-//!                        changed (`WRITE`: its key; `invalidate`: one frame per hash slot) or
+//!                        changed (`WRITE`: its key; `invalidate`: one frame for all) or
 //!                        the tags a tag invalidation moved; published always, in the same
 //!                        script or pipeline as the change and after it. Fills, markers,
 //!                        leases, `REPLACE`, `TAKEOVER`, `PEXPIRE .. GT` publish nothing
