@@ -18,6 +18,7 @@ use crate::backend::{
 };
 use crate::breaker::FailureLog;
 use crate::flight::{Flights, Role};
+use crate::key::KeyBuf;
 use crate::local::Local;
 use crate::tags::{TagEpochs, TagSet};
 
@@ -184,7 +185,7 @@ impl Store {
     }
 
     /// Joins the in-process flight of `key`, or starts one.
-    pub(crate) fn join(&self, key: String) -> Role<'_> {
+    pub(crate) fn join(&self, key: KeyBuf) -> Role<'_> {
         self.flights.join(key)
     }
 

@@ -15,7 +15,7 @@ use crate::cache::Cache;
 use crate::engine::Call;
 use crate::envelope::{self, DecodeError, EncodeError};
 use crate::flight::{Follower, LeaderGuard, Outcome, Role};
-use crate::key::CallKey;
+use crate::key::{CallKey, KeyBuf};
 use crate::local::Ticket;
 use crate::stats::{Site, SiteStats, StatsRef};
 use crate::store::{Lease, LeaseGuard, Store};
@@ -70,7 +70,7 @@ enum State<'a> {
     /// No key: the call bypasses the cache.
     Bypass,
     /// A value read without coalescing (memory), being decoded.
-    Direct { key: String },
+    Direct { key: KeyBuf },
     /// This call leads the key's flight: decoding what it found, or loading.
     Lead {
         guard: LeaderGuard<'a>,
@@ -94,7 +94,7 @@ pub struct Fetch<'a> {
     site: &'static Site,
     self_type: Option<&'static str>,
     stats: StatsRef<'a>,
-    key: Option<String>,
+    key: Option<KeyBuf>,
     /// `tags = [..]`: the call's tags, and their versions once read.
     tags: Option<Box<TagSet>>,
     /// The epoch of this call's tags when their versions were read (see `TagEpochs`).
@@ -316,9 +316,15 @@ impl<'a> Fetch<'a> {
         let store = self.store;
         if !store.coalesce_reads() {
             // Memory: a read costs less than joining a flight (and tag versions are as cheap).
-            self.read_tag_versions().await;
-            match store.read(&key).await {
-                Ok(Some(stored)) if self.tags_current(&stored).await => {
+            // The tag paths are boxed: every lookup's future would carry their futures.
+            if self.tags.is_some() {
+                Box::pin(self.read_tag_versions()).await;
+            }
+            match store.read(key.as_str()).await {
+                Ok(Some(stored))
+                    if (self.tags.is_none() && !envelope::is_tagged(&stored.bytes))
+                        || Box::pin(self.tags_current(&stored)).await =>
+                {
                     self.state = State::Direct { key };
                     return Step::Found(stored);
                 }
@@ -377,7 +383,7 @@ impl<'a> Fetch<'a> {
     }
 
     /// Waits for the leader: its value, or the key to join again.
-    async fn follow(&self, follower: Follower) -> Result<Stored, String> {
+    async fn follow(&self, follower: Follower) -> Result<Stored, KeyBuf> {
         let max_wait = match self.site.lock {
             // The leader may wait up to twice the lease for another process's holder, then
             // load for up to one lease itself.
@@ -588,9 +594,9 @@ impl<'a> Fetch<'a> {
             }
             State::Direct { key } => {
                 // Memory: no marker to guard.
-                let (generation, _) = self.replaced(&key).await;
+                let (generation, _) = self.replaced(key.as_str()).await;
                 State::Solo {
-                    key: Some(key),
+                    key: Some(key.into_string()),
                     generation,
                 }
             }

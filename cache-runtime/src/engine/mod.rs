@@ -110,7 +110,7 @@ impl Call<'_> {
             // The call bypasses the cache (`Fetch::tags` says why).
             return None;
         }
-        let entry = self.cache.store().local_tier()?.get(key)?;
+        let entry = self.cache.store().local_tier()?.get(key.as_str())?;
         let value = (typed.unwrap)(&*entry.value)?;
         let stats = self.site.stats(self.cache.stats_registry(), self.self_type);
         SiteStats::inc(&stats.hits);
@@ -213,7 +213,7 @@ mod tests {
             cache,
             site,
             self_type: None,
-            key: CallKey::Key(cache.full_key(key)),
+            key: CallKey::Key(cache.full_key(key).into()),
         };
         if let Some(hit) = call.local(None, &mode, typed) {
             return hit.unwrap();
@@ -311,7 +311,7 @@ mod tests {
                 cache: &cache,
                 site: &SITE,
                 self_type: None,
-                key: CallKey::Key("k".to_owned()),
+                key: CallKey::Key("k".into()),
             });
             let finish = match fetch.find(&mode, typed).await {
                 Ok(hit) => return hit,
