@@ -110,7 +110,7 @@ impl Call<'_> {
             // The call bypasses the cache (`Fetch::tags` says why).
             return None;
         }
-        let entry = self.cache.store().local_tier()?.get(key.as_str())?;
+        let entry = self.cache.store().local_get(key.as_str())?;
         let value = (typed.unwrap)(&*entry.value)?;
         let stats = self.site.stats(self.cache.stats_registry(), self.self_type);
         SiteStats::inc(&stats.hits);
