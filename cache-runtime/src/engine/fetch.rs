@@ -294,7 +294,7 @@ impl<'a> Fetch<'a> {
         // Written under tags this call does not have (another function's entry): one more
         // round trip for their versions.
         let names: Vec<&str> = unknown.iter().map(|(n, _)| *n).collect();
-        match self.store.current_tags(&names, None).await {
+        match Box::pin(self.store.current_tags(&names, None)).await {
             Ok(current) => current
                 .iter()
                 .zip(&unknown)
@@ -336,7 +336,8 @@ impl<'a> Fetch<'a> {
         loop {
             match store.join(key) {
                 Role::Leader(guard) => return self.lead(guard).await,
-                Role::Follower(follower) => match self.follow(follower).await {
+                // Boxed: the wait's timer would make every lookup's future larger.
+                Role::Follower(follower) => match Box::pin(self.follow(follower)).await {
                     Ok(stored) => {
                         self.state = State::Follow;
                         return Step::Found(stored);
@@ -373,7 +374,8 @@ impl<'a> Fetch<'a> {
     /// Replaces a value this call cannot use with its marker: what to fill against, and the
     /// marker's guard if it is this call's.
     async fn replaced(&self, key: &str) -> (Option<Gen>, Option<LeaseGuard>) {
-        match self.store.replace(key).await {
+        // Rare: boxed, so that the futures that may call this stay small.
+        match Box::pin(self.store.replace(key)).await {
             Ok((generation, guard)) => (Some(generation), guard),
             Err(e) => {
                 self.backend_failure(&e);
@@ -427,18 +429,17 @@ impl<'a> Fetch<'a> {
         if let Some(names) = &names {
             self.tag_epoch = store.tag_epoch(names);
         }
+        // The tagged paths are boxed: every lookup's future would carry their futures.
         let ((mut found, mut generation, mut lease), versions) = match (&names, self.site.lock) {
+            (None, _) => (self.read(key).await, None),
             // The value and the tags' versions in one request.
             (Some(names), None) => {
-                let (read, versions) = store.read_for_fill_tagged(key, names, ttl).await;
+                let (read, versions) = Box::pin(store.read_for_fill_tagged(key, names, ttl)).await;
                 (self.read_done(key, read).await, Some(versions))
             }
-            _ => {
+            (Some(names), Some(_)) => {
                 tokio::join!(self.read(key), async {
-                    match &names {
-                        Some(names) => Some(store.tag_versions(names, ttl).await),
-                        None => None,
-                    }
+                    Some(Box::pin(store.tag_versions(names, ttl)).await)
                 })
             }
         };
@@ -459,7 +460,7 @@ impl<'a> Fetch<'a> {
         }
         if let Some(stored) = &found {
             if (self.tags.is_some() || envelope::is_tagged(&stored.bytes))
-                && !self.tags_current(stored).await
+                && !Box::pin(self.tags_current(stored)).await
             {
                 // Invalidated by a tag: load, and fill over it.
                 found = None;
@@ -471,8 +472,8 @@ impl<'a> Fetch<'a> {
                 {
                     // With `lock`, another process replaced it first and loads: wait for its
                     // fill as any lock waiter does.
-                    match self.read(key).await {
-                        (Some(fresh), ..) if self.tags_current(&fresh).await => {
+                    match Box::pin(self.read(key)).await {
+                        (Some(fresh), ..) if Box::pin(self.tags_current(&fresh)).await => {
                             found = Some(fresh);
                             generation = None;
                         }
@@ -497,9 +498,11 @@ impl<'a> Fetch<'a> {
     async fn read(&self, key: &str) -> (Option<Stored>, Option<Gen>, Option<LeaseGuard>) {
         let store = self.store;
         match self.site.lock {
-            Some(lease_len) => match store
-                .lease(key, lease_len, &|| SiteStats::inc(&self.stats.lock_waits))
-                .await
+            // Boxed: the lease's future is large, and every lookup's future would carry it.
+            Some(lease_len) => match Box::pin(
+                store.lease(key, lease_len, &|| SiteStats::inc(&self.stats.lock_waits)),
+            )
+            .await
             {
                 Ok((answer, waited)) => {
                     if let Some(waited) = waited {
@@ -778,12 +781,14 @@ impl<'a> Fetch<'a> {
         generation: &Gen,
         lease: Option<LeaseGuard>,
     ) -> (Result<bool, BackendError>, bool) {
-        let fill = self.store.fill(key, stored, ttl, generation, lease);
+        // Boxed: the call's future (which holds this one's) stays small for hits.
+        let fill = Box::pin(self.store.fill(key, stored, ttl, generation, lease));
         let Some(tags) = self.tag_set() else {
             return (fill.await, true);
         };
         let names = tags.names();
-        let (filled, current) = tokio::join!(fill, self.store.current_tags(&names, Some(ttl)));
+        let (filled, current) =
+            tokio::join!(fill, Box::pin(self.store.current_tags(&names, Some(ttl))));
         let kept = match current {
             Ok(current) => current
                 .iter()
@@ -821,7 +826,7 @@ impl<'a> Fetch<'a> {
             return;
         }
         if let Some(lease) = lease {
-            if let Err(e) = self.store.release(lease).await {
+            if let Err(e) = Box::pin(self.store.release(lease)).await {
                 self.backend_failure(&e);
             }
         }

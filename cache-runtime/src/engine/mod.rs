@@ -142,7 +142,8 @@ impl Fetch<'_> {
                     self.hit(stored);
                     return Ok(mode.restore(value));
                 }
-                Err(e) => self.unusable(&e).await,
+                // Rare: boxed, so that every call's future stays small.
+                Err(e) => Box::pin(self.unusable(&e)).await,
             }
         }
         self.begin_load();

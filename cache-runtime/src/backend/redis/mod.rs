@@ -278,10 +278,11 @@ impl RedisBackend {
                 if other.0 != marker.as_bytes()
                     && other.0.starts_with(self.marker_prefix.as_bytes()) =>
             {
-                if self.takeover(key, &other, marker, ttl).await? {
+                // Rare (a dead marker): boxed, so that every lookup's future stays small.
+                if Box::pin(self.takeover(key, &other, marker, ttl)).await? {
                     Ok(Read::Miss(Gen(Bytes::copy_from_slice(marker.as_bytes()))))
                 } else {
-                    self.set_nx_get(key, marker, ttl).await
+                    Box::pin(self.set_nx_get(key, marker, ttl)).await
                 }
             }
             read => Ok(read),
@@ -293,7 +294,8 @@ impl RedisBackend {
         let refusing = self.refusing_until.load(Relaxed);
         if refusing != 0 {
             if (self.started.elapsed().as_millis() as u64) < refusing {
-                return self.read_only_lookup(key).await;
+                // Rare (the server refuses writes): boxed, like the other rare paths.
+                return Box::pin(self.read_only_lookup(key)).await;
             }
             self.refusing_until.store(0, Relaxed);
         }
