@@ -119,8 +119,9 @@ impl io::Write for JsonEscaper<'_> {
 const MAX_SPARE: usize = 1024;
 
 thread_local! {
-    /// The buffer of the last [`KeyBuf`] dropped on this thread, for the next key rendered here.
-    static SPARE: Cell<String> = const { Cell::new(String::new()) };
+    /// Buffers of the last [`KeyBuf`]s dropped on this thread, for the next ones made here
+    /// (two: a Redis lookup has its key and its marker at once).
+    static SPARE: [Cell<String>; 2] = const { [Cell::new(String::new()), Cell::new(String::new())] };
 }
 
 /// A rendered key. Its buffer is reused: a dropped `KeyBuf` gives it back to its thread, and
@@ -138,7 +139,16 @@ impl KeyBuf {
     /// An empty key, in a reused buffer if this thread has one.
     #[inline]
     pub fn new() -> Self {
-        let mut buf = SPARE.try_with(Cell::take).unwrap_or_default();
+        let mut buf = SPARE
+            .try_with(|spare| {
+                let first = spare[0].take();
+                if first.capacity() > 0 {
+                    first
+                } else {
+                    spare[1].take()
+                }
+            })
+            .unwrap_or_default();
         buf.clear();
         KeyBuf(buf)
     }
@@ -204,7 +214,16 @@ impl Drop for KeyBuf {
         }
         let buf = std::mem::take(&mut self.0);
         // After this thread's locals are gone, the buffer is simply freed.
-        let _ = SPARE.try_with(|spare| spare.replace(buf));
+        let _ = SPARE.try_with(|spare| {
+            let first = spare[0].take();
+            if first.capacity() == 0 {
+                spare[0].set(buf);
+            } else {
+                spare[0].set(first);
+                // The older spare, if any, is freed.
+                spare[1].set(buf);
+            }
+        });
     }
 }
 

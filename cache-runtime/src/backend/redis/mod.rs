@@ -61,7 +61,7 @@ use self::conn::Connections;
 use self::scripts::{FILL, RELEASE, REPLACE, WRITE, evalsha, run};
 use super::{Backend, BackendResult, Gen, LeaseReply, OnWait, PENDING_TTL, Read, Stored, Token};
 use crate::breaker::FailureLog;
-use crate::key::aux_key;
+use crate::key::{KeyBuf, aux_key};
 
 /// The channel fills are published on (shared by every cache on the server; a waiter
 /// filters by key).
@@ -193,9 +193,9 @@ impl RedisBackend {
         })
     }
 
-    /// A new pending-load marker: never repeated. Cheap (one is made per lookup): the prefix,
-    /// then a counter in hex.
-    fn new_marker(&self) -> String {
+    /// A new pending-load marker: never repeated. Cheap (one is made per lookup, in a reused
+    /// buffer): the prefix, then a counter in hex.
+    fn new_marker(&self) -> KeyBuf {
         use std::sync::atomic::{AtomicU64, Ordering};
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let mut n = COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -209,9 +209,11 @@ impl RedisBackend {
                 break;
             }
         }
-        let mut marker = String::with_capacity(self.marker_prefix.len() + 16);
+        let mut marker = KeyBuf::new();
         marker.push_str(&self.marker_prefix);
-        marker.extend(digits[i..].iter().map(|&d| char::from(d)));
+        for &d in &digits[i..] {
+            marker.push(char::from(d));
+        }
         marker
     }
 
