@@ -18,7 +18,10 @@
 //! before it (read-your-writes), and marks the flight stale so its fill is not stored.
 //!
 //! Cost when nobody else is waiting (the common case): one short critical section to insert
-//! the flight, one to remove it, and one allocation (the flight, which takes over the key).
+//! the flight, one to remove it, and no allocation: a finished flight that nobody else holds
+//! goes back to its shard's pool and is reused (the key is copied into it, inline up to 128
+//! bytes). Followers already waiting are woken by `publish` when they can be seen, and in any
+//! case by the leader's guard when it is dropped (right after `publish` in the engine).
 //! The map is keyed by the key's 64-bit hash; two keys with the same hash (practically never)
 //! simply do not coalesce with each other.
 
@@ -30,8 +33,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 use tokio::sync::Notify;
 
 use crate::backend::Stored;
+use crate::key::KeyBuf;
 
 const SHARDS: usize = 64;
+
+/// Finished flights a shard keeps for reuse.
+const POOL: usize = 8;
 
 /// What followers receive from their leader.
 #[derive(Clone, Debug)]
@@ -44,7 +51,7 @@ pub(crate) enum Outcome {
 
 #[derive(Debug)]
 pub(crate) struct Flight {
-    key: String,
+    key: KeyBuf,
     hash: u64,
     outcome: OnceLock<Outcome>,
     notify: Notify,
@@ -54,7 +61,7 @@ pub(crate) struct Flight {
 impl Flight {
     /// The key this flight reads and fills.
     pub(crate) fn key(&self) -> &str {
-        &self.key
+        self.key.as_str()
     }
 
     /// Whether a write or invalidation of the key happened since the flight started.
@@ -62,9 +69,14 @@ impl Flight {
         self.stale.load(Ordering::Acquire)
     }
 
-    fn publish(&self, outcome: Outcome) {
-        let _ = self.outcome.set(outcome);
-        self.notify.notify_waiters();
+    fn new(key: KeyBuf, hash: u64) -> Self {
+        Flight {
+            key,
+            hash,
+            outcome: OnceLock::new(),
+            notify: Notify::new(),
+            stale: AtomicBool::new(false),
+        }
     }
 }
 
@@ -86,7 +98,15 @@ impl Hasher for IdentityHasher {
     }
 }
 
-type Shard = Mutex<HashMap<u64, Arc<Flight>, BuildHasherDefault<IdentityHasher>>>;
+/// The flights of the keys whose hashes fall in one shard, and finished flights to reuse.
+#[derive(Default, Debug)]
+struct ShardInner {
+    map: HashMap<u64, Arc<Flight>, BuildHasherDefault<IdentityHasher>>,
+    /// Flights nobody holds any more, reset: a new flight takes one instead of allocating.
+    pool: Vec<Arc<Flight>>,
+}
+
+type Shard = Mutex<ShardInner>;
 
 /// The in-flight lookups of one cache.
 #[derive(Debug)]
@@ -109,9 +129,7 @@ pub(crate) enum Role<'a> {
 impl Flights {
     pub(crate) fn new() -> Self {
         Flights {
-            shards: (0..SHARDS)
-                .map(|_| Mutex::new(HashMap::with_hasher(Default::default())))
-                .collect(),
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             hasher: Default::default(),
         }
     }
@@ -122,10 +140,10 @@ impl Flights {
     }
 
     /// Joins the flight for `key`, or starts one (taking over the key).
-    pub(crate) fn join(&self, key: String) -> Role<'_> {
+    pub(crate) fn join(&self, key: KeyBuf) -> Role<'_> {
         let hash = self.hasher.hash_one(key.as_str());
-        let mut map = self.shard(hash).lock().unwrap_or_else(|e| e.into_inner());
-        let registered = match map.get(&hash) {
+        let mut shard = self.shard(hash).lock().unwrap_or_else(|e| e.into_inner());
+        let registered = match shard.map.get(&hash) {
             Some(flight) if flight.key == key => {
                 return Role::Follower(Follower {
                     flight: flight.clone(),
@@ -135,17 +153,24 @@ impl Flights {
             Some(_) => false,
             None => true,
         };
-        let flight = Arc::new(Flight {
-            key,
-            hash,
-            outcome: OnceLock::new(),
-            notify: Notify::new(),
-            stale: AtomicBool::new(false),
-        });
+        let flight = match shard.pool.pop() {
+            Some(mut flight) => {
+                match Arc::get_mut(&mut flight) {
+                    Some(f) => {
+                        f.key = key;
+                        f.hash = hash;
+                    }
+                    // Pooled flights are held by the pool only.
+                    None => flight = Arc::new(Flight::new(key, hash)),
+                }
+                flight
+            }
+            None => Arc::new(Flight::new(key, hash)),
+        };
         if registered {
-            map.insert(hash, flight.clone());
+            shard.map.insert(hash, flight.clone());
         }
-        drop(map);
+        drop(shard);
         Role::Leader(LeaderGuard {
             flights: self,
             flight,
@@ -157,9 +182,9 @@ impl Flights {
     /// and the detached flight's fill is not stored.
     pub(crate) fn invalidate(&self, key: &str) {
         let hash = self.hasher.hash_one(key);
-        let mut map = self.shard(hash).lock().unwrap_or_else(|e| e.into_inner());
-        if map.get(&hash).is_some_and(|f| f.key == key) {
-            if let Some(flight) = map.remove(&hash) {
+        let mut shard = self.shard(hash).lock().unwrap_or_else(|e| e.into_inner());
+        if shard.map.get(&hash).is_some_and(|f| f.key == key) {
+            if let Some(flight) = shard.map.remove(&hash) {
                 flight.stale.store(true, Ordering::Release);
             }
         }
@@ -169,25 +194,59 @@ impl Flights {
     /// stuck one whose leader outlived the wait: later lookups then start a new one). Returns
     /// whether it was there.
     pub(crate) fn detach(&self, flight: &Arc<Flight>) -> bool {
-        let mut map = self
+        let mut shard = self
             .shard(flight.hash)
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if map
+        Self::detach_locked(&mut shard, flight)
+    }
+
+    fn detach_locked(shard: &mut ShardInner, flight: &Arc<Flight>) -> bool {
+        if shard
+            .map
             .get(&flight.hash)
             .is_some_and(|f| Arc::ptr_eq(f, flight))
         {
-            map.remove(&flight.hash);
+            shard.map.remove(&flight.hash);
             return true;
         }
         false
+    }
+
+    /// A leader is done with `flight`: detaches it, and wakes its followers if it has any
+    /// (they get its outcome, set before); otherwise nobody can reach it any more, and it is
+    /// reset and pooled for reuse.
+    fn finish(&self, flight: &mut Arc<Flight>) {
+        let mut shard = self
+            .shard(flight.hash)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        Self::detach_locked(&mut shard, flight);
+        // Followers get their clones from the map, under this lock: none can appear now.
+        let mut outcome = None;
+        let followers = match Arc::get_mut(flight) {
+            Some(f) if shard.pool.len() < POOL => {
+                outcome = f.outcome.take();
+                *f.stale.get_mut() = false;
+                shard.pool.push(flight.clone());
+                false
+            }
+            Some(_) => false,
+            None => true,
+        };
+        drop(shard);
+        // Dropped outside the lock (it may free the value).
+        drop(outcome);
+        if followers {
+            flight.notify.notify_waiters();
+        }
     }
 
     #[cfg(test)]
     fn len(&self) -> usize {
         self.shards
             .iter()
-            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).map.len())
             .sum()
     }
 }
@@ -207,19 +266,23 @@ impl LeaderGuard<'_> {
 
     /// Hands `outcome` to the current and future followers of this flight. The flight stays
     /// joinable until the guard is dropped, so lookups arriving meanwhile get the outcome at
-    /// once.
+    /// once. Followers already waiting are woken now if this guard sees them (more holders
+    /// than itself and the map), and in any case when the guard is dropped.
     pub(crate) fn publish(&self, outcome: Outcome) {
         self.sent.store(true, Ordering::Relaxed);
-        self.flight.publish(outcome);
+        let _ = self.flight.outcome.set(outcome);
+        if Arc::strong_count(&self.flight) > 2 {
+            self.flight.notify.notify_waiters();
+        }
     }
 }
 
 impl Drop for LeaderGuard<'_> {
     fn drop(&mut self) {
-        let _ = self.flights.detach(&self.flight);
         if !self.sent.load(Ordering::Relaxed) {
-            self.flight.publish(Outcome::Retry);
+            let _ = self.flight.outcome.set(Outcome::Retry);
         }
+        self.flights.finish(&mut self.flight);
     }
 }
 
@@ -234,7 +297,7 @@ impl Follower {
     }
 
     /// The key of the flight (to join again after `Retry`).
-    pub(crate) fn into_key(self) -> String {
+    pub(crate) fn into_key(self) -> KeyBuf {
         self.flight.key.clone()
     }
 
@@ -261,10 +324,10 @@ mod tests {
     #[tokio::test]
     async fn followers_get_the_leaders_value() {
         let flights = Flights::new();
-        let Role::Leader(leader) = flights.join("k".to_owned()) else {
+        let Role::Leader(leader) = flights.join(KeyBuf::from("k")) else {
             panic!("first caller leads")
         };
-        let Role::Follower(f) = flights.join("k".to_owned()) else {
+        let Role::Follower(f) = flights.join(KeyBuf::from("k")) else {
             panic!("second caller follows")
         };
         let waiting = tokio::spawn(async move { f.wait().await });
@@ -273,7 +336,7 @@ mod tests {
             b"v",
         ))));
         // A late joiner still gets the published value while the guard is alive.
-        let Role::Follower(late) = flights.join("k".to_owned()) else {
+        let Role::Follower(late) = flights.join(KeyBuf::from("k")) else {
             panic!("third caller follows")
         };
         drop(leader);
@@ -285,31 +348,65 @@ mod tests {
     #[tokio::test]
     async fn dropped_leader_makes_followers_retry() {
         let flights = Flights::new();
-        let leader = flights.join("k".to_owned());
-        let Role::Follower(f) = flights.join("k".to_owned()) else {
+        let leader = flights.join(KeyBuf::from("k"));
+        let Role::Follower(f) = flights.join(KeyBuf::from("k")) else {
             panic!()
         };
         drop(leader);
         assert!(matches!(f.wait().await, Outcome::Retry));
-        assert!(matches!(flights.join("k".to_owned()), Role::Leader(_)));
+        assert!(matches!(flights.join(KeyBuf::from("k")), Role::Leader(_)));
     }
 
     #[tokio::test]
     async fn invalidation_detaches_and_marks_stale() {
         let flights = Flights::new();
-        let Role::Leader(leader) = flights.join("k".to_owned()) else {
+        let Role::Leader(leader) = flights.join(KeyBuf::from("k")) else {
             panic!()
         };
         flights.invalidate("k");
         assert!(leader.flight().is_stale());
         // A new lookup does not join the stale flight.
-        let Role::Leader(second) = flights.join("k".to_owned()) else {
+        let Role::Leader(second) = flights.join(KeyBuf::from("k")) else {
             panic!("a lookup after the invalidation must not join the old flight")
         };
         // The old leader finishing must not remove the new flight.
         drop(leader);
         assert_eq!(flights.len(), 1);
         drop(second);
+        assert_eq!(flights.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn reused_flights_start_fresh() {
+        let flights = Flights::new();
+        // A flight that published a value, and one that was invalidated, both go back to the
+        // pool when their leaders finish.
+        let Role::Leader(a) = flights.join(KeyBuf::from("a")) else {
+            panic!()
+        };
+        a.publish(Outcome::Value(Stored::bytes(bytes::Bytes::from_static(
+            b"old",
+        ))));
+        let Role::Leader(b) = flights.join(KeyBuf::from("b")) else {
+            panic!()
+        };
+        flights.invalidate("b");
+        assert!(b.flight().is_stale());
+        drop(a);
+        drop(b);
+        // Whichever pooled flight they get, new leaders start with no outcome, not stale.
+        for key in ["c", "d"] {
+            let Role::Leader(leader) = flights.join(KeyBuf::from(key)) else {
+                panic!("{key} leads")
+            };
+            assert_eq!(leader.flight().key(), key);
+            assert!(!leader.flight().is_stale());
+            let Role::Follower(f) = flights.join(KeyBuf::from(key)) else {
+                panic!("{key} is followed")
+            };
+            drop(leader);
+            assert!(matches!(f.wait().await, Outcome::Retry), "{key}");
+        }
         assert_eq!(flights.len(), 0);
     }
 }

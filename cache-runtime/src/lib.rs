@@ -101,7 +101,7 @@ pub struct CacheEvictDocTests;
 pub mod __private {
     pub use crate::cache::Cache;
     pub use crate::engine::{Call, Evict, EvictCall, Fetch, Finish, Put, Verdict, catch_unwind};
-    pub use crate::key::{CallKey, KeyWriter};
+    pub use crate::key::{CallKey, KeyBuf, KeyWriter};
     /// For the integration tests: auxiliary key names and hash slots, checked against a real
     /// cluster node.
     pub use crate::key::{aux_key, key_slot};

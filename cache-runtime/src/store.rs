@@ -18,7 +18,8 @@ use crate::backend::{
 };
 use crate::breaker::FailureLog;
 use crate::flight::{Flights, Role};
-use crate::local::Local;
+use crate::key::KeyBuf;
+use crate::local::{Local, LocalEntry};
 use crate::tags::{TagEpochs, TagSet};
 
 /// A random token (lease tokens, generations): 128 bits from the std hasher's random keys and
@@ -127,6 +128,23 @@ impl Store {
         Some(local)
     }
 
+    /// `local`: the in-process tier's live copy of `key`, if it has one. Like
+    /// [`Store::local_tier`] (the tier is made on first use, and its subscription restarted
+    /// while it is not usable), with one clock read on a hit.
+    #[inline]
+    pub(crate) fn local_get(&self, key: &str, tags: &[String]) -> Option<Arc<LocalEntry>> {
+        let Some(local) = self.local.get() else {
+            // First use: make the tier (it is not usable before its first heartbeat).
+            self.local_tier();
+            return None;
+        };
+        let found = local.get(key, tags);
+        if found.is_none() && !local.usable() {
+            self.watch(local);
+        }
+        found
+    }
+
     #[cold]
     fn watch(&self, local: &Arc<Local>) {
         let sink: Arc<dyn crate::backend::Invalidations> = local.clone();
@@ -184,7 +202,7 @@ impl Store {
     }
 
     /// Joins the in-process flight of `key`, or starts one.
-    pub(crate) fn join(&self, key: String) -> Role<'_> {
+    pub(crate) fn join(&self, key: KeyBuf) -> Role<'_> {
         self.flights.join(key)
     }
 

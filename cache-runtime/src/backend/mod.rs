@@ -28,6 +28,7 @@ use bytes::Bytes;
 pub(crate) use self::memory::MemoryBackend;
 pub(crate) use self::redis::{RedisBackend, RedisOptions};
 use crate::error::{Error, ErrorKind};
+use crate::key::KeyBuf;
 
 /// How long a pending load's marker lives (Redis): a load that takes longer is not stored
 /// (its marker is gone, so its fill is rejected), unless a `lock` lease asks for longer.
@@ -130,19 +131,20 @@ pub(crate) struct LeaseReply {
 pub(crate) type OnWait<'a> = dyn Fn() + Send + Sync + 'a;
 
 /// A lease token, made on first use: a `lock` hit, which never asks for the lease, does not
-/// pay for one.
+/// pay for one. Its buffer is a reused [`KeyBuf`]: a token that is not kept (a hit)
+/// allocates nothing.
 #[derive(Default)]
-pub(crate) struct Token(std::sync::OnceLock<String>);
+pub(crate) struct Token(std::sync::OnceLock<KeyBuf>);
 
 impl Token {
     /// The token, made now by `make` if it was not yet.
-    pub(crate) fn get_or(&self, make: impl FnOnce() -> String) -> &str {
-        self.0.get_or_init(make)
+    pub(crate) fn get_or(&self, make: impl FnOnce() -> KeyBuf) -> &str {
+        self.0.get_or_init(make).as_str()
     }
 
     /// The token if it was ever used (otherwise no lease can have been granted with it).
     pub(crate) fn into_issued(self) -> Option<String> {
-        self.0.into_inner()
+        self.0.into_inner().map(KeyBuf::into_string)
     }
 }
 

@@ -15,7 +15,7 @@ use crate::cache::Cache;
 use crate::engine::Call;
 use crate::envelope::{self, DecodeError, EncodeError};
 use crate::flight::{Follower, LeaderGuard, Outcome, Role};
-use crate::key::CallKey;
+use crate::key::{CallKey, KeyBuf};
 use crate::local::Ticket;
 use crate::stats::{Site, SiteStats, StatsRef};
 use crate::store::{Lease, LeaseGuard, Store};
@@ -70,7 +70,7 @@ enum State<'a> {
     /// No key: the call bypasses the cache.
     Bypass,
     /// A value read without coalescing (memory), being decoded.
-    Direct { key: String },
+    Direct { key: KeyBuf },
     /// This call leads the key's flight: decoding what it found, or loading.
     Lead {
         guard: LeaderGuard<'a>,
@@ -94,7 +94,7 @@ pub struct Fetch<'a> {
     site: &'static Site,
     self_type: Option<&'static str>,
     stats: StatsRef<'a>,
-    key: Option<String>,
+    key: Option<KeyBuf>,
     /// `tags = [..]`: the call's tags, and their versions once read.
     tags: Option<Box<TagSet>>,
     /// The epoch of this call's tags when their versions were read (see `TagEpochs`).
@@ -297,7 +297,7 @@ impl<'a> Fetch<'a> {
         // Written under tags this call does not have (another function's entry): one more
         // round trip for their versions.
         let names: Vec<&str> = unknown.iter().map(|(n, _)| *n).collect();
-        match self.store.current_tags(&names, None).await {
+        match Box::pin(self.store.current_tags(&names, None)).await {
             Ok(current) => current
                 .iter()
                 .zip(&unknown)
@@ -319,9 +319,15 @@ impl<'a> Fetch<'a> {
         let store = self.store;
         if !store.coalesce_reads() {
             // Memory: a read costs less than joining a flight (and tag versions are as cheap).
-            self.read_tag_versions().await;
-            match store.read(&key).await {
-                Ok(Some(stored)) if self.tags_current(&stored).await => {
+            // The tag paths are boxed: every lookup's future would carry their futures.
+            if self.tags.is_some() {
+                Box::pin(self.read_tag_versions()).await;
+            }
+            match store.read(key.as_str()).await {
+                Ok(Some(stored))
+                    if (self.tags.is_none() && !envelope::is_tagged(&stored.bytes))
+                        || Box::pin(self.tags_current(&stored)).await =>
+                {
                     self.state = State::Direct { key };
                     return Step::Found(stored);
                 }
@@ -333,7 +339,8 @@ impl<'a> Fetch<'a> {
         loop {
             match store.join(key) {
                 Role::Leader(guard) => return self.lead(guard).await,
-                Role::Follower(follower) => match self.follow(follower).await {
+                // Boxed: the wait's timer would make every lookup's future larger.
+                Role::Follower(follower) => match Box::pin(self.follow(follower)).await {
                     Ok(stored) => {
                         self.state = State::Follow;
                         return Step::Found(stored);
@@ -370,7 +377,8 @@ impl<'a> Fetch<'a> {
     /// Replaces a value this call cannot use with its marker: what to fill against, and the
     /// marker's guard if it is this call's.
     async fn replaced(&self, key: &str) -> (Option<Gen>, Option<LeaseGuard>) {
-        match self.store.replace(key).await {
+        // Rare: boxed, so that the futures that may call this stay small.
+        match Box::pin(self.store.replace(key)).await {
             Ok((generation, guard)) => (Some(generation), guard),
             Err(e) => {
                 self.backend_failure(&e);
@@ -384,7 +392,8 @@ impl<'a> Fetch<'a> {
     async fn find_stale(&self) -> Option<Stored> {
         let key = match &self.state {
             State::Lead { guard, .. } => guard.flight().key(),
-            State::Solo { key: Some(key), .. } | State::Direct { key } => key.as_str(),
+            State::Solo { key: Some(key), .. } => key.as_str(),
+            State::Direct { key } => key.as_str(),
             _ => return None,
         };
         match self.store.read_stale(key).await {
@@ -408,7 +417,7 @@ impl<'a> Fetch<'a> {
     }
 
     /// Waits for the leader: its value, or the key to join again.
-    async fn follow(&self, follower: Follower) -> Result<Stored, String> {
+    async fn follow(&self, follower: Follower) -> Result<Stored, KeyBuf> {
         let max_wait = match self.site.lock {
             // The leader may wait up to twice the lease for another process's holder, then
             // load for up to one lease itself.
@@ -452,18 +461,17 @@ impl<'a> Fetch<'a> {
         if let Some(names) = &names {
             self.tag_epoch = store.tag_epoch(names);
         }
+        // The tagged paths are boxed: every lookup's future would carry their futures.
         let ((mut found, mut generation, mut lease), versions) = match (&names, self.site.lock) {
+            (None, _) => (self.read(key).await, None),
             // The value and the tags' versions in one request.
             (Some(names), None) => {
-                let (read, versions) = store.read_for_fill_tagged(key, names, ttl).await;
+                let (read, versions) = Box::pin(store.read_for_fill_tagged(key, names, ttl)).await;
                 (self.read_done(key, read).await, Some(versions))
             }
-            _ => {
+            (Some(names), Some(_)) => {
                 tokio::join!(self.read(key), async {
-                    match &names {
-                        Some(names) => Some(store.tag_versions(names, ttl).await),
-                        None => None,
-                    }
+                    Some(Box::pin(store.tag_versions(names, ttl)).await)
                 })
             }
         };
@@ -484,7 +492,7 @@ impl<'a> Fetch<'a> {
         }
         if let Some(stored) = &found {
             if (self.tags.is_some() || envelope::is_tagged(&stored.bytes))
-                && !self.tags_current(stored).await
+                && !Box::pin(self.tags_current(stored)).await
             {
                 // Invalidated by a tag: load, and fill over it.
                 found = None;
@@ -496,8 +504,8 @@ impl<'a> Fetch<'a> {
                 {
                     // With `lock`, another process replaced it first and loads: wait for its
                     // fill as any lock waiter does.
-                    match self.read(key).await {
-                        (Some(fresh), ..) if self.tags_current(&fresh).await => {
+                    match Box::pin(self.read(key)).await {
+                        (Some(fresh), ..) if Box::pin(self.tags_current(&fresh)).await => {
                             found = Some(fresh);
                             generation = None;
                         }
@@ -522,9 +530,11 @@ impl<'a> Fetch<'a> {
     async fn read(&self, key: &str) -> (Option<Stored>, Option<Gen>, Option<LeaseGuard>) {
         let store = self.store;
         match self.site.lock {
-            Some(lease_len) => match store
-                .lease(key, lease_len, &|| SiteStats::inc(&self.stats.lock_waits))
-                .await
+            // Boxed: the lease's future is large, and every lookup's future would carry it.
+            Some(lease_len) => match Box::pin(
+                store.lease(key, lease_len, &|| SiteStats::inc(&self.stats.lock_waits)),
+            )
+            .await
             {
                 Ok((answer, waited)) => {
                     if let Some(waited) = waited {
@@ -619,9 +629,9 @@ impl<'a> Fetch<'a> {
             }
             State::Direct { key } => {
                 // Memory: no marker to guard.
-                let (generation, _) = self.replaced(&key).await;
+                let (generation, _) = self.replaced(key.as_str()).await;
                 State::Solo {
-                    key: Some(key),
+                    key: Some(key.into_string()),
                     generation,
                 }
             }
@@ -818,14 +828,16 @@ impl<'a> Fetch<'a> {
         lease: Option<LeaseGuard>,
         keep: Option<Duration>,
     ) -> (Result<bool, BackendError>, bool) {
-        let fill = self.store.fill(key, stored, ttl, generation, lease, keep);
+        // Boxed: the call's future (which holds this one's) stays small for hits.
+        let fill = Box::pin(self.store.fill(key, stored, ttl, generation, lease, keep));
         let Some(tags) = self.tag_set() else {
             return (fill.await, true);
         };
         let names = tags.names();
         // The tags live as long as the entry, or its stale copy.
         let life = keep.unwrap_or(ttl);
-        let (filled, current) = tokio::join!(fill, self.store.current_tags(&names, Some(life)));
+        let (filled, current) =
+            tokio::join!(fill, Box::pin(self.store.current_tags(&names, Some(life))));
         let kept = match current {
             Ok(current) => current
                 .iter()
@@ -863,7 +875,7 @@ impl<'a> Fetch<'a> {
             return;
         }
         if let Some(lease) = lease {
-            if let Err(e) = self.store.release(lease).await {
+            if let Err(e) = Box::pin(self.store.release(lease)).await {
                 self.backend_failure(&e);
             }
         }

@@ -147,7 +147,7 @@ impl Call<'_> {
             return None;
         }
         let names = tags.map_or(&[][..], |t| &t.names[..]);
-        let entry = self.cache.store().local_tier()?.get(key, names)?;
+        let entry = self.cache.store().local_get(key.as_str(), names)?;
         let value = (typed.unwrap)(&*entry.value)?;
         let stats = self.site.stats(self.cache.stats_registry(), self.self_type);
         SiteStats::inc(&stats.hits);
@@ -179,7 +179,8 @@ impl Fetch<'_> {
                     self.hit(stored);
                     return Ok(mode.restore(value));
                 }
-                Err(e) => self.unusable(&e).await,
+                // Rare: boxed, so that every call's future stays small.
+                Err(e) => Box::pin(self.unusable(&e)).await,
             }
         }
         self.begin_load();
@@ -250,7 +251,7 @@ mod tests {
             cache,
             site,
             self_type: None,
-            key: CallKey::Key(cache.full_key(key)),
+            key: CallKey::Key(cache.full_key(key).into()),
         };
         if let Some(hit) = call.local(None, &mode, typed) {
             return hit.unwrap();
@@ -354,7 +355,7 @@ mod tests {
                 cache: &cache,
                 site: &SITE,
                 self_type: None,
-                key: CallKey::Key("k".to_owned()),
+                key: CallKey::Key("k".into()),
             });
             let finish = match fetch.find(&mode, typed).await {
                 Ok(hit) => return hit,

@@ -81,7 +81,7 @@ impl<'a> Put<'a> {
         let store = cache.store();
         let stats = call.site.stats(cache.stats_registry(), call.self_type);
         let key = match call.key {
-            CallKey::Key(key) => Some(key),
+            CallKey::Key(key) => Some(key.into_string()),
             CallKey::Condition => None,
             CallKey::Unrenderable => {
                 warn_key(store, call.site, call.self_type, "key");
@@ -318,6 +318,7 @@ impl<'a> Evict<'a> {
     pub fn key(&mut self, key: CallKey) {
         match key {
             CallKey::Key(key) => {
+                let key = key.into_string();
                 if !self.keys.contains(&key) {
                     self.keys.push(key);
                 }

@@ -24,6 +24,7 @@
 
 use sha2::{Digest as _, Sha256};
 
+use super::KeyBuf;
 use super::slot::hash_tag;
 
 /// The longest key, in bytes, stored as it is rendered: the full key, namespace and `:v<version>`
@@ -49,6 +50,18 @@ pub(crate) fn bound_key(key: String) -> String {
         key
     } else {
         digest_form(&key)
+    }
+}
+
+/// [`bound_key`] for a key rendered into a [`KeyBuf`]; `percent` says whether a `%` may be in
+/// it (without one it cannot contain the marker, which is then not looked for).
+#[inline]
+pub(crate) fn bound_buf(key: KeyBuf, percent: bool) -> KeyBuf {
+    let text = key.as_str();
+    if text.len() <= MAX_KEY_LEN && !(percent && contains_marker(text)) {
+        key
+    } else {
+        KeyBuf::from(digest_form(text))
     }
 }
 

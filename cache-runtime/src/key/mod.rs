@@ -17,26 +17,31 @@
 mod bound;
 mod slot;
 
+use std::cell::Cell;
 use std::fmt::{self, Write as _};
 use std::io;
 
 use serde::Serialize;
 
+use self::bound::bound_buf;
 pub(crate) use self::bound::bound_key;
 pub use self::slot::{aux_key, key_slot};
 
-/// Appends `c` to `out`, percent-encoded if it is reserved.
+/// Appends `c` to `out`, percent-encoded if it is reserved. Returns whether it was encoded
+/// (a `%` was written).
 #[inline]
-fn push_escaped(out: &mut String, c: char, extra: &str) {
+fn push_escaped(out: &mut KeyBuf, c: char, extra: &str) -> bool {
     let reserved = matches!(c, '%' | ':' | '{' | '}' | ' ' | '\u{7f}') || (c as u32) < 0x20;
     if reserved || (!extra.is_empty() && extra.contains(c)) {
+        const HEX: &[u8; 16] = b"0123456789ABCDEF";
         let mut buf = [0u8; 4];
         for b in c.encode_utf8(&mut buf).bytes() {
-            // `write!` into a String cannot fail.
-            let _ = write!(out, "%{b:02X}");
+            out.push_ascii(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
         }
+        true
     } else {
         out.push(c);
+        false
     }
 }
 
@@ -51,20 +56,24 @@ fn push_escaped(out: &mut String, c: char, extra: &str) {
 /// assert_eq!(cache_runtime::escape_key_part(42), "42");
 /// ```
 pub fn escape_key_part(value: impl fmt::Display) -> String {
-    let mut out = String::new();
+    let mut out = KeyBuf::new();
+    let mut percent = false;
     let _ = write!(
         Escaper {
             out: &mut out,
-            extra: ""
+            extra: "",
+            percent: &mut percent,
         },
         "{value}"
     );
-    out
+    out.into_string()
 }
 
+/// Writes escaped text into a key, noting whether it wrote a `%`.
 struct Escaper<'a> {
-    out: &'a mut String,
+    out: &'a mut KeyBuf,
     extra: &'static str,
+    percent: &'a mut bool,
 }
 
 impl fmt::Write for Escaper<'_> {
@@ -76,16 +85,18 @@ impl fmt::Write for Escaper<'_> {
             self.out.push_str(s);
         } else {
             for c in s.chars() {
-                push_escaped(self.out, c, self.extra);
+                *self.percent |= push_escaped(self.out, c, self.extra);
             }
         }
         Ok(())
     }
 }
 
-/// An `io::Write` that appends escaped UTF-8 (serde_json's output) to a `String`.
+/// An `io::Write` that appends escaped UTF-8 (serde_json's output) to a key, noting whether it
+/// wrote a `%`.
 struct JsonEscaper<'a> {
-    out: &'a mut String,
+    out: &'a mut KeyBuf,
+    percent: &'a mut bool,
 }
 
 impl io::Write for JsonEscaper<'_> {
@@ -94,13 +105,192 @@ impl io::Write for JsonEscaper<'_> {
         let s =
             std::str::from_utf8(buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         for c in s.chars() {
-            push_escaped(self.out, c, "");
+            *self.percent |= push_escaped(self.out, c, "");
         }
         Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+/// The most capacity a dropped [`KeyBuf`] gives back for reuse.
+const MAX_SPARE: usize = 1024;
+
+thread_local! {
+    /// Buffers of the last [`KeyBuf`]s dropped on this thread, for the next ones made here
+    /// (two: a Redis lookup has its key and its marker at once).
+    static SPARE: [Cell<String>; 2] = const { [Cell::new(String::new()), Cell::new(String::new())] };
+}
+
+/// A rendered key. Its buffer is reused: a dropped `KeyBuf` gives it back to its thread, and
+/// the next key rendered there takes it, so a call whose key is not kept (a hit) allocates
+/// nothing for it. Where a key is kept (a flight that others may join, a write), the buffer
+/// goes with it. Used by the code the attributes generate, through [`KeyWriter`] and
+/// [`CallKey`].
+///
+/// (A buffer of inline bytes would need a UTF-8 check each time it is read as a `str`, without
+/// `unsafe`; that costs more than the allocation it saves.)
+#[doc(hidden)]
+pub struct KeyBuf(String);
+
+impl KeyBuf {
+    /// An empty key, in a reused buffer if this thread has one.
+    #[inline]
+    pub fn new() -> Self {
+        let mut buf = SPARE
+            .try_with(|spare| {
+                let first = spare[0].take();
+                if first.capacity() > 0 {
+                    first
+                } else {
+                    spare[1].take()
+                }
+            })
+            .unwrap_or_default();
+        buf.clear();
+        KeyBuf(buf)
+    }
+
+    /// The key's text.
+    #[inline]
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Its length in bytes.
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether it is empty.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The text as an owned `String` (the buffer goes with it).
+    #[inline]
+    pub fn into_string(mut self) -> String {
+        std::mem::take(&mut self.0)
+    }
+
+    /// Appends `s`.
+    #[inline]
+    pub fn push_str(&mut self, s: &str) {
+        self.0.push_str(s);
+    }
+
+    /// Appends `c`.
+    #[inline]
+    pub fn push(&mut self, c: char) {
+        self.0.push(c);
+    }
+
+    /// Reserves room for `additional` more bytes.
+    #[inline]
+    fn reserve(&mut self, additional: usize) {
+        self.0.reserve(additional);
+    }
+
+    /// Appends ASCII bytes.
+    #[inline]
+    fn push_ascii(&mut self, ascii: &[u8]) {
+        for &b in ascii {
+            debug_assert!(b.is_ascii());
+            self.0.push(char::from(b));
+        }
+    }
+}
+
+impl Drop for KeyBuf {
+    #[inline]
+    fn drop(&mut self) {
+        let capacity = self.0.capacity();
+        if capacity == 0 || capacity > MAX_SPARE {
+            return;
+        }
+        let buf = std::mem::take(&mut self.0);
+        // After this thread's locals are gone, the buffer is simply freed.
+        let _ = SPARE.try_with(|spare| {
+            let first = spare[0].take();
+            if first.capacity() == 0 {
+                spare[0].set(buf);
+            } else {
+                spare[0].set(first);
+                // The older spare, if any, is freed.
+                spare[1].set(buf);
+            }
+        });
+    }
+}
+
+impl Clone for KeyBuf {
+    fn clone(&self) -> Self {
+        let mut k = KeyBuf::new();
+        k.push_str(self.as_str());
+        k
+    }
+}
+
+impl Default for KeyBuf {
+    fn default() -> Self {
+        KeyBuf::new()
+    }
+}
+
+impl From<String> for KeyBuf {
+    fn from(s: String) -> Self {
+        KeyBuf(s)
+    }
+}
+
+impl From<&str> for KeyBuf {
+    fn from(s: &str) -> Self {
+        let mut k = KeyBuf::new();
+        k.push_str(s);
+        k
+    }
+}
+
+impl fmt::Write for KeyBuf {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        self.push_str(s);
+        Ok(())
+    }
+}
+
+impl fmt::Debug for KeyBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl fmt::Display for KeyBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq for KeyBuf {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for KeyBuf {}
+
+impl PartialEq<str> for KeyBuf {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for KeyBuf {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
     }
 }
 
@@ -132,15 +322,19 @@ key_integer!(unsigned: u8, u16, u32, u64, usize; signed: i8, i16, i32, i64, isiz
 /// Builds one rendered key. Used by the code the attributes generate.
 #[doc(hidden)]
 pub struct KeyWriter {
-    buf: String,
+    buf: KeyBuf,
     failed: bool,
     args: usize,
+    /// Whether a `%` was written: without one the key cannot contain the digest marker, and
+    /// `finish` does not look for it.
+    percent: bool,
 }
 
 impl KeyWriter {
     /// Starts a key in `namespace` (empty: no prefix).
     pub(crate) fn new(namespace: &str) -> Self {
-        let mut buf = String::with_capacity(namespace.len() + 48);
+        let mut buf = KeyBuf::new();
+        buf.reserve(namespace.len() + 48);
         if !namespace.is_empty() {
             buf.push_str(namespace);
             buf.push(':');
@@ -149,6 +343,7 @@ impl KeyWriter {
             buf,
             failed: false,
             args: 0,
+            percent: namespace.as_bytes().contains(&b'%'),
         }
     }
 
@@ -156,6 +351,7 @@ impl KeyWriter {
     #[inline]
     pub fn literal(&mut self, text: &str) -> &mut Self {
         self.buf.push_str(text);
+        self.percent |= text.as_bytes().contains(&b'%');
         self
     }
 
@@ -169,6 +365,7 @@ impl KeyWriter {
         let mut esc = Escaper {
             out: &mut self.buf,
             extra,
+            percent: &mut self.percent,
         };
         if write!(esc, "{value}").is_err() {
             self.failed = true;
@@ -182,7 +379,7 @@ impl KeyWriter {
     pub fn integer<T: KeyInteger>(&mut self, value: T, extra: &'static str) -> &mut Self {
         let (negative, magnitude) = value.split();
         if negative {
-            push_escaped(&mut self.buf, '-', extra);
+            self.percent |= push_escaped(&mut self.buf, '-', extra);
         }
         self.uint(magnitude)
     }
@@ -201,9 +398,7 @@ impl KeyWriter {
             }
         }
         // Digits are never escaped (separators that need escaping are never digits).
-        for &b in &buf[i..] {
-            self.buf.push(char::from(b));
-        }
+        self.buf.push_ascii(&buf[i..]);
         self
     }
 
@@ -213,7 +408,10 @@ impl KeyWriter {
             self.buf.push(',');
         }
         self.args += 1;
-        let mut w = JsonEscaper { out: &mut self.buf };
+        let mut w = JsonEscaper {
+            out: &mut self.buf,
+            percent: &mut self.percent,
+        };
         if serde_json::to_writer(&mut w, value).is_err() {
             self.failed = true;
         }
@@ -241,9 +439,10 @@ impl KeyWriter {
             return CallKey::Unrenderable;
         }
         if let Some(v) = version {
-            let _ = write!(self.buf, ":v{v}");
+            self.buf.push_str(":v");
+            self.uint(u64::from(v));
         }
-        CallKey::Key(bound_key(self.buf))
+        CallKey::Key(bound_buf(self.buf, self.percent))
     }
 }
 
@@ -251,7 +450,7 @@ impl KeyWriter {
     /// Finishes a tag: like a key without a version; `None` if an argument could not be
     /// rendered.
     pub(crate) fn finish_tag(self) -> Option<String> {
-        (!self.failed).then(|| bound_key(self.buf))
+        (!self.failed).then(|| bound_key(self.buf.into_string()))
     }
 }
 
@@ -260,7 +459,7 @@ impl KeyWriter {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CallKey {
     /// The rendered key.
-    Key(String),
+    Key(KeyBuf),
     /// `condition` was false: bypass the cache.
     Condition,
     /// An argument could not be rendered: bypass the cache.
@@ -271,7 +470,7 @@ impl CallKey {
     #[cfg(test)]
     pub(crate) fn unwrap(self) -> String {
         match self {
-            CallKey::Key(k) => k,
+            CallKey::Key(k) => k.into_string(),
             other => panic!("no key: {other:?}"),
         }
     }
@@ -399,6 +598,56 @@ mod tests {
         assert_eq!(k.len(), MAX_KEY_LEN);
         let expected = bound_key(format!("ns:crate::f:[\"{}\"]:v2", "x".repeat(1000)));
         assert_eq!(k, expected);
+    }
+
+    #[test]
+    fn key_buffers_are_reused_clean() {
+        let mut k = KeyBuf::new();
+        k.push_str("first:key:zoë");
+        k.push('€');
+        k.push_ascii(b"42");
+        assert_eq!(k.as_str(), "first:key:zoë€42");
+        assert_eq!(k.len(), "first:key:zoë€42".len());
+        assert_eq!(k.clone(), k);
+        drop(k);
+        // The next key on this thread takes the buffer back, empty.
+        let k = KeyBuf::new();
+        assert!(k.is_empty());
+        assert!(k.0.capacity() > 0, "the dropped buffer is reused");
+        assert_eq!(KeyBuf::from("short").into_string(), "short");
+        // Long keys are rendered as into a `String`.
+        let long = "v".repeat(2000);
+        let rendered = render("ns", |w| {
+            w.literal("p:")
+                .display(&long, "")
+                .literal(":")
+                .integer(-7i32, "-");
+        });
+        assert_eq!(rendered, bound_key(format!("ns:p:{long}:%2D7")));
+    }
+
+    #[test]
+    fn a_marker_anywhere_is_digested() {
+        // In a literal, in the namespace, or split over two pushes: as `bound_key` does.
+        for (ns, lit) in [("", "a%#b"), ("n%", "#x"), ("%#", "k")] {
+            let k = render(ns, |w| {
+                w.literal(lit);
+            });
+            let full = if ns.is_empty() {
+                lit.to_owned()
+            } else {
+                format!("{ns}:{lit}")
+            };
+            assert_eq!(k, bound_key(full.clone()), "{full}");
+            if full.contains("%#") {
+                assert_ne!(k, full);
+            }
+        }
+        // An escaped `%` followed by a literal `#`: escaped values are `%` + two hex digits.
+        let k = render("", |w| {
+            w.display("%", "").literal("#");
+        });
+        assert_eq!(k, "%25#");
     }
 
     #[test]

@@ -173,10 +173,18 @@ impl Shared {
         };
         match inv::decode(payload) {
             Ok(frame) if frame.is_everything() => self.lose(),
-            Ok(frame) => match frame.kind {
-                inv::Kind::Keys => watch.sink.keys(&mut frame.names()),
-                inv::Kind::Tags => watch.sink.tags(&mut frame.names()),
-            },
+            Ok(frame) => {
+                tracing::trace!(
+                    target: "cache_runtime",
+                    "invalidation from {:02x?}: {:?}",
+                    frame.origin,
+                    frame.kind
+                );
+                match frame.kind {
+                    inv::Kind::Keys => watch.sink.keys(&mut frame.names()),
+                    inv::Kind::Tags => watch.sink.tags(&mut frame.names()),
+                }
+            }
             Err(e) => {
                 config.log.warn(
                     FailureKind::Decode,

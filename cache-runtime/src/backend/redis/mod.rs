@@ -64,7 +64,7 @@ use self::conn::Connections;
 use self::scripts::{FILL, RELEASE, REPLACE, WRITE, evalsha, run};
 use super::{Backend, BackendResult, Gen, LeaseReply, OnWait, PENDING_TTL, Read, Stored, Token};
 use crate::breaker::FailureLog;
-use crate::key::aux_key;
+use crate::key::{KeyBuf, aux_key};
 
 /// The channel fills are published on (shared by every cache on the server; a waiter
 /// filters by key).
@@ -197,9 +197,9 @@ impl RedisBackend {
         })
     }
 
-    /// A new pending-load marker: never repeated. Cheap (one is made per lookup): the prefix,
-    /// then a counter in hex.
-    fn new_marker(&self) -> String {
+    /// A new pending-load marker: never repeated. Cheap (one is made per lookup, in a reused
+    /// buffer): the prefix, then a counter in hex.
+    fn new_marker(&self) -> KeyBuf {
         use std::sync::atomic::{AtomicU64, Ordering};
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let mut n = COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -213,9 +213,11 @@ impl RedisBackend {
                 break;
             }
         }
-        let mut marker = String::with_capacity(self.marker_prefix.len() + 16);
+        let mut marker = KeyBuf::new();
         marker.push_str(&self.marker_prefix);
-        marker.extend(digits[i..].iter().map(|&d| char::from(d)));
+        for &d in &digits[i..] {
+            marker.push(char::from(d));
+        }
         marker
     }
 
@@ -288,10 +290,11 @@ impl RedisBackend {
                 if other.0 != marker.as_bytes()
                     && other.0.starts_with(self.marker_prefix.as_bytes()) =>
             {
-                if self.takeover(key, &other, marker, ttl).await? {
+                // Rare (a dead marker): boxed, so that every lookup's future stays small.
+                if Box::pin(self.takeover(key, &other, marker, ttl)).await? {
                     Ok(Read::Miss(Gen(Bytes::copy_from_slice(marker.as_bytes()))))
                 } else {
-                    self.set_nx_get(key, marker, ttl).await
+                    Box::pin(self.set_nx_get(key, marker, ttl)).await
                 }
             }
             read => Ok(read),
@@ -303,7 +306,8 @@ impl RedisBackend {
         let refusing = self.refusing_until.load(Relaxed);
         if refusing != 0 {
             if (self.started.elapsed().as_millis() as u64) < refusing {
-                return self.read_only_lookup(key).await;
+                // Rare (the server refuses writes): boxed, like the other rare paths.
+                return Box::pin(self.read_only_lookup(key)).await;
             }
             self.refusing_until.store(0, Relaxed);
         }
