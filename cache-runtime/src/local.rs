@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 use moka::Expiry;
 
 use crate::backend::{Invalidations, TypedValue};
+use crate::envelope::Header;
 use crate::tags::TagEpochs;
 
 const KEY_STRIPES: usize = 1024;
@@ -57,6 +58,9 @@ pub(crate) struct LocalEntry {
     tags: Box<[(u32, u64)]>,
     /// How long it lives in the tier.
     ttl: Duration,
+    /// The header of the envelope it was decoded from (created-at, compute time), for
+    /// `refresh`; `None` if it had none.
+    pub(crate) header: Option<Header>,
 }
 
 struct EntryTtl;
@@ -209,14 +213,16 @@ impl Local {
         })
     }
 
-    /// Inserts `value` under `key` for `ttl` if nothing touched the key, its tags or the
-    /// tier since `ticket` was taken, and the tier is usable. Returns whether it did.
+    /// Inserts `value` (decoded from the envelope of `header`) under `key` for `ttl` if
+    /// nothing touched the key, its tags or the tier since `ticket` was taken, and the tier
+    /// is usable. Returns whether it did.
     pub(crate) fn insert(
         &self,
         key: &str,
         ticket: Ticket,
         value: TypedValue,
         ttl: Duration,
+        header: Option<Header>,
     ) -> bool {
         if ttl.is_zero() {
             return false;
@@ -237,6 +243,7 @@ impl Local {
                     epoch: ticket.epoch,
                     tags: ticket.tags,
                     ttl,
+                    header,
                 }),
             );
         }
@@ -361,10 +368,10 @@ mod tests {
         let local = tier();
         let t = local.ticket("k", &[] as &[&str]).unwrap();
         local.remove("k");
-        assert!(!local.insert("k", t, value(1), Duration::from_secs(60)));
+        assert!(!local.insert("k", t, value(1), Duration::from_secs(60), None));
         assert_eq!(read(&local, "k"), None);
         let t = local.ticket("k", &[] as &[&str]).unwrap();
-        assert!(local.insert("k", t, value(2), Duration::from_secs(60)));
+        assert!(local.insert("k", t, value(2), Duration::from_secs(60), None));
         assert_eq!(read(&local, "k"), Some(2));
         local.remove("k");
         assert_eq!(read(&local, "k"), None);
@@ -375,9 +382,9 @@ mod tests {
         let local = tier();
         let t = local.ticket("k", &[] as &[&str]).unwrap();
         let t2 = local.ticket("j", &[] as &[&str]).unwrap();
-        assert!(local.insert("j", t2, value(1), Duration::from_secs(60)));
+        assert!(local.insert("j", t2, value(1), Duration::from_secs(60), None));
         local.clear();
-        assert!(!local.insert("k", t, value(1), Duration::from_secs(60)));
+        assert!(!local.insert("k", t, value(1), Duration::from_secs(60), None));
         assert_eq!(read(&local, "j"), None);
     }
 
@@ -385,13 +392,13 @@ mod tests {
     fn a_tag_bump_hides_entries_and_rejects_inserts() {
         let local = tier();
         let t = local.ticket("k", &["org:1"]).unwrap();
-        assert!(local.insert("k", t, value(1), Duration::from_secs(60)));
+        assert!(local.insert("k", t, value(1), Duration::from_secs(60), None));
         let t = local.ticket("j", &["org:1", "org:2"]).unwrap();
         local.bump_tags(&["org:1"]);
-        assert!(!local.insert("j", t, value(1), Duration::from_secs(60)));
+        assert!(!local.insert("j", t, value(1), Duration::from_secs(60), None));
         assert_eq!(read(&local, "k"), None);
         let t = local.ticket("k", &["org:1"]).unwrap();
-        assert!(local.insert("k", t, value(3), Duration::from_secs(60)));
+        assert!(local.insert("k", t, value(3), Duration::from_secs(60), None));
         assert_eq!(read(&local, "k"), Some(3));
     }
 
@@ -399,7 +406,7 @@ mod tests {
     fn lost_messages_make_it_unusable_until_a_later_heartbeat() {
         let local = tier();
         let t = local.ticket("k", &[] as &[&str]).unwrap();
-        assert!(local.insert("k", t, value(1), Duration::from_secs(60)));
+        assert!(local.insert("k", t, value(1), Duration::from_secs(60), None));
         let before = Instant::now();
         std::thread::sleep(Duration::from_millis(2));
         local.lost();
@@ -421,7 +428,7 @@ mod tests {
         assert!(!local.usable(), "unusable until the first heartbeat");
         local.make_usable();
         let t = local.ticket("k", &[] as &[&str]).unwrap();
-        assert!(local.insert("k", t, value(1), Duration::from_secs(60)));
+        assert!(local.insert("k", t, value(1), Duration::from_secs(60), None));
         assert_eq!(read(&local, "k"), Some(1));
         std::thread::sleep(Duration::from_millis(40));
         assert_eq!(read(&local, "k"), None);
@@ -431,10 +438,10 @@ mod tests {
     fn entries_live_their_ttl() {
         let local = tier();
         let t = local.ticket("k", &[] as &[&str]).unwrap();
-        assert!(local.insert("k", t, value(1), Duration::from_millis(20)));
+        assert!(local.insert("k", t, value(1), Duration::from_millis(20), None));
         std::thread::sleep(Duration::from_millis(40));
         assert_eq!(read(&local, "k"), None);
         let t = local.ticket("k", &[] as &[&str]).unwrap();
-        assert!(!local.insert("k", t, value(1), Duration::ZERO));
+        assert!(!local.insert("k", t, value(1), Duration::ZERO, None));
     }
 }
