@@ -103,7 +103,7 @@ pub mod __private {
     pub use crate::engine::{
         Call, Evict, EvictCall, Fetch, Finish, Owned, Put, Refresh, RefreshArg, RefreshRef,
         RefreshSelf, Refresher, Verdict, catch_unwind, own_arg, own_ref, own_self, refresh,
-        refresh_rejected,
+        refresh_rejected, view,
     };
     pub use crate::key::{CallKey, KeyWriter};
     /// For the integration tests: auxiliary key names and hash slots, checked against a real

@@ -41,7 +41,7 @@ pub use self::fetch::{Fetch, Verdict};
 use self::fetch::{Kind, Step};
 pub use self::refresh::{
     Owned, Refresh, RefreshArg, RefreshRef, RefreshSelf, Refresher, own_arg, own_ref, own_self,
-    refresh, refresh_rejected,
+    refresh, refresh_rejected, view,
 };
 
 /// `stale`: runs a function's body, catching a panic (so that a value kept past its TTL can be

@@ -175,12 +175,19 @@ pub fn own_arg<T: RefreshArg>(arg: &T) -> T {
     arg.own()
 }
 
-/// A refresh's copy of an argument passed by reference: borrowed as the argument's type with
-/// [`Owned::get`].
+/// A refresh's copy of an argument passed by reference, borrowed as the argument's type with
+/// [`view`].
 #[doc(hidden)]
 #[inline]
-pub fn own_ref<T: ?Sized + RefreshRef>(arg: &T) -> Owned<T> {
-    Owned(arg.own())
+pub fn own_ref<T: ?Sized + RefreshRef>(arg: &T) -> Owned<T::Owned, T> {
+    (arg.own(), std::marker::PhantomData)
+}
+
+/// The copy made by [`own_ref`], as the argument's type.
+#[doc(hidden)]
+#[inline]
+pub fn view<T: ?Sized + RefreshRef>(owned: &Owned<T::Owned, T>) -> &T {
+    T::view(&owned.0)
 }
 
 /// A refresh's copy of `self` (or of what `self` refers to).
@@ -190,17 +197,10 @@ pub fn own_self<T: RefreshSelf>(this: &T) -> T {
     this.own()
 }
 
-/// An owned copy of an argument passed by reference (see [`own_ref`]).
+/// An owned copy `O` of an argument passed as a `&T` (see [`own_ref`]). A pair, so that an
+/// argument that cannot be copied is reported once, at [`own_ref`].
 #[doc(hidden)]
-pub struct Owned<T: ?Sized + RefreshRef>(T::Owned);
-
-impl<T: ?Sized + RefreshRef> Owned<T> {
-    /// The copy, as the argument's type.
-    #[inline]
-    pub fn get(&self) -> &T {
-        T::view(&self.0)
-    }
-}
+pub type Owned<O, T> = (O, std::marker::PhantomData<fn(&T)>);
 
 /// A refresh's result, classified and encoded by the return type's mode.
 pub(crate) trait Encode: Send {
