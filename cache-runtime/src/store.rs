@@ -49,21 +49,23 @@ pub(crate) struct Store {
     /// only).
     local: OnceLock<Arc<Local>>,
     local_config: LocalConfig,
-    /// `refresh`: the keys this process started refreshing, and until when it does not try
-    /// again.
+    /// `refresh`: the keys this process started refreshing, the entries it refreshes, and
+    /// until when it does not try again.
     refreshing: Refreshing,
 }
 
-/// `refresh`: one background refresh per key per process. A key is entered when a refresh of
-/// it starts, for one refresh lease, and left when the refresh stored its value; until then
-/// (and for a lease after a refresh that failed, or that another process ran), hits do not
-/// start another. Consulted only by hits that are due for a refresh.
+/// `refresh`: one background refresh per entry per process. A key is entered with the header
+/// of the entry being refreshed when its refresh starts, for one refresh lease, and left when
+/// the refresh stored its value; until then (and for a lease after a refresh that failed, or
+/// that another process ran), hits on that entry do not start another. A new entry of the key
+/// (written, or loaded again after an eviction) may be refreshed at once: a refresh of the old
+/// one can no longer store. Consulted only by hits that are due for a refresh.
 pub(crate) struct Refreshing {
     keys: Mutex<RefreshingKeys>,
 }
 
 struct RefreshingKeys {
-    until: HashMap<String, Instant>,
+    until: HashMap<String, (Instant, Header)>,
     /// Past this size, entries whose time is over are dropped first.
     prune_at: usize,
 }
@@ -80,19 +82,24 @@ impl Refreshing {
         }
     }
 
-    /// Whether a refresh of `key` may start now: then it is entered for `lease`.
-    pub(crate) fn try_begin(&self, key: &str, lease: Duration) -> bool {
+    /// Whether a refresh of `key`, read as the entry of `header`, may start now: then it is
+    /// entered for `lease`.
+    pub(crate) fn try_begin(&self, key: &str, header: &Header, lease: Duration) -> bool {
         let now = Instant::now();
         let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
-        if keys.until.get(key).is_some_and(|until| *until > now) {
+        if keys
+            .until
+            .get(key)
+            .is_some_and(|(until, entry)| *until > now && entry == header)
+        {
             return false;
         }
         if keys.until.len() >= keys.prune_at {
-            keys.until.retain(|_, until| *until > now);
+            keys.until.retain(|_, (until, _)| *until > now);
             // Amortized: the next prune waits until the map has doubled.
             keys.prune_at = (keys.until.len() * 2).max(REFRESHING_PRUNE_AT);
         }
-        keys.until.insert(key.to_owned(), now + lease);
+        keys.until.insert(key.to_owned(), (now + lease, *header));
         true
     }
 
@@ -647,26 +654,32 @@ impl Drop for LeaseGuard {
 mod tests {
     use super::*;
 
+    const ENTRY: Header = [1; crate::envelope::HEADER_LEN];
+
     #[test]
-    fn one_refresh_per_key_until_it_ends_or_its_lease_runs_out() {
+    fn one_refresh_per_entry_until_it_ends_or_its_lease_runs_out() {
         let r = Refreshing::new();
         let lease = Duration::from_millis(30);
-        assert!(r.try_begin("a", lease));
-        assert!(!r.try_begin("a", lease), "running");
-        assert!(r.try_begin("b", lease), "another key");
+        assert!(r.try_begin("a", &ENTRY, lease));
+        assert!(!r.try_begin("a", &ENTRY, lease), "running");
+        assert!(r.try_begin("b", &ENTRY, lease), "another key");
         r.end("a");
-        assert!(r.try_begin("a", lease), "ended");
+        assert!(r.try_begin("a", &ENTRY, lease), "ended");
+        let mut next = ENTRY;
+        next[1] = 2;
+        assert!(r.try_begin("a", &next, lease), "a new entry of the key");
+        assert!(!r.try_begin("a", &next, lease));
         std::thread::sleep(lease + Duration::from_millis(10));
-        assert!(r.try_begin("b", lease), "the lease ran out");
+        assert!(r.try_begin("b", &ENTRY, lease), "the lease ran out");
     }
 
     #[test]
     fn keys_whose_lease_ran_out_are_pruned() {
         let r = Refreshing::new();
         for i in 0..REFRESHING_PRUNE_AT {
-            assert!(r.try_begin(&format!("k{i}"), Duration::ZERO));
+            assert!(r.try_begin(&format!("k{i}"), &ENTRY, Duration::ZERO));
         }
-        assert!(r.try_begin("last", Duration::from_secs(60)));
+        assert!(r.try_begin("last", &ENTRY, Duration::from_secs(60)));
         assert_eq!(r.len(), 1);
     }
 }

@@ -209,23 +209,25 @@ impl Fetch<'_> {
     ///
     /// Generic over the return type only, so every function returning the same type shares
     /// one copy.
-    pub async fn find<R, M: Mode<R>>(
+    #[inline]
+    pub fn find<R, M: Mode<R>>(
         &mut self,
         mode: &M,
         typed: Option<Typed<M::Value>>,
-    ) -> Result<R, Finish<R, M, M::Value>> {
-        self.find_with(mode, typed, None).await
+    ) -> impl Future<Output = Result<R, Finish<R, M, M::Value>>> {
+        self.find_with(mode, typed, None)
     }
 
     /// [`Fetch::find`] for a function with `refresh`: a hit on an entry that is due starts a
     /// background refresh made by `refresher` (called only then), and returns at once.
-    pub async fn find_refreshing<R, M: Mode<R>>(
+    #[inline]
+    pub fn find_refreshing<R, M: Mode<R>>(
         &mut self,
         mode: &M,
         typed: Option<Typed<M::Value>>,
         refresher: &Refresher<'_>,
-    ) -> Result<R, Finish<R, M, M::Value>> {
-        self.find_with(mode, typed, Some(refresher)).await
+    ) -> impl Future<Output = Result<R, Finish<R, M, M::Value>>> {
+        self.find_with(mode, typed, Some(refresher))
     }
 
     async fn find_with<R, M: Mode<R>>(

@@ -7,7 +7,8 @@
 //!   due?  `refresh = "80%"`: age ≥ 80% of the TTL
 //!         `refresh`: XFetch, now − compute·β·ln(rand()) ≥ created + ttl, β = 1
 //!   a Tokio runtime to spawn on (none: no refresh)
-//!   this process is not refreshing the key (Store::refreshing: one per key, for one lease)
+//!   this process is not refreshing that entry (Store::refreshing: one per entry, for one
+//!     lease; a new entry of the key may be refreshed at once)
 //!   └ the expansion's refresher: the body on owned copies of its arguments, 'static
 //! spawned:
 //!   refresh lease: Redis `REFRESH_LEASE` (one process across all, and only while the key
@@ -300,7 +301,7 @@ fn lease_len(site: &Site, ttl: Duration) -> Duration {
 }
 
 /// A hit on `key` read the entry of `header`: if it is due, and this process is not
-/// refreshing the key already, starts a refresh on the current Tokio runtime (none: no
+/// refreshing that entry already, starts a refresh on the current Tokio runtime (none: no
 /// refresh).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn start_if_due(
@@ -321,7 +322,7 @@ pub(crate) fn start_if_due(
         return;
     };
     let lease = lease_len(site, ttl);
-    if !store.refreshing().try_begin(key, lease) {
+    if !store.refreshing().try_begin(key, header, lease) {
         return;
     }
     let Refresh { cache, body } = refresher();
