@@ -1,8 +1,8 @@
 //! `refresh`: a hit on an entry past its refresh threshold starts one background reload and
 //! returns the current value at once. On both backends: callers never wait for a load after
 //! the first, loads come about once per refresh period, a refresh racing an evict is not
-//! stored, a failing or panicking refresh stores nothing; XFetch (the flag form) refreshes
-//! before expiry; with `local`, this process's copy is replaced. On Redis: 4 processes, one
+//! stored, a failing or panicking refresh stores nothing, a refreshed entry records its tags;
+//! XFetch (the flag form) refreshes before expiry; with `local`, this process's copy is replaced. On Redis: 4 processes, one
 //! refresh at a time across all of them.
 
 use std::collections::BTreeSet;
@@ -118,6 +118,11 @@ async fn flaky(cache: &Cache, db: &Arc<Db>, id: u64) -> Result<String, String> {
     db.read().await
 }
 
+#[cached(cache = cache, key = "tagged:{id}", ttl = 1, refresh = "50%", tags = ["shop:{shop}"], name = "tagged")]
+async fn tagged(cache: &Cache, db: &Arc<Db>, shop: u64, id: u64) -> Result<String, String> {
+    db.read().await
+}
+
 on_both_backends! {
     async fn no_call_waits_and_loads_come_once_per_period(fx: Fx) {
         let loads = Arc::new(AtomicU32::new(0));
@@ -154,7 +159,7 @@ on_both_backends! {
         assert_eq!(u64::from(loads.load(Ordering::SeqCst)), f.refreshes + 1);
     }
 
-    async fn a_refresh_racing_an_evict_is_not_stored(fx: Fx) {
+    async fn a_refresh_racing_an_evict_or_a_write_is_not_stored(fx: Fx) {
         let db = Db::new("v1");
         assert_eq!(gated(&fx.cache, &db, 1).await.unwrap(), "v1");
         tokio::time::sleep(Duration::from_millis(600)).await;
@@ -174,6 +179,55 @@ on_both_backends! {
         assert_eq!(gated(&fx.cache, &db, 1).await.unwrap(), "v3");
         let f = stats(&fx.cache, "gated");
         assert_eq!((f.refreshes, f.misses), (1, 2));
+        // The same with a write: the written value stays.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        db.set("v4");
+        db.gated.store(true, Ordering::SeqCst);
+        assert_eq!(gated(&fx.cache, &db, 1).await.unwrap(), "v3");
+        tokio::time::timeout(Duration::from_secs(5), db.gate.entered.notified())
+            .await
+            .expect("the refresh started");
+        fx.cache.set("gated:1", &"written", Duration::from_secs(60)).await.unwrap();
+        db.gated.store(false, Ordering::SeqCst);
+        db.gate.release.notify_one();
+        eventually("the refresh ended", || stats(&fx.cache, "gated").stale_fills == 2).await;
+        assert_eq!(gated(&fx.cache, &db, 1).await.unwrap(), "written");
+    }
+
+    async fn a_refresh_records_the_tags(fx: Fx) {
+        let db = Db::new("v1");
+        assert_eq!(tagged(&fx.cache, &db, 7, 1).await.unwrap(), "v1");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        db.set("v2");
+        // The refreshed entry is served: it records the call's tags.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while tagged(&fx.cache, &db, 7, 1).await.unwrap() != "v2" {
+            assert!(Instant::now() < deadline, "never refreshed");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(stats(&fx.cache, "tagged").misses, 1);
+        // A tag invalidation hides it.
+        fx.cache.invalidate_tag("shop:7").await.unwrap();
+        db.set("v3");
+        assert_eq!(tagged(&fx.cache, &db, 7, 1).await.unwrap(), "v3");
+        assert_eq!(stats(&fx.cache, "tagged").misses, 2);
+        // A tag invalidated while a refresh runs: its value records the old version, and is
+        // never served.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        db.set("v4");
+        db.gated.store(true, Ordering::SeqCst);
+        assert_eq!(tagged(&fx.cache, &db, 7, 1).await.unwrap(), "v3");
+        tokio::time::timeout(Duration::from_secs(5), db.gate.entered.notified())
+            .await
+            .expect("the refresh started");
+        fx.cache.invalidate_tag("shop:7").await.unwrap();
+        db.gated.store(false, Ordering::SeqCst);
+        db.gate.release.notify_one();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        db.set("v5");
+        assert_eq!(tagged(&fx.cache, &db, 7, 1).await.unwrap(), "v5", "never v4");
+        let f = stats(&fx.cache, "tagged");
+        assert_eq!((f.misses, f.refreshes), (3, 2), "{f:?}");
     }
 
     async fn a_failing_or_panicking_refresh_keeps_the_current_value(fx: Fx) {
