@@ -192,9 +192,12 @@ pub(super) fn generate(g: &Gen<'_>) -> TokenStream {
                     &typed,
                     unless_closure.as_ref(),
                 ),
-                quote!(find_refreshing(&#mode, #typed, &#refresher)),
+                quote_spanned!(g.ret_loc=> find_refreshing(&#mode, #typed, &#refresher)),
             ),
-            None => (TokenStream::new(), quote!(find(&#mode, #typed))),
+            None => (
+                TokenStream::new(),
+                quote_spanned!(g.ret_loc=> find(&#mode, #typed)),
+            ),
         };
         quote_spanned! {g.ret_loc=>
             #refresher_let

@@ -146,11 +146,24 @@ impl Call<'_> {
         mode: &M,
         typed: Option<Typed<M::Value>>,
     ) -> Option<R> {
-        self.local_with(tags, mode, typed, None)
+        let (CallKey::Key(key), Some(typed)) = (&self.key, typed) else {
+            return None;
+        };
+        if tags.is_some_and(|t| t.failed) {
+            // The call bypasses the cache (`Fetch::tags` says why).
+            return None;
+        }
+        let entry = self.cache.store().local_tier()?.get(key)?;
+        let value = (typed.unwrap)(&*entry.value)?;
+        let stats = self.site.stats(self.cache.stats_registry(), self.self_type);
+        SiteStats::inc(&stats.hits);
+        SiteStats::inc(&stats.l1_hits);
+        Some(mode.restore(value))
     }
 
     /// [`Call::local`] for a function with `refresh`: a hit on a copy that is due starts a
-    /// background refresh made by `refresher` (called only then).
+    /// background refresh made by `refresher` (called only then). A copy of `local` with that
+    /// one step more, so that `local` stays as it is.
     #[inline]
     pub fn local_refreshing<R, M: Mode<R>>(
         &self,
@@ -158,17 +171,6 @@ impl Call<'_> {
         mode: &M,
         typed: Option<Typed<M::Value>>,
         refresher: &Refresher<'_>,
-    ) -> Option<R> {
-        self.local_with(tags, mode, typed, Some(refresher))
-    }
-
-    #[inline]
-    fn local_with<R, M: Mode<R>>(
-        &self,
-        tags: Option<&Tags>,
-        mode: &M,
-        typed: Option<Typed<M::Value>>,
-        refresher: Option<&Refresher<'_>>,
     ) -> Option<R> {
         let (CallKey::Key(key), Some(typed)) = (&self.key, typed) else {
             return None;
@@ -183,9 +185,7 @@ impl Call<'_> {
         let stats = self.site.stats(self.cache.stats_registry(), self.self_type);
         SiteStats::inc(&stats.hits);
         SiteStats::inc(&stats.l1_hits);
-        if let (Some(refresher), Some(policy), Some(header)) =
-            (refresher, self.site.refresh, &entry.header)
-        {
+        if let (Some(policy), Some(header)) = (self.site.refresh, &entry.header) {
             let tags = tags.map_or(&[][..], |t| &t.names[..]);
             refresh::start_if_due(
                 store,
@@ -209,32 +209,10 @@ impl Fetch<'_> {
     ///
     /// Generic over the return type only, so every function returning the same type shares
     /// one copy.
-    #[inline]
-    pub fn find<R, M: Mode<R>>(
+    pub async fn find<R, M: Mode<R>>(
         &mut self,
         mode: &M,
         typed: Option<Typed<M::Value>>,
-    ) -> impl Future<Output = Result<R, Finish<R, M, M::Value>>> {
-        self.find_with(mode, typed, None)
-    }
-
-    /// [`Fetch::find`] for a function with `refresh`: a hit on an entry that is due starts a
-    /// background refresh made by `refresher` (called only then), and returns at once.
-    #[inline]
-    pub fn find_refreshing<R, M: Mode<R>>(
-        &mut self,
-        mode: &M,
-        typed: Option<Typed<M::Value>>,
-        refresher: &Refresher<'_>,
-    ) -> impl Future<Output = Result<R, Finish<R, M, M::Value>>> {
-        self.find_with(mode, typed, Some(refresher))
-    }
-
-    async fn find_with<R, M: Mode<R>>(
-        &mut self,
-        mode: &M,
-        typed: Option<Typed<M::Value>>,
-        refresher: Option<&Refresher<'_>>,
     ) -> Result<R, Finish<R, M, M::Value>> {
         if let Step::Found(stored) = self.lookup().await {
             #[cfg(test)]
@@ -244,9 +222,37 @@ impl Fetch<'_> {
                     if let (true, Some(typed)) = (self.wants_local(), typed) {
                         self.keep_found(&stored, (typed.wrap)(&value));
                     }
-                    if let Some(refresher) = refresher {
-                        self.refresh_if_due(&stored, refresher);
+                    self.hit(stored);
+                    return Ok(mode.restore(value));
+                }
+                Err(e) => self.unusable(&e).await,
+            }
+        }
+        self.begin_load();
+        Err(Finish {
+            verdict: verdict::<R, M>,
+        })
+    }
+
+    /// [`Fetch::find`] for a function with `refresh`: a hit on an entry that is due starts a
+    /// background refresh made by `refresher` (called only then), and returns at once. A copy
+    /// of `find` with that one step more, so that `find` (every other function's hit path)
+    /// stays as it is.
+    pub async fn find_refreshing<R, M: Mode<R>>(
+        &mut self,
+        mode: &M,
+        typed: Option<Typed<M::Value>>,
+        refresher: &Refresher<'_>,
+    ) -> Result<R, Finish<R, M, M::Value>> {
+        if let Step::Found(stored) = self.lookup().await {
+            #[cfg(test)]
+            tests::after_read().await;
+            match decode_value(&stored, typed) {
+                Ok(value) => {
+                    if let (true, Some(typed)) = (self.wants_local(), typed) {
+                        self.keep_found(&stored, (typed.wrap)(&value));
                     }
+                    self.refresh_if_due(&stored, refresher);
                     self.hit(stored);
                     return Ok(mode.restore(value));
                 }
