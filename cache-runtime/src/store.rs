@@ -103,10 +103,13 @@ impl Refreshing {
         true
     }
 
-    /// The refresh of `key` stored its value: the next due hit may refresh again.
-    pub(crate) fn end(&self, key: &str) {
+    /// The refresh of `key`'s entry of `header` stored its value: the next due hit may
+    /// refresh again (unless a refresh of a newer entry of the key runs).
+    pub(crate) fn end(&self, key: &str, header: &Header) {
         let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
-        keys.until.remove(key);
+        if keys.until.get(key).is_some_and(|(_, entry)| entry == header) {
+            keys.until.remove(key);
+        }
     }
 
     #[cfg(test)]
@@ -663,12 +666,13 @@ mod tests {
         assert!(r.try_begin("a", &ENTRY, lease));
         assert!(!r.try_begin("a", &ENTRY, lease), "running");
         assert!(r.try_begin("b", &ENTRY, lease), "another key");
-        r.end("a");
+        r.end("a", &ENTRY);
         assert!(r.try_begin("a", &ENTRY, lease), "ended");
         let mut next = ENTRY;
         next[1] = 2;
         assert!(r.try_begin("a", &next, lease), "a new entry of the key");
-        assert!(!r.try_begin("a", &next, lease));
+        r.end("a", &ENTRY);
+        assert!(!r.try_begin("a", &next, lease), "the old entry's end is not the new one's");
         std::thread::sleep(lease + Duration::from_millis(10));
         assert!(r.try_begin("b", &ENTRY, lease), "the lease ran out");
     }

@@ -355,7 +355,7 @@ impl Job {
         let store = cache.store();
         let stats = self.site.stats(cache.stats_registry(), self.self_type);
         if self.reload(store, &stats, body).await {
-            store.refreshing().end(&self.key);
+            store.refreshing().end(&self.key, &self.header);
             if self.site.local.is_some() {
                 if let Some(local) = store.local() {
                     // This process's copy is the old value: its next hit reads the new one.
