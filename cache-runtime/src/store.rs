@@ -107,7 +107,11 @@ impl Refreshing {
     /// refresh again (unless a refresh of a newer entry of the key runs).
     pub(crate) fn end(&self, key: &str, header: &Header) {
         let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
-        if keys.until.get(key).is_some_and(|(_, entry)| entry == header) {
+        if keys
+            .until
+            .get(key)
+            .is_some_and(|(_, entry)| entry == header)
+        {
             keys.until.remove(key);
         }
     }
@@ -672,7 +676,10 @@ mod tests {
         next[1] = 2;
         assert!(r.try_begin("a", &next, lease), "a new entry of the key");
         r.end("a", &ENTRY);
-        assert!(!r.try_begin("a", &next, lease), "the old entry's end is not the new one's");
+        assert!(
+            !r.try_begin("a", &next, lease),
+            "the old entry's end is not the new one's"
+        );
         std::thread::sleep(lease + Duration::from_millis(10));
         assert!(r.try_begin("b", &ENTRY, lease), "the lease ran out");
     }
