@@ -264,6 +264,72 @@ on_both_backends! {
     }
 }
 
+/// A service whose methods refresh with their own copy of `self`.
+#[derive(Clone)]
+struct Prices {
+    cache: Cache,
+    loads: Arc<AtomicU32>,
+    currency: Arc<str>,
+}
+
+impl Prices {
+    #[cached(cache = self.cache, key = "price:{id}", ttl = 1, refresh = "50%", name = "price")]
+    async fn price(&self, id: u64, label: &str) -> String {
+        let n = self.loads.fetch_add(1, Ordering::SeqCst) + 1;
+        format!("{label} {id}: {n} {}", self.currency)
+    }
+}
+
+#[async_trait::async_trait]
+trait Quotes {
+    async fn quote(&self, symbol: &str) -> Result<String, String>;
+}
+
+#[async_trait::async_trait]
+impl Quotes for Prices {
+    #[cached(cache = self.cache, key = "quote:{symbol}", ttl = 1, refresh = "50%", name = "quote")]
+    async fn quote(&self, symbol: &str) -> Result<String, String> {
+        let n = self.loads.fetch_add(1, Ordering::SeqCst) + 1;
+        Ok(format!("{symbol}: {n} {}", self.currency))
+    }
+}
+
+/// Methods (native and `#[async_trait]`) refresh on copies of `self` and of their arguments.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn methods_refresh_with_a_copy_of_self() {
+    let prices = Prices {
+        cache: Cache::memory(),
+        loads: Arc::new(AtomicU32::new(0)),
+        currency: "EUR".into(),
+    };
+    let label = String::from("item");
+    assert_eq!(prices.price(1, &label).await, "item 1: 1 EUR");
+    assert_eq!(prices.quote("ACME").await.unwrap(), "ACME: 2 EUR");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Due: the current values, and a refresh of each.
+    assert_eq!(prices.price(1, &label).await, "item 1: 1 EUR");
+    assert_eq!(prices.quote("ACME").await.unwrap(), "ACME: 2 EUR");
+    drop(label);
+    eventually("both refreshed", || {
+        let s = prices.cache.stats();
+        ["price", "quote"]
+            .iter()
+            .all(|f| s.function(f).is_some_and(|f| f.refreshes == 1))
+    })
+    .await;
+    let (price, quote) = (
+        prices.price(1, "other label").await,
+        prices.quote("ACME").await.unwrap(),
+    );
+    let mut got = [price, quote];
+    got.sort();
+    // The refreshes ran in either order: loads 3 and 4.
+    assert!(
+        got == ["ACME: 3 EUR", "item 1: 4 EUR"] || got == ["ACME: 4 EUR", "item 1: 3 EUR"],
+        "{got:?}"
+    );
+}
+
 #[cached(cache = cache, key = "near:{id}", ttl = 2, refresh = "50%", local, name = "near")]
 async fn near(cache: &Cache, loads: &Arc<AtomicU32>, id: u64) -> Result<u32, String> {
     let n = loads.fetch_add(1, Ordering::SeqCst) + 1;
