@@ -112,8 +112,9 @@ async fn gated(cache: &Cache, db: &Arc<Db>, id: u64) -> Result<String, String> {
     db.read().await
 }
 
-// Due after 600 ms; a failed refresh is tried again after one lease (the `lock` lease).
-#[cached(cache = cache, key = "flaky:{id}", ttl = 3, refresh = "20%", lock = "300ms", name = "flaky")]
+// Due after 500 ms; a failed refresh is tried again after one lease (the `lock` lease: long
+// enough for a panic's backtrace to be printed in a debug build on a busy machine).
+#[cached(cache = cache, key = "flaky:{id}", ttl = 10, refresh = "5%", lock = "2s", name = "flaky")]
 async fn flaky(cache: &Cache, db: &Arc<Db>, id: u64) -> Result<String, String> {
     db.read().await
 }
@@ -231,6 +232,7 @@ on_both_backends! {
     }
 
     async fn a_failing_or_panicking_refresh_keeps_the_current_value(fx: Fx) {
+        const LEASE: Duration = Duration::from_millis(2_050);
         let db = Db::new("v1");
         assert_eq!(flaky(&fx.cache, &db, 1).await.unwrap(), "v1");
         tokio::time::sleep(Duration::from_millis(700)).await;
@@ -241,7 +243,7 @@ on_both_backends! {
         assert_eq!(flaky(&fx.cache, &db, 1).await.unwrap(), "v1", "still served");
         assert_eq!(fx.cache.get::<String>("flaky:1").await.unwrap().as_deref(), Some("v1"));
         // A panic, once the failed refresh's lease is over.
-        tokio::time::sleep(Duration::from_millis(350)).await;
+        tokio::time::sleep(LEASE).await;
         db.failing.store(false, Ordering::SeqCst);
         db.panicking.store(true, Ordering::SeqCst);
         assert_eq!(flaky(&fx.cache, &db, 1).await.unwrap(), "v1");
@@ -249,7 +251,7 @@ on_both_backends! {
         assert_eq!(flaky(&fx.cache, &db, 1).await.unwrap(), "v1", "still served");
         assert_eq!(fx.cache.get::<String>("flaky:1").await.unwrap().as_deref(), Some("v1"));
         // The database is back: the next refresh stores its value.
-        tokio::time::sleep(Duration::from_millis(350)).await;
+        tokio::time::sleep(LEASE).await;
         db.panicking.store(false, Ordering::SeqCst);
         db.set("v2");
         let deadline = Instant::now() + Duration::from_secs(1);
