@@ -26,7 +26,33 @@ use crate::tags::TagSet;
 
 const FORMAT_VERSION: u8 = 1;
 const FORMAT_TAGGED: u8 = 2;
-const HEADER_LEN: usize = 13;
+pub(crate) const HEADER_LEN: usize = 13;
+
+/// The first [`HEADER_LEN`] bytes of an envelope: format, created-at, compute time. Two
+/// envelopes with the same header are, for all purposes, the same fill.
+pub(crate) type Header = [u8; HEADER_LEN];
+
+/// The header of an envelope (see [`Header`]), if `bytes` is one.
+pub(crate) fn header_of(bytes: &[u8]) -> Option<Header> {
+    match bytes.first() {
+        Some(&(FORMAT_VERSION | FORMAT_TAGGED)) => bytes.get(..HEADER_LEN)?.try_into().ok(),
+        _ => None,
+    }
+}
+
+/// When the envelope of `header` was written (Unix ms).
+pub(crate) fn header_created_at_ms(header: &Header) -> u64 {
+    let mut at = [0u8; 8];
+    at.copy_from_slice(&header[1..9]);
+    u64::from_le_bytes(at)
+}
+
+/// How long the value of the envelope of `header` took to compute, in microseconds.
+pub(crate) fn header_compute_us(header: &Header) -> u32 {
+    let mut us = [0u8; 4];
+    us.copy_from_slice(&header[9..13]);
+    u32::from_le_bytes(us)
+}
 
 /// Why an envelope could not be read.
 #[derive(Debug)]
@@ -484,6 +510,19 @@ mod probe {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_header_readers_agree_with_meta() {
+        let bytes = encode(&"v", Duration::from_micros(4_321), None).unwrap();
+        let header = header_of(&bytes).unwrap();
+        let m = meta(&bytes).unwrap();
+        assert_eq!(header_created_at_ms(&header), m.created_at_ms);
+        assert_eq!(created_at_ms(&bytes), Some(m.created_at_ms));
+        assert_eq!(header_compute_us(&header), 4_321);
+        assert_eq!(&header[..], &bytes[..HEADER_LEN]);
+        assert!(header_of(b"\0crp:marker").is_none());
+        assert!(header_of(&bytes[..5]).is_none());
+    }
 
     #[test]
     fn round_trip_keeps_value_and_meta() {

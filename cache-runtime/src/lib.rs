@@ -100,7 +100,11 @@ pub struct CacheEvictDocTests;
 #[doc(hidden)]
 pub mod __private {
     pub use crate::cache::Cache;
-    pub use crate::engine::{Call, Evict, EvictCall, Fetch, Finish, Put, Verdict, catch_unwind};
+    pub use crate::engine::{
+        Call, Evict, EvictCall, Fetch, Finish, Owned, Put, Refresh, RefreshArg, RefreshRef,
+        RefreshSelf, Refresher, Verdict, catch_unwind, own_arg, own_ref, own_self, refresh,
+        refresh_rejected, view,
+    };
     pub use crate::key::{CallKey, KeyBuf, KeyWriter};
     /// For the integration tests: auxiliary key names and hash slots, checked against a real
     /// cluster node.

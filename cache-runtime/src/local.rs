@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 use moka::Expiry;
 
 use crate::backend::{Invalidations, TypedValue};
+use crate::envelope::Header;
 use crate::tags::TagEpochs;
 
 const KEY_STRIPES: usize = 1024;
@@ -59,6 +60,9 @@ pub(crate) struct LocalEntry {
     tags: Box<[TagMark]>,
     /// How long it lives in the tier.
     ttl: Duration,
+    /// The header of the envelope it was decoded from (created-at, compute time), for
+    /// `refresh`; `None` if it had none.
+    pub(crate) header: Option<Header>,
 }
 
 struct EntryTtl;
@@ -227,14 +231,16 @@ impl Local {
         })
     }
 
-    /// Inserts `value` under `key` for `ttl` if nothing touched the key, its tags or the
-    /// tier since `ticket` was taken, and the tier is usable. Returns whether it did.
+    /// Inserts `value` (decoded from the envelope of `header`) under `key` for `ttl` if
+    /// nothing touched the key, its tags or the tier since `ticket` was taken, and the tier
+    /// is usable. Returns whether it did.
     pub(crate) fn insert(
         &self,
         key: &str,
         ticket: Ticket,
         value: TypedValue,
         ttl: Duration,
+        header: Option<Header>,
     ) -> bool {
         if ttl.is_zero() {
             return false;
@@ -255,6 +261,7 @@ impl Local {
                     epoch: ticket.epoch,
                     tags: ticket.tags,
                     ttl,
+                    header,
                 }),
             );
         }
@@ -383,10 +390,10 @@ mod tests {
         let local = tier();
         let t = local.ticket("k", &[] as &[&str]).unwrap();
         local.remove("k");
-        assert!(!local.insert("k", t, value(1), Duration::from_secs(60)));
+        assert!(!local.insert("k", t, value(1), Duration::from_secs(60), None));
         assert_eq!(read(&local, "k"), None);
         let t = local.ticket("k", &[] as &[&str]).unwrap();
-        assert!(local.insert("k", t, value(2), Duration::from_secs(60)));
+        assert!(local.insert("k", t, value(2), Duration::from_secs(60), None));
         assert_eq!(read(&local, "k"), Some(2));
         local.remove("k");
         assert_eq!(read(&local, "k"), None);
@@ -397,9 +404,9 @@ mod tests {
         let local = tier();
         let t = local.ticket("k", &[] as &[&str]).unwrap();
         let t2 = local.ticket("j", &[] as &[&str]).unwrap();
-        assert!(local.insert("j", t2, value(1), Duration::from_secs(60)));
+        assert!(local.insert("j", t2, value(1), Duration::from_secs(60), None));
         local.clear();
-        assert!(!local.insert("k", t, value(1), Duration::from_secs(60)));
+        assert!(!local.insert("k", t, value(1), Duration::from_secs(60), None));
         assert_eq!(read(&local, "j"), None);
     }
 
@@ -407,14 +414,14 @@ mod tests {
     fn a_tag_bump_hides_entries_and_rejects_inserts() {
         let local = tier();
         let t = local.ticket("k", &["org:1"]).unwrap();
-        assert!(local.insert("k", t, value(1), Duration::from_secs(60)));
+        assert!(local.insert("k", t, value(1), Duration::from_secs(60), None));
         assert_eq!(read_tagged(&local, "k", &["org:1"]), Some(1));
         let t = local.ticket("j", &["org:1", "org:2"]).unwrap();
         local.bump_tags(&["org:1"]);
-        assert!(!local.insert("j", t, value(1), Duration::from_secs(60)));
+        assert!(!local.insert("j", t, value(1), Duration::from_secs(60), None));
         assert_eq!(read_tagged(&local, "k", &["org:1"]), None);
         let t = local.ticket("k", &["org:1"]).unwrap();
-        assert!(local.insert("k", t, value(3), Duration::from_secs(60)));
+        assert!(local.insert("k", t, value(3), Duration::from_secs(60), None));
         assert_eq!(read_tagged(&local, "k", &["org:1"]), Some(3));
     }
 
@@ -422,13 +429,13 @@ mod tests {
     fn a_hit_is_for_the_tags_the_entry_was_made_under() {
         let local = tier();
         let t = local.ticket("k", &["org:1"]).unwrap();
-        assert!(local.insert("k", t, value(1), Duration::from_secs(60)));
+        assert!(local.insert("k", t, value(1), Duration::from_secs(60), None));
         assert_eq!(read_tagged(&local, "k", &["org:1"]), Some(1));
         assert_eq!(read_tagged(&local, "k", &["org:2"]), None, "other tags");
         assert_eq!(read(&local, "k"), None, "an untagged call");
         assert_eq!(read_tagged(&local, "k", &["org:1", "x"]), None, "more tags");
         let t = local.ticket("u", &[] as &[&str]).unwrap();
-        assert!(local.insert("u", t, value(2), Duration::from_secs(60)));
+        assert!(local.insert("u", t, value(2), Duration::from_secs(60), None));
         assert_eq!(read_tagged(&local, "u", &["org:1"]), None, "a tagged call");
     }
 
@@ -436,7 +443,7 @@ mod tests {
     fn lost_messages_make_it_unusable_until_a_later_heartbeat() {
         let local = tier();
         let t = local.ticket("k", &[] as &[&str]).unwrap();
-        assert!(local.insert("k", t, value(1), Duration::from_secs(60)));
+        assert!(local.insert("k", t, value(1), Duration::from_secs(60), None));
         let before = Instant::now();
         std::thread::sleep(Duration::from_millis(2));
         local.lost();
@@ -458,7 +465,7 @@ mod tests {
         assert!(!local.usable(), "unusable until the first heartbeat");
         local.make_usable();
         let t = local.ticket("k", &[] as &[&str]).unwrap();
-        assert!(local.insert("k", t, value(1), Duration::from_secs(60)));
+        assert!(local.insert("k", t, value(1), Duration::from_secs(60), None));
         assert_eq!(read(&local, "k"), Some(1));
         std::thread::sleep(Duration::from_millis(40));
         assert_eq!(read(&local, "k"), None);
@@ -468,10 +475,10 @@ mod tests {
     fn entries_live_their_ttl() {
         let local = tier();
         let t = local.ticket("k", &[] as &[&str]).unwrap();
-        assert!(local.insert("k", t, value(1), Duration::from_millis(20)));
+        assert!(local.insert("k", t, value(1), Duration::from_millis(20), None));
         std::thread::sleep(Duration::from_millis(40));
         assert_eq!(read(&local, "k"), None);
         let t = local.ticket("k", &[] as &[&str]).unwrap();
-        assert!(!local.insert("k", t, value(1), Duration::ZERO));
+        assert!(!local.insert("k", t, value(1), Duration::ZERO, None));
     }
 }

@@ -135,6 +135,20 @@ impl<R: Serialize + DeserializeOwned> Mode<R> for PlainMode<R> {
     }
 }
 
+// Copied into a background refresh (`refresh`): no bounds on the type parameters, the modes
+// hold no values.
+macro_rules! copy_mode {
+    ($($mode:ident<$($p:ident),*>),*) => {$(
+        impl<$($p),*> Clone for $mode<$($p),*> {
+            fn clone(&self) -> Self {
+                *self
+            }
+        }
+        impl<$($p),*> Copy for $mode<$($p),*> {}
+    )*};
+}
+copy_mode!(ResultMode<T, E>, ResultOptionMode<T, E>, OptionMode<T>, PlainMode<R>);
+
 impl<T, E> SupportsNone for Result<Option<T>, E> {}
 impl<T> SupportsNone for Option<T> {}
 

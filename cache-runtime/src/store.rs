@@ -10,13 +10,15 @@
 //!   future, a lost answer): [`LeaseGuard`] gives it back in the background when dropped;
 //! * every operation is non-generic: the store, like the backends, is compiled once.
 
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use crate::backend::{
     AnyBackend, Backend, BackendError, BackendResult, Gen, Leased, OnWait, Read, Stored, Token,
 };
 use crate::breaker::FailureLog;
+use crate::envelope::Header;
 use crate::flight::{Flights, Role};
 use crate::key::KeyBuf;
 use crate::local::{Local, LocalEntry};
@@ -48,6 +50,81 @@ pub(crate) struct Store {
     /// only).
     local: OnceLock<Arc<Local>>,
     local_config: LocalConfig,
+    /// `refresh`: the keys this process started refreshing, the entries it refreshes, and
+    /// until when it does not try again.
+    refreshing: Refreshing,
+}
+
+/// `refresh`: one background refresh per entry per process. A key is entered with the header
+/// of the entry being refreshed when its refresh starts, for one refresh lease, and left when
+/// the refresh stored its value; until then (and for a lease after a refresh that failed, or
+/// that another process ran), hits on that entry do not start another. A new entry of the key
+/// (written, or loaded again after an eviction) may be refreshed at once: a refresh of the old
+/// one can no longer store. Consulted only by hits that are due for a refresh.
+pub(crate) struct Refreshing {
+    keys: Mutex<RefreshingKeys>,
+}
+
+struct RefreshingKeys {
+    until: HashMap<String, (Instant, Header)>,
+    /// Past this size, entries whose time is over are dropped first.
+    prune_at: usize,
+}
+
+const REFRESHING_PRUNE_AT: usize = 1024;
+
+impl Refreshing {
+    fn new() -> Self {
+        Refreshing {
+            keys: Mutex::new(RefreshingKeys {
+                until: HashMap::new(),
+                prune_at: REFRESHING_PRUNE_AT,
+            }),
+        }
+    }
+
+    /// Whether a refresh of `key`, read as the entry of `header`, may start now: then it is
+    /// entered for `lease`.
+    pub(crate) fn try_begin(&self, key: &str, header: &Header, lease: Duration) -> bool {
+        let now = Instant::now();
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        if keys
+            .until
+            .get(key)
+            .is_some_and(|(until, entry)| *until > now && entry == header)
+        {
+            return false;
+        }
+        if keys.until.len() >= keys.prune_at {
+            keys.until.retain(|_, (until, _)| *until > now);
+            // Amortized: the next prune waits until the map has doubled.
+            keys.prune_at = (keys.until.len() * 2).max(REFRESHING_PRUNE_AT);
+        }
+        keys.until.insert(key.to_owned(), (now + lease, *header));
+        true
+    }
+
+    /// The refresh of `key`'s entry of `header` stored its value: the next due hit may
+    /// refresh again (unless a refresh of a newer entry of the key runs).
+    pub(crate) fn end(&self, key: &str, header: &Header) {
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        if keys
+            .until
+            .get(key)
+            .is_some_and(|(_, entry)| entry == header)
+        {
+            keys.until.remove(key);
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .until
+            .len()
+    }
 }
 
 /// The in-process tier's settings (see [`CacheBuilder::local`](crate::CacheBuilder::local)).
@@ -93,7 +170,43 @@ impl Store {
             log,
             local: OnceLock::new(),
             local_config,
+            refreshing: Refreshing::new(),
         }
+    }
+
+    /// `refresh`: the keys this process is refreshing.
+    pub(crate) fn refreshing(&self) -> &Refreshing {
+        &self.refreshing
+    }
+
+    /// `refresh`: the right to refresh `key`, read as the entry of `header`, for `lease`
+    /// (see [`Backend::refresh_lease`]): what to fill against, or `None` if another process
+    /// refreshes it or the entry changed.
+    pub(crate) async fn refresh_lease(
+        &self,
+        key: &str,
+        header: &Header,
+        lease: Duration,
+    ) -> BackendResult<Option<Gen>> {
+        self.backend
+            .refresh_lease(key, &new_token(), header, lease)
+            .await
+    }
+
+    /// `refresh`: stores a refresh's result if its lease still stands (see
+    /// [`Backend::refresh_fill`]). Returns whether it was stored.
+    pub(crate) async fn refresh_fill(
+        &self,
+        key: &str,
+        value: Stored,
+        ttl: Duration,
+        lease: &Gen,
+        header: &Header,
+        keep: Option<Duration>,
+    ) -> BackendResult<bool> {
+        self.backend
+            .refresh_fill(key, value, ttl, lease, header, keep)
+            .await
     }
 
     /// The in-process tier, if a `local` function made it.
@@ -557,5 +670,43 @@ impl Drop for LeaseGuard {
                 tracing::debug!(target: "cache_runtime", "releasing a lease failed: {msg}");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ENTRY: Header = [1; crate::envelope::HEADER_LEN];
+
+    #[test]
+    fn one_refresh_per_entry_until_it_ends_or_its_lease_runs_out() {
+        let r = Refreshing::new();
+        let lease = Duration::from_millis(30);
+        assert!(r.try_begin("a", &ENTRY, lease));
+        assert!(!r.try_begin("a", &ENTRY, lease), "running");
+        assert!(r.try_begin("b", &ENTRY, lease), "another key");
+        r.end("a", &ENTRY);
+        assert!(r.try_begin("a", &ENTRY, lease), "ended");
+        let mut next = ENTRY;
+        next[1] = 2;
+        assert!(r.try_begin("a", &next, lease), "a new entry of the key");
+        r.end("a", &ENTRY);
+        assert!(
+            !r.try_begin("a", &next, lease),
+            "the old entry's end is not the new one's"
+        );
+        std::thread::sleep(lease + Duration::from_millis(10));
+        assert!(r.try_begin("b", &ENTRY, lease), "the lease ran out");
+    }
+
+    #[test]
+    fn keys_whose_lease_ran_out_are_pruned() {
+        let r = Refreshing::new();
+        for i in 0..REFRESHING_PRUNE_AT {
+            assert!(r.try_begin(&format!("k{i}"), &ENTRY, Duration::ZERO));
+        }
+        assert!(r.try_begin("last", &ENTRY, Duration::from_secs(60)));
+        assert_eq!(r.len(), 1);
     }
 }

@@ -12,7 +12,7 @@ use cache_tests::{RedisServer, raw_connection, unique_namespace};
 use crate::support::{Calls, User};
 
 /// The auxiliary key prefixes of the Redis backend.
-const AUX_PREFIXES: [&str; 2] = ["__cr:wait:", "__cr:tag:"];
+const AUX_PREFIXES: [&str; 3] = ["__cr:wait:", "__cr:tag:", "__cr:refresh:"];
 
 async fn cluster_cache(node: &RedisServer, name: &str) -> Cache {
     Cache::builder()
@@ -238,6 +238,40 @@ async fn lease_waiters_on_every_key_shape() {
     }
     assert_no_backend_errors(&a);
     assert_no_backend_errors(&b);
+}
+
+// A hash tag and a stray `}`: the refresh lease `__cr:refresh:{K}` must share K's slot.
+#[cached(cache = cache, key = "{{{tenant}}}:fresh}}:{id}", ttl = 1, refresh = "50%", name = "fresh")]
+async fn fresh(cache: &Cache, calls: &std::sync::Arc<Calls>, tenant: &str, id: u64) -> u32 {
+    calls.hit()
+}
+
+/// A refresh (its lease and its fill, two scripts on K and `__cr:refresh:{K}`) on the cluster
+/// node, with and without a hash tag in the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_on_a_cluster_node() {
+    let node = RedisServer::start_cluster_node();
+    let cache = cluster_cache(&node, "cluster_refresh").await;
+    for tenant in ["acme", ""] {
+        let calls = std::sync::Arc::new(Calls::new());
+        assert_eq!(fresh(&cache, &calls, tenant, 7).await, 1);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while fresh(&cache, &calls, tenant, 7).await != 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{tenant:?}: never refreshed"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        cache
+            .invalidate(&format!("{{{tenant}}}:fresh}}:7"))
+            .await
+            .unwrap();
+    }
+    let f = cache.stats().function("fresh").unwrap().clone();
+    assert_eq!((f.refreshes, f.misses), (2, 2), "{f:?}");
+    assert_no_backend_errors(&cache);
 }
 
 /// Manual keys of every shape, including those no template can render (a `}` before any `{`).

@@ -12,6 +12,7 @@ mod engine_defects;
 mod local;
 mod long_keys;
 mod redis_failures;
+mod refresh;
 mod shapes;
 mod stale;
 mod stampede;

@@ -29,6 +29,10 @@ pub(super) fn value_hint(option: &str) -> String {
             "`stale` takes how long a value is kept past its TTL, to be served if a load fails: seconds or a duration string, e.g. `stale = 600` or `stale = \"10m\"`"
                 .to_owned()
         }
+        "refresh" => {
+            "`refresh` takes the share of the TTL after which a hit starts a background refresh, as a percentage in a string, e.g. `refresh = \"80%\"`, or nothing (`refresh` alone: probabilistic early refresh, from the value's compute time)"
+                .to_owned()
+        }
         "before" => "`before` is a flag and takes no value; write `before` alone".to_owned(),
         "cache" => {
             "`cache` takes an expression naming a `Cache`, e.g. `cache = self.cache`".to_owned()
@@ -68,6 +72,10 @@ pub(super) fn unknown_message(option: &str, kind: Kind) -> String {
             "`stale` is an option of `#[cached]`: a put has no load to fall back from; remove it"
                 .to_owned(),
         ),
+        (Kind::Put, "refresh") => Some(
+            "`refresh` is an option of `#[cached]`: a put has no entry to reload ahead of its expiry (the `#[cached]` readers of its key refresh it); remove it"
+                .to_owned(),
+        ),
         (Kind::Put, "local") => Some(
             "`local` is an option of `#[cached]`: a put removes the key's in-process copies in every process, and the next read keeps the new value; remove it"
                 .to_owned(),
@@ -79,7 +87,7 @@ pub(super) fn unknown_message(option: &str, kind: Kind) -> String {
         (Kind::Evict, "key") => Some(
             "`#[cache_evict]` takes a list of keys: write `keys = [\"...\"]`".to_owned(),
         ),
-        (Kind::Evict, "ttl" | "unless" | "cache_none" | "lock" | "local" | "stale" | "value") => Some(format!(
+        (Kind::Evict, "ttl" | "unless" | "cache_none" | "lock" | "local" | "stale" | "refresh" | "value") => Some(format!(
             "`{option}` is not an option of `#[cache_evict]`, which writes nothing; remove it"
         )),
         _ => None,
@@ -123,7 +131,8 @@ mod tests {
     #[test]
     fn suggestions() {
         assert!(unknown_message("tll", Kind::Cached).contains("did you mean `ttl`"));
-        assert!(unknown_message("refresh", Kind::Cached).contains("expected one of"));
+        assert!(unknown_message("write_behind", Kind::Cached).contains("expected one of"));
+        assert!(unknown_message("refresh", Kind::Put).contains("option of `#[cached]`"));
         assert!(unknown_message("lock", Kind::Put).contains("option of `#[cached]`"));
         assert!(unknown_message("key", Kind::Evict).contains("`keys = ["));
     }

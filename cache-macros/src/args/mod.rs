@@ -72,6 +72,15 @@ impl<T> Slot<T> {
     }
 }
 
+/// `refresh` or `refresh = "80%"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Refresh {
+    /// `refresh = "80%"`: once the entry's age is this share of the TTL (1 to 99).
+    Percent(u8),
+    /// `refresh`: probabilistic early expiration (XFetch), from the entry's compute time.
+    XFetch,
+}
+
 /// `cache_none` or `cache_none = <ttl>`.
 pub(crate) struct CacheNone {
     pub(crate) ttl_ms: Option<u64>,
@@ -128,6 +137,7 @@ const OPTIONS: &[(&str, &[Kind])] = {
         ("lock", &[Cached]),
         ("local", &[Cached]),
         ("stale", &[Cached]),
+        ("refresh", &[Cached]),
         ("tags", &[Cached, Put, Evict]),
         ("before", &[Evict]),
     ]
@@ -153,6 +163,8 @@ pub(crate) struct Args {
     pub(crate) local_ms: Slot<u64>,
     /// `stale = <duration>`: how long a value is kept past its TTL, in milliseconds.
     pub(crate) stale_ms: Slot<u64>,
+    /// `refresh` / `refresh = "80%"`: when a hit starts a background reload.
+    pub(crate) refresh: Slot<Refresh>,
     /// `tags = ["org:{org}", ..]`.
     pub(crate) tags: Slot<Vec<LitStr>>,
     /// `#[cache_evict(keys = ["user:{id}", ..])]`.
@@ -184,6 +196,7 @@ impl Args {
             lock_ms: Slot::new("lock"),
             local_ms: Slot::new("local"),
             stale_ms: Slot::new("stale"),
+            refresh: Slot::new("refresh"),
             tags: Slot::new("tags"),
             keys: Slot::new("keys"),
             value: Slot::new("value"),
@@ -266,6 +279,18 @@ impl Args {
                     }
                 } else {
                     self.local_ms.set(span, u64::MAX, errors);
+                }
+                return;
+            }
+            "refresh" => {
+                if meta.input.peek(syn::Token![=]) {
+                    if let Some(expr) = value(meta, errors) {
+                        if let Some(percent) = refresh_percent(&expr, errors) {
+                            self.refresh.set(span, Refresh::Percent(percent), errors);
+                        }
+                    }
+                } else {
+                    self.refresh.set(span, Refresh::XFetch, errors);
                 }
                 return;
             }
@@ -441,6 +466,30 @@ fn lit_str(expr: &Expr) -> Option<LitStr> {
     }
 }
 
+/// `refresh = "80%"`: a whole percentage of the TTL, from 1 to 99.
+fn refresh_percent(expr: &Expr, errors: &mut Errors) -> Option<u8> {
+    let Some(lit) = lit_str(expr) else {
+        errors.error(expr.span(), value_hint("refresh"));
+        return None;
+    };
+    let text = lit.value();
+    let number = text.trim().strip_suffix('%').map(str::trim_end);
+    match number.map(str::parse::<u8>) {
+        Some(Ok(p @ 1..=99)) => Some(p),
+        Some(Ok(_)) => {
+            errors.error(
+                lit.span(),
+                "`refresh` must be between 1% and 99% of the TTL: a refresh at 0% would run on every hit, one at 100% or more only after the entry expired",
+            );
+            None
+        }
+        _ => {
+            errors.error(lit.span(), value_hint("refresh"));
+            None
+        }
+    }
+}
+
 /// A TTL-like option: an integer number of seconds, or a duration string (`"15m"`,
 /// `"1h30m"`, `"500ms"`). Must be greater than zero.
 fn duration_ms(expr: &Expr, option: &str, errors: &mut Errors) -> Option<u64> {
@@ -508,6 +557,21 @@ mod tests {
     }
 
     #[test]
+    fn refresh_forms() {
+        let parse = |args: &str| {
+            let mut errors = Errors::default();
+            let args = Args::parse(Kind::Cached, args.parse().unwrap(), &mut errors);
+            assert!(errors.is_empty());
+            args.refresh.get().copied()
+        };
+        assert_eq!(parse("refresh"), Some(Refresh::XFetch));
+        assert_eq!(parse(r#"refresh = "80%""#), Some(Refresh::Percent(80)));
+        assert_eq!(parse(r#"refresh = " 1 %""#), Some(Refresh::Percent(1)));
+        assert_eq!(parse(r#"refresh = "99%""#), Some(Refresh::Percent(99)));
+        assert_eq!(parse("ttl = 5"), None);
+    }
+
+    #[test]
     fn evict_options() {
         let mut errors = Errors::default();
         let args = Args::parse(
@@ -544,6 +608,13 @@ mod tests {
         assert!(one(Kind::Put, r#"key = "a", cache_none = 5"#).contains("without a value"));
         assert!(one(Kind::Put, r#"key = "a", value = x, cache_none"#).contains("no effect"));
         assert!(one(Kind::Cached, r#"tags = "a""#).contains("takes an array"));
+        assert!(one(Kind::Cached, r#"refresh = "0%""#).contains("between 1% and 99%"));
+        assert!(one(Kind::Cached, r#"refresh = "100%""#).contains("between 1% and 99%"));
+        assert!(one(Kind::Cached, r#"refresh = "80""#).contains("percentage"));
+        assert!(one(Kind::Cached, "refresh = 80").contains("percentage"));
+        assert!(one(Kind::Cached, "refresh, refresh").contains("duplicate option"));
+        assert!(one(Kind::Put, r#"key = "a", refresh"#).contains("option of `#[cached]`"));
+        assert!(one(Kind::Evict, r#"keys = ["a"], refresh"#).contains("writes nothing"));
         assert!(messages(Kind::Evict, r#"keys = [], tags = ["a"]"#).is_empty());
         assert!(messages(Kind::Put, r#"key = "a", value = "text""#).is_empty());
     }

@@ -4,7 +4,7 @@ use proc_macro2::{Ident, Span, TokenStream};
 use quote::{quote, quote_spanned};
 use syn::spanned::Spanned;
 
-use super::{Gen, hidden};
+use super::{Gen, Passing, hidden};
 
 // Input:
 //     #[cached(key = "user:{id}", ttl = 60)]
@@ -60,7 +60,12 @@ use super::{Gen, hidden};
 // return __cache_hit; }` precedes `Fetch::new(__cache_call)`. With `stale`, the body runs as
 // `match catch_unwind(async move { .. }).await { Ok(r) => r, Err(p) => { if let Some(h) =
 // __cache_finish.panicked(..).await { return h; } resume_unwind(p) } }`, and `if let Some(h) =
-// __cache_finish.stale(&mut __cache_fetch, ..) { return h; }` follows `complete`.
+// __cache_finish.stale(&mut __cache_fetch, ..) { return h; }` follows `complete`. With
+// `refresh`, `let __cache_refresher = || -> Refresh { .. };` (see `refresher_let`: copies of
+// the arguments the body uses, and a copy of the body on them) comes first, and the calls are
+// `find_refreshing(&__cache_mode, __cache_typed, &__cache_refresher)` and
+// `local_refreshing(.., &__cache_refresher)`: a hit that is due calls it and spawns what it
+// makes; other hits do not call it.
 // With `condition`, the key is `if cond { .. } else { CallKey::Condition }`; with `unless`,
 // the last argument of `verdict` is `Some(&mut |result: &R| -> bool { expr })`; `cache_none`
 // adds `require_cache_none(PhantomData::<R>);` first; in a method, `self_type` is
@@ -91,6 +96,8 @@ pub(super) fn generate(g: &Gen<'_>) -> TokenStream {
     // `local`: the stored type must be cloneable (each in-process hit gets a clone), checked
     // at the option; the in-process tier is probed before anything else.
     let call_var = g.at_ret("__cache_call");
+    // `refresh`: the closure that makes a background refresh, called by a hit that is due.
+    let refresher = hidden("__cache_refresher");
     let (local_check, local_probe) = match args.local_ms.span() {
         Some(span) => {
             let rt_local = quote_spanned!(span=> ::cache_runtime::__private);
@@ -101,12 +108,14 @@ pub(super) fn generate(g: &Gen<'_>) -> TokenStream {
                 Some((tags, _)) => quote!(::core::option::Option::Some(&#tags)),
                 None => quote!(::core::option::Option::None),
             };
+            let probe = match args.refresh.get() {
+                Some(_) => quote!(local_refreshing(#tags_arg, &#mode, #typed, &#refresher)),
+                None => quote!(local(#tags_arg, &#mode, #typed)),
+            };
             (
                 quote_spanned!(span=> #rt_local::require_local(&#mode_at);),
                 quote! {
-                    if let ::core::option::Option::Some(#hit) =
-                        #call_var.local(#tags_arg, &#mode, #typed)
-                    {
+                    if let ::core::option::Option::Some(#hit) = #call_var.#probe {
                         return #hit;
                     }
                 },
@@ -114,15 +123,15 @@ pub(super) fn generate(g: &Gen<'_>) -> TokenStream {
         }
         None => Default::default(),
     };
-    let unless = match args.unless.get() {
-        Some(expr) => {
-            let result = Ident::new("result", Span::call_site());
-            // A non-`bool` expression is "expected `bool` because of" the `unless` option.
-            let unless_span = args.unless.span().unwrap_or_else(|| expr.span());
-            let bool_ty = quote_spanned!(unless_span=> bool);
-            let closure = quote_spanned!(expr.span()=> |#result: &#ret| -> #bool_ty { #expr });
-            quote!(::core::option::Option::Some(&mut #closure))
-        }
+    let unless_closure = args.unless.get().map(|expr| {
+        let result = Ident::new("result", Span::call_site());
+        // A non-`bool` expression is "expected `bool` because of" the `unless` option.
+        let unless_span = args.unless.span().unwrap_or_else(|| expr.span());
+        let bool_ty = quote_spanned!(unless_span=> bool);
+        quote_spanned!(expr.span()=> |#result: &#ret| -> #bool_ty { #expr })
+    });
+    let unless = match &unless_closure {
+        Some(closure) => quote!(::core::option::Option::Some(&mut #closure)),
         None => quote!(::core::option::Option::None),
     };
     let call = g.call(&key);
@@ -172,12 +181,31 @@ pub(super) fn generate(g: &Gen<'_>) -> TokenStream {
         } else {
             quote_spanned! {g.ret_loc=> let #result = #future.await; }
         };
+        let (refresher_let, find) = match args.refresh.span() {
+            Some(span) => (
+                refresher_let(
+                    g,
+                    span,
+                    &refresher,
+                    &future,
+                    &mode,
+                    &typed,
+                    unless_closure.as_ref(),
+                ),
+                quote_spanned!(g.ret_loc=> find_refreshing(&#mode, #typed, &#refresher)),
+            ),
+            None => (
+                TokenStream::new(),
+                quote_spanned!(g.ret_loc=> find(&#mode, #typed)),
+            ),
+        };
         quote_spanned! {g.ret_loc=>
+            #refresher_let
             let #call_var = #call;
             #local_probe
             let mut #fetch = #rt_ret::Fetch::new(#call_var);
             #tags_call
-            let #finish = match #fetch.find(&#mode, #typed).await {
+            let #finish = match #fetch.#find.await {
                 ::core::result::Result::Ok(#hit) => return #hit,
                 ::core::result::Result::Err(#finish) => #finish,
             };
@@ -197,5 +225,110 @@ pub(super) fn generate(g: &Gen<'_>) -> TokenStream {
         #cache_none_check
         #local_check
         #body
+    }
+}
+
+/// `refresh`: `let __cache_refresher = || -> Refresh { .. };`, the closure a hit that is due
+/// calls to make the background refresh (so that other hits pay nothing for it). It copies
+/// each argument the body uses (`own_arg(&id)` for one passed by value, `own_ref(name)` for one
+/// passed by reference: `&str` becomes a `String`, `&[T]` a `Vec<T>`, `&T` a `T`), and `self`
+/// (`own_self`), each checked at its parameter, then wraps an `async move` block that binds
+/// the names to the copies (by reference where the argument was a reference), runs a copy of
+/// the body (`self` in it replaced by the copy, as `#[async_trait]` does) and evaluates
+/// `unless`:
+///
+/// ```text
+/// let __cache_refresher = || -> Refresh {
+///     let __cache_own_0 = own_ref(name);
+///     let __cache_own_1 = own_arg(&id);
+///     refresh(__cache_handle, &__cache_mode, __cache_typed, async move {
+///         let name = view(&__cache_own_0); let _ = &name;
+///         let id = __cache_own_1; let _ = &id;
+///         let __cache_result = async move { body }.await;
+///         let __cache_rejected: bool = refresh_rejected(&__cache_mode, &__cache_result,
+///             |result: &R| -> bool { unless });  // or `false`
+///         (__cache_result, __cache_rejected)
+///     })
+/// };
+/// ```
+fn refresher_let(
+    g: &Gen<'_>,
+    span: Span,
+    refresher: &Ident,
+    future: &TokenStream,
+    mode: &Ident,
+    typed: &Ident,
+    unless: Option<&TokenStream>,
+) -> TokenStream {
+    let (config, handle, rt) = (g.config, &g.handle, &g.rt);
+    let mut owns = TokenStream::new();
+    let mut rebinds = TokenStream::new();
+    for (i, p) in config.params.iter().enumerate() {
+        // A pattern or `&mut` argument the body uses was rejected (`refresh_checks`).
+        let (true, Some(ident), Some(binding)) = (p.used, &p.ident, &p.binding) else {
+            continue;
+        };
+        let own = hidden(&format!("__cache_own_{i}"));
+        // At the parameter: an argument that cannot be copied is reported there. Located
+        // there, but from the expansion: rustc suggests no edits of the signature.
+        let at = Span::call_site().located_at(p.span);
+        let arg = Ident::new(
+            &ident.to_string(),
+            Span::call_site().located_at(ident.span()),
+        );
+        let rt_p = quote_spanned!(at=> ::cache_runtime::__private);
+        match p.passing {
+            Passing::Ref => {
+                owns.extend(quote_spanned!(at=> let #own = #rt_p::own_ref(#arg);));
+                rebinds.extend(quote!(let #binding = #rt::view(&#own); let _ = &#ident;));
+            }
+            _ => {
+                owns.extend(quote_spanned!(at=> let #own = #rt_p::own_arg(&#arg);));
+                rebinds.extend(quote!(let #binding = #own; let _ = &#ident;));
+            }
+        }
+    }
+    let this = hidden("__cache_self");
+    let body = match config.receiver.as_ref().filter(|r| r.used) {
+        Some(r) => {
+            let (own, mutability) = (hidden("__cache_own_self"), &r.mutability);
+            let at = Span::call_site().located_at(r.span);
+            let self_token = Ident::new("self", Span::call_site().located_at(r.self_span));
+            let rt_r = quote_spanned!(at=> ::cache_runtime::__private);
+            match r.passing {
+                Passing::Ref => {
+                    owns.extend(quote_spanned!(at=> let #own = #rt_r::own_self(#self_token);));
+                    rebinds.extend(quote!(let #this = &#own;));
+                }
+                _ => {
+                    owns.extend(quote_spanned!(at=> let #own = #rt_r::own_self(&#self_token);));
+                    rebinds.extend(quote!(let #mutability #this = #own;));
+                }
+            }
+            super::shared::replace_self(future.clone(), &this)
+        }
+        None => future.clone(),
+    };
+    let (result, rejected) = (hidden("__cache_result"), hidden("__cache_rejected"));
+    let rejected_expr = match unless {
+        Some(closure) => quote!(#rt::refresh_rejected(&#mode, &#result, #closure)),
+        None => quote!(false),
+    };
+    // At the option: a body whose future is not `Send`, or a return type that is not
+    // `Send + 'static`, is reported there.
+    let rt_opt = quote_spanned!(span=> ::cache_runtime::__private);
+    let refresh_call = quote_spanned! {span=>
+        #rt_opt::refresh(#handle, &#mode, #typed, async move {
+            #rebinds
+            let #result = #body.await;
+            let #rejected: bool = #rejected_expr;
+            (#result, #rejected)
+        })
+    };
+    quote! {
+        let #refresher = || -> #rt::Refresh {
+            #owns
+            #refresh_call
+        };
     }
 }

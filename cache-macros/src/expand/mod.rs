@@ -78,12 +78,49 @@ fn with_errors(item: TokenStream, errors: Errors) -> TokenStream {
 struct Param {
     /// The name, if the parameter is a plain identifier (`id`, `mut id`).
     ident: Option<Ident>,
+    /// `ref? mut? ident`, for a plain identifier: how the body binds it.
+    binding: Option<TokenStream>,
     /// The whole pattern, for messages.
     pat: TokenStream,
     span: Span,
     /// `Some(references to strip)` if the declared type is a primitive integer (`u64`: 0,
     /// `&i32`: 1, ...): such placeholders are formatted without the `fmt` machinery.
     integer: Option<usize>,
+    /// How the argument is passed (by value, `&`, `&mut`), as its declared type says.
+    passing: Passing,
+    /// `refresh`: whether the body (or `unless`) names it, so that a refresh needs its own
+    /// copy of it. Only computed with `refresh`.
+    used: bool,
+}
+
+/// How an argument (or `self`) is passed.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Passing {
+    Value,
+    Ref,
+    MutRef,
+}
+
+fn passing(ty: &Type) -> Passing {
+    match ty {
+        Type::Reference(r) if r.mutability.is_some() => Passing::MutRef,
+        Type::Reference(_) => Passing::Ref,
+        Type::Paren(p) => passing(&p.elem),
+        Type::Group(g) => passing(&g.elem),
+        _ => Passing::Value,
+    }
+}
+
+/// The method's receiver.
+struct Receiver {
+    /// Where the `self` token is.
+    self_span: Span,
+    /// `mut` of `mut self`.
+    mutability: Option<syn::Token![mut]>,
+    span: Span,
+    passing: Passing,
+    /// `refresh`: whether the body (or `unless`) names `self`.
+    used: bool,
 }
 
 /// For a primitive integer type of at most 64 bits, or a shared reference to one: how many
@@ -115,6 +152,7 @@ struct Config {
     shape: Shape,
     ret: Type,
     has_self: bool,
+    receiver: Option<Receiver>,
     params: Vec<Param>,
     /// `key = ".."` (`None`: the default key of `#[cached]`).
     key: Option<Compiled>,
@@ -160,22 +198,74 @@ impl Config {
             ));
         }
         let has_self = sig.receiver().is_some();
+        // `refresh` runs a copy of the body in the background, with copies of the arguments it
+        // names (in its tokens, or in a string literal, which `format!` can capture from).
+        let refresh_uses = args.refresh.get().map(|_| {
+            let mut tokens = match &shape {
+                Shape::Native => func.body.stmts.clone(),
+                Shape::AsyncTrait { future, .. } => future.clone(),
+            };
+            if let Some(unless) = args.unless.get() {
+                tokens.extend(unless.to_token_stream());
+            }
+            tokens
+        });
+        let receiver = sig.receiver().map(|r| Receiver {
+            self_span: r.self_token.span,
+            mutability: r.mutability,
+            span: r.span(),
+            passing: match &r.kind {
+                syn::ReceiverKind::Reference(_, _, Some(_)) => Passing::MutRef,
+                syn::ReceiverKind::Reference(..) => Passing::Ref,
+                syn::ReceiverKind::Typed(_, ty) => passing(ty),
+                _ => Passing::Value,
+            },
+            used: refresh_uses
+                .as_ref()
+                .is_some_and(|t| shared::mentions_self(t.clone())),
+        });
         let params: Vec<Param> = sig
             .inputs
             .iter()
             .filter_map(|arg| match arg {
                 FnArg::Receiver(_) => None,
-                FnArg::Typed(pt) => Some(Param {
-                    ident: match &*pt.pat {
-                        Pat::Ident(pi) if pi.subpat.is_none() => Some(pi.ident.clone()),
-                        _ => None,
-                    },
-                    pat: pt.pat.to_token_stream(),
-                    span: pt.span(),
-                    integer: integer_type(&pt.ty),
-                }),
+                FnArg::Typed(pt) => {
+                    let (ident, binding) = match &*pt.pat {
+                        Pat::Ident(pi) if pi.subpat.is_none() => {
+                            let (by_ref, mutability, ident) =
+                                (&pi.by_ref, &pi.mutability, &pi.ident);
+                            (
+                                Some(ident.clone()),
+                                Some(quote!(#by_ref #mutability #ident)),
+                            )
+                        }
+                        _ => (None, None),
+                    };
+                    let used = match (&refresh_uses, &*pt.pat) {
+                        (None, _) | (_, Pat::Wild(_)) => false,
+                        (Some(tokens), Pat::Ident(pi)) if pi.subpat.is_none() => {
+                            shared::mentions_name(tokens.clone(), &pi.ident.to_string())
+                        }
+                        // A pattern: whether it binds a name the body uses.
+                        (Some(tokens), pat) => shared::idents(pat.to_token_stream())
+                            .iter()
+                            .any(|name| shared::mentions_name(tokens.clone(), name)),
+                    };
+                    Some(Param {
+                        ident,
+                        binding,
+                        pat: pt.pat.to_token_stream(),
+                        span: pt.span(),
+                        integer: integer_type(&pt.ty),
+                        passing: passing(&pt.ty),
+                        used,
+                    })
+                }
             })
             .collect();
+        if args.refresh.get().is_some() {
+            refresh_checks(receiver.as_ref(), &params, errors);
+        }
 
         let names: Vec<String> = params
             .iter()
@@ -263,11 +353,43 @@ impl Config {
             shape,
             ret,
             has_self,
+            receiver,
             params,
             key,
             keys,
             tags,
         })
+    }
+}
+
+/// `refresh`: the arguments the body uses (and `self`) must be ones a refresh can copy: not
+/// `&mut` (a copy could not change the caller's value), not a pattern (nothing names the whole
+/// argument). Whether their types can be copied is checked by the compiler, at each argument.
+fn refresh_checks(receiver: Option<&Receiver>, params: &[Param], errors: &mut Errors) {
+    if let Some(r) = receiver.filter(|r| r.used && r.passing == Passing::MutRef) {
+        errors.error(
+            r.span,
+            "`refresh` reloads in the background with its own copy of `self`, and a copy could not change the caller's value through `&mut self`: take `&self`, or remove `refresh`",
+        );
+    }
+    for p in params.iter().filter(|p| p.used) {
+        if p.ident.is_none() {
+            errors.error(
+                p.span,
+                format_args!(
+                    "`refresh` reloads in the background with its own copy of each argument the body uses, and nothing names the whole argument `{}`: name the parameter and destructure it in the body, or remove `refresh`",
+                    p.pat
+                ),
+            );
+        } else if p.passing == Passing::MutRef {
+            errors.error(
+                p.span,
+                format_args!(
+                    "`refresh` reloads in the background with its own copy of each argument the body uses, and a copy of `{}` could not change the caller's value through `&mut`: pass it by value or by `&`, or remove `refresh`",
+                    p.pat
+                ),
+            );
+        }
     }
 }
 

@@ -1,13 +1,13 @@
 //! [`Gen`]: the pieces of generated code the attributes share (site, cache handle, keys,
 //! tags, return-type mode, success test, the body and its shapes).
 
-use proc_macro2::{Delimiter, Group, Span, TokenStream, TokenTree};
+use proc_macro2::{Delimiter, Group, Spacing, Span, TokenStream, TokenTree};
 use quote::{ToTokens, quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{Expr, Ident, ReturnType};
 
 use super::{Compiled, Config, keys};
-use crate::args::Args;
+use crate::args::{Args, Refresh};
 use crate::item::{ItemFn, Shape};
 
 /// Hidden names: `Span::mixed_site()` locals cannot be named by the user's code.
@@ -24,6 +24,79 @@ pub(super) fn mentions_result(tokens: TokenStream) -> bool {
         TokenTree::Literal(l) => l.to_string().contains("result"),
         TokenTree::Punct(_) => false,
     })
+}
+
+/// Whether `tokens` name `name`: as an identifier, or inside a string literal (where
+/// `format!("{name}")` captures it). Errs on the side of yes.
+pub(super) fn mentions_name(tokens: TokenStream, name: &str) -> bool {
+    let name = name.strip_prefix("r#").unwrap_or(name);
+    tokens.into_iter().any(|tt| match tt {
+        TokenTree::Ident(i) => {
+            let i = i.to_string();
+            i.strip_prefix("r#").unwrap_or(&i) == name
+        }
+        TokenTree::Group(g) => mentions_name(g.stream(), name),
+        TokenTree::Literal(l) => l.to_string().contains(name),
+        TokenTree::Punct(_) => false,
+    })
+}
+
+/// The identifiers in `tokens` (a pattern's bindings, and its paths' segments).
+pub(super) fn idents(tokens: TokenStream) -> Vec<String> {
+    let mut out = Vec::new();
+    for tt in tokens {
+        match tt {
+            TokenTree::Ident(i) => out.push(i.to_string()),
+            TokenTree::Group(g) => out.extend(idents(g.stream())),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Whether `self` is followed by `::` at the start of `tokens` (`self::module::item`: a path,
+/// not the receiver).
+fn starts_with_path_sep(tokens: &[TokenTree]) -> bool {
+    matches!(
+        tokens,
+        [TokenTree::Punct(a), TokenTree::Punct(b), ..]
+            if a.as_char() == ':' && a.spacing() == Spacing::Joint && b.as_char() == ':'
+    )
+}
+
+/// Whether `tokens` name the receiver `self` (not a `self::` path).
+pub(super) fn mentions_self(tokens: TokenStream) -> bool {
+    let tokens: Vec<TokenTree> = tokens.into_iter().collect();
+    tokens.iter().enumerate().any(|(i, tt)| match tt {
+        TokenTree::Ident(id) => id == "self" && !starts_with_path_sep(&tokens[i + 1..]),
+        TokenTree::Group(g) => mentions_self(g.stream()),
+        _ => false,
+    })
+}
+
+/// `tokens` with every `self` (the receiver, not a `self::` path) replaced by `with`, at the
+/// place of the `self` it replaces; through groups (macro arguments included), as
+/// `#[async_trait]` does.
+pub(super) fn replace_self(tokens: TokenStream, with: &Ident) -> TokenStream {
+    let tokens: Vec<TokenTree> = tokens.into_iter().collect();
+    let mut out = TokenStream::new();
+    for (i, tt) in tokens.iter().enumerate() {
+        let replaced = match tt {
+            TokenTree::Ident(id) if id == "self" && !starts_with_path_sep(&tokens[i + 1..]) => {
+                let mut with = with.clone();
+                with.set_span(with.span().located_at(id.span()));
+                TokenTree::Ident(with)
+            }
+            TokenTree::Group(g) => {
+                let mut group = Group::new(g.delimiter(), replace_self(g.stream(), with));
+                group.set_span(g.span());
+                TokenTree::Group(group)
+            }
+            other => other.clone(),
+        };
+        out.extend([replaced]);
+    }
+    out
 }
 
 /// `&(<expr>)`, spanned from the expression's first token to its last (spans cannot be
@@ -144,6 +217,11 @@ impl<'a> Gen<'a> {
         }
         if let Some(ms) = args.stale_ms.get() {
             site_opts.extend(quote!(.stale_ms(#ms)));
+        }
+        match args.refresh.get() {
+            Some(Refresh::Percent(p)) => site_opts.extend(quote!(.refresh_percent(#p))),
+            Some(Refresh::XFetch) => site_opts.extend(quote!(.refresh_xfetch())),
+            None => {}
         }
         quote! {
             static #site: #rt::Site = #rt::Site::new(::core::module_path!(), #fn_name) #site_opts;

@@ -27,6 +27,7 @@ use bytes::Bytes;
 
 pub(crate) use self::memory::MemoryBackend;
 pub(crate) use self::redis::{RedisBackend, RedisOptions};
+use crate::envelope::Header;
 use crate::error::{Error, ErrorKind};
 use crate::key::KeyBuf;
 
@@ -181,6 +182,43 @@ pub(crate) trait Backend: Send + Sync {
         lease: Duration,
         on_wait: &OnWait<'_>,
     ) -> impl Future<Output = BackendResult<LeaseReply>> + Send;
+
+    /// `refresh`: the right to reload `key` ahead of its expiry, for the entry whose envelope
+    /// starts with `header` (the one the caller read), for `lease`; what
+    /// [`Backend::refresh_fill`] is checked against. `None` if another process holds it, or
+    /// the key no longer holds that entry (it was refreshed, written or invalidated since).
+    /// The caller's process lets one refresh of a key run at a time; an in-process backend
+    /// has nothing more to share, and returns the key's generation, as for a load.
+    fn refresh_lease(
+        &self,
+        key: &str,
+        _token: &str,
+        _header: &Header,
+        _lease: Duration,
+    ) -> impl Future<Output = BackendResult<Option<Gen>>> + Send {
+        async move {
+            let token = Token::default();
+            self.replace(key, &token).await.map(Some)
+        }
+    }
+
+    /// `refresh`: stores a refresh's result under `key` for `ttl` if `lease` (from
+    /// [`Backend::refresh_lease`]) still stands: no write or invalidation of the key since,
+    /// and on a shared backend, the key still holds the entry of `header` (no expiry or other
+    /// fill either). With `keep` (`stale`), also replaces the key's stale copy, as
+    /// [`Backend::fill`] does. Gives the lease back. Publishes nothing. Returns whether it was
+    /// stored.
+    fn refresh_fill(
+        &self,
+        key: &str,
+        value: Stored,
+        ttl: Duration,
+        lease: &Gen,
+        _header: &Header,
+        keep: Option<Duration>,
+    ) -> impl Future<Output = BackendResult<bool>> + Send {
+        self.fill(key, value, ttl, lease, None, keep)
+    }
 
     /// Gives back the lease `token` without filling (the load failed), waking the waiters.
     fn release(&self, key: &str, token: &str) -> impl Future<Output = BackendResult<()>> + Send;
@@ -348,6 +386,28 @@ impl Backend for AnyBackend {
         on_wait: &OnWait<'_>,
     ) -> BackendResult<LeaseReply> {
         dispatch!(self, b => b.lease(key, token, lease, on_wait).await)
+    }
+
+    async fn refresh_lease(
+        &self,
+        key: &str,
+        token: &str,
+        header: &Header,
+        lease: Duration,
+    ) -> BackendResult<Option<Gen>> {
+        dispatch!(self, b => b.refresh_lease(key, token, header, lease).await)
+    }
+
+    async fn refresh_fill(
+        &self,
+        key: &str,
+        value: Stored,
+        ttl: Duration,
+        lease: &Gen,
+        header: &Header,
+        keep: Option<Duration>,
+    ) -> BackendResult<bool> {
+        dispatch!(self, b => b.refresh_fill(key, value, ttl, lease, header, keep).await)
     }
 
     async fn release(&self, key: &str, token: &str) -> BackendResult<()> {

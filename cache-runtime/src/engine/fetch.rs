@@ -13,6 +13,7 @@ use crate::backend::{BackendError, BackendResult, Gen, Read, Stored, TypedValue}
 use crate::breaker::FailureKind;
 use crate::cache::Cache;
 use crate::engine::Call;
+use crate::engine::refresh::{self, Refresher};
 use crate::envelope::{self, DecodeError, EncodeError};
 use crate::flight::{Follower, LeaderGuard, Outcome, Role};
 use crate::key::{CallKey, KeyBuf};
@@ -202,7 +203,8 @@ impl<'a> Fetch<'a> {
         }
         let ttl = self.local_ttl(entry_ttl, envelope::created_at_ms(&stored.bytes));
         if let Some(local) = self.store.local() {
-            local.insert(guard.flight().key(), ticket, value, ttl);
+            let header = envelope::header_of(&stored.bytes);
+            local.insert(guard.flight().key(), ticket, value, ttl, header);
         }
     }
 
@@ -212,7 +214,14 @@ impl<'a> Fetch<'a> {
             return;
         };
         if let Some(local) = self.store.local() {
-            local.insert(key, ticket, value.clone(), self.local_ttl(ttl, None));
+            let header = envelope::header_of(&stored.bytes);
+            local.insert(
+                key,
+                ticket,
+                value.clone(),
+                self.local_ttl(ttl, None),
+                header,
+            );
         }
     }
 
@@ -602,6 +611,34 @@ impl<'a> Fetch<'a> {
                 (None, None)
             }
         }
+    }
+
+    /// `refresh`: the value found decoded, and the call will return it. If this call read
+    /// it (not a follower) and its entry is due, starts a background refresh (see
+    /// `engine::refresh`).
+    pub(crate) fn refresh_if_due(&self, stored: &Stored, refresher: &Refresher<'_>) {
+        let Some(policy) = self.site.refresh else {
+            return;
+        };
+        let key = match &self.state {
+            State::Lead { guard, .. } => guard.flight().key(),
+            State::Direct { key } => key.as_str(),
+            _ => return,
+        };
+        let Some(header) = envelope::header_of(&stored.bytes) else {
+            return;
+        };
+        let tags = self.tags.as_deref().map_or(&[][..], |t| &t.names[..]);
+        refresh::start_if_due(
+            self.store,
+            self.site,
+            self.self_type,
+            policy,
+            key,
+            tags,
+            &header,
+            refresher,
+        );
     }
 
     /// The value found decoded: the call returns it.

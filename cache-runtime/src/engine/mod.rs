@@ -24,18 +24,25 @@
 //! are counted, logged (rate-limited) and treated as misses; they never reach the caller.
 
 mod fetch;
+mod refresh;
 mod write;
+
+use std::time::Duration;
 
 use crate::backend::Stored;
 use crate::cache::Cache;
-use crate::envelope;
+use crate::envelope::{self, EncodeError};
 use crate::key::CallKey;
 use crate::mode::{Classified, Mode, Typed};
 use crate::stats::{Site, SiteStats};
-use crate::tags::Tags;
+use crate::tags::{TagSet, Tags};
 
 pub use self::fetch::{Fetch, Verdict};
 use self::fetch::{Kind, Step};
+pub use self::refresh::{
+    Owned, Refresh, RefreshArg, RefreshRef, RefreshSelf, Refresher, own_arg, own_ref, own_self,
+    refresh, refresh_rejected, view,
+};
 
 /// `stale`: runs a function's body, catching a panic (so that a value kept past its TTL can be
 /// returned instead).
@@ -154,6 +161,47 @@ impl Call<'_> {
         SiteStats::inc(&stats.l1_hits);
         Some(mode.restore(value))
     }
+
+    /// [`Call::local`] for a function with `refresh`: a hit on a copy that is due starts a
+    /// background refresh made by `refresher` (called only then). A copy of `local` with that
+    /// one step more, so that `local` stays as it is.
+    #[inline]
+    pub fn local_refreshing<R, M: Mode<R>>(
+        &self,
+        tags: Option<&Tags>,
+        mode: &M,
+        typed: Option<Typed<M::Value>>,
+        refresher: &Refresher<'_>,
+    ) -> Option<R> {
+        let (CallKey::Key(key), Some(typed)) = (&self.key, typed) else {
+            return None;
+        };
+        if tags.is_some_and(|t| t.failed) {
+            // The call bypasses the cache (`Fetch::tags` says why).
+            return None;
+        }
+        let store = self.cache.store();
+        let names = tags.map_or(&[][..], |t| &t.names[..]);
+        let entry = store.local_get(key.as_str(), names)?;
+        let value = (typed.unwrap)(&*entry.value)?;
+        let stats = self.site.stats(self.cache.stats_registry(), self.self_type);
+        SiteStats::inc(&stats.hits);
+        SiteStats::inc(&stats.l1_hits);
+        if let (Some(policy), Some(header)) = (self.site.refresh, &entry.header) {
+            let tags = tags.map_or(&[][..], |t| &t.names[..]);
+            refresh::start_if_due(
+                store,
+                self.site,
+                self.self_type,
+                policy,
+                key.as_str(),
+                tags,
+                header,
+                refresher,
+            );
+        }
+        Some(mode.restore(value))
+    }
 }
 
 impl Fetch<'_> {
@@ -188,6 +236,37 @@ impl Fetch<'_> {
             verdict: verdict::<R, M>,
         })
     }
+
+    /// [`Fetch::find`] for a function with `refresh`: a hit on an entry that is due starts a
+    /// background refresh made by `refresher` (called only then), and returns at once. A copy
+    /// of `find` with that one step more, so that `find` (every other function's hit path)
+    /// stays as it is.
+    pub async fn find_refreshing<R, M: Mode<R>>(
+        &mut self,
+        mode: &M,
+        typed: Option<Typed<M::Value>>,
+        refresher: &Refresher<'_>,
+    ) -> Result<R, Finish<R, M, M::Value>> {
+        if let Step::Found(stored) = self.lookup().await {
+            #[cfg(test)]
+            tests::after_read().await;
+            match decode_value(&stored, typed) {
+                Ok(value) => {
+                    if let (true, Some(typed)) = (self.wants_local(), typed) {
+                        self.keep_found(&stored, (typed.wrap)(&value));
+                    }
+                    self.refresh_if_due(&stored, refresher);
+                    self.hit(stored);
+                    return Ok(mode.restore(value));
+                }
+                Err(e) => self.unusable(&e).await,
+            }
+        }
+        self.begin_load();
+        Err(Finish {
+            verdict: verdict::<R, M>,
+        })
+    }
 }
 
 /// See [`Finish::verdict`].
@@ -209,18 +288,25 @@ fn verdict<R, M: Mode<R>>(
         return Verdict(Kind::Skip);
     }
     let rejected = unless.is_some_and(|unless| unless(result));
-    let bytes = match envelope::encode(value, fetch.load_time(), fetch.tag_set()) {
-        Ok(bytes) => bytes,
-        Err(e) => return Verdict(Kind::Unencodable(e)),
-    };
-    let stored = Stored {
-        bytes,
-        typed: match typed {
-            Some(typed) if fetch.keeps_typed() || fetch.wants_local() => Some((typed.wrap)(value)),
-            _ => None,
-        },
-    };
-    Verdict::new(stored, none, rejected)
+    let typed = typed.filter(|_| fetch.keeps_typed() || fetch.wants_local());
+    match encode_stored(value, fetch.load_time(), fetch.tag_set(), typed) {
+        Ok(stored) => Verdict::new(stored, none, rejected),
+        Err(e) => Verdict(Kind::Unencodable(e)),
+    }
+}
+
+/// A result's value as stored: its envelope (recording its compute time and tags), and its
+/// decoded form if `typed` (in-process backends and the in-process tier keep it).
+fn encode_stored<V: serde::Serialize>(
+    value: &V,
+    compute: Duration,
+    tags: Option<&TagSet>,
+    typed: Option<Typed<V>>,
+) -> Result<Stored, EncodeError> {
+    Ok(Stored {
+        bytes: envelope::encode(value, compute, tags)?,
+        typed: typed.map(|typed| (typed.wrap)(value)),
+    })
 }
 
 #[cfg(test)]

@@ -63,6 +63,8 @@ pub(crate) struct SiteStats {
     pub(crate) evictions: Counter,
     pub(crate) tag_invalidations: Counter,
     pub(crate) stale_served: Counter,
+    pub(crate) refreshes: Counter,
+    pub(crate) refresh_errors: Counter,
 }
 
 impl SiteStats {
@@ -110,6 +112,8 @@ impl SiteStats {
             evictions: self.evictions.get(),
             tag_invalidations: self.tag_invalidations.get(),
             stale_served: self.stale_served.get(),
+            refreshes: self.refreshes.get(),
+            refresh_errors: self.refresh_errors.get(),
         }
     }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 pub(crate) use self::counters::SiteStats;
 pub use self::site::Site;
-pub(crate) use self::site::{StatsRef, StatsRegistry};
+pub(crate) use self::site::{RefreshPolicy, StatsRef, StatsRegistry};
 
 /// Hit rates under this are flagged in [`Stats`]'s table and by [`FunctionStats::is_low`].
 pub const LOW_HIT_RATE: f64 = 0.80;
@@ -42,7 +42,8 @@ pub struct FunctionStats {
     /// Calls that skipped the cache: `condition` was false, or an argument could not be
     /// rendered into the key (its `Display` or `Serialize` failed).
     pub bypassed: u64,
-    /// Times the function ran (misses and bypasses).
+    /// Times the function ran for a caller (misses and bypasses; background refreshes are
+    /// counted in [`refreshes`](FunctionStats::refreshes)).
     pub loads: u64,
     /// Loads that returned `Err` or panicked.
     pub load_errors: u64,
@@ -91,6 +92,12 @@ pub struct FunctionStats {
     /// past its TTL instead (the callers that waited for that load got it too, counted as
     /// `coalesced`).
     pub stale_served: u64,
+    /// `refresh`: background reloads this process ran (it won the key's refresh, in every
+    /// process, and the function started). Not counted in `loads`.
+    pub refreshes: u64,
+    /// `refresh`: background reloads whose function returned an error or panicked (nothing
+    /// was stored, callers kept getting the current value).
+    pub refresh_errors: u64,
 }
 
 impl FunctionStats {
@@ -127,14 +134,17 @@ impl FunctionStats {
 /// `Display` prints a table, one row per function, flagging hit rates under 80%:
 ///
 /// ```text
-/// function              calls     hits  L1 hits  L2 hits   misses   hit rate    loads  errors  stale   load avg   load max  lock waits    puts  evicts  tag inv  cache err
-/// app::get_user             100       90       80       10       10      90.0%       10       0      0     1.20ms     2.31ms           3       0       0        0          0
-/// app::search                10        2        0        2        8    ! 20.0%        8       3      3    15.00ms    19.00ms           0       0       0        0          0
-/// app::save_user              0        0        0        0        0          -        0       0      0          -          -           0       4       0        0          0
-/// app::on_user_updated        0        0        0        0        0          -        0       0      0          -          -           0       0       2        2          0
+/// function              calls     hits  L1 hits  L2 hits   misses   hit rate    loads  errors  stale  refresh   load avg   load max  lock waits    puts  evicts  tag inv  cache err
+/// app::get_user             100       90       80       10       10      90.0%       10       0      0        4     1.20ms     2.31ms           3       0       0        0          0
+/// app::search                10        2        0        2        8    ! 20.0%        8       3      3        0    15.00ms    19.00ms           0       0       0        0          0
+/// app::save_user              0        0        0        0        0          -        0       0      0        0          -          -           0       4       0        0          0
+/// app::on_user_updated        0        0        0        0        0          -        0       0      0        0          -          -           0       0       2        2          0
 /// ! hit rate under 80%
 /// L1 cleared 1 time (invalidations may have been missed)
 /// ```
+///
+/// `errors` counts failed loads and failed background refreshes (`load_errors +
+/// refresh_errors`); `refresh` counts the background refreshes run (`refreshes`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
     pub(crate) functions: Vec<FunctionStats>,
@@ -190,7 +200,7 @@ impl fmt::Display for Stats {
             .max("function".len());
         writeln!(
             f,
-            "{:<width$}  {:>7}  {:>7}  {:>7}  {:>7}  {:>7}  {:>9}  {:>7}  {:>6}  {:>5}  {:>9}  {:>9}  {:>10}  {:>6}  {:>6}  {:>7}  {:>9}",
+            "{:<width$}  {:>7}  {:>7}  {:>7}  {:>7}  {:>7}  {:>9}  {:>7}  {:>6}  {:>5}  {:>7}  {:>9}  {:>9}  {:>10}  {:>6}  {:>6}  {:>7}  {:>9}",
             "function",
             "calls",
             "hits",
@@ -201,6 +211,7 @@ impl fmt::Display for Stats {
             "loads",
             "errors",
             "stale",
+            "refresh",
             "load avg",
             "load max",
             "lock waits",
@@ -221,7 +232,7 @@ impl fmt::Display for Stats {
             };
             writeln!(
                 f,
-                "{:<width$}  {:>7}  {:>7}  {:>7}  {:>7}  {:>7}  {:>9}  {:>7}  {:>6}  {:>5}  {:>9}  {:>9}  {:>10}  {:>6}  {:>6}  {:>7}  {:>9}",
+                "{:<width$}  {:>7}  {:>7}  {:>7}  {:>7}  {:>7}  {:>9}  {:>7}  {:>6}  {:>5}  {:>7}  {:>9}  {:>9}  {:>10}  {:>6}  {:>6}  {:>7}  {:>9}",
                 s.name,
                 s.hits + s.misses + s.bypassed,
                 s.hits,
@@ -230,8 +241,9 @@ impl fmt::Display for Stats {
                 s.misses,
                 rate,
                 s.loads,
-                s.load_errors,
+                s.load_errors + s.refresh_errors,
                 s.stale_served,
+                s.refreshes,
                 fmt_duration(s.load_time_mean()),
                 fmt_duration((s.loads > 0).then_some(s.load_time_max)),
                 s.lock_waits,

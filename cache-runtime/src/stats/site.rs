@@ -28,12 +28,23 @@ pub struct Site {
     pub(crate) local: Option<Duration>,
     /// `stale = ..`: how long a value is kept past its TTL, to be served if a load fails.
     pub(crate) stale: Option<Duration>,
+    /// `refresh` / `refresh = "80%"`: when a hit starts a background reload.
+    pub(crate) refresh: Option<RefreshPolicy>,
     /// This site's identity in [`StatsRegistry`] lookups, assigned on first use (0: not yet).
     id: AtomicU64,
     /// The counters of the first (cache, `Self` type) pair this site was used with: the
     /// one-comparison fast path of programs with one cache. Set once, never replaced: it
     /// keeps at most one [`SiteStats`] per site alive after its cache is dropped.
     slot: OnceLock<SiteSlot>,
+}
+
+/// When a hit on an entry starts its early refresh (`refresh`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RefreshPolicy {
+    /// `refresh = "80%"`: once the entry's age is this percentage of the TTL (1 to 99).
+    Percent(u8),
+    /// `refresh`: probabilistic early expiration (XFetch), from the entry's compute time.
+    XFetch,
 }
 
 #[derive(Debug)]
@@ -69,6 +80,7 @@ impl Site {
             lock: None,
             local: None,
             stale: None,
+            refresh: None,
             id: AtomicU64::new(0),
             slot: OnceLock::new(),
         }
@@ -94,6 +106,25 @@ impl Site {
     /// The `stale` option, in milliseconds.
     pub const fn stale_ms(mut self, ms: u64) -> Self {
         self.stale = Some(Duration::from_millis(ms));
+        self
+    }
+
+    /// The `refresh = "<percent>%"` option (1 to 99; anything else is clamped there).
+    pub const fn refresh_percent(mut self, percent: u8) -> Self {
+        let percent = if percent == 0 {
+            1
+        } else if percent > 99 {
+            99
+        } else {
+            percent
+        };
+        self.refresh = Some(RefreshPolicy::Percent(percent));
+        self
+    }
+
+    /// The `refresh` flag: probabilistic early expiration (XFetch).
+    pub const fn refresh_xfetch(mut self) -> Self {
+        self.refresh = Some(RefreshPolicy::XFetch);
         self
     }
 

@@ -8,6 +8,13 @@
 //! ```text
 //! K                  the envelope, or a pending load's marker ("\0crp:<token>")
 //! __cr:wait:{K}      set while callers wait for K's fill: only then does a fill publish
+//! __cr:stale:{K}     `stale`: K's value past its TTL, kept while it is reloaded (`REPLACE`),
+//!                    for what is left of its life; deleted by writes and invalidations
+//! __cr:refresh:{K}   `refresh`: the token of the one process refreshing K ahead of its
+//!                    expiry (`REFRESH_LEASE`, `SET .. NX PX <lease>`); its fill
+//!                    (`REFRESH_FILL`) stores only while it holds it and K still holds the
+//!                    entry it started from. Deleted by writes and invalidations, which so
+//!                    void a running refresh
 //! __cr:tag:{T}       the current version of the tag T (see `tags`)
 //! __cr:stale:{K}     `stale`: a copy of K's last filled value, written by the fill with a
 //!                    TTL of K's plus the stale time, served if a load fails; dropped by
@@ -23,7 +30,8 @@
 //!                        changed (`WRITE`: its key; `invalidate`: one frame for all) or
 //!                        the tags a tag invalidation moved; published always, in the same
 //!                        script or pipeline as the change and after it. Fills, markers,
-//!                        leases, `REPLACE`, `TAKEOVER`, `PEXPIRE .. GT` publish nothing
+//!                        leases, `REPLACE`, `TAKEOVER`, `PEXPIRE .. GT`, refresh leases and
+//!                        refresh fills publish nothing
 //! ```
 //!
 //! **The stale-fill guard lives in `K` itself.** A lookup is `SET K <marker> NX PX .. GET`:
@@ -38,7 +46,7 @@
 //!
 //! (`{K}` is written `K` when `K` already carries a hash tag, and `{T}K`, with `T` a short tag
 //! of `K`'s slot, when `K` has no hash tag but contains a `}`; see `key::aux_key`.) Each
-//! script touches `K` and its waiters key only, one hash slot (its `PUBLISH`es name channels,
+//! script touches `K` and its `{K}` keys only, one hash slot (its `PUBLISH`es name channels,
 //! not keys). Every key has a TTL.
 //!
 //! The connection is made lazily, on the first operation, so building a cache never fails or
@@ -61,9 +69,10 @@ use bytes::Bytes;
 
 use self::bus::Bus;
 use self::conn::Connections;
-use self::scripts::{FILL, RELEASE, REPLACE, WRITE, evalsha, run};
+use self::scripts::{FILL, REFRESH_FILL, REFRESH_LEASE, RELEASE, REPLACE, WRITE, evalsha, run};
 use super::{Backend, BackendResult, Gen, LeaseReply, OnWait, PENDING_TTL, Read, Stored, Token};
 use crate::breaker::FailureLog;
+use crate::envelope::Header;
 use crate::key::{KeyBuf, aux_key};
 
 /// The channel fills are published on (shared by every cache on the server; a waiter
@@ -72,6 +81,7 @@ const CHANNEL: &str = "__cr:fills";
 
 const WAIT_PREFIX: &str = "__cr:wait:";
 const STALE_PREFIX: &str = "__cr:stale:";
+const REFRESH_PREFIX: &str = "__cr:refresh:";
 const TAG_PREFIX: &str = "__cr:tag:";
 
 /// How every pending load's marker starts (an envelope starts with its format byte, 1 or 2).
@@ -249,6 +259,11 @@ impl RedisBackend {
     /// load fails.
     fn stale_copy(key: &str) -> String {
         aux_key(STALE_PREFIX, key)
+    }
+
+    /// `refresh`: the key of the one process refreshing `key` (see `scripts::REFRESH_LEASE`).
+    fn refresh_lease_key(key: &str) -> String {
+        aux_key(REFRESH_PREFIX, key)
     }
 
     /// A plain `GET`: a pending load's marker reads as nothing.
@@ -448,6 +463,70 @@ impl Backend for RedisBackend {
         self.lease_or_wait(key, token, lease, on_wait).await
     }
 
+    async fn refresh_lease(
+        &self,
+        key: &str,
+        token: &str,
+        header: &Header,
+        lease: Duration,
+    ) -> BackendResult<Option<Gen>> {
+        let refresh = Self::refresh_lease_key(key);
+        let refresh = &refresh;
+        let won = self
+            .conns
+            .run("refresh lease", |mut conn| async move {
+                let mut cmd = evalsha(&REFRESH_LEASE, 2, 3, 2 * key.len() + token.len() + 48);
+                cmd.arg(key)
+                    .arg(refresh)
+                    .arg(token)
+                    .arg(&header[..])
+                    .arg(millis(lease));
+                let won: i64 = run(&mut conn, &REFRESH_LEASE, &cmd).await?;
+                Ok(won == 1)
+            })
+            .await?;
+        Ok(won.then(|| Gen(Bytes::copy_from_slice(token.as_bytes()))))
+    }
+
+    async fn refresh_fill(
+        &self,
+        key: &str,
+        value: Stored,
+        ttl: Duration,
+        lease: &Gen,
+        header: &Header,
+        keep: Option<Duration>,
+    ) -> BackendResult<bool> {
+        let refresh = Self::refresh_lease_key(key);
+        let refresh = &refresh;
+        let copy = keep.map(|_| Self::stale_copy(key));
+        let copy = copy.as_deref();
+        self.conns
+            .run("refresh fill", |mut conn| async move {
+                let keys = 2 + usize::from(copy.is_some());
+                let mut cmd = evalsha(
+                    &REFRESH_FILL,
+                    keys,
+                    5,
+                    3 * key.len() + lease.0.len() + value.bytes.len() + 64,
+                );
+                cmd.arg(key).arg(refresh);
+                if let Some(copy) = copy {
+                    cmd.arg(copy);
+                }
+                cmd.arg(&lease.0[..])
+                    .arg(&header[..])
+                    .arg(&value.bytes[..])
+                    .arg(millis(ttl));
+                if let Some(keep) = keep {
+                    cmd.arg(millis(keep));
+                }
+                let stored: i64 = run(&mut conn, &REFRESH_FILL, &cmd).await?;
+                Ok(stored == 1)
+            })
+            .await
+    }
+
     async fn release(&self, key: &str, token: &str) -> BackendResult<()> {
         let waiters = self.waiters(key);
         self.conns
@@ -463,19 +542,21 @@ impl Backend for RedisBackend {
     async fn write(&self, key: &str, value: Stored, ttl: Duration) -> BackendResult<()> {
         let waiters = self.waiters(key);
         let copy = Self::stale_copy(key);
+        let refresh = Self::refresh_lease_key(key);
         let frame = self.frame(inv::Kind::Keys, &[key]);
-        let (frame, channel, copy) = (&frame, &self.inv_channel, &copy);
+        let (frame, channel, copy, refresh) = (&frame, &self.inv_channel, &copy, &refresh);
         self.conns
             .run("write", |mut conn| async move {
                 let mut cmd = evalsha(
                     &WRITE,
-                    3,
-                    8,
-                    3 * key.len() + value.bytes.len() + frame.len() + channel.len() + 60,
+                    4,
+                    9,
+                    4 * key.len() + value.bytes.len() + frame.len() + channel.len() + 80,
                 );
                 cmd.arg(key)
                     .arg(&waiters)
                     .arg(copy)
+                    .arg(refresh)
                     .arg(&value.bytes[..])
                     .arg(millis(ttl))
                     .arg(CHANNEL)
@@ -510,10 +591,12 @@ impl Backend for RedisBackend {
             .run("invalidate", |mut conn| async move {
                 let mut pipe = redis::pipe();
                 for (_, group) in by_slot {
-                    // With each key its stale copy (`stale`), in the same slot.
+                    // With each key its stale copy (`stale`) and its refresh lease
+                    // (`refresh`: a running refresh does not store), in the same slot.
                     let del = pipe.cmd("DEL").arg(group);
                     for key in group {
-                        del.arg(Self::stale_copy(key));
+                        del.arg(Self::stale_copy(key))
+                            .arg(Self::refresh_lease_key(key));
                     }
                     del.ignore();
                 }

@@ -1,5 +1,6 @@
-//! The Lua scripts of the atomic steps. Each touches one value key and its waiters key, both
-//! in one Redis Cluster hash slot (see `key::aux_key`).
+//! The Lua scripts of the atomic steps. Each touches one value key and its auxiliary keys
+//! (waiters, stale copy, refresh lease), all in one Redis Cluster hash slot (see
+//! `key::aux_key`).
 
 use std::sync::LazyLock;
 
@@ -121,20 +122,75 @@ return 1
     )
 });
 
-/// KEYS: value, waiters, stale copy. ARGV: envelope, ttl ms, fill channel, invalidation
-/// channel, the key's invalidation frame (see `inv`). A write: replaces whatever the key holds
-/// (a pending load's marker included, so that load's fill is rejected) and drops the key's
-/// stale copy (`stale`: an older value must not be served after it), wakes the key's waiters, and
-/// announces the write to other processes' in-process tiers, after it is applied.
+/// KEYS: value, waiters, stale copy, refresh lease. ARGV: envelope, ttl ms, fill channel,
+/// invalidation channel, the key's invalidation frame (see `inv`). A write: replaces whatever
+/// the key holds (a pending load's marker included, so that load's fill is rejected), drops the
+/// key's stale copy (`stale`: an older value must not be served after it) and its refresh
+/// lease (`refresh`: a refresh running now does not store its result over the write), wakes
+/// the key's waiters, and announces the write to other processes' in-process tiers, after it
+/// is applied.
 pub(super) static WRITE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('DEL', KEYS[3])
+redis.call('DEL', KEYS[3], KEYS[4])
 if redis.call('DEL', KEYS[2]) == 1 then
   redis.call('PUBLISH', ARGV[3], KEYS[1])
 end
 redis.call('PUBLISH', ARGV[4], ARGV[5])
+return 1
+",
+    )
+});
+
+/// KEYS: value, refresh lease. ARGV: token, the header of the entry the caller read (its first
+/// 13 bytes: format, created-at, compute time), lease ms.
+/// `refresh`: takes the key's refresh lease if the key still holds that entry and nobody holds
+/// the lease (`SET .. NX PX`). Returns 1 if taken.
+pub(super) static REFRESH_LEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('TYPE', KEYS[1]).ok ~= 'string' then
+  return 0
+end
+local v = redis.call('GET', KEYS[1])
+if string.sub(v, 1, #ARGV[2]) ~= ARGV[2] then
+  return 0
+end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[3]) then
+  return 1
+end
+return 0
+",
+    )
+});
+
+/// KEYS: value, refresh lease[, stale copy]. ARGV: token, the header of the entry the refresh
+/// started from, envelope, ttl ms[, the stale copy's ttl ms].
+/// `refresh`: stores the refreshed value only if the caller still holds the refresh lease (no
+/// write or invalidation deleted it) and the key still holds the entry the refresh started
+/// from (no expiry, `REPLACE` or other fill since), then gives the lease back; with a third
+/// key (`stale`), the value also replaces the key's stale copy, as `FILL` does. Wakes nobody
+/// and publishes nothing: nobody waits for a refresh, and other processes' in-process copies
+/// live out the old entry's TTL. Returns 1 if stored.
+pub(super) static REFRESH_FILL: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then
+  return 0
+end
+redis.call('DEL', KEYS[2])
+if redis.call('TYPE', KEYS[1]).ok ~= 'string' then
+  return 0
+end
+local v = redis.call('GET', KEYS[1])
+if string.sub(v, 1, #ARGV[2]) ~= ARGV[2] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
+if KEYS[3] then
+  redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[5])
+end
 return 1
 ",
     )

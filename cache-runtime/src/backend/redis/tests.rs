@@ -600,3 +600,156 @@ async fn a_watch_after_the_fill_subscription_subscribes_the_running_connection()
         .await
         .unwrap();
 }
+
+/// `refresh`: the lease goes to one caller, only while the key holds the entry that was read;
+/// the fill stores only while the lease stands and the key still holds that entry; a write or
+/// an invalidation voids a running refresh; every key the refresh touches has a TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_stores_only_over_the_entry_it_started_from() {
+    use crate::envelope;
+    let ns = namespace("refresh");
+    let (a, b) = (backend(&ns), backend(&ns));
+    let key = format!("{ns}:k");
+    let lease_key = crate::key::aux_key("__cr:refresh:", &key);
+    let ttl = Duration::from_secs(60);
+    let lease = Duration::from_secs(5);
+    let envelope_of = |v: &str| envelope::encode(&v, Duration::from_millis(3), None).unwrap();
+    let old = envelope_of("old");
+    let header = envelope::header_of(&old).unwrap();
+    a.write(&key, Stored::bytes(old.clone()), ttl)
+        .await
+        .unwrap();
+    let mut conn = raw().await;
+
+    // One lease across processes.
+    let won = a.refresh_lease(&key, "t1", &header, lease).await.unwrap();
+    assert!(won.is_some());
+    assert!(
+        b.refresh_lease(&key, "t2", &header, lease)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(&lease_key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(pttl > 0 && pttl <= 5_000, "the lease's PTTL is {pttl}");
+    // Stored over the entry it started from; the lease is given back.
+    let new = Stored::bytes(envelope_of("new"));
+    assert!(
+        a.refresh_fill(&key, new.clone(), ttl, won.as_ref().unwrap(), &header, None)
+            .await
+            .unwrap()
+    );
+    assert_eq!(a.read(&key).await.unwrap().unwrap().bytes, new.bytes);
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(&lease_key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(exists, 0);
+    // The entry changed: no lease for a refresh of the old one.
+    assert!(
+        b.refresh_lease(&key, "t3", &header, lease)
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // A write during the refresh voids it.
+    let header = envelope::header_of(&new.bytes).unwrap();
+    let won = a
+        .refresh_lease(&key, "t4", &header, lease)
+        .await
+        .unwrap()
+        .unwrap();
+    b.write(&key, Stored::bytes(envelope_of("written")), ttl)
+        .await
+        .unwrap();
+    assert!(
+        !a.refresh_fill(
+            &key,
+            Stored::bytes(envelope_of("late")),
+            ttl,
+            &won,
+            &header,
+            None
+        )
+        .await
+        .unwrap()
+    );
+    let value =
+        |stored: Option<Stored>| envelope::decode::<String>(&stored.unwrap().bytes).unwrap();
+    assert_eq!(value(a.read(&key).await.unwrap()), "written");
+
+    // An invalidation during the refresh voids it.
+    let written = a.read(&key).await.unwrap().unwrap();
+    let header = envelope::header_of(&written.bytes).unwrap();
+    let won = a
+        .refresh_lease(&key, "t5", &header, lease)
+        .await
+        .unwrap()
+        .unwrap();
+    b.invalidate(&[&key]).await.unwrap();
+    assert!(
+        !a.refresh_fill(
+            &key,
+            Stored::bytes(envelope_of("late")),
+            ttl,
+            &won,
+            &header,
+            None
+        )
+        .await
+        .unwrap()
+    );
+    assert!(a.read(&key).await.unwrap().is_none());
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(&lease_key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(exists, 0, "the invalidation deleted the lease");
+
+    // Another fill in between (the entry expired and was loaded again): not stored either.
+    let first = envelope_of("first");
+    b.write(&key, Stored::bytes(first.clone()), ttl)
+        .await
+        .unwrap();
+    let header = envelope::header_of(&first).unwrap();
+    let won = a
+        .refresh_lease(&key, "t6", &header, lease)
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg(&envelope_of("refilled")[..])
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        !a.refresh_fill(
+            &key,
+            Stored::bytes(envelope_of("late")),
+            ttl,
+            &won,
+            &header,
+            None
+        )
+        .await
+        .unwrap()
+    );
+    assert_eq!(value(a.read(&key).await.unwrap()), "refilled");
+    let _: () = redis::cmd("DEL")
+        .arg(&key)
+        .arg(&lease_key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
