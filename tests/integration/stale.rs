@@ -53,6 +53,11 @@ async fn tagged_price(cache: &Cache, db: &Db, shop: u64, id: u64) -> Result<Stri
     db.read()
 }
 
+#[cached(cache = cache, key = "quote:{id}", ttl = "400ms", stale = "2500ms", refresh = "50%", name = "quote")]
+async fn quote(cache: &Cache, db: &std::sync::Arc<Db>, id: u64) -> Result<String, String> {
+    db.read()
+}
+
 fn served(cache: &Cache, name: &str) -> u64 {
     cache.stats().function(name).map_or(0, |f| f.stale_served)
 }
@@ -129,6 +134,24 @@ on_both_backends! {
         fx.evict_behind_the_cache("price:10").await;
         db.failing.store(true, Ordering::SeqCst);
         assert_eq!(price(&fx.cache, &db, 10).await.unwrap(), "v2");
+    }
+
+    async fn a_refreshed_value_replaces_the_stale_copy(fx: Fx) {
+        let db = std::sync::Arc::new(Db::new("v1"));
+        assert_eq!(quote(&fx.cache, &db, 12).await.unwrap(), "v1");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        db.set("v2");
+        // Due: the current value at once, and a refresh in the background.
+        assert_eq!(quote(&fx.cache, &db, 12).await.unwrap(), "v1");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while quote(&fx.cache, &db, 12).await.unwrap() != "v2" {
+            assert!(Instant::now() < deadline, "the refresh never landed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The refreshed entry expires, loads fail: the copy is the refreshed value.
+        db.failing.store(true, Ordering::SeqCst);
+        tokio::time::sleep(TTL + Duration::from_millis(100)).await;
+        assert_eq!(quote(&fx.cache, &db, 12).await.unwrap(), "v2");
     }
 
     async fn past_its_ttl_a_value_is_gone_for_every_reader(fx: Fx) {
