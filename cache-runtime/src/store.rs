@@ -333,8 +333,9 @@ impl Store {
     pub(crate) async fn read_for_fill(
         &self,
         key: &str,
+        expect_hit: bool,
     ) -> BackendResult<(Read, Option<LeaseGuard>)> {
-        let token = Token::default();
+        let token = Token::expecting_hit(expect_hit);
         let read = self.backend.read_for_fill(key, &token).await?;
         Ok(self.with_guard(key, read, token))
     }

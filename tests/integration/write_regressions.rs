@@ -389,3 +389,66 @@ async fn a_put_or_evict_dropped_mid_call_invalidates_its_key() {
         assert_eq!(calls.get(), 4, "not evicted on {}", cache.backend_name());
     }
 }
+
+/// A function that mostly hits reads with a plain `GET` first (its marker only on a miss): a
+/// miss there still guards its fill, so a write during the load wins.
+#[cached(cache = cache, key = "hot:{id}", ttl = 60, name = "hot")]
+async fn hot(
+    cache: &Cache,
+    db: &std::sync::Mutex<String>,
+    calls: &Calls,
+    gate: Option<&Gate>,
+    id: u64,
+) -> Result<String, String> {
+    calls.hit();
+    let v = db.lock().unwrap().clone();
+    if let Some(gate) = gate {
+        gate.pass().await;
+    }
+    Ok(v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mostly_hitting_function_still_guards_its_fills() {
+    let cache = Cache::builder()
+        .redis(redis_url())
+        .namespace(unique_namespace("mostly_hits"))
+        .operation_timeout(Duration::from_secs(2))
+        .build()
+        .await
+        .unwrap();
+    let db = Arc::new(std::sync::Mutex::new("old".to_owned()));
+    let calls = Arc::new(Calls::new());
+    for _ in 0..40 {
+        assert_eq!(hot(&cache, &db, &calls, None, 1).await.unwrap(), "old");
+    }
+    assert_eq!(calls.get(), 1);
+    let f = cache.stats().function("hot").unwrap().clone();
+    assert_eq!((f.hits, f.misses), (39, 1));
+    cache.invalidate("hot:1").await.unwrap();
+    // A miss on the `GET` path, held in its load; a write meanwhile.
+    let gate = Gate::new();
+    let load = {
+        let (cache, db, calls, gate) = (cache.clone(), db.clone(), calls.clone(), gate.clone());
+        tokio::spawn(async move { hot(&cache, &db, &calls, Some(&gate), 1).await })
+    };
+    gate.entered.notified().await;
+    *db.lock().unwrap() = "new".to_owned();
+    cache
+        .set("hot:1", &"new", Duration::from_secs(60))
+        .await
+        .unwrap();
+    gate.release.notify_one();
+    assert_eq!(
+        load.await.unwrap().unwrap(),
+        "old",
+        "the caller gets what it loaded"
+    );
+    assert_eq!(
+        hot(&cache, &db, &calls, None, 1).await.unwrap(),
+        "new",
+        "the old load was not stored over the write"
+    );
+    assert_eq!(calls.get(), 2);
+    assert_eq!(cache.stats().function("hot").unwrap().stale_fills, 1);
+}

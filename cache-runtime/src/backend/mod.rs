@@ -135,9 +135,20 @@ pub(crate) type OnWait<'a> = dyn Fn() + Send + Sync + 'a;
 /// pay for one. Its buffer is a reused [`KeyBuf`]: a token that is not kept (a hit)
 /// allocates nothing.
 #[derive(Default)]
-pub(crate) struct Token(std::sync::OnceLock<KeyBuf>);
+pub(crate) struct Token(std::sync::OnceLock<KeyBuf>, bool);
 
 impl Token {
+    /// A token for a read that expects a hit: a shared backend may then read with a plain
+    /// `GET` first, and leave its marker only on a miss (one round trip more then).
+    pub(crate) fn expecting_hit(expect: bool) -> Token {
+        Token(std::sync::OnceLock::new(), expect)
+    }
+
+    /// Whether the read expects a hit (see [`Token::expecting_hit`]).
+    pub(crate) fn expects_hit(&self) -> bool {
+        self.1
+    }
+
     /// The token, made now by `make` if it was not yet.
     pub(crate) fn get_or(&self, make: impl FnOnce() -> KeyBuf) -> &str {
         self.0.get_or_init(make).as_str()
@@ -156,7 +167,8 @@ pub(crate) trait Backend: Send + Sync {
 
     /// The value under `key`, or what a load's fill is checked against if there is none. A
     /// shared backend may leave `token` in the key as a pending load's marker (then
-    /// `Read::Miss` carries it, and `release` removes it).
+    /// `Read::Miss` carries it, and `release` removes it); when the token expects a hit, it may
+    /// read first and leave the marker only on a miss.
     fn read_for_fill(
         &self,
         key: &str,

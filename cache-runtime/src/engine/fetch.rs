@@ -575,8 +575,19 @@ impl<'a> Fetch<'a> {
             },
             // The marker this call may leave in the key is held like a lease: filling
             // replaces it, a result not stored removes it (in the background).
-            None => self.read_done(key, store.read_for_fill(key).await).await,
+            None => {
+                let read = store.read_for_fill(key, self.mostly_hits()).await;
+                self.read_done(key, read).await
+            }
         }
+    }
+
+    /// Whether this function's lookups mostly hit (over 80%, after 32 lookups): then a read
+    /// looks for the value first and leaves its pending-load marker only on a miss (see
+    /// [`Token::expecting_hit`](crate::backend::Token::expecting_hit)).
+    fn mostly_hits(&self) -> bool {
+        let (hits, misses) = (self.stats.hits.get(), self.stats.misses.get());
+        hits + misses >= 32 && hits >= 4 * misses
     }
 
     /// What a read without `lock` found.

@@ -42,7 +42,10 @@
 //! invalidation never stores its result, and a miss is two round trips (lookup, fill), like
 //! a hand-written cache-aside. The guard is positive: a marker lost to eviction or expiry
 //! rejects the fill (a miss), it never lets a stale one through. With `lock`, the marker is
-//! also the lease: waiters see it, and the holder's fill releases it.
+//! also the lease: waiters see it, and the holder's fill releases it. A read whose token
+//! expects a hit (a function that mostly hits, see `Fetch::mostly_hits`) sends a plain `GET`
+//! first and the `SET .. NX GET` only when that finds nothing: such a miss is three round
+//! trips, such a hit exactly a `GET`.
 //!
 //! (`{K}` is written `K` when `K` already carries a hash tag, and `{T}K`, with `T` a short tag
 //! of `K`'s slot, when `K` has no hash tag but contains a `}`; see `key::aux_key`.) Each
@@ -383,6 +386,13 @@ impl Backend for RedisBackend {
     }
 
     async fn read_for_fill(&self, key: &str, token: &Token) -> BackendResult<Read> {
+        if token.expects_hit() {
+            // A function that mostly hits: a plain `GET` (what a hit costs on the server and
+            // the wire), and the marker only on a miss, one round trip more.
+            if let Some(stored) = self.get(key).await? {
+                return Ok(Read::Hit(stored));
+            }
+        }
         self.lookup(key, self.marker(token), PENDING_TTL).await
     }
 
