@@ -248,7 +248,10 @@ async fn lock_and_local_together() {
     let start = Instant::now();
     while calls.get() < 2 {
         assert_eq!(locked(&a, &calls, 3).await, User::new(3));
-        assert!(start.elapsed() < BOUND, "a's copy outlived the invalidation");
+        assert!(
+            start.elapsed() < BOUND,
+            "a's copy outlived the invalidation"
+        );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     assert_eq!(locked(&b, &calls, 3).await, User::new(3));
