@@ -53,6 +53,9 @@ pub(crate) struct Store {
     /// `refresh`: the keys this process started refreshing, the entries it refreshes, and
     /// until when it does not try again.
     refreshing: Refreshing,
+    /// `stale`: keys whose load failed moments ago (and were answered with their stale copy),
+    /// with until when calls skip the load and get the copy at once.
+    failing: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 /// `refresh`: one background refresh per entry per process. A key is entered with the header
@@ -127,6 +130,13 @@ impl Refreshing {
     }
 }
 
+/// `stale`: how long after a failed load (answered with the stale copy) the key's calls in
+/// this process get the copy without running the load again.
+pub(crate) const STALE_BACKOFF: Duration = Duration::from_secs(1);
+
+/// At most this many keys are remembered as failing (beyond, expired ones are dropped, then all).
+const FAILING_KEYS: usize = 10_000;
+
 /// The in-process tier's settings (see [`CacheBuilder::local`](crate::CacheBuilder::local)).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct LocalConfig {
@@ -171,7 +181,31 @@ impl Store {
             local: OnceLock::new(),
             local_config,
             refreshing: Refreshing::new(),
+            failing: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
+    }
+
+    /// `stale`: `key`'s load failed and its stale copy was served: for `STALE_BACKOFF`, calls
+    /// of it in this process get the copy without running the load again.
+    pub(crate) fn mark_failing(&self, key: &str) {
+        let now = std::time::Instant::now();
+        let mut failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+        if failing.len() >= FAILING_KEYS {
+            failing.retain(|_, until| *until > now);
+            if failing.len() >= FAILING_KEYS {
+                failing.clear();
+            }
+        }
+        failing.insert(key.to_owned(), now + STALE_BACKOFF);
+    }
+
+    /// `stale`: whether `key`'s load failed less than `STALE_BACKOFF` ago.
+    pub(crate) fn failing(&self, key: &str) -> bool {
+        let failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+        !failing.is_empty()
+            && failing
+                .get(key)
+                .is_some_and(|until| *until > std::time::Instant::now())
     }
 
     /// `refresh`: the keys this process is refreshing.

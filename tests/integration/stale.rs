@@ -86,6 +86,27 @@ on_both_backends! {
         assert_eq!(price(&fx.cache, &db, 1).await.unwrap(), "v2");
     }
 
+    async fn during_an_outage_a_key_is_loaded_at_most_once_a_second(fx: Fx) {
+        let db = Db::new("v1");
+        assert_eq!(price(&fx.cache, &db, 13).await.unwrap(), "v1");
+        tokio::time::sleep(TTL + Duration::from_millis(100)).await;
+        db.failing.store(true, Ordering::SeqCst);
+        for _ in 0..10 {
+            assert_eq!(price(&fx.cache, &db, 13).await.unwrap(), "v1");
+        }
+        assert_eq!(db.loads.load(Ordering::SeqCst), 2, "one failing load for ten calls");
+        assert_eq!(served(&fx.cache, "price"), 10);
+        // A second later, the load is tried again.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(price(&fx.cache, &db, 13).await.unwrap(), "v1");
+        assert_eq!(db.loads.load(Ordering::SeqCst), 3);
+        // And once the database is back, the next try stores its value.
+        db.failing.store(false, Ordering::SeqCst);
+        db.set("v2");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(price(&fx.cache, &db, 13).await.unwrap(), "v2");
+    }
+
     async fn a_successful_reload_replaces_the_stale_value(fx: Fx) {
         let db = Db::new("v1");
         assert_eq!(price(&fx.cache, &db, 2).await.unwrap(), "v1");

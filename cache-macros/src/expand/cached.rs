@@ -166,6 +166,13 @@ pub(super) fn generate(g: &Gen<'_>) -> TokenStream {
         let run_body = if stale_on {
             let (hit, panic) = (g.at_ret("__cache_hit"), g.at_ret("__cache_panic"));
             quote_spanned! {g.ret_loc=>
+                if #fetch.skip_load().await {
+                    if let ::core::option::Option::Some(#hit) =
+                        #finish.stale(&mut #fetch, &#mode, #typed)
+                    {
+                        return #hit;
+                    }
+                }
                 let #result = match #rt_ret::catch_unwind(#future).await {
                     ::core::result::Result::Ok(#result) => #result,
                     ::core::result::Result::Err(#panic) => {

@@ -415,6 +415,34 @@ impl<'a> Fetch<'a> {
         }
     }
 
+    /// The key this call leads or loads, if any.
+    fn state_key(&self) -> Option<&str> {
+        match &self.state {
+            State::Lead { guard, .. } => Some(guard.flight().key()),
+            State::Solo { key: Some(key), .. } => Some(key.as_str()),
+            State::Direct { key } => Some(key.as_str()),
+            _ => None,
+        }
+    }
+
+    /// `stale`: whether this call skips its load because the key's load failed moments ago
+    /// in this process (see [`Store::mark_failing`]) and its stale copy is still there: the
+    /// copy is then the call's answer (and its waiting callers'), taken by
+    /// [`Finish::stale`](crate::engine::Finish::stale). During an outage a key's load runs
+    /// at most once per second per process; the other calls do not wait for it to fail.
+    pub async fn skip_load(&mut self) -> bool {
+        if self.site.stale.is_none() || !self.state_key().is_some_and(|k| self.store.failing(k)) {
+            return false;
+        }
+        let Some(stale) = self.find_stale().await else {
+            return false;
+        };
+        self.loading = false;
+        self.stale = Some(stale.clone());
+        self.share(stale).await;
+        true
+    }
+
     /// `stale`: the value found by a failed load's [`Fetch::find_stale`], for the caller.
     pub(crate) fn take_stale(&mut self) -> Option<Stored> {
         self.stale.take()
@@ -743,7 +771,11 @@ impl<'a> Fetch<'a> {
                 }
                 if self.site.stale.is_some() {
                     if let Some(stale) = self.find_stale().await {
-                        // The callers waiting for this load get the stale value too.
+                        // The callers waiting for this load get the stale value too, and the
+                        // key's next calls for a moment (see `Fetch::skip_load`).
+                        if let Some(key) = self.state_key() {
+                            self.store.mark_failing(key);
+                        }
                         self.stale = Some(stale.clone());
                         self.share(stale).await;
                         return;
