@@ -3,12 +3,12 @@
 //! processes remove the copies; a lost subscription or a Redis restart clears the tier.
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cache_runtime::{Cache, cache_evict, cache_put, cached};
-use cache_tests::{RedisServer, raw_connection, redis_url, unique_namespace};
+use cache_tests::{RedisServer, raw_connection, redis_url, spawn_test_worker, unique_namespace};
 use redis::AsyncCommands;
 
 use crate::support::{Calls, Gate, User};
@@ -439,19 +439,10 @@ fn l1_worker() {
 }
 
 fn spawn_l1_worker(namespace: &str) -> Child {
-    Command::new(std::env::current_exe().expect("the test binary"))
-        .args([
-            "local::l1_worker",
-            "--exact",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("CACHE_TEST_L1_WORKER", namespace)
-        .env("REDIS_URL", redis_url())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn a worker process")
+    spawn_test_worker(
+        "local::l1_worker",
+        &[("CACHE_TEST_L1_WORKER", namespace.to_owned())],
+    )
 }
 
 /// 4 processes hold the setting in their in-process tier; this process (the fifth) puts it,
@@ -548,5 +539,38 @@ async fn processes_4_readers_see_every_write_of_a_fifth() {
             l1 * 10 >= reads * 9,
             "{l1} of {reads} reads from L1\n{stdout}"
         );
+    }
+}
+
+/// The tier keeps working when the runtime that started its subscription ends and another
+/// uses the cache (a `static` cache under several `#[tokio::test]`s).
+#[test]
+fn the_tier_survives_the_runtime_that_started_it() {
+    let ns = unique_namespace("l1_runtimes");
+    let cache = Cache::builder()
+        .redis(redis_url())
+        .namespace(&ns)
+        .operation_timeout(Duration::from_secs(2))
+        .build_sync()
+        .unwrap();
+    let (db, calls) = (Db::new(), Calls::new());
+    for round in 0..2 {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            until_l1_hit(&cache, "row", || row(&cache, &db, &calls, 1, 7)).await;
+            // Still coherent: a write elsewhere reaches this runtime's subscription.
+            let other = cache_on(&redis_url(), &ns).await;
+            let value = format!("round {round}");
+            save_row(&other, &db, 1, 7, &value).await.unwrap();
+            until_value(&value, BOUND, || async {
+                row(&cache, &db, &calls, 1, 7).await.unwrap()
+            })
+            .await;
+        });
+        drop(rt);
     }
 }

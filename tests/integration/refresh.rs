@@ -6,14 +6,14 @@
 //! refresh at a time across all of them.
 
 use std::collections::BTreeSet;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ::redis::AsyncCommands;
 use cache_runtime::{Cache, FunctionStats, cached};
-use cache_tests::{raw_connection, redis_url, unique_namespace};
+use cache_tests::{raw_connection, redis_url, spawn_test_worker, unique_namespace};
 
 use crate::support::{Fx, Gate, on_both_backends};
 
@@ -435,19 +435,10 @@ fn refresh_worker() {
 }
 
 fn spawn_refresh_worker(namespace: &str) -> Child {
-    Command::new(std::env::current_exe().expect("the test binary"))
-        .args([
-            "refresh::refresh_worker",
-            "--exact",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("CACHE_TEST_REFRESH_WORKER", namespace)
-        .env("REDIS_URL", redis_url())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn a worker process")
+    spawn_test_worker(
+        "refresh::refresh_worker",
+        &[("CACHE_TEST_REFRESH_WORKER", namespace.to_owned())],
+    )
 }
 
 /// 4 processes read one key continuously for 10 s (TTL 2 s, `refresh = "50%"`): about one

@@ -4,12 +4,12 @@
 //! in-process coalescing and its own subscription); the tests marked "processes" run real OS
 //! processes: this test binary, re-executed as a worker (`worker` below).
 
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cache_runtime::{Cache, cached};
-use cache_tests::{RedisServer, raw_connection, redis_url, unique_namespace};
+use cache_tests::{RedisServer, raw_connection, redis_url, spawn_test_worker, unique_namespace};
 use redis::AsyncCommands;
 use tokio::task::JoinSet;
 
@@ -419,23 +419,16 @@ fn spawn_worker(
     load_ms: u64,
     start_at: u64,
 ) -> Child {
-    Command::new(std::env::current_exe().expect("the test binary"))
-        .args([
-            "stampede::worker",
-            "--exact",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("CACHE_TEST_WORKER", namespace)
-        .env("CACHE_TEST_COUNTER", counter)
-        .env("CACHE_TEST_CALLERS", callers.to_string())
-        .env("CACHE_TEST_LOAD_MS", load_ms.to_string())
-        .env("CACHE_TEST_START_AT", start_at.to_string())
-        .env("REDIS_URL", redis_url())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn a worker process")
+    spawn_test_worker(
+        "stampede::worker",
+        &[
+            ("CACHE_TEST_WORKER", namespace.to_owned()),
+            ("CACHE_TEST_COUNTER", counter.to_owned()),
+            ("CACHE_TEST_CALLERS", callers.to_string()),
+            ("CACHE_TEST_LOAD_MS", load_ms.to_string()),
+            ("CACHE_TEST_START_AT", start_at.to_string()),
+        ],
+    )
 }
 
 fn wait_ok(child: Child, within: Duration) {

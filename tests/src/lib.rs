@@ -39,6 +39,22 @@ pub async fn raw_connection(url: &str) -> redis::aio::MultiplexedConnection {
     .unwrap_or_else(|e| panic!("cannot connect to redis at {url}: {e}"))
 }
 
+/// Runs the test `test` (`module::name`) of the current test binary in a child process, with
+/// `env` set and `REDIS_URL` passed on, its output piped: how the multi-process tests start
+/// their worker processes (each worker test is a no-op unless its variable is set).
+pub fn spawn_test_worker(test: &str, env: &[(&str, String)]) -> Child {
+    let mut cmd = Command::new(std::env::current_exe().expect("the test binary"));
+    cmd.args([test, "--exact", "--nocapture", "--test-threads=1"]);
+    for (name, value) in env {
+        cmd.env(name, value);
+    }
+    cmd.env("REDIS_URL", redis_url())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn a worker process")
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
