@@ -55,6 +55,15 @@ pub fn spawn_test_worker(test: &str, env: &[(&str, String)]) -> Child {
         .expect("spawn a worker process")
 }
 
+/// The PostgreSQL the write-behind tests apply writes to: `PG_URL` (a libpq-style
+/// connection string or URL), or the local server's `test` database.
+pub fn pg_url() -> String {
+    std::env::var("PG_URL")
+        .ok()
+        .filter(|u| !u.trim().is_empty())
+        .unwrap_or_else(|| "host=127.0.0.1 port=5432 user=postgres dbname=test".to_owned())
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -118,6 +127,36 @@ impl RedisServer {
             child: None,
             extra_args: args.iter().map(|a| (*a).to_owned()).collect(),
             dir: None,
+        };
+        server.restart();
+        server
+    }
+
+    /// Starts a server that keeps its data on disk: AOF with `appendfsync always`, in a
+    /// directory of its own (removed when dropped). After [`kill`](Self::kill) (SIGKILL),
+    /// [`restart`](Self::restart) brings back every write it acknowledged.
+    pub fn start_durable() -> RedisServer {
+        static DIRS: AtomicU64 = AtomicU64::new(0);
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!(
+            "cache-tests-aof-{}-{}-{}",
+            std::process::id(),
+            port,
+            DIRS.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("create the durable server's directory");
+        let mut server = RedisServer {
+            port,
+            child: None,
+            extra_args: vec![
+                "--appendonly".into(),
+                "yes".into(),
+                "--appendfsync".into(),
+                "always".into(),
+                "--dir".into(),
+                dir.to_string_lossy().into_owned(),
+            ],
+            dir: Some(dir),
         };
         server.restart();
         server
