@@ -22,6 +22,9 @@ use redis::aio::ConnectionManager;
 use serde::Serialize;
 use std::hint::black_box;
 
+#[path = "wb.rs"]
+mod wb;
+
 #[derive(Debug, Clone)]
 struct BenchError(String);
 
@@ -247,7 +250,7 @@ fn parse_args() -> Result<Args, String> {
                 .extend(value("--only")?.split(',').map(str::to_owned)),
             "-h" | "--help" => {
                 println!(
-                    "compare [--quick] [--json FILE] [--keys N] [--hot-share F] [--tasks N] [--rounds N] [--redis-url URL] [--only hit,memory,spread,hot,zipf,invalidation,coherence,miss,writes,down,stampede]"
+                    "compare [--quick] [--json FILE] [--keys N] [--hot-share F] [--tasks N] [--rounds N] [--redis-url URL] [--only hit,memory,spread,hot,zipf,invalidation,coherence,miss,writes,down,stampede,write_behind]"
                 );
                 std::process::exit(0);
             }
@@ -1193,6 +1196,12 @@ async fn run(args: Args, down: Down) -> Result<(), String> {
                 waited(r.wake_p99_us),
             );
         }
+    }
+
+    // 8. Write-behind against a direct PostgreSQL UPDATE per call (`PG_URL`).
+    if args.wants("write_behind") {
+        eprintln!("write_behind ...");
+        report.extend(wb::scenario(&args.redis_url, &run_id, args.quick, args.rounds).await?);
     }
 
     // The report.
