@@ -69,6 +69,8 @@ mod mode;
 mod stats;
 mod store;
 mod tags;
+#[allow(dead_code, reason = "the write-behind worker lands in the next commit")]
+pub mod write_behind;
 
 pub use crate::cache::{Cache, CacheBuilder, default_cache, set_default};
 pub use crate::error::{Error, ErrorKind, Result};
@@ -104,6 +106,8 @@ pub struct WriteBehindDocTests;
 /// Not public API: the items the attribute macros' expansions refer to.
 #[doc(hidden)]
 pub mod __private {
+    /// `wb_outcome!(result)`: a `#[write_behind]` body's result as [`Applied`].
+    pub use crate::__cache_wb_outcome as wb_outcome;
     pub use crate::cache::Cache;
     pub use crate::engine::{
         Call, Evict, EvictCall, Fetch, Finish, Owned, Put, Refresh, RefreshArg, RefreshRef,
@@ -121,6 +125,11 @@ pub mod __private {
     };
     pub use crate::stats::Site;
     pub use crate::tags::Tags;
+    pub use crate::write_behind::{
+        Applied, ApplyFn, Applying, ArgsError, Inline, ViaDebug, ViaDisplay, ViaName, WbFunction,
+        WbHandler, WbOutcome, WbResult, WriteBehind, wb_decode,
+    };
+    pub use inventory;
 
     /// Starts a key in `cache`'s namespace.
     #[inline]
