@@ -174,7 +174,7 @@ struct Arg<'a> {
 //         fn __cache_apply(__cache_args: &[u8]) -> Result<Applying, ArgsError> {
 //             let (__cache_a0, __cache_a1): (u64, User) = wb_decode(__cache_args)?;
 //             Ok(Applying::new(async move {
-//                 wb_outcome(__cache_body(__cache_a0, __cache_a1).await)
+//                 wb_outcome!(__cache_body(__cache_a0, __cache_a1).await)
 //             }))
 //         }
 //         static __CACHE_WB: WbFunction =
@@ -276,19 +276,27 @@ pub(super) fn generate(g: &Gen<'_>) -> TokenStream {
     // Spanned at the parameter list: an argument type that does not deserialize is reported
     // at the arguments (and first at its own type, by `require_wb_arg` below).
     let inputs_span = sig.paren_token.span.join();
+    let rt_inputs = quote_spanned!(inputs_span=> ::cache_runtime::__private);
     let decode = if params.is_empty() {
-        quote_spanned!(inputs_span=> #rt::wb_decode::<()>(#bytes)?;)
+        quote_spanned!(inputs_span=> #rt_inputs::wb_decode::<()>(#bytes)?;)
     } else {
-        quote_spanned!(inputs_span=> let (#(#decoded,)*): (#(#types,)*) = #rt::wb_decode(#bytes)?;)
+        quote_spanned!(inputs_span=> let (#(#decoded,)*): (#(#types,)*) = #rt_inputs::wb_decode(#bytes)?;)
+    };
+    // Spanned at `async`: a body whose future is not `Send` (a worker runs it on a task) is
+    // reported at the function's `async`, with the `.await` that holds the culprit.
+    let async_span = sig.asyncness.map_or_else(|| sig.fn_token.span, |a| a.span);
+    let rt_async = quote_spanned!(async_span=> ::cache_runtime::__private);
+    let applying = quote_spanned! {async_span=>
+        #rt_async::Applying::new(async move {
+            #rt::wb_outcome!(#body_fn(#(#decoded),*).await)
+        })
     };
     let apply_item = quote! {
         fn #apply(
             #bytes: &[u8],
         ) -> ::core::result::Result<#rt::Applying, #rt::ArgsError> {
             #decode
-            ::core::result::Result::Ok(#rt::Applying::new(async move {
-                #rt::wb_outcome(#body_fn(#(#decoded),*).await)
-            }))
+            ::core::result::Result::Ok(#applying)
         }
     };
 
