@@ -120,8 +120,8 @@ pub mod __private {
     pub use crate::key::{aux_key, key_slot};
     pub use crate::mode::{
         Mode, SuccessOption, SuccessPlain, SuccessResult, Tag, Typed, ViaOption, ViaPlain,
-        ViaResult, ViaResultOption, ViaTyped, ViaUntyped, WbArg, require_cache_none,
-        require_local, require_wb_arg,
+        ViaResult, ViaResultOption, ViaTyped, ViaUntyped, WbArg, require_cache_none, require_local,
+        require_wb_arg,
     };
     pub use crate::stats::Site;
     pub use crate::tags::Tags;
