@@ -22,7 +22,7 @@ use redis::{Script, Value};
 
 use super::scripts::{evalsha, run};
 use super::{CHANNEL, RedisBackend, inv, millis};
-use crate::backend::{BackendError, BackendResult};
+use crate::backend::BackendResult;
 use crate::key::aux_key;
 use crate::store::{Store, WbWrite};
 
@@ -595,6 +595,22 @@ impl RedisBackend {
             .await
     }
 
+    /// Extends the life of `keys` (queues a worker polls) to `retention`.
+    pub(crate) async fn wb_touch(&self, keys: &[String], retention: Duration) -> BackendResult<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        self.conns
+            .run("write-behind retention", |mut conn| async move {
+                let mut pipe = redis::pipe();
+                for key in keys {
+                    pipe.cmd("PEXPIRE").arg(key).arg(millis(retention)).ignore();
+                }
+                pipe.exec_async(&mut conn).await
+            })
+            .await
+    }
+
     /// Registers `name` as a live worker until `now + ttl`, drops expired ones, and returns
     /// how many are live.
     pub(crate) async fn wb_heartbeat(
@@ -827,7 +843,7 @@ impl RedisBackend {
             .filter(|(n, _)| !DEAD_FIELDS.contains(&n.as_str()))
             .collect();
         if fields.is_empty() {
-            return Err(BackendError::Data("an empty dead letter".to_owned()));
+            return Ok(false);
         }
         self.conns
             .run("write-behind retry", |mut conn| async move {
