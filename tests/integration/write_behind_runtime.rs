@@ -95,6 +95,24 @@ fn record(log: &Log, id: u64, v: &str) {
         .push((id, v.to_owned(), write.to_string()));
 }
 
+/// Every accepted write of `key` was applied at least once, in accepted order (a re-applied
+/// suffix after a lost lease is allowed), and the last one applied is the last accepted.
+fn assert_applied_in_order(key: u64, applied: &[String], accepted: &[String]) {
+    let mut rest = applied;
+    for v in accepted {
+        let at = rest
+            .iter()
+            .position(|x| x == v)
+            .unwrap_or_else(|| panic!("{v} of key {key} lost or out of order: {applied:?}"));
+        rest = &rest[at + 1..];
+    }
+    assert_eq!(
+        applied.last(),
+        accepted.last(),
+        "key {key}: the last write lands last"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accepted_writes_are_applied_in_order_per_key() {
     static LOG: Log = Mutex::new(Vec::new());
@@ -365,15 +383,7 @@ async fn a_dead_workers_partitions_are_taken_over_with_nothing_lost() {
             .filter(|i| i % 4 == key)
             .map(|i| format!("v{i}"))
             .collect();
-        // At least once, in order: the dead worker may have applied a prefix already.
-        let mut rest = applied.as_slice();
-        for v in &expected {
-            let at = rest
-                .iter()
-                .position(|x| x == v)
-                .unwrap_or_else(|| panic!("{v} of key {key} lost: {applied:?}"));
-            rest = &rest[at + 1..];
-        }
+        assert_applied_in_order(key, &applied, &expected);
     }
     w.shutdown().await;
 }
@@ -517,4 +527,72 @@ async fn shutdown_gives_the_partitions_back_and_keys_have_ttls() {
         .await
         .unwrap();
     assert_eq!(live, 0, "left the live set");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_share_the_partitions_and_keep_each_keys_order() {
+    static LOG: Log = Mutex::new(Vec::new());
+    wb_fn!(wb_shared, "shared", coalesce = false, |id, v| {
+        record(&LOG, id, &v);
+        tokio::task::yield_now().await;
+        Ok(())
+    });
+    let (cache, ns) = cache("wb_shared", 4);
+    let a = worker(&cache, "shared")
+        .lease(Duration::from_millis(800))
+        .start()
+        .unwrap();
+    let b = worker(&cache, "shared")
+        .lease(Duration::from_millis(800))
+        .start()
+        .unwrap();
+    let mut sent = Vec::new();
+    for i in 0..200u64 {
+        let (id, v) = (i % 20, format!("v{i}"));
+        wb_shared(&cache, id, v.clone()).await.unwrap();
+        sent.push((id, v));
+        if i % 50 == 0 {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    }
+    assert!(a.flush_for(Duration::from_secs(20)).await);
+    // Each holds its fair share (2 of 4) once both are live.
+    let mut conn = raw_connection(&redis_url()).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let owners: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(
+                (0..4)
+                    .map(|p| format!("__cr:wb:{{{ns}:shared:{p}}}:owner"))
+                    .collect::<Vec<_>>(),
+            )
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let distinct: std::collections::HashSet<&String> = owners.iter().flatten().collect();
+        if owners.iter().all(Option::is_some) && distinct.len() == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fair share never reached: {owners:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = LOG.lock().unwrap().clone();
+    for key in 0..20 {
+        let applied: Vec<String> = log
+            .iter()
+            .filter(|e| e.0 == key)
+            .map(|e| e.1.clone())
+            .collect();
+        let accepted: Vec<String> = sent
+            .iter()
+            .filter(|e| e.0 == key)
+            .map(|e| e.1.clone())
+            .collect();
+        assert_applied_in_order(key, &applied, &accepted);
+    }
+    a.shutdown().await;
+    b.shutdown().await;
 }

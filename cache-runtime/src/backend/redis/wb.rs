@@ -524,10 +524,19 @@ impl RedisBackend {
             if taken.len() >= want {
                 break;
             }
-            if h.is_some() {
-                continue;
-            }
             let owner = owners[i];
+            match h.as_deref() {
+                None => {}
+                // Still ours (a partition task stopped while its renewal failed): renewed now,
+                // so the new task's lease clock starts from a real renewal.
+                Some(held) if held == token => {
+                    if self.wb_renew(&[owner], token, lease).await?.first() == Some(&true) {
+                        taken.push(i);
+                    }
+                    continue;
+                }
+                Some(_) => continue,
+            }
             let won: Option<String> = self
                 .conns
                 .run("write-behind take", |mut conn| async move {
