@@ -249,7 +249,8 @@ impl CacheBuilder {
     ///
     /// Fails with [`ErrorKind::Config`] on invalid configuration only: a malformed Redis URL,
     /// a zero TTL, timeout or entry limit, a `local_staleness` under 10 ms, a namespace with
-    /// braces, spaces or control characters. It never fails, nor waits, because Redis is down: the connection is made on
+    /// braces, spaces or control characters, `write_behind_partitions` outside 1 to 1024, a
+    /// `write_behind_retention` under 1 s. It never fails, nor waits, because Redis is down: the connection is made on
     /// first use, and until it succeeds calls run uncached.
     pub async fn build(self) -> Result<Cache> {
         self.build_sync()

@@ -69,7 +69,6 @@ mod mode;
 mod stats;
 mod store;
 mod tags;
-#[allow(dead_code, reason = "the write-behind worker lands in the next commit")]
 pub mod write_behind;
 
 pub use crate::cache::{Cache, CacheBuilder, default_cache, set_default};

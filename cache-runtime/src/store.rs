@@ -619,7 +619,6 @@ impl Store {
         }
     }
 
-    #[allow(dead_code, reason = "the write-behind worker lands in the next commit")]
     /// Forgets the in-process state of `key` after another write of it (the write-behind
     /// worker's re-assert): detached flights, no local copy.
     pub(crate) fn written_elsewhere(&self, key: &str) {

@@ -88,7 +88,7 @@ pub use self::handler::{
     Applied, ApplyFn, Applying, ArgsError, ViaDebug, ViaDisplay, ViaName, WbFunction, WbHandler,
     WbOutcome, WbResult, wb_decode,
 };
-pub use self::worker::{Worker, WorkerBuilder, WorkerStats};
+pub use self::worker::{Worker, WorkerBuilder, WorkerFunctionStats, WorkerStats};
 
 use crate::backend::wb::{PartitionKeys, dead_key, now_ms, partition_of};
 use crate::cache::Cache;

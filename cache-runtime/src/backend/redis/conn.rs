@@ -212,7 +212,6 @@ impl Connections {
         }
     }
 
-    #[allow(dead_code, reason = "the write-behind worker lands in the next commit")]
     /// The client (for connections of their own: the write-behind worker's blocking reads).
     pub(super) fn client(&self) -> &redis::Client {
         &self.client

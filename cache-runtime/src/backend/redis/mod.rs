@@ -64,7 +64,6 @@ mod lease;
 mod scripts;
 #[cfg(test)]
 mod tests;
-#[allow(dead_code, reason = "the write-behind worker lands in the next commit")]
 pub(crate) mod wb;
 
 use std::sync::Arc;

@@ -22,7 +22,7 @@ use redis::{Script, Value};
 
 use super::scripts::{evalsha, run};
 use super::{CHANNEL, RedisBackend, inv, millis};
-use crate::backend::{BackendError, BackendResult};
+use crate::backend::BackendResult;
 use crate::key::aux_key;
 use crate::store::{Store, WbWrite};
 
@@ -524,10 +524,19 @@ impl RedisBackend {
             if taken.len() >= want {
                 break;
             }
-            if h.is_some() {
-                continue;
-            }
             let owner = owners[i];
+            match h.as_deref() {
+                None => {}
+                // Still ours (a partition task stopped while its renewal failed): renewed now,
+                // so the new task's lease clock starts from a real renewal.
+                Some(held) if held == token => {
+                    if self.wb_renew(&[owner], token, lease).await?.first() == Some(&true) {
+                        taken.push(i);
+                    }
+                    continue;
+                }
+                Some(_) => continue,
+            }
             let won: Option<String> = self
                 .conns
                 .run("write-behind take", |mut conn| async move {
@@ -591,6 +600,22 @@ impl RedisBackend {
                 cmd.arg(owner).arg(token);
                 let _: i64 = run(&mut conn, &WB_RELEASE, &cmd).await?;
                 Ok(())
+            })
+            .await
+    }
+
+    /// Extends the life of `keys` (queues a worker polls) to `retention`.
+    pub(crate) async fn wb_touch(&self, keys: &[String], retention: Duration) -> BackendResult<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        self.conns
+            .run("write-behind retention", |mut conn| async move {
+                let mut pipe = redis::pipe();
+                for key in keys {
+                    pipe.cmd("PEXPIRE").arg(key).arg(millis(retention)).ignore();
+                }
+                pipe.exec_async(&mut conn).await
             })
             .await
     }
@@ -827,7 +852,7 @@ impl RedisBackend {
             .filter(|(n, _)| !DEAD_FIELDS.contains(&n.as_str()))
             .collect();
         if fields.is_empty() {
-            return Err(BackendError::Data("an empty dead letter".to_owned()));
+            return Ok(false);
         }
         self.conns
             .run("write-behind retry", |mut conn| async move {
