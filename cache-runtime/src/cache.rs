@@ -13,7 +13,7 @@ use crate::envelope;
 use crate::error::{Error, ErrorKind, Result};
 use crate::key;
 use crate::stats::{Stats, StatsRegistry};
-use crate::store::{LocalConfig, Store};
+use crate::store::{LocalConfig, Store, WbConfig};
 
 const DEFAULT_TTL: Duration = Duration::from_secs(3600);
 const DEFAULT_MAX_ENTRIES: u64 = 100_000;
@@ -124,6 +124,7 @@ pub struct CacheBuilder {
     redis: RedisOptions,
     log_every: Duration,
     local: LocalConfig,
+    wb: WbConfig,
 }
 
 impl Default for CacheBuilder {
@@ -137,6 +138,7 @@ impl Default for CacheBuilder {
             redis: RedisOptions::default(),
             log_every: Duration::from_secs(10),
             local: LocalConfig::default(),
+            wb: WbConfig::default(),
         }
     }
 }
@@ -222,13 +224,33 @@ impl CacheBuilder {
         self
     }
 
+    /// Write-behind (`#[write_behind]`): how many partitions (Redis streams) each queue is
+    /// split into, by the hash of the key (1 to 1024, default 16). At most one worker applies
+    /// a partition at a time, so this bounds how many workers share a queue. It must be the
+    /// same in every process: change it only while the queues are drained
+    /// ([`Worker::flush`](crate::write_behind::Worker::flush)), or writes of one key may be
+    /// applied out of order.
+    pub fn write_behind_partitions(mut self, partitions: u16) -> Self {
+        self.wb.partitions = partitions;
+        self
+    }
+
+    /// Write-behind: how long a queue (its partitions, their bookkeeping, its dead letters)
+    /// lives after the last write to it or the last poll of a worker (default 30 days). A
+    /// queue nobody touches for that long is removed with what it holds.
+    pub fn write_behind_retention(mut self, retention: Duration) -> Self {
+        self.wb.retention = retention;
+        self
+    }
+
     /// Builds the cache.
     ///
     /// # Errors
     ///
     /// Fails with [`ErrorKind::Config`] on invalid configuration only: a malformed Redis URL,
     /// a zero TTL, timeout or entry limit, a `local_staleness` under 10 ms, a namespace with
-    /// braces, spaces or control characters. It never fails, nor waits, because Redis is down: the connection is made on
+    /// braces, spaces or control characters, `write_behind_partitions` outside 1 to 1024, a
+    /// `write_behind_retention` under 1 s. It never fails, nor waits, because Redis is down: the connection is made on
     /// first use, and until it succeeds calls run uncached.
     pub async fn build(self) -> Result<Cache> {
         self.build_sync()
@@ -252,6 +274,12 @@ impl CacheBuilder {
         }
         if self.local.staleness < Duration::from_millis(10) {
             return Err(Error::config("local_staleness must be at least 10ms"));
+        }
+        if !(1..=1024).contains(&self.wb.partitions) {
+            return Err(Error::config("write_behind_partitions must be 1 to 1024"));
+        }
+        if self.wb.retention < Duration::from_secs(1) {
+            return Err(Error::config("write_behind_retention must be at least 1s"));
         }
         let log = Arc::new(FailureLog::new(self.log_every));
         let backend = match self.backend {
@@ -279,7 +307,14 @@ impl CacheBuilder {
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         Ok(Cache {
             inner: Arc::new(Inner {
-                store: Store::new(backend, self.namespace, self.default_ttl, log, self.local),
+                store: Store::new(
+                    backend,
+                    self.namespace,
+                    self.default_ttl,
+                    log,
+                    self.local,
+                    self.wb,
+                ),
                 stats: StatsRegistry::new(id),
             }),
         })

@@ -69,6 +69,7 @@ mod mode;
 mod stats;
 mod store;
 mod tags;
+pub mod write_behind;
 
 pub use crate::cache::{Cache, CacheBuilder, default_cache, set_default};
 pub use crate::error::{Error, ErrorKind, Result};
@@ -78,7 +79,7 @@ pub use crate::stats::{FunctionStats, LOW_HIT_RATE, Stats};
 // Documented on the proc-macro items (cache-macros/src/docs/*.md), whose docs rustdoc
 // inlines here and IDEs show on hover.
 #[cfg(feature = "macros")]
-pub use cache_macros::{cache_evict, cache_put, cached};
+pub use cache_macros::{cache_evict, cache_put, cached, write_behind};
 
 /// The examples of `#[cached]`'s documentation, which lives in cache-macros (whose own
 /// doctests cannot use this crate), run as this crate's doctests.
@@ -96,9 +97,16 @@ pub struct CachePutDocTests;
 #[doc = include_str!("../../cache-macros/src/docs/cache_evict.md")]
 pub struct CacheEvictDocTests;
 
+/// The examples of `#[write_behind]`'s documentation, run as this crate's doctests.
+#[cfg(all(doctest, feature = "macros"))]
+#[doc = include_str!("../../cache-macros/src/docs/write_behind.md")]
+pub struct WriteBehindDocTests;
+
 /// Not public API: the items the attribute macros' expansions refer to.
 #[doc(hidden)]
 pub mod __private {
+    /// `wb_outcome!(result)`: a `#[write_behind]` body's result as [`Applied`].
+    pub use crate::__cache_wb_outcome as wb_outcome;
     pub use crate::cache::Cache;
     pub use crate::engine::{
         Call, Evict, EvictCall, Fetch, Finish, Owned, Put, Refresh, RefreshArg, RefreshRef,
@@ -111,10 +119,16 @@ pub mod __private {
     pub use crate::key::{aux_key, key_slot};
     pub use crate::mode::{
         Mode, SuccessOption, SuccessPlain, SuccessResult, Tag, Typed, ViaOption, ViaPlain,
-        ViaResult, ViaResultOption, ViaTyped, ViaUntyped, require_cache_none, require_local,
+        ViaResult, ViaResultOption, ViaTyped, ViaUntyped, WbArg, require_cache_none, require_local,
+        require_wb_arg,
     };
     pub use crate::stats::Site;
     pub use crate::tags::Tags;
+    pub use crate::write_behind::{
+        Applied, ApplyFn, Applying, ArgsError, Inline, ViaDebug, ViaDisplay, ViaName, WbFunction,
+        WbHandler, WbOutcome, WbResult, WriteBehind, wb_decode,
+    };
+    pub use inventory;
 
     /// Starts a key in `cache`'s namespace.
     #[inline]

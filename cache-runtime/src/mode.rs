@@ -173,6 +173,20 @@ where
 {
 }
 
+/// The arguments of a `#[write_behind]` function: queued (serialized) at the call, decoded
+/// later by a worker, possibly in another process.
+#[diagnostic::on_unimplemented(
+    message = "`#[write_behind]` queues its arguments for a worker: `{Self}` must be `Serialize + DeserializeOwned + Send + 'static`",
+    label = "the argument type `{Self}` cannot be queued",
+    note = "derive `serde::Serialize` and `serde::Deserialize` for it, or take an owned type that does (`String` for `&str`)"
+)]
+pub trait WbArg {}
+impl<T: Serialize + DeserializeOwned + Send + 'static> WbArg for T {}
+
+/// Checks at compile time that a `#[write_behind]` argument of type `T` can be queued.
+#[inline]
+pub fn require_wb_arg<T: WbArg>(_: PhantomData<T>) {}
+
 /// The stored type of a mode, independent of the return type (for [`ViaTyped`]).
 pub trait ModeValue {
     /// The stored type.

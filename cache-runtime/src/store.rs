@@ -50,6 +50,8 @@ pub(crate) struct Store {
     /// only).
     local: OnceLock<Arc<Local>>,
     local_config: LocalConfig,
+    /// Write-behind: the queues' partitions and retention.
+    wb: WbConfig,
     /// `refresh`: the keys this process started refreshing, the entries it refreshes, and
     /// until when it does not try again.
     refreshing: Refreshing,
@@ -153,6 +155,35 @@ impl Default for LocalConfig {
     }
 }
 
+/// Write-behind settings (see
+/// [`CacheBuilder::write_behind_partitions`](crate::CacheBuilder::write_behind_partitions)).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WbConfig {
+    pub(crate) partitions: u16,
+    pub(crate) retention: Duration,
+}
+
+impl Default for WbConfig {
+    fn default() -> Self {
+        WbConfig {
+            partitions: 16,
+            retention: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+}
+
+/// One write-behind write to queue (see [`Store::wb_enqueue`]).
+pub(crate) struct WbWrite<'a> {
+    pub(crate) key: &'a str,
+    pub(crate) value: &'a Stored,
+    pub(crate) ttl: Duration,
+    pub(crate) tags: Option<&'a TagSet>,
+    pub(crate) queue: &'a str,
+    pub(crate) function: &'a str,
+    pub(crate) id: &'a str,
+    pub(crate) args: &'a [u8],
+}
+
 /// The answer to [`Store::lease`].
 pub(crate) enum Lease {
     /// The value is there.
@@ -170,6 +201,7 @@ impl Store {
         default_ttl: Duration,
         log: Arc<FailureLog>,
         local_config: LocalConfig,
+        wb: WbConfig,
     ) -> Self {
         Store {
             backend: Arc::new(backend),
@@ -180,6 +212,7 @@ impl Store {
             log,
             local: OnceLock::new(),
             local_config,
+            wb,
             refreshing: Refreshing::new(),
             failing: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
@@ -540,6 +573,57 @@ impl Store {
         self.flights.invalidate(key);
         self.forget(&[key]);
         written
+    }
+
+    /// Write-behind: stores `write`'s value as [`Store::write`] does and appends the write to
+    /// its queue's partition, in one step (Redis only: an in-process backend has no queue).
+    pub(crate) async fn wb_enqueue(&self, write: &WbWrite<'_>) -> BackendResult<()> {
+        let AnyBackend::Redis(redis) = &*self.backend else {
+            return Err(BackendError::Unavailable(
+                "write-behind needs the redis backend".to_owned(),
+            ));
+        };
+        let key = write.key;
+        // As `write`: detach in-flight lookups and forget local copies, before and after.
+        self.flights.invalidate(key);
+        self.forget(&[key]);
+        let queued = match write.tags.filter(|t| !t.is_empty()) {
+            None => redis.wb_enqueue(self, write).await,
+            Some(tags) => {
+                let names = tags.names();
+                let (queued, touched) = tokio::join!(
+                    redis.wb_enqueue(self, write),
+                    self.backend.current_tags(&names, Some(write.ttl))
+                );
+                // The write is accepted once queued; the tags' lives are best effort (as for a
+                // put whose tag extension fails, the entry then outlives its tags and misses).
+                drop(touched);
+                queued
+            }
+        };
+        self.flights.invalidate(key);
+        self.forget(&[key]);
+        queued
+    }
+
+    /// Write-behind settings.
+    pub(crate) fn wb_config(&self) -> WbConfig {
+        self.wb
+    }
+
+    /// The Redis backend, if the cache has one (the write-behind worker's way to Redis).
+    pub(crate) fn redis(&self) -> Option<&crate::backend::RedisBackend> {
+        match &*self.backend {
+            AnyBackend::Redis(r) => Some(r),
+            AnyBackend::Memory(_) => None,
+        }
+    }
+
+    /// Forgets the in-process state of `key` after another write of it (the write-behind
+    /// worker's re-assert): detached flights, no local copy.
+    pub(crate) fn written_elsewhere(&self, key: &str) {
+        self.flights.invalidate(key);
+        self.forget(&[key]);
     }
 
     /// The current versions of `tags`, created where missing (see [`Backend::tag_versions`]).

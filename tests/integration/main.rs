@@ -17,6 +17,8 @@ mod shapes;
 mod stale;
 mod stampede;
 mod ui;
+mod write_behind_macro;
+mod write_behind_runtime;
 mod write_regressions;
 mod write_shapes;
 mod writes;

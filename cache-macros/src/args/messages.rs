@@ -49,6 +49,14 @@ pub(super) fn value_hint(option: &str) -> String {
             "`value` takes an expression over the arguments or `result`, e.g. `value = user`"
                 .to_owned()
         }
+        "queue" => {
+            "`queue` takes the queue's name as a string literal (ASCII letters, digits, `_`, `.`, `-`; 1 to 64 characters), e.g. `queue = \"users\"`"
+                .to_owned()
+        }
+        "coalesce" => {
+            "`coalesce` takes `true` or `false`, e.g. `coalesce = false`, or nothing (`coalesce` alone: the default, on)"
+                .to_owned()
+        }
         other => format!("`{other}` takes a value"),
     }
 }
@@ -83,6 +91,40 @@ pub(super) fn unknown_message(option: &str, kind: Kind) -> String {
         (Kind::Put, "lock") => Some(
             "`lock` is an option of `#[cached]`: a put always runs its function, it has no load to share; remove it"
                 .to_owned(),
+        ),
+        (Kind::Cached | Kind::Put | Kind::Evict, "queue" | "coalesce") => Some(format!(
+            "`{option}` is an option of `#[write_behind]`, not of `{attr}`"
+        )),
+        (Kind::WriteBehind, "keys") => Some(
+            "`#[write_behind]` has one key: write `key = \"...\"` (`keys = [..]` is an option of `#[cache_evict]`)"
+                .to_owned(),
+        ),
+        (Kind::WriteBehind, "unless") => Some(
+            "`unless` is not an option of `#[write_behind]`: the call returns before the body runs, so there is no result to test; use `condition` over the arguments"
+                .to_owned(),
+        ),
+        (Kind::WriteBehind, "cache_none") => Some(
+            "`cache_none` is not an option of `#[write_behind]`, which writes its `value`, never a result; remove it"
+                .to_owned(),
+        ),
+        (Kind::WriteBehind, "lock") => Some(
+            "`lock` is an option of `#[cached]`: a write-behind call has no load to share; remove it"
+                .to_owned(),
+        ),
+        (Kind::WriteBehind, "local") => Some(
+            "`local` is an option of `#[cached]`: a write-behind call removes the key's in-process copies in every process, and the next read keeps the new value; remove it"
+                .to_owned(),
+        ),
+        (Kind::WriteBehind, "stale") => Some(
+            "`stale` is an option of `#[cached]`: a write-behind call has no load to fall back from; remove it"
+                .to_owned(),
+        ),
+        (Kind::WriteBehind, "refresh") => Some(
+            "`refresh` is an option of `#[cached]`: a write-behind call has no entry to reload ahead of its expiry (the `#[cached]` readers of its key refresh it); remove it"
+                .to_owned(),
+        ),
+        (Kind::WriteBehind, "before") => Some(
+            "`before` is an option of `#[cache_evict]`, not of `#[write_behind]`".to_owned(),
         ),
         (Kind::Evict, "key") => Some(
             "`#[cache_evict]` takes a list of keys: write `keys = [\"...\"]`".to_owned(),
@@ -135,5 +177,9 @@ mod tests {
         assert!(unknown_message("refresh", Kind::Put).contains("option of `#[cached]`"));
         assert!(unknown_message("lock", Kind::Put).contains("option of `#[cached]`"));
         assert!(unknown_message("key", Kind::Evict).contains("`keys = ["));
+        assert!(unknown_message("lock", Kind::WriteBehind).contains("option of `#[cached]`"));
+        assert!(unknown_message("unless", Kind::WriteBehind).contains("`condition`"));
+        assert!(unknown_message("queue", Kind::Put).contains("`#[write_behind]`"));
+        assert!(unknown_message("queu", Kind::WriteBehind).contains("did you mean `queue`"));
     }
 }

@@ -92,6 +92,7 @@ pub(crate) enum Kind {
     Cached,
     Put,
     Evict,
+    WriteBehind,
 }
 
 impl Kind {
@@ -101,6 +102,7 @@ impl Kind {
             Kind::Cached => "#[cached]",
             Kind::Put => "#[cache_put]",
             Kind::Evict => "#[cache_evict]",
+            Kind::WriteBehind => "#[write_behind]",
         }
     }
 
@@ -122,28 +124,31 @@ impl Kind {
 
 /// Every option, and the attributes that take it.
 const OPTIONS: &[(&str, &[Kind])] = {
-    use Kind::{Cached, Evict, Put};
+    use Kind::{Cached, Evict, Put, WriteBehind};
     &[
-        ("key", &[Cached, Put]),
+        ("key", &[Cached, Put, WriteBehind]),
         ("keys", &[Evict]),
-        ("value", &[Put]),
-        ("ttl", &[Cached, Put]),
-        ("cache", &[Cached, Put, Evict]),
-        ("condition", &[Cached, Put, Evict]),
+        ("value", &[Put, WriteBehind]),
+        ("queue", &[WriteBehind]),
+        ("ttl", &[Cached, Put, WriteBehind]),
+        ("cache", &[Cached, Put, Evict, WriteBehind]),
+        ("condition", &[Cached, Put, Evict, WriteBehind]),
         ("unless", &[Cached, Put]),
         ("cache_none", &[Cached, Put]),
-        ("version", &[Cached, Put, Evict]),
-        ("name", &[Cached, Put, Evict]),
+        ("version", &[Cached, Put, Evict, WriteBehind]),
+        ("name", &[Cached, Put, Evict, WriteBehind]),
         ("lock", &[Cached]),
         ("local", &[Cached]),
         ("stale", &[Cached]),
         ("refresh", &[Cached]),
-        ("tags", &[Cached, Put, Evict]),
+        ("tags", &[Cached, Put, Evict, WriteBehind]),
         ("before", &[Evict]),
+        ("coalesce", &[WriteBehind]),
     ]
 };
 
-/// The options of `#[cached(...)]`, `#[cache_put(...)]` or `#[cache_evict(...)]`, each with
+/// The options of `#[cached(...)]`, `#[cache_put(...)]`, `#[cache_evict(...)]` or
+/// `#[write_behind(...)]`, each with
 /// the span it was written at. Options the attribute does not take are rejected while
 /// parsing, so the slots of other attributes stay empty.
 pub(crate) struct Args {
@@ -169,10 +174,14 @@ pub(crate) struct Args {
     pub(crate) tags: Slot<Vec<LitStr>>,
     /// `#[cache_evict(keys = ["user:{id}", ..])]`.
     pub(crate) keys: Slot<Vec<LitStr>>,
-    /// `#[cache_put(value = <expr>)]`.
+    /// `#[cache_put(value = <expr>)]`, `#[write_behind(value = <expr>)]`.
     pub(crate) value: Slot<Expr>,
     /// `#[cache_evict(before)]`.
     pub(crate) before: Slot<()>,
+    /// `#[write_behind(queue = "users")]`: the queue's name, checked.
+    pub(crate) queue: Slot<LitStr>,
+    /// `#[write_behind(coalesce)]`, `coalesce = false`.
+    pub(crate) coalesce: Slot<bool>,
     /// The options written, valid or not: a missing option is not reported when it was
     /// written wrong.
     written: Vec<String>,
@@ -201,6 +210,8 @@ impl Args {
             keys: Slot::new("keys"),
             value: Slot::new("value"),
             before: Slot::new("before"),
+            queue: Slot::new("queue"),
+            coalesce: Slot::new("coalesce"),
             written: Vec::new(),
         }
     }
@@ -304,6 +315,21 @@ impl Args {
                 }
                 return;
             }
+            "coalesce" => {
+                if meta.input.peek(syn::Token![=]) {
+                    if let Some(expr) = value(meta, errors) {
+                        match &expr {
+                            Expr::Lit(ExprLit {
+                                lit: Lit::Bool(b), ..
+                            }) => self.coalesce.set(span, b.value, errors),
+                            _ => errors.error(expr.span(), value_hint("coalesce")),
+                        }
+                    }
+                } else {
+                    self.coalesce.set(span, true, errors);
+                }
+                return;
+            }
             _ => {}
         }
         if !meta.input.peek(syn::Token![=]) {
@@ -329,6 +355,13 @@ impl Args {
                     self.tags.set(span, list, errors);
                 }
             }
+            "queue" => match lit_str(&expr) {
+                Some(lit) => match queue_name_error(&lit.value()) {
+                    Some(msg) => errors.error(lit.span(), msg),
+                    None => self.queue.set(span, lit, errors),
+                },
+                None => errors.error(expr.span(), value_hint("queue")),
+            },
             "name" => match lit_str(&expr) {
                 Some(lit) if lit.value().trim().is_empty() => {
                     errors.error(lit.span(), "`name` must not be empty")
@@ -409,8 +442,50 @@ impl Args {
                     errors.error(span.unwrap_or_else(Span::call_site), msg);
                 }
             }
+            Kind::WriteBehind => {
+                let missing = [
+                    (
+                        "key",
+                        "`#[write_behind]` needs the key it writes: add `key = \"...\"`, the template of the `#[cached]` function that reads the entry, e.g. `key = \"user:{id}\"`",
+                    ),
+                    (
+                        "value",
+                        "`#[write_behind]` needs the value it writes to the cache at once: add `value = <expr>` over the arguments, e.g. `value = user` (the body runs later, in a worker, so there is no result to write)",
+                    ),
+                    (
+                        "queue",
+                        "`#[write_behind]` needs the queue its writes wait in until a worker applies them: add `queue = \"...\"`, e.g. `queue = \"users\"`",
+                    ),
+                ];
+                for (option, msg) in missing {
+                    if !written(option) {
+                        errors.error(Span::call_site(), msg);
+                    }
+                }
+            }
         }
     }
+}
+
+/// Why `name` is not a valid queue name, if it is not: 1 to 64 characters of `A-Z`, `a-z`,
+/// `0-9`, `_`, `.`, `-` (it becomes part of Redis key names, inside a hash tag).
+fn queue_name_error(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return Some("the queue's name must not be empty, e.g. `queue = \"users\"`".to_owned());
+    }
+    if name.len() > 64 {
+        return Some(format!(
+            "the queue's name is {} characters long; at most 64",
+            name.len()
+        ));
+    }
+    name.chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+        .map(|c| {
+            format!(
+                "the queue's name may hold only ASCII letters, digits, `_`, `.` and `-`, not {c:?}; e.g. `queue = \"user-writes\"`"
+            )
+        })
 }
 
 /// `["a:{x}", "b"]`: an array of string literals.
@@ -615,6 +690,35 @@ mod tests {
         assert!(one(Kind::Cached, "refresh, refresh").contains("duplicate option"));
         assert!(one(Kind::Put, r#"key = "a", refresh"#).contains("option of `#[cached]`"));
         assert!(one(Kind::Evict, r#"keys = ["a"], refresh"#).contains("writes nothing"));
+        let wb = |rest: &str| format!(r#"key = "u:{{id}}", value = user, queue = "users"{rest}"#);
+        assert!(messages(Kind::WriteBehind, &wb("")).is_empty());
+        assert!(messages(Kind::WriteBehind, &wb(", coalesce = false, ttl = 5")).is_empty());
+        assert!(one(Kind::WriteBehind, "value = u, queue = \"q\"").contains("needs the key"));
+        assert!(one(Kind::WriteBehind, "key = \"k\", queue = \"q\"").contains("needs the value"));
+        assert!(one(Kind::WriteBehind, "key = \"k\", value = u").contains("needs the queue"));
+        let wb_one = |rest: &str| {
+            let m = messages(Kind::WriteBehind, &wb(rest));
+            assert_eq!(m.len(), 1, "{rest}: {m:?}");
+            m.into_iter().next().unwrap()
+        };
+        assert!(wb_one(", lock").contains("option of `#[cached]`"));
+        assert!(wb_one(", unless = true").contains("no result to test"));
+        assert!(wb_one(", coalesce = 1").contains("`true` or `false`"));
+        assert!(wb_one(", coalesce, coalesce").contains("duplicate"));
+        assert!(wb_one(r#", queue = "q""#).contains("duplicate"));
+        assert!(one(Kind::Put, r#"key = "a", queue = "q""#).contains("`#[write_behind]`"));
+        let queue = |name: &str| {
+            messages(
+                Kind::WriteBehind,
+                &format!(r#"key = "k", value = u, queue = {name:?}"#),
+            )
+        };
+        assert!(queue("a.b-c_D9").is_empty());
+        assert!(queue(&"q".repeat(64)).is_empty());
+        assert!(queue(&"q".repeat(65))[0].contains("at most 64"));
+        assert!(queue("")[0].contains("must not be empty"));
+        assert!(queue("a:b")[0].contains("not ':'"));
+        assert!(queue("a{b}")[0].contains("not '{'"));
         assert!(messages(Kind::Evict, r#"keys = [], tags = ["a"]"#).is_empty());
         assert!(messages(Kind::Put, r#"key = "a", value = "text""#).is_empty());
     }

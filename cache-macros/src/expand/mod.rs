@@ -1,4 +1,4 @@
-//! Code generation for `#[cached]`, `#[cache_put]` and `#[cache_evict]`.
+//! Code generation for `#[cached]`, `#[cache_put]`, `#[cache_evict]` and `#[write_behind]`.
 //!
 //! The function is rewritten in place: attributes, visibility and signature are re-emitted
 //! unchanged, and the body becomes a few calls of one runtime type (`Fetch`, `Put`, `Evict`)
@@ -7,15 +7,20 @@
 //! The body's statements are not parsed (see `item.rs`), except to recognise
 //! `#[async_trait]`'s shape.
 //!
-//! This module holds what the three attributes share: the entry point, the checked
-//! [`Config`], and [`Gen`], the pieces of generated code (site, cache handle, keys, tags,
-//! return-type mode, body). `cached.rs`, `put.rs` and `evict.rs` assemble them.
+//! `#[write_behind]` is the exception: its body runs later, in a worker, so it is moved into a
+//! nested `async fn` of the same parameters (see `write_behind.rs`), and the function may not
+//! have `self` or generics.
+//!
+//! This module holds what the attributes share: the entry point, the checked [`Config`], and
+//! [`Gen`], the pieces of generated code (site, cache handle, keys, tags, return-type mode,
+//! body). `cached.rs`, `put.rs`, `evict.rs` and `write_behind.rs` assemble them.
 
 mod cached;
 mod evict;
 mod keys;
 mod put;
 mod shared;
+mod write_behind;
 
 use proc_macro2::{Span, TokenStream};
 use quote::{ToTokens, quote};
@@ -52,15 +57,19 @@ pub(crate) fn expand(kind: Kind, args: TokenStream, item: TokenStream) -> TokenS
             return with_errors(item, errors);
         }
     };
-    match Config::build(&args, &func, &mut errors) {
+    let config = Config::build(&args, &func, &mut errors);
+    if let (Some(config), Kind::WriteBehind) = (&config, kind) {
+        write_behind::check(&args, &func, config, &mut errors);
+    }
+    match config {
         Some(config) if errors.is_empty() => {
             let g = Gen::new(&args, &func, &config);
-            let body = match kind {
-                Kind::Cached => cached::generate(&g),
-                Kind::Put => put::generate(&g),
-                Kind::Evict => evict::generate(&g),
-            };
-            g.function(body)
+            match kind {
+                Kind::Cached => g.function(cached::generate(&g)),
+                Kind::Put => g.function(put::generate(&g)),
+                Kind::Evict => g.function(evict::generate(&g)),
+                Kind::WriteBehind => write_behind::generate(&g),
+            }
         }
         _ => with_errors(item, errors),
     }
@@ -174,6 +183,7 @@ impl Config {
                     Kind::Cached => "add `async`, or cache the function's caller",
                     Kind::Put => "add `async`, or write the entry from an async caller",
                     Kind::Evict => "add `async`, or evict from an async caller",
+                    Kind::WriteBehind => "add `async` (its body runs later, in a worker)",
                 };
                 errors.error(
                     sig.fn_token.span,
@@ -184,7 +194,9 @@ impl Config {
         };
         // `#[cache_evict]` only tests the result for success: a type parameter evicts after
         // any result, which is harmless.
-        if let (Some(generic), false) = (item::generic_return(&ret, sig), kind == Kind::Evict) {
+        // `#[write_behind]` rejects generic functions (see `write_behind::check`).
+        let shape_matters = !matches!(kind, Kind::Evict | Kind::WriteBehind);
+        if let (Some(generic), true) = (item::generic_return(&ret, sig), shape_matters) {
             let what = match generic {
                 Generic::Param => "a type parameter",
                 Generic::Projection => "an associated type of a type parameter",
@@ -309,12 +321,18 @@ impl Config {
         }
 
         // In `value` and `unless`, `result` is the function's output: a parameter of that name
-        // would be shadowed there without a word.
+        // would be shadowed there without a word. `#[write_behind]` has no output to name:
+        // `value` is written before the body runs.
         let names_result = [args.value.get(), args.unless.get()]
             .into_iter()
             .flatten()
             .any(|e| shared::mentions_result(e.to_token_stream()));
-        if names_result {
+        if let (true, Kind::WriteBehind, Some(value)) = (names_result, kind, args.value.get()) {
+            errors.push(syn::Error::new_spanned(
+                value,
+                "`value` cannot name `result` in `#[write_behind]`: the value is written when the call is queued, before the body runs; write it over the arguments, e.g. `value = user`",
+            ));
+        } else if names_result {
             for p in &params {
                 // A plain `result`, or a pattern that binds one (`(result, n): (u8, u8)`).
                 if p.ident.as_ref().is_some_and(|i| i == "result")

@@ -26,7 +26,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 pub(crate) use self::memory::MemoryBackend;
-pub(crate) use self::redis::{RedisBackend, RedisOptions};
+pub(crate) use self::redis::{RedisBackend, RedisOptions, wb};
 use crate::envelope::Header;
 use crate::error::{Error, ErrorKind};
 use crate::key::KeyBuf;

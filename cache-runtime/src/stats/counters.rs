@@ -65,6 +65,11 @@ pub(crate) struct SiteStats {
     pub(crate) stale_served: Counter,
     pub(crate) refreshes: Counter,
     pub(crate) refresh_errors: Counter,
+    pub(crate) wb_accepted: Counter,
+    pub(crate) wb_write_through: Counter,
+    pub(crate) wb_applied: Counter,
+    pub(crate) wb_retried: Counter,
+    pub(crate) wb_dead_lettered: Counter,
 }
 
 impl SiteStats {
@@ -114,6 +119,11 @@ impl SiteStats {
             stale_served: self.stale_served.get(),
             refreshes: self.refreshes.get(),
             refresh_errors: self.refresh_errors.get(),
+            accepted: self.wb_accepted.get(),
+            write_through: self.wb_write_through.get(),
+            applied: self.wb_applied.get(),
+            retried: self.wb_retried.get(),
+            dead_lettered: self.wb_dead_lettered.get(),
         }
     }
 }

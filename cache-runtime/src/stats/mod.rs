@@ -98,6 +98,20 @@ pub struct FunctionStats {
     /// `refresh`: background reloads whose function returned an error or panicked (nothing
     /// was stored, callers kept getting the current value).
     pub refresh_errors: u64,
+    /// `#[write_behind]`: calls whose write was accepted (stored in the cache and queued in
+    /// Redis; the body runs later, in a worker).
+    pub accepted: u64,
+    /// `#[write_behind]`: calls that ran their body inline instead (Redis failed, the memory
+    /// backend, a `condition` that was false, a key that did not render).
+    pub write_through: u64,
+    /// `#[write_behind]`: queued writes this process's worker applied (the body succeeded).
+    pub applied: u64,
+    /// `#[write_behind]`: failed attempts (an `Err` or a panic) this process's worker will
+    /// retry.
+    pub retried: u64,
+    /// `#[write_behind]`: queued writes this process's worker moved to the dead-letter
+    /// stream after their last attempt failed.
+    pub dead_lettered: u64,
 }
 
 impl FunctionStats {
@@ -123,6 +137,11 @@ impl FunctionStats {
         })
     }
 
+    /// Whether any write-behind counter is non-zero.
+    pub fn has_write_behind(&self) -> bool {
+        self.accepted + self.write_through + self.applied + self.retried + self.dead_lettered > 0
+    }
+
     /// Whether the hit rate is under [`LOW_HIT_RATE`] (80%).
     pub fn is_low(&self) -> bool {
         self.hit_rate().is_some_and(|r| r < LOW_HIT_RATE)
@@ -141,6 +160,13 @@ impl FunctionStats {
 /// app::on_user_updated        0        0        0        0        0          -        0       0      0        0          -          -           0       0       2        2          0
 /// ! hit rate under 80%
 /// L1 cleared 1 time (invalidations may have been missed)
+/// ```
+///
+/// When a function has write-behind counts, a second table follows:
+///
+/// ```text
+/// write-behind     accepted  write-through   applied   retried      dead
+/// app::save_user        100              2        98         3         0
 /// ```
 ///
 /// `errors` counts failed loads and failed background refreshes (`load_errors +
@@ -255,6 +281,21 @@ impl fmt::Display for Stats {
         }
         if any_low {
             writeln!(f, "! hit rate under {:.0}%", LOW_HIT_RATE * 100.0)?;
+        }
+        if self.functions.iter().any(FunctionStats::has_write_behind) {
+            let width = width.max("write-behind".len());
+            writeln!(
+                f,
+                "{:<width$}  {:>8}  {:>13}  {:>8}  {:>8}  {:>8}",
+                "write-behind", "accepted", "write-through", "applied", "retried", "dead"
+            )?;
+            for s in self.functions.iter().filter(|s| s.has_write_behind()) {
+                writeln!(
+                    f,
+                    "{:<width$}  {:>8}  {:>13}  {:>8}  {:>8}  {:>8}",
+                    s.name, s.accepted, s.write_through, s.applied, s.retried, s.dead_lettered
+                )?;
+            }
         }
         if self.l1_clears > 0 {
             let times = if self.l1_clears == 1 { "time" } else { "times" };

@@ -212,6 +212,11 @@ impl Connections {
         }
     }
 
+    /// The client (for connections of their own: the write-behind worker's blocking reads).
+    pub(super) fn client(&self) -> &redis::Client {
+        &self.client
+    }
+
     /// How long one operation may take.
     pub(super) fn operation_timeout(&self) -> Duration {
         self.options.operation_timeout

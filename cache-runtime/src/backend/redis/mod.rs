@@ -64,6 +64,7 @@ mod lease;
 mod scripts;
 #[cfg(test)]
 mod tests;
+pub(crate) mod wb;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,0 +1,944 @@
+//! Write-behind on Redis: the queue keys, the scripts (`WB_ENQUEUE`, `WB_REASSERT`, `WB_ACK`,
+//! `WB_DEAD`, `WB_RENEW`, `WB_RELEASE`, `WB_RETRY`) and the stream commands the worker uses.
+//! See docs/design-write-behind.md for the layout:
+//!
+//! ```text
+//! __cr:wb:{<ns>:<q>:<p>}           stream: partition p of queue q; consumer group "cr"
+//! __cr:wb:{<ns>:<q>:<p>}:owner     lease of the worker applying p: its token, PX <lease>
+//! __cr:wb:{<ns>:<q>:<p>}:tries     hash: entry id -> failed attempts so far
+//! __cr:wb:{<ns>:<q>}:dead          dead-letter stream of q
+//! __cr:wb:{<ns>}:workers           zset: live worker names, score = expiry (ms since epoch)
+//! __cr:wbl:{K}                     the id of the last write-behind write of K
+//! ```
+//!
+//! Every key has a TTL: the value key and `wbl` the value's, the streams, tries hashes and
+//! dead letters the queue's retention (extended by every `XADD` and every worker poll), the
+//! owner leases theirs, the workers set the retention too.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use redis::{Script, Value};
+
+use super::scripts::{evalsha, run};
+use super::{CHANNEL, RedisBackend, inv, millis};
+use crate::backend::BackendResult;
+use crate::key::aux_key;
+use crate::store::{Store, WbWrite};
+
+/// The consumer group of every partition.
+pub(crate) const GROUP: &str = "cr";
+
+const WBL_PREFIX: &str = "__cr:wbl:";
+
+/// The keys of one queue partition.
+#[derive(Debug, Clone)]
+pub(crate) struct PartitionKeys {
+    pub(crate) stream: String,
+    pub(crate) owner: String,
+    pub(crate) tries: String,
+}
+
+impl PartitionKeys {
+    pub(crate) fn new(namespace: &str, queue: &str, partition: u16) -> Self {
+        let stream = format!("__cr:wb:{{{namespace}:{queue}:{partition}}}");
+        PartitionKeys {
+            owner: format!("{stream}:owner"),
+            tries: format!("{stream}:tries"),
+            stream,
+        }
+    }
+}
+
+/// The dead-letter stream of a queue.
+pub(crate) fn dead_key(namespace: &str, queue: &str) -> String {
+    format!("__cr:wb:{{{namespace}:{queue}}}:dead")
+}
+
+/// The live workers of a namespace.
+pub(crate) fn workers_key(namespace: &str) -> String {
+    format!("__cr:wb:{{{namespace}}}:workers")
+}
+
+/// The partition of value key `key`: CRC16 of the full key (as Redis Cluster hashes it,
+/// without the hash-tag rule) modulo `partitions`.
+pub(crate) fn partition_of(key: &str, partitions: u16) -> u16 {
+    crate::key::crc16(key.as_bytes()) % partitions.max(1)
+}
+
+/// One entry read from a stream: its id and its fields.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct StreamEntry {
+    pub(crate) id: String,
+    pub(crate) fields: Vec<(String, Vec<u8>)>,
+}
+
+impl StreamEntry {
+    pub(crate) fn field(&self, name: &str) -> Option<&[u8]> {
+        self.fields
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| &v[..])
+    }
+
+    pub(crate) fn field_str(&self, name: &str) -> Option<&str> {
+        self.field(name).and_then(|v| std::str::from_utf8(v).ok())
+    }
+}
+
+fn bytes_of(v: &Value) -> Option<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Some(b.clone()),
+        Value::SimpleString(s) => Some(s.clone().into_bytes()),
+        Value::Int(i) => Some(i.to_string().into_bytes()),
+        _ => None,
+    }
+}
+
+fn string_of(v: &Value) -> Option<String> {
+    bytes_of(v).and_then(|b| String::from_utf8(b).ok())
+}
+
+fn items(v: &Value) -> &[Value] {
+    match v {
+        Value::Array(a) | Value::Set(a) => a,
+        _ => &[],
+    }
+}
+
+/// Entries from an `XRANGE`-shaped reply (`[[id, [f, v, ..]], ..]`). An entry deleted since
+/// it was delivered (nil fields) has no fields.
+pub(crate) fn parse_entries(v: &Value) -> Vec<StreamEntry> {
+    items(v)
+        .iter()
+        .filter_map(|e| {
+            let parts = items(e);
+            let id = string_of(parts.first()?)?;
+            let mut fields = Vec::new();
+            if let Some(kv) = parts.get(1) {
+                let kv = match kv {
+                    Value::Map(m) => m.iter().flat_map(|(k, v)| [k.clone(), v.clone()]).collect(),
+                    other => items(other).to_vec(),
+                };
+                for pair in kv.chunks(2) {
+                    if let [k, v] = pair {
+                        if let (Some(k), Some(v)) = (string_of(k), bytes_of(v)) {
+                            fields.push((k, v));
+                        }
+                    }
+                }
+            }
+            Some(StreamEntry { id, fields })
+        })
+        .collect()
+}
+
+/// The entries of an `XREADGROUP` reply for one stream (`[[stream, entries]]`, or a map).
+fn parse_read(v: &Value) -> Vec<StreamEntry> {
+    match v {
+        Value::Nil => Vec::new(),
+        Value::Map(m) => m.iter().flat_map(|(_, e)| parse_entries(e)).collect(),
+        other => items(other)
+            .iter()
+            .flat_map(|s| items(s).get(1).map(parse_entries).unwrap_or_default())
+            .collect(),
+    }
+}
+
+/// KEYS: value, waiters, stale copy, refresh lease, wbl, stream. ARGV: envelope, ttl ms, fill
+/// channel, inv channel, frame, write id, retention ms, then the entry's field/value pairs.
+/// `WRITE`'s steps, `SET wbl id PX ttl`, `XADD stream * ..`, `PEXPIRE stream retention`.
+/// Returns the entry's id.
+static WB_ENQUEUE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local id = redis.call('XADD', KEYS[6], '*', unpack(ARGV, 8))
+redis.call('PEXPIRE', KEYS[6], ARGV[7])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('DEL', KEYS[3], KEYS[4])
+if redis.call('DEL', KEYS[2]) == 1 then
+  redis.call('PUBLISH', ARGV[3], KEYS[1])
+end
+redis.call('SET', KEYS[5], ARGV[6], 'PX', ARGV[2])
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return id
+",
+    )
+});
+
+/// KEYS: value, waiters, stale copy, refresh lease, wbl. ARGV: write id, envelope, ttl ms,
+/// fill channel, inv channel, frame. After the worker applied the write `id`: if it is still
+/// the key's last write-behind write (`wbl == id`), forgets it, and if the key does not hold
+/// exactly its envelope (evicted, expired, or filled from the database before it had the
+/// write), does `WRITE`'s steps with it. Returns 2 if it wrote, 1 if the key held it, 0 if a
+/// later write-behind write of the key was accepted since.
+static WB_REASSERT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[5]) ~= ARGV[1] then
+  return 0
+end
+redis.call('DEL', KEYS[5])
+if ARGV[2] == '' then
+  return 1
+end
+if redis.call('TYPE', KEYS[1]).ok == 'string' and redis.call('GET', KEYS[1]) == ARGV[2] then
+  return 1
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('DEL', KEYS[3], KEYS[4])
+if redis.call('DEL', KEYS[2]) == 1 then
+  redis.call('PUBLISH', ARGV[4], KEYS[1])
+end
+redis.call('PUBLISH', ARGV[5], ARGV[6])
+return 2
+",
+    )
+});
+
+/// KEYS: stream, owner, tries. ARGV: token, group, retention ms, ids... Only while the caller
+/// holds the partition: `XACK`, `XDEL` (an entry is removed once acknowledged), `HDEL tries`,
+/// and the stream's retention renewed. Returns 0 if the lease was lost.
+static WB_ACK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then
+  return 0
+end
+local ids = {unpack(ARGV, 4)}
+redis.call('XACK', KEYS[1], ARGV[2], unpack(ids))
+redis.call('XDEL', KEYS[1], unpack(ids))
+redis.call('HDEL', KEYS[3], unpack(ids))
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+",
+    )
+});
+
+/// KEYS: stream, owner, tries, dead. ARGV: token, group, retention ms, error, attempts, ids...
+/// Only while the caller holds the partition: each entry's fields are appended to the
+/// dead-letter stream with `e` (the error), `n` (attempts) and `from` (stream and id), then
+/// the entries are acknowledged and deleted. Returns 0 if the lease was lost.
+static WB_DEAD: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then
+  return 0
+end
+for i = 6, #ARGV do
+  local found = redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i])
+  if #found > 0 then
+    local fields = found[1][2]
+    table.insert(fields, 'e')
+    table.insert(fields, ARGV[4])
+    table.insert(fields, 'n')
+    table.insert(fields, ARGV[5])
+    table.insert(fields, 'from')
+    table.insert(fields, KEYS[1] .. ' ' .. ARGV[i])
+    redis.call('XADD', KEYS[4], '*', unpack(fields))
+  end
+end
+redis.call('PEXPIRE', KEYS[4], ARGV[3])
+local ids = {unpack(ARGV, 6)}
+redis.call('XACK', KEYS[1], ARGV[2], unpack(ids))
+redis.call('XDEL', KEYS[1], unpack(ids))
+redis.call('HDEL', KEYS[3], unpack(ids))
+return 1
+",
+    )
+});
+
+/// KEYS: owner. ARGV: token, lease ms. Renews the lease if the caller holds it. Returns 1 if
+/// renewed.
+static WB_RENEW: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+",
+    )
+});
+
+/// KEYS: owner. ARGV: token. Gives the lease back if the caller holds it.
+static WB_RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+",
+    )
+});
+
+/// KEYS: dead, stream. ARGV: the dead letter's id, retention ms, then the entry's field/value
+/// pairs (without the dead-letter fields). Moves one dead letter back to its partition (a new
+/// entry: its attempts start again). Returns 1 if moved (0: it was gone).
+static WB_RETRY: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then
+  return 0
+end
+redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return 1
+",
+    )
+});
+
+/// The fields a dead letter adds to its entry (dropped when it is retried).
+const DEAD_FIELDS: [&str; 3] = ["e", "n", "from"];
+
+/// What one owned partition's reads and acknowledgements need.
+pub(crate) struct Owned<'a> {
+    pub(crate) keys: &'a PartitionKeys,
+    pub(crate) token: &'a str,
+    pub(crate) retention: Duration,
+}
+
+impl RedisBackend {
+    /// A client for the connections of the worker's own (blocking reads).
+    pub(crate) fn client(&self) -> &redis::Client {
+        self.conns.client()
+    }
+
+    /// How long one operation may take.
+    pub(crate) fn op_timeout(&self) -> Duration {
+        self.conns.operation_timeout()
+    }
+
+    pub(crate) fn wbl_key(key: &str) -> String {
+        aux_key(WBL_PREFIX, key)
+    }
+
+    /// `WB_ENQUEUE`: the write stored and queued in one step.
+    pub(crate) async fn wb_enqueue(&self, store: &Store, w: &WbWrite<'_>) -> BackendResult<()> {
+        let config = store.wb_config();
+        let partition = partition_of(w.key, config.partitions);
+        let stream = PartitionKeys::new(store.namespace(), w.queue, partition).stream;
+        let key = w.key;
+        let waiters = self.waiters(key);
+        let copy = Self::stale_copy(key);
+        let refresh = Self::refresh_lease_key(key);
+        let wbl = Self::wbl_key(key);
+        let frame = self.frame(inv::Kind::Keys, &[key]);
+        let ttl = millis(w.ttl).to_string();
+        let (frame, channel) = (&frame, &self.inv_channel);
+        let (waiters, copy, refresh, wbl, stream, ttl) =
+            (&waiters, &copy, &refresh, &wbl, &stream, &ttl);
+        self.conns
+            .run("write-behind enqueue", |mut conn| async move {
+                let mut cmd = evalsha(
+                    &WB_ENQUEUE,
+                    6,
+                    19,
+                    6 * key.len()
+                        + 2 * w.value.bytes.len()
+                        + w.args.len()
+                        + frame.len()
+                        + w.function.len()
+                        + 160,
+                );
+                cmd.arg(key)
+                    .arg(waiters)
+                    .arg(copy)
+                    .arg(refresh)
+                    .arg(wbl)
+                    .arg(stream)
+                    .arg(&w.value.bytes[..])
+                    .arg(ttl)
+                    .arg(CHANNEL)
+                    .arg(channel)
+                    .arg(&frame[..])
+                    .arg(w.id)
+                    .arg(millis(config.retention))
+                    .arg("f")
+                    .arg(w.function)
+                    .arg("k")
+                    .arg(key)
+                    .arg("i")
+                    .arg(w.id)
+                    .arg("a")
+                    .arg(w.args)
+                    .arg("v")
+                    .arg(&w.value.bytes[..])
+                    .arg("t")
+                    .arg(ttl);
+                let _: Value = run(&mut conn, &WB_ENQUEUE, &cmd).await?;
+                Ok(())
+            })
+            .await
+    }
+
+    /// `WB_REASSERT` (see the script). Returns whether it wrote the value.
+    pub(crate) async fn wb_reassert(
+        &self,
+        key: &str,
+        id: &str,
+        envelope: &[u8],
+        ttl: Duration,
+    ) -> BackendResult<bool> {
+        let waiters = self.waiters(key);
+        let copy = Self::stale_copy(key);
+        let refresh = Self::refresh_lease_key(key);
+        let wbl = Self::wbl_key(key);
+        let frame = self.frame(inv::Kind::Keys, &[key]);
+        let (frame, channel) = (&frame, &self.inv_channel);
+        let (waiters, copy, refresh, wbl) = (&waiters, &copy, &refresh, &wbl);
+        self.conns
+            .run("write-behind re-assert", |mut conn| async move {
+                let mut cmd = evalsha(&WB_REASSERT, 5, 6, 5 * key.len() + envelope.len() + 96);
+                cmd.arg(key)
+                    .arg(waiters)
+                    .arg(copy)
+                    .arg(refresh)
+                    .arg(wbl)
+                    .arg(id)
+                    .arg(envelope)
+                    .arg(millis(ttl))
+                    .arg(CHANNEL)
+                    .arg(channel)
+                    .arg(&frame[..]);
+                let wrote: i64 = run(&mut conn, &WB_REASSERT, &cmd).await?;
+                Ok(wrote == 2)
+            })
+            .await
+    }
+
+    /// `WB_ACK`: returns false if the lease was lost.
+    pub(crate) async fn wb_ack(&self, p: &Owned<'_>, ids: &[String]) -> BackendResult<bool> {
+        if ids.is_empty() {
+            return Ok(true);
+        }
+        self.conns
+            .run("write-behind ack", |mut conn| async move {
+                let mut cmd = evalsha(&WB_ACK, 3, 3 + ids.len(), 64 + 24 * ids.len());
+                cmd.arg(&p.keys.stream)
+                    .arg(&p.keys.owner)
+                    .arg(&p.keys.tries)
+                    .arg(p.token)
+                    .arg(GROUP)
+                    .arg(millis(p.retention))
+                    .arg(ids);
+                let held: i64 = run(&mut conn, &WB_ACK, &cmd).await?;
+                Ok(held == 1)
+            })
+            .await
+    }
+
+    /// `WB_DEAD`: returns false if the lease was lost.
+    pub(crate) async fn wb_dead(
+        &self,
+        p: &Owned<'_>,
+        dead: &str,
+        error: &str,
+        attempts: u32,
+        ids: &[String],
+    ) -> BackendResult<bool> {
+        self.conns
+            .run("write-behind dead letter", |mut conn| async move {
+                let mut cmd = evalsha(
+                    &WB_DEAD,
+                    4,
+                    5 + ids.len(),
+                    64 + error.len() + 24 * ids.len(),
+                );
+                cmd.arg(&p.keys.stream)
+                    .arg(&p.keys.owner)
+                    .arg(&p.keys.tries)
+                    .arg(dead)
+                    .arg(p.token)
+                    .arg(GROUP)
+                    .arg(millis(p.retention))
+                    .arg(error)
+                    .arg(attempts)
+                    .arg(ids);
+                let held: i64 = run(&mut conn, &WB_DEAD, &cmd).await?;
+                Ok(held == 1)
+            })
+            .await
+    }
+
+    /// One more failed attempt of entry `id`: the count so far.
+    pub(crate) async fn wb_failed_attempt(&self, p: &Owned<'_>, id: &str) -> BackendResult<u32> {
+        self.conns
+            .run("write-behind attempt", |mut conn| async move {
+                let (n, _): (i64, i64) = redis::pipe()
+                    .cmd("HINCRBY")
+                    .arg(&p.keys.tries)
+                    .arg(id)
+                    .arg(1)
+                    .cmd("PEXPIRE")
+                    .arg(&p.keys.tries)
+                    .arg(millis(p.retention))
+                    .query_async(&mut conn)
+                    .await?;
+                Ok(u32::try_from(n).unwrap_or(u32::MAX))
+            })
+            .await
+    }
+
+    /// Failed attempts recorded for entry `id` (by any owner).
+    pub(crate) async fn wb_attempts(&self, p: &Owned<'_>, id: &str) -> BackendResult<u32> {
+        self.conns
+            .run("write-behind attempts", |mut conn| async move {
+                let n: Option<i64> = redis::cmd("HGET")
+                    .arg(&p.keys.tries)
+                    .arg(id)
+                    .query_async(&mut conn)
+                    .await?;
+                Ok(n.and_then(|n| u32::try_from(n).ok()).unwrap_or(0))
+            })
+            .await
+    }
+
+    /// Takes partition leases that are free: `SET owner token NX PX lease` on each of
+    /// `owners`, in order, until `want` are taken. Returns the indexes taken.
+    pub(crate) async fn wb_take(
+        &self,
+        owners: &[&str],
+        token: &str,
+        lease: Duration,
+        want: usize,
+    ) -> BackendResult<Vec<usize>> {
+        if want == 0 || owners.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One read of every lease, then `SET NX` on the free ones only.
+        let held: Vec<Option<String>> = self
+            .conns
+            .run("write-behind leases", |mut conn| async move {
+                let mut pipe = redis::pipe();
+                for owner in owners {
+                    pipe.cmd("GET").arg(*owner);
+                }
+                pipe.query_async(&mut conn).await
+            })
+            .await?;
+        let mut taken = Vec::new();
+        for (i, h) in held.iter().enumerate() {
+            if taken.len() >= want {
+                break;
+            }
+            let owner = owners[i];
+            match h.as_deref() {
+                None => {}
+                // Still ours (a partition task stopped while its renewal failed): renewed now,
+                // so the new task's lease clock starts from a real renewal.
+                Some(held) if held == token => {
+                    if self.wb_renew(&[owner], token, lease).await?.first() == Some(&true) {
+                        taken.push(i);
+                    }
+                    continue;
+                }
+                Some(_) => continue,
+            }
+            let won: Option<String> = self
+                .conns
+                .run("write-behind take", |mut conn| async move {
+                    redis::cmd("SET")
+                        .arg(owner)
+                        .arg(token)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(millis(lease))
+                        .query_async(&mut conn)
+                        .await
+                })
+                .await?;
+            if won.is_some() {
+                taken.push(i);
+            }
+        }
+        Ok(taken)
+    }
+
+    /// Renews the leases `owners` held with `token`: for each, whether it is still held.
+    pub(crate) async fn wb_renew(
+        &self,
+        owners: &[&str],
+        token: &str,
+        lease: Duration,
+    ) -> BackendResult<Vec<bool>> {
+        if owners.is_empty() {
+            return Ok(Vec::new());
+        }
+        let renewed: Vec<i64> = self
+            .conns
+            .run("write-behind renew", |mut conn| async move {
+                // Make sure the server has the script (a pipeline cannot reload it).
+                let mut probe = evalsha(&WB_RENEW, 1, 2, 64);
+                probe.arg(owners[0]).arg(token).arg(millis(lease));
+                let first: i64 = run(&mut conn, &WB_RENEW, &probe).await?;
+                let mut pipe = redis::pipe();
+                for owner in &owners[1..] {
+                    let mut cmd = evalsha(&WB_RENEW, 1, 2, 64);
+                    cmd.arg(*owner).arg(token).arg(millis(lease));
+                    pipe.add_command(cmd);
+                }
+                let mut rest: Vec<i64> = if owners.len() > 1 {
+                    pipe.query_async(&mut conn).await?
+                } else {
+                    Vec::new()
+                };
+                rest.insert(0, first);
+                Ok(rest)
+            })
+            .await?;
+        Ok(renewed.into_iter().map(|r| r == 1).collect())
+    }
+
+    /// Gives a lease back if `token` holds it.
+    pub(crate) async fn wb_release(&self, owner: &str, token: &str) -> BackendResult<()> {
+        self.conns
+            .run("write-behind release", |mut conn| async move {
+                let mut cmd = evalsha(&WB_RELEASE, 1, 1, 64);
+                cmd.arg(owner).arg(token);
+                let _: i64 = run(&mut conn, &WB_RELEASE, &cmd).await?;
+                Ok(())
+            })
+            .await
+    }
+
+    /// Extends the life of `keys` (queues a worker polls) to `retention`.
+    pub(crate) async fn wb_touch(&self, keys: &[String], retention: Duration) -> BackendResult<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        self.conns
+            .run("write-behind retention", |mut conn| async move {
+                let mut pipe = redis::pipe();
+                for key in keys {
+                    pipe.cmd("PEXPIRE").arg(key).arg(millis(retention)).ignore();
+                }
+                pipe.exec_async(&mut conn).await
+            })
+            .await
+    }
+
+    /// Registers `name` as a live worker until `now + ttl`, drops expired ones, and returns
+    /// how many are live.
+    pub(crate) async fn wb_heartbeat(
+        &self,
+        workers: &str,
+        name: &str,
+        ttl: Duration,
+        retention: Duration,
+    ) -> BackendResult<usize> {
+        let now = now_ms();
+        self.conns
+            .run("write-behind heartbeat", |mut conn| async move {
+                let (_, _, live, _): (i64, i64, i64, i64) = redis::pipe()
+                    .cmd("ZADD")
+                    .arg(workers)
+                    .arg(now + millis(ttl))
+                    .arg(name)
+                    .cmd("ZREMRANGEBYSCORE")
+                    .arg(workers)
+                    .arg("-inf")
+                    .arg(now)
+                    .cmd("ZCARD")
+                    .arg(workers)
+                    .cmd("PEXPIRE")
+                    .arg(workers)
+                    .arg(millis(retention))
+                    .query_async(&mut conn)
+                    .await?;
+                Ok(usize::try_from(live).unwrap_or(1).max(1))
+            })
+            .await
+    }
+
+    /// Removes `name` from the live workers.
+    pub(crate) async fn wb_leave(&self, workers: &str, name: &str) -> BackendResult<()> {
+        self.conns
+            .run("write-behind leave", |mut conn| async move {
+                redis::cmd("ZREM")
+                    .arg(workers)
+                    .arg(name)
+                    .query_async::<i64>(&mut conn)
+                    .await?;
+                Ok(())
+            })
+            .await
+    }
+
+    /// Makes the partition's consumer group (from the stream's start), and the stream if
+    /// there is none; renews the stream's retention.
+    pub(crate) async fn wb_group(&self, p: &Owned<'_>) -> BackendResult<()> {
+        self.conns
+            .run("write-behind group", |mut conn| async move {
+                let made: redis::RedisResult<Value> = redis::cmd("XGROUP")
+                    .arg("CREATE")
+                    .arg(&p.keys.stream)
+                    .arg(GROUP)
+                    .arg("0")
+                    .arg("MKSTREAM")
+                    .query_async(&mut conn)
+                    .await;
+                match made {
+                    Ok(_) => {}
+                    Err(e) if e.code() == Some("BUSYGROUP") => {}
+                    Err(e) => return Err(e),
+                }
+                redis::cmd("PEXPIRE")
+                    .arg(&p.keys.stream)
+                    .arg(millis(p.retention))
+                    .query_async::<i64>(&mut conn)
+                    .await?;
+                Ok(())
+            })
+            .await
+    }
+
+    /// `XAUTOCLAIM stream cr <me> 0 <cursor> COUNT n`: entries other consumers held become
+    /// `me`'s. Returns the next cursor (`0-0`: done) and the ids of deleted entries found
+    /// pending.
+    pub(crate) async fn wb_autoclaim(
+        &self,
+        p: &Owned<'_>,
+        me: &str,
+        cursor: &str,
+        count: usize,
+    ) -> BackendResult<(String, Vec<String>)> {
+        self.conns
+            .run("write-behind autoclaim", |mut conn| async move {
+                let reply: Value = redis::cmd("XAUTOCLAIM")
+                    .arg(&p.keys.stream)
+                    .arg(GROUP)
+                    .arg(me)
+                    .arg(0)
+                    .arg(cursor)
+                    .arg("COUNT")
+                    .arg(count)
+                    .arg("JUSTID")
+                    .query_async(&mut conn)
+                    .await?;
+                let parts = items(&reply);
+                let next = parts
+                    .first()
+                    .and_then(string_of)
+                    .unwrap_or_else(|| "0-0".to_owned());
+                let deleted = parts
+                    .get(2)
+                    .map(|d| items(d).iter().filter_map(string_of).collect())
+                    .unwrap_or_default();
+                Ok((next, deleted))
+            })
+            .await
+    }
+
+    /// `me`'s pending entries after `after` (exclusive), oldest first, at most `count`.
+    pub(crate) async fn wb_pending(
+        &self,
+        p: &Owned<'_>,
+        me: &str,
+        after: &str,
+        count: usize,
+    ) -> BackendResult<Vec<StreamEntry>> {
+        self.conns
+            .run("write-behind pending", |mut conn| async move {
+                let reply: Value = redis::cmd("XREADGROUP")
+                    .arg("GROUP")
+                    .arg(GROUP)
+                    .arg(me)
+                    .arg("COUNT")
+                    .arg(count)
+                    .arg("STREAMS")
+                    .arg(&p.keys.stream)
+                    .arg(after)
+                    .query_async(&mut conn)
+                    .await?;
+                Ok(parse_read(&reply))
+            })
+            .await
+    }
+
+    /// Queue depth: for each partition stream its length and its oldest entry's id, and the
+    /// dead-letter stream's length.
+    pub(crate) async fn wb_depth(
+        &self,
+        streams: &[String],
+        dead: &str,
+    ) -> BackendResult<(u64, Option<u64>, u64)> {
+        self.conns
+            .run("write-behind depth", |mut conn| async move {
+                let mut pipe = redis::pipe();
+                for s in streams {
+                    pipe.cmd("XLEN").arg(s);
+                    pipe.cmd("XRANGE")
+                        .arg(s)
+                        .arg("-")
+                        .arg("+")
+                        .arg("COUNT")
+                        .arg(1);
+                }
+                pipe.cmd("XLEN").arg(dead);
+                let replies: Vec<Value> = pipe.query_async(&mut conn).await?;
+                let mut pending = 0u64;
+                let mut oldest: Option<u64> = None;
+                for pair in replies.chunks(2) {
+                    match pair {
+                        [len, first] => {
+                            pending += int_of(len);
+                            if let Some(ms) = parse_entries(first)
+                                .first()
+                                .and_then(|e| e.id.split('-').next()?.parse::<u64>().ok())
+                            {
+                                oldest = Some(oldest.map_or(ms, |o| o.min(ms)));
+                            }
+                        }
+                        [dead] => return Ok((pending, oldest, int_of(dead))),
+                        _ => {}
+                    }
+                }
+                Ok((pending, oldest, 0))
+            })
+            .await
+    }
+
+    /// The lengths of `streams`, summed.
+    pub(crate) async fn wb_len(&self, streams: &[String]) -> BackendResult<u64> {
+        self.conns
+            .run("write-behind length", |mut conn| async move {
+                let mut pipe = redis::pipe();
+                for s in streams {
+                    pipe.cmd("XLEN").arg(s);
+                }
+                let lens: Vec<Value> = pipe.query_async(&mut conn).await?;
+                Ok(lens.iter().map(int_of).sum())
+            })
+            .await
+    }
+
+    /// Up to `count` dead letters of `dead`, oldest first, after `after` (exclusive).
+    pub(crate) async fn wb_dead_letters(
+        &self,
+        dead: &str,
+        after: &str,
+        count: usize,
+    ) -> BackendResult<Vec<StreamEntry>> {
+        let start = format!("({after}");
+        self.conns
+            .run("write-behind dead letters", |mut conn| async move {
+                let reply: Value = redis::cmd("XRANGE")
+                    .arg(dead)
+                    .arg(&start)
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(count)
+                    .query_async(&mut conn)
+                    .await?;
+                Ok(parse_entries(&reply))
+            })
+            .await
+    }
+
+    /// `WB_RETRY`: moves one dead letter back to `stream`. Returns whether it was moved.
+    pub(crate) async fn wb_retry(
+        &self,
+        dead: &str,
+        stream: &str,
+        entry: &StreamEntry,
+        retention: Duration,
+    ) -> BackendResult<bool> {
+        let fields: Vec<&(String, Vec<u8>)> = entry
+            .fields
+            .iter()
+            .filter(|(n, _)| !DEAD_FIELDS.contains(&n.as_str()))
+            .collect();
+        if fields.is_empty() {
+            return Ok(false);
+        }
+        self.conns
+            .run("write-behind retry", |mut conn| async move {
+                let mut cmd = evalsha(&WB_RETRY, 2, 2 + 2 * fields.len(), 256);
+                cmd.arg(dead)
+                    .arg(stream)
+                    .arg(&entry.id)
+                    .arg(millis(retention));
+                for (n, v) in &fields {
+                    cmd.arg(n).arg(&v[..]);
+                }
+                let moved: i64 = run(&mut conn, &WB_RETRY, &cmd).await?;
+                Ok(moved == 1)
+            })
+            .await
+    }
+}
+
+fn int_of(v: &Value) -> u64 {
+    match v {
+        Value::Int(i) => u64::try_from(*i).unwrap_or(0),
+        other => string_of(other).and_then(|s| s.parse().ok()).unwrap_or(0),
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A blocking `XREADGROUP .. BLOCK poll STREAMS stream >` on a connection of the worker's own:
+/// new entries for `me`.
+pub(crate) async fn read_new(
+    conn: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+    me: &str,
+    count: usize,
+    block: Duration,
+) -> redis::RedisResult<Vec<StreamEntry>> {
+    let reply: Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(GROUP)
+        .arg(me)
+        .arg("COUNT")
+        .arg(count)
+        .arg("BLOCK")
+        .arg(millis(block))
+        .arg("STREAMS")
+        .arg(stream)
+        .arg(">")
+        .query_async(conn)
+        .await?;
+    Ok(parse_read(&reply))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_parse_without_panicking_on_odd_replies() {
+        let reply = Value::Array(vec![
+            Value::Array(vec![
+                Value::BulkString(b"1-0".to_vec()),
+                Value::Array(vec![
+                    Value::BulkString(b"f".to_vec()),
+                    Value::BulkString(b"x".to_vec()),
+                    Value::BulkString(b"dangling".to_vec()),
+                ]),
+            ]),
+            Value::Array(vec![Value::BulkString(b"2-0".to_vec()), Value::Nil]),
+            Value::Int(3),
+        ]);
+        let entries = parse_entries(&reply);
+        assert_eq!(entries.len(), 2);
+        assert_eq!(entries[0].field_str("f"), Some("x"));
+        assert!(entries[1].fields.is_empty());
+        assert!(parse_read(&Value::Nil).is_empty());
+    }
+
+    #[test]
+    fn partitions_follow_crc16_of_the_full_key() {
+        assert_eq!(partition_of("123456789", 16), 0x31C3 % 16);
+        assert!(partition_of("ns:user:{7}", 16) < 16);
+        assert_eq!(partition_of("anything", 1), 0);
+    }
+}

@@ -1,0 +1,366 @@
+//! Durable write-behind: `#[write_behind]` functions, and the [`Worker`] that applies their
+//! queued writes.
+//!
+//! A call of a `#[write_behind]` function stores its value in the cache (as `#[cache_put]`
+//! does: readers see it at once) and appends its arguments to a Redis Stream, in one atomic
+//! step, then returns `Ok(())` without running the body. A [`Worker`], in any number of
+//! processes, runs the body later with the recorded arguments.
+//!
+//! ```no_run
+//! # async fn demo(cache: cache_runtime::Cache) -> Result<(), cache_runtime::Error> {
+//! use cache_runtime::write_behind::Worker;
+//!
+//! // In every process that should apply queued writes:
+//! let worker = Worker::builder(&cache).start()?;
+//! // ...
+//! worker.flush().await; // until every queue is drained (tests, shutdown hooks)
+//! worker.shutdown().await; // finishes the entry being applied, releases its partitions
+//! # Ok(()) }
+//! ```
+//!
+//! # Guarantees
+//!
+//! * **Nothing accepted is lost.** A write is accepted once the enqueue script ran on Redis;
+//!   it stays in its partition's stream until a worker applied it (the body returned `Ok`)
+//!   and acknowledged it, or moved it to the queue's dead-letter stream after its last
+//!   attempt failed. A worker that dies (or is killed) mid-batch loses its partition leases
+//!   when they expire; the next owner claims its pending entries (`XAUTOCLAIM`) and applies
+//!   them.
+//! * **At least once.** An entry may be applied twice: its worker died after the body ran but
+//!   before the acknowledgement, or lost its lease, or an enqueue timed out and the caller
+//!   ran the body inline. [`current_id`] gives the body the write's id, the same on every
+//!   attempt: make the database write idempotent with it (e.g. record the id in the row,
+//!   `UPDATE .. WHERE last_write_id IS DISTINCT FROM $id`, or an audit table keyed by it).
+//! * **In order per key.** The writes of one key land in one partition (the CRC16 of the
+//!   key), and one worker at a time applies a partition (a lease), in stream order; a key's
+//!   later entries wait while an earlier one is retried.
+//! * **Coalescing** (unless the function says `coalesce = false`): of consecutive queued
+//!   writes of one key by one function that a worker finds waiting together, only the last is
+//!   applied (the others are acknowledged with it).
+//! * **Retries**: an `Err` or a panic is retried after `min(max, base * 2^n) * random(0..1)`
+//!   (full jitter); after `max_attempts` the entry moves to the queue's dead-letter stream
+//!   (logged at `warn`, counted in `dead_lettered`, visible in [`depth`]; [`retry_dead`] moves
+//!   dead letters back). Other keys of the partition go on meanwhile.
+//! * **Unknown functions**: an entry of a function this binary does not have (an older or
+//!   newer binary queued it) stays pending, with one warning per partition and function; its
+//!   key's later entries wait behind it; other keys go on. A binary that knows the function
+//!   applies it.
+//! * **Undecodable entries** (arguments that do not decode into the function's parameters, a
+//!   damaged entry): moved to the dead-letter stream at once, with the decoding error.
+//! * **Redis down**: the call runs its body inline (write-through) and returns its result;
+//!   counted as `write_through`. Nothing is queued in memory.
+//! * **Memory backend**: always write-through inline (there is no durability to promise).
+//! * **Read your writes**: the value is in the cache as soon as the call returns; after the
+//!   worker applied the write it re-asserts it (puts it back if it was evicted, or replaced by
+//!   a fill from a database that did not have the write yet), unless a later write-behind
+//!   write of the key was accepted since.
+//!
+//! # What you must configure
+//!
+//! * **Redis persistence**: `appendonly yes` with `appendfsync always` loses nothing accepted
+//!   when Redis crashes; `everysec` loses at most the last second. Without AOF, a Redis
+//!   restart loses every queued write.
+//! * **No eviction of the queues**: `maxmemory-policy noeviction`, or a Redis of their own.
+//!   `allkeys-*` and `volatile-*` policies may evict a stream (every key has a TTL).
+//! * **Idempotent bodies** through [`current_id`] (see above).
+//! * **Retention** ([`CacheBuilder::write_behind_retention`](crate::CacheBuilder::write_behind_retention),
+//!   30 days): a queue that no process writes to or polls for that long is removed. Run a
+//!   worker.
+//! * **Partitions** ([`CacheBuilder::write_behind_partitions`](crate::CacheBuilder::write_behind_partitions),
+//!   16): the same in every process; change only with drained queues.
+//! * A function's identity in the queue is its `name` option, else its path: renaming or
+//!   moving it without `name` strands its queued entries (pending, with a warning) until a
+//!   binary that knows the old name applies them.
+//!
+//! One Redis server only for now: on Redis Cluster the value and the queue live in different
+//! slots (issue 11).
+
+mod call;
+mod handler;
+mod worker;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use self::call::{Inline, WriteBehind};
+pub use self::handler::{
+    Applied, ApplyFn, Applying, ArgsError, ViaDebug, ViaDisplay, ViaName, WbFunction, WbHandler,
+    WbOutcome, WbResult, wb_decode,
+};
+pub use self::worker::{Worker, WorkerBuilder, WorkerFunctionStats, WorkerStats};
+
+use crate::backend::wb::{PartitionKeys, dead_key, now_ms, partition_of};
+use crate::cache::Cache;
+use crate::error::{Error, Result};
+
+tokio::task_local! {
+    pub(crate) static CURRENT: WriteId;
+}
+
+/// The id of one write-behind write: `<ms since epoch>-<16 hex random>-<process counter>`,
+/// made by the caller, recorded in the queued entry, and the same on every attempt to apply
+/// it (see [`current_id`]).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct WriteId(Arc<str>);
+
+impl WriteId {
+    pub(crate) fn generate() -> WriteId {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let random = &crate::store::new_token()[..16];
+        WriteId(format!("{}-{random}-{n}", now_ms()).into())
+    }
+
+    pub(crate) fn from_entry(id: &str) -> WriteId {
+        WriteId(id.into())
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for WriteId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for WriteId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "WriteId({})", self.0)
+    }
+}
+
+/// The id of the write whose body is running: inside a `#[write_behind]` body applied by a
+/// [`Worker`], or run inline (write-through); `None` elsewhere. The same for every attempt of
+/// one write: use it to make the database write idempotent.
+///
+/// ```no_run
+/// # #[derive(serde::Serialize, serde::Deserialize)] struct User;
+/// # async fn update(_: &User, _: &str) {}
+/// // inside a #[write_behind] function's body:
+/// # async fn body(user: User) {
+/// let id = cache_runtime::write_behind::current_id().expect("inside a write-behind body");
+/// update(&user, id.as_str()).await; // e.g. `.. WHERE last_write IS DISTINCT FROM $id`
+/// # }
+/// ```
+pub fn current_id() -> Option<WriteId> {
+    CURRENT.try_with(Clone::clone).ok()
+}
+
+/// How much of a queue is waiting, from [`depth`] (a read of Redis).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QueueDepth {
+    /// The queue's name.
+    pub queue: String,
+    /// Entries in its partitions: queued and not yet applied and acknowledged.
+    pub pending: u64,
+    /// The age of the oldest of them.
+    pub oldest: Option<Duration>,
+    /// Entries in its dead-letter stream.
+    pub dead: u64,
+}
+
+impl fmt::Display for QueueDepth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let oldest = match self.oldest {
+            None => "-".to_owned(),
+            Some(d) => format!("{:.1}s", d.as_secs_f64()),
+        };
+        write!(
+            f,
+            "queue {}: {} pending (oldest {oldest}), {} dead",
+            self.queue, self.pending, self.dead
+        )
+    }
+}
+
+/// Whether `queue` is a valid queue name: `[A-Za-z0-9_.-]{1,64}`.
+pub(crate) fn valid_queue(queue: &str) -> bool {
+    (1..=64).contains(&queue.len())
+        && queue
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+fn redis_of(cache: &Cache) -> Result<&crate::backend::RedisBackend> {
+    cache
+        .store()
+        .redis()
+        .ok_or_else(|| Error::config("write-behind queues live in Redis: this cache has none"))
+}
+
+fn check_queue(queue: &str) -> Result<()> {
+    if valid_queue(queue) {
+        Ok(())
+    } else {
+        Err(Error::config(format!(
+            "invalid queue name {queue:?}: 1 to 64 of A-Z a-z 0-9 _ . -"
+        )))
+    }
+}
+
+/// The partition streams of `queue` in `cache`'s namespace.
+pub(crate) fn streams(cache: &Cache, queue: &str) -> Vec<PartitionKeys> {
+    let store = cache.store();
+    (0..store.wb_config().partitions)
+        .map(|p| PartitionKeys::new(store.namespace(), queue, p))
+        .collect()
+}
+
+/// How many writes of `queue` wait in Redis, the age of the oldest, and how many are dead
+/// letters.
+///
+/// ```no_run
+/// # async fn demo(cache: &cache_runtime::Cache) -> Result<(), cache_runtime::Error> {
+/// let depth = cache_runtime::write_behind::depth(cache, "users").await?;
+/// println!("{depth}"); // queue users: 12 pending (oldest 0.3s), 0 dead
+/// # Ok(()) }
+/// ```
+///
+/// # Errors
+///
+/// A cache without Redis, an invalid queue name ([`ErrorKind::Config`](crate::ErrorKind)),
+/// or Redis failed.
+pub async fn depth(cache: &Cache, queue: &str) -> Result<QueueDepth> {
+    check_queue(queue)?;
+    let redis = redis_of(cache)?;
+    let streams: Vec<String> = streams(cache, queue)
+        .into_iter()
+        .map(|p| p.stream)
+        .collect();
+    let dead = dead_key(cache.namespace(), queue);
+    let (pending, oldest, dead) = redis.wb_depth(&streams, &dead).await?;
+    let now = now_ms();
+    Ok(QueueDepth {
+        queue: queue.to_owned(),
+        pending,
+        oldest: oldest.map(|ms| Duration::from_millis(now.saturating_sub(ms))),
+        dead,
+    })
+}
+
+/// Moves every dead letter of `queue` back to its partition, with its attempts reset (after
+/// the cause was fixed: the database is back, a bug is fixed). Returns how many were moved.
+///
+/// ```no_run
+/// # async fn demo(cache: &cache_runtime::Cache) -> Result<(), cache_runtime::Error> {
+/// let moved = cache_runtime::write_behind::retry_dead(cache, "users").await?;
+/// # Ok(()) }
+/// ```
+///
+/// # Errors
+///
+/// A cache without Redis, an invalid queue name, or Redis failed (the dead letters moved
+/// until then stay moved).
+pub async fn retry_dead(cache: &Cache, queue: &str) -> Result<usize> {
+    check_queue(queue)?;
+    let redis = redis_of(cache)?;
+    let store = cache.store();
+    let config = store.wb_config();
+    let dead = dead_key(cache.namespace(), queue);
+    let mut after = "0-0".to_owned();
+    let mut moved = 0;
+    loop {
+        let letters = redis.wb_dead_letters(&dead, &after, 100).await?;
+        let Some(last) = letters.last() else {
+            return Ok(moved);
+        };
+        after = last.id.clone();
+        for letter in &letters {
+            let Some(key) = letter.field_str("k") else {
+                tracing::warn!(
+                    target: "cache_runtime",
+                    "dead letter {} of queue {queue} has no key; left in place",
+                    letter.id
+                );
+                continue;
+            };
+            let p = partition_of(key, config.partitions);
+            let stream = PartitionKeys::new(store.namespace(), queue, p).stream;
+            if redis
+                .wb_retry(&dead, &stream, letter, config.retention)
+                .await?
+            {
+                moved += 1;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::__private::{self, Call, CallKey, Site};
+
+    /// The shape of the `#[write_behind]` expansion (docs/design-write-behind.md), on the
+    /// memory backend: the body runs inline, with `current_id`, and the value is written.
+    #[tokio::test]
+    async fn the_expansion_shape_runs_inline_on_memory() {
+        async fn save(cache: &Cache, id: u64, name: String) -> Result<(), String> {
+            async fn __cache_body(id: u64, name: String) -> Result<(), String> {
+                assert!(current_id().is_some());
+                if name == "bad" {
+                    return Err(format!("refused {id}"));
+                }
+                Ok(())
+            }
+            static __CACHE_SITE: Site = Site::new(module_path!(), "save").ttl_ms(60_000);
+            fn __cache_apply(args: &[u8]) -> std::result::Result<Applying, ArgsError> {
+                let (__a0, __a1): (u64, String) = __private::wb_decode(args)?;
+                Ok(Applying::new(async move {
+                    __private::wb_outcome!(__cache_body(__a0, __a1).await)
+                }))
+            }
+            static __CACHE_WB: WbFunction =
+                WbFunction::new(&__CACHE_SITE, "tests", __cache_apply).coalesce(true);
+            __private::inventory::submit! { __private::WbHandler(&__CACHE_WB) }
+
+            let key = format!("user:{id}");
+            let mut wb = WriteBehind::new(
+                Call {
+                    cache,
+                    site: &__CACHE_SITE,
+                    self_type: None,
+                    key: CallKey::Key(cache.full_key(&key).into()),
+                },
+                &__CACHE_WB,
+            );
+            wb.begin().await;
+            if wb.wants_value() {
+                wb.encode(&name);
+            }
+            wb.args(&(&id, &name));
+            match wb.enqueue().await {
+                None => Ok(()),
+                Some(inline) => inline.run(__cache_body(id, name)).await,
+            }
+        }
+        let cache = Cache::memory();
+        save(&cache, 1, "ann".into()).await.unwrap();
+        assert_eq!(
+            cache.get::<String>("user:1").await.unwrap().as_deref(),
+            Some("ann")
+        );
+        assert_eq!(save(&cache, 2, "bad".into()).await, Err("refused 2".into()));
+        assert_eq!(cache.get::<String>("user:2").await.unwrap(), None);
+        let stats = cache.stats();
+        let f = &stats.functions()[0];
+        assert_eq!((f.accepted, f.write_through), (0, 2));
+        assert!(current_id().is_none());
+        assert!(handler::registered().any(|f| f.id().ends_with("::save") && f.queue() == "tests"));
+    }
+
+    #[test]
+    fn queue_names_are_checked() {
+        assert!(valid_queue("users.v2_a-b"));
+        assert!(!valid_queue(""));
+        assert!(!valid_queue("a b"));
+        assert!(!valid_queue(&"x".repeat(65)));
+    }
+}

@@ -1,0 +1,1134 @@
+//! The [`Worker`]: applies the queued writes of `#[write_behind]` functions.
+//!
+//! ```text
+//! supervisor (one task)        every lease/4: heartbeat in `workers`, renew the leases held,
+//!                              take free partitions up to ceil(partitions / live workers) per
+//!                              queue, give back extra ones, extend the queues' retention
+//! partition task (one per      XGROUP CREATE; XAUTOCLAIM what others held; this consumer's
+//!  owned partition)            pending entries; then XREADGROUP .. BLOCK on a connection of
+//!                              its own; apply per key in id order (coalesce, retry, dead-letter,
+//!                              leave unknown functions pending); re-assert; WB_ACK
+//! ```
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt as _;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use super::handler::{Applied, WbFunction, registered};
+use super::{CURRENT, QueueDepth, WriteId, check_queue, depth, streams};
+use crate::backend::RedisBackend;
+use crate::backend::wb::{Owned, PartitionKeys, StreamEntry, dead_key, read_new, workers_key};
+use crate::cache::Cache;
+use crate::error::{Error, Result};
+use crate::stats::SiteStats;
+
+/// Entries a partition keeps in memory (pending and not yet applied) before it stops reading
+/// new ones: this many batches.
+const HELD_BATCHES: usize = 10;
+
+#[derive(Debug, Clone)]
+struct Config {
+    batch: usize,
+    max_attempts: u32,
+    backoff_base: Duration,
+    backoff_max: Duration,
+    lease: Duration,
+    poll: Duration,
+}
+
+/// Configures and starts a [`Worker`]. Start with [`Worker::builder`].
+#[derive(Debug)]
+#[must_use = "a builder does nothing until `start` is called"]
+pub struct WorkerBuilder {
+    cache: Cache,
+    queues: Option<Vec<String>>,
+    config: Config,
+}
+
+/// Applies the queued writes of `#[write_behind]` functions: the body runs with the recorded
+/// arguments, in order per key, at least once, with retries and a dead-letter stream. See the
+/// [module documentation](super) for the guarantees.
+///
+/// Any number of processes may run one: each queue is split into partitions, and a worker
+/// holds a lease on each partition it applies, taking its fair share
+/// (`ceil(partitions / live workers)`) and giving back the rest. A worker that dies loses its
+/// leases when they expire (`lease`, 10 s); another takes its partitions over with the entries
+/// it was applying.
+///
+/// Dropping a worker stops its tasks at once (its leases then expire); [`Worker::shutdown`]
+/// finishes the entry being applied and gives them back.
+///
+/// ```no_run
+/// use cache_runtime::write_behind::Worker;
+/// use std::time::Duration;
+///
+/// # async fn demo(cache: cache_runtime::Cache) -> Result<(), cache_runtime::Error> {
+/// let worker = Worker::builder(&cache)
+///     .queues(["users"])
+///     .max_attempts(5)
+///     .backoff(Duration::from_millis(200), Duration::from_secs(60))
+///     .start()?;
+/// // on shutdown:
+/// worker.flush_for(Duration::from_secs(10)).await;
+/// println!("{}", worker.stats().await);
+/// worker.shutdown().await;
+/// # Ok(()) }
+/// ```
+pub struct Worker {
+    shared: Arc<Shared>,
+    supervisor: Option<JoinHandle<()>>,
+}
+
+impl fmt::Debug for Worker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Worker")
+            .field("name", &self.shared.name)
+            .field("queues", &self.shared.queues)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // Aborting the supervisor drops its partition tasks' handles, which abort them.
+        if let Some(task) = self.supervisor.take() {
+            task.abort();
+        }
+    }
+}
+
+struct Shared {
+    cache: Cache,
+    config: Config,
+    /// The consumer name in the groups and the member in `workers`.
+    name: String,
+    /// The partition leases' value.
+    token: String,
+    queues: Vec<String>,
+    functions: HashMap<String, &'static WbFunction>,
+    /// Set by `shutdown`: stop reading, finish the entry being applied, give back.
+    stopping: AtomicBool,
+    wake: Notify,
+    /// Entries whose body is running now.
+    in_flight: AtomicUsize,
+    started: Instant,
+}
+
+impl Shared {
+    fn redis(&self) -> &RedisBackend {
+        // `start` checked it.
+        self.cache
+            .store()
+            .redis()
+            .unwrap_or_else(|| unreachable!("a worker is only started on a Redis cache"))
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+/// What the supervisor and a partition task share about the partition.
+struct PartitionState {
+    /// Until when the lease is known to be held (ms since the worker started).
+    lease_until: AtomicU64,
+    /// Give the partition back (between entries).
+    release: AtomicBool,
+    /// The lease was lost: stop without acknowledging more.
+    lost: AtomicBool,
+    wake: Notify,
+}
+
+/// A partition task, aborted when dropped (the supervisor was aborted: the worker dropped).
+struct PartitionTask {
+    queue: usize,
+    partition: u16,
+    state: Arc<PartitionState>,
+    join: JoinHandle<()>,
+}
+
+impl Drop for PartitionTask {
+    fn drop(&mut self) {
+        self.join.abort();
+    }
+}
+
+impl Worker {
+    /// A builder for a worker on `cache` (which must use Redis).
+    pub fn builder(cache: &Cache) -> WorkerBuilder {
+        WorkerBuilder {
+            cache: cache.clone(),
+            queues: None,
+            config: Config {
+                batch: 100,
+                max_attempts: 8,
+                backoff_base: Duration::from_millis(100),
+                backoff_max: Duration::from_secs(30),
+                lease: Duration::from_secs(10),
+                poll: Duration::from_millis(500),
+            },
+        }
+    }
+
+    /// The queues this worker applies.
+    pub fn queues(&self) -> &[String] {
+        &self.shared.queues
+    }
+
+    /// Waits until every partition of the worker's queues is empty (every entry applied and
+    /// acknowledged, or dead-lettered) and no body is running. Dead letters do not count. An
+    /// entry of a function no running worker knows keeps it waiting: see
+    /// [`Worker::flush_for`].
+    pub async fn flush(&self) {
+        while !self.drained().await {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// [`Worker::flush`] for at most `limit`: whether the queues were drained.
+    pub async fn flush_for(&self, limit: Duration) -> bool {
+        tokio::time::timeout(limit, self.flush()).await.is_ok()
+    }
+
+    async fn drained(&self) -> bool {
+        let streams: Vec<String> = self
+            .shared
+            .queues
+            .iter()
+            .flat_map(|q| streams(&self.shared.cache, q))
+            .map(|p| p.stream)
+            .collect();
+        match self.shared.redis().wb_len(&streams).await {
+            Ok(0) => self.shared.in_flight.load(SeqCst) == 0,
+            _ => false,
+        }
+    }
+
+    /// Stops: no new entries are read, the entry being applied finishes and is acknowledged,
+    /// the partitions are given back (another worker takes them at once) and the worker leaves
+    /// the live set.
+    pub async fn shutdown(mut self) {
+        self.shared.stopping.store(true, SeqCst);
+        self.shared.wake.notify_waiters();
+        if let Some(task) = self.supervisor.take() {
+            let _ = task.await;
+        }
+    }
+
+    /// This worker's counters (in this process) for the functions of its queues, and the
+    /// depth of its queues (a read of Redis; a queue whose depth cannot be read is left out).
+    pub async fn stats(&self) -> WorkerStats {
+        let snapshot = self.shared.cache.stats();
+        let mut functions: Vec<WorkerFunctionStats> = self
+            .shared
+            .functions
+            .values()
+            .filter(|f| self.shared.queues.iter().any(|q| q == f.queue()))
+            .map(|f| {
+                let s = snapshot.function(f.id());
+                WorkerFunctionStats {
+                    name: f.id().to_owned(),
+                    queue: f.queue().to_owned(),
+                    applied: s.map_or(0, |s| s.applied),
+                    retried: s.map_or(0, |s| s.retried),
+                    dead_lettered: s.map_or(0, |s| s.dead_lettered),
+                }
+            })
+            .collect();
+        functions.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut queues = Vec::new();
+        for q in &self.shared.queues {
+            if let Ok(d) = depth(&self.shared.cache, q).await {
+                queues.push(d);
+            }
+        }
+        WorkerStats { functions, queues }
+    }
+}
+
+impl WorkerBuilder {
+    /// The queues to apply (default: every queue of every `#[write_behind]` function linked
+    /// into the binary).
+    pub fn queues<I, S>(mut self, queues: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.queues = Some(queues.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// At most this many entries read per partition at once (default 100).
+    pub fn batch(mut self, entries: usize) -> Self {
+        self.config.batch = entries.max(1);
+        self
+    }
+
+    /// After this many failed attempts an entry is dead-lettered (default 8).
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.config.max_attempts = attempts.max(1);
+        self
+    }
+
+    /// The retry delay after the n-th failure: `min(max, base * 2^(n-1)) * random(0..1)`
+    /// (default 100 ms, 30 s).
+    pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
+        self.config.backoff_base = base;
+        self.config.backoff_max = max.max(base);
+        self
+    }
+
+    /// The partition lease (default 10 s): how long a dead worker's partitions wait before
+    /// another worker takes them over. Renewed every quarter of it.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.config.lease = lease.max(Duration::from_millis(100));
+        self
+    }
+
+    /// How long one blocking read waits for new entries (default 500 ms).
+    pub fn poll(mut self, poll: Duration) -> Self {
+        self.config.poll = poll.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Starts the worker's tasks in the current Tokio runtime.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config): the cache does not use Redis (there is
+    /// nothing to apply: memory-backed calls run inline), no Tokio runtime, an invalid queue
+    /// name, no queue at all, or two `#[write_behind]` functions of its queues with the same
+    /// id (give one a `name`).
+    pub fn start(self) -> Result<Worker> {
+        if self.cache.store().redis().is_none() {
+            return Err(Error::config(
+                "a write-behind worker needs a Redis cache (on the memory backend, calls run inline)",
+            ));
+        }
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| Error::config("a write-behind worker starts inside a Tokio runtime"))?;
+        let mut queues = match self.queues {
+            Some(q) => q,
+            None => registered().map(|f| f.queue().to_owned()).collect(),
+        };
+        queues.sort();
+        queues.dedup();
+        if queues.is_empty() {
+            return Err(Error::config(
+                "no write-behind queue: no #[write_behind] function is linked in and none was given",
+            ));
+        }
+        for q in &queues {
+            check_queue(q)?;
+        }
+        let mut functions: HashMap<String, &'static WbFunction> = HashMap::new();
+        for f in registered() {
+            if let Some(other) = functions.insert(f.id().to_owned(), f) {
+                if !std::ptr::eq(other, f)
+                    && queues.iter().any(|q| q == f.queue() || q == other.queue())
+                {
+                    return Err(Error::config(format!(
+                        "two #[write_behind] functions have the id `{}`: give one a `name`",
+                        f.id()
+                    )));
+                }
+            }
+        }
+        let token = crate::store::new_token();
+        let shared = Arc::new(Shared {
+            name: format!("w-{}", &token[..16]),
+            token,
+            cache: self.cache,
+            config: self.config,
+            queues,
+            functions,
+            stopping: AtomicBool::new(false),
+            wake: Notify::new(),
+            in_flight: AtomicUsize::new(0),
+            started: Instant::now(),
+        });
+        let supervisor = runtime.spawn(supervise(shared.clone()));
+        Ok(Worker {
+            shared,
+            supervisor: Some(supervisor),
+        })
+    }
+}
+
+/// A uniformly distributed number in `0..1`.
+fn random_unit() -> f64 {
+    use std::hash::{BuildHasher, RandomState};
+    let bits = RandomState::new().hash_one(Instant::now()) >> 11;
+    bits as f64 / (1u64 << 53) as f64
+}
+
+/// The delay before retrying after the `failures`-th failure: exponential, full jitter.
+fn backoff(config: &Config, failures: u32) -> Duration {
+    let exp = 1u32 << failures.saturating_sub(1).min(20);
+    let cap = config
+        .backoff_base
+        .saturating_mul(exp)
+        .min(config.backoff_max);
+    cap.mul_f64(random_unit())
+}
+
+async fn supervise(shared: Arc<Shared>) {
+    let redis = shared.redis();
+    let config = shared.config.clone();
+    let namespace = shared.cache.namespace().to_owned();
+    let workers = workers_key(&namespace);
+    let partitions = shared.cache.store().wb_config().partitions;
+    let retention = shared.cache.store().wb_config().retention;
+    let tick = config.lease / 4;
+    let mut owned: Vec<PartitionTask> = Vec::new();
+    let mut live = 1usize;
+    while !shared.stopping.load(SeqCst) {
+        match redis
+            .wb_heartbeat(&workers, &shared.name, config.lease, retention)
+            .await
+        {
+            Ok(n) => live = n,
+            Err(e) => {
+                tracing::debug!(target: "cache_runtime", "write-behind heartbeat failed: {e}")
+            }
+        }
+        // Tasks that ended (lease lost, given back) are forgotten.
+        owned.retain(|t| !t.join.is_finished());
+        // Renew what is held.
+        let owners: Vec<String> = owned
+            .iter()
+            .map(|t| PartitionKeys::new(&namespace, &shared.queues[t.queue], t.partition).owner)
+            .collect();
+        let owner_refs: Vec<&str> = owners.iter().map(String::as_str).collect();
+        let asked = shared.now_ms();
+        match redis
+            .wb_renew(&owner_refs, &shared.token, config.lease)
+            .await
+        {
+            Ok(held) => {
+                for (t, held) in owned.iter().zip(held) {
+                    if held {
+                        t.state
+                            .lease_until
+                            .store(asked + millis(config.lease), SeqCst);
+                    } else {
+                        t.state.lost.store(true, SeqCst);
+                        t.state.wake.notify_waiters();
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!(target: "cache_runtime", "write-behind lease renewal failed: {e}")
+            }
+        }
+        // Keep the queues alive while a worker polls them.
+        let mut touch: Vec<String> = shared
+            .queues
+            .iter()
+            .map(|q| dead_key(&namespace, q))
+            .collect();
+        for t in &owned {
+            let keys = PartitionKeys::new(&namespace, &shared.queues[t.queue], t.partition);
+            touch.push(keys.stream);
+            touch.push(keys.tries);
+        }
+        if let Err(e) = redis.wb_touch(&touch, retention).await {
+            tracing::debug!(target: "cache_runtime", "write-behind retention renewal failed: {e}");
+        }
+        // Fair share per queue.
+        let share = usize::from(partitions).div_ceil(live);
+        for (qi, queue) in shared.queues.iter().enumerate() {
+            let mine: Vec<usize> = owned
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| t.queue == qi && !t.state.release.load(SeqCst))
+                .map(|(i, _)| i)
+                .collect();
+            if mine.len() > share {
+                for &i in &mine[share..] {
+                    owned[i].state.release.store(true, SeqCst);
+                    owned[i].state.wake.notify_waiters();
+                }
+                continue;
+            }
+            let want = share - mine.len();
+            if want == 0 {
+                continue;
+            }
+            let start = (random_unit() * f64::from(partitions)) as u16 % partitions;
+            let free: Vec<u16> = (0..partitions)
+                .map(|i| (start + i) % partitions)
+                .filter(|p| !owned.iter().any(|t| t.queue == qi && t.partition == *p))
+                .collect();
+            let keys: Vec<PartitionKeys> = free
+                .iter()
+                .map(|p| PartitionKeys::new(&namespace, queue, *p))
+                .collect();
+            let owners: Vec<&str> = keys.iter().map(|k| k.owner.as_str()).collect();
+            let asked = shared.now_ms();
+            match redis
+                .wb_take(&owners, &shared.token, config.lease, want)
+                .await
+            {
+                Ok(taken) => {
+                    for i in taken {
+                        let state = Arc::new(PartitionState {
+                            lease_until: AtomicU64::new(asked + millis(config.lease)),
+                            release: AtomicBool::new(false),
+                            lost: AtomicBool::new(false),
+                            wake: Notify::new(),
+                        });
+                        let join = tokio::spawn(run_partition(
+                            shared.clone(),
+                            queue.clone(),
+                            keys[i].clone(),
+                            state.clone(),
+                        ));
+                        owned.push(PartitionTask {
+                            queue: qi,
+                            partition: free[i],
+                            state,
+                            join,
+                        });
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(target: "cache_runtime", "write-behind lease failed: {e}")
+                }
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(tick) => {}
+            () = shared.wake.notified() => {}
+        }
+    }
+    // Shutdown: every partition finishes its entry, acknowledges and gives its lease back.
+    for t in &owned {
+        t.state.release.store(true, SeqCst);
+        t.state.wake.notify_waiters();
+    }
+    for t in &mut owned {
+        let _ = (&mut t.join).await;
+    }
+    if let Err(e) = redis.wb_leave(&workers, &shared.name).await {
+        tracing::debug!(target: "cache_runtime", "write-behind leave failed: {e}");
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// An entry held by a partition task: delivered to this consumer, not yet acknowledged.
+struct Held {
+    entry: StreamEntry,
+    /// The value key (empty if the entry has none: it is dead-lettered).
+    key: String,
+    /// Read with `>`: never attempted before (no failed attempts to look up).
+    fresh: bool,
+}
+
+/// Why a partition task stops.
+#[derive(PartialEq, Eq, Debug)]
+enum Stop {
+    /// Give the lease back (shutdown, fair share).
+    Release,
+    /// The lease was lost or is about to be: stop without acknowledging more.
+    Lost,
+}
+
+struct Partition<'a> {
+    shared: &'a Shared,
+    queue: String,
+    keys: PartitionKeys,
+    state: &'a PartitionState,
+    held: Vec<Held>,
+    acks: Vec<String>,
+    /// Keys waiting for a retry: when, and the failures so far.
+    retry_at: HashMap<String, Instant>,
+    /// Failed attempts of entries (by head id), as known here.
+    attempts: HashMap<String, u32>,
+    /// Keys whose head entry is of a function this binary does not know.
+    stuck: HashSet<String>,
+    warned: HashSet<String>,
+}
+
+async fn run_partition(
+    shared: Arc<Shared>,
+    queue: String,
+    keys: PartitionKeys,
+    state: Arc<PartitionState>,
+) {
+    let mut p = Partition {
+        shared: &shared,
+        queue,
+        keys,
+        state: &state,
+        held: Vec::new(),
+        acks: Vec::new(),
+        retry_at: HashMap::new(),
+        attempts: HashMap::new(),
+        stuck: HashSet::new(),
+        warned: HashSet::new(),
+    };
+    let stop = p.run().await;
+    let redis = shared.redis();
+    let owned = p.owned();
+    if stop == Stop::Release {
+        // Acknowledge what was applied, then give the lease back.
+        let _ = p.flush_acks().await;
+        if let Err(e) = redis.wb_release(&p.keys.owner, &shared.token).await {
+            tracing::debug!(target: "cache_runtime", "write-behind release failed: {e}");
+        }
+    } else {
+        // WB_ACK checks the lease atomically: harmless if it is gone.
+        let _ = redis.wb_ack(&owned, &p.acks).await;
+    }
+}
+
+impl Partition<'_> {
+    fn owned(&self) -> Owned<'_> {
+        Owned {
+            keys: &self.keys,
+            token: &self.shared.token,
+            retention: self.shared.cache.store().wb_config().retention,
+        }
+    }
+
+    fn redis(&self) -> &RedisBackend {
+        self.shared.redis()
+    }
+
+    /// Why to stop now, if so.
+    fn should_stop(&self) -> Option<Stop> {
+        if self.state.lost.load(SeqCst) {
+            return Some(Stop::Lost);
+        }
+        let left = self
+            .state
+            .lease_until
+            .load(SeqCst)
+            .saturating_sub(self.shared.now_ms());
+        if left < millis(self.shared.config.lease) / 3 {
+            return Some(Stop::Lost);
+        }
+        if self.state.release.load(SeqCst) {
+            return Some(Stop::Release);
+        }
+        None
+    }
+
+    async fn run(&mut self) -> Stop {
+        let config = self.shared.config.clone();
+        // The group, then what other consumers held, then this consumer's pending entries.
+        loop {
+            if let Some(stop) = self.should_stop() {
+                return stop;
+            }
+            match self.recover().await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::debug!(target: "cache_runtime", "write-behind partition {} start failed: {e}", self.keys.stream);
+                    self.pause(config.poll).await;
+                }
+            }
+        }
+        let mut conn: Option<redis::aio::MultiplexedConnection> = None;
+        loop {
+            if let Some(stop) = self.should_stop() {
+                return stop;
+            }
+            let progressed = match self.apply_ready().await {
+                Ok(progressed) => progressed,
+                Err(stop) => return stop,
+            };
+            match self.flush_acks().await {
+                Ok(true) => {}
+                Ok(false) => return Stop::Lost,
+                Err(e) => {
+                    tracing::debug!(target: "cache_runtime", "write-behind ack failed: {e}");
+                }
+            }
+            if let Some(stop) = self.should_stop() {
+                return stop;
+            }
+            let wait = if progressed {
+                Duration::from_millis(1)
+            } else {
+                self.next_retry()
+                    .map_or(config.poll, |at| {
+                        at.saturating_duration_since(Instant::now())
+                    })
+                    .clamp(Duration::from_millis(1), config.poll)
+            };
+            if self.held.len() >= config.batch * HELD_BATCHES {
+                self.pause(wait).await;
+                continue;
+            }
+            if conn.is_none() {
+                match self.connect().await {
+                    Ok(c) => conn = Some(c),
+                    Err(e) => {
+                        tracing::debug!(target: "cache_runtime", "write-behind connection failed: {e}");
+                        self.pause(config.poll).await;
+                        continue;
+                    }
+                }
+            }
+            let Some(c) = conn.as_mut() else { continue };
+            let limit = wait + self.redis().op_timeout() + Duration::from_secs(1);
+            let read = tokio::select! {
+                read = tokio::time::timeout(limit, read_new(c, &self.keys.stream, &self.shared.name, config.batch, wait)) => read,
+                () = self.state.wake.notified() => continue,
+            };
+            match read {
+                Ok(Ok(entries)) => self.hold(entries, true),
+                Ok(Err(e)) if e.code() == Some("NOGROUP") => {
+                    // The stream expired or was removed: make it again.
+                    if let Err(e) = self.redis().wb_group(&self.owned()).await {
+                        tracing::debug!(target: "cache_runtime", "write-behind group failed: {e}");
+                        self.pause(config.poll).await;
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(target: "cache_runtime", "write-behind read failed: {e}");
+                    conn = None;
+                    self.pause(config.poll).await;
+                }
+                Err(_elapsed) => conn = None,
+            }
+        }
+    }
+
+    async fn pause(&self, d: Duration) {
+        tokio::select! {
+            () = tokio::time::sleep(d) => {}
+            () = self.state.wake.notified() => {}
+        }
+    }
+
+    async fn connect(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.redis().op_timeout().max(Duration::from_secs(1))))
+            .set_response_timeout(None);
+        self.redis()
+            .client()
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+    }
+
+    /// Takes the partition over: its group, the entries other consumers held (a dead or
+    /// departed worker's), and this consumer's pending entries, in id order.
+    async fn recover(&mut self) -> crate::backend::BackendResult<()> {
+        let batch = self.shared.config.batch;
+        let me = self.shared.name.clone();
+        self.redis().wb_group(&self.owned()).await?;
+        let mut cursor = "0-0".to_owned();
+        loop {
+            let (next, deleted) = self
+                .redis()
+                .wb_autoclaim(&self.owned(), &me, &cursor, batch)
+                .await?;
+            // Entries deleted while pending: only their acknowledgement is left.
+            self.acks.extend(deleted);
+            if next == "0-0" {
+                break;
+            }
+            cursor = next;
+        }
+        self.held.clear();
+        let mut after = "0".to_owned();
+        loop {
+            let entries = self
+                .redis()
+                .wb_pending(&self.owned(), &me, &after, batch)
+                .await?;
+            let Some(last) = entries.last() else { break };
+            after = last.id.clone();
+            self.hold(entries, false);
+        }
+        Ok(())
+    }
+
+    fn hold(&mut self, entries: Vec<StreamEntry>, fresh: bool) {
+        for entry in entries {
+            if entry.fields.is_empty() {
+                // Deleted since it was delivered.
+                self.acks.push(entry.id);
+                continue;
+            }
+            if self.held.iter().any(|h| h.entry.id == entry.id) {
+                continue;
+            }
+            let key = entry.field_str("k").unwrap_or_default().to_owned();
+            self.held.push(Held { entry, key, fresh });
+        }
+    }
+
+    fn next_retry(&self) -> Option<Instant> {
+        self.retry_at.values().min().copied()
+    }
+
+    async fn flush_acks(&mut self) -> crate::backend::BackendResult<bool> {
+        if self.acks.is_empty() {
+            return Ok(true);
+        }
+        let acks = std::mem::take(&mut self.acks);
+        match self.redis().wb_ack(&self.owned(), &acks).await {
+            Ok(held) => Ok(held),
+            Err(e) => {
+                self.acks = acks;
+                Err(e)
+            }
+        }
+    }
+
+    /// Applies every key whose head entry may run now, in id order per key. Returns whether
+    /// anything was applied or settled.
+    async fn apply_ready(&mut self) -> std::result::Result<bool, Stop> {
+        let mut order: Vec<String> = Vec::new();
+        let mut seen = HashSet::new();
+        for h in &self.held {
+            if seen.insert(h.key.as_str()) {
+                order.push(h.key.clone());
+            }
+        }
+        let mut progressed = false;
+        for key in order {
+            loop {
+                if self.stuck.contains(&key) {
+                    break;
+                }
+                if let Some(at) = self.retry_at.get(&key) {
+                    if *at > Instant::now() {
+                        break;
+                    }
+                }
+                if let Some(stop) = self.should_stop() {
+                    return Err(stop);
+                }
+                match self.apply_head(&key).await? {
+                    true => progressed = true,
+                    false => break,
+                }
+            }
+        }
+        Ok(progressed)
+    }
+
+    /// Applies the first entry of `key` (with those coalesced into it). Returns whether it was
+    /// settled (applied or dead-lettered): then the key's next entry may run.
+    async fn apply_head(&mut self, key: &str) -> std::result::Result<bool, Stop> {
+        let positions: Vec<usize> = self
+            .held
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.key == key)
+            .map(|(i, _)| i)
+            .collect();
+        let Some(&first) = positions.first() else {
+            return Ok(false);
+        };
+        let head = &self.held[first];
+        let head_id = head.entry.id.clone();
+        let function_id = head.entry.field_str("f").unwrap_or_default().to_owned();
+        if key.is_empty() || function_id.is_empty() {
+            let error = "a malformed entry (no function or key)".to_owned();
+            return self
+                .dead_letter(key, &[first], &error, 0)
+                .await
+                .map(|()| true);
+        }
+        let Some(function) = self.shared.functions.get(&function_id).copied() else {
+            self.stuck.insert(key.to_owned());
+            if self.warned.insert(function_id.clone()) {
+                tracing::warn!(
+                    target: "cache_runtime",
+                    "write-behind queue {} ({}): entries of `{function_id}`, a function this binary does not have, are left pending (a binary that has it applies them); later writes of their keys wait",
+                    self.queue,
+                    self.keys.stream
+                );
+            }
+            return Ok(false);
+        };
+        // Coalescing: the run of consecutive entries of this key by this function; the last
+        // one is applied.
+        let mut run = vec![first];
+        if function.coalesce {
+            for &i in &positions[1..] {
+                if self.held[i].entry.field_str("f") == Some(function_id.as_str()) {
+                    run.push(i);
+                } else {
+                    break;
+                }
+            }
+        }
+        let last = &self.held[*run.last().unwrap_or(&first)];
+        let superseded = positions.len() > run.len();
+        let (Some(args), Some(write_id)) = (last.entry.field("a"), last.entry.field_str("i"))
+        else {
+            let error = "a malformed entry (no arguments or write id)".to_owned();
+            return self.dead_letter(key, &run, &error, 0).await.map(|()| true);
+        };
+        let write_id = WriteId::from_entry(write_id);
+        let envelope = last
+            .entry
+            .field("v")
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default();
+        let ttl = last
+            .entry
+            .field_str("t")
+            .and_then(|t| t.parse::<u64>().ok())
+            .map_or(self.shared.cache.default_ttl(), Duration::from_millis);
+        let applying = match (function.apply)(args) {
+            Ok(applying) => applying,
+            Err(e) => {
+                let error = e.to_string();
+                return self.dead_letter(key, &run, &error, 0).await.map(|()| true);
+            }
+        };
+        let fresh = self.held[first].fresh;
+        let stats = function
+            .site
+            .stats(self.shared.cache.stats_registry(), None);
+        self.shared.in_flight.fetch_add(1, SeqCst);
+        let outcome = CURRENT
+            .scope(
+                write_id.clone(),
+                std::panic::AssertUnwindSafe(applying.0).catch_unwind(),
+            )
+            .await;
+        self.shared.in_flight.fetch_sub(1, SeqCst);
+        let error = match outcome {
+            Ok(Applied::Ok) => None,
+            Ok(Applied::Err(e)) => Some(e),
+            Err(panic) => Some(format!("panicked: {}", panic_message(&*panic))),
+        };
+        let Some(error) = error else {
+            SiteStats::inc(&stats.wb_applied);
+            self.retry_at.remove(key);
+            self.attempts.remove(&head_id);
+            if !superseded && !envelope.is_empty() {
+                match self
+                    .redis()
+                    .wb_reassert(key, write_id.as_str(), &envelope, ttl)
+                    .await
+                {
+                    Ok(_) => self.shared.cache.store().written_elsewhere(key),
+                    Err(e) => {
+                        tracing::debug!(target: "cache_runtime", "write-behind re-assert of {key} failed: {e}")
+                    }
+                }
+            }
+            self.settle(&run);
+            return Ok(true);
+        };
+        // A failed attempt: counted in Redis (it survives a takeover).
+        let known = match self.attempts.get(&head_id) {
+            Some(n) => *n,
+            None if fresh => 0,
+            None => self
+                .redis()
+                .wb_attempts(&self.owned(), &head_id)
+                .await
+                .unwrap_or(0),
+        };
+        let failures = match self
+            .redis()
+            .wb_failed_attempt(&self.owned(), &head_id)
+            .await
+        {
+            Ok(n) => n.max(known + 1),
+            Err(_) => known + 1,
+        };
+        self.attempts.insert(head_id, failures);
+        if failures >= self.shared.config.max_attempts {
+            self.dead_letter(key, &run, &error, failures).await?;
+            SiteStats::inc(&stats.wb_dead_lettered);
+            return Ok(true);
+        }
+        SiteStats::inc(&stats.wb_retried);
+        let delay = backoff(&self.shared.config, failures);
+        tracing::debug!(
+            target: "cache_runtime",
+            "write-behind `{function_id}` of {key} failed (attempt {failures}): {error}; retried in {delay:?}"
+        );
+        self.retry_at.insert(key.to_owned(), Instant::now() + delay);
+        Ok(false)
+    }
+
+    /// Removes the entries at `positions` from `held`, to be acknowledged.
+    fn settle(&mut self, positions: &[usize]) {
+        let mut positions = positions.to_vec();
+        positions.sort_unstable();
+        for i in positions.into_iter().rev() {
+            let h = self.held.remove(i);
+            self.acks.push(h.entry.id);
+        }
+    }
+
+    async fn dead_letter(
+        &mut self,
+        key: &str,
+        positions: &[usize],
+        error: &str,
+        attempts: u32,
+    ) -> std::result::Result<(), Stop> {
+        let ids: Vec<String> = positions
+            .iter()
+            .map(|&i| self.held[i].entry.id.clone())
+            .collect();
+        let function = self.held[positions[0]]
+            .entry
+            .field_str("f")
+            .unwrap_or("?")
+            .to_owned();
+        let dead = dead_key(self.shared.cache.namespace(), &self.queue);
+        // Acknowledge what came before (in order), then move these.
+        match self.flush_acks().await {
+            Ok(true) => {}
+            Ok(false) => return Err(Stop::Lost),
+            Err(_) => {}
+        }
+        match self
+            .redis()
+            .wb_dead(&self.owned(), &dead, error, attempts, &ids)
+            .await
+        {
+            Ok(true) => {
+                tracing::warn!(
+                    target: "cache_runtime",
+                    "write-behind `{function}` of {key} moved to the dead letters of queue {} after {attempts} failed attempts: {error}",
+                    self.queue
+                );
+                let mut positions = positions.to_vec();
+                positions.sort_unstable();
+                for i in positions.into_iter().rev() {
+                    let h = self.held.remove(i);
+                    self.attempts.remove(&h.entry.id);
+                }
+                self.retry_at.remove(key);
+                Ok(())
+            }
+            Ok(false) => Err(Stop::Lost),
+            Err(e) => {
+                // Try again later.
+                tracing::debug!(target: "cache_runtime", "write-behind dead letter failed: {e}");
+                self.retry_at.insert(
+                    key.to_owned(),
+                    Instant::now() + self.shared.config.backoff_base,
+                );
+                Ok(())
+            }
+        }
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic".to_owned()
+    }
+}
+
+/// A worker's counters and the depth of its queues: [`Worker::stats`]. `Display` prints a
+/// table:
+///
+/// ```text
+/// write-behind worker      queue   applied  retried     dead
+/// app::save_user           users        98        3        0
+/// queue users: 2 pending (oldest 0.1s), 0 dead
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WorkerStats {
+    /// The functions of the worker's queues, by name.
+    pub functions: Vec<WorkerFunctionStats>,
+    /// The depth of each of the worker's queues.
+    pub queues: Vec<QueueDepth>,
+}
+
+/// One function's counters in [`WorkerStats`] (this process's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WorkerFunctionStats {
+    /// The function's id (its `name`, else its path).
+    pub name: String,
+    /// Its queue.
+    pub queue: String,
+    /// Entries applied.
+    pub applied: u64,
+    /// Failed attempts retried.
+    pub retried: u64,
+    /// Entries moved to the dead letters.
+    pub dead_lettered: u64,
+}
+
+impl fmt::Display for WorkerStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let width = self
+            .functions
+            .iter()
+            .map(|s| s.name.chars().count())
+            .max()
+            .unwrap_or(0)
+            .max("write-behind worker".len());
+        let qw = self
+            .functions
+            .iter()
+            .map(|s| s.queue.len())
+            .max()
+            .unwrap_or(0)
+            .max("queue".len());
+        writeln!(
+            f,
+            "{:<width$}  {:<qw$}  {:>8}  {:>8}  {:>8}",
+            "write-behind worker", "queue", "applied", "retried", "dead"
+        )?;
+        for s in &self.functions {
+            writeln!(
+                f,
+                "{:<width$}  {:<qw$}  {:>8}  {:>8}  {:>8}",
+                s.name, s.queue, s.applied, s.retried, s.dead_lettered
+            )?;
+        }
+        for q in &self.queues {
+            writeln!(f, "{q}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_capped_and_jittered() {
+        let config = Config {
+            batch: 1,
+            max_attempts: 3,
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(1),
+            lease: Duration::from_secs(1),
+            poll: Duration::from_millis(10),
+        };
+        for n in 1..40 {
+            let d = backoff(&config, n);
+            assert!(d <= Duration::from_secs(1), "{n}: {d:?}");
+            assert!(d <= Duration::from_millis(100) * (1 << (n - 1).min(20)));
+        }
+        let distinct: HashSet<Duration> = (0..20).map(|_| backoff(&config, 5)).collect();
+        assert!(distinct.len() > 1, "jittered");
+    }
+}

@@ -1,0 +1,598 @@
+//! The write-behind runtime (issue 10) driven as the `#[write_behind]` expansion will drive
+//! it: handlers registered by hand with `inventory::submit!`, calls through `WriteBehind`,
+//! a real Redis, each test in its own namespace with its own queue functions.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::SeqCst};
+use std::time::{Duration, Instant};
+
+use cache_runtime::Cache;
+use cache_runtime::write_behind::{self, Worker};
+use cache_tests::{free_port, raw_connection, redis_url, unique_namespace};
+use redis::AsyncCommands;
+
+/// Defines `async fn $name(cache, id: u64, v: String) -> Result<(), String>` exactly as the
+/// expansion does (key `k:{id}`, value `v`, queue `$queue`), with `$body` as the body.
+macro_rules! wb_fn {
+    ($name:ident, $queue:literal, coalesce = $co:expr, |$id:ident, $v:ident| $body:block) => {
+        async fn $name(cache: &Cache, $id: u64, $v: String) -> Result<(), String> {
+            use cache_runtime::__private::{
+                self, Applying, ArgsError, Call, CallKey, Site, WbFunction, WriteBehind,
+            };
+            async fn __cache_body($id: u64, $v: String) -> Result<(), String> $body
+            static __CACHE_SITE: Site =
+                Site::new(module_path!(), stringify!($name)).ttl_ms(600_000);
+            fn __cache_apply(args: &[u8]) -> Result<Applying, ArgsError> {
+                let (__a0, __a1): (u64, String) = __private::wb_decode(args)?;
+                Ok(Applying::new(async move {
+                    __private::wb_outcome!(__cache_body(__a0, __a1).await)
+                }))
+            }
+            static __CACHE_WB: WbFunction =
+                WbFunction::new(&__CACHE_SITE, $queue, __cache_apply).coalesce($co);
+            __private::inventory::submit! { __private::WbHandler(&__CACHE_WB) }
+
+            let __cache_key = format!("k:{}", $id);
+            let mut __cache_wb = WriteBehind::new(
+                Call {
+                    cache,
+                    site: &__CACHE_SITE,
+                    self_type: None,
+                    key: CallKey::Key(cache.full_key(&__cache_key).into()),
+                },
+                &__CACHE_WB,
+            );
+            __cache_wb.begin().await;
+            if __cache_wb.wants_value() {
+                __cache_wb.encode(&$v);
+            }
+            __cache_wb.args(&(&$id, &$v));
+            match __cache_wb.enqueue().await {
+                None => Ok(()),
+                Some(inline) => inline.run(__cache_body($id, $v)).await,
+            }
+        }
+    };
+}
+
+fn cache(name: &str, partitions: u16) -> (Cache, String) {
+    let ns = unique_namespace(name);
+    let cache = Cache::builder()
+        .redis(redis_url())
+        .namespace(ns.clone())
+        .operation_timeout(Duration::from_secs(2))
+        .write_behind_partitions(partitions)
+        .build_sync()
+        .unwrap();
+    (cache, ns)
+}
+
+fn worker(cache: &Cache, queue: &str) -> cache_runtime::write_behind::WorkerBuilder {
+    Worker::builder(cache)
+        .queues([queue])
+        .lease(Duration::from_secs(2))
+        .poll(Duration::from_millis(50))
+        .backoff(Duration::from_millis(10), Duration::from_millis(100))
+}
+
+fn stats_of(cache: &Cache, function: &str) -> cache_runtime::FunctionStats {
+    cache
+        .stats()
+        .functions()
+        .iter()
+        .find(|f| f.name.ends_with(function))
+        .cloned()
+        .unwrap_or_else(|| panic!("no stats for {function}: {}", cache.stats()))
+}
+
+/// (id, value, write id) in the order the bodies ran.
+type Log = Mutex<Vec<(u64, String, String)>>;
+
+fn record(log: &Log, id: u64, v: &str) {
+    let write = write_behind::current_id().expect("current_id inside the body");
+    log.lock()
+        .unwrap()
+        .push((id, v.to_owned(), write.to_string()));
+}
+
+/// Every accepted write of `key` was applied at least once, in accepted order (a re-applied
+/// suffix after a lost lease is allowed), and the last one applied is the last accepted.
+fn assert_applied_in_order(key: u64, applied: &[String], accepted: &[String]) {
+    let mut rest = applied;
+    for v in accepted {
+        let at = rest
+            .iter()
+            .position(|x| x == v)
+            .unwrap_or_else(|| panic!("{v} of key {key} lost or out of order: {applied:?}"));
+        rest = &rest[at + 1..];
+    }
+    assert_eq!(
+        applied.last(),
+        accepted.last(),
+        "key {key}: the last write lands last"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_writes_are_applied_in_order_per_key() {
+    static LOG: Log = Mutex::new(Vec::new());
+    wb_fn!(wb_order, "order", coalesce = false, |id, v| {
+        record(&LOG, id, &v);
+        Ok(())
+    });
+    let (cache, _) = cache("wb_order", 4);
+    let mut sent = Vec::new();
+    for i in 0..30u64 {
+        let (id, v) = (i % 3, format!("v{i}"));
+        wb_order(&cache, id, v.clone()).await.unwrap();
+        sent.push((id, v));
+    }
+    assert!(
+        LOG.lock().unwrap().is_empty(),
+        "nothing runs before a worker"
+    );
+    // Read your writes: the value is in the cache before the database has it.
+    assert_eq!(
+        cache.get::<String>("k:2").await.unwrap().as_deref(),
+        Some("v29")
+    );
+    let depth = write_behind::depth(&cache, "order").await.unwrap();
+    assert_eq!((depth.pending, depth.dead), (30, 0), "{depth}");
+    assert!(depth.oldest.is_some());
+    let w = worker(&cache, "order").start().unwrap();
+    assert!(w.flush_for(Duration::from_secs(20)).await, "drained");
+    let log = LOG.lock().unwrap().clone();
+    assert_eq!(log.len(), 30, "applied once each (no coalescing)");
+    for key in 0..3 {
+        let applied: Vec<&String> = log.iter().filter(|e| e.0 == key).map(|e| &e.1).collect();
+        let accepted: Vec<&String> = sent.iter().filter(|e| e.0 == key).map(|e| &e.1).collect();
+        assert_eq!(applied, accepted, "key {key} in accepted order");
+    }
+    let ids: std::collections::HashSet<&String> = log.iter().map(|e| &e.2).collect();
+    assert_eq!(ids.len(), 30, "a distinct write id per write");
+    let s = stats_of(&cache, "wb_order");
+    assert_eq!((s.accepted, s.write_through, s.applied), (30, 0, 30));
+    let table = cache.stats().to_string();
+    assert!(table.contains("write-behind"), "{table}");
+    let ws = w.stats().await;
+    assert!(ws.to_string().contains("wb_order"), "{ws}");
+    assert_eq!(
+        write_behind::depth(&cache, "order").await.unwrap().pending,
+        0
+    );
+    w.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_writes_of_a_key_coalesce_last_wins() {
+    static LOG: Log = Mutex::new(Vec::new());
+    wb_fn!(wb_coalesce, "coalesce", coalesce = true, |id, v| {
+        record(&LOG, id, &v);
+        Ok(())
+    });
+    let (cache, _) = cache("wb_coalesce", 2);
+    for i in 0..10 {
+        wb_coalesce(&cache, 1, format!("v{i}")).await.unwrap();
+    }
+    let w = worker(&cache, "coalesce").start().unwrap();
+    assert!(w.flush_for(Duration::from_secs(20)).await);
+    let log = LOG.lock().unwrap().clone();
+    assert_eq!(log.len(), 1, "one batch, one statement: {log:?}");
+    assert_eq!(log[0].1, "v9", "the last write wins");
+    w.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_fails_three_times_is_applied_once_after_backoff() {
+    static ATTEMPTS: AtomicU32 = AtomicU32::new(0);
+    static TIMES: Mutex<Vec<Instant>> = Mutex::new(Vec::new());
+    static LOG: Log = Mutex::new(Vec::new());
+    wb_fn!(wb_flaky, "flaky", coalesce = true, |id, v| {
+        TIMES.lock().unwrap().push(Instant::now());
+        if ATTEMPTS.fetch_add(1, SeqCst) < 3 {
+            if ATTEMPTS.load(SeqCst) == 2 {
+                panic!("a panicking attempt counts as a failure");
+            }
+            return Err("database unavailable".into());
+        }
+        record(&LOG, id, &v);
+        Ok(())
+    });
+    let (cache, _) = cache("wb_flaky", 2);
+    wb_flaky(&cache, 5, "x".into()).await.unwrap();
+    let w = worker(&cache, "flaky")
+        .backoff(Duration::from_millis(40), Duration::from_millis(200))
+        .start()
+        .unwrap();
+    assert!(w.flush_for(Duration::from_secs(20)).await);
+    assert_eq!(ATTEMPTS.load(SeqCst), 4);
+    assert_eq!(LOG.lock().unwrap().len(), 1, "applied once");
+    let s = stats_of(&cache, "wb_flaky");
+    assert_eq!((s.applied, s.retried, s.dead_lettered), (1, 3, 0));
+    let times = TIMES.lock().unwrap().clone();
+    assert!(times[3] > times[0], "retried later");
+    w.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_failure_is_dead_lettered_and_other_keys_go_on() {
+    static FIXED: AtomicBool = AtomicBool::new(false);
+    static LOG: Log = Mutex::new(Vec::new());
+    wb_fn!(wb_poison, "poison", coalesce = false, |id, v| {
+        if id == 0 && !FIXED.load(SeqCst) {
+            return Err(format!("constraint violated by {v}"));
+        }
+        record(&LOG, id, &v);
+        Ok(())
+    });
+    // One partition: every key shares it with the failing one.
+    let (cache, _) = cache("wb_poison", 1);
+    wb_poison(&cache, 0, "bad".into()).await.unwrap();
+    for i in 1..=5 {
+        wb_poison(&cache, i, format!("ok{i}")).await.unwrap();
+    }
+    let w = worker(&cache, "poison").max_attempts(3).start().unwrap();
+    assert!(
+        w.flush_for(Duration::from_secs(20)).await,
+        "dead letters do not count"
+    );
+    let applied: Vec<u64> = LOG.lock().unwrap().iter().map(|e| e.0).collect();
+    assert_eq!(applied, vec![1, 2, 3, 4, 5], "the other keys were applied");
+    let s = stats_of(&cache, "wb_poison");
+    assert_eq!((s.retried, s.dead_lettered), (2, 1));
+    let depth = write_behind::depth(&cache, "poison").await.unwrap();
+    assert_eq!((depth.pending, depth.dead), (0, 1), "{depth}");
+    // Fixed: the dead letter goes back and is applied.
+    FIXED.store(true, SeqCst);
+    assert_eq!(write_behind::retry_dead(&cache, "poison").await.unwrap(), 1);
+    assert!(w.flush_for(Duration::from_secs(20)).await);
+    assert!(LOG.lock().unwrap().iter().any(|e| e.0 == 0 && e.1 == "bad"));
+    let depth = write_behind::depth(&cache, "poison").await.unwrap();
+    assert_eq!((depth.pending, depth.dead), (0, 0), "{depth}");
+    w.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_function_is_left_pending_and_others_go_on() {
+    static LOG: Log = Mutex::new(Vec::new());
+    wb_fn!(wb_known, "mixed", coalesce = false, |id, v| {
+        record(&LOG, id, &v);
+        Ok(())
+    });
+    let (cache, ns) = cache("wb_unknown", 1);
+    let mut conn = raw_connection(&redis_url()).await;
+    let stream = format!("__cr:wb:{{{ns}:mixed:0}}");
+    let _: String = redis::cmd("XADD")
+        .arg(&stream)
+        .arg("*")
+        .arg(&[
+            ("f", "some::newer::binary::fn"),
+            ("k", &cache.full_key("k:9")[..]),
+            ("i", "1-x-1"),
+            ("a", "[9]"),
+            ("v", ""),
+            ("t", "1000"),
+        ])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = conn.pexpire(&stream, 60_000).await.unwrap();
+    // Undecodable arguments of a known function: dead-lettered with the error.
+    let _: String = redis::cmd("XADD")
+        .arg(&stream)
+        .arg("*")
+        .arg(&[
+            ("f", "integration::write_behind_runtime::wb_known"),
+            ("k", &cache.full_key("k:8")[..]),
+            ("i", "1-x-2"),
+            ("a", "not json"),
+            ("v", ""),
+            ("t", "1000"),
+        ])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for i in 1..=3 {
+        wb_known(&cache, i, format!("v{i}")).await.unwrap();
+    }
+    let w = worker(&cache, "mixed").start().unwrap();
+    assert!(
+        !w.flush_for(Duration::from_secs(2)).await,
+        "the unknown function's entry stays"
+    );
+    let applied: Vec<u64> = LOG.lock().unwrap().iter().map(|e| e.0).collect();
+    assert_eq!(applied, vec![1, 2, 3]);
+    let depth = write_behind::depth(&cache, "mixed").await.unwrap();
+    assert_eq!((depth.pending, depth.dead), (1, 1), "{depth}");
+    let dead: redis::Value = redis::cmd("XRANGE")
+        .arg(format!("__cr:wb:{{{ns}:mixed}}:dead"))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(format!("{dead:?}").contains("do not decode"), "{dead:?}");
+    w.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_workers_partitions_are_taken_over_with_nothing_lost() {
+    static HANG: AtomicBool = AtomicBool::new(true);
+    static ENTERED: AtomicU32 = AtomicU32::new(0);
+    static LOG: Log = Mutex::new(Vec::new());
+    wb_fn!(wb_takeover, "takeover", coalesce = false, |id, v| {
+        if id == 0 && HANG.load(SeqCst) {
+            ENTERED.fetch_add(1, SeqCst);
+            std::future::pending::<()>().await;
+        }
+        record(&LOG, id, &v);
+        Ok(())
+    });
+    let (cache, ns) = cache("wb_takeover", 2);
+    for i in 0..20u64 {
+        wb_takeover(&cache, i % 4, format!("v{i}")).await.unwrap();
+    }
+    let dying = Worker::builder(&cache)
+        .queues(["takeover"])
+        .lease(Duration::from_millis(600))
+        .poll(Duration::from_millis(50))
+        .start()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ENTERED.load(SeqCst) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the first worker never took key 0"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // It dies mid-entry: its tasks stop, its leases are not given back.
+    drop(dying);
+    HANG.store(false, SeqCst);
+    let mut conn = raw_connection(&redis_url()).await;
+    let held: Option<String> = conn
+        .get(format!("__cr:wb:{{{ns}:takeover:0}}:owner"))
+        .await
+        .unwrap();
+    let held1: Option<String> = conn
+        .get(format!("__cr:wb:{{{ns}:takeover:1}}:owner"))
+        .await
+        .unwrap();
+    assert!(
+        held.is_some() || held1.is_some(),
+        "the dead worker's leases stay until they expire"
+    );
+    let w = Worker::builder(&cache)
+        .queues(["takeover"])
+        .lease(Duration::from_millis(600))
+        .poll(Duration::from_millis(50))
+        .start()
+        .unwrap();
+    assert!(
+        w.flush_for(Duration::from_secs(20)).await,
+        "everything applied"
+    );
+    let log = LOG.lock().unwrap().clone();
+    for key in 0..4u64 {
+        let applied: Vec<String> = log
+            .iter()
+            .filter(|e| e.0 == key)
+            .map(|e| e.1.clone())
+            .collect();
+        let expected: Vec<String> = (0..20u64)
+            .filter(|i| i % 4 == key)
+            .map(|i| format!("v{i}"))
+            .collect();
+        assert_applied_in_order(key, &applied, &expected);
+    }
+    w.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_reasserts_the_value_and_an_older_write_never_wins() {
+    static LOG: Log = Mutex::new(Vec::new());
+    wb_fn!(wb_reassert, "reassert", coalesce = false, |id, v| {
+        record(&LOG, id, &v);
+        Ok(())
+    });
+    let (cache, _) = cache("wb_reassert", 2);
+    let mut conn = raw_connection(&redis_url()).await;
+    // Evicted while queued: back after the apply.
+    wb_reassert(&cache, 1, "one".into()).await.unwrap();
+    let _: () = conn.del(cache.full_key("k:1")).await.unwrap();
+    // Two writes of key 2, then a fill from the old database: the last write ends up cached.
+    wb_reassert(&cache, 2, "older".into()).await.unwrap();
+    wb_reassert(&cache, 2, "newer".into()).await.unwrap();
+    cache
+        .set("k:2", &"from the old database", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let wbl = format!("__cr:wbl:{{{}}}", cache.full_key("k:2"));
+    let ttl: i64 = conn.pttl(&wbl).await.unwrap();
+    assert!(ttl > 0, "wbl has a TTL: {ttl}");
+    let w = worker(&cache, "reassert").start().unwrap();
+    assert!(w.flush_for(Duration::from_secs(20)).await);
+    assert_eq!(
+        cache.get::<String>("k:1").await.unwrap().as_deref(),
+        Some("one")
+    );
+    assert_eq!(
+        cache.get::<String>("k:2").await.unwrap().as_deref(),
+        Some("newer")
+    );
+    let left: bool = conn.exists(&wbl).await.unwrap();
+    assert!(!left, "wbl removed once applied");
+    w.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_unreachable_means_inline_write_through() {
+    static RAN: AtomicU32 = AtomicU32::new(0);
+    wb_fn!(wb_down, "down", coalesce = true, |id, v| {
+        assert!(write_behind::current_id().is_some());
+        RAN.fetch_add(1, SeqCst);
+        if v == "fail" {
+            return Err(format!("db refused {id}"));
+        }
+        Ok(())
+    });
+    let cache = Cache::builder()
+        .redis(format!("redis://127.0.0.1:{}", free_port()))
+        .namespace(unique_namespace("wb_down"))
+        .build_sync()
+        .unwrap();
+    wb_down(&cache, 1, "x".into()).await.unwrap();
+    assert_eq!(
+        wb_down(&cache, 2, "fail".into()).await,
+        Err("db refused 2".into())
+    );
+    assert_eq!(RAN.load(SeqCst), 2, "the bodies ran inline");
+    let s = stats_of(&cache, "wb_down");
+    assert_eq!((s.accepted, s.write_through), (0, 2));
+    assert!(write_behind::depth(&cache, "down").await.is_err());
+}
+
+#[tokio::test]
+async fn the_memory_backend_runs_inline_and_has_no_worker() {
+    static RAN: AtomicU32 = AtomicU32::new(0);
+    wb_fn!(wb_memory, "memory", coalesce = true, |_id, _v| {
+        RAN.fetch_add(1, SeqCst);
+        Ok(())
+    });
+    let cache = Cache::memory();
+    wb_memory(&cache, 1, "m".into()).await.unwrap();
+    assert_eq!(RAN.load(SeqCst), 1);
+    assert_eq!(
+        cache.get::<String>("k:1").await.unwrap().as_deref(),
+        Some("m")
+    );
+    assert_eq!(stats_of(&cache, "wb_memory").write_through, 1);
+    let e = Worker::builder(&cache)
+        .queues(["memory"])
+        .start()
+        .unwrap_err();
+    assert!(e.is_config(), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_gives_the_partitions_back_and_keys_have_ttls() {
+    wb_fn!(wb_shutdown, "shutdown", coalesce = true, |_id, _v| {
+        Ok(())
+    });
+    let (cache, ns) = cache("wb_shutdown", 2);
+    wb_shutdown(&cache, 1, "a".into()).await.unwrap();
+    let mut conn = raw_connection(&redis_url()).await;
+    let w = worker(&cache, "shutdown").start().unwrap();
+    assert!(w.flush_for(Duration::from_secs(20)).await);
+    let owners: Vec<String> = (0..2)
+        .map(|p| format!("__cr:wb:{{{ns}:shutdown:{p}}}:owner"))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let held: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&owners)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if held.iter().all(Option::is_some) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker takes both partitions"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for key in [
+        owners[0].clone(),
+        format!("__cr:wb:{{{ns}:shutdown:0}}"),
+        format!("__cr:wb:{{{ns}}}:workers"),
+        cache.full_key("k:1"),
+    ] {
+        let ttl: i64 = conn.pttl(&key).await.unwrap();
+        assert!(ttl > 0, "{key} has a TTL ({ttl})");
+    }
+    w.shutdown().await;
+    let held: Vec<Option<String>> = redis::cmd("MGET")
+        .arg(&owners)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        held.iter().all(Option::is_none),
+        "leases given back: {held:?}"
+    );
+    let live: i64 = conn
+        .zcard(format!("__cr:wb:{{{ns}}}:workers"))
+        .await
+        .unwrap();
+    assert_eq!(live, 0, "left the live set");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_share_the_partitions_and_keep_each_keys_order() {
+    static LOG: Log = Mutex::new(Vec::new());
+    wb_fn!(wb_shared, "shared", coalesce = false, |id, v| {
+        record(&LOG, id, &v);
+        tokio::task::yield_now().await;
+        Ok(())
+    });
+    let (cache, ns) = cache("wb_shared", 4);
+    let a = worker(&cache, "shared")
+        .lease(Duration::from_millis(800))
+        .start()
+        .unwrap();
+    let b = worker(&cache, "shared")
+        .lease(Duration::from_millis(800))
+        .start()
+        .unwrap();
+    let mut sent = Vec::new();
+    for i in 0..200u64 {
+        let (id, v) = (i % 20, format!("v{i}"));
+        wb_shared(&cache, id, v.clone()).await.unwrap();
+        sent.push((id, v));
+        if i % 50 == 0 {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    }
+    assert!(a.flush_for(Duration::from_secs(20)).await);
+    // Each holds its fair share (2 of 4) once both are live.
+    let mut conn = raw_connection(&redis_url()).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let owners: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(
+                (0..4)
+                    .map(|p| format!("__cr:wb:{{{ns}:shared:{p}}}:owner"))
+                    .collect::<Vec<_>>(),
+            )
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let distinct: std::collections::HashSet<&String> = owners.iter().flatten().collect();
+        if owners.iter().all(Option::is_some) && distinct.len() == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fair share never reached: {owners:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = LOG.lock().unwrap().clone();
+    for key in 0..20 {
+        let applied: Vec<String> = log
+            .iter()
+            .filter(|e| e.0 == key)
+            .map(|e| e.1.clone())
+            .collect();
+        let accepted: Vec<String> = sent
+            .iter()
+            .filter(|e| e.0 == key)
+            .map(|e| e.1.clone())
+            .collect();
+        assert_applied_in_order(key, &applied, &accepted);
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
