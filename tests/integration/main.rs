@@ -18,6 +18,7 @@ mod stale;
 mod stampede;
 mod ui;
 mod write_behind_macro;
+mod write_behind_pg;
 mod write_behind_runtime;
 mod write_regressions;
 mod write_shapes;

@@ -13,7 +13,7 @@ use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cache_runtime::write_behind::{self, Worker};
+use cache_runtime::write_behind::Worker;
 use cache_runtime::{Cache, cached, write_behind};
 use cache_tests::{RedisServer, pg_url, raw_connection, redis_url, spawn_test_worker};
 use redis::AsyncCommands;
@@ -354,7 +354,8 @@ fn wb_pg_producer_process() {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
         }
-        print!("{out}");
+        // On a line of its own: the test harness may have left its own line open.
+        print!("\n{out}");
         let f = cache_of(&run).stats().function("wb_pg_save").cloned();
         println!("PRODUCER DONE {f:?}");
     });
