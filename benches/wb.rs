@@ -49,21 +49,22 @@ async fn connect() -> Result<Client, String> {
     Ok(client)
 }
 
-/// The connection the bodies use: one per process is what a worker's partition tasks
-/// share (tokio-postgres pipelines concurrent queries on it).
-static BODY_CLIENT: Mutex<Option<Arc<Client>>> = Mutex::new(None);
+/// The connections the bodies use: a pool of 8, as the direct baseline's (a connection runs
+/// its statements one after another, each commit waiting for its WAL flush).
+static BODY_POOL: Mutex<Vec<Arc<Client>>> = Mutex::new(Vec::new());
+static NEXT: AtomicU64 = AtomicU64::new(0);
 
 async fn body_client() -> Result<Arc<Client>, String> {
-    if let Some(c) = BODY_CLIENT
-        .lock()
-        .unwrap()
-        .as_ref()
-        .filter(|c| !c.is_closed())
     {
-        return Ok(c.clone());
+        let mut pool = BODY_POOL.lock().unwrap();
+        pool.retain(|c| !c.is_closed());
+        if pool.len() >= 8 {
+            let i = NEXT.fetch_add(1, Ordering::Relaxed) as usize % pool.len();
+            return Ok(pool[i].clone());
+        }
     }
     let c = Arc::new(connect().await?);
-    *BODY_CLIENT.lock().unwrap() = Some(c.clone());
+    BODY_POOL.lock().unwrap().push(c.clone());
     Ok(c)
 }
 
@@ -82,12 +83,14 @@ async fn update(client: &Client, id: i64, name: &str) -> Result<(), String> {
 
 #[write_behind(cache = cache(), key = "wbu:{id}", ttl = 600, value = name, queue = "bench", name = "bench_wb_save")]
 async fn wb_save(id: i64, name: String) -> Result<(), String> {
-    update(&body_client().await?, id, &name).await
+    let client = body_client().await?;
+    update(&client, id, &name).await
 }
 
 #[write_behind(cache = cache(), key = "wbu:{id}", ttl = 600, value = name, queue = "bench_nc", coalesce = false, name = "bench_wb_save_nc")]
 async fn wb_save_uncoalesced(id: i64, name: String) -> Result<(), String> {
-    update(&body_client().await?, id, &name).await
+    let client = body_client().await?;
+    update(&client, id, &name).await
 }
 
 /// `tasks` tasks each making `per_task` calls of `call(i)`; the calls' figures.
