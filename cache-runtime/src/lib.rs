@@ -23,6 +23,10 @@
 //! * [`cache_put`] — write-through: store a function's result (or a `value`) under a key
 //!   after it succeeds.
 //! * [`cache_evict`] — invalidate keys and tags after a function succeeds.
+//! * [`write_behind`](macro@write_behind) — durable write-behind: write the cache and queue
+//!   the call in Redis, return at once; a [`Worker`](write_behind::Worker) (the
+//!   [`write_behind`](mod@write_behind) module) runs the body later, at least once, in order
+//!   per key.
 //! * [`Cache`] — the handle: build one with [`Cache::builder`] (Redis or memory, namespace,
 //!   default TTL, timeouts), install it with [`set_default`], or name it per function with
 //!   `cache = <expr>`. Without either, [`default_cache`] uses Redis if `REDIS_URL` is set and

@@ -29,8 +29,11 @@ struct Note {
     text: String,
 }
 
-/// What the bodies applied: (function, id, text, the write's id).
-static APPLIED: Mutex<Vec<(&'static str, u64, String, Option<String>)>> = Mutex::new(Vec::new());
+/// One run of a body: (function, id, text, the write's id).
+type Run = (&'static str, u64, String, Option<String>);
+
+/// What the bodies applied.
+static APPLIED: Mutex<Vec<Run>> = Mutex::new(Vec::new());
 
 fn applied(function: &str, id: u64) -> Vec<(String, Option<String>)> {
     APPLIED

@@ -59,7 +59,7 @@ pub(crate) fn expand(kind: Kind, args: TokenStream, item: TokenStream) -> TokenS
     };
     let config = Config::build(&args, &func, &mut errors);
     if let (Some(config), Kind::WriteBehind) = (&config, kind) {
-        write_behind::check(&args, &func, config, &mut errors);
+        write_behind::check(&func, config, &mut errors);
     }
     match config {
         Some(config) if errors.is_empty() => {

@@ -16,7 +16,7 @@ use syn::{FnArg, GenericArgument, Ident, Pat, PathArguments, ReturnType, Type};
 
 use super::shared::{idents, mentions_name, spanned_ref};
 use super::{Config, Gen, hidden};
-use crate::args::{Args, Errors};
+use crate::args::Errors;
 use crate::item::{ItemFn, Shape};
 
 /// serde implements `Serialize` and `Deserialize` for tuples of up to 16 elements, and the
@@ -81,7 +81,7 @@ fn has_impl_trait(ty: &Type) -> bool {
 }
 
 /// The signature rules of `#[write_behind]`, each reported at the token it is about.
-pub(super) fn check(_args: &Args, func: &ItemFn, config: &Config, errors: &mut Errors) {
+pub(super) fn check(func: &ItemFn, config: &Config, errors: &mut Errors) {
     let sig = &func.sig;
     if let Shape::AsyncTrait { .. } = config.shape {
         errors.error(
@@ -451,5 +451,9 @@ mod tests {
             "async fn unit((a, mut b): (u8, u8)) { b += a; }",
         );
         assert!(text.contains("let (a , b) = & __cache_arg0"), "{text}");
+        // No parameters: `()` is queued, and decoded.
+        let text = expand(r#"key = "k", value = 1, queue = "q""#, "async fn ping() {}");
+        assert!(text.contains("wb_decode :: < () >"), "{text}");
+        assert!(text.contains("args (& ())"), "{text}");
     }
 }
