@@ -840,10 +840,7 @@ impl Partition<'_> {
         let function_id = head.entry.field_str("f").unwrap_or_default().to_owned();
         if key.is_empty() || function_id.is_empty() {
             let error = "a malformed entry (no function or key)".to_owned();
-            return self
-                .dead_letter(key, &[first], &error, 0)
-                .await
-                .map(|()| true);
+            return self.dead_letter(key, &[first], &error, 0).await;
         }
         let Some(function) = self.shared.functions.get(&function_id).copied() else {
             self.stuck.insert(key.to_owned());
@@ -874,7 +871,7 @@ impl Partition<'_> {
         let (Some(args), Some(write_id)) = (last.entry.field("a"), last.entry.field_str("i"))
         else {
             let error = "a malformed entry (no arguments or write id)".to_owned();
-            return self.dead_letter(key, &run, &error, 0).await.map(|()| true);
+            return self.dead_letter(key, &run, &error, 0).await;
         };
         let write_id = WriteId::from_entry(write_id);
         let envelope = last
@@ -887,25 +884,30 @@ impl Partition<'_> {
             .field_str("t")
             .and_then(|t| t.parse::<u64>().ok())
             .map_or(self.shared.cache.default_ttl(), Duration::from_millis);
+        let stats = function
+            .site
+            .stats(self.shared.cache.stats_registry(), None);
+        // Until the entry is settled (acknowledged, dead-lettered or scheduled for a retry)
+        // and counted, `flush` does not return.
+        let _in_flight = InFlight::enter(&self.shared.in_flight);
         let applying = match (function.apply)(args) {
             Ok(applying) => applying,
             Err(e) => {
                 let error = e.to_string();
-                return self.dead_letter(key, &run, &error, 0).await.map(|()| true);
+                let moved = self.dead_letter(key, &run, &error, 0).await?;
+                if moved {
+                    SiteStats::inc(&stats.wb_dead_lettered);
+                }
+                return Ok(moved);
             }
         };
         let fresh = self.held[first].fresh;
-        let stats = function
-            .site
-            .stats(self.shared.cache.stats_registry(), None);
-        self.shared.in_flight.fetch_add(1, SeqCst);
         let outcome = CURRENT
             .scope(
                 write_id.clone(),
                 std::panic::AssertUnwindSafe(applying.0).catch_unwind(),
             )
             .await;
-        self.shared.in_flight.fetch_sub(1, SeqCst);
         let error = match outcome {
             Ok(Applied::Ok) => None,
             Ok(Applied::Err(e)) => Some(e),
@@ -950,9 +952,11 @@ impl Partition<'_> {
         };
         self.attempts.insert(head_id, failures);
         if failures >= self.shared.config.max_attempts {
-            self.dead_letter(key, &run, &error, failures).await?;
-            SiteStats::inc(&stats.wb_dead_lettered);
-            return Ok(true);
+            let moved = self.dead_letter(key, &run, &error, failures).await?;
+            if moved {
+                SiteStats::inc(&stats.wb_dead_lettered);
+            }
+            return Ok(moved);
         }
         SiteStats::inc(&stats.wb_retried);
         let delay = backoff(&self.shared.config, failures);
@@ -980,7 +984,7 @@ impl Partition<'_> {
         positions: &[usize],
         error: &str,
         attempts: u32,
-    ) -> std::result::Result<(), Stop> {
+    ) -> std::result::Result<bool, Stop> {
         let ids: Vec<String> = positions
             .iter()
             .map(|&i| self.held[i].entry.id.clone())
@@ -1015,7 +1019,7 @@ impl Partition<'_> {
                     self.attempts.remove(&h.entry.id);
                 }
                 self.retry_at.remove(key);
-                Ok(())
+                Ok(true)
             }
             Ok(false) => Err(Stop::Lost),
             Err(e) => {
@@ -1025,9 +1029,25 @@ impl Partition<'_> {
                     key.to_owned(),
                     Instant::now() + self.shared.config.backoff_base,
                 );
-                Ok(())
+                Ok(false)
             }
         }
+    }
+}
+
+/// Counts an entry being applied while it lives.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, SeqCst);
+        InFlight(count)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, SeqCst);
     }
 }
 
