@@ -133,9 +133,22 @@ impl Partition<'_> {
             }
         }
         let mut conn: Option<redis::aio::MultiplexedConnection> = None;
+        // A read whose answer was lost (timed out, failed, interrupted) may have delivered
+        // entries to this consumer: they are read again from its pending list.
+        let mut reload = false;
         loop {
             if let Some(stop) = self.should_stop() {
                 return stop;
+            }
+            if reload {
+                match self.reload_pending().await {
+                    Ok(()) => reload = false,
+                    Err(e) => {
+                        tracing::debug!(target: "cache_runtime", "write-behind pending read failed: {e}");
+                        self.pause(config.poll).await;
+                        continue;
+                    }
+                }
             }
             let progressed = match self.apply_ready().await {
                 Ok(progressed) => progressed,
@@ -178,7 +191,10 @@ impl Partition<'_> {
             let limit = wait + self.redis().op_timeout() + Duration::from_secs(1);
             let read = tokio::select! {
                 read = tokio::time::timeout(limit, read_new(c, &self.keys.stream, &self.shared.name, config.batch, wait)) => read,
-                () = self.state.wake.notified() => continue,
+                () = self.state.wake.notified() => {
+                    reload = true;
+                    continue;
+                }
             };
             match read {
                 Ok(Ok(entries)) => self.hold(entries, true),
@@ -192,9 +208,13 @@ impl Partition<'_> {
                 Ok(Err(e)) => {
                     tracing::debug!(target: "cache_runtime", "write-behind read failed: {e}");
                     conn = None;
+                    reload = true;
                     self.pause(config.poll).await;
                 }
-                Err(_elapsed) => conn = None,
+                Err(_elapsed) => {
+                    conn = None;
+                    reload = true;
+                }
             }
         }
     }
@@ -236,6 +256,14 @@ impl Partition<'_> {
             cursor = next;
         }
         self.held.clear();
+        self.reload_pending().await
+    }
+
+    /// Reads this consumer's pending entries (oldest first) into `held`, skipping those held
+    /// already, and keeps `held` in id order.
+    async fn reload_pending(&mut self) -> crate::backend::BackendResult<()> {
+        let batch = self.shared.config.batch;
+        let me = self.shared.name.clone();
         let mut after = "0".to_owned();
         loop {
             let entries = self
@@ -246,6 +274,7 @@ impl Partition<'_> {
             after = last.id.clone();
             self.hold(entries, false);
         }
+        self.held.sort_by_key(|h| stream_order(&h.entry.id));
         Ok(())
     }
 
@@ -526,6 +555,20 @@ impl Partition<'_> {
             }
         }
     }
+}
+
+/// A stream id (`<ms>-<seq>`) as a sortable pair; an id that does not parse sorts last.
+fn stream_order(id: &str) -> (u64, u64) {
+    let mut parts = id.splitn(2, '-');
+    let ms = parts
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(u64::MAX);
+    let seq = parts
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(u64::MAX);
+    (ms, seq)
 }
 
 /// Counts an entry being applied while it lives.
