@@ -333,5 +333,46 @@ mod tests {
         assert!(table.contains("! 50.0%"), "{table}");
         assert!(table.contains("hit rate under 80%"), "{table}");
         assert_eq!(stats.low_hit_rate().count(), 1);
+        assert!(
+            !table.contains("write-behind"),
+            "no write-behind counts: {table}"
+        );
+    }
+
+    #[test]
+    fn table_adds_write_behind_counts_when_there_are_some() {
+        let reg = StatsRegistry::new(1);
+        let save = reg.register("app::save_user");
+        save.wb_accepted.add(100);
+        save.wb_write_through.add(2);
+        save.wb_applied.add(98);
+        save.wb_retried.add(3);
+        save.wb_dead_lettered.add(1);
+        reg.register("app::get_user");
+        let stats = reg.snapshot();
+        let f = stats.function("app::save_user").unwrap();
+        assert_eq!(
+            (
+                f.accepted,
+                f.write_through,
+                f.applied,
+                f.retried,
+                f.dead_lettered
+            ),
+            (100, 2, 98, 3, 1)
+        );
+        assert!(!stats.function("app::get_user").unwrap().has_write_behind());
+        let table = stats.to_string();
+        let rows: Vec<&str> = table
+            .lines()
+            .skip_while(|l| !l.starts_with("write-behind"))
+            .collect();
+        assert_eq!(rows.len(), 2, "{table}");
+        let cells: Vec<&str> = rows[1].split_whitespace().collect();
+        assert_eq!(
+            cells,
+            ["app::save_user", "100", "2", "98", "3", "1"],
+            "{table}"
+        );
     }
 }

@@ -14,6 +14,7 @@ use crate::stats::Site;
 
 /// Turns a queued entry's arguments (a JSON array, in parameter order) into the body's
 /// future. Generated per function.
+#[doc(hidden)]
 pub type ApplyFn = fn(&[u8]) -> Result<Applying, ArgsError>;
 
 /// The static description of one `#[write_behind]` function. Not public API.
@@ -156,21 +157,25 @@ impl<E> WbResult for Result<(), E> {
 
 /// `wb_outcome!(result)`: the [`Applied`] of a body's result, through autoref dispatch (the
 /// error's `Display`, else its `Debug`, else its type's name). Not public API.
+#[doc(hidden)]
 pub struct WbOutcome<'a, R>(pub &'a R);
 
 /// `wb_outcome!` when the error is `Display` (and for `()`).
+#[doc(hidden)]
 pub trait ViaDisplay {
     /// The outcome.
     fn __wb_applied(&self) -> Applied;
 }
 
 /// `wb_outcome!` when the error is `Debug` only.
+#[doc(hidden)]
 pub trait ViaDebug {
     /// The outcome.
     fn __wb_applied(&self) -> Applied;
 }
 
 /// `wb_outcome!` when the error is neither `Display` nor `Debug`.
+#[doc(hidden)]
 pub trait ViaName {
     /// The outcome.
     fn __wb_applied(&self) -> Applied;

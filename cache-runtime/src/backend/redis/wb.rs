@@ -15,10 +15,16 @@
 //! dead letters the queue's retention (extended by every `XADD` and every worker poll), the
 //! owner leases theirs, the workers set the retention too.
 
-use std::sync::LazyLock;
+mod reply;
+mod scripts;
+
 use std::time::Duration;
 
-use redis::{Script, Value};
+use redis::Value;
+
+pub(crate) use self::reply::StreamEntry;
+use self::reply::{int_of, items, parse_entries, parse_read, string_of};
+use self::scripts::{WB_ACK, WB_DEAD, WB_ENQUEUE, WB_REASSERT, WB_RELEASE, WB_RENEW, WB_RETRY};
 
 use super::scripts::{evalsha, run};
 use super::{CHANNEL, RedisBackend, inv, millis};
@@ -65,230 +71,6 @@ pub(crate) fn workers_key(namespace: &str) -> String {
 pub(crate) fn partition_of(key: &str, partitions: u16) -> u16 {
     crate::key::crc16(key.as_bytes()) % partitions.max(1)
 }
-
-/// One entry read from a stream: its id and its fields.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct StreamEntry {
-    pub(crate) id: String,
-    pub(crate) fields: Vec<(String, Vec<u8>)>,
-}
-
-impl StreamEntry {
-    pub(crate) fn field(&self, name: &str) -> Option<&[u8]> {
-        self.fields
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| &v[..])
-    }
-
-    pub(crate) fn field_str(&self, name: &str) -> Option<&str> {
-        self.field(name).and_then(|v| std::str::from_utf8(v).ok())
-    }
-}
-
-fn bytes_of(v: &Value) -> Option<Vec<u8>> {
-    match v {
-        Value::BulkString(b) => Some(b.clone()),
-        Value::SimpleString(s) => Some(s.clone().into_bytes()),
-        Value::Int(i) => Some(i.to_string().into_bytes()),
-        _ => None,
-    }
-}
-
-fn string_of(v: &Value) -> Option<String> {
-    bytes_of(v).and_then(|b| String::from_utf8(b).ok())
-}
-
-fn items(v: &Value) -> &[Value] {
-    match v {
-        Value::Array(a) | Value::Set(a) => a,
-        _ => &[],
-    }
-}
-
-/// Entries from an `XRANGE`-shaped reply (`[[id, [f, v, ..]], ..]`). An entry deleted since
-/// it was delivered (nil fields) has no fields.
-pub(crate) fn parse_entries(v: &Value) -> Vec<StreamEntry> {
-    items(v)
-        .iter()
-        .filter_map(|e| {
-            let parts = items(e);
-            let id = string_of(parts.first()?)?;
-            let mut fields = Vec::new();
-            if let Some(kv) = parts.get(1) {
-                let kv = match kv {
-                    Value::Map(m) => m.iter().flat_map(|(k, v)| [k.clone(), v.clone()]).collect(),
-                    other => items(other).to_vec(),
-                };
-                for pair in kv.chunks(2) {
-                    if let [k, v] = pair {
-                        if let (Some(k), Some(v)) = (string_of(k), bytes_of(v)) {
-                            fields.push((k, v));
-                        }
-                    }
-                }
-            }
-            Some(StreamEntry { id, fields })
-        })
-        .collect()
-}
-
-/// The entries of an `XREADGROUP` reply for one stream (`[[stream, entries]]`, or a map).
-fn parse_read(v: &Value) -> Vec<StreamEntry> {
-    match v {
-        Value::Nil => Vec::new(),
-        Value::Map(m) => m.iter().flat_map(|(_, e)| parse_entries(e)).collect(),
-        other => items(other)
-            .iter()
-            .flat_map(|s| items(s).get(1).map(parse_entries).unwrap_or_default())
-            .collect(),
-    }
-}
-
-/// KEYS: value, waiters, stale copy, refresh lease, wbl, stream. ARGV: envelope, ttl ms, fill
-/// channel, inv channel, frame, write id, retention ms, then the entry's field/value pairs.
-/// `WRITE`'s steps, `SET wbl id PX ttl`, `XADD stream * ..`, `PEXPIRE stream retention`.
-/// Returns the entry's id.
-static WB_ENQUEUE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-local id = redis.call('XADD', KEYS[6], '*', unpack(ARGV, 8))
-redis.call('PEXPIRE', KEYS[6], ARGV[7])
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('DEL', KEYS[3], KEYS[4])
-if redis.call('DEL', KEYS[2]) == 1 then
-  redis.call('PUBLISH', ARGV[3], KEYS[1])
-end
-redis.call('SET', KEYS[5], ARGV[6], 'PX', ARGV[2])
-redis.call('PUBLISH', ARGV[4], ARGV[5])
-return id
-",
-    )
-});
-
-/// KEYS: value, waiters, stale copy, refresh lease, wbl. ARGV: write id, envelope, ttl ms,
-/// fill channel, inv channel, frame. After the worker applied the write `id`: if it is still
-/// the key's last write-behind write (`wbl == id`), forgets it, and if the key does not hold
-/// exactly its envelope (evicted, expired, or filled from the database before it had the
-/// write), does `WRITE`'s steps with it. Returns 2 if it wrote, 1 if the key held it, 0 if a
-/// later write-behind write of the key was accepted since.
-static WB_REASSERT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-if redis.call('GET', KEYS[5]) ~= ARGV[1] then
-  return 0
-end
-redis.call('DEL', KEYS[5])
-if ARGV[2] == '' then
-  return 1
-end
-if redis.call('TYPE', KEYS[1]).ok == 'string' and redis.call('GET', KEYS[1]) == ARGV[2] then
-  return 1
-end
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-redis.call('DEL', KEYS[3], KEYS[4])
-if redis.call('DEL', KEYS[2]) == 1 then
-  redis.call('PUBLISH', ARGV[4], KEYS[1])
-end
-redis.call('PUBLISH', ARGV[5], ARGV[6])
-return 2
-",
-    )
-});
-
-/// KEYS: stream, owner, tries. ARGV: token, group, retention ms, ids... Only while the caller
-/// holds the partition: `XACK`, `XDEL` (an entry is removed once acknowledged), `HDEL tries`,
-/// and the stream's retention renewed. Returns 0 if the lease was lost.
-static WB_ACK: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then
-  return 0
-end
-local ids = {unpack(ARGV, 4)}
-redis.call('XACK', KEYS[1], ARGV[2], unpack(ids))
-redis.call('XDEL', KEYS[1], unpack(ids))
-redis.call('HDEL', KEYS[3], unpack(ids))
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 1
-",
-    )
-});
-
-/// KEYS: stream, owner, tries, dead. ARGV: token, group, retention ms, error, attempts, ids...
-/// Only while the caller holds the partition: each entry's fields are appended to the
-/// dead-letter stream with `e` (the error), `n` (attempts) and `from` (stream and id), then
-/// the entries are acknowledged and deleted. Returns 0 if the lease was lost.
-static WB_DEAD: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then
-  return 0
-end
-for i = 6, #ARGV do
-  local found = redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i])
-  if #found > 0 then
-    local fields = found[1][2]
-    table.insert(fields, 'e')
-    table.insert(fields, ARGV[4])
-    table.insert(fields, 'n')
-    table.insert(fields, ARGV[5])
-    table.insert(fields, 'from')
-    table.insert(fields, KEYS[1] .. ' ' .. ARGV[i])
-    redis.call('XADD', KEYS[4], '*', unpack(fields))
-  end
-end
-redis.call('PEXPIRE', KEYS[4], ARGV[3])
-local ids = {unpack(ARGV, 6)}
-redis.call('XACK', KEYS[1], ARGV[2], unpack(ids))
-redis.call('XDEL', KEYS[1], unpack(ids))
-redis.call('HDEL', KEYS[3], unpack(ids))
-return 1
-",
-    )
-});
-
-/// KEYS: owner. ARGV: token, lease ms. Renews the lease if the caller holds it. Returns 1 if
-/// renewed.
-static WB_RENEW: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
-",
-    )
-});
-
-/// KEYS: owner. ARGV: token. Gives the lease back if the caller holds it.
-static WB_RELEASE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-",
-    )
-});
-
-/// KEYS: dead, stream. ARGV: the dead letter's id, retention ms, then the entry's field/value
-/// pairs (without the dead-letter fields). Moves one dead letter back to its partition (a new
-/// entry: its attempts start again). Returns 1 if moved (0: it was gone).
-static WB_RETRY: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then
-  return 0
-end
-redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
-redis.call('PEXPIRE', KEYS[2], ARGV[2])
-return 1
-",
-    )
-});
 
 /// The fields a dead letter adds to its entry (dropped when it is retried).
 const DEAD_FIELDS: [&str; 3] = ["e", "n", "from"];
@@ -871,13 +653,6 @@ impl RedisBackend {
     }
 }
 
-fn int_of(v: &Value) -> u64 {
-    match v {
-        Value::Int(i) => u64::try_from(*i).unwrap_or(0),
-        other => string_of(other).and_then(|s| s.parse().ok()).unwrap_or(0),
-    }
-}
-
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -913,27 +688,6 @@ pub(crate) async fn read_new(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn entries_parse_without_panicking_on_odd_replies() {
-        let reply = Value::Array(vec![
-            Value::Array(vec![
-                Value::BulkString(b"1-0".to_vec()),
-                Value::Array(vec![
-                    Value::BulkString(b"f".to_vec()),
-                    Value::BulkString(b"x".to_vec()),
-                    Value::BulkString(b"dangling".to_vec()),
-                ]),
-            ]),
-            Value::Array(vec![Value::BulkString(b"2-0".to_vec()), Value::Nil]),
-            Value::Int(3),
-        ]);
-        let entries = parse_entries(&reply);
-        assert_eq!(entries.len(), 2);
-        assert_eq!(entries[0].field_str("f"), Some("x"));
-        assert!(entries[1].fields.is_empty());
-        assert!(parse_read(&Value::Nil).is_empty());
-    }
 
     #[test]
     fn partitions_follow_crc16_of_the_full_key() {

@@ -1,0 +1,116 @@
+//! Parsing stream replies (`XRANGE`, `XREADGROUP`, `XLEN`) from `redis::Value`, RESP2 or
+//! RESP3, without panicking on an unexpected shape: what cannot be read is left out.
+
+use redis::Value;
+
+/// One entry read from a stream: its id and its fields.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct StreamEntry {
+    pub(crate) id: String,
+    pub(crate) fields: Vec<(String, Vec<u8>)>,
+}
+
+impl StreamEntry {
+    pub(crate) fn field(&self, name: &str) -> Option<&[u8]> {
+        self.fields
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| &v[..])
+    }
+
+    pub(crate) fn field_str(&self, name: &str) -> Option<&str> {
+        self.field(name).and_then(|v| std::str::from_utf8(v).ok())
+    }
+}
+
+pub(super) fn bytes_of(v: &Value) -> Option<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Some(b.clone()),
+        Value::SimpleString(s) => Some(s.clone().into_bytes()),
+        Value::Int(i) => Some(i.to_string().into_bytes()),
+        _ => None,
+    }
+}
+
+pub(super) fn string_of(v: &Value) -> Option<String> {
+    bytes_of(v).and_then(|b| String::from_utf8(b).ok())
+}
+
+pub(super) fn items(v: &Value) -> &[Value] {
+    match v {
+        Value::Array(a) | Value::Set(a) => a,
+        _ => &[],
+    }
+}
+
+/// Entries from an `XRANGE`-shaped reply (`[[id, [f, v, ..]], ..]`). An entry deleted since
+/// it was delivered (nil fields) has no fields.
+pub(crate) fn parse_entries(v: &Value) -> Vec<StreamEntry> {
+    items(v)
+        .iter()
+        .filter_map(|e| {
+            let parts = items(e);
+            let id = string_of(parts.first()?)?;
+            let mut fields = Vec::new();
+            if let Some(kv) = parts.get(1) {
+                let kv = match kv {
+                    Value::Map(m) => m.iter().flat_map(|(k, v)| [k.clone(), v.clone()]).collect(),
+                    other => items(other).to_vec(),
+                };
+                for pair in kv.chunks(2) {
+                    if let [k, v] = pair {
+                        if let (Some(k), Some(v)) = (string_of(k), bytes_of(v)) {
+                            fields.push((k, v));
+                        }
+                    }
+                }
+            }
+            Some(StreamEntry { id, fields })
+        })
+        .collect()
+}
+
+/// The entries of an `XREADGROUP` reply for one stream (`[[stream, entries]]`, or a map).
+pub(super) fn parse_read(v: &Value) -> Vec<StreamEntry> {
+    match v {
+        Value::Nil => Vec::new(),
+        Value::Map(m) => m.iter().flat_map(|(_, e)| parse_entries(e)).collect(),
+        other => items(other)
+            .iter()
+            .flat_map(|s| items(s).get(1).map(parse_entries).unwrap_or_default())
+            .collect(),
+    }
+}
+
+pub(super) fn int_of(v: &Value) -> u64 {
+    match v {
+        Value::Int(i) => u64::try_from(*i).unwrap_or(0),
+        other => string_of(other).and_then(|s| s.parse().ok()).unwrap_or(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_parse_without_panicking_on_odd_replies() {
+        let reply = Value::Array(vec![
+            Value::Array(vec![
+                Value::BulkString(b"1-0".to_vec()),
+                Value::Array(vec![
+                    Value::BulkString(b"f".to_vec()),
+                    Value::BulkString(b"x".to_vec()),
+                    Value::BulkString(b"dangling".to_vec()),
+                ]),
+            ]),
+            Value::Array(vec![Value::BulkString(b"2-0".to_vec()), Value::Nil]),
+            Value::Int(3),
+        ]);
+        let entries = parse_entries(&reply);
+        assert_eq!(entries.len(), 2);
+        assert_eq!(entries[0].field_str("f"), Some("x"));
+        assert!(entries[1].fields.is_empty());
+        assert!(parse_read(&Value::Nil).is_empty());
+    }
+}

@@ -1,0 +1,153 @@
+//! The write-behind Lua scripts. On one Redis server each is one atomic step; each touches
+//! one partition's keys, or one value key's and one stream (`WB_ENQUEUE`, `WB_REASSERT`
+//! touch the value key and its `{K}` keys; `WB_ENQUEUE` and `WB_RETRY` also a stream, in
+//! another slot: not for Redis Cluster, see docs/design-write-behind.md).
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+/// KEYS: value, waiters, stale copy, refresh lease, wbl, stream. ARGV: envelope, ttl ms, fill
+/// channel, inv channel, frame, write id, retention ms, then the entry's field/value pairs.
+/// `WRITE`'s steps, `SET wbl id PX ttl`, `XADD stream * ..`, `PEXPIRE stream retention`.
+/// Returns the entry's id.
+pub(super) static WB_ENQUEUE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local id = redis.call('XADD', KEYS[6], '*', unpack(ARGV, 8))
+redis.call('PEXPIRE', KEYS[6], ARGV[7])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('DEL', KEYS[3], KEYS[4])
+if redis.call('DEL', KEYS[2]) == 1 then
+  redis.call('PUBLISH', ARGV[3], KEYS[1])
+end
+redis.call('SET', KEYS[5], ARGV[6], 'PX', ARGV[2])
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return id
+",
+    )
+});
+
+/// KEYS: value, waiters, stale copy, refresh lease, wbl. ARGV: write id, envelope, ttl ms,
+/// fill channel, inv channel, frame. After the worker applied the write `id`: if it is still
+/// the key's last write-behind write (`wbl == id`), forgets it, and if the key does not hold
+/// exactly its envelope (evicted, expired, or filled from the database before it had the
+/// write), does `WRITE`'s steps with it. Returns 2 if it wrote, 1 if the key held it, 0 if a
+/// later write-behind write of the key was accepted since.
+pub(super) static WB_REASSERT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[5]) ~= ARGV[1] then
+  return 0
+end
+redis.call('DEL', KEYS[5])
+if ARGV[2] == '' then
+  return 1
+end
+if redis.call('TYPE', KEYS[1]).ok == 'string' and redis.call('GET', KEYS[1]) == ARGV[2] then
+  return 1
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('DEL', KEYS[3], KEYS[4])
+if redis.call('DEL', KEYS[2]) == 1 then
+  redis.call('PUBLISH', ARGV[4], KEYS[1])
+end
+redis.call('PUBLISH', ARGV[5], ARGV[6])
+return 2
+",
+    )
+});
+
+/// KEYS: stream, owner, tries. ARGV: token, group, retention ms, ids... Only while the caller
+/// holds the partition: `XACK`, `XDEL` (an entry is removed once acknowledged), `HDEL tries`,
+/// and the stream's retention renewed. Returns 0 if the lease was lost.
+pub(super) static WB_ACK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then
+  return 0
+end
+local ids = {unpack(ARGV, 4)}
+redis.call('XACK', KEYS[1], ARGV[2], unpack(ids))
+redis.call('XDEL', KEYS[1], unpack(ids))
+redis.call('HDEL', KEYS[3], unpack(ids))
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+",
+    )
+});
+
+/// KEYS: stream, owner, tries, dead. ARGV: token, group, retention ms, error, attempts, ids...
+/// Only while the caller holds the partition: each entry's fields are appended to the
+/// dead-letter stream with `e` (the error), `n` (attempts) and `from` (stream and id), then
+/// the entries are acknowledged and deleted. Returns 0 if the lease was lost.
+pub(super) static WB_DEAD: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then
+  return 0
+end
+for i = 6, #ARGV do
+  local found = redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i])
+  if #found > 0 then
+    local fields = found[1][2]
+    table.insert(fields, 'e')
+    table.insert(fields, ARGV[4])
+    table.insert(fields, 'n')
+    table.insert(fields, ARGV[5])
+    table.insert(fields, 'from')
+    table.insert(fields, KEYS[1] .. ' ' .. ARGV[i])
+    redis.call('XADD', KEYS[4], '*', unpack(fields))
+  end
+end
+redis.call('PEXPIRE', KEYS[4], ARGV[3])
+local ids = {unpack(ARGV, 6)}
+redis.call('XACK', KEYS[1], ARGV[2], unpack(ids))
+redis.call('XDEL', KEYS[1], unpack(ids))
+redis.call('HDEL', KEYS[3], unpack(ids))
+return 1
+",
+    )
+});
+
+/// KEYS: owner. ARGV: token, lease ms. Renews the lease if the caller holds it. Returns 1 if
+/// renewed.
+pub(super) static WB_RENEW: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+",
+    )
+});
+
+/// KEYS: owner. ARGV: token. Gives the lease back if the caller holds it.
+pub(super) static WB_RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+",
+    )
+});
+
+/// KEYS: dead, stream. ARGV: the dead letter's id, retention ms, then the entry's field/value
+/// pairs (without the dead-letter fields). Moves one dead letter back to its partition (a new
+/// entry: its attempts start again). Returns 1 if moved (0: it was gone).
+pub(super) static WB_RETRY: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then
+  return 0
+end
+redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return 1
+",
+    )
+});

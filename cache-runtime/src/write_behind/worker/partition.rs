@@ -1,0 +1,598 @@
+//! One owned partition's task: takes the partition over (its group, the entries other
+//! consumers held, this consumer's pending entries), then reads new entries with a blocking
+//! `XREADGROUP` on a connection of its own and applies them per key in id order: coalescing,
+//! retries with backoff, dead letters, unknown functions left pending, re-assert, and
+//! acknowledgement under the lease.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt as _;
+
+use super::{HELD_BATCHES, PartitionState, Shared, backoff, millis};
+use crate::backend::RedisBackend;
+use crate::backend::wb::{Owned, PartitionKeys, StreamEntry, dead_key, read_new};
+use crate::stats::SiteStats;
+use crate::write_behind::handler::Applied;
+use crate::write_behind::{CURRENT, WriteId};
+
+/// An entry held by a partition task: delivered to this consumer, not yet acknowledged.
+struct Held {
+    entry: StreamEntry,
+    /// The value key (empty if the entry has none: it is dead-lettered).
+    key: String,
+    /// Read with `>`: never attempted before (no failed attempts to look up).
+    fresh: bool,
+}
+
+/// Why a partition task stops.
+#[derive(PartialEq, Eq, Debug)]
+enum Stop {
+    /// Give the lease back (shutdown, fair share).
+    Release,
+    /// The lease was lost or is about to be: stop without acknowledging more.
+    Lost,
+}
+
+struct Partition<'a> {
+    shared: &'a Shared,
+    queue: String,
+    keys: PartitionKeys,
+    state: &'a PartitionState,
+    held: Vec<Held>,
+    acks: Vec<String>,
+    /// Keys waiting for a retry: when, and the failures so far.
+    retry_at: HashMap<String, Instant>,
+    /// Failed attempts of entries (by head id), as known here.
+    attempts: HashMap<String, u32>,
+    /// Keys whose head entry is of a function this binary does not know.
+    stuck: HashSet<String>,
+    warned: HashSet<String>,
+}
+
+pub(super) async fn run_partition(
+    shared: Arc<Shared>,
+    queue: String,
+    keys: PartitionKeys,
+    state: Arc<PartitionState>,
+) {
+    let mut p = Partition {
+        shared: &shared,
+        queue,
+        keys,
+        state: &state,
+        held: Vec::new(),
+        acks: Vec::new(),
+        retry_at: HashMap::new(),
+        attempts: HashMap::new(),
+        stuck: HashSet::new(),
+        warned: HashSet::new(),
+    };
+    let stop = p.run().await;
+    let redis = shared.redis();
+    let owned = p.owned();
+    if stop == Stop::Release {
+        // Acknowledge what was applied, then give the lease back.
+        let _ = p.flush_acks().await;
+        if let Err(e) = redis.wb_release(&p.keys.owner, &shared.token).await {
+            tracing::debug!(target: "cache_runtime", "write-behind release failed: {e}");
+        }
+    } else {
+        // WB_ACK checks the lease atomically: harmless if it is gone.
+        let _ = redis.wb_ack(&owned, &p.acks).await;
+    }
+}
+
+impl Partition<'_> {
+    fn owned(&self) -> Owned<'_> {
+        Owned {
+            keys: &self.keys,
+            token: &self.shared.token,
+            retention: self.shared.cache.store().wb_config().retention,
+        }
+    }
+
+    fn redis(&self) -> &RedisBackend {
+        self.shared.redis()
+    }
+
+    /// Why to stop now, if so.
+    fn should_stop(&self) -> Option<Stop> {
+        if self.state.lost.load(SeqCst) {
+            return Some(Stop::Lost);
+        }
+        let left = self
+            .state
+            .lease_until
+            .load(SeqCst)
+            .saturating_sub(self.shared.now_ms());
+        if left < millis(self.shared.config.lease) / 3 {
+            return Some(Stop::Lost);
+        }
+        if self.state.release.load(SeqCst) {
+            return Some(Stop::Release);
+        }
+        None
+    }
+
+    async fn run(&mut self) -> Stop {
+        let config = self.shared.config.clone();
+        // The group, then what other consumers held, then this consumer's pending entries.
+        loop {
+            if let Some(stop) = self.should_stop() {
+                return stop;
+            }
+            match self.recover().await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::debug!(target: "cache_runtime", "write-behind partition {} start failed: {e}", self.keys.stream);
+                    self.pause(config.poll).await;
+                }
+            }
+        }
+        let mut conn: Option<redis::aio::MultiplexedConnection> = None;
+        // A read whose answer was lost (timed out, failed, interrupted) may have delivered
+        // entries to this consumer: they are read again from its pending list.
+        let mut reload = false;
+        loop {
+            if let Some(stop) = self.should_stop() {
+                return stop;
+            }
+            if reload {
+                match self.reload_pending().await {
+                    Ok(()) => reload = false,
+                    Err(e) => {
+                        tracing::debug!(target: "cache_runtime", "write-behind pending read failed: {e}");
+                        self.pause(config.poll).await;
+                        continue;
+                    }
+                }
+            }
+            let progressed = match self.apply_ready().await {
+                Ok(progressed) => progressed,
+                Err(stop) => return stop,
+            };
+            match self.flush_acks().await {
+                Ok(true) => {}
+                Ok(false) => return Stop::Lost,
+                Err(e) => {
+                    tracing::debug!(target: "cache_runtime", "write-behind ack failed: {e}");
+                }
+            }
+            if let Some(stop) = self.should_stop() {
+                return stop;
+            }
+            let wait = if progressed {
+                Duration::from_millis(1)
+            } else {
+                self.next_retry()
+                    .map_or(config.poll, |at| {
+                        at.saturating_duration_since(Instant::now())
+                    })
+                    .clamp(Duration::from_millis(1), config.poll)
+            };
+            if self.held.len() >= config.batch * HELD_BATCHES {
+                self.pause(wait).await;
+                continue;
+            }
+            if conn.is_none() {
+                match self.connect().await {
+                    Ok(c) => conn = Some(c),
+                    Err(e) => {
+                        tracing::debug!(target: "cache_runtime", "write-behind connection failed: {e}");
+                        self.pause(config.poll).await;
+                        continue;
+                    }
+                }
+            }
+            let Some(c) = conn.as_mut() else { continue };
+            let limit = wait + self.redis().op_timeout() + Duration::from_secs(1);
+            let read = tokio::select! {
+                read = tokio::time::timeout(limit, read_new(c, &self.keys.stream, &self.shared.name, config.batch, wait)) => read,
+                () = self.state.wake.notified() => {
+                    reload = true;
+                    continue;
+                }
+            };
+            match read {
+                Ok(Ok(entries)) => self.hold(entries, true),
+                Ok(Err(e)) if e.code() == Some("NOGROUP") => {
+                    // The stream expired or was removed: make it again.
+                    if let Err(e) = self.redis().wb_group(&self.owned()).await {
+                        tracing::debug!(target: "cache_runtime", "write-behind group failed: {e}");
+                        self.pause(config.poll).await;
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(target: "cache_runtime", "write-behind read failed: {e}");
+                    conn = None;
+                    reload = true;
+                    self.pause(config.poll).await;
+                }
+                Err(_elapsed) => {
+                    conn = None;
+                    reload = true;
+                }
+            }
+        }
+    }
+
+    async fn pause(&self, d: Duration) {
+        tokio::select! {
+            () = tokio::time::sleep(d) => {}
+            () = self.state.wake.notified() => {}
+        }
+    }
+
+    async fn connect(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.redis().op_timeout().max(Duration::from_secs(1))))
+            .set_response_timeout(None);
+        self.redis()
+            .client()
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+    }
+
+    /// Takes the partition over: its group, the entries other consumers held (a dead or
+    /// departed worker's), and this consumer's pending entries, in id order.
+    async fn recover(&mut self) -> crate::backend::BackendResult<()> {
+        let batch = self.shared.config.batch;
+        let me = self.shared.name.clone();
+        self.redis().wb_group(&self.owned()).await?;
+        let mut cursor = "0-0".to_owned();
+        loop {
+            let (next, deleted) = self
+                .redis()
+                .wb_autoclaim(&self.owned(), &me, &cursor, batch)
+                .await?;
+            // Entries deleted while pending: only their acknowledgement is left.
+            self.acks.extend(deleted);
+            if next == "0-0" {
+                break;
+            }
+            cursor = next;
+        }
+        self.held.clear();
+        self.reload_pending().await
+    }
+
+    /// Reads this consumer's pending entries (oldest first) into `held`, skipping those held
+    /// already, and keeps `held` in id order.
+    async fn reload_pending(&mut self) -> crate::backend::BackendResult<()> {
+        let batch = self.shared.config.batch;
+        let me = self.shared.name.clone();
+        let mut after = "0".to_owned();
+        loop {
+            let entries = self
+                .redis()
+                .wb_pending(&self.owned(), &me, &after, batch)
+                .await?;
+            let Some(last) = entries.last() else { break };
+            after = last.id.clone();
+            self.hold(entries, false);
+        }
+        self.held.sort_by_key(|h| stream_order(&h.entry.id));
+        Ok(())
+    }
+
+    fn hold(&mut self, entries: Vec<StreamEntry>, fresh: bool) {
+        for entry in entries {
+            if entry.fields.is_empty() {
+                // Deleted since it was delivered.
+                self.acks.push(entry.id);
+                continue;
+            }
+            if self.held.iter().any(|h| h.entry.id == entry.id) {
+                continue;
+            }
+            let key = entry.field_str("k").unwrap_or_default().to_owned();
+            self.held.push(Held { entry, key, fresh });
+        }
+    }
+
+    fn next_retry(&self) -> Option<Instant> {
+        self.retry_at.values().min().copied()
+    }
+
+    async fn flush_acks(&mut self) -> crate::backend::BackendResult<bool> {
+        if self.acks.is_empty() {
+            return Ok(true);
+        }
+        let acks = std::mem::take(&mut self.acks);
+        match self.redis().wb_ack(&self.owned(), &acks).await {
+            Ok(held) => Ok(held),
+            Err(e) => {
+                self.acks = acks;
+                Err(e)
+            }
+        }
+    }
+
+    /// Applies every key whose head entry may run now, in id order per key. Returns whether
+    /// anything was applied or settled.
+    async fn apply_ready(&mut self) -> std::result::Result<bool, Stop> {
+        let mut order: Vec<String> = Vec::new();
+        let mut seen = HashSet::new();
+        for h in &self.held {
+            if seen.insert(h.key.as_str()) {
+                order.push(h.key.clone());
+            }
+        }
+        let mut progressed = false;
+        for key in order {
+            loop {
+                if self.stuck.contains(&key) {
+                    break;
+                }
+                if let Some(at) = self.retry_at.get(&key) {
+                    if *at > Instant::now() {
+                        break;
+                    }
+                }
+                if let Some(stop) = self.should_stop() {
+                    return Err(stop);
+                }
+                match self.apply_head(&key).await? {
+                    true => progressed = true,
+                    false => break,
+                }
+            }
+        }
+        Ok(progressed)
+    }
+
+    /// Applies the first entry of `key` (with those coalesced into it). Returns whether it was
+    /// settled (applied or dead-lettered): then the key's next entry may run.
+    async fn apply_head(&mut self, key: &str) -> std::result::Result<bool, Stop> {
+        let positions: Vec<usize> = self
+            .held
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.key == key)
+            .map(|(i, _)| i)
+            .collect();
+        let Some(&first) = positions.first() else {
+            return Ok(false);
+        };
+        let head = &self.held[first];
+        let head_id = head.entry.id.clone();
+        let function_id = head.entry.field_str("f").unwrap_or_default().to_owned();
+        if key.is_empty() || function_id.is_empty() {
+            let error = "a malformed entry (no function or key)".to_owned();
+            return self.dead_letter(key, &[first], &error, 0).await;
+        }
+        let Some(function) = self.shared.functions.get(&function_id).copied() else {
+            self.stuck.insert(key.to_owned());
+            if self.warned.insert(function_id.clone()) {
+                tracing::warn!(
+                    target: "cache_runtime",
+                    "write-behind queue {} ({}): entries of `{function_id}`, a function this binary does not have, are left pending (a binary that has it applies them); later writes of their keys wait",
+                    self.queue,
+                    self.keys.stream
+                );
+            }
+            return Ok(false);
+        };
+        // Coalescing: the run of consecutive entries of this key by this function; the last
+        // one is applied.
+        let mut run = vec![first];
+        if function.coalesce {
+            for &i in &positions[1..] {
+                if self.held[i].entry.field_str("f") == Some(function_id.as_str()) {
+                    run.push(i);
+                } else {
+                    break;
+                }
+            }
+        }
+        let last = &self.held[*run.last().unwrap_or(&first)];
+        let superseded = positions.len() > run.len();
+        let (Some(args), Some(write_id)) = (last.entry.field("a"), last.entry.field_str("i"))
+        else {
+            let error = "a malformed entry (no arguments or write id)".to_owned();
+            return self.dead_letter(key, &run, &error, 0).await;
+        };
+        let write_id = WriteId::from_entry(write_id);
+        let envelope = last
+            .entry
+            .field("v")
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default();
+        let ttl = last
+            .entry
+            .field_str("t")
+            .and_then(|t| t.parse::<u64>().ok())
+            .map_or(self.shared.cache.default_ttl(), Duration::from_millis);
+        let stats = function
+            .site
+            .stats(self.shared.cache.stats_registry(), None);
+        // Until the entry is settled (acknowledged, dead-lettered or scheduled for a retry)
+        // and counted, `flush` does not return.
+        let _in_flight = InFlight::enter(&self.shared.in_flight);
+        let applying = match (function.apply)(args) {
+            Ok(applying) => applying,
+            Err(e) => {
+                let error = e.to_string();
+                let moved = self.dead_letter(key, &run, &error, 0).await?;
+                if moved {
+                    SiteStats::inc(&stats.wb_dead_lettered);
+                }
+                return Ok(moved);
+            }
+        };
+        let fresh = self.held[first].fresh;
+        let outcome = CURRENT
+            .scope(
+                write_id.clone(),
+                std::panic::AssertUnwindSafe(applying.0).catch_unwind(),
+            )
+            .await;
+        let error = match outcome {
+            Ok(Applied::Ok) => None,
+            Ok(Applied::Err(e)) => Some(e),
+            Err(panic) => Some(format!("panicked: {}", panic_message(&*panic))),
+        };
+        let Some(error) = error else {
+            SiteStats::inc(&stats.wb_applied);
+            self.retry_at.remove(key);
+            self.attempts.remove(&head_id);
+            if !superseded && !envelope.is_empty() {
+                match self
+                    .redis()
+                    .wb_reassert(key, write_id.as_str(), &envelope, ttl)
+                    .await
+                {
+                    Ok(_) => self.shared.cache.store().written_elsewhere(key),
+                    Err(e) => {
+                        tracing::debug!(target: "cache_runtime", "write-behind re-assert of {key} failed: {e}")
+                    }
+                }
+            }
+            self.settle(&run);
+            return Ok(true);
+        };
+        // A failed attempt: counted in Redis (it survives a takeover).
+        let known = match self.attempts.get(&head_id) {
+            Some(n) => *n,
+            None if fresh => 0,
+            None => self
+                .redis()
+                .wb_attempts(&self.owned(), &head_id)
+                .await
+                .unwrap_or(0),
+        };
+        let failures = match self
+            .redis()
+            .wb_failed_attempt(&self.owned(), &head_id)
+            .await
+        {
+            Ok(n) => n.max(known + 1),
+            Err(_) => known + 1,
+        };
+        self.attempts.insert(head_id, failures);
+        if failures >= self.shared.config.max_attempts {
+            let moved = self.dead_letter(key, &run, &error, failures).await?;
+            if moved {
+                SiteStats::inc(&stats.wb_dead_lettered);
+            }
+            return Ok(moved);
+        }
+        SiteStats::inc(&stats.wb_retried);
+        let delay = backoff(&self.shared.config, failures);
+        tracing::debug!(
+            target: "cache_runtime",
+            "write-behind `{function_id}` of {key} failed (attempt {failures}): {error}; retried in {delay:?}"
+        );
+        self.retry_at.insert(key.to_owned(), Instant::now() + delay);
+        Ok(false)
+    }
+
+    /// Removes the entries at `positions` from `held`, to be acknowledged.
+    fn settle(&mut self, positions: &[usize]) {
+        let mut positions = positions.to_vec();
+        positions.sort_unstable();
+        for i in positions.into_iter().rev() {
+            let h = self.held.remove(i);
+            self.acks.push(h.entry.id);
+        }
+    }
+
+    async fn dead_letter(
+        &mut self,
+        key: &str,
+        positions: &[usize],
+        error: &str,
+        attempts: u32,
+    ) -> std::result::Result<bool, Stop> {
+        let ids: Vec<String> = positions
+            .iter()
+            .map(|&i| self.held[i].entry.id.clone())
+            .collect();
+        let function = self.held[positions[0]]
+            .entry
+            .field_str("f")
+            .unwrap_or("?")
+            .to_owned();
+        let dead = dead_key(self.shared.cache.namespace(), &self.queue);
+        // Acknowledge what came before (in order), then move these.
+        match self.flush_acks().await {
+            Ok(true) => {}
+            Ok(false) => return Err(Stop::Lost),
+            Err(_) => {}
+        }
+        match self
+            .redis()
+            .wb_dead(&self.owned(), &dead, error, attempts, &ids)
+            .await
+        {
+            Ok(true) => {
+                tracing::warn!(
+                    target: "cache_runtime",
+                    "write-behind `{function}` of {key} moved to the dead letters of queue {} after {attempts} failed attempts: {error}",
+                    self.queue
+                );
+                let mut positions = positions.to_vec();
+                positions.sort_unstable();
+                for i in positions.into_iter().rev() {
+                    let h = self.held.remove(i);
+                    self.attempts.remove(&h.entry.id);
+                }
+                self.retry_at.remove(key);
+                Ok(true)
+            }
+            Ok(false) => Err(Stop::Lost),
+            Err(e) => {
+                // Try again later.
+                tracing::debug!(target: "cache_runtime", "write-behind dead letter failed: {e}");
+                self.retry_at.insert(
+                    key.to_owned(),
+                    Instant::now() + self.shared.config.backoff_base,
+                );
+                Ok(false)
+            }
+        }
+    }
+}
+
+/// A stream id (`<ms>-<seq>`) as a sortable pair; an id that does not parse sorts last.
+fn stream_order(id: &str) -> (u64, u64) {
+    let mut parts = id.splitn(2, '-');
+    let ms = parts
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(u64::MAX);
+    let seq = parts
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(u64::MAX);
+    (ms, seq)
+}
+
+/// Counts an entry being applied while it lives.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, SeqCst);
+        InFlight(count)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, SeqCst);
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic".to_owned()
+    }
+}
