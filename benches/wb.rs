@@ -94,7 +94,13 @@ async fn wb_save_uncoalesced(id: i64, name: String) -> Result<(), String> {
 }
 
 /// `tasks` tasks each making `per_task` calls of `call(i)`; the calls' figures.
-async fn calls<F, Fut>(label: &str, contender: &str, tasks: usize, per_task: usize, call: F) -> Figure
+async fn calls<F, Fut>(
+    label: &str,
+    contender: &str,
+    tasks: usize,
+    per_task: usize,
+    call: F,
+) -> Figure
 where
     F: Fn(usize) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<(), String>> + Send,
@@ -200,16 +206,28 @@ async fn measure(
     for round in 0..rounds {
         let run_direct = async {
             let pool = pool.clone();
-            calls(label, "direct PostgreSQL UPDATE per call (8 connections)", TASKS, per_task, move |i| {
-                let client = pool[i % pool.len()].clone();
-                async move { update(&client, (i % keys) as i64, &format!("direct {round} {i}")).await }
-            })
+            calls(
+                label,
+                "direct PostgreSQL UPDATE per call (8 connections)",
+                TASKS,
+                per_task,
+                move |i| {
+                    let client = pool[i % pool.len()].clone();
+                    async move {
+                        update(&client, (i % keys) as i64, &format!("direct {round} {i}")).await
+                    }
+                },
+            )
             .await
         };
         let run_ours = async {
-            calls(label, "#[write_behind] (this project): queued in Redis", TASKS, per_task, move |i| {
-                async move { wb_save((i % keys) as i64, format!("wb {round} {i}")).await }
-            })
+            calls(
+                label,
+                "#[write_behind] (this project): queued in Redis",
+                TASKS,
+                per_task,
+                move |i| async move { wb_save((i % keys) as i64, format!("wb {round} {i}")).await },
+            )
             .await
         };
         if round % 2 == 0 {
@@ -286,7 +304,9 @@ async fn measure(
         .map_err(|e| e.to_string())?
         .get(0);
     if applied < backlog {
-        return Err(format!("the backlog drained, but only {applied} of {backlog} rows were written"));
+        return Err(format!(
+            "the backlog drained, but only {applied} of {backlog} rows were written"
+        ));
     }
     out.push(Figure {
         scenario: format!("drain a backlog of {backlog} entries ({backlog} keys)"),

@@ -140,10 +140,7 @@ async fn apply(run: &str, id: i64, row: &Row, versioned: bool) -> Result<(), Str
          ON CONFLICT (id) DO UPDATE SET writer = excluded.writer, seq = excluded.seq, name = excluded.name {guard}"
     );
     pg().await?
-        .execute(
-            &sql,
-            &[&id, &row.writer, &row.seq, &write_id, &row.name],
-        )
+        .execute(&sql, &[&id, &row.writer, &row.seq, &write_id, &row.name])
         .await
         .map_err(|e| e.to_string())?;
     Ok(())
@@ -456,7 +453,11 @@ async fn processes_4_writers_2_workers_one_killed_twice_nothing_lost() {
         })
         .await
         .unwrap();
-        assert!(out.0.success() && out.1.contains("WORKER DONE"), "{}", out.1);
+        assert!(
+            out.0.success() && out.1.contains("WORKER DONE"),
+            "{}",
+            out.1
+        );
     }
     let (audit, rows) = (audit(&run).await, db_rows(&run).await);
     assert_eq!(
@@ -553,7 +554,11 @@ async fn redis_killed_during_writes_falls_back_to_write_through_nothing_lost() {
         "the queue did not drain after the restart"
     );
     worker.shutdown().await;
-    let f = cache.stats().function("wb_pg_save_versioned").cloned().unwrap();
+    let f = cache
+        .stats()
+        .function("wb_pg_save_versioned")
+        .cloned()
+        .unwrap();
     assert!(
         f.write_through > 0,
         "no call fell back while Redis was down: {}",
