@@ -332,7 +332,15 @@ pub struct KeyWriter {
 
 impl KeyWriter {
     /// Starts a key in `namespace` (empty: no prefix).
+    #[cfg(test)]
     pub(crate) fn new(namespace: &str) -> Self {
+        Self::in_namespace(namespace, namespace.contains('%'))
+    }
+
+    /// Starts a key in `namespace` (empty: no prefix), told whether it contains a `%` (the
+    /// store knows it once for all its keys).
+    #[inline]
+    pub(crate) fn in_namespace(namespace: &str, percent: bool) -> Self {
         let mut buf = KeyBuf::new();
         buf.reserve(namespace.len() + 48);
         if !namespace.is_empty() {
@@ -343,7 +351,7 @@ impl KeyWriter {
             buf,
             failed: false,
             args: 0,
-            percent: namespace.as_bytes().contains(&b'%'),
+            percent,
         }
     }
 
