@@ -27,7 +27,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::sync::Notify;
@@ -36,6 +36,10 @@ use crate::backend::Stored;
 use crate::key::KeyBuf;
 
 const SHARDS: usize = 64;
+
+/// Slots of the busy table (see [`Flights::probe`]): with 64 calls under way, a key shares its
+/// slot with another's about 6% of the time.
+const BUSY: usize = 1024;
 
 /// Finished flights a shard keeps for reuse.
 const POOL: usize = 8;
@@ -112,6 +116,9 @@ type Shard = Mutex<ShardInner>;
 #[derive(Debug)]
 pub(crate) struct Flights {
     shards: Box<[Shard]>,
+    /// Per slot of key hashes: how many probes and flight leaders are under way (see
+    /// [`Flights::probe`]).
+    busy: Box<[AtomicU32]>,
     hasher: foldhash::fast::RandomState,
 }
 
@@ -130,6 +137,7 @@ impl Flights {
     pub(crate) fn new() -> Self {
         Flights {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            busy: (0..BUSY).map(|_| AtomicU32::new(0)).collect(),
             hasher: Default::default(),
         }
     }
@@ -137,6 +145,24 @@ impl Flights {
     fn shard(&self, hash: u64) -> &Shard {
         // Bits the map's own probing does not use (it takes the low bits and the top seven).
         &self.shards[((hash >> 32) as usize) % SHARDS]
+    }
+
+    fn busy(&self, hash: u64) -> &AtomicU32 {
+        &self.busy[((hash >> 16) as usize) % BUSY]
+    }
+
+    /// A read of `key` outside any flight (a hit needs none), unless a probe or a flight of
+    /// `key`, or of a key sharing its slot, is under way in this process: then the caller
+    /// joins the key's flight instead, so that concurrent lookups of a hot key still share
+    /// one read, and lookups during a load wait for it. A hint, not a lock: two probes of one
+    /// key may start together, and then make two reads.
+    pub(crate) fn probe(&self, key: &str) -> Option<Probing<'_>> {
+        let busy = self.busy(self.hasher.hash_one(key));
+        if busy.load(Ordering::Relaxed) != 0 {
+            return None;
+        }
+        busy.fetch_add(1, Ordering::Relaxed);
+        Some(Probing { busy })
     }
 
     /// Joins the flight for `key`, or starts one (taking over the key).
@@ -171,6 +197,7 @@ impl Flights {
             shard.map.insert(hash, flight.clone());
         }
         drop(shard);
+        self.busy(hash).fetch_add(1, Ordering::Relaxed);
         Role::Leader(LeaderGuard {
             flights: self,
             flight,
@@ -282,7 +309,21 @@ impl Drop for LeaderGuard<'_> {
         if !self.sent.load(Ordering::Relaxed) {
             let _ = self.flight.outcome.set(Outcome::Retry);
         }
+        self.flights
+            .busy(self.flight.hash)
+            .fetch_sub(1, Ordering::Relaxed);
         self.flights.finish(&mut self.flight);
+    }
+}
+
+/// A probe under way (see [`Flights::probe`]): its slot is busy until it is dropped.
+pub(crate) struct Probing<'a> {
+    busy: &'a AtomicU32,
+}
+
+impl Drop for Probing<'_> {
+    fn drop(&mut self) {
+        self.busy.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

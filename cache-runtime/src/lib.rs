@@ -137,7 +137,7 @@ pub mod __private {
     /// Starts a key in `cache`'s namespace.
     #[inline]
     pub fn key_writer(cache: &Cache) -> KeyWriter {
-        KeyWriter::new(cache.namespace())
+        cache.store().key_writer()
     }
 
     /// The default cache.

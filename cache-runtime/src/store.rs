@@ -11,6 +11,7 @@
 //! * every operation is non-generic: the store, like the backends, is compiled once.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -44,6 +45,8 @@ pub(crate) struct Store {
     tag_epochs: Arc<TagEpochs>,
     flights: Flights,
     namespace: String,
+    /// Whether the namespace contains a `%` (see `KeyWriter`): known once, not per key.
+    namespace_percent: bool,
     default_ttl: Duration,
     log: Arc<FailureLog>,
     /// The in-process tier, made when a `local` function first uses it (shared backends
@@ -207,6 +210,7 @@ impl Store {
             backend: Arc::new(backend),
             tag_epochs: Arc::new(TagEpochs::new()),
             flights: Flights::new(),
+            namespace_percent: namespace.contains('%'),
             namespace,
             default_ttl,
             log,
@@ -357,6 +361,11 @@ impl Store {
         &self.namespace
     }
 
+    /// Starts a key in this store's namespace.
+    pub(crate) fn key_writer(&self) -> crate::key::KeyWriter {
+        crate::key::KeyWriter::in_namespace(&self.namespace, self.namespace_percent)
+    }
+
     pub(crate) fn default_ttl(&self) -> Duration {
         self.default_ttl
     }
@@ -391,8 +400,12 @@ impl Store {
     }
 
     /// The value under `key`.
-    pub(crate) async fn read(&self, key: &str) -> BackendResult<Option<Stored>> {
-        self.backend.read(key).await
+    pub(crate) fn read<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> impl Future<Output = BackendResult<Option<Stored>>> + Send + 'a {
+        // Not an `async fn`: a hit's future is one layer thinner.
+        self.backend.read(key)
     }
 
     /// The value under `key`, or what to fill against; with the guard of the pending-load
@@ -400,9 +413,8 @@ impl Store {
     pub(crate) async fn read_for_fill(
         &self,
         key: &str,
-        expect_hit: bool,
     ) -> BackendResult<(Read, Option<LeaseGuard>)> {
-        let token = Token::expecting_hit(expect_hit);
+        let token = Token::default();
         let read = self.backend.read_for_fill(key, &token).await?;
         Ok(self.with_guard(key, read, token))
     }
@@ -452,11 +464,11 @@ impl Store {
     /// A guard for the marker `token` if `generation` is it (this call left it in the key).
     fn guard_if_mine(&self, key: &str, generation: &Gen, token: Token) -> Option<LeaseGuard> {
         match token.into_issued() {
-            Some(marker) if generation.0 == marker.as_bytes() => Some(LeaseGuard {
-                backend: Some(self.backend.clone()),
-                key: key.to_owned(),
-                token: marker,
-            }),
+            Some(marker) if generation.0 == marker.as_bytes() => Some(LeaseGuard::new(
+                Some(self.backend.clone()),
+                key.to_owned(),
+                marker,
+            )),
             _ => None,
         }
     }
@@ -487,20 +499,12 @@ impl Store {
             (Leased::Hit(stored), _) => Lease::Hit(stored),
             (Leased::Acquired(generation), Some(token)) => Lease::Acquired(
                 generation,
-                LeaseGuard {
-                    backend: Some(self.backend.clone()),
-                    key: key.to_owned(),
-                    token,
-                },
+                LeaseGuard::new(Some(self.backend.clone()), key.to_owned(), token),
             ),
             // Granted without a token (memory: nobody else waits on it): nothing to give back.
             (Leased::Acquired(generation), None) => Lease::Acquired(
                 generation,
-                LeaseGuard {
-                    backend: None,
-                    key: key.to_owned(),
-                    token: String::new(),
-                },
+                LeaseGuard::new(None, key.to_owned(), String::new()),
             ),
             (Leased::WaitedOut(generation), _) => Lease::WaitedOut(generation),
         };
@@ -519,7 +523,7 @@ impl Store {
         lease: Option<LeaseGuard>,
         keep: Option<Duration>,
     ) -> BackendResult<bool> {
-        let token = lease.as_ref().map(|l| l.token.as_str());
+        let token = lease.as_ref().map(|l| l.0.token.as_str());
         let filled = self
             .backend
             .fill(key, value, ttl, generation, token, keep)
@@ -537,11 +541,11 @@ impl Store {
     /// Gives `lease` back at once (the load's result is not stored), waking the waiters. If
     /// this fails, or is dropped before it finishes, the guard releases it in the background.
     pub(crate) async fn release(&self, lease: LeaseGuard) -> BackendResult<()> {
-        if lease.token.is_empty() {
+        if lease.0.token.is_empty() {
             lease.disarm();
             return Ok(());
         }
-        self.backend.release(&lease.key, &lease.token).await?;
+        self.backend.release(&lease.0.key, &lease.0.token).await?;
         lease.disarm();
         Ok(())
     }
@@ -747,11 +751,11 @@ impl Drop for PendingLease<'_> {
             return;
         }
         if let Some(token) = std::mem::take(&mut self.token).into_issued() {
-            drop(LeaseGuard {
-                backend: Some(self.backend.clone()),
-                key: self.key.to_owned(),
+            drop(LeaseGuard::new(
+                Some(self.backend.clone()),
+                self.key.to_owned(),
                 token,
-            });
+            ));
         }
     }
 }
@@ -759,30 +763,42 @@ impl Drop for PendingLease<'_> {
 /// A held lease. Dropped without [`LeaseGuard::disarm`] (the holder panicked or was
 /// cancelled, or its fill failed), it is released in the background so that waiters need not
 /// wait for it to expire.
-pub(crate) struct LeaseGuard {
+pub(crate) struct LeaseGuard(Box<Held>);
+
+/// What a [`LeaseGuard`] holds: boxed, so that a call's state (which may hold a guard) stays
+/// small.
+struct Held {
     backend: Option<Arc<AnyBackend>>,
     key: String,
     token: String,
 }
 
 impl LeaseGuard {
+    fn new(backend: Option<Arc<AnyBackend>>, key: String, token: String) -> Self {
+        LeaseGuard(Box::new(Held {
+            backend,
+            key,
+            token,
+        }))
+    }
+
     /// Stops the background release.
     fn disarm(mut self) {
-        self.backend = None;
+        self.0.backend = None;
     }
 }
 
 impl Drop for LeaseGuard {
     fn drop(&mut self) {
-        let Some(backend) = self.backend.take() else {
+        let Some(backend) = self.0.backend.take() else {
             return;
         };
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             // No runtime to release from: the lease expires on its own.
             return;
         };
-        let key = std::mem::take(&mut self.key);
-        let token = std::mem::take(&mut self.token);
+        let key = std::mem::take(&mut self.0.key);
+        let token = std::mem::take(&mut self.0.token);
         handle.spawn(async move {
             // A connectivity failure is logged by the backend; the lease then expires.
             if let Err(BackendError::Data(msg)) = backend.release(&key, &token).await {

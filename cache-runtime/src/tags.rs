@@ -31,12 +31,19 @@ pub(crate) struct TagSet {
     pub(crate) names: Vec<String>,
     /// Parallel to `names` once read; empty before.
     pub(crate) versions: Vec<Bytes>,
+    /// The epoch of these tags in this process when their versions were read (see
+    /// `Store::tag_epoch`).
+    pub(crate) epoch: u64,
 }
 
 impl TagSet {
     #[cfg(test)]
     pub(crate) fn with_versions(names: Vec<String>, versions: Vec<Bytes>) -> Self {
-        TagSet { names, versions }
+        TagSet {
+            names,
+            versions,
+            epoch: 0,
+        }
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -95,6 +102,7 @@ impl Tags {
         TagSet {
             names: self.names,
             versions: Vec::new(),
+            epoch: 0,
         }
     }
 }

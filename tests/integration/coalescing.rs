@@ -245,3 +245,103 @@ on_both_backends! {
         assert_eq!(calls.get(), calls_before);
     }
 }
+
+/// A function whose lookups mostly hit reads the key before joining its flight (a hit needs
+/// none); concurrent calls of a hot key still share reads, and the probe's misses keep every
+/// rule of the flight's path.
+mod mostly_hits {
+    use super::*;
+    use crate::support::Fx;
+
+    #[cached(cache = cache, key = "probed:{id}", name = "probed")]
+    async fn probed(cache: &Cache, calls: &Calls, id: u64) -> Result<User, String> {
+        calls.hit();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Ok(User::new(id))
+    }
+
+    /// Makes `probed` a function that mostly hits (one miss, then hits).
+    async fn warm(fx: &Fx, calls: &Calls) {
+        for _ in 0..40 {
+            assert_eq!(probed(&fx.cache, calls, 0).await, Ok(User::new(0)));
+        }
+    }
+
+    fn stats(fx: &Fx) -> cache_runtime::FunctionStats {
+        fx.cache.stats().function("probed").cloned().unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_hot_key_is_still_read_once_for_many_callers() {
+        let fx = Fx::redis("probe_hot").await;
+        let calls = Arc::new(Calls::default());
+        warm(&fx, &calls).await;
+        let before = stats(&fx);
+        let mut set = JoinSet::new();
+        for _ in 0..CALLERS {
+            let (cache, calls) = (fx.cache.clone(), calls.clone());
+            set.spawn(async move { probed(&cache, &calls, 0).await });
+        }
+        let results = join_all(&mut set).await;
+        assert!(results.iter().all(|r| r == &Ok(User::new(0))));
+        let after = stats(&fx);
+        assert_eq!(after.hits - before.hits, CALLERS as u64);
+        assert!(
+            after.coalesced - before.coalesced >= CALLERS as u64 / 2,
+            "callers of a key being read join its flight: {} of {CALLERS} coalesced",
+            after.coalesced - before.coalesced
+        );
+        assert_eq!(calls.get(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_misses_after_the_probe_run_the_function_once() {
+        let fx = Fx::redis("probe_misses").await;
+        let calls = Arc::new(Calls::default());
+        warm(&fx, &calls).await;
+        let mut set = JoinSet::new();
+        for _ in 0..CALLERS {
+            let (cache, calls) = (fx.cache.clone(), calls.clone());
+            set.spawn(async move { probed(&cache, &calls, 1).await });
+        }
+        let results = join_all(&mut set).await;
+        assert!(results.iter().all(|r| r == &Ok(User::new(1))));
+        assert_eq!(calls.get(), 2, "one load for key 0, one for key 1");
+        assert!(
+            fx.raw_get("probed:1").await.is_some(),
+            "the load was stored"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn an_invalidation_during_a_load_after_the_probe_rejects_its_fill() {
+        let fx = Fx::redis("probe_stale").await;
+        let calls = Arc::new(Calls::default());
+        warm(&fx, &calls).await;
+        let (cache, c) = (fx.cache.clone(), calls.clone());
+        let load = tokio::spawn(async move { probed(&cache, &c, 2).await });
+        // The load is running (100 ms), with its marker in the key.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        fx.cache.invalidate("probed:2").await.unwrap();
+        assert_eq!(load.await.unwrap(), Ok(User::new(2)));
+        assert_eq!(stats(&fx).stale_fills, 1);
+        assert_eq!(
+            fx.raw_get("probed:2").await,
+            None,
+            "the stale load was not stored"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn an_unusable_value_found_by_the_probe_is_replaced_and_counted_once() {
+        let fx = Fx::redis("probe_garbage").await;
+        let calls = Arc::new(Calls::default());
+        warm(&fx, &calls).await;
+        fx.plant_garbage("probed:3").await;
+        assert_eq!(probed(&fx.cache, &calls, 3).await, Ok(User::new(3)));
+        assert_eq!(stats(&fx).decode_errors, 1);
+        let loads = calls.get();
+        assert_eq!(probed(&fx.cache, &calls, 3).await, Ok(User::new(3)));
+        assert_eq!(calls.get(), loads, "the load's fill replaced it: a hit");
+    }
+}

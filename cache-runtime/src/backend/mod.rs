@@ -135,20 +135,9 @@ pub(crate) type OnWait<'a> = dyn Fn() + Send + Sync + 'a;
 /// pay for one. Its buffer is a reused [`KeyBuf`]: a token that is not kept (a hit)
 /// allocates nothing.
 #[derive(Default)]
-pub(crate) struct Token(std::sync::OnceLock<KeyBuf>, bool);
+pub(crate) struct Token(std::sync::OnceLock<KeyBuf>);
 
 impl Token {
-    /// A token for a read that expects a hit: a shared backend may then read with a plain
-    /// `GET` first, and leave its marker only on a miss (one round trip more then).
-    pub(crate) fn expecting_hit(expect: bool) -> Token {
-        Token(std::sync::OnceLock::new(), expect)
-    }
-
-    /// Whether the read expects a hit (see [`Token::expecting_hit`]).
-    pub(crate) fn expects_hit(&self) -> bool {
-        self.1
-    }
-
     /// The token, made now by `make` if it was not yet.
     pub(crate) fn get_or(&self, make: impl FnOnce() -> KeyBuf) -> &str {
         self.0.get_or_init(make).as_str()
@@ -167,8 +156,7 @@ pub(crate) trait Backend: Send + Sync {
 
     /// The value under `key`, or what a load's fill is checked against if there is none. A
     /// shared backend may leave `token` in the key as a pending load's marker (then
-    /// `Read::Miss` carries it, and `release` removes it); when the token expects a hit, it may
-    /// read first and leave the marker only on a miss.
+    /// `Read::Miss` carries it, and `release` removes it).
     fn read_for_fill(
         &self,
         key: &str,
@@ -374,8 +362,13 @@ macro_rules! dispatch {
 }
 
 impl Backend for AnyBackend {
-    async fn read(&self, key: &str) -> BackendResult<Option<Stored>> {
-        dispatch!(self, b => b.read(key).await)
+    fn read(&self, key: &str) -> impl Future<Output = BackendResult<Option<Stored>>> + Send {
+        // Not an `async fn`: a hit's future is one layer thinner.
+        use futures_util::future::Either;
+        match self {
+            AnyBackend::Memory(b) => Either::Left(b.read(key)),
+            AnyBackend::Redis(b) => Either::Right(b.read(key)),
+        }
     }
 
     async fn read_for_fill(&self, key: &str, token: &Token) -> BackendResult<Read> {

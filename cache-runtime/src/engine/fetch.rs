@@ -98,8 +98,6 @@ pub struct Fetch<'a> {
     key: Option<KeyBuf>,
     /// `tags = [..]`: the call's tags, and their versions once read.
     tags: Option<Box<TagSet>>,
-    /// The epoch of this call's tags when their versions were read (see `TagEpochs`).
-    tag_epoch: u64,
     state: State<'a>,
     load_started: Option<Instant>,
     load_time: Duration,
@@ -107,9 +105,27 @@ pub struct Fetch<'a> {
     loading: bool,
     /// `local`: taken by the leader before it reads the backend; what it read or loaded is
     /// put in the in-process tier only if nothing touched the key since (see `local`).
-    ticket: Option<Ticket>,
+    ticket: Option<Box<Ticket>>,
     /// `stale`: a value kept past its TTL, found after the load failed.
-    stale: Option<Stored>,
+    stale: Option<Box<Stored>>,
+    /// The plain read made before joining the key's flight (see [`Fetch::probes`]).
+    probe: Probe,
+}
+
+/// The read a function whose lookups mostly hit makes before joining the key's flight.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    /// None made (yet), or the function does not probe.
+    None,
+    /// None made: a read or load of the key (or of one sharing its slot, see
+    /// [`Flights::probe`](crate::flight::Flights::probe)) was under way, so the call joined the
+    /// flight at once; its leader reads with a plain `GET` first, as a probe would.
+    Busy,
+    /// It found nothing this call can serve: the flight's leader reads again, with its marker.
+    Missed,
+    /// It failed (counted): the flight's leader loads without reading again, and without a
+    /// fill (it has nothing to fill against), as a leader whose read failed does.
+    Failed,
 }
 
 impl Drop for Fetch<'_> {
@@ -149,13 +165,13 @@ impl<'a> Fetch<'a> {
             stats,
             key,
             tags: None,
-            tag_epoch: 0,
             state: State::Idle,
             load_started: None,
             load_time: Duration::ZERO,
             loading: false,
             ticket: None,
             stale: None,
+            probe: Probe::None,
         }
     }
 
@@ -185,8 +201,10 @@ impl<'a> Fetch<'a> {
         let Some(ticket) = self.ticket.take() else {
             return;
         };
-        let State::Lead { guard, .. } = &self.state else {
-            return;
+        let key = match &self.state {
+            State::Lead { guard, .. } => guard.flight().key(),
+            State::Direct { key } => key.as_str(),
+            _ => return,
         };
         let recorded = if envelope::is_tagged(&stored.bytes) {
             envelope::recorded_tags(&stored.bytes).count()
@@ -204,7 +222,7 @@ impl<'a> Fetch<'a> {
         let ttl = self.local_ttl(entry_ttl, envelope::created_at_ms(&stored.bytes));
         if let Some(local) = self.store.local() {
             let header = envelope::header_of(&stored.bytes);
-            local.insert(guard.flight().key(), ticket, value, ttl, header);
+            local.insert(key, *ticket, value, ttl, header);
         }
     }
 
@@ -217,7 +235,7 @@ impl<'a> Fetch<'a> {
             let header = envelope::header_of(&stored.bytes);
             local.insert(
                 key,
-                ticket,
+                *ticket,
                 value.clone(),
                 self.local_ttl(ttl, None),
                 header,
@@ -261,7 +279,7 @@ impl<'a> Fetch<'a> {
         if tags.has_versions() {
             return;
         }
-        self.tag_epoch = self.store.tag_epoch(&tags.names);
+        tags.epoch = self.store.tag_epoch(&tags.names);
         match self.store.tag_versions(&tags.names(), ttl).await {
             Ok(versions) => tags.versions = versions,
             Err(e) => self.backend_failure(&e),
@@ -344,10 +362,50 @@ impl<'a> Fetch<'a> {
                 Ok(Some(_)) | Ok(None) => {}
                 Err(e) => self.backend_failure(&e),
             }
+        } else if self.probes() {
+            // A function whose lookups mostly hit: a plain read first. A hit needs nothing
+            // from the flight (it coalesces loads, and the reads that would wait for one); a
+            // miss joins it, and the leader reads again, leaving its marker (a miss costs a
+            // round trip more, a hit exactly a `GET`).
+            // While the key is being read or loaded by another call of this process, joining
+            // its flight costs less than a read (and, under a load, always misses).
+            match store.flights().probe(key.as_str()) {
+                None => self.probe = Probe::Busy,
+                Some(probing) => {
+                    if self.site.local.is_some() {
+                        // Before the read: an invalidation after it makes the insert fail.
+                        self.ticket = store
+                            .local_tier()
+                            .and_then(|l| l.ticket(key.as_str(), &[] as &[&str]))
+                            .map(Box::new);
+                    }
+                    self.probe = Probe::Missed;
+                    let read = store.read(key.as_str()).await;
+                    drop(probing);
+                    match read {
+                        // An entry recorded under tags needs their versions checked: the
+                        // flight's read does that.
+                        Ok(Some(stored)) if !envelope::is_tagged(&stored.bytes) => {
+                            self.state = State::Direct { key };
+                            return Step::Found(stored);
+                        }
+                        Ok(_) => {}
+                        // The key holds another Redis type, or the like: the leader's read
+                        // handles it.
+                        Err(BackendError::Data(_)) => {}
+                        Err(e) => {
+                            self.backend_failure(&e);
+                            self.probe = Probe::Failed;
+                        }
+                    }
+                }
+            }
         }
         loop {
             match store.join(key) {
-                Role::Leader(guard) => return self.lead(guard).await,
+                // Boxed: a hit found by the probe, which never gets here, then needs a small
+                // future (a call's future holds the largest of its paths').
+                Role::Leader(guard) => return Box::pin(self.lead(guard)).await,
                 // Boxed: the wait's timer would make every lookup's future larger.
                 Role::Follower(follower) => match Box::pin(self.follow(follower)).await {
                     Ok(stored) => {
@@ -372,7 +430,7 @@ impl<'a> Fetch<'a> {
     fn tags_moved(&self) -> bool {
         self.tags
             .as_deref()
-            .is_some_and(|t| self.store.tag_epoch(&t.names) != self.tag_epoch)
+            .is_some_and(|t| self.store.tag_epoch(&t.names) != t.epoch)
     }
 
     /// What the followers get: not a value computed under tag versions that moved since.
@@ -438,14 +496,14 @@ impl<'a> Fetch<'a> {
             return false;
         };
         self.loading = false;
-        self.stale = Some(stale.clone());
+        self.stale = Some(Box::new(stale.clone()));
         self.share(stale).await;
         true
     }
 
     /// `stale`: the value found by a failed load's [`Fetch::find_stale`], for the caller.
     pub(crate) fn take_stale(&mut self) -> Option<Stored> {
-        self.stale.take()
+        self.stale.take().map(|s| *s)
     }
 
     /// Counts a stale value served.
@@ -488,16 +546,18 @@ impl<'a> Fetch<'a> {
         if self.site.local.is_some() {
             // Before the read: an invalidation after it makes the insert fail.
             let tags = self.tags.as_deref().map_or(&[][..], |t| &t.names[..]);
-            self.ticket = store.local_tier().and_then(|l| l.ticket(key, tags));
+            self.ticket = store
+                .local_tier()
+                .and_then(|l| l.ticket(key, tags))
+                .map(Box::new);
         }
         let names = self
             .tags
             .as_deref()
             .filter(|t| !t.has_versions())
             .map(TagSet::names);
-        if let Some(names) = &names {
-            self.tag_epoch = store.tag_epoch(names);
-        }
+        // Before the read (recorded in the tags once `names` is done with them).
+        let epoch = names.as_deref().map(|names| store.tag_epoch(names));
         // The tagged paths are boxed: every lookup's future would carry their futures.
         let ((mut found, mut generation, mut lease), versions) = match (&names, self.site.lock) {
             (None, _) => (self.read(key).await, None),
@@ -513,6 +573,9 @@ impl<'a> Fetch<'a> {
             }
         };
         drop(names);
+        if let (Some(epoch), Some(tags)) = (epoch, self.tags.as_deref_mut()) {
+            tags.epoch = epoch;
+        }
         match versions {
             Some(Ok(versions)) => {
                 if let Some(tags) = self.tags.as_deref_mut() {
@@ -566,6 +629,10 @@ impl<'a> Fetch<'a> {
     /// The leader's read: the value, or what to fill against (and the lease, with `lock`).
     async fn read(&self, key: &str) -> (Option<Stored>, Option<Gen>, Option<LeaseGuard>) {
         let store = self.store;
+        if self.probe == Probe::Failed {
+            // This call's read before the flight failed (and was counted): load, unfilled.
+            return (None, None, None);
+        }
         match self.site.lock {
             // Boxed: the lease's future is large, and every lookup's future would carry it.
             Some(lease_len) => match Box::pin(
@@ -603,17 +670,34 @@ impl<'a> Fetch<'a> {
             },
             // The marker this call may leave in the key is held like a lease: filling
             // replaces it, a result not stored removes it (in the background).
+            // The read a probe would have made, and the marker only on a miss.
+            None if self.probe == Probe::Busy => match store.read(key).await {
+                Ok(Some(stored)) => (Some(stored), None, None),
+                Ok(None) | Err(BackendError::Data(_)) => {
+                    let read = store.read_for_fill(key).await;
+                    self.read_done(key, read).await
+                }
+                Err(e) => {
+                    self.backend_failure(&e);
+                    (None, None, None)
+                }
+            },
             None => {
-                let read = store.read_for_fill(key, self.mostly_hits()).await;
+                let read = store.read_for_fill(key).await;
                 self.read_done(key, read).await
             }
         }
     }
 
-    /// Whether this function's lookups mostly hit (over 80%, after 32 lookups): then a read
-    /// looks for the value first and leaves its pending-load marker only on a miss (see
-    /// [`Token::expecting_hit`](crate::backend::Token::expecting_hit)).
-    fn mostly_hits(&self) -> bool {
+    /// Whether this lookup reads the key before joining its flight: on a shared backend, for
+    /// a function without `tags` whose lookups mostly hit (over 80%, after 32 lookups). Such
+    /// a read leaves no pending-load marker and asks for no lease; a miss then joins the
+    /// flight, whose leader reads with its marker, or asks for the lease (see
+    /// [`Fetch::lookup`]).
+    fn probes(&self) -> bool {
+        if self.probe != Probe::None || self.tags.is_some() {
+            return false;
+        }
         let (hits, misses) = (self.stats.hits.get(), self.stats.misses.get());
         hits + misses >= 32 && hits >= 4 * misses
     }
@@ -691,8 +775,16 @@ impl<'a> Fetch<'a> {
     }
 
     /// The value found does not decode (another program's data, an older layout): a miss,
-    /// and the load's fill overwrites it.
-    pub(crate) async fn unusable(&mut self, e: &DecodeError) {
+    /// and the load's fill overwrites it. `true`: look the key up again, through its flight
+    /// (the value came from a read before the flight, see [`Fetch::probes`]: the flight's
+    /// leader reads it again and replaces it with its marker; counted then).
+    pub(crate) async fn unusable(&mut self, e: &DecodeError) -> bool {
+        if self.probe != Probe::None && matches!(self.state, State::Direct { .. }) {
+            if let State::Direct { key } = std::mem::replace(&mut self.state, State::Idle) {
+                self.key = Some(key);
+            }
+            return true;
+        }
         self.decode_failure(e);
         self.state = match std::mem::replace(&mut self.state, State::Idle) {
             State::Lead { guard, lease, .. } => {
@@ -717,6 +809,7 @@ impl<'a> Fetch<'a> {
                 generation: None,
             },
         };
+        false
     }
 
     /// The function starts running.
@@ -756,6 +849,11 @@ impl<'a> Fetch<'a> {
 
     /// Stores and shares the load's result as its verdict says.
     pub async fn complete(&mut self, verdict: Verdict) {
+        // Boxed: the call's future holds the largest of its paths', and a hit's is small.
+        Box::pin(self.complete_boxed(verdict)).await;
+    }
+
+    async fn complete_boxed(&mut self, verdict: Verdict) {
         let (stored, none) = match verdict.0 {
             Kind::Store(stored) => (stored, false),
             Kind::StoreNone(stored) => (stored, true),
@@ -770,13 +868,13 @@ impl<'a> Fetch<'a> {
                     SiteStats::inc(&self.stats.not_stored);
                 }
                 if self.site.stale.is_some() {
-                    if let Some(stale) = self.find_stale().await {
+                    if let Some(stale) = Box::pin(self.find_stale()).await {
                         // The callers waiting for this load get the stale value too, and the
                         // key's next calls for a moment (see `Fetch::skip_load`).
                         if let Some(key) = self.state_key() {
                             self.store.mark_failing(key);
                         }
-                        self.stale = Some(stale.clone());
+                        self.stale = Some(Box::new(stale.clone()));
                         self.share(stale).await;
                         return;
                     }
@@ -947,14 +1045,12 @@ impl<'a> Fetch<'a> {
         }
     }
 
+    /// Gives the lease back (with `lock`). A pending-load marker, not a lease, is only
+    /// dropped: nobody waits on it, so the call does not wait for its removal either (the
+    /// guard removes it in the background).
     async fn release(&self, lease: Option<LeaseGuard>) {
-        if self.site.lock.is_none() {
-            // A pending-load marker, not a lease: nobody waits on it, so the call does not
-            // wait for its removal either (the guard removes it in the background).
-            drop(lease);
-            return;
-        }
-        if let Some(lease) = lease {
+        // Boxed, and only with a lease: the futures holding this one stay small.
+        if let Some(lease) = lease.filter(|_| self.site.lock.is_some()) {
             if let Err(e) = Box::pin(self.store.release(lease)).await {
                 self.backend_failure(&e);
             }

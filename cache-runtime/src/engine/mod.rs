@@ -216,7 +216,7 @@ impl Fetch<'_> {
         mode: &M,
         typed: Option<Typed<M::Value>>,
     ) -> Result<R, Finish<R, M, M::Value>> {
-        if let Step::Found(stored) = self.lookup().await {
+        while let Step::Found(stored) = self.lookup().await {
             #[cfg(test)]
             tests::after_read().await;
             match decode_value(&stored, typed) {
@@ -228,7 +228,11 @@ impl Fetch<'_> {
                     return Ok(mode.restore(value));
                 }
                 // Rare: boxed, so that every call's future stays small.
-                Err(e) => Box::pin(self.unusable(&e)).await,
+                Err(e) => {
+                    if !Box::pin(self.unusable(&e)).await {
+                        break;
+                    }
+                }
             }
         }
         self.begin_load();
@@ -247,7 +251,7 @@ impl Fetch<'_> {
         typed: Option<Typed<M::Value>>,
         refresher: &Refresher<'_>,
     ) -> Result<R, Finish<R, M, M::Value>> {
-        if let Step::Found(stored) = self.lookup().await {
+        while let Step::Found(stored) = self.lookup().await {
             #[cfg(test)]
             tests::after_read().await;
             match decode_value(&stored, typed) {
@@ -259,7 +263,11 @@ impl Fetch<'_> {
                     self.hit(stored);
                     return Ok(mode.restore(value));
                 }
-                Err(e) => self.unusable(&e).await,
+                Err(e) => {
+                    if !self.unusable(&e).await {
+                        break;
+                    }
+                }
             }
         }
         self.begin_load();

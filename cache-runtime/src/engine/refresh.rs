@@ -390,6 +390,7 @@ impl Job {
             let mut set = TagSet {
                 names: self.tags.clone(),
                 versions: Vec::new(),
+                epoch: 0,
             };
             match store.tag_versions(&set.names(), self.ttl).await {
                 Ok(versions) => set.versions = versions,

@@ -333,7 +333,15 @@ pub struct KeyWriter {
 
 impl KeyWriter {
     /// Starts a key in `namespace` (empty: no prefix).
+    #[cfg(test)]
     pub(crate) fn new(namespace: &str) -> Self {
+        Self::in_namespace(namespace, namespace.contains('%'))
+    }
+
+    /// Starts a key in `namespace` (empty: no prefix), told whether it contains a `%` (the
+    /// store knows it once for all its keys).
+    #[inline]
+    pub(crate) fn in_namespace(namespace: &str, percent: bool) -> Self {
         let mut buf = KeyBuf::new();
         buf.reserve(namespace.len() + 48);
         if !namespace.is_empty() {
@@ -344,7 +352,7 @@ impl KeyWriter {
             buf,
             failed: false,
             args: 0,
-            percent: namespace.as_bytes().contains(&b'%'),
+            percent,
         }
     }
 

@@ -143,24 +143,68 @@ impl Connections {
         Ok(manager)
     }
 
+    /// Sends one command through the breaker and the timeout (see [`Connections::run`]). Its
+    /// future is smaller than `run`'s: a lookup's state holds it.
+    pub(super) async fn query<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        cmd: &redis::Cmd,
+    ) -> BackendResult<T> {
+        let (probe, mut conn) = self.begin()?;
+        let mut guard = ProbeGuard {
+            breaker: &self.breaker,
+            armed: probe,
+        };
+        let result = tokio::time::timeout(self.options.operation_timeout, async {
+            use redis::aio::ConnectionLike as _;
+            let value = conn.req_packed_command(cmd).await?.extract_error()?;
+            Ok(redis::from_redis_value(value)?)
+        })
+        .await;
+        guard.armed = false;
+        self.end(op, result)
+    }
+
     /// Runs one operation through the breaker and the timeout, classifying its failure.
     pub(super) async fn run<T, F, Fut>(&self, op: &'static str, f: F) -> BackendResult<T>
     where
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
+        let (probe, conn) = self.begin()?;
+        let mut guard = ProbeGuard {
+            breaker: &self.breaker,
+            armed: probe,
+        };
+        let result = tokio::time::timeout(self.options.operation_timeout, f(conn)).await;
+        guard.armed = false;
+        self.end(op, result)
+    }
+
+    /// An operation starts: whether it is the half-open breaker's probe, and the connection.
+    fn begin(&self) -> BackendResult<(bool, ConnectionManager)> {
         let Some(probe) = self.breaker.acquire() else {
             return Err(BackendError::Unavailable(
                 "circuit breaker open after repeated failures".to_owned(),
             ));
         };
-        let mut guard = ProbeGuard {
-            breaker: &self.breaker,
-            armed: probe,
-        };
-        let conn = self.connection()?;
-        let result = tokio::time::timeout(self.options.operation_timeout, f(conn)).await;
-        guard.armed = false;
+        match self.connection() {
+            Ok(conn) => Ok((probe, conn)),
+            Err(e) => {
+                if probe {
+                    self.breaker.abandon_probe();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// An operation ended: its result, its failure classified (and counted by the breaker).
+    fn end<T>(
+        &self,
+        op: &'static str,
+        result: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
+    ) -> BackendResult<T> {
         match result {
             Ok(Ok(v)) => {
                 if self.breaker.success() {

@@ -42,10 +42,10 @@
 //! invalidation never stores its result, and a miss is two round trips (lookup, fill), like
 //! a hand-written cache-aside. The guard is positive: a marker lost to eviction or expiry
 //! rejects the fill (a miss), it never lets a stale one through. With `lock`, the marker is
-//! also the lease: waiters see it, and the holder's fill releases it. A read whose token
-//! expects a hit (a function that mostly hits, see `Fetch::mostly_hits`) sends a plain `GET`
-//! first and the `SET .. NX GET` only when that finds nothing: such a miss is three round
-//! trips, such a hit exactly a `GET`.
+//! also the lease: waiters see it, and the holder's fill releases it. A function that mostly
+//! hits reads with a plain `GET` before it joins the key's flight (`Fetch::probes`), and sends
+//! the `SET .. NX GET` only when that finds nothing: such a miss is three round trips, such a
+//! hit exactly a `GET`.
 //!
 //! (`{K}` is written `K` when `K` already carries a hash tag, and `{T}K`, with `T` a short tag
 //! of `K`'s slot, when `K` has no hash tag but contains a `}`; see `key::aux_key`.) Each
@@ -66,6 +66,7 @@ mod scripts;
 mod tests;
 pub(crate) mod wb;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -272,13 +273,9 @@ impl RedisBackend {
 
     /// A plain `GET`: a pending load's marker reads as nothing.
     async fn get(&self, key: &str) -> BackendResult<Option<Stored>> {
-        let value = self
-            .conns
-            .run("GET", |mut conn| async move {
-                let v: Option<Vec<u8>> = redis::cmd("GET").arg(key).query_async(&mut conn).await?;
-                Ok(v)
-            })
-            .await?;
+        let mut cmd = redis::Cmd::with_capacity(2, key.len() + 3);
+        cmd.arg("GET").arg(key);
+        let value: Option<Vec<u8>> = self.conns.query("GET", &cmd).await?;
         Ok(value
             .filter(|v| !is_marker(v))
             .map(|v| Stored::bytes(Bytes::from(v))))
@@ -382,18 +379,11 @@ impl RedisBackend {
 }
 
 impl Backend for RedisBackend {
-    async fn read(&self, key: &str) -> BackendResult<Option<Stored>> {
-        self.get(key).await
+    fn read(&self, key: &str) -> impl Future<Output = BackendResult<Option<Stored>>> + Send {
+        self.get(key)
     }
 
     async fn read_for_fill(&self, key: &str, token: &Token) -> BackendResult<Read> {
-        if token.expects_hit() {
-            // A function that mostly hits: a plain `GET` (what a hit costs on the server and
-            // the wire), and the marker only on a miss, one round trip more.
-            if let Some(stored) = self.get(key).await? {
-                return Ok(Read::Hit(stored));
-            }
-        }
         self.lookup(key, self.marker(token), PENDING_TTL).await
     }
 
