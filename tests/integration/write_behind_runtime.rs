@@ -506,7 +506,7 @@ async fn shutdown_gives_the_partitions_back_and_keys_have_ttls() {
     for key in [
         owners[0].clone(),
         format!("__cr:wb:{{{ns}:shutdown:0}}"),
-        format!("__cr:wb:{{{ns}}}:workers"),
+        format!("__cr:wb:{{{ns}:shutdown}}:workers"),
         cache.full_key("k:1"),
     ] {
         let ttl: i64 = conn.pttl(&key).await.unwrap();
@@ -523,7 +523,7 @@ async fn shutdown_gives_the_partitions_back_and_keys_have_ttls() {
         "leases given back: {held:?}"
     );
     let live: i64 = conn
-        .zcard(format!("__cr:wb:{{{ns}}}:workers"))
+        .zcard(format!("__cr:wb:{{{ns}:shutdown}}:workers"))
         .await
         .unwrap();
     assert_eq!(live, 0, "left the live set");
@@ -592,6 +592,49 @@ async fn two_workers_share_the_partitions_and_keep_each_keys_order() {
             .map(|e| e.1.clone())
             .collect();
         assert_applied_in_order(key, &applied, &accepted);
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Finding 1: the fair share counts the workers serving the queue, not every worker of the
+/// namespace; two workers with disjoint queues each drain all of theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_with_disjoint_queues_each_drain_theirs() {
+    static LOG: Log = Mutex::new(Vec::new());
+    wb_fn!(wb_disjoint_a, "disjoint-a", coalesce = false, |id, v| {
+        record(&LOG, id, &v);
+        Ok(())
+    });
+    wb_fn!(wb_disjoint_b, "disjoint-b", coalesce = false, |id, v| {
+        record(&LOG, id, &v);
+        Ok(())
+    });
+    let (cache, ns) = cache("wb_disjoint", 4);
+    for i in 0..16u64 {
+        wb_disjoint_a(&cache, i, format!("a{i}")).await.unwrap();
+        wb_disjoint_b(&cache, 100 + i, format!("b{i}"))
+            .await
+            .unwrap();
+    }
+    let a = worker(&cache, "disjoint-a").start().unwrap();
+    let b = worker(&cache, "disjoint-b").start().unwrap();
+    assert!(
+        a.flush_for(Duration::from_secs(15)).await,
+        "queue a drained"
+    );
+    assert!(
+        b.flush_for(Duration::from_secs(15)).await,
+        "queue b drained"
+    );
+    assert_eq!(LOG.lock().unwrap().len(), 32);
+    let mut conn = raw_connection(&redis_url()).await;
+    for q in ["disjoint-a", "disjoint-b"] {
+        let live: i64 = conn
+            .zcard(format!("__cr:wb:{{{ns}:{q}}}:workers"))
+            .await
+            .unwrap();
+        assert_eq!(live, 1, "one worker serves {q}");
     }
     a.shutdown().await;
     b.shutdown().await;

@@ -1,9 +1,10 @@
 //! The [`Worker`]: applies the queued writes of `#[write_behind]` functions.
 //!
 //! ```text
-//! supervisor (one task)        every lease/4: heartbeat in `workers`, renew the leases held,
-//!                              take free partitions up to ceil(partitions / live workers) per
-//!                              queue, give back extra ones, extend the queues' retention
+//! supervisor (one task)        every lease/4: heartbeat in each queue's `workers`, renew the
+//!                              leases held, take free partitions up to ceil(partitions / live
+//!                              workers of the queue), and any left free for a tick; give back
+//!                              extra ones while another worker is short; extend retention
 //! partition task (one per      XGROUP CREATE; XAUTOCLAIM what others held; this consumer's
 //!  owned partition)            pending entries; then XREADGROUP .. BLOCK on a connection of
 //!                              its own; apply per key in id order (coalesce, retry, dead-letter,
@@ -58,9 +59,11 @@ pub struct WorkerBuilder {
 ///
 /// Any number of processes may run one: each queue is split into partitions, and a worker
 /// holds a lease on each partition it applies, taking its fair share
-/// (`ceil(partitions / live workers)`) and giving back the rest. A worker that dies loses its
-/// leases when they expire (`lease`, 10 s); another takes its partitions over with the entries
-/// it was applying.
+/// (`ceil(partitions / live workers of the queue)`), and any partition nobody else took for a
+/// supervisor tick (a quarter of the lease) whatever its share, so no partition stays without
+/// an owner; it gives back partitions above its share while another worker of the queue has
+/// less than its share. A worker that dies loses its leases when they expire (`lease`,
+/// 10 s); another takes its partitions over with the entries it was applying.
 ///
 /// Dropping a worker stops its tasks at once (its leases then expire); [`Worker::shutdown`]
 /// finishes the entry being applied and gives them back.
@@ -143,6 +146,8 @@ struct PartitionState {
     release: AtomicBool,
     /// The lease was lost: stop without acknowledging more.
     lost: AtomicBool,
+    /// The partition holds entries of functions this binary does not have.
+    unknown: AtomicBool,
     wake: Notify,
 }
 
@@ -150,6 +155,7 @@ struct PartitionState {
 struct PartitionTask {
     queue: usize,
     partition: u16,
+    taken_at: Instant,
     state: Arc<PartitionState>,
     join: JoinHandle<()>,
 }
@@ -379,22 +385,41 @@ fn backoff(config: &Config, failures: u32) -> Duration {
     cap.mul_f64(random_unit())
 }
 
+/// How many ticks a partition given back because of unknown functions is not taken again by
+/// this worker (another worker, perhaps a newer binary, takes it meanwhile).
+const COOLDOWN_TICKS: u64 = 4;
+
+/// A partition with entries of unknown functions is given back (to let a newer binary have
+/// it) after being held this many leases, when other workers serve its queue.
+const UNKNOWN_RELEASE_LEASES: u32 = 3;
+
 async fn supervise(shared: Arc<Shared>) {
     let redis = shared.redis();
     let config = shared.config.clone();
     let namespace = shared.cache.namespace().to_owned();
-    let workers = workers_key(&namespace);
+    let workers: Vec<String> = shared
+        .queues
+        .iter()
+        .map(|q| workers_key(&namespace, q))
+        .collect();
     let partitions = shared.cache.store().wb_config().partitions;
     let retention = shared.cache.store().wb_config().retention;
     let tick = config.lease / 4;
     let mut owned: Vec<PartitionTask> = Vec::new();
-    let mut live = 1usize;
+    let mut live = vec![1usize; shared.queues.len()];
+    let mut ticks = 0u64;
+    // (queue, partition) -> the tick it was first seen free.
+    let mut free_since: HashMap<(usize, u16), u64> = HashMap::new();
+    // (queue, partition) -> the tick until which this worker does not take it.
+    let mut cooldown: HashMap<(usize, u16), u64> = HashMap::new();
     while !shared.stopping.load(SeqCst) {
+        ticks += 1;
         match redis
             .wb_heartbeat(&workers, &shared.name, config.lease, retention)
             .await
         {
-            Ok(n) => live = n,
+            Ok(n) if n.len() == live.len() => live = n,
+            Ok(_) => {}
             Err(e) => {
                 tracing::debug!(target: "cache_runtime", "write-behind heartbeat failed: {e}")
             }
@@ -417,7 +442,7 @@ async fn supervise(shared: Arc<Shared>) {
                     if held {
                         t.state
                             .lease_until
-                            .store(asked + millis(config.lease), SeqCst);
+                            .store(asked.saturating_add(millis(config.lease)), SeqCst);
                     } else {
                         t.state.lost.store(true, SeqCst);
                         t.state.wake.notify_waiters();
@@ -442,68 +467,23 @@ async fn supervise(shared: Arc<Shared>) {
         if let Err(e) = redis.wb_touch(&touch, retention).await {
             tracing::debug!(target: "cache_runtime", "write-behind retention renewal failed: {e}");
         }
-        // Fair share per queue.
-        let share = usize::from(partitions).div_ceil(live);
         for (qi, queue) in shared.queues.iter().enumerate() {
-            let mine: Vec<usize> = owned
-                .iter()
-                .enumerate()
-                .filter(|(_, t)| t.queue == qi && !t.state.release.load(SeqCst))
-                .map(|(i, _)| i)
-                .collect();
-            if mine.len() > share {
-                for &i in &mine[share..] {
-                    owned[i].state.release.store(true, SeqCst);
-                    owned[i].state.wake.notify_waiters();
-                }
-                continue;
-            }
-            let want = share - mine.len();
-            if want == 0 {
-                continue;
-            }
-            let start = (random_unit() * f64::from(partitions)) as u16 % partitions;
-            let free: Vec<u16> = (0..partitions)
-                .map(|i| (start + i) % partitions)
-                .filter(|p| !owned.iter().any(|t| t.queue == qi && t.partition == *p))
-                .collect();
-            let keys: Vec<PartitionKeys> = free
-                .iter()
-                .map(|p| PartitionKeys::new(&namespace, queue, *p))
-                .collect();
-            let owners: Vec<&str> = keys.iter().map(|k| k.owner.as_str()).collect();
-            let asked = shared.now_ms();
-            match redis
-                .wb_take(&owners, &shared.token, config.lease, want)
-                .await
-            {
-                Ok(taken) => {
-                    for i in taken {
-                        let state = Arc::new(PartitionState {
-                            lease_until: AtomicU64::new(asked + millis(config.lease)),
-                            release: AtomicBool::new(false),
-                            lost: AtomicBool::new(false),
-                            wake: Notify::new(),
-                        });
-                        let join = tokio::spawn(run_partition(
-                            shared.clone(),
-                            queue.clone(),
-                            keys[i].clone(),
-                            state.clone(),
-                        ));
-                        owned.push(PartitionTask {
-                            queue: qi,
-                            partition: free[i],
-                            state,
-                            join,
-                        });
-                    }
-                }
-                Err(e) => {
-                    tracing::debug!(target: "cache_runtime", "write-behind lease failed: {e}")
-                }
-            }
+            balance(
+                &shared,
+                &mut owned,
+                Queue {
+                    index: qi,
+                    name: queue,
+                    live: live[qi],
+                    partitions,
+                    ticks,
+                },
+                &mut free_since,
+                &mut cooldown,
+            )
+            .await;
         }
+        cooldown.retain(|_, until| *until > ticks);
         tokio::select! {
             () = tokio::time::sleep(tick) => {}
             () = shared.wake.notified() => {}
@@ -519,6 +499,148 @@ async fn supervise(shared: Arc<Shared>) {
     }
     if let Err(e) = redis.wb_leave(&workers, &shared.name).await {
         tracing::debug!(target: "cache_runtime", "write-behind leave failed: {e}");
+    }
+}
+
+/// One queue, as the supervisor balances it.
+struct Queue<'a> {
+    index: usize,
+    name: &'a str,
+    /// Live workers serving it (this one included).
+    live: usize,
+    partitions: u16,
+    ticks: u64,
+}
+
+/// Fair share, work-conserving: takes free partitions up to `ceil(partitions / live)`, and
+/// any partition that stayed free for a whole tick whatever the share (nobody else took it:
+/// a partition is never left without an owner because of the share); gives back partitions
+/// above the share (held for at least a lease) only while some live worker of the queue
+/// holds less than `floor(partitions / live)`; gives back a partition stuck on unknown
+/// functions every few leases when other workers serve the queue.
+async fn balance(
+    shared: &Arc<Shared>,
+    owned: &mut Vec<PartitionTask>,
+    q: Queue<'_>,
+    free_since: &mut HashMap<(usize, u16), u64>,
+    cooldown: &mut HashMap<(usize, u16), u64>,
+) {
+    let redis = shared.redis();
+    let config = &shared.config;
+    let namespace = shared.cache.namespace();
+    let keys: Vec<PartitionKeys> = (0..q.partitions)
+        .map(|p| PartitionKeys::new(namespace, q.name, p))
+        .collect();
+    let owner_keys: Vec<String> = keys.iter().map(|k| k.owner.clone()).collect();
+    let holders = match redis.wb_owners(&owner_keys).await {
+        Ok(h) if h.len() == keys.len() => h,
+        Ok(_) => return,
+        Err(e) => {
+            tracing::debug!(target: "cache_runtime", "write-behind lease read failed: {e}");
+            return;
+        }
+    };
+    let share = usize::from(q.partitions).div_ceil(q.live);
+    let floor = usize::from(q.partitions) / q.live;
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for h in holders.iter().flatten() {
+        *counts.entry(h.as_str()).or_default() += 1;
+    }
+    let starved = q.live > counts.len() || counts.values().any(|&n| n < floor);
+    let held_long = |t: &PartitionTask, leases: u32| {
+        t.taken_at.elapsed() >= config.lease.saturating_mul(leases)
+    };
+    // Unknown functions: let another worker (a newer binary) have the partition.
+    if q.live > 1 {
+        for t in owned.iter() {
+            if t.queue == q.index
+                && t.state.unknown.load(SeqCst)
+                && !t.state.release.load(SeqCst)
+                && held_long(t, UNKNOWN_RELEASE_LEASES)
+            {
+                t.state.release.store(true, SeqCst);
+                t.state.wake.notify_waiters();
+                cooldown.insert((q.index, t.partition), q.ticks + COOLDOWN_TICKS);
+            }
+        }
+    }
+    let mine: Vec<usize> = owned
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| t.queue == q.index && !t.state.release.load(SeqCst))
+        .map(|(i, _)| i)
+        .collect();
+    if mine.len() > share && starved {
+        let extra = mine.len() - share;
+        for &i in mine
+            .iter()
+            .filter(|&&i| held_long(&owned[i], 1))
+            .take(extra)
+        {
+            owned[i].state.release.store(true, SeqCst);
+            owned[i].state.wake.notify_waiters();
+        }
+    }
+    let mut want = share.saturating_sub(mine.len());
+    let start = (random_unit() * f64::from(q.partitions)) as u16 % q.partitions;
+    for i in 0..q.partitions {
+        let p = (start + i) % q.partitions;
+        let at = (q.index, p);
+        if owned.iter().any(|t| t.queue == q.index && t.partition == p) {
+            free_since.remove(&at);
+            continue;
+        }
+        let free = match &holders[usize::from(p)] {
+            None => true,
+            // Ours without a task (it stopped while a renewal failed).
+            Some(h) => *h == shared.token,
+        };
+        if !free {
+            free_since.remove(&at);
+            continue;
+        }
+        let since = *free_since.entry(at).or_insert(q.ticks);
+        let orphaned = since < q.ticks;
+        if cooldown.contains_key(&at) || (want == 0 && !orphaned) {
+            continue;
+        }
+        let asked = shared.now_ms();
+        match redis
+            .wb_take(&keys[usize::from(p)].owner, &shared.token, config.lease)
+            .await
+        {
+            Ok(true) => {
+                free_since.remove(&at);
+                want = want.saturating_sub(1);
+                let state = Arc::new(PartitionState {
+                    lease_until: AtomicU64::new(asked.saturating_add(millis(config.lease))),
+                    release: AtomicBool::new(false),
+                    lost: AtomicBool::new(false),
+                    unknown: AtomicBool::new(false),
+                    wake: Notify::new(),
+                });
+                let join = tokio::spawn(run_partition(
+                    shared.clone(),
+                    q.name.to_owned(),
+                    keys[usize::from(p)].clone(),
+                    state.clone(),
+                ));
+                owned.push(PartitionTask {
+                    queue: q.index,
+                    partition: p,
+                    taken_at: Instant::now(),
+                    state,
+                    join,
+                });
+            }
+            Ok(false) => {
+                free_since.remove(&at);
+            }
+            Err(e) => {
+                tracing::debug!(target: "cache_runtime", "write-behind lease failed: {e}");
+                return;
+            }
+        }
     }
 }
 

@@ -7,7 +7,7 @@
 //! __cr:wb:{<ns>:<q>:<p>}:owner     lease of the worker applying p: its token, PX <lease>
 //! __cr:wb:{<ns>:<q>:<p>}:tries     hash: entry id -> failed attempts so far
 //! __cr:wb:{<ns>:<q>}:dead          dead-letter stream of q
-//! __cr:wb:{<ns>}:workers           zset: live worker names, score = expiry (ms since epoch)
+//! __cr:wb:{<ns>:<q>}:workers       zset: live workers serving q, score = expiry (ms since epoch)
 //! __cr:wbl:{K}                     the id of the last write-behind write of K
 //! ```
 //!
@@ -61,9 +61,9 @@ pub(crate) fn dead_key(namespace: &str, queue: &str) -> String {
     format!("__cr:wb:{{{namespace}:{queue}}}:dead")
 }
 
-/// The live workers of a namespace.
-pub(crate) fn workers_key(namespace: &str) -> String {
-    format!("__cr:wb:{{{namespace}}}:workers")
+/// The live workers serving a queue.
+pub(crate) fn workers_key(namespace: &str, queue: &str) -> String {
+    format!("__cr:wb:{{{namespace}:{queue}}}:workers")
 }
 
 /// The partition of value key `key`: CRC16 of the full key (as Redis Cluster hashes it,
@@ -278,65 +278,48 @@ impl RedisBackend {
             .await
     }
 
-    /// Takes partition leases that are free: `SET owner token NX PX lease` on each of
-    /// `owners`, in order, until `want` are taken. Returns the indexes taken.
-    pub(crate) async fn wb_take(
-        &self,
-        owners: &[&str],
-        token: &str,
-        lease: Duration,
-        want: usize,
-    ) -> BackendResult<Vec<usize>> {
-        if want == 0 || owners.is_empty() {
+    /// The holders of the leases `owners` (their tokens; `None`: free).
+    pub(crate) async fn wb_owners(&self, owners: &[String]) -> BackendResult<Vec<Option<String>>> {
+        if owners.is_empty() {
             return Ok(Vec::new());
         }
-        // One read of every lease, then `SET NX` on the free ones only.
-        let held: Vec<Option<String>> = self
-            .conns
+        self.conns
             .run("write-behind leases", |mut conn| async move {
                 let mut pipe = redis::pipe();
                 for owner in owners {
-                    pipe.cmd("GET").arg(*owner);
+                    pipe.cmd("GET").arg(owner);
                 }
                 pipe.query_async(&mut conn).await
             })
+            .await
+    }
+
+    /// Takes the lease `owner` if it is free (`SET owner token NX PX lease`), or renews it if
+    /// `token` holds it already (a partition task stopped while its renewal failed: the new
+    /// task's lease clock then starts from a real renewal). Returns whether it is held now.
+    pub(crate) async fn wb_take(
+        &self,
+        owner: &str,
+        token: &str,
+        lease: Duration,
+    ) -> BackendResult<bool> {
+        let won: Option<String> = self
+            .conns
+            .run("write-behind take", |mut conn| async move {
+                redis::cmd("SET")
+                    .arg(owner)
+                    .arg(token)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(millis(lease))
+                    .query_async(&mut conn)
+                    .await
+            })
             .await?;
-        let mut taken = Vec::new();
-        for (i, h) in held.iter().enumerate() {
-            if taken.len() >= want {
-                break;
-            }
-            let owner = owners[i];
-            match h.as_deref() {
-                None => {}
-                // Still ours (a partition task stopped while its renewal failed): renewed now,
-                // so the new task's lease clock starts from a real renewal.
-                Some(held) if held == token => {
-                    if self.wb_renew(&[owner], token, lease).await?.first() == Some(&true) {
-                        taken.push(i);
-                    }
-                    continue;
-                }
-                Some(_) => continue,
-            }
-            let won: Option<String> = self
-                .conns
-                .run("write-behind take", |mut conn| async move {
-                    redis::cmd("SET")
-                        .arg(owner)
-                        .arg(token)
-                        .arg("NX")
-                        .arg("PX")
-                        .arg(millis(lease))
-                        .query_async(&mut conn)
-                        .await
-                })
-                .await?;
-            if won.is_some() {
-                taken.push(i);
-            }
+        if won.is_some() {
+            return Ok(true);
         }
-        Ok(taken)
+        Ok(self.wb_renew(&[owner], token, lease).await?.first() == Some(&true))
     }
 
     /// Renews the leases `owners` held with `token`: for each, whether it is still held.
@@ -402,49 +385,55 @@ impl RedisBackend {
             .await
     }
 
-    /// Registers `name` as a live worker until `now + ttl`, drops expired ones, and returns
-    /// how many are live.
+    /// Registers `name` as a live worker of each queue of `workers` (their live sets) until
+    /// `now + ttl`, drops expired ones, and returns how many are live in each.
     pub(crate) async fn wb_heartbeat(
         &self,
-        workers: &str,
+        workers: &[String],
         name: &str,
         ttl: Duration,
         retention: Duration,
-    ) -> BackendResult<usize> {
+    ) -> BackendResult<Vec<usize>> {
         let now = now_ms();
         self.conns
             .run("write-behind heartbeat", |mut conn| async move {
-                let (_, _, live, _): (i64, i64, i64, i64) = redis::pipe()
-                    .cmd("ZADD")
-                    .arg(workers)
-                    .arg(now + millis(ttl))
-                    .arg(name)
-                    .cmd("ZREMRANGEBYSCORE")
-                    .arg(workers)
-                    .arg("-inf")
-                    .arg(now)
-                    .cmd("ZCARD")
-                    .arg(workers)
-                    .cmd("PEXPIRE")
-                    .arg(workers)
-                    .arg(millis(retention))
-                    .query_async(&mut conn)
-                    .await?;
-                Ok(usize::try_from(live).unwrap_or(1).max(1))
+                let mut pipe = redis::pipe();
+                for set in workers {
+                    pipe.cmd("ZADD")
+                        .arg(set)
+                        .arg(now + millis(ttl))
+                        .arg(name)
+                        .ignore()
+                        .cmd("ZREMRANGEBYSCORE")
+                        .arg(set)
+                        .arg("-inf")
+                        .arg(now)
+                        .ignore()
+                        .cmd("ZCARD")
+                        .arg(set)
+                        .cmd("PEXPIRE")
+                        .arg(set)
+                        .arg(millis(retention))
+                        .ignore();
+                }
+                let live: Vec<i64> = pipe.query_async(&mut conn).await?;
+                Ok(live
+                    .into_iter()
+                    .map(|n| usize::try_from(n).unwrap_or(1).max(1))
+                    .collect())
             })
             .await
     }
 
-    /// Removes `name` from the live workers.
-    pub(crate) async fn wb_leave(&self, workers: &str, name: &str) -> BackendResult<()> {
+    /// Removes `name` from the live sets `workers`.
+    pub(crate) async fn wb_leave(&self, workers: &[String], name: &str) -> BackendResult<()> {
         self.conns
             .run("write-behind leave", |mut conn| async move {
-                redis::cmd("ZREM")
-                    .arg(workers)
-                    .arg(name)
-                    .query_async::<i64>(&mut conn)
-                    .await?;
-                Ok(())
+                let mut pipe = redis::pipe();
+                for set in workers {
+                    pipe.cmd("ZREM").arg(set).arg(name).ignore();
+                }
+                pipe.exec_async(&mut conn).await
             })
             .await
     }
