@@ -85,6 +85,31 @@ fn stats_of(cache: &Cache, function: &str) -> cache_runtime::FunctionStats {
         .unwrap_or_else(|| panic!("no stats for {function}: {}", cache.stats()))
 }
 
+/// The dead letters of `queue`, oldest first, as field maps.
+async fn dead_letters(
+    _cache: &Cache,
+    ns: &str,
+    queue: &str,
+) -> Vec<std::collections::HashMap<String, String>> {
+    let mut conn = raw_connection(&redis_url()).await;
+    let entries: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE")
+        .arg(format!("__cr:wb:{{{ns}:{queue}}}:dead"))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    entries
+        .into_iter()
+        .map(|(_, fields)| {
+            fields
+                .into_iter()
+                .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
+                .collect()
+        })
+        .collect()
+}
+
 /// (id, value, write id) in the order the bodies ran.
 type Log = Mutex<Vec<(u64, String, String)>>;
 
@@ -226,7 +251,7 @@ async fn a_permanent_failure_is_dead_lettered_and_other_keys_go_on() {
         Ok(())
     });
     // One partition: every key shares it with the failing one.
-    let (cache, _) = cache("wb_poison", 1);
+    let (cache, ns) = cache("wb_poison", 1);
     wb_poison(&cache, 0, "bad".into()).await.unwrap();
     for i in 1..=5 {
         wb_poison(&cache, i, format!("ok{i}")).await.unwrap();
@@ -242,6 +267,22 @@ async fn a_permanent_failure_is_dead_lettered_and_other_keys_go_on() {
     assert_eq!((s.retried, s.dead_lettered), (2, 1));
     let depth = write_behind::depth(&cache, "poison").await.unwrap();
     assert_eq!((depth.pending, depth.dead), (0, 1), "{depth}");
+    // The database never got "bad": the cache no longer holds it (the other keys keep theirs).
+    assert_eq!(cache.get::<String>("k:0").await.unwrap(), None);
+    assert_eq!(
+        cache.get::<String>("k:1").await.unwrap().as_deref(),
+        Some("ok1")
+    );
+    let letter = dead_letters(&cache, &ns, "poison").await;
+    assert_eq!(letter.len(), 1);
+    let letter = &letter[0];
+    assert_eq!(letter["e"], "constraint violated by bad");
+    assert_eq!(letter["n"], "3");
+    assert!(
+        letter["from"].starts_with(&format!("__cr:wb:{{{ns}:poison:0}} ")),
+        "{letter:?}"
+    );
+    assert_eq!(letter["k"], cache.full_key("k:0"));
     // Fixed: the dead letter goes back and is applied.
     FIXED.store(true, SeqCst);
     assert_eq!(write_behind::retry_dead(&cache, "poison").await.unwrap(), 1);

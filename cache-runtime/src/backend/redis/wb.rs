@@ -75,6 +75,16 @@ pub(crate) fn partition_of(key: &str, partitions: u16) -> u16 {
 /// The fields a dead letter adds to its entry (dropped when it is retried).
 const DEAD_FIELDS: [&str; 3] = ["e", "n", "from"];
 
+/// What `WB_DEAD` records about the entries it moves, and the key it may invalidate.
+pub(crate) struct DeadLetter<'a> {
+    /// The value key (empty for an entry without one: nothing is invalidated).
+    pub(crate) key: &'a str,
+    /// The write id of the last entry of the run (empty: none).
+    pub(crate) write_id: &'a str,
+    pub(crate) error: &'a str,
+    pub(crate) attempts: u32,
+}
+
 /// What one owned partition's reads and acknowledgements need.
 pub(crate) struct Owned<'a> {
     pub(crate) keys: &'a PartitionKeys,
@@ -212,35 +222,54 @@ impl RedisBackend {
             .await
     }
 
-    /// `WB_DEAD`: returns false if the lease was lost.
+    /// `WB_DEAD`: moves `ids` to the dead letters; if `key`'s last write-behind write is
+    /// `write_id` (the last of the run), invalidates `key` (its value never reaches the
+    /// database). Returns `None` if the lease was lost, else whether `key` was invalidated.
     pub(crate) async fn wb_dead(
         &self,
         p: &Owned<'_>,
         dead: &str,
-        error: &str,
-        attempts: u32,
+        letter: &DeadLetter<'_>,
         ids: &[String],
-    ) -> BackendResult<bool> {
+    ) -> BackendResult<Option<bool>> {
+        let key = letter.key;
+        let copy = Self::stale_copy(key);
+        let refresh = Self::refresh_lease_key(key);
+        let wbl = Self::wbl_key(key);
+        let frame = self.frame(inv::Kind::Keys, &[key]);
+        let (frame, channel) = (&frame, &self.inv_channel);
+        let (copy, refresh, wbl) = (&copy, &refresh, &wbl);
         self.conns
             .run("write-behind dead letter", |mut conn| async move {
                 let mut cmd = evalsha(
                     &WB_DEAD,
-                    4,
-                    5 + ids.len(),
-                    64 + error.len() + 24 * ids.len(),
+                    8,
+                    8 + ids.len(),
+                    256 + 5 * key.len() + frame.len() + letter.error.len() + 24 * ids.len(),
                 );
                 cmd.arg(&p.keys.stream)
                     .arg(&p.keys.owner)
                     .arg(&p.keys.tries)
                     .arg(dead)
+                    .arg(key)
+                    .arg(copy)
+                    .arg(refresh)
+                    .arg(wbl)
                     .arg(p.token)
                     .arg(GROUP)
                     .arg(millis(p.retention))
-                    .arg(error)
-                    .arg(attempts)
+                    .arg(letter.error)
+                    .arg(letter.attempts)
+                    .arg(letter.write_id)
+                    .arg(channel)
+                    .arg(&frame[..])
                     .arg(ids);
                 let held: i64 = run(&mut conn, &WB_DEAD, &cmd).await?;
-                Ok(held == 1)
+                Ok(match held {
+                    0 => None,
+                    2 => Some(true),
+                    _ => Some(false),
+                })
             })
             .await
     }

@@ -13,7 +13,7 @@ use futures_util::FutureExt as _;
 
 use super::{HELD_BATCHES, PartitionState, Shared, backoff, millis};
 use crate::backend::RedisBackend;
-use crate::backend::wb::{Owned, PartitionKeys, StreamEntry, dead_key, read_new};
+use crate::backend::wb::{DeadLetter, Owned, PartitionKeys, StreamEntry, dead_key, read_new};
 use crate::stats::SiteStats;
 use crate::write_behind::handler::Applied;
 use crate::write_behind::{CURRENT, WriteId};
@@ -516,6 +516,12 @@ impl Partition<'_> {
             .field_str("f")
             .unwrap_or("?")
             .to_owned();
+        let last = positions.iter().copied().max().unwrap_or(positions[0]);
+        let write_id = self.held[last]
+            .entry
+            .field_str("i")
+            .unwrap_or_default()
+            .to_owned();
         let dead = dead_key(self.shared.cache.namespace(), &self.queue);
         // Acknowledge what came before (in order), then move these.
         match self.flush_acks().await {
@@ -523,16 +529,27 @@ impl Partition<'_> {
             Ok(false) => return Err(Stop::Lost),
             Err(_) => {}
         }
+        let letter = DeadLetter {
+            key,
+            write_id: &write_id,
+            error,
+            attempts,
+        };
         match self
             .redis()
-            .wb_dead(&self.owned(), &dead, error, attempts, &ids)
+            .wb_dead(&self.owned(), &dead, &letter, &ids)
             .await
         {
-            Ok(true) => {
+            Ok(Some(invalidated)) => {
+                if invalidated {
+                    // The cache held a value the database never got.
+                    self.shared.cache.store().written_elsewhere(key);
+                }
                 tracing::warn!(
                     target: "cache_runtime",
-                    "write-behind `{function}` of {key} moved to the dead letters of queue {} after {attempts} failed attempts: {error}",
-                    self.queue
+                    "write-behind `{function}` of {key} moved to the dead letters of queue {} after {attempts} failed attempts: {error}{}",
+                    self.queue,
+                    if invalidated { " (its cached value was invalidated)" } else { "" }
                 );
                 let mut positions = positions.to_vec();
                 positions.sort_unstable();
@@ -543,7 +560,7 @@ impl Partition<'_> {
                 self.retry_at.remove(key);
                 Ok(true)
             }
-            Ok(false) => Err(Stop::Lost),
+            Ok(None) => Err(Stop::Lost),
             Err(e) => {
                 // Try again later.
                 tracing::debug!(target: "cache_runtime", "write-behind dead letter failed: {e}");
