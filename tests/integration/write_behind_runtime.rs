@@ -235,7 +235,14 @@ async fn a_write_that_fails_three_times_is_applied_once_after_backoff() {
     let s = stats_of(&cache, "wb_flaky");
     assert_eq!((s.applied, s.retried, s.dead_lettered), (1, 3, 0));
     let times = TIMES.lock().unwrap().clone();
-    assert!(times[3] > times[0], "retried later");
+    // Equal jitter: the n-th retry waits at least half of min(max, base * 2^(n-1)).
+    for (n, least) in [(1, 20), (2, 40), (3, 80)] {
+        let gap = times[n] - times[n - 1];
+        assert!(
+            gap >= Duration::from_millis(least),
+            "retry {n} after {gap:?}"
+        );
+    }
     w.shutdown().await;
 }
 
@@ -679,4 +686,106 @@ async fn workers_with_disjoint_queues_each_drain_theirs() {
     }
     a.shutdown().await;
     b.shutdown().await;
+}
+
+/// Finding 3: a body reads the entry's position; it increases per key in acceptance order,
+/// is the same on every attempt, and a dead letter moved back keeps its first position, so a
+/// versioned body refuses it once a newer write of its key was applied. Retries are spaced by
+/// at least half the backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn positions_order_retries_and_retried_dead_letters() {
+    use cache_runtime::write_behind::Position;
+    use std::collections::HashMap;
+    static FIXED: AtomicBool = AtomicBool::new(false);
+    static FLAKY: AtomicU32 = AtomicU32::new(0);
+    /// (value, position) per attempt.
+    static SEEN: Mutex<Vec<(String, Position)>> = Mutex::new(Vec::new());
+    /// The "database": key -> (value, version).
+    static ROWS: Mutex<Option<HashMap<u64, (String, Position)>>> = Mutex::new(None);
+    wb_fn!(wb_versioned, "versioned", coalesce = false, |id, v| {
+        let pos = write_behind::current_id()
+            .and_then(|w| w.position())
+            .expect("a queued write has a position");
+        SEEN.lock().unwrap().push((v.clone(), pos));
+        if v == "bad" && !FIXED.load(SeqCst) {
+            return Err("refused".into());
+        }
+        if v == "flaky" && FLAKY.fetch_add(1, SeqCst) < 1 {
+            return Err("flaky".into());
+        }
+        let mut rows = ROWS.lock().unwrap();
+        let rows = rows.get_or_insert_with(HashMap::new);
+        // UPDATE .. WHERE (ver_ms, ver_seq) < ($1, $2)
+        if rows.get(&id).is_none_or(|(_, ver)| *ver < pos) {
+            rows.insert(id, (v, pos));
+        }
+        Ok(())
+    });
+    let (cache, _) = cache("wb_versioned", 2);
+    for v in ["a", "bad", "flaky"] {
+        wb_versioned(&cache, 1, v.into()).await.unwrap();
+    }
+    let w = worker(&cache, "versioned")
+        .max_attempts(2)
+        .backoff(Duration::from_millis(40), Duration::from_millis(200))
+        .start()
+        .unwrap();
+    assert!(w.flush_for(Duration::from_secs(20)).await);
+    let seen = SEEN.lock().unwrap().clone();
+    let of = |v: &str| -> Vec<Position> {
+        seen.iter()
+            .filter(|(x, _)| x == v)
+            .map(|(_, p)| *p)
+            .collect()
+    };
+    assert_eq!(of("bad").len(), 2, "{seen:?}");
+    assert_eq!(of("flaky").len(), 2, "{seen:?}");
+    assert!(
+        of("bad").windows(2).all(|w| w[0] == w[1]),
+        "same on retries"
+    );
+    assert!(
+        of("flaky").windows(2).all(|w| w[0] == w[1]),
+        "same on retries"
+    );
+    assert!(of("a")[0] < of("bad")[0] && of("bad")[0] < of("flaky")[0]);
+    let p = of("a")[0];
+    assert_eq!(p.to_string(), format!("{}-{}", p.ms(), p.seq()));
+    assert_eq!(
+        ROWS.lock().unwrap().as_ref().unwrap()[&1].0,
+        "flaky",
+        "the newest write landed"
+    );
+    // The dead letter comes back after the newer write: same position, refused by the body.
+    FIXED.store(true, SeqCst);
+    assert_eq!(
+        write_behind::retry_dead(&cache, "versioned").await.unwrap(),
+        1
+    );
+    assert!(w.flush_for(Duration::from_secs(20)).await);
+    let again = SEEN.lock().unwrap().clone();
+    let last = again.last().unwrap();
+    assert_eq!(last.0, "bad");
+    assert_eq!(last.1, of("bad")[0], "retry_dead keeps the first position");
+    assert_eq!(
+        ROWS.lock().unwrap().as_ref().unwrap()[&1].0,
+        "flaky",
+        "the older write did not win"
+    );
+    w.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_inline_run_has_no_position() {
+    static POS: Mutex<Vec<Option<String>>> = Mutex::new(Vec::new());
+    wb_fn!(wb_inline_pos, "inline-pos", coalesce = true, |_id, _v| {
+        let id = write_behind::current_id().expect("current_id inline");
+        POS.lock()
+            .unwrap()
+            .push(id.position().map(|p| p.to_string()));
+        Ok(())
+    });
+    let cache = Cache::memory();
+    wb_inline_pos(&cache, 1, "m".into()).await.unwrap();
+    assert_eq!(*POS.lock().unwrap(), vec![None]);
 }

@@ -174,7 +174,7 @@ impl Worker {
             queues: None,
             config: Config {
                 batch: 100,
-                max_attempts: 8,
+                max_attempts: 20,
                 backoff_base: Duration::from_millis(100),
                 backoff_max: Duration::from_secs(30),
                 lease: Duration::from_secs(10),
@@ -277,14 +277,16 @@ impl WorkerBuilder {
         self
     }
 
-    /// After this many failed attempts an entry is dead-lettered (default 8).
+    /// After this many failed attempts an entry is dead-lettered (default 20: with the default
+    /// backoff, at least about 3 minutes of failures, typically 4 to 5).
     pub fn max_attempts(mut self, attempts: u32) -> Self {
         self.config.max_attempts = attempts.max(1);
         self
     }
 
-    /// The retry delay after the n-th failure: `min(max, base * 2^(n-1)) * random(0..1)`
-    /// (default 100 ms, 30 s).
+    /// The retry delay after the n-th failure: with `d = min(max, base * 2^(n-1))`, a
+    /// delay of `d/2 + random(0..d/2)` (equal jitter: at least half of `d`; default
+    /// 100 ms, 30 s).
     pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
         self.config.backoff_base = base;
         self.config.backoff_max = max.max(base);
@@ -375,14 +377,16 @@ fn random_unit() -> f64 {
     bits as f64 / (1u64 << 53) as f64
 }
 
-/// The delay before retrying after the `failures`-th failure: exponential, full jitter.
+/// The delay before retrying after the `failures`-th failure: exponential, equal jitter
+/// (`d/2 + random(0..d/2)` with `d = min(max, base * 2^(failures-1))`).
 fn backoff(config: &Config, failures: u32) -> Duration {
     let exp = 1u32 << failures.saturating_sub(1).min(20);
-    let cap = config
+    let d = config
         .backoff_base
         .saturating_mul(exp)
         .min(config.backoff_max);
-    cap.mul_f64(random_unit())
+    let half = d / 2;
+    half.saturating_add(half.mul_f64(random_unit()))
 }
 
 /// How many ticks a partition given back because of unknown functions is not taken again by
@@ -732,9 +736,22 @@ mod tests {
         };
         for n in 1..40 {
             let d = backoff(&config, n);
-            assert!(d <= Duration::from_secs(1), "{n}: {d:?}");
-            assert!(d <= Duration::from_millis(100) * (1 << (n - 1).min(20)));
+            let full =
+                (Duration::from_millis(100) * (1 << (n - 1).min(20))).min(Duration::from_secs(1));
+            assert!(d <= full, "{n}: {d:?}");
+            assert!(d >= full / 2, "equal jitter: at least half: {n}: {d:?}");
         }
+        let defaults = Worker::builder(&crate::Cache::memory()).config;
+        assert_eq!(defaults.max_attempts, 20);
+        assert_eq!(
+            (defaults.backoff_base, defaults.backoff_max),
+            (Duration::from_millis(100), Duration::from_secs(30))
+        );
+        // The default budget rides out an outage of a few minutes.
+        let least: Duration = (1..defaults.max_attempts)
+            .map(|n| (defaults.backoff_base * (1 << (n - 1).min(20))).min(defaults.backoff_max) / 2)
+            .sum();
+        assert!(least > Duration::from_secs(170), "{least:?}");
         let distinct: std::collections::HashSet<Duration> =
             (0..20).map(|_| backoff(&config, 5)).collect();
         assert!(distinct.len() > 1, "jittered");

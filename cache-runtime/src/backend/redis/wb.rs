@@ -75,6 +75,9 @@ pub(crate) fn partition_of(key: &str, partitions: u16) -> u16 {
 /// The fields a dead letter adds to its entry (dropped when it is retried).
 const DEAD_FIELDS: [&str; 3] = ["e", "n", "from"];
 
+/// The field of an entry moved back by `retry_dead`: its first position (stream id).
+pub(crate) const POSITION_FIELD: &str = "p";
+
 /// What `WB_DEAD` records about the entries it moves, and the key it may invalidate.
 pub(crate) struct DeadLetter<'a> {
     /// The value key (empty for an entry without one: nothing is invalidated).
@@ -638,7 +641,9 @@ impl RedisBackend {
             .await
     }
 
-    /// `WB_RETRY`: moves one dead letter back to `stream`. Returns whether it was moved.
+    /// `WB_RETRY`: moves one dead letter back to `stream`, with its first position (`p`:
+    /// kept if it has one, else the stream id it had, from `from`). Returns whether it was
+    /// moved.
     pub(crate) async fn wb_retry(
         &self,
         dead: &str,
@@ -646,14 +651,25 @@ impl RedisBackend {
         entry: &StreamEntry,
         retention: Duration,
     ) -> BackendResult<bool> {
-        let fields: Vec<&(String, Vec<u8>)> = entry
+        let mut fields: Vec<(&str, &[u8])> = entry
             .fields
             .iter()
             .filter(|(n, _)| !DEAD_FIELDS.contains(&n.as_str()))
+            .map(|(n, v)| (n.as_str(), &v[..]))
             .collect();
         if fields.is_empty() {
             return Ok(false);
         }
+        let first = entry
+            .field_str("from")
+            .and_then(|from| from.rsplit(' ').next())
+            .map(str::to_owned);
+        if entry.field(POSITION_FIELD).is_none() {
+            if let Some(first) = &first {
+                fields.push((POSITION_FIELD, first.as_bytes()));
+            }
+        }
+        let fields = &fields;
         self.conns
             .run("write-behind retry", |mut conn| async move {
                 let mut cmd = evalsha(&WB_RETRY, 2, 2 + 2 * fields.len(), 256);
@@ -661,8 +677,8 @@ impl RedisBackend {
                     .arg(stream)
                     .arg(&entry.id)
                     .arg(millis(retention));
-                for (n, v) in &fields {
-                    cmd.arg(n).arg(&v[..]);
+                for (n, v) in fields {
+                    cmd.arg(*n).arg(*v);
                 }
                 let moved: i64 = run(&mut conn, &WB_RETRY, &cmd).await?;
                 Ok(moved == 1)

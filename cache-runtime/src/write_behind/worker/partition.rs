@@ -13,10 +13,11 @@ use futures_util::FutureExt as _;
 
 use super::{HELD_BATCHES, PartitionState, Shared, backoff, millis};
 use crate::backend::RedisBackend;
+use crate::backend::wb::POSITION_FIELD;
 use crate::backend::wb::{DeadLetter, Owned, PartitionKeys, StreamEntry, dead_key, read_new};
 use crate::stats::SiteStats;
 use crate::write_behind::handler::Applied;
-use crate::write_behind::{CURRENT, WriteId};
+use crate::write_behind::{CURRENT, Position, WriteId};
 
 /// An entry held by a partition task: delivered to this consumer, not yet acknowledged.
 struct Held {
@@ -395,7 +396,7 @@ impl Partition<'_> {
             let error = "a malformed entry (no arguments or write id)".to_owned();
             return self.dead_letter(key, &run, &error, 0).await;
         };
-        let write_id = WriteId::from_entry(write_id);
+        let write_id = WriteId::from_entry(write_id, position_of(&last.entry));
         let envelope = last
             .entry
             .field("v")
@@ -572,6 +573,15 @@ impl Partition<'_> {
             }
         }
     }
+}
+
+/// An entry's position: its `p` field (a dead letter moved back by `retry_dead` keeps its
+/// first position there), else its stream id.
+fn position_of(entry: &StreamEntry) -> Option<Position> {
+    entry
+        .field_str(POSITION_FIELD)
+        .and_then(Position::parse)
+        .or_else(|| Position::parse(&entry.id))
 }
 
 /// A stream id (`<ms>-<seq>`) as a sortable pair; an id that does not parse sorts last.
