@@ -44,7 +44,7 @@ macro_rules! wb_fn {
             );
             __cache_wb.begin().await;
             if __cache_wb.wants_value() {
-                __cache_wb.encode(&$v);
+                __cache_wb.encode(&MaybeUnencodable(&$v));
             }
             __cache_wb.args(&(&$id, &$v));
             match __cache_wb.enqueue().await {
@@ -53,6 +53,20 @@ macro_rules! wb_fn {
             }
         }
     };
+}
+
+/// Serializes as its string, but fails for `UNENCODABLE` (a value that does not encode).
+struct MaybeUnencodable<'a>(&'a String);
+
+const UNENCODABLE: &str = "<unencodable>";
+
+impl serde::Serialize for MaybeUnencodable<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.0 == UNENCODABLE {
+            return Err(serde::ser::Error::custom("this value does not encode"));
+        }
+        self.0.serialize(s)
+    }
 }
 
 fn cache(name: &str, partitions: u16) -> (Cache, String) {
@@ -788,4 +802,47 @@ async fn an_inline_run_has_no_position() {
     let cache = Cache::memory();
     wb_inline_pos(&cache, 1, "m".into()).await.unwrap();
     assert_eq!(*POS.lock().unwrap(), vec![None]);
+}
+
+/// Finding 4: a value that does not encode does not make the call run inline (overtaking
+/// the key's queued writes): the entry is queued without a value, and the same step
+/// invalidates the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_that_does_not_encode_is_queued_and_invalidates_the_key() {
+    static LOG: Log = Mutex::new(Vec::new());
+    wb_fn!(wb_unencodable, "unencodable", coalesce = false, |id, v| {
+        record(&LOG, id, &v);
+        Ok(())
+    });
+    let (cache, _) = cache("wb_unencodable", 2);
+    wb_unencodable(&cache, 1, "first".into()).await.unwrap();
+    assert_eq!(
+        cache.get::<String>("k:1").await.unwrap().as_deref(),
+        Some("first")
+    );
+    wb_unencodable(&cache, 1, UNENCODABLE.into()).await.unwrap();
+    assert!(LOG.lock().unwrap().is_empty(), "nothing ran inline");
+    assert_eq!(
+        cache.get::<String>("k:1").await.unwrap(),
+        None,
+        "invalidated"
+    );
+    let mut conn = raw_connection(&redis_url()).await;
+    let wbl: bool = conn
+        .exists(format!("__cr:wbl:{{{}}}", cache.full_key("k:1")))
+        .await
+        .unwrap();
+    assert!(!wbl, "no earlier write's re-assert puts its value back");
+    let s = stats_of(&cache, "wb_unencodable");
+    assert_eq!((s.accepted, s.write_through), (2, 0));
+    let w = worker(&cache, "unencodable").start().unwrap();
+    assert!(w.flush_for(Duration::from_secs(20)).await);
+    let applied: Vec<String> = LOG.lock().unwrap().iter().map(|e| e.1.clone()).collect();
+    assert_eq!(applied, vec!["first".to_owned(), UNENCODABLE.to_owned()]);
+    assert_eq!(
+        cache.get::<String>("k:1").await.unwrap(),
+        None,
+        "the older value is not re-asserted"
+    );
+    w.shutdown().await;
 }

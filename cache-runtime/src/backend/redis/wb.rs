@@ -110,7 +110,8 @@ impl RedisBackend {
         aux_key(WBL_PREFIX, key)
     }
 
-    /// `WB_ENQUEUE`: the write stored and queued in one step.
+    /// `WB_ENQUEUE`: the write stored (or, without a value, the key invalidated) and queued in
+    /// one step.
     pub(crate) async fn wb_enqueue(&self, store: &Store, w: &WbWrite<'_>) -> BackendResult<()> {
         let config = store.wb_config();
         let partition = partition_of(w.key, config.partitions);
@@ -122,6 +123,8 @@ impl RedisBackend {
         let wbl = Self::wbl_key(key);
         let frame = self.frame(inv::Kind::Keys, &[key]);
         let ttl = millis(w.ttl).to_string();
+        let wbl_ttl = millis(wbl_ttl(w.ttl));
+        let envelope: &[u8] = w.value.map_or(&[], |v| &v.bytes[..]);
         let (frame, channel) = (&frame, &self.inv_channel);
         let (waiters, copy, refresh, wbl, stream, ttl) =
             (&waiters, &copy, &refresh, &wbl, &stream, &ttl);
@@ -130,13 +133,13 @@ impl RedisBackend {
                 let mut cmd = evalsha(
                     &WB_ENQUEUE,
                     6,
-                    19,
+                    20,
                     6 * key.len()
-                        + 2 * w.value.bytes.len()
+                        + 2 * envelope.len()
                         + w.args.len()
                         + frame.len()
                         + w.function.len()
-                        + 160,
+                        + 180,
                 );
                 cmd.arg(key)
                     .arg(waiters)
@@ -144,13 +147,14 @@ impl RedisBackend {
                     .arg(refresh)
                     .arg(wbl)
                     .arg(stream)
-                    .arg(&w.value.bytes[..])
+                    .arg(envelope)
                     .arg(ttl)
                     .arg(CHANNEL)
                     .arg(channel)
                     .arg(&frame[..])
                     .arg(w.id)
                     .arg(millis(config.retention))
+                    .arg(wbl_ttl)
                     .arg("f")
                     .arg(w.function)
                     .arg("k")
@@ -160,7 +164,7 @@ impl RedisBackend {
                     .arg("a")
                     .arg(w.args)
                     .arg("v")
-                    .arg(&w.value.bytes[..])
+                    .arg(envelope)
                     .arg("t")
                     .arg(ttl);
                 let _: Value = run(&mut conn, &WB_ENQUEUE, &cmd).await?;
@@ -685,6 +689,11 @@ impl RedisBackend {
             })
             .await
     }
+}
+
+/// The TTL of `wbl` for a value of TTL `ttl`.
+fn wbl_ttl(ttl: Duration) -> Duration {
+    ttl
 }
 
 /// Milliseconds since the Unix epoch.

@@ -8,20 +8,28 @@ use std::sync::LazyLock;
 use redis::Script;
 
 /// KEYS: value, waiters, stale copy, refresh lease, wbl, stream. ARGV: envelope, ttl ms, fill
-/// channel, inv channel, frame, write id, retention ms, then the entry's field/value pairs.
-/// `WRITE`'s steps, `SET wbl id PX ttl`, `XADD stream * ..`, `PEXPIRE stream retention`.
-/// Returns the entry's id.
+/// channel, inv channel, frame, write id, retention ms, wbl ttl ms, then the entry's
+/// field/value pairs. `XADD stream * ..`, `PEXPIRE stream retention`, then with an envelope:
+/// `WRITE`'s steps and `SET wbl id PX <wbl ttl>`; without one (the value could not be
+/// encoded, or its tags not rendered or read): the key is invalidated as `invalidate` does
+/// (value, stale copy, refresh lease; the frame published) and `wbl` deleted (no earlier
+/// write's re-assert puts its value back). Returns the entry's id.
 pub(super) static WB_ENQUEUE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-local id = redis.call('XADD', KEYS[6], '*', unpack(ARGV, 8))
+local id = redis.call('XADD', KEYS[6], '*', unpack(ARGV, 9))
 redis.call('PEXPIRE', KEYS[6], ARGV[7])
+if ARGV[1] == '' then
+  redis.call('DEL', KEYS[1], KEYS[3], KEYS[4], KEYS[5])
+  redis.call('PUBLISH', ARGV[4], ARGV[5])
+  return id
+end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('DEL', KEYS[3], KEYS[4])
 if redis.call('DEL', KEYS[2]) == 1 then
   redis.call('PUBLISH', ARGV[3], KEYS[1])
 end
-redis.call('SET', KEYS[5], ARGV[6], 'PX', ARGV[2])
+redis.call('SET', KEYS[5], ARGV[6], 'PX', ARGV[8])
 redis.call('PUBLISH', ARGV[4], ARGV[5])
 return id
 ",
