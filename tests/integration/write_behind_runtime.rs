@@ -472,6 +472,8 @@ async fn the_worker_reasserts_the_value_and_an_older_write_never_wins() {
     let wbl = format!("__cr:wbl:{{{}}}", cache.full_key("k:2"));
     let ttl: i64 = conn.pttl(&wbl).await.unwrap();
     assert!(ttl > 0, "wbl has a TTL: {ttl}");
+    // The value's TTL is 10 minutes; wbl lives at least an hour.
+    assert!(ttl > 3_500_000, "wbl lives max(ttl, 1h): {ttl}");
     let w = worker(&cache, "reassert").start().unwrap();
     assert!(w.flush_for(Duration::from_secs(20)).await);
     assert_eq!(

@@ -11,7 +11,7 @@
 //! __cr:wbl:{K}                     the id of the last write-behind write of K
 //! ```
 //!
-//! Every key has a TTL: the value key and `wbl` the value's, the streams, tries hashes and
+//! Every key has a TTL: the value key the value's, `wbl` the value's but at least an hour, the streams, tries hashes and
 //! dead letters the queue's retention (extended by every `XADD` and every worker poll), the
 //! owner leases theirs, the workers set the retention too.
 
@@ -691,10 +691,15 @@ impl RedisBackend {
     }
 }
 
-/// The TTL of `wbl` for a value of TTL `ttl`.
+/// The TTL of `wbl` for a value of TTL `ttl`: at least an hour, so that a write that waits
+/// in its queue longer than its value lives is still re-asserted once applied (and an older
+/// write's re-assert still refused).
 fn wbl_ttl(ttl: Duration) -> Duration {
-    ttl
+    ttl.max(WBL_MIN_TTL)
 }
+
+/// The shortest life of `wbl`.
+const WBL_MIN_TTL: Duration = Duration::from_secs(3600);
 
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> u64 {
@@ -731,6 +736,15 @@ pub(crate) async fn read_new(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wbl_lives_at_least_an_hour() {
+        assert_eq!(wbl_ttl(Duration::from_secs(5)), Duration::from_secs(3600));
+        assert_eq!(
+            wbl_ttl(Duration::from_secs(7200)),
+            Duration::from_secs(7200)
+        );
+    }
 
     #[test]
     fn partitions_follow_crc16_of_the_full_key() {
