@@ -848,3 +848,56 @@ async fn a_value_that_does_not_encode_is_queued_and_invalidates_the_key() {
     );
     w.shutdown().await;
 }
+
+/// Finding 5: arguments that serialize but do not decode back (an `f64` NaN becomes `null`)
+/// are not queued (they could only be dead-lettered): the call runs inline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arguments_that_do_not_decode_back_run_inline() {
+    use cache_runtime::__private::{
+        self, Applying, ArgsError, Call, CallKey, Site, WbFunction, WriteBehind,
+    };
+    static RAN: Mutex<Vec<f64>> = Mutex::new(Vec::new());
+    async fn body(_id: u64, x: f64) -> Result<(), String> {
+        RAN.lock().unwrap().push(x);
+        Ok(())
+    }
+    static SITE: Site = Site::new(module_path!(), "wb_nan").ttl_ms(60_000);
+    fn apply(args: &[u8]) -> Result<Applying, ArgsError> {
+        let (a0, a1): (u64, f64) = __private::wb_decode(args)?;
+        Ok(Applying::new(async move {
+            __private::wb_outcome!(body(a0, a1).await)
+        }))
+    }
+    static WB: WbFunction = WbFunction::new(&SITE, "nan", apply);
+    __private::inventory::submit! { __private::WbHandler(&WB) }
+    async fn call(cache: &Cache, id: u64, x: f64) -> Result<(), String> {
+        let mut wb = WriteBehind::new(
+            Call {
+                cache,
+                site: &SITE,
+                self_type: None,
+                key: CallKey::Key(cache.full_key(&format!("k:{id}")).into()),
+            },
+            &WB,
+        );
+        wb.begin().await;
+        if wb.wants_value() {
+            wb.encode(&id);
+        }
+        wb.args(&(&id, &x));
+        match wb.enqueue().await {
+            None => Ok(()),
+            Some(inline) => inline.run(body(id, x)).await,
+        }
+    }
+    let (cache, _) = cache("wb_nan", 2);
+    call(&cache, 1, 1.5).await.unwrap();
+    assert!(RAN.lock().unwrap().is_empty(), "a decodable call is queued");
+    call(&cache, 2, f64::NAN).await.unwrap();
+    assert_eq!(RAN.lock().unwrap().len(), 1, "the NaN call ran inline");
+    assert!(RAN.lock().unwrap()[0].is_nan());
+    let s = stats_of(&cache, "wb_nan");
+    assert_eq!((s.accepted, s.write_through), (1, 1));
+    let depth = write_behind::depth(&cache, "nan").await.unwrap();
+    assert_eq!((depth.pending, depth.dead), (1, 0), "{depth}");
+}

@@ -158,10 +158,29 @@ impl<'a> WriteBehind<'a> {
         }
     }
 
-    /// The call's arguments, a tuple in parameter order (serialized as a JSON array).
+    /// The call's arguments, a tuple in parameter order (serialized as a JSON array). They are
+    /// decoded back with the function's own decoder at once (the body's future is made and
+    /// dropped unpolled): arguments that serialize but do not decode (an `f64` NaN becomes
+    /// `null`, an asymmetric `Serialize`/`Deserialize`) would only be dead-lettered by the
+    /// worker, so the call runs inline instead.
     pub fn args<A: Serialize + ?Sized>(&mut self, args: &A) {
         match serde_json::to_vec(args) {
-            Ok(json) => self.args = Some(json),
+            Ok(json) => match (self.function.apply)(&json) {
+                Ok(applying) => {
+                    drop(applying);
+                    self.args = Some(json);
+                }
+                Err(e) => {
+                    self.store.log().warn(
+                        FailureKind::Encode,
+                        &format_args!(
+                            "the arguments of `{}` serialize but do not decode back, so they cannot be queued: the call runs inline: {e}",
+                            self.function.site.label(self.self_type)
+                        ),
+                    );
+                    self.args = None;
+                }
+            },
             Err(e) => {
                 self.store.log().warn(
                     FailureKind::Encode,
