@@ -901,3 +901,68 @@ async fn arguments_that_do_not_decode_back_run_inline() {
     let depth = write_behind::depth(&cache, "nan").await.unwrap();
     assert_eq!((depth.pending, depth.dead), (1, 0), "{depth}");
 }
+
+/// Finding 6: a worker that loses a partition's lease while a body runs cancels the body (it
+/// does not acknowledge it), and the next owner applies the entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_running_when_the_lease_is_lost_is_cancelled() {
+    static HANG: AtomicBool = AtomicBool::new(true);
+    static ENTERED: AtomicU32 = AtomicU32::new(0);
+    static CANCELLED: AtomicBool = AtomicBool::new(false);
+    static LOG: Log = Mutex::new(Vec::new());
+    wb_fn!(wb_lost, "lost", coalesce = false, |id, v| {
+        if HANG.load(SeqCst) {
+            struct Cancelled;
+            impl Drop for Cancelled {
+                fn drop(&mut self) {
+                    CANCELLED.store(true, SeqCst);
+                }
+            }
+            ENTERED.fetch_add(1, SeqCst);
+            let _guard = Cancelled;
+            std::future::pending::<()>().await;
+        }
+        record(&LOG, id, &v);
+        Ok(())
+    });
+    let (cache, ns) = cache("wb_lost", 1);
+    wb_lost(&cache, 1, "v".into()).await.unwrap();
+    let a = worker(&cache, "lost")
+        .lease(Duration::from_millis(800))
+        .start()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ENTERED.load(SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the body never ran");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Someone else holds the lease now: the renewal fails.
+    let mut conn = raw_connection(&redis_url()).await;
+    let _: () = redis::cmd("SET")
+        .arg(format!("__cr:wb:{{{ns}:lost:0}}:owner"))
+        .arg("an-intruder")
+        .arg("PX")
+        .arg(1500)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !CANCELLED.load(SeqCst) {
+        assert!(
+            Instant::now() < deadline,
+            "the hanging body was not cancelled"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let depth = write_behind::depth(&cache, "lost").await.unwrap();
+    assert_eq!(depth.pending, 1, "not acknowledged: {depth}");
+    HANG.store(false, SeqCst);
+    let b = worker(&cache, "lost")
+        .lease(Duration::from_millis(800))
+        .start()
+        .unwrap();
+    assert!(b.flush_for(Duration::from_secs(20)).await);
+    assert_eq!(LOG.lock().unwrap().len(), 1, "the next owner applied it");
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -425,12 +425,23 @@ impl Partition<'_> {
             }
         };
         let fresh = self.held[first].fresh;
-        let outcome = CURRENT
-            .scope(
-                write_id.clone(),
-                std::panic::AssertUnwindSafe(applying.0).catch_unwind(),
-            )
-            .await;
+        let body = CURRENT.scope(
+            write_id.clone(),
+            std::panic::AssertUnwindSafe(applying.0).catch_unwind(),
+        );
+        // The body races the lease: lost first, the body is cancelled (its future dropped),
+        // nothing is acknowledged and the partition stops; the next owner applies the entry
+        // again (bodies are versioned with `position()`).
+        let outcome = tokio::select! {
+            outcome = body => outcome,
+            () = lease_lost(self.state, self.shared) => {
+                tracing::warn!(
+                    target: "cache_runtime",
+                    "write-behind `{function_id}` of {key}: the partition's lease was lost while the body ran; the body was cancelled and the next owner applies the write again"
+                );
+                return Err(Stop::Lost);
+            }
+        };
         let error = match outcome {
             Ok(Applied::Ok) => None,
             Ok(Applied::Err(e)) => Some(e),
@@ -571,6 +582,29 @@ impl Partition<'_> {
                 );
                 Ok(false)
             }
+        }
+    }
+}
+
+/// Returns once the partition's lease is lost, or about to expire as far as this worker
+/// knows (its renewals failed).
+async fn lease_lost(state: &PartitionState, shared: &Shared) {
+    let margin = millis(shared.config.lease) / 10;
+    loop {
+        let notified = state.wake.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if state.lost.load(SeqCst) {
+            return;
+        }
+        let until = state.lease_until.load(SeqCst).saturating_sub(margin);
+        let now = shared.now_ms();
+        if now >= until {
+            return;
+        }
+        tokio::select! {
+            () = notified => {}
+            () = tokio::time::sleep(Duration::from_millis(until - now)) => {}
         }
     }
 }
