@@ -966,3 +966,74 @@ async fn a_body_running_when_the_lease_is_lost_is_cancelled() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// Finding 7: a key stuck on an unknown function keeps only a few entries in memory, so
+/// even 1 100 of them do not stop the other keys of its partition; and the partition is
+/// given back now and then when another worker serves the queue (a newer binary may have
+/// the function).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_unknown_entries_of_one_key_do_not_stop_the_others() {
+    static LOG: Log = Mutex::new(Vec::new());
+    wb_fn!(wb_crowded, "crowded", coalesce = false, |id, v| {
+        record(&LOG, id, &v);
+        Ok(())
+    });
+    let (cache, ns) = cache("wb_crowded", 1);
+    let mut conn = raw_connection(&redis_url()).await;
+    let stream = format!("__cr:wb:{{{ns}:crowded:0}}");
+    let key = cache.full_key("k:9");
+    let mut pipe = redis::pipe();
+    for i in 0..1100 {
+        pipe.cmd("XADD")
+            .arg(&stream)
+            .arg("*")
+            .arg(&[
+                ("f", "some::newer::binary::fn"),
+                ("k", &key[..]),
+                ("i", &format!("1-x-{i}")[..]),
+                ("a", "[9]"),
+                ("v", ""),
+                ("t", "1000"),
+            ])
+            .ignore();
+    }
+    pipe.cmd("PEXPIRE").arg(&stream).arg(60_000).ignore();
+    let () = pipe.query_async(&mut conn).await.unwrap();
+    for i in 1..=3 {
+        wb_crowded(&cache, i, format!("v{i}")).await.unwrap();
+    }
+    let a = worker(&cache, "crowded")
+        .lease(Duration::from_millis(600))
+        .start()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while LOG.lock().unwrap().len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the other keys were not applied: {:?}",
+            LOG.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let depth = write_behind::depth(&cache, "crowded").await.unwrap();
+    assert_eq!(depth.pending, 1100, "{depth}");
+    // With a second worker of the queue, the stuck partition changes hands now and then.
+    let owner = format!("__cr:wb:{{{ns}:crowded:0}}:owner");
+    let first: Option<String> = conn.get(&owner).await.unwrap();
+    let first = first.expect("held");
+    let b = worker(&cache, "crowded")
+        .lease(Duration::from_millis(600))
+        .start()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let now: Option<String> = conn.get(&owner).await.unwrap();
+        if now.is_some_and(|o| o != first) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the stuck partition never moved");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}

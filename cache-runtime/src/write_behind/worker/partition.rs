@@ -50,8 +50,18 @@ struct Partition<'a> {
     attempts: HashMap<String, u32>,
     /// Keys whose head entry is of a function this binary does not know.
     stuck: HashSet<String>,
+    /// Blocked keys (stuck, or waiting for a retry) whose entries beyond the first
+    /// `PER_KEY_HELD` were dropped from memory: they stay in this consumer's pending list,
+    /// and so do the key's later entries, until the pending list is read again.
+    trimmed: HashSet<String>,
+    /// A trimmed key ran out of entries in memory: read the pending list again.
+    reload_wanted: bool,
     warned: HashSet<String>,
 }
+
+/// A blocked key (an unknown function, or waiting for a retry) keeps at most this many of its
+/// entries in memory; the rest wait in the pending list.
+const PER_KEY_HELD: usize = 10;
 
 pub(super) async fn run_partition(
     shared: Arc<Shared>,
@@ -69,6 +79,8 @@ pub(super) async fn run_partition(
         retry_at: HashMap::new(),
         attempts: HashMap::new(),
         stuck: HashSet::new(),
+        trimmed: HashSet::new(),
+        reload_wanted: false,
         warned: HashSet::new(),
     };
     let stop = p.run().await;
@@ -174,7 +186,13 @@ impl Partition<'_> {
                     })
                     .clamp(Duration::from_millis(1), config.poll)
             };
-            if self.held.len() >= config.batch * HELD_BATCHES {
+            if std::mem::take(&mut self.reload_wanted) {
+                reload = true;
+                continue;
+            }
+            // Only entries that can run count: blocked keys keep a few each (`trim`).
+            let runnable = self.held.iter().filter(|h| !self.blocked(&h.key)).count();
+            if runnable >= config.batch * HELD_BATCHES {
                 self.pause(wait).await;
                 continue;
             }
@@ -198,7 +216,10 @@ impl Partition<'_> {
                 }
             };
             match read {
-                Ok(Ok(entries)) => self.hold(entries, true),
+                Ok(Ok(entries)) => {
+                    self.hold(entries, true);
+                    self.trim();
+                }
                 Ok(Err(e)) if e.code() == Some("NOGROUP") => {
                     // The stream expired or was removed: make it again.
                     if let Err(e) = self.redis().wb_group(&self.owned()).await {
@@ -266,6 +287,8 @@ impl Partition<'_> {
         let batch = self.shared.config.batch;
         let me = self.shared.name.clone();
         let mut after = "0".to_owned();
+        // Every entry of the trimmed keys is read again (in order, then trimmed again).
+        self.trimmed.clear();
         loop {
             let entries = self
                 .redis()
@@ -276,7 +299,37 @@ impl Partition<'_> {
             self.hold(entries, false);
         }
         self.held.sort_by_key(|h| stream_order(&h.entry.id));
+        self.trim();
         Ok(())
+    }
+
+    /// Whether `key` cannot run now: an unknown function, or waiting for a retry.
+    fn blocked(&self, key: &str) -> bool {
+        self.stuck.contains(key) || self.retry_at.contains_key(key)
+    }
+
+    /// Drops from memory the entries of blocked keys beyond the first `PER_KEY_HELD` (`held`
+    /// is in id order): they stay pending, and are read again when the key runs out.
+    fn trim(&mut self) {
+        if self.stuck.is_empty() && self.retry_at.is_empty() {
+            return;
+        }
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        let mut dropped = Vec::new();
+        let mut kept = Vec::with_capacity(self.held.len());
+        for h in std::mem::take(&mut self.held) {
+            if self.blocked(&h.key) {
+                let n = counts.entry(h.key.clone()).or_default();
+                *n += 1;
+                if *n > PER_KEY_HELD {
+                    dropped.push(h.key);
+                    continue;
+                }
+            }
+            kept.push(h);
+        }
+        self.held = kept;
+        self.trimmed.extend(dropped);
     }
 
     fn hold(&mut self, entries: Vec<StreamEntry>, fresh: bool) {
@@ -290,6 +343,10 @@ impl Partition<'_> {
                 continue;
             }
             let key = entry.field_str("k").unwrap_or_default().to_owned();
+            if self.trimmed.contains(&key) {
+                // Earlier entries of the key wait in the pending list: this one too.
+                continue;
+            }
             self.held.push(Held { entry, key, fresh });
         }
     }
@@ -341,6 +398,10 @@ impl Partition<'_> {
                     false => break,
                 }
             }
+            if self.trimmed.contains(&key) && !self.held.iter().any(|h| h.key == key) {
+                // Its next entries are in the pending list only.
+                self.reload_wanted = true;
+            }
         }
         Ok(progressed)
     }
@@ -367,6 +428,10 @@ impl Partition<'_> {
         }
         let Some(function) = self.shared.functions.get(&function_id).copied() else {
             self.stuck.insert(key.to_owned());
+            // The supervisor gives such a partition back now and then (a newer binary may
+            // have the function).
+            self.state.unknown.store(true, SeqCst);
+            self.trim();
             if self.warned.insert(function_id.clone()) {
                 tracing::warn!(
                     target: "cache_runtime",
@@ -499,6 +564,7 @@ impl Partition<'_> {
             "write-behind `{function_id}` of {key} failed (attempt {failures}): {error}; retried in {delay:?}"
         );
         self.retry_at.insert(key.to_owned(), Instant::now() + delay);
+        self.trim();
         Ok(false)
     }
 
