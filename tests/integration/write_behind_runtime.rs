@@ -1037,3 +1037,41 @@ async fn many_unknown_entries_of_one_key_do_not_stop_the_others() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// Finding 8: after a key's first failure its head is applied alone (no coalescing), and
+/// attempts are counted per applied entry: a write that joins a failing run neither inherits
+/// its attempts nor is dead-lettered with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_joining_a_failing_run_does_not_inherit_its_attempts() {
+    static CALLS: AtomicU32 = AtomicU32::new(0);
+    static LOG: Log = Mutex::new(Vec::new());
+    wb_fn!(wb_joining, "joining", coalesce = true, |id, v| {
+        if CALLS.fetch_add(1, SeqCst) < 3 {
+            return Err(format!("down ({v})"));
+        }
+        record(&LOG, id, &v);
+        Ok(())
+    });
+    let (cache, ns) = cache("wb_joining", 1);
+    wb_joining(&cache, 1, "a".into()).await.unwrap();
+    let w = worker(&cache, "joining")
+        .max_attempts(3)
+        .backoff(Duration::from_millis(300), Duration::from_millis(600))
+        .start()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while CALLS.load(SeqCst) < 2 {
+        assert!(Instant::now() < deadline, "never failed twice");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // "a" failed twice and waits for its third attempt: "b" joins the key's queue.
+    wb_joining(&cache, 1, "b".into()).await.unwrap();
+    assert!(w.flush_for(Duration::from_secs(20)).await);
+    let letters = dead_letters(&cache, &ns, "joining").await;
+    assert_eq!(letters.len(), 1, "only a is dead: {letters:?}");
+    assert_eq!(letters[0]["e"], "down (a)");
+    assert_eq!(letters[0]["n"], "3");
+    let applied: Vec<String> = LOG.lock().unwrap().iter().map(|e| e.1.clone()).collect();
+    assert_eq!(applied, vec!["b".to_owned()], "b applied on its own");
+    w.shutdown().await;
+}

@@ -46,8 +46,12 @@ struct Partition<'a> {
     acks: Vec<String>,
     /// Keys waiting for a retry: when, and the failures so far.
     retry_at: HashMap<String, Instant>,
-    /// Failed attempts of entries (by head id), as known here.
+    /// Failed attempts of entries (by the id of the entry whose arguments were applied), as
+    /// known here.
     attempts: HashMap<String, u32>,
+    /// Keys whose last attempt failed: not coalesced until their head is settled (the head
+    /// is applied alone, so a write joining a failing run neither hides nor inherits it).
+    failing: HashSet<String>,
     /// Keys whose head entry is of a function this binary does not know.
     stuck: HashSet<String>,
     /// Blocked keys (stuck, or waiting for a retry) whose entries beyond the first
@@ -78,6 +82,7 @@ pub(super) async fn run_partition(
         acks: Vec::new(),
         retry_at: HashMap::new(),
         attempts: HashMap::new(),
+        failing: HashSet::new(),
         stuck: HashSet::new(),
         trimmed: HashSet::new(),
         reload_wanted: false,
@@ -420,7 +425,6 @@ impl Partition<'_> {
             return Ok(false);
         };
         let head = &self.held[first];
-        let head_id = head.entry.id.clone();
         let function_id = head.entry.field_str("f").unwrap_or_default().to_owned();
         if key.is_empty() || function_id.is_empty() {
             let error = "a malformed entry (no function or key)".to_owned();
@@ -445,7 +449,7 @@ impl Partition<'_> {
         // Coalescing: the run of consecutive entries of this key by this function; the last
         // one is applied.
         let mut run = vec![first];
-        if function.coalesce {
+        if function.coalesce && !self.failing.contains(key) {
             for &i in &positions[1..] {
                 if self.held[i].entry.field_str("f") == Some(function_id.as_str()) {
                     run.push(i);
@@ -454,7 +458,10 @@ impl Partition<'_> {
                 }
             }
         }
-        let last = &self.held[*run.last().unwrap_or(&first)];
+        let last_at = *run.last().unwrap_or(&first);
+        let last = &self.held[last_at];
+        // Attempts are counted per applied entry (the last of the run).
+        let applied_id = last.entry.id.clone();
         let superseded = positions.len() > run.len();
         let (Some(args), Some(write_id)) = (last.entry.field("a"), last.entry.field_str("i"))
         else {
@@ -489,7 +496,7 @@ impl Partition<'_> {
                 return Ok(moved);
             }
         };
-        let fresh = self.held[first].fresh;
+        let fresh = self.held[last_at].fresh;
         let body = CURRENT.scope(
             write_id.clone(),
             std::panic::AssertUnwindSafe(applying.0).catch_unwind(),
@@ -515,7 +522,10 @@ impl Partition<'_> {
         let Some(error) = error else {
             SiteStats::inc(&stats.wb_applied);
             self.retry_at.remove(key);
-            self.attempts.remove(&head_id);
+            self.failing.remove(key);
+            for &i in &run {
+                self.attempts.remove(&self.held[i].entry.id);
+            }
             if !superseded && !envelope.is_empty() {
                 match self
                     .redis()
@@ -532,24 +542,25 @@ impl Partition<'_> {
             return Ok(true);
         };
         // A failed attempt: counted in Redis (it survives a takeover).
-        let known = match self.attempts.get(&head_id) {
+        let known = match self.attempts.get(&applied_id) {
             Some(n) => *n,
             None if fresh => 0,
             None => self
                 .redis()
-                .wb_attempts(&self.owned(), &head_id)
+                .wb_attempts(&self.owned(), &applied_id)
                 .await
                 .unwrap_or(0),
         };
         let failures = match self
             .redis()
-            .wb_failed_attempt(&self.owned(), &head_id)
+            .wb_failed_attempt(&self.owned(), &applied_id)
             .await
         {
             Ok(n) => n.max(known + 1),
             Err(_) => known + 1,
         };
-        self.attempts.insert(head_id, failures);
+        self.attempts.insert(applied_id, failures);
+        self.failing.insert(key.to_owned());
         if failures >= self.shared.config.max_attempts {
             let moved = self.dead_letter(key, &run, &error, failures).await?;
             if moved {
@@ -636,6 +647,7 @@ impl Partition<'_> {
                     self.attempts.remove(&h.entry.id);
                 }
                 self.retry_at.remove(key);
+                self.failing.remove(key);
                 Ok(true)
             }
             Ok(None) => Err(Stop::Lost),
