@@ -344,7 +344,7 @@ impl Partition<'_> {
                 self.acks.push(entry.id);
                 continue;
             }
-            if self.held.iter().any(|h| h.entry.id == entry.id) {
+            if !unseen(&self.held, &self.acks, &entry.id) {
                 continue;
             }
             let key = entry.field_str("k").unwrap_or_default().to_owned();
@@ -664,6 +664,12 @@ impl Partition<'_> {
     }
 }
 
+/// Whether an entry read again (from the pending list) is new to this task: neither held nor
+/// applied and waiting for its acknowledgement (re-applying it would run its body twice).
+fn unseen(held: &[Held], acks: &[String], id: &str) -> bool {
+    !held.iter().any(|h| h.entry.id == id) && !acks.iter().any(|a| a == id)
+}
+
 /// Returns once the partition's lease is lost, or about to expire as far as this worker
 /// knows (its renewals failed).
 async fn lease_lost(state: &PartitionState, shared: &Shared) {
@@ -733,5 +739,44 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         s.clone()
     } else {
         "a panic".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(id: &str) -> Held {
+        Held {
+            entry: StreamEntry {
+                id: id.to_owned(),
+                ..StreamEntry::default()
+            },
+            key: "k".to_owned(),
+            fresh: true,
+        }
+    }
+
+    #[test]
+    fn entries_applied_but_not_yet_acknowledged_are_not_taken_again() {
+        let held = vec![held("1-0")];
+        let acks = vec!["2-0".to_owned()];
+        assert!(!unseen(&held, &acks, "1-0"), "held");
+        assert!(!unseen(&held, &acks, "2-0"), "applied, waiting for its ack");
+        assert!(unseen(&held, &acks, "3-0"));
+    }
+
+    #[test]
+    fn positions_come_from_p_else_the_stream_id() {
+        let mut entry = StreamEntry {
+            id: "20-1".to_owned(),
+            ..StreamEntry::default()
+        };
+        assert_eq!(position_of(&entry), Some(Position::new(20, 1)));
+        entry.fields.push(("p".to_owned(), b"10-3".to_vec()));
+        assert_eq!(position_of(&entry), Some(Position::new(10, 3)));
+        assert!(Position::new(10, 3) < Position::new(10, 4));
+        assert!(Position::new(10, 9) < Position::new(11, 0));
+        assert_eq!(Position::new(10, 3).to_string(), "10-3");
     }
 }
