@@ -106,7 +106,7 @@ async fn dead_letters(
     queue: &str,
 ) -> Vec<std::collections::HashMap<String, String>> {
     let mut conn = raw_connection(&redis_url()).await;
-    let entries: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE")
+    let entries: Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)> = redis::cmd("XRANGE")
         .arg(format!("__cr:wb:{{{ns}:{queue}}}:dead"))
         .arg("-")
         .arg("+")
@@ -118,7 +118,12 @@ async fn dead_letters(
         .map(|(_, fields)| {
             fields
                 .into_iter()
-                .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
+                .map(|(k, v)| {
+                    (
+                        String::from_utf8_lossy(&k).into_owned(),
+                        String::from_utf8_lossy(&v).into_owned(),
+                    )
+                })
                 .collect()
         })
         .collect()
@@ -1073,5 +1078,88 @@ async fn a_write_joining_a_failing_run_does_not_inherit_its_attempts() {
     assert_eq!(letters[0]["n"], "3");
     let applied: Vec<String> = LOG.lock().unwrap().iter().map(|e| e.1.clone()).collect();
     assert_eq!(applied, vec!["b".to_owned()], "b applied on its own");
+    w.shutdown().await;
+}
+
+/// Finding 10: an entry whose fields do not parse is dead-lettered with a clear error (not
+/// taken for a deleted one and dropped), and counted; a partition key holding something
+/// else than a stream is logged and backed off, without a panic, while the other
+/// partitions go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_in_a_partition_is_dead_lettered_and_counted() {
+    static LOG: Log = Mutex::new(Vec::new());
+    wb_fn!(wb_garbage, "garbage", coalesce = false, |id, v| {
+        record(&LOG, id, &v);
+        Ok(())
+    });
+    let (cache, ns) = cache("wb_garbage", 1);
+    let mut conn = raw_connection(&redis_url()).await;
+    let stream = format!("__cr:wb:{{{ns}:garbage:0}}");
+    let _: String = redis::cmd("XADD")
+        .arg(&stream)
+        .arg("*")
+        .arg(&b"\xff\xfe"[..])
+        .arg("x")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: String = redis::cmd("XADD")
+        .arg(&stream)
+        .arg("*")
+        .arg("just")
+        .arg("garbage")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = conn.pexpire(&stream, 60_000).await.unwrap();
+    wb_garbage(&cache, 1, "ok".into()).await.unwrap();
+    let w = worker(&cache, "garbage").start().unwrap();
+    assert!(w.flush_for(Duration::from_secs(20)).await);
+    assert_eq!(LOG.lock().unwrap().len(), 1);
+    let letters = dead_letters(&cache, &ns, "garbage").await;
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    assert!(
+        letters
+            .iter()
+            .all(|l| l["e"].starts_with("a malformed entry")),
+        "{letters:?}"
+    );
+    assert!(letters[0]["e"].contains("do not parse"), "{:?}", letters[0]);
+    let stats = w.stats().await;
+    assert_eq!(stats.malformed, 2, "{stats}");
+    assert!(stats.to_string().contains("malformed"), "{stats}");
+    w.shutdown().await;
+
+    // A partition key that holds a string: no panic; the other partition goes on.
+    static LOG2: Log = Mutex::new(Vec::new());
+    wb_fn!(wb_wrongtype, "wrongtype", coalesce = false, |id, v| {
+        record(&LOG2, id, &v);
+        Ok(())
+    });
+    let (cache, ns) = self::cache("wb_wrongtype", 2);
+    let _: () = redis::cmd("SET")
+        .arg(format!("__cr:wb:{{{ns}:wrongtype:1}}"))
+        .arg("not a stream")
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for i in 0..10 {
+        wb_wrongtype(&cache, i, format!("v{i}")).await.unwrap();
+    }
+    let s = stats_of(&cache, "wb_wrongtype");
+    assert_eq!(s.accepted + s.write_through, 10);
+    assert!(
+        s.accepted > 0 && s.write_through > 0,
+        "both partitions used"
+    );
+    let w = worker(&cache, "wrongtype").start().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stats_of(&cache, "wb_wrongtype").applied < s.accepted {
+        assert!(Instant::now() < deadline, "partition 0 was not applied");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
     w.shutdown().await;
 }

@@ -121,6 +121,8 @@ struct Shared {
     wake: Notify,
     /// Entries whose body is running now.
     in_flight: AtomicUsize,
+    /// Entries dead-lettered because they could not be read.
+    malformed: AtomicU64,
     started: Instant,
 }
 
@@ -255,7 +257,11 @@ impl Worker {
                 queues.push(d);
             }
         }
-        WorkerStats { functions, queues }
+        WorkerStats {
+            functions,
+            queues,
+            malformed: self.shared.malformed.load(SeqCst),
+        }
     }
 }
 
@@ -360,6 +366,7 @@ impl WorkerBuilder {
             stopping: AtomicBool::new(false),
             wake: Notify::new(),
             in_flight: AtomicUsize::new(0),
+            malformed: AtomicU64::new(0),
             started: Instant::now(),
         });
         let supervisor = runtime.spawn(supervise(shared.clone()));
@@ -667,6 +674,10 @@ pub struct WorkerStats {
     pub functions: Vec<WorkerFunctionStats>,
     /// The depth of each of the worker's queues.
     pub queues: Vec<QueueDepth>,
+    /// Entries this worker moved to the dead letters because they could not be read (fields
+    /// that do not parse, no function or key, no arguments or write id), whatever their
+    /// function (those of a known function are also in its `dead_lettered`).
+    pub malformed: u64,
 }
 
 /// One function's counters in [`WorkerStats`] (this process's).
@@ -715,6 +726,9 @@ impl fmt::Display for WorkerStats {
         }
         for q in &self.queues {
             writeln!(f, "{q}")?;
+        }
+        if self.malformed > 0 {
+            writeln!(f, "malformed entries dead-lettered: {}", self.malformed)?;
         }
         Ok(())
     }

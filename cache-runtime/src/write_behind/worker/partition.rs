@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 use futures_util::FutureExt as _;
 
 use super::{HELD_BATCHES, PartitionState, Shared, backoff, millis};
-use crate::backend::RedisBackend;
 use crate::backend::wb::POSITION_FIELD;
 use crate::backend::wb::{DeadLetter, Owned, PartitionKeys, StreamEntry, dead_key, read_new};
+use crate::backend::{BackendError, RedisBackend};
 use crate::stats::SiteStats;
 use crate::write_behind::handler::Applied;
 use crate::write_behind::{CURRENT, Position, WriteId};
@@ -60,8 +60,15 @@ struct Partition<'a> {
     trimmed: HashSet<String>,
     /// A trimmed key ran out of entries in memory: read the pending list again.
     reload_wanted: bool,
+    /// Consecutive failed Redis operations (the back-off grows with them).
+    errors: u32,
+    /// A key of the partition holds something else than a stream: warned once.
+    warned_type: bool,
     warned: HashSet<String>,
 }
+
+/// The longest wait after consecutive failed Redis operations.
+const MAX_ERROR_PAUSE: Duration = Duration::from_secs(5);
 
 /// A blocked key (an unknown function, or waiting for a retry) keeps at most this many of its
 /// entries in memory; the rest wait in the pending list.
@@ -86,6 +93,8 @@ pub(super) async fn run_partition(
         stuck: HashSet::new(),
         trimmed: HashSet::new(),
         reload_wanted: false,
+        errors: 0,
+        warned_type: false,
         warned: HashSet::new(),
     };
     let stop = p.run().await;
@@ -145,8 +154,8 @@ impl Partition<'_> {
             match self.recover().await {
                 Ok(()) => break,
                 Err(e) => {
-                    tracing::debug!(target: "cache_runtime", "write-behind partition {} start failed: {e}", self.keys.stream);
-                    self.pause(config.poll).await;
+                    let wrong = matches!(&e, BackendError::Data(m) if m.contains("WRONGTYPE"));
+                    self.back_off("start", &e, wrong).await;
                 }
             }
         }
@@ -162,8 +171,8 @@ impl Partition<'_> {
                 match self.reload_pending().await {
                     Ok(()) => reload = false,
                     Err(e) => {
-                        tracing::debug!(target: "cache_runtime", "write-behind pending read failed: {e}");
-                        self.pause(config.poll).await;
+                        let wrong = matches!(&e, BackendError::Data(m) if m.contains("WRONGTYPE"));
+                        self.back_off("pending read", &e, wrong).await;
                         continue;
                     }
                 }
@@ -222,21 +231,22 @@ impl Partition<'_> {
             };
             match read {
                 Ok(Ok(entries)) => {
+                    self.errors = 0;
                     self.hold(entries, true);
                     self.trim();
                 }
                 Ok(Err(e)) if e.code() == Some("NOGROUP") => {
                     // The stream expired or was removed: make it again.
                     if let Err(e) = self.redis().wb_group(&self.owned()).await {
-                        tracing::debug!(target: "cache_runtime", "write-behind group failed: {e}");
-                        self.pause(config.poll).await;
+                        let wrong = matches!(&e, BackendError::Data(m) if m.contains("WRONGTYPE"));
+                        self.back_off("group", &e, wrong).await;
                     }
                 }
                 Ok(Err(e)) => {
-                    tracing::debug!(target: "cache_runtime", "write-behind read failed: {e}");
                     conn = None;
                     reload = true;
-                    self.pause(config.poll).await;
+                    let wrong = e.code() == Some("WRONGTYPE");
+                    self.back_off("read", &e, wrong).await;
                 }
                 Err(_elapsed) => {
                     conn = None;
@@ -244,6 +254,29 @@ impl Partition<'_> {
                 }
             }
         }
+    }
+
+    /// After a failed Redis operation: logs it (a key of the partition that holds something
+    /// else than a stream: once, at `warn`) and waits, longer after each consecutive failure
+    /// (from `poll` up to 5 s).
+    async fn back_off(&mut self, what: &str, e: &(dyn std::fmt::Display + Sync), wrong_type: bool) {
+        self.errors = self.errors.saturating_add(1);
+        if wrong_type && !self.warned_type {
+            self.warned_type = true;
+            tracing::warn!(
+                target: "cache_runtime",
+                "write-behind partition {}: {what} failed: {e}; the key holds something else than a stream (its entries cannot be read until it is removed); retrying with backoff",
+                self.keys.stream
+            );
+        } else {
+            tracing::debug!(target: "cache_runtime", "write-behind partition {}: {what} failed: {e}", self.keys.stream);
+        }
+        let poll = self.shared.config.poll;
+        let delay = poll
+            .saturating_mul(1 << self.errors.saturating_sub(1).min(16))
+            .min(MAX_ERROR_PAUSE)
+            .max(poll);
+        self.pause(delay).await;
     }
 
     async fn pause(&self, d: Duration) {
@@ -339,7 +372,7 @@ impl Partition<'_> {
 
     fn hold(&mut self, entries: Vec<StreamEntry>, fresh: bool) {
         for entry in entries {
-            if entry.fields.is_empty() {
+            if entry.deleted {
                 // Deleted since it was delivered.
                 self.acks.push(entry.id);
                 continue;
@@ -426,9 +459,13 @@ impl Partition<'_> {
         };
         let head = &self.held[first];
         let function_id = head.entry.field_str("f").unwrap_or_default().to_owned();
-        if key.is_empty() || function_id.is_empty() {
-            let error = "a malformed entry (no function or key)".to_owned();
-            return self.dead_letter(key, &[first], &error, 0).await;
+        if head.entry.malformed || key.is_empty() || function_id.is_empty() {
+            let error = if head.entry.malformed {
+                "a malformed entry (fields that do not parse)"
+            } else {
+                "a malformed entry (no function or key)"
+            };
+            return self.dead_letter_malformed(key, &[first], error).await;
         }
         let Some(function) = self.shared.functions.get(&function_id).copied() else {
             self.stuck.insert(key.to_owned());
@@ -465,8 +502,15 @@ impl Partition<'_> {
         let superseded = positions.len() > run.len();
         let (Some(args), Some(write_id)) = (last.entry.field("a"), last.entry.field_str("i"))
         else {
-            let error = "a malformed entry (no arguments or write id)".to_owned();
-            return self.dead_letter(key, &run, &error, 0).await;
+            let error = "a malformed entry (no arguments or write id)";
+            let moved = self.dead_letter_malformed(key, &run, error).await?;
+            if moved {
+                let stats = function
+                    .site
+                    .stats(self.shared.cache.stats_registry(), None);
+                SiteStats::inc(&stats.wb_dead_lettered);
+            }
+            return Ok(moved);
         };
         let write_id = WriteId::from_entry(write_id, position_of(&last.entry));
         let envelope = last
@@ -587,6 +631,23 @@ impl Partition<'_> {
             let h = self.held.remove(i);
             self.acks.push(h.entry.id);
         }
+    }
+
+    /// Dead-letters entries that cannot be read (attempts 0), counted in the worker's
+    /// `malformed`.
+    async fn dead_letter_malformed(
+        &mut self,
+        key: &str,
+        positions: &[usize],
+        error: &str,
+    ) -> std::result::Result<bool, Stop> {
+        let moved = self.dead_letter(key, positions, error, 0).await?;
+        if moved {
+            self.shared
+                .malformed
+                .fetch_add(u64::try_from(positions.len()).unwrap_or(1), SeqCst);
+        }
+        Ok(moved)
     }
 
     async fn dead_letter(
