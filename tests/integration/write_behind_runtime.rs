@@ -1163,3 +1163,39 @@ async fn garbage_in_a_partition_is_dead_lettered_and_counted() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     w.shutdown().await;
 }
+
+/// Finding 11: settings out of range are refused by `start` with a `Config` error, not a
+/// panic later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_out_of_range_are_refused() {
+    wb_fn!(wb_ranges, "ranges", coalesce = true, |_id, _v| { Ok(()) });
+    let (cache, _) = cache("wb_ranges", 1);
+    let _ = wb_ranges; // registered: the queue exists
+    let cases: Vec<(&str, cache_runtime::write_behind::WorkerBuilder)> = vec![
+        (
+            "backoff",
+            worker(&cache, "ranges").backoff(Duration::MAX, Duration::MAX),
+        ),
+        (
+            "backoff",
+            worker(&cache, "ranges").backoff(Duration::from_millis(1), Duration::MAX),
+        ),
+        ("poll", worker(&cache, "ranges").poll(Duration::MAX)),
+        ("lease", worker(&cache, "ranges").lease(Duration::MAX)),
+        ("batch", worker(&cache, "ranges").batch(usize::MAX)),
+    ];
+    for (what, builder) in cases {
+        let e = builder.start().unwrap_err();
+        assert!(e.is_config(), "{e}");
+        assert!(e.to_string().contains(what), "{what}: {e}");
+    }
+    worker(&cache, "ranges")
+        .backoff(Duration::from_secs(3600), Duration::from_secs(3600))
+        .lease(Duration::from_secs(3600))
+        .poll(Duration::from_secs(60))
+        .batch(10_000)
+        .start()
+        .unwrap()
+        .shutdown()
+        .await;
+}

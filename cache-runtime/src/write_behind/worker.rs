@@ -34,6 +34,15 @@ use crate::error::{Error, Result};
 /// new ones: this many batches.
 const HELD_BATCHES: usize = 10;
 
+/// The longest `backoff` and `lease` a worker takes.
+const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
+/// The longest `poll` a worker takes.
+const MAX_POLL: Duration = Duration::from_secs(60);
+
+/// The largest `batch` a worker takes.
+const MAX_BATCH: usize = 10_000;
+
 #[derive(Debug, Clone)]
 struct Config {
     batch: usize,
@@ -42,6 +51,32 @@ struct Config {
     backoff_max: Duration,
     lease: Duration,
     poll: Duration,
+}
+
+impl Config {
+    /// Refuses settings whose arithmetic could overflow (and that make no sense anyway).
+    fn validate(&self) -> Result<()> {
+        let fail = |what: String| Err(Error::config(format!("write-behind worker: {what}")));
+        if self.batch > MAX_BATCH {
+            return fail(format!(
+                "`batch({})` is over {MAX_BATCH} entries",
+                self.batch
+            ));
+        }
+        if self.backoff_max > MAX_DURATION {
+            return fail(format!(
+                "`backoff(_, {:?})` is over a day",
+                self.backoff_max
+            ));
+        }
+        if self.lease > MAX_DURATION {
+            return fail(format!("`lease({:?})` is over a day", self.lease));
+        }
+        if self.poll > MAX_POLL {
+            return fail(format!("`poll({:?})` is over a minute", self.poll));
+        }
+        Ok(())
+    }
 }
 
 /// Configures and starts a [`Worker`]. Start with [`Worker::builder`].
@@ -277,7 +312,7 @@ impl WorkerBuilder {
         self
     }
 
-    /// At most this many entries read per partition at once (default 100).
+    /// At most this many entries read per partition at once (default 100; at most 10 000).
     pub fn batch(mut self, entries: usize) -> Self {
         self.config.batch = entries.max(1);
         self
@@ -292,21 +327,21 @@ impl WorkerBuilder {
 
     /// The retry delay after the n-th failure: with `d = min(max, base * 2^(n-1))`, a
     /// delay of `d/2 + random(0..d/2)` (equal jitter: at least half of `d`; default
-    /// 100 ms, 30 s).
+    /// 100 ms, 30 s; each at most a day).
     pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
         self.config.backoff_base = base;
         self.config.backoff_max = max.max(base);
         self
     }
 
-    /// The partition lease (default 10 s): how long a dead worker's partitions wait before
-    /// another worker takes them over. Renewed every quarter of it.
+    /// The partition lease (default 10 s; 100 ms to a day): how long a dead worker's
+    /// partitions wait before another worker takes them over. Renewed every quarter of it.
     pub fn lease(mut self, lease: Duration) -> Self {
         self.config.lease = lease.max(Duration::from_millis(100));
         self
     }
 
-    /// How long one blocking read waits for new entries (default 500 ms).
+    /// How long one blocking read waits for new entries (default 500 ms; at most a minute).
     pub fn poll(mut self, poll: Duration) -> Self {
         self.config.poll = poll.max(Duration::from_millis(1));
         self
@@ -318,14 +353,16 @@ impl WorkerBuilder {
     ///
     /// [`ErrorKind::Config`](crate::ErrorKind::Config): the cache does not use Redis (there is
     /// nothing to apply: memory-backed calls run inline), no Tokio runtime, an invalid queue
-    /// name, no queue at all, or two `#[write_behind]` functions of its queues with the same
-    /// id (give one a `name`).
+    /// name, no queue at all, two `#[write_behind]` functions of its queues with the same
+    /// id (give one a `name`), or a setting out of its range (`batch` over 10 000, `backoff`
+    /// over a day, `lease` over a day, `poll` over a minute).
     pub fn start(self) -> Result<Worker> {
         if self.cache.store().redis().is_none() {
             return Err(Error::config(
                 "a write-behind worker needs a Redis cache (on the memory backend, calls run inline)",
             ));
         }
+        self.config.validate()?;
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| Error::config("a write-behind worker starts inside a Tokio runtime"))?;
         let mut queues = match self.queues {
