@@ -439,6 +439,21 @@ async fn a_dead_workers_partitions_are_taken_over_with_nothing_lost() {
         w.flush_for(Duration::from_secs(20)).await,
         "everything applied"
     );
+    // The dead worker's consumers were deleted when its partitions were taken over.
+    for p in 0..2 {
+        let consumers: redis::Value = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(format!("__cr:wb:{{{ns}:takeover:{p}}}"))
+            .arg("cr")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let n = match consumers {
+            redis::Value::Array(a) => a.len(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(n, 1, "only the live worker's consumer in partition {p}");
+    }
     let log = LOG.lock().unwrap().clone();
     for key in 0..4u64 {
         let applied: Vec<String> = log

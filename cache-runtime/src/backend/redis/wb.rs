@@ -23,7 +23,7 @@ use std::time::Duration;
 use redis::Value;
 
 pub(crate) use self::reply::StreamEntry;
-use self::reply::{int_of, items, parse_entries, parse_read, string_of};
+use self::reply::{int_of, items, parse_consumers, parse_entries, parse_read, string_of};
 use self::scripts::{WB_ACK, WB_DEAD, WB_ENQUEUE, WB_REASSERT, WB_RELEASE, WB_RENEW, WB_RETRY};
 
 use super::scripts::{evalsha, run};
@@ -535,6 +535,41 @@ impl RedisBackend {
                     .map(|d| items(d).iter().filter_map(string_of).collect())
                     .unwrap_or_default();
                 Ok((next, deleted))
+            })
+            .await
+    }
+
+    /// Deletes the partition's consumers other than `me` that hold no pending entry (workers
+    /// gone: after `XAUTOCLAIM` took their entries, nothing refers to them). Returns how many
+    /// were deleted.
+    pub(crate) async fn wb_prune_consumers(&self, p: &Owned<'_>, me: &str) -> BackendResult<usize> {
+        self.conns
+            .run("write-behind consumers", |mut conn| async move {
+                let reply: Value = redis::cmd("XINFO")
+                    .arg("CONSUMERS")
+                    .arg(&p.keys.stream)
+                    .arg(GROUP)
+                    .query_async(&mut conn)
+                    .await?;
+                let idle: Vec<String> = parse_consumers(&reply)
+                    .into_iter()
+                    .filter(|(name, pending)| *pending == 0 && name != me)
+                    .map(|(name, _)| name)
+                    .collect();
+                if idle.is_empty() {
+                    return Ok(0);
+                }
+                let mut pipe = redis::pipe();
+                for name in &idle {
+                    pipe.cmd("XGROUP")
+                        .arg("DELCONSUMER")
+                        .arg(&p.keys.stream)
+                        .arg(GROUP)
+                        .arg(name)
+                        .ignore();
+                }
+                pipe.exec_async(&mut conn).await?;
+                Ok(idle.len())
             })
             .await
     }

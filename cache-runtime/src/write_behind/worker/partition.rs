@@ -315,6 +315,10 @@ impl Partition<'_> {
             }
             cursor = next;
         }
+        // The consumers of departed workers, now without entries, are forgotten.
+        if let Err(e) = self.redis().wb_prune_consumers(&self.owned(), &me).await {
+            tracing::debug!(target: "cache_runtime", "write-behind consumer cleanup of {} failed: {e}", self.keys.stream);
+        }
         self.held.clear();
         self.reload_pending().await
     }

@@ -99,6 +99,35 @@ pub(super) fn parse_read(v: &Value) -> Vec<StreamEntry> {
     }
 }
 
+/// The consumers of an `XINFO CONSUMERS` reply (a map, or a flat array of name/value pairs,
+/// per consumer): each one's name and pending count. A consumer without a name is left out.
+pub(super) fn parse_consumers(v: &Value) -> Vec<(String, u64)> {
+    items(v)
+        .iter()
+        .filter_map(|c| {
+            let pairs: Vec<(Value, Value)> = match c {
+                Value::Map(m) => m.clone(),
+                other => items(other)
+                    .chunks(2)
+                    .filter_map(|p| match p {
+                        [k, v] => Some((k.clone(), v.clone())),
+                        _ => None,
+                    })
+                    .collect(),
+            };
+            let field = |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| string_of(k).as_deref() == Some(name))
+                    .map(|(_, v)| v)
+            };
+            let name = string_of(field("name")?)?;
+            let pending = field("pending").map_or(u64::MAX, int_of);
+            Some((name, pending))
+        })
+        .collect()
+}
+
 pub(super) fn int_of(v: &Value) -> u64 {
     match v {
         Value::Int(i) => u64::try_from(*i).unwrap_or(0),
@@ -138,6 +167,26 @@ mod tests {
                 Value::BulkString(b"x".to_vec()),
             ]),
         ])]);
+        let consumers = Value::Array(vec![
+            Value::Array(vec![
+                Value::BulkString(b"name".to_vec()),
+                Value::BulkString(b"w-1".to_vec()),
+                Value::BulkString(b"pending".to_vec()),
+                Value::Int(0),
+            ]),
+            Value::Map(vec![
+                (
+                    Value::SimpleString("name".into()),
+                    Value::BulkString(b"w-2".to_vec()),
+                ),
+                (Value::SimpleString("pending".into()), Value::Int(3)),
+            ]),
+            Value::Int(7),
+        ]);
+        assert_eq!(
+            parse_consumers(&consumers),
+            vec![("w-1".to_owned(), 0), ("w-2".to_owned(), 3)]
+        );
         let entries = parse_entries(&bad_name);
         assert!(entries[0].malformed && !entries[0].deleted);
         assert!(entries[0].fields.is_empty());
