@@ -1214,3 +1214,45 @@ async fn settings_out_of_range_are_refused() {
         .shutdown()
         .await;
 }
+
+/// Finding 14: applied entries are acknowledged (and deleted) soon, also while a later body
+/// of the pass is slow, so a crash re-applies little.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applied_entries_are_acknowledged_while_a_slow_body_runs() {
+    static HANG: AtomicBool = AtomicBool::new(true);
+    static ENTERED: AtomicBool = AtomicBool::new(false);
+    wb_fn!(wb_acks, "acks", coalesce = false, |id, _v| {
+        if id == 5 {
+            ENTERED.store(true, SeqCst);
+            while HANG.load(SeqCst) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        Ok(())
+    });
+    let (cache, _) = cache("wb_acks", 1);
+    for i in 0..=5 {
+        wb_acks(&cache, i, format!("v{i}")).await.unwrap();
+    }
+    let w = worker(&cache, "acks").start().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ENTERED.load(SeqCst) {
+        assert!(Instant::now() < deadline, "the slow body never ran");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let depth = write_behind::depth(&cache, "acks").await.unwrap();
+        if depth.pending == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the applied entries were not acknowledged: {depth}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    HANG.store(false, SeqCst);
+    assert!(w.flush_for(Duration::from_secs(10)).await);
+    w.shutdown().await;
+}

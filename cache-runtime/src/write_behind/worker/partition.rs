@@ -60,12 +60,19 @@ struct Partition<'a> {
     trimmed: HashSet<String>,
     /// A trimmed key ran out of entries in memory: read the pending list again.
     reload_wanted: bool,
+    /// When acknowledgements were last sent.
+    acked_at: Instant,
     /// Consecutive failed Redis operations (the back-off grows with them).
     errors: u32,
     /// A key of the partition holds something else than a stream: warned once.
     warned_type: bool,
     warned: HashSet<String>,
 }
+
+/// Applied entries are acknowledged after a batch of them, or this long after the last
+/// acknowledgement, whichever comes first (also while a slow body runs): a crash re-applies
+/// little.
+const ACK_EVERY: Duration = Duration::from_millis(100);
 
 /// The longest wait after consecutive failed Redis operations.
 const MAX_ERROR_PAUSE: Duration = Duration::from_secs(5);
@@ -93,6 +100,7 @@ pub(super) async fn run_partition(
         stuck: HashSet::new(),
         trimmed: HashSet::new(),
         reload_wanted: false,
+        acked_at: Instant::now(),
         errors: 0,
         warned_type: false,
         warned: HashSet::new(),
@@ -397,7 +405,21 @@ impl Partition<'_> {
         self.retry_at.values().min().copied()
     }
 
+    /// Acknowledges what was applied, between entries or while a body runs: `Err` if the
+    /// lease was lost; `Ok(false)` if Redis failed (kept for the next time).
+    async fn ack_now(&mut self) -> std::result::Result<bool, Stop> {
+        match self.flush_acks().await {
+            Ok(true) => Ok(true),
+            Ok(false) => Err(Stop::Lost),
+            Err(e) => {
+                tracing::debug!(target: "cache_runtime", "write-behind ack failed: {e}");
+                Ok(false)
+            }
+        }
+    }
+
     async fn flush_acks(&mut self) -> crate::backend::BackendResult<bool> {
+        self.acked_at = Instant::now();
         if self.acks.is_empty() {
             return Ok(true);
         }
@@ -434,6 +456,11 @@ impl Partition<'_> {
                 }
                 if let Some(stop) = self.should_stop() {
                     return Err(stop);
+                }
+                if self.acks.len() >= self.shared.config.batch
+                    || (!self.acks.is_empty() && self.acked_at.elapsed() >= ACK_EVERY)
+                {
+                    self.ack_now().await?;
                 }
                 match self.apply_head(&key).await? {
                     true => progressed = true,
@@ -552,14 +579,23 @@ impl Partition<'_> {
         // The body races the lease: lost first, the body is cancelled (its future dropped),
         // nothing is acknowledged and the partition stops; the next owner applies the entry
         // again (bodies are versioned with `position()`).
-        let outcome = tokio::select! {
-            outcome = body => outcome,
-            () = lease_lost(self.state, self.shared) => {
-                tracing::warn!(
-                    target: "cache_runtime",
-                    "write-behind `{function_id}` of {key}: the partition's lease was lost while the body ran; the body was cancelled and the next owner applies the write again"
-                );
-                return Err(Stop::Lost);
+        let (state, shared) = (self.state, self.shared);
+        let lost = lease_lost(state, shared);
+        tokio::pin!(body, lost);
+        let outcome = loop {
+            tokio::select! {
+                outcome = &mut body => break outcome,
+                () = &mut lost => {
+                    tracing::warn!(
+                        target: "cache_runtime",
+                        "write-behind `{function_id}` of {key}: the partition's lease was lost while the body ran; the body was cancelled and the next owner applies the write again"
+                    );
+                    return Err(Stop::Lost);
+                }
+                // A slow body does not hold back the acknowledgement of what was applied.
+                () = tokio::time::sleep(ACK_EVERY), if !self.acks.is_empty() => {
+                    self.ack_now().await?;
+                }
             }
         };
         let error = match outcome {
