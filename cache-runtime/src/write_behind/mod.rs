@@ -50,14 +50,27 @@
 //!   key's later entries wait behind it; other keys go on. A binary that knows the function
 //!   applies it.
 //! * **Undecodable entries** (arguments that do not decode into the function's parameters, a
-//!   damaged entry): moved to the dead-letter stream at once, with the decoding error.
-//! * **Redis down**: the call runs its body inline (write-through) and returns its result;
-//!   counted as `write_through`. Nothing is queued in memory.
+//!   damaged entry): moved to the dead-letter stream at once, with the decoding error
+//!   (entries that cannot be read at all are also counted in [`WorkerStats::malformed`]).
+//!   A call checks that its arguments decode back before queuing them: ones that serialize
+//!   but do not decode (an `f64` NaN becomes `null`) run inline instead.
+//! * **Redis down** (the enqueue fails: error, timeout, breaker open): the call runs its body
+//!   inline (write-through) and returns its result; counted as `write_through`. Nothing is
+//!   queued in memory. So do calls whose arguments do not serialize (or decode back), and
+//!   calls with `condition` false or a key that does not render (see
+//!   [Ordering](#ordering-versioned-bodies)).
+//! * **A value that does not encode** (or whose tags do not render, or whose tag versions
+//!   cannot be read): the write is queued all the same, without a value, and the same step
+//!   invalidates the key instead of writing it.
+//! * **A lease lost while a body runs**: the body is cancelled (its future dropped), nothing
+//!   is acknowledged, and the next owner applies the entry again.
 //! * **Memory backend**: always write-through inline (there is no durability to promise).
 //! * **Read your writes**: the value is in the cache as soon as the call returns; after the
 //!   worker applied the write it re-asserts it (puts it back if it was evicted, or replaced by
 //!   a fill from a database that did not have the write yet), unless a later write-behind
-//!   write of the key was accepted since.
+//!   write of the key was accepted since. The key's last write id (`wbl`) lives as long as
+//!   the value but at least an hour, so a write that waits in its queue longer than its
+//!   value's TTL (up to an hour) is re-asserted too.
 //!
 //! # Ordering: versioned bodies
 //!
@@ -100,7 +113,8 @@
 //!   restart loses every queued write.
 //! * **No eviction of the queues**: `maxmemory-policy noeviction`, or a Redis of their own.
 //!   `allkeys-*` and `volatile-*` policies may evict a stream (every key has a TTL).
-//! * **Idempotent bodies** through [`current_id`] (see above).
+//! * **Idempotent, versioned bodies** through [`current_id`] and [`WriteId::position`] (see
+//!   above).
 //! * **Retention** ([`CacheBuilder::write_behind_retention`](crate::CacheBuilder::write_behind_retention),
 //!   30 days): a queue that no process writes to or polls for that long is removed. Run a
 //!   worker.
@@ -109,6 +123,18 @@
 //! * A function's identity in the queue is its `name` option, else its path: renaming or
 //!   moving it without `name` strands its queued entries (pending, with a warning) until a
 //!   binary that knows the old name applies them.
+//! * **Renaming a queue** strands its entries too: a worker reads only the queues of the
+//!   functions linked into it, or those named in [`WorkerBuilder::queues`]. Keep a worker
+//!   on the old queue name (`.queues(["old", "new"])`) until [`depth`] shows it drained.
+//! * **Link the functions into the worker binary**: a worker finds the `#[write_behind]`
+//!   functions through `inventory` registration, which only sees crates the binary links.
+//!   If nothing in the worker's code references the crate that defines them, add
+//!   `use that_crate as _;` to the binary; otherwise its queues are not served (or, with
+//!   `queues`, their entries stay pending as of unknown functions).
+//! * A worker gives a partition stuck on entries of unknown functions back every few leases
+//!   when other workers serve its queue, so a newer binary gets to apply them; a key stuck
+//!   that way (or waiting for a retry) keeps only a few entries in memory, and other keys
+//!   never stop.
 //!
 //! One Redis server only for now: on Redis Cluster the value and the queue live in different
 //! slots (issue 11).
