@@ -106,7 +106,8 @@ async fn dead_letters(
     queue: &str,
 ) -> Vec<std::collections::HashMap<String, String>> {
     let mut conn = raw_connection(&redis_url()).await;
-    let entries: Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)> = redis::cmd("XRANGE")
+    type Fields = Vec<(Vec<u8>, Vec<u8>)>;
+    let entries: Vec<(String, Fields)> = redis::cmd("XRANGE")
         .arg(format!("__cr:wb:{{{ns}:{queue}}}:dead"))
         .arg("-")
         .arg("+")
