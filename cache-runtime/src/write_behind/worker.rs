@@ -153,6 +153,8 @@ struct Shared {
     functions: HashMap<String, &'static WbFunction>,
     /// Set by `shutdown`: stop reading, finish the entry being applied, give back.
     stopping: AtomicBool,
+    /// Wakes the supervisor (`notify_one`: a wake-up sent while it is busy is kept for its
+    /// next wait, not lost).
     wake: Notify,
     /// Entries whose body is running now.
     in_flight: AtomicUsize,
@@ -185,6 +187,8 @@ struct PartitionState {
     lost: AtomicBool,
     /// The partition holds entries of functions this binary does not have.
     unknown: AtomicBool,
+    /// Wakes the partition task (its only waiter) after a flag changed: `notify_one`, so a
+    /// wake-up sent while it is busy is kept for its next wait.
     wake: Notify,
 }
 
@@ -259,7 +263,7 @@ impl Worker {
     /// the live set.
     pub async fn shutdown(mut self) {
         self.shared.stopping.store(true, SeqCst);
-        self.shared.wake.notify_waiters();
+        self.shared.wake.notify_one();
         if let Some(task) = self.supervisor.take() {
             let _ = task.await;
         }
@@ -493,7 +497,7 @@ async fn supervise(shared: Arc<Shared>) {
                             .store(asked.saturating_add(millis(config.lease)), SeqCst);
                     } else {
                         t.state.lost.store(true, SeqCst);
-                        t.state.wake.notify_waiters();
+                        t.state.wake.notify_one();
                     }
                 }
             }
@@ -540,7 +544,7 @@ async fn supervise(shared: Arc<Shared>) {
     // Shutdown: every partition finishes its entry, acknowledges and gives its lease back.
     for t in &owned {
         t.state.release.store(true, SeqCst);
-        t.state.wake.notify_waiters();
+        t.state.wake.notify_one();
     }
     for t in &mut owned {
         let _ = (&mut t.join).await;
@@ -607,7 +611,7 @@ async fn balance(
                 && held_long(t, UNKNOWN_RELEASE_LEASES)
             {
                 t.state.release.store(true, SeqCst);
-                t.state.wake.notify_waiters();
+                t.state.wake.notify_one();
                 cooldown.insert((q.index, t.partition), q.ticks + COOLDOWN_TICKS);
             }
         }
@@ -626,7 +630,7 @@ async fn balance(
             .take(extra)
         {
             owned[i].state.release.store(true, SeqCst);
-            owned[i].state.wake.notify_waiters();
+            owned[i].state.wake.notify_one();
         }
     }
     let mut want = share.saturating_sub(mine.len());
