@@ -178,7 +178,9 @@ impl Default for WbConfig {
 /// One write-behind write to queue (see [`Store::wb_enqueue`]).
 pub(crate) struct WbWrite<'a> {
     pub(crate) key: &'a str,
-    pub(crate) value: &'a Stored,
+    /// `None`: the key is invalidated instead (the value could not be encoded, or its tags
+    /// not rendered or read); the entry is queued all the same.
+    pub(crate) value: Option<&'a Stored>,
     pub(crate) ttl: Duration,
     pub(crate) tags: Option<&'a TagSet>,
     pub(crate) queue: &'a str,

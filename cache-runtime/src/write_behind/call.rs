@@ -1,8 +1,9 @@
 //! [`WriteBehind`]: one call of a `#[write_behind]` function, driven from the function's own
 //! body like `Put`. It renders and encodes what the call writes, then either queues it
-//! (Redis: `WB_ENQUEUE` stores the value and appends the entry in one step, and the call
-//! returns without running the body) or hands back an [`Inline`] that runs the body now and
-//! writes the value as `#[cache_put]` would (memory backend, Redis failed, nothing to key).
+//! (Redis: `WB_ENQUEUE` stores the value, or invalidates the key when there is no value to
+//! store, and appends the entry in one step, and the call returns without running the body)
+//! or hands back an [`Inline`] that runs the body now and writes the value as `#[cache_put]`
+//! would (memory backend, Redis failed, nothing to key, arguments that cannot be queued).
 //!
 //! ```text
 //! WriteBehind::new ─ tags ─ begin (tag versions) ─ encode ─ args ─ enqueue ─┬ None: accepted (queued)
@@ -35,8 +36,8 @@ pub struct WriteBehind<'a> {
     stats: StatsRef<'a>,
     /// `None`: nothing to write (`condition` false, the key did not render).
     key: Option<String>,
-    /// A tag did not render or its version could not be read: the key is invalidated
-    /// instead of written (the call runs inline).
+    /// A tag did not render, its version could not be read, or the value did not encode: the
+    /// key is invalidated instead of written (the write is queued all the same).
     invalidate_only: bool,
     tags: Option<TagSet>,
     value: Option<Stored>,
@@ -96,7 +97,7 @@ impl<'a> WriteBehind<'a> {
             self.store.log().warn(
                 FailureKind::Key,
                 &format_args!(
-                    "a tag of `{}` could not be rendered; the call runs inline and its key is invalidated",
+                    "a tag of `{}` could not be rendered; its key is invalidated instead of written",
                     self.function.site.label(self.self_type)
                 ),
             );
@@ -147,7 +148,7 @@ impl<'a> WriteBehind<'a> {
                 self.store.log().warn(
                     FailureKind::Encode,
                     &format_args!(
-                        "the value of `{}` could not be encoded: the call runs inline and its key is invalidated: {e}",
+                        "the value of `{}` could not be encoded: its key is invalidated instead of written: {e}",
                         self.function.site.label(self.self_type)
                     ),
                 );
@@ -157,10 +158,29 @@ impl<'a> WriteBehind<'a> {
         }
     }
 
-    /// The call's arguments, a tuple in parameter order (serialized as a JSON array).
+    /// The call's arguments, a tuple in parameter order (serialized as a JSON array). They are
+    /// decoded back with the function's own decoder at once (the body's future is made and
+    /// dropped unpolled): arguments that serialize but do not decode (an `f64` NaN becomes
+    /// `null`, an asymmetric `Serialize`/`Deserialize`) would only be dead-lettered by the
+    /// worker, so the call runs inline instead.
     pub fn args<A: Serialize + ?Sized>(&mut self, args: &A) {
         match serde_json::to_vec(args) {
-            Ok(json) => self.args = Some(json),
+            Ok(json) => match (self.function.apply)(&json) {
+                Ok(applying) => {
+                    drop(applying);
+                    self.args = Some(json);
+                }
+                Err(e) => {
+                    self.store.log().warn(
+                        FailureKind::Encode,
+                        &format_args!(
+                            "the arguments of `{}` serialize but do not decode back, so they cannot be queued: the call runs inline: {e}",
+                            self.function.site.label(self.self_type)
+                        ),
+                    );
+                    self.args = None;
+                }
+            },
             Err(e) => {
                 self.store.log().warn(
                     FailureKind::Encode,
@@ -176,20 +196,24 @@ impl<'a> WriteBehind<'a> {
 
     /// Queues the write: `None` once it is accepted (stored in the cache and appended to its
     /// queue, durable in Redis; the body runs later, in a worker), or the [`Inline`] that
-    /// runs the body now (memory backend, Redis failed, no key, arguments or value that
-    /// could not be serialized).
+    /// runs the body now (memory backend, Redis failed, no key, arguments that could not be
+    /// serialized or do not decode). A value that could not be encoded, or whose tags could
+    /// not be rendered or read, is not written: the entry is queued all the same, and the
+    /// same step invalidates the key (a queued write is never overtaken by an inline one).
     pub async fn enqueue(mut self) -> Option<Inline<'a>> {
         let id = WriteId::generate();
         let ttl = self.ttl();
-        let queueable = self.store.is_shared() && !self.invalidate_only;
-        if let (true, Some(key), Some(value), Some(args)) =
-            (queueable, &self.key, &self.value, &self.args)
-        {
+        let value = if self.invalidate_only {
+            None
+        } else {
+            self.value.as_ref()
+        };
+        if let (true, Some(key), Some(args)) = (self.store.is_shared(), &self.key, &self.args) {
             let write = WbWrite {
                 key,
                 value,
                 ttl,
-                tags: self.tags.as_ref(),
+                tags: value.and(self.tags.as_ref()),
                 queue: self.function.queue(),
                 function: self.function.id(),
                 id: id.as_str(),

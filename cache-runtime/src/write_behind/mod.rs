@@ -37,23 +37,74 @@
 //! * **Coalescing** (unless the function says `coalesce = false`): of consecutive queued
 //!   writes of one key by one function that a worker finds waiting together, only the last is
 //!   applied (the others are acknowledged with it).
-//! * **Retries**: an `Err` or a panic is retried after `min(max, base * 2^n) * random(0..1)`
-//!   (full jitter); after `max_attempts` the entry moves to the queue's dead-letter stream
-//!   (logged at `warn`, counted in `dead_lettered`, visible in [`depth`]; [`retry_dead`] moves
-//!   dead letters back). Other keys of the partition go on meanwhile.
+//! * **Retries**: an `Err` or a panic is retried after `d/2 + random(0..d/2)` with
+//!   `d = min(max, base * 2^(n-1))` (equal jitter; defaults 100 ms, 30 s); after
+//!   `max_attempts` (default 20: at least about 3 minutes of failures, typically 4 to 5) the
+//!   entry moves to the queue's dead-letter stream (logged at `warn`, counted in
+//!   `dead_lettered`, visible in [`depth`]; [`retry_dead`] moves dead letters back). If the
+//!   cache still holds the dead write's value (no later write-behind write of the key was
+//!   accepted), the key is invalidated: the cache never keeps a value the database did not
+//!   get. Other keys of the partition go on meanwhile.
 //! * **Unknown functions**: an entry of a function this binary does not have (an older or
 //!   newer binary queued it) stays pending, with one warning per partition and function; its
 //!   key's later entries wait behind it; other keys go on. A binary that knows the function
 //!   applies it.
 //! * **Undecodable entries** (arguments that do not decode into the function's parameters, a
-//!   damaged entry): moved to the dead-letter stream at once, with the decoding error.
-//! * **Redis down**: the call runs its body inline (write-through) and returns its result;
-//!   counted as `write_through`. Nothing is queued in memory.
+//!   damaged entry): moved to the dead-letter stream at once, with the decoding error
+//!   (entries that cannot be read at all are also counted in [`WorkerStats::malformed`]).
+//!   A call checks that its arguments decode back before queuing them: ones that serialize
+//!   but do not decode (an `f64` NaN becomes `null`) run inline instead.
+//! * **Redis down** (the enqueue fails: error, timeout, breaker open): the call runs its body
+//!   inline (write-through) and returns its result; counted as `write_through`. Nothing is
+//!   queued in memory. So do calls whose arguments do not serialize (or decode back), and
+//!   calls with `condition` false or a key that does not render (see
+//!   [Ordering](#ordering-versioned-bodies)).
+//! * **A value that does not encode** (or whose tags do not render, or whose tag versions
+//!   cannot be read): the write is queued all the same, without a value, and the same step
+//!   invalidates the key instead of writing it.
+//! * **A lease lost while a body runs**: the body is cancelled (its future dropped), nothing
+//!   is acknowledged, and the next owner applies the entry again.
 //! * **Memory backend**: always write-through inline (there is no durability to promise).
 //! * **Read your writes**: the value is in the cache as soon as the call returns; after the
 //!   worker applied the write it re-asserts it (puts it back if it was evicted, or replaced by
 //!   a fill from a database that did not have the write yet), unless a later write-behind
-//!   write of the key was accepted since.
+//!   write of the key was accepted since. The key's last write id (`wbl`) lives as long as
+//!   the value but at least an hour, so a write that waits in its queue longer than its
+//!   value's TTL (up to an hour) is re-asserted too.
+//!
+//! # Ordering: versioned bodies
+//!
+//! The worker applies a key's writes in the order they were accepted. A body can still run
+//! after a newer write of its key was applied, in these cases:
+//!
+//! * **replays**: a worker died (or lost its lease) after the body ran but before the
+//!   acknowledgement; the next owner applies the entry again, and the entries after it;
+//! * **takeovers**: a worker whose lease was lost while a body ran cancels the body (drops
+//!   its future) at once, but a statement it already sent may still land after the new
+//!   owner's;
+//! * **[`retry_dead`]**: a dead letter moved back is applied after the writes of its key that
+//!   were accepted after it (they were applied meanwhile);
+//! * **fallbacks**: a call whose enqueue failed runs inline, perhaps alongside a queued
+//!   write of the same key that a worker applies; and an enqueue that timed out may have
+//!   queued the write too.
+//!
+//! [`WriteId::position`] is THE way to make a body safe against all of them: the entry's
+//! stream id at its first `XADD`, increasing per key in acceptance order and the same on
+//! every replay, takeover and retry of the dead letter. Store it with the row and never go
+//! back:
+//!
+//! ```text
+//! UPDATE users SET name = $3, ver_ms = $1, ver_seq = $2
+//!  WHERE id = $4 AND (ver_ms, ver_seq) < ($1, $2)
+//! ```
+//!
+//! An inline run (fallback, memory backend, `condition` false) has no position (`None`):
+//! decide for it what your data needs (e.g. write unconditionally, or only when the row has
+//! no version).
+//!
+//! `condition` false and a key that does not render run the body inline, at once, while
+//! earlier queued writes of the same key may still wait: do not mix calls with `condition`
+//! true and false on one key unless the bodies are versioned.
 //!
 //! # What you must configure
 //!
@@ -62,7 +113,8 @@
 //!   restart loses every queued write.
 //! * **No eviction of the queues**: `maxmemory-policy noeviction`, or a Redis of their own.
 //!   `allkeys-*` and `volatile-*` policies may evict a stream (every key has a TTL).
-//! * **Idempotent bodies** through [`current_id`] (see above).
+//! * **Idempotent, versioned bodies** through [`current_id`] and [`WriteId::position`] (see
+//!   above).
 //! * **Retention** ([`CacheBuilder::write_behind_retention`](crate::CacheBuilder::write_behind_retention),
 //!   30 days): a queue that no process writes to or polls for that long is removed. Run a
 //!   worker.
@@ -71,6 +123,18 @@
 //! * A function's identity in the queue is its `name` option, else its path: renaming or
 //!   moving it without `name` strands its queued entries (pending, with a warning) until a
 //!   binary that knows the old name applies them.
+//! * **Renaming a queue** strands its entries too: a worker reads only the queues of the
+//!   functions linked into it, or those named in [`WorkerBuilder::queues`]. Keep a worker
+//!   on the old queue name (`.queues(["old", "new"])`) until [`depth`] shows it drained.
+//! * **Link the functions into the worker binary**: a worker finds the `#[write_behind]`
+//!   functions through `inventory` registration, which only sees crates the binary links.
+//!   If nothing in the worker's code references the crate that defines them, add
+//!   `use that_crate as _;` to the binary; otherwise its queues are not served (or, with
+//!   `queues`, their entries stay pending as of unknown functions).
+//! * A worker gives a partition stuck on entries of unknown functions back every few leases
+//!   when other workers serve its queue, so a newer binary gets to apply them; a key stuck
+//!   that way (or waiting for a retry) keeps only a few entries in memory, and other keys
+//!   never stop.
 //!
 //! One Redis server only for now: on Redis Cluster the value and the queue live in different
 //! slots (issue 11).
@@ -100,9 +164,13 @@ tokio::task_local! {
 
 /// The id of one write-behind write: `<ms since epoch>-<16 hex random>-<process counter>`,
 /// made by the caller, recorded in the queued entry, and the same on every attempt to apply
-/// it (see [`current_id`]).
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub struct WriteId(Arc<str>);
+/// it (see [`current_id`]); with the entry's [`Position`] in its queue when a worker applies
+/// it. Two ids are equal when their text is (whatever their positions).
+#[derive(Clone)]
+pub struct WriteId {
+    id: Arc<str>,
+    position: Option<Position>,
+}
 
 impl WriteId {
     pub(crate) fn generate() -> WriteId {
@@ -110,42 +178,122 @@ impl WriteId {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let random = &crate::store::new_token()[..16];
-        WriteId(format!("{}-{random}-{n}", now_ms()).into())
+        WriteId {
+            id: format!("{}-{random}-{n}", now_ms()).into(),
+            position: None,
+        }
     }
 
-    pub(crate) fn from_entry(id: &str) -> WriteId {
-        WriteId(id.into())
+    pub(crate) fn from_entry(id: &str, position: Option<Position>) -> WriteId {
+        WriteId {
+            id: id.into(),
+            position,
+        }
     }
 
     /// The id as text.
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.id
+    }
+
+    /// The write's position in its queue: the stream id its entry got when it was queued
+    /// (`XADD`). `Some` when a worker applies the write, the same on every attempt, replay,
+    /// takeover and [`retry_dead`]; `None` when the body runs inline (write-through
+    /// fallback, memory backend, no key), where the write has no place in the queue.
+    ///
+    /// Positions increase per key in the order the writes were accepted (a key's writes go
+    /// to one partition stream, whose ids increase): a body that stores the position with
+    /// the row and refuses to go back (`UPDATE .. WHERE (ver_ms, ver_seq) < ($1, $2)`) is
+    /// order-safe against every way an older write can run after a newer one. See the
+    /// [module documentation](self#ordering-versioned-bodies).
+    pub fn position(&self) -> Option<Position> {
+        self.position
+    }
+}
+
+impl PartialEq for WriteId {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+    }
+}
+
+impl Eq for WriteId {}
+
+impl std::hash::Hash for WriteId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.id.hash(state);
     }
 }
 
 impl fmt::Display for WriteId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.id)
     }
 }
 
 impl fmt::Debug for WriteId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "WriteId({})", self.0)
+        match self.position {
+            Some(p) => write!(f, "WriteId({} at {p})", self.id),
+            None => write!(f, "WriteId({})", self.id),
+        }
+    }
+}
+
+/// Where a queued write stands in its queue: the Redis Stream id (`<ms>-<seq>`) its entry got
+/// when it was first queued. Ordered as the stream is: for one key, a write accepted later
+/// has a greater position. See [`WriteId::position`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Position {
+    ms: u64,
+    seq: u64,
+}
+
+impl Position {
+    /// The position of stream id `<ms>-<seq>`.
+    pub const fn new(ms: u64, seq: u64) -> Position {
+        Position { ms, seq }
+    }
+
+    /// The stream id's milliseconds part (Redis's clock when the write was queued).
+    pub const fn ms(&self) -> u64 {
+        self.ms
+    }
+
+    /// The stream id's sequence part (orders the writes queued in one millisecond).
+    pub const fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Parses `<ms>-<seq>`.
+    pub(crate) fn parse(id: &str) -> Option<Position> {
+        let (ms, seq) = id.split_once('-')?;
+        Some(Position {
+            ms: ms.parse().ok()?,
+            seq: seq.parse().ok()?,
+        })
+    }
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
     }
 }
 
 /// The id of the write whose body is running: inside a `#[write_behind]` body applied by a
 /// [`Worker`], or run inline (write-through); `None` elsewhere. The same for every attempt of
-/// one write: use it to make the database write idempotent.
+/// one write: use it to make the database write idempotent, and its
+/// [`position`](WriteId::position) to make it order-safe.
 ///
 /// ```no_run
 /// # #[derive(serde::Serialize, serde::Deserialize)] struct User;
-/// # async fn update(_: &User, _: &str) {}
+/// # async fn update(_: &User, _: &str, _: Option<(u64, u64)>) {}
 /// // inside a #[write_behind] function's body:
 /// # async fn body(user: User) {
 /// let id = cache_runtime::write_behind::current_id().expect("inside a write-behind body");
-/// update(&user, id.as_str()).await; // e.g. `.. WHERE last_write IS DISTINCT FROM $id`
+/// let version = id.position().map(|p| (p.ms(), p.seq())); // None: run inline
+/// update(&user, id.as_str(), version).await; // `.. WHERE (ver_ms, ver_seq) < ($2, $3)`
 /// # }
 /// ```
 pub fn current_id() -> Option<WriteId> {
@@ -247,6 +395,13 @@ pub async fn depth(cache: &Cache, queue: &str) -> Result<QueueDepth> {
 
 /// Moves every dead letter of `queue` back to its partition, with its attempts reset (after
 /// the cause was fixed: the database is back, a bug is fixed). Returns how many were moved.
+///
+/// **Order**: a dead letter goes to the end of its partition: it is applied after every
+/// write of its key that was queued meanwhile, including those accepted after it. It keeps
+/// its first [`Position`] (recorded in the moved entry), so a versioned body (see
+/// [Ordering](self#ordering-versioned-bodies)) refuses it when a newer write of its key was
+/// applied; an unversioned body writes the older value over the newer one. Its value is not
+/// put back into the cache.
 ///
 /// ```no_run
 /// # async fn demo(cache: &cache_runtime::Cache) -> Result<(), cache_runtime::Error> {

@@ -7,11 +7,11 @@
 //! __cr:wb:{<ns>:<q>:<p>}:owner     lease of the worker applying p: its token, PX <lease>
 //! __cr:wb:{<ns>:<q>:<p>}:tries     hash: entry id -> failed attempts so far
 //! __cr:wb:{<ns>:<q>}:dead          dead-letter stream of q
-//! __cr:wb:{<ns>}:workers           zset: live worker names, score = expiry (ms since epoch)
+//! __cr:wb:{<ns>:<q>}:workers       zset: live workers serving q, score = expiry (ms since epoch)
 //! __cr:wbl:{K}                     the id of the last write-behind write of K
 //! ```
 //!
-//! Every key has a TTL: the value key and `wbl` the value's, the streams, tries hashes and
+//! Every key has a TTL: the value key the value's, `wbl` the value's but at least an hour, the streams, tries hashes and
 //! dead letters the queue's retention (extended by every `XADD` and every worker poll), the
 //! owner leases theirs, the workers set the retention too.
 
@@ -23,7 +23,7 @@ use std::time::Duration;
 use redis::Value;
 
 pub(crate) use self::reply::StreamEntry;
-use self::reply::{int_of, items, parse_entries, parse_read, string_of};
+use self::reply::{int_of, items, parse_consumers, parse_entries, parse_read, string_of};
 use self::scripts::{WB_ACK, WB_DEAD, WB_ENQUEUE, WB_REASSERT, WB_RELEASE, WB_RENEW, WB_RETRY};
 
 use super::scripts::{evalsha, run};
@@ -61,9 +61,9 @@ pub(crate) fn dead_key(namespace: &str, queue: &str) -> String {
     format!("__cr:wb:{{{namespace}:{queue}}}:dead")
 }
 
-/// The live workers of a namespace.
-pub(crate) fn workers_key(namespace: &str) -> String {
-    format!("__cr:wb:{{{namespace}}}:workers")
+/// The live workers serving a queue.
+pub(crate) fn workers_key(namespace: &str, queue: &str) -> String {
+    format!("__cr:wb:{{{namespace}:{queue}}}:workers")
 }
 
 /// The partition of value key `key`: CRC16 of the full key (as Redis Cluster hashes it,
@@ -74,6 +74,19 @@ pub(crate) fn partition_of(key: &str, partitions: u16) -> u16 {
 
 /// The fields a dead letter adds to its entry (dropped when it is retried).
 const DEAD_FIELDS: [&str; 3] = ["e", "n", "from"];
+
+/// The field of an entry moved back by `retry_dead`: its first position (stream id).
+pub(crate) const POSITION_FIELD: &str = "p";
+
+/// What `WB_DEAD` records about the entries it moves, and the key it may invalidate.
+pub(crate) struct DeadLetter<'a> {
+    /// The value key (empty for an entry without one: nothing is invalidated).
+    pub(crate) key: &'a str,
+    /// The write id of the last entry of the run (empty: none).
+    pub(crate) write_id: &'a str,
+    pub(crate) error: &'a str,
+    pub(crate) attempts: u32,
+}
 
 /// What one owned partition's reads and acknowledgements need.
 pub(crate) struct Owned<'a> {
@@ -97,7 +110,8 @@ impl RedisBackend {
         aux_key(WBL_PREFIX, key)
     }
 
-    /// `WB_ENQUEUE`: the write stored and queued in one step.
+    /// `WB_ENQUEUE`: the write stored (or, without a value, the key invalidated) and queued in
+    /// one step.
     pub(crate) async fn wb_enqueue(&self, store: &Store, w: &WbWrite<'_>) -> BackendResult<()> {
         let config = store.wb_config();
         let partition = partition_of(w.key, config.partitions);
@@ -109,6 +123,8 @@ impl RedisBackend {
         let wbl = Self::wbl_key(key);
         let frame = self.frame(inv::Kind::Keys, &[key]);
         let ttl = millis(w.ttl).to_string();
+        let wbl_ttl = millis(wbl_ttl(w.ttl));
+        let envelope: &[u8] = w.value.map_or(&[], |v| &v.bytes[..]);
         let (frame, channel) = (&frame, &self.inv_channel);
         let (waiters, copy, refresh, wbl, stream, ttl) =
             (&waiters, &copy, &refresh, &wbl, &stream, &ttl);
@@ -117,13 +133,13 @@ impl RedisBackend {
                 let mut cmd = evalsha(
                     &WB_ENQUEUE,
                     6,
-                    19,
+                    20,
                     6 * key.len()
-                        + 2 * w.value.bytes.len()
+                        + 2 * envelope.len()
                         + w.args.len()
                         + frame.len()
                         + w.function.len()
-                        + 160,
+                        + 180,
                 );
                 cmd.arg(key)
                     .arg(waiters)
@@ -131,13 +147,14 @@ impl RedisBackend {
                     .arg(refresh)
                     .arg(wbl)
                     .arg(stream)
-                    .arg(&w.value.bytes[..])
+                    .arg(envelope)
                     .arg(ttl)
                     .arg(CHANNEL)
                     .arg(channel)
                     .arg(&frame[..])
                     .arg(w.id)
                     .arg(millis(config.retention))
+                    .arg(wbl_ttl)
                     .arg("f")
                     .arg(w.function)
                     .arg("k")
@@ -147,7 +164,7 @@ impl RedisBackend {
                     .arg("a")
                     .arg(w.args)
                     .arg("v")
-                    .arg(&w.value.bytes[..])
+                    .arg(envelope)
                     .arg("t")
                     .arg(ttl);
                 let _: Value = run(&mut conn, &WB_ENQUEUE, &cmd).await?;
@@ -212,35 +229,54 @@ impl RedisBackend {
             .await
     }
 
-    /// `WB_DEAD`: returns false if the lease was lost.
+    /// `WB_DEAD`: moves `ids` to the dead letters; if `key`'s last write-behind write is
+    /// `write_id` (the last of the run), invalidates `key` (its value never reaches the
+    /// database). Returns `None` if the lease was lost, else whether `key` was invalidated.
     pub(crate) async fn wb_dead(
         &self,
         p: &Owned<'_>,
         dead: &str,
-        error: &str,
-        attempts: u32,
+        letter: &DeadLetter<'_>,
         ids: &[String],
-    ) -> BackendResult<bool> {
+    ) -> BackendResult<Option<bool>> {
+        let key = letter.key;
+        let copy = Self::stale_copy(key);
+        let refresh = Self::refresh_lease_key(key);
+        let wbl = Self::wbl_key(key);
+        let frame = self.frame(inv::Kind::Keys, &[key]);
+        let (frame, channel) = (&frame, &self.inv_channel);
+        let (copy, refresh, wbl) = (&copy, &refresh, &wbl);
         self.conns
             .run("write-behind dead letter", |mut conn| async move {
                 let mut cmd = evalsha(
                     &WB_DEAD,
-                    4,
-                    5 + ids.len(),
-                    64 + error.len() + 24 * ids.len(),
+                    8,
+                    8 + ids.len(),
+                    256 + 5 * key.len() + frame.len() + letter.error.len() + 24 * ids.len(),
                 );
                 cmd.arg(&p.keys.stream)
                     .arg(&p.keys.owner)
                     .arg(&p.keys.tries)
                     .arg(dead)
+                    .arg(key)
+                    .arg(copy)
+                    .arg(refresh)
+                    .arg(wbl)
                     .arg(p.token)
                     .arg(GROUP)
                     .arg(millis(p.retention))
-                    .arg(error)
-                    .arg(attempts)
+                    .arg(letter.error)
+                    .arg(letter.attempts)
+                    .arg(letter.write_id)
+                    .arg(channel)
+                    .arg(&frame[..])
                     .arg(ids);
                 let held: i64 = run(&mut conn, &WB_DEAD, &cmd).await?;
-                Ok(held == 1)
+                Ok(match held {
+                    0 => None,
+                    2 => Some(true),
+                    _ => Some(false),
+                })
             })
             .await
     }
@@ -278,65 +314,48 @@ impl RedisBackend {
             .await
     }
 
-    /// Takes partition leases that are free: `SET owner token NX PX lease` on each of
-    /// `owners`, in order, until `want` are taken. Returns the indexes taken.
-    pub(crate) async fn wb_take(
-        &self,
-        owners: &[&str],
-        token: &str,
-        lease: Duration,
-        want: usize,
-    ) -> BackendResult<Vec<usize>> {
-        if want == 0 || owners.is_empty() {
+    /// The holders of the leases `owners` (their tokens; `None`: free).
+    pub(crate) async fn wb_owners(&self, owners: &[String]) -> BackendResult<Vec<Option<String>>> {
+        if owners.is_empty() {
             return Ok(Vec::new());
         }
-        // One read of every lease, then `SET NX` on the free ones only.
-        let held: Vec<Option<String>> = self
-            .conns
+        self.conns
             .run("write-behind leases", |mut conn| async move {
                 let mut pipe = redis::pipe();
                 for owner in owners {
-                    pipe.cmd("GET").arg(*owner);
+                    pipe.cmd("GET").arg(owner);
                 }
                 pipe.query_async(&mut conn).await
             })
+            .await
+    }
+
+    /// Takes the lease `owner` if it is free (`SET owner token NX PX lease`), or renews it if
+    /// `token` holds it already (a partition task stopped while its renewal failed: the new
+    /// task's lease clock then starts from a real renewal). Returns whether it is held now.
+    pub(crate) async fn wb_take(
+        &self,
+        owner: &str,
+        token: &str,
+        lease: Duration,
+    ) -> BackendResult<bool> {
+        let won: Option<String> = self
+            .conns
+            .run("write-behind take", |mut conn| async move {
+                redis::cmd("SET")
+                    .arg(owner)
+                    .arg(token)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(millis(lease))
+                    .query_async(&mut conn)
+                    .await
+            })
             .await?;
-        let mut taken = Vec::new();
-        for (i, h) in held.iter().enumerate() {
-            if taken.len() >= want {
-                break;
-            }
-            let owner = owners[i];
-            match h.as_deref() {
-                None => {}
-                // Still ours (a partition task stopped while its renewal failed): renewed now,
-                // so the new task's lease clock starts from a real renewal.
-                Some(held) if held == token => {
-                    if self.wb_renew(&[owner], token, lease).await?.first() == Some(&true) {
-                        taken.push(i);
-                    }
-                    continue;
-                }
-                Some(_) => continue,
-            }
-            let won: Option<String> = self
-                .conns
-                .run("write-behind take", |mut conn| async move {
-                    redis::cmd("SET")
-                        .arg(owner)
-                        .arg(token)
-                        .arg("NX")
-                        .arg("PX")
-                        .arg(millis(lease))
-                        .query_async(&mut conn)
-                        .await
-                })
-                .await?;
-            if won.is_some() {
-                taken.push(i);
-            }
+        if won.is_some() {
+            return Ok(true);
         }
-        Ok(taken)
+        Ok(self.wb_renew(&[owner], token, lease).await?.first() == Some(&true))
     }
 
     /// Renews the leases `owners` held with `token`: for each, whether it is still held.
@@ -402,49 +421,55 @@ impl RedisBackend {
             .await
     }
 
-    /// Registers `name` as a live worker until `now + ttl`, drops expired ones, and returns
-    /// how many are live.
+    /// Registers `name` as a live worker of each queue of `workers` (their live sets) until
+    /// `now + ttl`, drops expired ones, and returns how many are live in each.
     pub(crate) async fn wb_heartbeat(
         &self,
-        workers: &str,
+        workers: &[String],
         name: &str,
         ttl: Duration,
         retention: Duration,
-    ) -> BackendResult<usize> {
+    ) -> BackendResult<Vec<usize>> {
         let now = now_ms();
         self.conns
             .run("write-behind heartbeat", |mut conn| async move {
-                let (_, _, live, _): (i64, i64, i64, i64) = redis::pipe()
-                    .cmd("ZADD")
-                    .arg(workers)
-                    .arg(now + millis(ttl))
-                    .arg(name)
-                    .cmd("ZREMRANGEBYSCORE")
-                    .arg(workers)
-                    .arg("-inf")
-                    .arg(now)
-                    .cmd("ZCARD")
-                    .arg(workers)
-                    .cmd("PEXPIRE")
-                    .arg(workers)
-                    .arg(millis(retention))
-                    .query_async(&mut conn)
-                    .await?;
-                Ok(usize::try_from(live).unwrap_or(1).max(1))
+                let mut pipe = redis::pipe();
+                for set in workers {
+                    pipe.cmd("ZADD")
+                        .arg(set)
+                        .arg(now + millis(ttl))
+                        .arg(name)
+                        .ignore()
+                        .cmd("ZREMRANGEBYSCORE")
+                        .arg(set)
+                        .arg("-inf")
+                        .arg(now)
+                        .ignore()
+                        .cmd("ZCARD")
+                        .arg(set)
+                        .cmd("PEXPIRE")
+                        .arg(set)
+                        .arg(millis(retention))
+                        .ignore();
+                }
+                let live: Vec<i64> = pipe.query_async(&mut conn).await?;
+                Ok(live
+                    .into_iter()
+                    .map(|n| usize::try_from(n).unwrap_or(1).max(1))
+                    .collect())
             })
             .await
     }
 
-    /// Removes `name` from the live workers.
-    pub(crate) async fn wb_leave(&self, workers: &str, name: &str) -> BackendResult<()> {
+    /// Removes `name` from the live sets `workers`.
+    pub(crate) async fn wb_leave(&self, workers: &[String], name: &str) -> BackendResult<()> {
         self.conns
             .run("write-behind leave", |mut conn| async move {
-                redis::cmd("ZREM")
-                    .arg(workers)
-                    .arg(name)
-                    .query_async::<i64>(&mut conn)
-                    .await?;
-                Ok(())
+                let mut pipe = redis::pipe();
+                for set in workers {
+                    pipe.cmd("ZREM").arg(set).arg(name).ignore();
+                }
+                pipe.exec_async(&mut conn).await
             })
             .await
     }
@@ -510,6 +535,41 @@ impl RedisBackend {
                     .map(|d| items(d).iter().filter_map(string_of).collect())
                     .unwrap_or_default();
                 Ok((next, deleted))
+            })
+            .await
+    }
+
+    /// Deletes the partition's consumers other than `me` that hold no pending entry (workers
+    /// gone: after `XAUTOCLAIM` took their entries, nothing refers to them). Returns how many
+    /// were deleted.
+    pub(crate) async fn wb_prune_consumers(&self, p: &Owned<'_>, me: &str) -> BackendResult<usize> {
+        self.conns
+            .run("write-behind consumers", |mut conn| async move {
+                let reply: Value = redis::cmd("XINFO")
+                    .arg("CONSUMERS")
+                    .arg(&p.keys.stream)
+                    .arg(GROUP)
+                    .query_async(&mut conn)
+                    .await?;
+                let idle: Vec<String> = parse_consumers(&reply)
+                    .into_iter()
+                    .filter(|(name, pending)| *pending == 0 && name != me)
+                    .map(|(name, _)| name)
+                    .collect();
+                if idle.is_empty() {
+                    return Ok(0);
+                }
+                let mut pipe = redis::pipe();
+                for name in &idle {
+                    pipe.cmd("XGROUP")
+                        .arg("DELCONSUMER")
+                        .arg(&p.keys.stream)
+                        .arg(GROUP)
+                        .arg(name)
+                        .ignore();
+                }
+                pipe.exec_async(&mut conn).await?;
+                Ok(idle.len())
             })
             .await
     }
@@ -620,7 +680,9 @@ impl RedisBackend {
             .await
     }
 
-    /// `WB_RETRY`: moves one dead letter back to `stream`. Returns whether it was moved.
+    /// `WB_RETRY`: moves one dead letter back to `stream`, with its first position (`p`:
+    /// kept if it has one, else the stream id it had, from `from`). Returns whether it was
+    /// moved.
     pub(crate) async fn wb_retry(
         &self,
         dead: &str,
@@ -628,14 +690,25 @@ impl RedisBackend {
         entry: &StreamEntry,
         retention: Duration,
     ) -> BackendResult<bool> {
-        let fields: Vec<&(String, Vec<u8>)> = entry
+        let mut fields: Vec<(&str, &[u8])> = entry
             .fields
             .iter()
             .filter(|(n, _)| !DEAD_FIELDS.contains(&n.as_str()))
+            .map(|(n, v)| (n.as_str(), &v[..]))
             .collect();
         if fields.is_empty() {
             return Ok(false);
         }
+        let first = entry
+            .field_str("from")
+            .and_then(|from| from.rsplit(' ').next())
+            .map(str::to_owned);
+        if entry.field(POSITION_FIELD).is_none() {
+            if let Some(first) = &first {
+                fields.push((POSITION_FIELD, first.as_bytes()));
+            }
+        }
+        let fields = &fields;
         self.conns
             .run("write-behind retry", |mut conn| async move {
                 let mut cmd = evalsha(&WB_RETRY, 2, 2 + 2 * fields.len(), 256);
@@ -643,8 +716,8 @@ impl RedisBackend {
                     .arg(stream)
                     .arg(&entry.id)
                     .arg(millis(retention));
-                for (n, v) in &fields {
-                    cmd.arg(n).arg(&v[..]);
+                for (n, v) in fields {
+                    cmd.arg(*n).arg(*v);
                 }
                 let moved: i64 = run(&mut conn, &WB_RETRY, &cmd).await?;
                 Ok(moved == 1)
@@ -652,6 +725,16 @@ impl RedisBackend {
             .await
     }
 }
+
+/// The TTL of `wbl` for a value of TTL `ttl`: at least an hour, so that a write that waits
+/// in its queue longer than its value lives is still re-asserted once applied (and an older
+/// write's re-assert still refused).
+fn wbl_ttl(ttl: Duration) -> Duration {
+    ttl.max(WBL_MIN_TTL)
+}
+
+/// The shortest life of `wbl`.
+const WBL_MIN_TTL: Duration = Duration::from_secs(3600);
 
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> u64 {
@@ -688,6 +771,15 @@ pub(crate) async fn read_new(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wbl_lives_at_least_an_hour() {
+        assert_eq!(wbl_ttl(Duration::from_secs(5)), Duration::from_secs(3600));
+        assert_eq!(
+            wbl_ttl(Duration::from_secs(7200)),
+            Duration::from_secs(7200)
+        );
+    }
 
     #[test]
     fn partitions_follow_crc16_of_the_full_key() {

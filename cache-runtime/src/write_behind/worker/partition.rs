@@ -12,11 +12,12 @@ use std::time::{Duration, Instant};
 use futures_util::FutureExt as _;
 
 use super::{HELD_BATCHES, PartitionState, Shared, backoff, millis};
-use crate::backend::RedisBackend;
-use crate::backend::wb::{Owned, PartitionKeys, StreamEntry, dead_key, read_new};
+use crate::backend::wb::POSITION_FIELD;
+use crate::backend::wb::{DeadLetter, Owned, PartitionKeys, StreamEntry, dead_key, read_new};
+use crate::backend::{BackendError, RedisBackend};
 use crate::stats::SiteStats;
 use crate::write_behind::handler::Applied;
-use crate::write_behind::{CURRENT, WriteId};
+use crate::write_behind::{CURRENT, Position, WriteId};
 
 /// An entry held by a partition task: delivered to this consumer, not yet acknowledged.
 struct Held {
@@ -45,12 +46,40 @@ struct Partition<'a> {
     acks: Vec<String>,
     /// Keys waiting for a retry: when, and the failures so far.
     retry_at: HashMap<String, Instant>,
-    /// Failed attempts of entries (by head id), as known here.
+    /// Failed attempts of entries (by the id of the entry whose arguments were applied), as
+    /// known here.
     attempts: HashMap<String, u32>,
+    /// Keys whose last attempt failed: not coalesced until their head is settled (the head
+    /// is applied alone, so a write joining a failing run neither hides nor inherits it).
+    failing: HashSet<String>,
     /// Keys whose head entry is of a function this binary does not know.
     stuck: HashSet<String>,
+    /// Blocked keys (stuck, or waiting for a retry) whose entries beyond the first
+    /// `PER_KEY_HELD` were dropped from memory: they stay in this consumer's pending list,
+    /// and so do the key's later entries, until the pending list is read again.
+    trimmed: HashSet<String>,
+    /// A trimmed key ran out of entries in memory: read the pending list again.
+    reload_wanted: bool,
+    /// When acknowledgements were last sent.
+    acked_at: Instant,
+    /// Consecutive failed Redis operations (the back-off grows with them).
+    errors: u32,
+    /// A key of the partition holds something else than a stream: warned once.
+    warned_type: bool,
     warned: HashSet<String>,
 }
+
+/// Applied entries are acknowledged after a batch of them, or this long after the last
+/// acknowledgement, whichever comes first (also while a slow body runs): a crash re-applies
+/// little.
+const ACK_EVERY: Duration = Duration::from_millis(100);
+
+/// The longest wait after consecutive failed Redis operations.
+const MAX_ERROR_PAUSE: Duration = Duration::from_secs(5);
+
+/// A blocked key (an unknown function, or waiting for a retry) keeps at most this many of its
+/// entries in memory; the rest wait in the pending list.
+const PER_KEY_HELD: usize = 10;
 
 pub(super) async fn run_partition(
     shared: Arc<Shared>,
@@ -67,7 +96,13 @@ pub(super) async fn run_partition(
         acks: Vec::new(),
         retry_at: HashMap::new(),
         attempts: HashMap::new(),
+        failing: HashSet::new(),
         stuck: HashSet::new(),
+        trimmed: HashSet::new(),
+        reload_wanted: false,
+        acked_at: Instant::now(),
+        errors: 0,
+        warned_type: false,
         warned: HashSet::new(),
     };
     let stop = p.run().await;
@@ -127,8 +162,8 @@ impl Partition<'_> {
             match self.recover().await {
                 Ok(()) => break,
                 Err(e) => {
-                    tracing::debug!(target: "cache_runtime", "write-behind partition {} start failed: {e}", self.keys.stream);
-                    self.pause(config.poll).await;
+                    let wrong = matches!(&e, BackendError::Data(m) if m.contains("WRONGTYPE"));
+                    self.back_off("start", &e, wrong).await;
                 }
             }
         }
@@ -144,8 +179,8 @@ impl Partition<'_> {
                 match self.reload_pending().await {
                     Ok(()) => reload = false,
                     Err(e) => {
-                        tracing::debug!(target: "cache_runtime", "write-behind pending read failed: {e}");
-                        self.pause(config.poll).await;
+                        let wrong = matches!(&e, BackendError::Data(m) if m.contains("WRONGTYPE"));
+                        self.back_off("pending read", &e, wrong).await;
                         continue;
                     }
                 }
@@ -173,7 +208,13 @@ impl Partition<'_> {
                     })
                     .clamp(Duration::from_millis(1), config.poll)
             };
-            if self.held.len() >= config.batch * HELD_BATCHES {
+            if std::mem::take(&mut self.reload_wanted) {
+                reload = true;
+                continue;
+            }
+            // Only entries that can run count: blocked keys keep a few each (`trim`).
+            let runnable = self.held.iter().filter(|h| !self.blocked(&h.key)).count();
+            if runnable >= config.batch * HELD_BATCHES {
                 self.pause(wait).await;
                 continue;
             }
@@ -197,19 +238,23 @@ impl Partition<'_> {
                 }
             };
             match read {
-                Ok(Ok(entries)) => self.hold(entries, true),
+                Ok(Ok(entries)) => {
+                    self.errors = 0;
+                    self.hold(entries, true);
+                    self.trim();
+                }
                 Ok(Err(e)) if e.code() == Some("NOGROUP") => {
                     // The stream expired or was removed: make it again.
                     if let Err(e) = self.redis().wb_group(&self.owned()).await {
-                        tracing::debug!(target: "cache_runtime", "write-behind group failed: {e}");
-                        self.pause(config.poll).await;
+                        let wrong = matches!(&e, BackendError::Data(m) if m.contains("WRONGTYPE"));
+                        self.back_off("group", &e, wrong).await;
                     }
                 }
                 Ok(Err(e)) => {
-                    tracing::debug!(target: "cache_runtime", "write-behind read failed: {e}");
                     conn = None;
                     reload = true;
-                    self.pause(config.poll).await;
+                    let wrong = e.code() == Some("WRONGTYPE");
+                    self.back_off("read", &e, wrong).await;
                 }
                 Err(_elapsed) => {
                     conn = None;
@@ -217,6 +262,29 @@ impl Partition<'_> {
                 }
             }
         }
+    }
+
+    /// After a failed Redis operation: logs it (a key of the partition that holds something
+    /// else than a stream: once, at `warn`) and waits, longer after each consecutive failure
+    /// (from `poll` up to 5 s).
+    async fn back_off(&mut self, what: &str, e: &(dyn std::fmt::Display + Sync), wrong_type: bool) {
+        self.errors = self.errors.saturating_add(1);
+        if wrong_type && !self.warned_type {
+            self.warned_type = true;
+            tracing::warn!(
+                target: "cache_runtime",
+                "write-behind partition {}: {what} failed: {e}; the key holds something else than a stream (its entries cannot be read until it is removed); retrying with backoff",
+                self.keys.stream
+            );
+        } else {
+            tracing::debug!(target: "cache_runtime", "write-behind partition {}: {what} failed: {e}", self.keys.stream);
+        }
+        let poll = self.shared.config.poll;
+        let delay = poll
+            .saturating_mul(1 << self.errors.saturating_sub(1).min(16))
+            .min(MAX_ERROR_PAUSE)
+            .max(poll);
+        self.pause(delay).await;
     }
 
     async fn pause(&self, d: Duration) {
@@ -255,6 +323,10 @@ impl Partition<'_> {
             }
             cursor = next;
         }
+        // The consumers of departed workers, now without entries, are forgotten.
+        if let Err(e) = self.redis().wb_prune_consumers(&self.owned(), &me).await {
+            tracing::debug!(target: "cache_runtime", "write-behind consumer cleanup of {} failed: {e}", self.keys.stream);
+        }
         self.held.clear();
         self.reload_pending().await
     }
@@ -265,6 +337,8 @@ impl Partition<'_> {
         let batch = self.shared.config.batch;
         let me = self.shared.name.clone();
         let mut after = "0".to_owned();
+        // Every entry of the trimmed keys is read again (in order, then trimmed again).
+        self.trimmed.clear();
         loop {
             let entries = self
                 .redis()
@@ -275,20 +349,54 @@ impl Partition<'_> {
             self.hold(entries, false);
         }
         self.held.sort_by_key(|h| stream_order(&h.entry.id));
+        self.trim();
         Ok(())
+    }
+
+    /// Whether `key` cannot run now: an unknown function, or waiting for a retry.
+    fn blocked(&self, key: &str) -> bool {
+        self.stuck.contains(key) || self.retry_at.contains_key(key)
+    }
+
+    /// Drops from memory the entries of blocked keys beyond the first `PER_KEY_HELD` (`held`
+    /// is in id order): they stay pending, and are read again when the key runs out.
+    fn trim(&mut self) {
+        if self.stuck.is_empty() && self.retry_at.is_empty() {
+            return;
+        }
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        let mut dropped = Vec::new();
+        let mut kept = Vec::with_capacity(self.held.len());
+        for h in std::mem::take(&mut self.held) {
+            if self.blocked(&h.key) {
+                let n = counts.entry(h.key.clone()).or_default();
+                *n += 1;
+                if *n > PER_KEY_HELD {
+                    dropped.push(h.key);
+                    continue;
+                }
+            }
+            kept.push(h);
+        }
+        self.held = kept;
+        self.trimmed.extend(dropped);
     }
 
     fn hold(&mut self, entries: Vec<StreamEntry>, fresh: bool) {
         for entry in entries {
-            if entry.fields.is_empty() {
+            if entry.deleted {
                 // Deleted since it was delivered.
                 self.acks.push(entry.id);
                 continue;
             }
-            if self.held.iter().any(|h| h.entry.id == entry.id) {
+            if !unseen(&self.held, &self.acks, &entry.id) {
                 continue;
             }
             let key = entry.field_str("k").unwrap_or_default().to_owned();
+            if self.trimmed.contains(&key) {
+                // Earlier entries of the key wait in the pending list: this one too.
+                continue;
+            }
             self.held.push(Held { entry, key, fresh });
         }
     }
@@ -297,7 +405,21 @@ impl Partition<'_> {
         self.retry_at.values().min().copied()
     }
 
+    /// Acknowledges what was applied, between entries or while a body runs: `Err` if the
+    /// lease was lost; `Ok(false)` if Redis failed (kept for the next time).
+    async fn ack_now(&mut self) -> std::result::Result<bool, Stop> {
+        match self.flush_acks().await {
+            Ok(true) => Ok(true),
+            Ok(false) => Err(Stop::Lost),
+            Err(e) => {
+                tracing::debug!(target: "cache_runtime", "write-behind ack failed: {e}");
+                Ok(false)
+            }
+        }
+    }
+
     async fn flush_acks(&mut self) -> crate::backend::BackendResult<bool> {
+        self.acked_at = Instant::now();
         if self.acks.is_empty() {
             return Ok(true);
         }
@@ -335,10 +457,19 @@ impl Partition<'_> {
                 if let Some(stop) = self.should_stop() {
                     return Err(stop);
                 }
+                if self.acks.len() >= self.shared.config.batch
+                    || (!self.acks.is_empty() && self.acked_at.elapsed() >= ACK_EVERY)
+                {
+                    self.ack_now().await?;
+                }
                 match self.apply_head(&key).await? {
                     true => progressed = true,
                     false => break,
                 }
+            }
+            if self.trimmed.contains(&key) && !self.held.iter().any(|h| h.key == key) {
+                // Its next entries are in the pending list only.
+                self.reload_wanted = true;
             }
         }
         Ok(progressed)
@@ -358,14 +489,21 @@ impl Partition<'_> {
             return Ok(false);
         };
         let head = &self.held[first];
-        let head_id = head.entry.id.clone();
         let function_id = head.entry.field_str("f").unwrap_or_default().to_owned();
-        if key.is_empty() || function_id.is_empty() {
-            let error = "a malformed entry (no function or key)".to_owned();
-            return self.dead_letter(key, &[first], &error, 0).await;
+        if head.entry.malformed || key.is_empty() || function_id.is_empty() {
+            let error = if head.entry.malformed {
+                "a malformed entry (fields that do not parse)"
+            } else {
+                "a malformed entry (no function or key)"
+            };
+            return self.dead_letter_malformed(key, &[first], error).await;
         }
         let Some(function) = self.shared.functions.get(&function_id).copied() else {
             self.stuck.insert(key.to_owned());
+            // The supervisor gives such a partition back now and then (a newer binary may
+            // have the function).
+            self.state.unknown.store(true, SeqCst);
+            self.trim();
             if self.warned.insert(function_id.clone()) {
                 tracing::warn!(
                     target: "cache_runtime",
@@ -379,7 +517,7 @@ impl Partition<'_> {
         // Coalescing: the run of consecutive entries of this key by this function; the last
         // one is applied.
         let mut run = vec![first];
-        if function.coalesce {
+        if function.coalesce && !self.failing.contains(key) {
             for &i in &positions[1..] {
                 if self.held[i].entry.field_str("f") == Some(function_id.as_str()) {
                     run.push(i);
@@ -388,14 +526,24 @@ impl Partition<'_> {
                 }
             }
         }
-        let last = &self.held[*run.last().unwrap_or(&first)];
+        let last_at = *run.last().unwrap_or(&first);
+        let last = &self.held[last_at];
+        // Attempts are counted per applied entry (the last of the run).
+        let applied_id = last.entry.id.clone();
         let superseded = positions.len() > run.len();
         let (Some(args), Some(write_id)) = (last.entry.field("a"), last.entry.field_str("i"))
         else {
-            let error = "a malformed entry (no arguments or write id)".to_owned();
-            return self.dead_letter(key, &run, &error, 0).await;
+            let error = "a malformed entry (no arguments or write id)";
+            let moved = self.dead_letter_malformed(key, &run, error).await?;
+            if moved {
+                let stats = function
+                    .site
+                    .stats(self.shared.cache.stats_registry(), None);
+                SiteStats::inc(&stats.wb_dead_lettered);
+            }
+            return Ok(moved);
         };
-        let write_id = WriteId::from_entry(write_id);
+        let write_id = WriteId::from_entry(write_id, position_of(&last.entry));
         let envelope = last
             .entry
             .field("v")
@@ -423,13 +571,33 @@ impl Partition<'_> {
                 return Ok(moved);
             }
         };
-        let fresh = self.held[first].fresh;
-        let outcome = CURRENT
-            .scope(
-                write_id.clone(),
-                std::panic::AssertUnwindSafe(applying.0).catch_unwind(),
-            )
-            .await;
+        let fresh = self.held[last_at].fresh;
+        let body = CURRENT.scope(
+            write_id.clone(),
+            std::panic::AssertUnwindSafe(applying.0).catch_unwind(),
+        );
+        // The body races the lease: lost first, the body is cancelled (its future dropped),
+        // nothing is acknowledged and the partition stops; the next owner applies the entry
+        // again (bodies are versioned with `position()`).
+        let (state, shared) = (self.state, self.shared);
+        let lost = lease_lost(state, shared);
+        tokio::pin!(body, lost);
+        let outcome = loop {
+            tokio::select! {
+                outcome = &mut body => break outcome,
+                () = &mut lost => {
+                    tracing::warn!(
+                        target: "cache_runtime",
+                        "write-behind `{function_id}` of {key}: the partition's lease was lost while the body ran; the body was cancelled and the next owner applies the write again"
+                    );
+                    return Err(Stop::Lost);
+                }
+                // A slow body does not hold back the acknowledgement of what was applied.
+                () = tokio::time::sleep(ACK_EVERY), if !self.acks.is_empty() => {
+                    self.ack_now().await?;
+                }
+            }
+        };
         let error = match outcome {
             Ok(Applied::Ok) => None,
             Ok(Applied::Err(e)) => Some(e),
@@ -438,7 +606,10 @@ impl Partition<'_> {
         let Some(error) = error else {
             SiteStats::inc(&stats.wb_applied);
             self.retry_at.remove(key);
-            self.attempts.remove(&head_id);
+            self.failing.remove(key);
+            for &i in &run {
+                self.attempts.remove(&self.held[i].entry.id);
+            }
             if !superseded && !envelope.is_empty() {
                 match self
                     .redis()
@@ -455,24 +626,25 @@ impl Partition<'_> {
             return Ok(true);
         };
         // A failed attempt: counted in Redis (it survives a takeover).
-        let known = match self.attempts.get(&head_id) {
+        let known = match self.attempts.get(&applied_id) {
             Some(n) => *n,
             None if fresh => 0,
             None => self
                 .redis()
-                .wb_attempts(&self.owned(), &head_id)
+                .wb_attempts(&self.owned(), &applied_id)
                 .await
                 .unwrap_or(0),
         };
         let failures = match self
             .redis()
-            .wb_failed_attempt(&self.owned(), &head_id)
+            .wb_failed_attempt(&self.owned(), &applied_id)
             .await
         {
             Ok(n) => n.max(known + 1),
             Err(_) => known + 1,
         };
-        self.attempts.insert(head_id, failures);
+        self.attempts.insert(applied_id, failures);
+        self.failing.insert(key.to_owned());
         if failures >= self.shared.config.max_attempts {
             let moved = self.dead_letter(key, &run, &error, failures).await?;
             if moved {
@@ -487,6 +659,7 @@ impl Partition<'_> {
             "write-behind `{function_id}` of {key} failed (attempt {failures}): {error}; retried in {delay:?}"
         );
         self.retry_at.insert(key.to_owned(), Instant::now() + delay);
+        self.trim();
         Ok(false)
     }
 
@@ -498,6 +671,23 @@ impl Partition<'_> {
             let h = self.held.remove(i);
             self.acks.push(h.entry.id);
         }
+    }
+
+    /// Dead-letters entries that cannot be read (attempts 0), counted in the worker's
+    /// `malformed`.
+    async fn dead_letter_malformed(
+        &mut self,
+        key: &str,
+        positions: &[usize],
+        error: &str,
+    ) -> std::result::Result<bool, Stop> {
+        let moved = self.dead_letter(key, positions, error, 0).await?;
+        if moved {
+            self.shared
+                .malformed
+                .fetch_add(u64::try_from(positions.len()).unwrap_or(1), SeqCst);
+        }
+        Ok(moved)
     }
 
     async fn dead_letter(
@@ -516,6 +706,12 @@ impl Partition<'_> {
             .field_str("f")
             .unwrap_or("?")
             .to_owned();
+        let last = positions.iter().copied().max().unwrap_or(positions[0]);
+        let write_id = self.held[last]
+            .entry
+            .field_str("i")
+            .unwrap_or_default()
+            .to_owned();
         let dead = dead_key(self.shared.cache.namespace(), &self.queue);
         // Acknowledge what came before (in order), then move these.
         match self.flush_acks().await {
@@ -523,16 +719,27 @@ impl Partition<'_> {
             Ok(false) => return Err(Stop::Lost),
             Err(_) => {}
         }
+        let letter = DeadLetter {
+            key,
+            write_id: &write_id,
+            error,
+            attempts,
+        };
         match self
             .redis()
-            .wb_dead(&self.owned(), &dead, error, attempts, &ids)
+            .wb_dead(&self.owned(), &dead, &letter, &ids)
             .await
         {
-            Ok(true) => {
+            Ok(Some(invalidated)) => {
+                if invalidated {
+                    // The cache held a value the database never got.
+                    self.shared.cache.store().written_elsewhere(key);
+                }
                 tracing::warn!(
                     target: "cache_runtime",
-                    "write-behind `{function}` of {key} moved to the dead letters of queue {} after {attempts} failed attempts: {error}",
-                    self.queue
+                    "write-behind `{function}` of {key} moved to the dead letters of queue {} after {attempts} failed attempts: {error}{}",
+                    self.queue,
+                    if invalidated { " (its cached value was invalidated)" } else { "" }
                 );
                 let mut positions = positions.to_vec();
                 positions.sort_unstable();
@@ -541,9 +748,10 @@ impl Partition<'_> {
                     self.attempts.remove(&h.entry.id);
                 }
                 self.retry_at.remove(key);
+                self.failing.remove(key);
                 Ok(true)
             }
-            Ok(false) => Err(Stop::Lost),
+            Ok(None) => Err(Stop::Lost),
             Err(e) => {
                 // Try again later.
                 tracing::debug!(target: "cache_runtime", "write-behind dead letter failed: {e}");
@@ -555,6 +763,44 @@ impl Partition<'_> {
             }
         }
     }
+}
+
+/// Whether an entry read again (from the pending list) is new to this task: neither held nor
+/// applied and waiting for its acknowledgement (re-applying it would run its body twice).
+fn unseen(held: &[Held], acks: &[String], id: &str) -> bool {
+    !held.iter().any(|h| h.entry.id == id) && !acks.iter().any(|a| a == id)
+}
+
+/// Returns once the partition's lease is lost, or about to expire as far as this worker
+/// knows (its renewals failed).
+async fn lease_lost(state: &PartitionState, shared: &Shared) {
+    let margin = millis(shared.config.lease) / 10;
+    loop {
+        let notified = state.wake.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if state.lost.load(SeqCst) {
+            return;
+        }
+        let until = state.lease_until.load(SeqCst).saturating_sub(margin);
+        let now = shared.now_ms();
+        if now >= until {
+            return;
+        }
+        tokio::select! {
+            () = notified => {}
+            () = tokio::time::sleep(Duration::from_millis(until - now)) => {}
+        }
+    }
+}
+
+/// An entry's position: its `p` field (a dead letter moved back by `retry_dead` keeps its
+/// first position there), else its stream id.
+fn position_of(entry: &StreamEntry) -> Option<Position> {
+    entry
+        .field_str(POSITION_FIELD)
+        .and_then(Position::parse)
+        .or_else(|| Position::parse(&entry.id))
 }
 
 /// A stream id (`<ms>-<seq>`) as a sortable pair; an id that does not parse sorts last.
@@ -594,5 +840,44 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         s.clone()
     } else {
         "a panic".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(id: &str) -> Held {
+        Held {
+            entry: StreamEntry {
+                id: id.to_owned(),
+                ..StreamEntry::default()
+            },
+            key: "k".to_owned(),
+            fresh: true,
+        }
+    }
+
+    #[test]
+    fn entries_applied_but_not_yet_acknowledged_are_not_taken_again() {
+        let held = vec![held("1-0")];
+        let acks = vec!["2-0".to_owned()];
+        assert!(!unseen(&held, &acks, "1-0"), "held");
+        assert!(!unseen(&held, &acks, "2-0"), "applied, waiting for its ack");
+        assert!(unseen(&held, &acks, "3-0"));
+    }
+
+    #[test]
+    fn positions_come_from_p_else_the_stream_id() {
+        let mut entry = StreamEntry {
+            id: "20-1".to_owned(),
+            ..StreamEntry::default()
+        };
+        assert_eq!(position_of(&entry), Some(Position::new(20, 1)));
+        entry.fields.push(("p".to_owned(), b"10-3".to_vec()));
+        assert_eq!(position_of(&entry), Some(Position::new(10, 3)));
+        assert!(Position::new(10, 3) < Position::new(10, 4));
+        assert!(Position::new(10, 9) < Position::new(11, 0));
+        assert_eq!(Position::new(10, 3).to_string(), "10-3");
     }
 }

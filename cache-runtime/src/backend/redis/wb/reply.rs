@@ -8,6 +8,11 @@ use redis::Value;
 pub(crate) struct StreamEntry {
     pub(crate) id: String,
     pub(crate) fields: Vec<(String, Vec<u8>)>,
+    /// Deleted since it was delivered (a pending entry whose fields are nil).
+    pub(crate) deleted: bool,
+    /// Some of its fields did not parse (a name that is not UTF-8, a name without a value,
+    /// an unexpected shape): `fields` holds those that did.
+    pub(crate) malformed: bool,
 }
 
 impl StreamEntry {
@@ -44,28 +49,40 @@ pub(super) fn items(v: &Value) -> &[Value] {
 }
 
 /// Entries from an `XRANGE`-shaped reply (`[[id, [f, v, ..]], ..]`). An entry deleted since
-/// it was delivered (nil fields) has no fields.
+/// it was delivered (nil fields) is `deleted`; one whose fields do not all parse is
+/// `malformed`.
 pub(crate) fn parse_entries(v: &Value) -> Vec<StreamEntry> {
     items(v)
         .iter()
         .filter_map(|e| {
             let parts = items(e);
             let id = string_of(parts.first()?)?;
-            let mut fields = Vec::new();
-            if let Some(kv) = parts.get(1) {
-                let kv = match kv {
-                    Value::Map(m) => m.iter().flat_map(|(k, v)| [k.clone(), v.clone()]).collect(),
-                    other => items(other).to_vec(),
-                };
-                for pair in kv.chunks(2) {
-                    if let [k, v] = pair {
-                        if let (Some(k), Some(v)) = (string_of(k), bytes_of(v)) {
-                            fields.push((k, v));
-                        }
-                    }
+            let mut entry = StreamEntry {
+                id,
+                ..StreamEntry::default()
+            };
+            let kv = match parts.get(1) {
+                None | Some(Value::Nil) => {
+                    entry.deleted = true;
+                    return Some(entry);
+                }
+                Some(Value::Map(m)) => m.iter().flat_map(|(k, v)| [k.clone(), v.clone()]).collect(),
+                Some(other @ (Value::Array(_) | Value::Set(_))) => items(other).to_vec(),
+                Some(_) => {
+                    entry.malformed = true;
+                    return Some(entry);
+                }
+            };
+            for pair in kv.chunks(2) {
+                match pair {
+                    [k, v] => match (string_of(k), bytes_of(v)) {
+                        (Some(k), Some(v)) => entry.fields.push((k, v)),
+                        _ => entry.malformed = true,
+                    },
+                    _ => entry.malformed = true,
                 }
             }
-            Some(StreamEntry { id, fields })
+            Some(entry)
         })
         .collect()
 }
@@ -80,6 +97,35 @@ pub(super) fn parse_read(v: &Value) -> Vec<StreamEntry> {
             .flat_map(|s| items(s).get(1).map(parse_entries).unwrap_or_default())
             .collect(),
     }
+}
+
+/// The consumers of an `XINFO CONSUMERS` reply (a map, or a flat array of name/value pairs,
+/// per consumer): each one's name and pending count. A consumer without a name is left out.
+pub(super) fn parse_consumers(v: &Value) -> Vec<(String, u64)> {
+    items(v)
+        .iter()
+        .filter_map(|c| {
+            let pairs: Vec<(Value, Value)> = match c {
+                Value::Map(m) => m.clone(),
+                other => items(other)
+                    .chunks(2)
+                    .filter_map(|p| match p {
+                        [k, v] => Some((k.clone(), v.clone())),
+                        _ => None,
+                    })
+                    .collect(),
+            };
+            let field = |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| string_of(k).as_deref() == Some(name))
+                    .map(|(_, v)| v)
+            };
+            let name = string_of(field("name")?)?;
+            let pending = field("pending").map_or(u64::MAX, int_of);
+            Some((name, pending))
+        })
+        .collect()
 }
 
 pub(super) fn int_of(v: &Value) -> u64 {
@@ -110,7 +156,40 @@ mod tests {
         let entries = parse_entries(&reply);
         assert_eq!(entries.len(), 2);
         assert_eq!(entries[0].field_str("f"), Some("x"));
+        assert!(entries[0].malformed, "a name without a value");
+        assert!(!entries[0].deleted);
         assert!(entries[1].fields.is_empty());
+        assert!(entries[1].deleted && !entries[1].malformed);
+        let bad_name = Value::Array(vec![Value::Array(vec![
+            Value::BulkString(b"3-0".to_vec()),
+            Value::Array(vec![
+                Value::BulkString(vec![0xff]),
+                Value::BulkString(b"x".to_vec()),
+            ]),
+        ])]);
+        let consumers = Value::Array(vec![
+            Value::Array(vec![
+                Value::BulkString(b"name".to_vec()),
+                Value::BulkString(b"w-1".to_vec()),
+                Value::BulkString(b"pending".to_vec()),
+                Value::Int(0),
+            ]),
+            Value::Map(vec![
+                (
+                    Value::SimpleString("name".into()),
+                    Value::BulkString(b"w-2".to_vec()),
+                ),
+                (Value::SimpleString("pending".into()), Value::Int(3)),
+            ]),
+            Value::Int(7),
+        ]);
+        assert_eq!(
+            parse_consumers(&consumers),
+            vec![("w-1".to_owned(), 0), ("w-2".to_owned(), 3)]
+        );
+        let entries = parse_entries(&bad_name);
+        assert!(entries[0].malformed && !entries[0].deleted);
+        assert!(entries[0].fields.is_empty());
         assert!(parse_read(&Value::Nil).is_empty());
     }
 }

@@ -8,20 +8,28 @@ use std::sync::LazyLock;
 use redis::Script;
 
 /// KEYS: value, waiters, stale copy, refresh lease, wbl, stream. ARGV: envelope, ttl ms, fill
-/// channel, inv channel, frame, write id, retention ms, then the entry's field/value pairs.
-/// `WRITE`'s steps, `SET wbl id PX ttl`, `XADD stream * ..`, `PEXPIRE stream retention`.
-/// Returns the entry's id.
+/// channel, inv channel, frame, write id, retention ms, wbl ttl ms, then the entry's
+/// field/value pairs. `XADD stream * ..`, `PEXPIRE stream retention`, then with an envelope:
+/// `WRITE`'s steps and `SET wbl id PX <wbl ttl>`; without one (the value could not be
+/// encoded, or its tags not rendered or read): the key is invalidated as `invalidate` does
+/// (value, stale copy, refresh lease; the frame published) and `wbl` deleted (no earlier
+/// write's re-assert puts its value back). Returns the entry's id.
 pub(super) static WB_ENQUEUE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-local id = redis.call('XADD', KEYS[6], '*', unpack(ARGV, 8))
+local id = redis.call('XADD', KEYS[6], '*', unpack(ARGV, 9))
 redis.call('PEXPIRE', KEYS[6], ARGV[7])
+if ARGV[1] == '' then
+  redis.call('DEL', KEYS[1], KEYS[3], KEYS[4], KEYS[5])
+  redis.call('PUBLISH', ARGV[4], ARGV[5])
+  return id
+end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('DEL', KEYS[3], KEYS[4])
 if redis.call('DEL', KEYS[2]) == 1 then
   redis.call('PUBLISH', ARGV[3], KEYS[1])
 end
-redis.call('SET', KEYS[5], ARGV[6], 'PX', ARGV[2])
+redis.call('SET', KEYS[5], ARGV[6], 'PX', ARGV[8])
 redis.call('PUBLISH', ARGV[4], ARGV[5])
 return id
 ",
@@ -77,17 +85,21 @@ return 1
     )
 });
 
-/// KEYS: stream, owner, tries, dead. ARGV: token, group, retention ms, error, attempts, ids...
-/// Only while the caller holds the partition: each entry's fields are appended to the
-/// dead-letter stream with `e` (the error), `n` (attempts) and `from` (stream and id), then
-/// the entries are acknowledged and deleted. Returns 0 if the lease was lost.
+/// KEYS: stream, owner, tries, dead, value, stale copy, refresh lease, wbl. ARGV: token,
+/// group, retention ms, error, attempts, write id, inv channel, frame, ids... Only while the
+/// caller holds the partition: each entry's fields are appended to the dead-letter stream
+/// with `e` (the error), `n` (attempts) and `from` (stream and id), then the entries are
+/// acknowledged and deleted; and if the value key's last write-behind write is the dead one
+/// (`wbl == write id`: the cache holds a value the database never got), the key is
+/// invalidated as `invalidate` does (value, stale copy, refresh lease, wbl; the frame
+/// published). Returns 0 if the lease was lost, 2 if it invalidated the key, else 1.
 pub(super) static WB_DEAD: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then
   return 0
 end
-for i = 6, #ARGV do
+for i = 9, #ARGV do
   local found = redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i])
   if #found > 0 then
     local fields = found[1][2]
@@ -101,10 +113,15 @@ for i = 6, #ARGV do
   end
 end
 redis.call('PEXPIRE', KEYS[4], ARGV[3])
-local ids = {unpack(ARGV, 6)}
+local ids = {unpack(ARGV, 9)}
 redis.call('XACK', KEYS[1], ARGV[2], unpack(ids))
 redis.call('XDEL', KEYS[1], unpack(ids))
 redis.call('HDEL', KEYS[3], unpack(ids))
+if ARGV[6] ~= '' and redis.call('GET', KEYS[8]) == ARGV[6] then
+  redis.call('DEL', KEYS[5], KEYS[6], KEYS[7], KEYS[8])
+  redis.call('PUBLISH', ARGV[7], ARGV[8])
+  return 2
+end
 return 1
 ",
     )
