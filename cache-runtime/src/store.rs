@@ -612,6 +612,52 @@ impl Store {
         queued
     }
 
+    /// Write-behind: forgets `key`'s last queued write (see `RedisBackend::wb_forget_last`)
+    /// before a write the call makes itself (an inline run). Nothing to forget without Redis.
+    pub(crate) async fn wb_forget_last(&self, key: &str) -> BackendResult<()> {
+        match self.redis() {
+            Some(redis) => redis.wb_forget_last(key).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Write-behind: after an inline run whose cache write failed (Redis unreachable), removes
+    /// `key` and its last queued write record once Redis answers again: a Redis that kept its
+    /// data (AOF) would otherwise serve the older value, and the worker would re-assert an
+    /// older queued write over the database's newer row. Retried for up to 10 minutes from
+    /// this process (a process that exits first leaves the key to its TTL: documented).
+    pub(crate) fn wb_invalidate_when_back(&self, key: &str) {
+        if self.redis().is_none() {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let backend = self.backend.clone();
+        let (key, wbl) = (key.to_owned(), crate::backend::RedisBackend::wbl_key(key));
+        let log = self.log.clone();
+        handle.spawn(async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+            let mut wait = Duration::from_millis(200);
+            loop {
+                if backend.invalidate(&[key.as_str(), wbl.as_str()]).await.is_ok() {
+                    return;
+                }
+                if tokio::time::Instant::now() + wait > deadline {
+                    log.warn(
+                        crate::breaker::FailureKind::Server,
+                        &format_args!(
+                            "a write-behind call that ran inline could not invalidate its key for 10 minutes; it expires with its TTL"
+                        ),
+                    );
+                    return;
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        });
+    }
+
     /// Write-behind settings.
     pub(crate) fn wb_config(&self) -> WbConfig {
         self.wb

@@ -284,7 +284,9 @@ fn check_applied(
     let mut seen: HashSet<(i32, i32)> = HashSet::new();
     let mut last_position: HashMap<i64, (i64, i64)> = HashMap::new();
     let mut last_seq: HashMap<(i64, i32), i32> = HashMap::new();
-    let mut greatest: HashMap<i64, ((i64, i64), (i32, i32))> = HashMap::new();
+    // Per key: the greatest position applied, and its (writer, seq).
+    type Greatest = ((i64, i64), (i32, i32));
+    let mut greatest: HashMap<i64, Greatest> = HashMap::new();
     for a in audit {
         if !seen.insert((a.writer, a.seq)) {
             continue; // a replay (at least once)
@@ -734,6 +736,47 @@ async fn writes_accepted_before_a_redis_crash_are_applied_after_its_restart() {
             true
         ),
         500
+    );
+    drop_run(&run).await;
+}
+
+/// A write queued before Redis went down, then a newer write of the same key made while it
+/// is down (run inline, into the database), then Redis back with its AOF (still holding the
+/// older value and its queued write): the older write, applied afterwards, is refused by the
+/// versioned body, and the cache ends on the database's newer row, not on the older value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inline_write_during_an_outage_is_not_undone_by_the_cache() {
+    let mut server = RedisServer::start_durable();
+    let run = new_run("outage").await;
+    let cache = register(&run, &server.url()).await;
+    pg_save_versioned(run.clone(), 1, Row::new(0, 1))
+        .await
+        .unwrap();
+    server.kill();
+    pg_save_versioned(run.clone(), 1, Row::new(0, 2))
+        .await
+        .unwrap();
+    assert_eq!(db_rows(&run).await.get(&1), Some(&(0, 2)), "ran inline");
+    server.restart();
+    // Once Redis answers, the call's process removes what it still holds for the key.
+    until(
+        Duration::from_secs(20),
+        "the older value is removed",
+        || async { matches!(cache.get::<Row>("user:1").await, Ok(None)) },
+    )
+    .await;
+    let worker = Worker::builder(cache).queues(["pg"]).start().unwrap();
+    assert!(worker.flush_for(Duration::from_secs(30)).await);
+    worker.shutdown().await;
+    assert_eq!(
+        db_rows(&run).await.get(&1),
+        Some(&(0, 2)),
+        "the versioned body kept the newer row"
+    );
+    assert_eq!(
+        pg_read(&run, 1).await.unwrap().map(|r| r.seq),
+        Some(2),
+        "the cache serves the database's row"
     );
     drop_run(&run).await;
 }

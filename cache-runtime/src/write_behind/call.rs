@@ -290,6 +290,15 @@ impl Inline<'_> {
         let Some(key) = self.key.as_deref() else {
             return;
         };
+        // First: an older queued write of the key, applied after this one, must not be
+        // re-asserted over it.
+        if let Err(e) = self.store.wb_forget_last(key).await {
+            count_failure(self.store, &self.stats, &e);
+            // Redis is unreachable: whatever it still holds for the key (it may come back
+            // with it) is removed once it answers again.
+            self.store.wb_invalidate_when_back(key);
+            return;
+        }
         let value = match self.value.take() {
             Some(value) if !self.invalidate_only => value,
             _ => {
@@ -309,6 +318,7 @@ impl Inline<'_> {
                 count_failure(self.store, &self.stats, &e);
                 if let Err(e) = self.store.invalidate(&[key]).await {
                     count_failure(self.store, &self.stats, &e);
+                    self.store.wb_invalidate_when_back(key);
                 }
             }
         }

@@ -405,6 +405,19 @@ impl RedisBackend {
             .await
     }
 
+    /// Deletes `key`'s last write-behind write record (`__cr:wbl:{K}`): a write the caller
+    /// makes itself follows, and the worker's re-assert of an older queued write must not put
+    /// that write's value back over it.
+    pub(crate) async fn wb_forget_last(&self, key: &str) -> BackendResult<()> {
+        let wbl = Self::wbl_key(key);
+        let wbl = &wbl;
+        self.conns
+            .run("write-behind forget", |mut conn| async move {
+                redis::cmd("DEL").arg(wbl).exec_async(&mut conn).await
+            })
+            .await
+    }
+
     /// Extends the life of `keys` (queues a worker polls) to `retention`.
     pub(crate) async fn wb_touch(&self, keys: &[String], retention: Duration) -> BackendResult<()> {
         if keys.is_empty() {
