@@ -74,27 +74,43 @@ pub fn free_port() -> u16 {
 
 /// The `redis-server` binary: `REDIS_SERVER`, else from `PATH`.
 fn redis_server_binary() -> PathBuf {
-    if let Ok(p) = std::env::var("REDIS_SERVER") {
+    redis_binary("REDIS_SERVER", "redis-server")
+}
+
+/// The `redis-cli` binary: `REDIS_CLI`, else next to `REDIS_SERVER`, else from `PATH`.
+fn redis_cli_binary() -> PathBuf {
+    if std::env::var_os("REDIS_CLI").is_none() {
+        if let Some(dir) = std::env::var_os("REDIS_SERVER")
+            .map(PathBuf::from)
+            .and_then(|p| p.parent().map(PathBuf::from))
+        {
+            let candidate = dir.join("redis-cli");
+            if candidate.is_file() {
+                return candidate;
+            }
+        }
+    }
+    redis_binary("REDIS_CLI", "redis-cli")
+}
+
+/// A Redis binary: the path in `var`, else `name` from `PATH` or the usual directories.
+fn redis_binary(var: &str, name: &str) -> PathBuf {
+    if let Ok(p) = std::env::var(var) {
         return PathBuf::from(p);
     }
     for dir in std::env::var("PATH").unwrap_or_default().split(':') {
-        let candidate = PathBuf::from(dir).join("redis-server");
+        let candidate = PathBuf::from(dir).join(name);
         if candidate.is_file() {
             return candidate;
         }
     }
-    for fallback in [
-        "/usr/bin/redis-server",
-        "/usr/local/bin/redis-server",
-        "/usr/sbin/redis-server",
-    ] {
-        if std::path::Path::new(fallback).is_file() {
-            return PathBuf::from(fallback);
+    for dir in ["/usr/bin", "/usr/local/bin", "/usr/sbin"] {
+        let candidate = PathBuf::from(dir).join(name);
+        if candidate.is_file() {
+            return candidate;
         }
     }
-    panic!(
-        "redis-server not found: install it (apt-get install -y redis-server) or set REDIS_SERVER"
-    )
+    panic!("{name} not found: install it (apt-get install -y redis-server) or set {var}")
 }
 
 /// A private `redis-server` on a free loopback port, killed when dropped.
@@ -169,6 +185,14 @@ impl RedisServer {
     /// rules: a command or script whose keys are in different hash slots fails with
     /// `CROSSSLOT`.
     pub fn start_cluster_node() -> RedisServer {
+        let server = RedisServer::start_unassigned_cluster_node(&[]);
+        server.assign_all_slots();
+        server
+    }
+
+    /// Starts a Redis Cluster node (`--cluster-enabled yes`, plus `extra` arguments) on a free
+    /// port, owning no slot yet: a member for [`RedisCluster`].
+    fn start_unassigned_cluster_node(extra: &[&str]) -> RedisServer {
         static NODES: AtomicU64 = AtomicU64::new(0);
         let port = free_port();
         let dir = std::env::temp_dir().join(format!(
@@ -192,11 +216,13 @@ impl RedisServer {
                 free_port().to_string(),
                 "--dir".into(),
                 dir.to_string_lossy().into_owned(),
-            ],
+            ]
+            .into_iter()
+            .chain(extra.iter().map(|a| (*a).to_owned()))
+            .collect(),
             dir: Some(dir),
         };
         server.restart();
-        server.assign_all_slots();
         server
     }
 
@@ -307,6 +333,138 @@ impl Drop for RedisServer {
         self.kill();
         if let Some(dir) = self.dir.take() {
             let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// A private Redis Cluster of 3 masters and 3 replicas on free loopback ports (the Rust twin
+/// of `scripts/redis-cluster`), every node killed (by its PID) and its directory removed when
+/// dropped. A node's failure is noticed after 2 s (`cluster-node-timeout 2000`), so a killed
+/// master's replica is promoted within a few seconds.
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// The number of nodes: 3 masters, each with one replica.
+    pub const NODES: usize = 6;
+
+    /// Starts six nodes, joins them with `redis-cli --cluster create --cluster-replicas 1`,
+    /// and waits until every node reports `cluster_state:ok` and every replica is in sync.
+    pub fn start() -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..Self::NODES)
+            .map(|_| {
+                RedisServer::start_unassigned_cluster_node(&["--cluster-node-timeout", "2000"])
+            })
+            .collect();
+        let cluster = RedisCluster { nodes };
+        let output = Command::new(redis_cli_binary())
+            .arg("--cluster")
+            .arg("create")
+            .args(
+                cluster
+                    .nodes
+                    .iter()
+                    .map(|n| format!("127.0.0.1:{}", n.port())),
+            )
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run redis-cli --cluster create");
+        assert!(
+            output.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for node in &cluster.nodes {
+            loop {
+                let info = node.query_text(&["CLUSTER", "INFO"]);
+                let replication = node.query_text(&["INFO", "replication"]);
+                let ok = has_line(&info, "cluster_state:ok")
+                    && (has_line(&replication, "master_link_status:up")
+                        || has_line(&replication, "connected_slaves:1"));
+                if ok {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "cluster node on port {} not ready after 30 s: {info}\n{replication}",
+                    node.port()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        cluster
+    }
+
+    /// Every node's URL (seeds for a cluster client; any subset would do).
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// The URLs as `REDIS_CLUSTER_URLS` spells them: comma-separated.
+    pub fn urls_env(&self) -> String {
+        self.urls().join(",")
+    }
+
+    /// The nodes, in the order given to `redis-cli --cluster create` (which made the first
+    /// three masters; failovers change that).
+    pub fn nodes(&self) -> &[RedisServer] {
+        &self.nodes
+    }
+
+    /// Node `i`, to kill (a failover) or restart.
+    pub fn node_mut(&mut self, i: usize) -> &mut RedisServer {
+        &mut self.nodes[i]
+    }
+}
+
+fn has_line(text: &str, line: &str) -> bool {
+    text.lines().any(|l| l.trim() == line)
+}
+
+impl RedisServer {
+    /// A command's reply as text (a bulk string; `CLUSTER INFO`, `INFO ..`), on a fresh
+    /// connection; empty if the server does not answer.
+    pub fn query_text(&self, args: &[&str]) -> String {
+        let Ok(client) = redis::Client::open(self.url()) else {
+            return String::new();
+        };
+        let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_secs(2)) else {
+            return String::new();
+        };
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query::<String>(&mut conn).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `RedisCluster` starts six nodes that agree on a healthy cluster with three masters and
+    /// three replicas, and stops them when dropped.
+    #[test]
+    fn redis_cluster_starts_and_stops() {
+        let cluster = RedisCluster::start();
+        let info = cluster.nodes()[0].query_text(&["CLUSTER", "INFO"]);
+        assert!(has_line(&info, "cluster_state:ok"), "{info}");
+        assert!(has_line(&info, "cluster_slots_assigned:16384"), "{info}");
+        assert!(has_line(&info, "cluster_known_nodes:6"), "{info}");
+        assert!(has_line(&info, "cluster_size:3"), "{info}");
+        let ports: Vec<u16> = cluster.nodes().iter().map(RedisServer::port).collect();
+        assert_eq!(cluster.urls_env().split(',').count(), RedisCluster::NODES);
+        drop(cluster);
+        for port in ports {
+            assert!(
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+                "node on port {port} still answers after drop"
+            );
         }
     }
 }
