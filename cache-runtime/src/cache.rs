@@ -76,6 +76,7 @@ impl std::fmt::Debug for Cache {
 enum BackendConfig {
     Memory { max_entries: u64 },
     Redis { url: String },
+    RedisCluster { urls: Vec<String> },
 }
 
 /// Configures and builds a [`Cache`]. Start with [`Cache::builder`].
@@ -247,6 +248,37 @@ impl CacheBuilder {
     ///
     /// # Errors
     ///
+    /// Stores values in a Redis Cluster, reached through `urls`: some of its nodes
+    /// (`redis://[user:password@]host:port`, database 0 only), from which the others are
+    /// discovered. Give several: pub/sub notifications subscribe on one of them, and move to
+    /// the next when it fails. Every feature works on a cluster except the in-process tier
+    /// (`local`), which stays off there for now (values come from Redis; see the README).
+    /// The connection is made on first use; `build` does not wait for it.
+    ///
+    /// The keys of one cached value and its bookkeeping share a hash slot, so every atomic
+    /// step is one script on one node; operations over several keys (invalidating several
+    /// keys, tags) send one request per slot, concurrently.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), cache_runtime::Error> {
+    /// let cache = cache_runtime::Cache::builder()
+    ///     .redis_cluster(["redis://10.0.0.1:7000", "redis://10.0.0.2:7000", "redis://10.0.0.3:7000"])
+    ///     .namespace("app")
+    ///     .build()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn redis_cluster<I>(mut self, urls: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        self.backend = BackendConfig::RedisCluster {
+            urls: urls.into_iter().map(Into::into).collect(),
+        };
+        self
+    }
+
     /// Fails with [`ErrorKind::Config`] on invalid configuration only: a malformed Redis URL,
     /// a zero TTL, timeout or entry limit, a `local_staleness` under 10 ms, a namespace with
     /// braces, spaces or control characters, `write_behind_partitions` outside 1 to 1024, a
@@ -302,6 +334,18 @@ impl CacheBuilder {
                         })?;
                 AnyBackend::Redis(backend)
             }
+            BackendConfig::RedisCluster { urls } => {
+                if self.redis.operation_timeout.is_zero() || self.redis.connect_timeout.is_zero() {
+                    return Err(Error::config("redis timeouts must be greater than zero"));
+                }
+                let backend =
+                    RedisBackend::cluster(&urls, &self.namespace, self.redis.clone(), log.clone())
+                        .map_err(|e| {
+                            let urls: Vec<String> = urls.iter().map(|u| redact(u)).collect();
+                            Error::config(format!("invalid redis cluster urls {urls:?}: {e}"))
+                        })?;
+                AnyBackend::Redis(backend)
+            }
         };
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
@@ -347,7 +391,7 @@ impl Cache {
         }
     }
 
-    /// `"redis"` or `"memory"`.
+    /// `"redis"`, `"redis-cluster"` or `"memory"`.
     pub fn backend_name(&self) -> &'static str {
         self.inner.store.backend_name()
     }
@@ -555,12 +599,27 @@ pub fn set_default(cache: Cache) -> Result<()> {
 /// The cache used by cached functions without a `cache = ...` option.
 ///
 /// Unless [`set_default`] ran first, it is built on first use from the environment:
-/// `REDIS_URL` set (and valid) selects Redis at that URL, otherwise an in-process memory cache.
+/// `REDIS_CLUSTER_URLS` set (comma-separated node URLs, and valid) selects that Redis
+/// Cluster; otherwise `REDIS_URL` set (and valid) selects Redis at that URL; otherwise an
+/// in-process memory cache.
 /// Building connects nothing, so the first use may happen anywhere; operations need a Tokio
 /// runtime, and each runtime that uses the cache (every `#[tokio::test]`, say) gets its own
 /// Redis connection.
 pub fn default_cache() -> &'static Cache {
     DEFAULT.get_or_init(|| {
+        let cluster = std::env::var("REDIS_CLUSTER_URLS")
+            .ok()
+            .filter(|u| !u.trim().is_empty());
+        if let Some(urls) = cluster {
+            let urls = urls.split(',').map(str::trim).filter(|u| !u.is_empty());
+            match Cache::builder().redis_cluster(urls).build_sync() {
+                Ok(cache) => return cache,
+                Err(e) => tracing::error!(
+                    target: "cache_runtime",
+                    "REDIS_CLUSTER_URLS is set but unusable ({e}); trying REDIS_URL"
+                ),
+            }
+        }
         let url = std::env::var("REDIS_URL")
             .ok()
             .filter(|u| !u.trim().is_empty());

@@ -5,7 +5,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use cache_runtime::Cache;
-use cache_tests::{raw_connection, redis_url, unique_namespace};
+use cache_tests::{
+    RawConn, RedisCluster, raw_cluster_connection, raw_connection, redis_url, shared_cluster,
+    unique_namespace,
+};
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
@@ -66,12 +69,15 @@ impl Gate {
 pub enum Backend {
     Memory,
     Redis,
+    Cluster,
 }
 
 pub struct Fx {
     pub cache: Cache,
     pub backend: Backend,
-    conn: Option<redis::aio::MultiplexedConnection>,
+    conn: Option<RawConn>,
+    /// A private cluster, when `REDIS_CLUSTER_URLS` named none: stopped with the fixture.
+    _cluster: Option<RedisCluster>,
 }
 
 impl Fx {
@@ -80,6 +86,7 @@ impl Fx {
             cache: Cache::builder().namespace("t").build().await.unwrap(),
             backend: Backend::Memory,
             conn: None,
+            _cluster: None,
         }
     }
 
@@ -96,15 +103,35 @@ impl Fx {
         Fx {
             cache,
             backend: Backend::Redis,
-            conn: Some(raw_connection(&url).await),
+            conn: Some(RawConn::Single(raw_connection(&url).await)),
+            _cluster: None,
         }
     }
 
-    pub fn is_redis(&self) -> bool {
-        matches!(self.backend, Backend::Redis)
+    /// A cache on the Redis Cluster of `REDIS_CLUSTER_URLS` (or a private one).
+    pub async fn cluster(name: &str) -> Fx {
+        let (urls, cluster) = shared_cluster();
+        let cache = Cache::builder()
+            .redis_cluster(urls.iter().cloned())
+            .namespace(unique_namespace(name))
+            .operation_timeout(Duration::from_secs(2))
+            .build()
+            .await
+            .unwrap();
+        Fx {
+            cache,
+            backend: Backend::Cluster,
+            conn: Some(RawConn::Cluster(raw_cluster_connection(&urls).await)),
+            _cluster: cluster,
+        }
     }
 
-    fn conn(&self) -> redis::aio::MultiplexedConnection {
+    /// Whether the cache is on Redis (one server or a cluster).
+    pub fn is_redis(&self) -> bool {
+        matches!(self.backend, Backend::Redis | Backend::Cluster)
+    }
+
+    fn conn(&self) -> RawConn {
         self.conn.clone().expect("a redis fixture")
     }
 
@@ -167,7 +194,8 @@ impl Fx {
     }
 }
 
-/// Defines each test once and runs it on both backends: `memory::<name>` and `redis::<name>`.
+/// Defines each test once and runs it on every backend: `memory::<name>`, `redis::<name>`
+/// (the shared Redis) and `cluster::<name>` (the Redis Cluster of `REDIS_CLUSTER_URLS`).
 macro_rules! on_both_backends {
     ($(async fn $name:ident($fx:ident: Fx) $body:block)*) => {
         $(
@@ -186,6 +214,14 @@ macro_rules! on_both_backends {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $name() {
                     super::$name(crate::support::Fx::redis(stringify!($name)).await).await
+                }
+            )*
+        }
+        mod cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(crate::support::Fx::cluster(stringify!($name)).await).await
                 }
             )*
         }

@@ -468,3 +468,72 @@ mod tests {
         }
     }
 }
+
+/// A raw connection for inspecting what the cache wrote: to one Redis, or to a cluster
+/// (commands routed by their key's slot, as the cache's own are).
+#[derive(Clone)]
+pub enum RawConn {
+    /// One Redis server.
+    Single(redis::aio::MultiplexedConnection),
+    /// A Redis Cluster.
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for RawConn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            RawConn::Single(c) => c.req_packed_command(cmd),
+            RawConn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            RawConn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            RawConn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RawConn::Single(c) => c.get_db(),
+            RawConn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// A connection to the cluster whose nodes are `urls`.
+pub async fn raw_cluster_connection(urls: &[String]) -> redis::cluster_async::ClusterConnection {
+    let client = redis::cluster::ClusterClient::new(urls.to_vec()).expect("valid cluster urls");
+    tokio::time::timeout(Duration::from_secs(10), client.get_async_connection())
+        .await
+        .expect("the redis cluster answers within 10 s")
+        .unwrap_or_else(|e| panic!("cannot connect to the redis cluster at {urls:?}: {e}"))
+}
+
+/// The Redis Cluster the cluster variants of the behaviour tests use: the one at
+/// `REDIS_CLUSTER_URLS` (comma-separated; `scripts/test` starts one for the whole suite), or
+/// else a private one started for the caller, kept alive by the returned guard.
+pub fn shared_cluster() -> (Vec<String>, Option<RedisCluster>) {
+    let urls: Vec<String> = std::env::var("REDIS_CLUSTER_URLS")
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if urls.is_empty() {
+        let cluster = RedisCluster::start();
+        (cluster.urls(), Some(cluster))
+    } else {
+        (urls, None)
+    }
+}

@@ -347,6 +347,7 @@ impl AnyBackend {
     pub(crate) fn name(&self) -> &'static str {
         match self {
             AnyBackend::Memory(_) => "memory",
+            AnyBackend::Redis(r) if r.is_cluster() => "redis-cluster",
             AnyBackend::Redis(_) => "redis",
         }
     }

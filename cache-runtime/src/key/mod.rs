@@ -26,6 +26,7 @@ use serde::Serialize;
 use self::bound::bound_buf;
 pub(crate) use self::bound::bound_key;
 pub(crate) use self::slot::crc16;
+pub(crate) use self::slot::key_slot_bytes;
 pub use self::slot::{aux_key, key_slot};
 
 /// Appends `c` to `out`, percent-encoded if it is reserved. Returns whether it was encoded

@@ -50,7 +50,17 @@ pub(crate) fn hash_tag(key: &str) -> Option<&str> {
 /// The Redis Cluster hash slot of `key` (what `CLUSTER KEYSLOT` answers): CRC16/XMODEM of
 /// its hash tag, or of the whole key if it has none, modulo 16384.
 pub fn key_slot(key: &str) -> u16 {
-    crc16(hash_tag(key).unwrap_or(key).as_bytes()) % SLOTS
+    key_slot_bytes(key.as_bytes())
+}
+
+/// [`key_slot`] of a key given as bytes (a command's argument).
+pub(crate) fn key_slot_bytes(key: &[u8]) -> u16 {
+    let tagged = key.iter().position(|&b| b == b'{').and_then(|open| {
+        let rest = &key[open + 1..];
+        let close = rest.iter().position(|&b| b == b'}')?;
+        (close > 0).then(|| &rest[..close])
+    });
+    crc16(tagged.unwrap_or(key)) % SLOTS
 }
 
 /// For every slot, the first alphanumeric string (shortest first) that hashes to it: at most

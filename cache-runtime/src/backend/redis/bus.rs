@@ -69,7 +69,15 @@ const GIVE_UP: u32 = 4;
 
 /// What the bus needs to know, fixed when the backend is built.
 pub(super) struct Config {
-    pub(super) client: redis::Client,
+    /// The servers to subscribe on, tried in turn: the one Redis, or a cluster's seed nodes
+    /// (classic pub/sub on a cluster delivers every node's messages to a subscriber on any
+    /// node).
+    pub(super) clients: Vec<redis::Client>,
+    /// Whether they are a cluster's nodes: a `PING`'s answer then does not show that every
+    /// message published before it was delivered (another node's messages come over the
+    /// cluster bus), so heartbeats never make the stream trusted (the in-process tier stays
+    /// off on a cluster).
+    pub(super) cluster: bool,
     /// The fill notifications' channel.
     pub(super) fills: &'static str,
     /// This cache's invalidation channel.
@@ -389,10 +397,13 @@ async fn subscribe_forever(config: Arc<Config>, shared: Arc<Shared>, number: u64
         number,
     };
     let mut backoff = Duration::from_millis(50);
+    // Which of `config.clients` to try next: the next one after each failure.
+    let mut turn = 0usize;
     loop {
         let watching = shared.watch.get().is_some();
+        let client = &config.clients[turn % config.clients.len()];
         let connected = tokio::time::timeout(config.connect_timeout, async {
-            let (mut sink, stream) = connect(&config).await?.split();
+            let (mut sink, stream) = connect(&config, client).await?.split();
             if watching {
                 sink.subscribe(&[config.fills, config.invalidations.as_str()])
                     .await?;
@@ -434,6 +445,7 @@ async fn subscribe_forever(config: Arc<Config>, shared: Arc<Shared>, number: u64
                 ),
             ),
         }
+        turn = turn.wrapping_add(1);
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
@@ -443,8 +455,8 @@ async fn subscribe_forever(config: Arc<Config>, shared: Arc<Shared>, number: u64
 /// (redis-rs has no way to send `CLIENT SETNAME` on a pub/sub connection, and the server
 /// refuses it once subscribed in RESP2: it is sent on the socket first, then redis-rs does its
 /// usual setup on it). Other addresses (TLS, not built in) go through redis-rs unnamed.
-async fn connect(config: &Config) -> redis::RedisResult<PubSub> {
-    let info = config.client.get_connection_info();
+async fn connect(config: &Config, client: &redis::Client) -> redis::RedisResult<PubSub> {
+    let info = client.get_connection_info();
     let settings = info.redis_settings();
     match info.addr() {
         redis::ConnectionAddr::Tcp(host, port) => {
@@ -459,7 +471,7 @@ async fn connect(config: &Config) -> redis::RedisResult<PubSub> {
             name_connection(&mut socket, settings, &config.client_name()).await?;
             PubSub::new(settings, socket).await
         }
-        _ => config.client.get_async_pubsub().await,
+        _ => client.get_async_pubsub().await,
     }
 }
 
@@ -587,7 +599,9 @@ async fn serve(
                         None => break,
                     }
                 }
-                shared.deliver(p.losses, p.sent, &config.breaker);
+                if !config.cluster {
+                    shared.deliver(p.losses, p.sent, &config.breaker);
+                }
                 let h = heartbeat.unwrap_or_default();
                 next_ping = (p.sent + h).max(Instant::now());
             }

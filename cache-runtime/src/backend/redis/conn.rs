@@ -1,8 +1,9 @@
-//! The command connection: one multiplexed `ConnectionManager` per Tokio runtime that uses
-//! the cache, behind a circuit breaker and one timer per operation.
+//! The command connection: one multiplexed connection per Tokio runtime that uses the cache
+//! (a `ConnectionManager` on a single Redis, a `ClusterConnection` on Redis Cluster), behind
+//! a circuit breaker and one timer per operation.
 //!
-//! A `ConnectionManager` belongs to the runtime it was created in: its driver task runs
-//! there, and dies with it. A `Cache` in a `static`, or the default cache under several
+//! Either connection belongs to the runtime it was created in: its driver task runs there,
+//! and dies with it. A `Cache` in a `static`, or the default cache under several
 //! `#[tokio::test]`s, is used from several runtimes, one after the other or at once. So each
 //! runtime gets its own connection, made lazily on its first operation; a connection whose
 //! runtime has shut down is dropped. The common case, one runtime, costs one atomic load and
@@ -13,8 +14,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{ErrorKind as RedisKind, RedisError};
+use redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, ErrorKind as RedisKind, Pipeline, RedisError, RedisFuture, Value};
 use tokio::runtime::{Handle, Id};
 use tokio::task::JoinHandle;
 
@@ -22,10 +27,185 @@ use super::RedisOptions;
 use crate::backend::{BackendError, BackendResult};
 use crate::breaker::{Breaker, FailureKind, FailureLog};
 
+/// Where the cache's data lives.
+#[derive(Clone)]
+pub(crate) enum Target {
+    /// One Redis server (or a proxy that looks like one).
+    Single(redis::Client),
+    /// A Redis Cluster, reached through any of its nodes.
+    Cluster(Box<ClusterClient>),
+}
+
+/// A connection to the cache's Redis: every command and pipeline of the backend goes through
+/// one. On a cluster, a command is routed by its first key's hash slot, and a pipeline by its
+/// commands' one slot: a pipeline must not span slots (see [`SlotPipe`]).
+#[derive(Clone)]
+pub(crate) enum Conn {
+    /// The runtime's shared, reconnecting connection to a single Redis.
+    Single(ConnectionManager),
+    /// A connection of its own to a single Redis (blocking reads hold it).
+    Plain(MultiplexedConnection),
+    /// The runtime's connection to a cluster: one socket per node.
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Plain(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Plain(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Plain(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+impl Conn {
+    /// Whether commands of different hash slots must go in different requests.
+    pub(crate) fn is_cluster(&self) -> bool {
+        matches!(self, Conn::Cluster(_))
+    }
+
+    /// Sends `cmd` to the master that owns `slot` (a cluster), or to the server.
+    pub(crate) async fn query_on_slot<T: redis::FromRedisValue>(
+        &mut self,
+        slot: u16,
+        cmd: &Cmd,
+    ) -> redis::RedisResult<T> {
+        match self {
+            Conn::Cluster(c) => {
+                use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                    Route::new(slot, SlotAddr::Master),
+                ));
+                let value = c.route_command(cmd.clone(), route).await?;
+                Ok(redis::from_redis_value(value)?)
+            }
+            other => cmd.query_async(other).await,
+        }
+    }
+}
+
+/// Commands of several hash slots, sent as one pipeline on a single Redis (one round trip) and
+/// as one pipeline per slot on a cluster (concurrently: still one round trip, the slowest
+/// node's), since a cluster request may not span slots. The replies come back in the order the
+/// commands were pushed, ignored ones left out, as from one pipeline.
+#[derive(Default)]
+pub(crate) struct SlotPipe {
+    /// Each command with its slot and whether its reply is kept.
+    cmds: Vec<(u16, Cmd, bool)>,
+}
+
+impl SlotPipe {
+    pub(crate) fn new() -> Self {
+        SlotPipe::default()
+    }
+
+    /// Adds `cmd`, whose keys are all in `slot` (a keyless command, such as `PUBLISH`, goes
+    /// with the slot whose changes it follows).
+    pub(crate) fn push(&mut self, slot: u16, cmd: Cmd) -> &mut Self {
+        self.cmds.push((slot, cmd, true));
+        self
+    }
+
+    /// Adds `cmd` (see [`Self::push`]); its reply is not returned.
+    pub(crate) fn push_ignored(&mut self, slot: u16, cmd: Cmd) -> &mut Self {
+        self.cmds.push((slot, cmd, false));
+        self
+    }
+
+    /// Sends the commands; the kept replies, in order, as `T` (a tuple or `Vec`). On a
+    /// cluster, the first failing group's error is returned (the other groups were applied).
+    pub(crate) async fn query<T: redis::FromRedisValue>(
+        &self,
+        conn: &mut Conn,
+    ) -> redis::RedisResult<T> {
+        let values = if conn.is_cluster() {
+            self.query_per_slot(conn).await?
+        } else {
+            let mut pipe = redis::pipe();
+            for (_, cmd, keep) in &self.cmds {
+                pipe.add_command(cmd.clone());
+                if !keep {
+                    pipe.ignore();
+                }
+            }
+            pipe.query_async::<Vec<Value>>(conn).await?
+        };
+        Ok(redis::from_redis_value(Value::Array(values))?)
+    }
+
+    async fn query_per_slot(&self, conn: &Conn) -> redis::RedisResult<Vec<Value>> {
+        use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
+        let Conn::Cluster(cluster) = conn else {
+            unreachable!("query_per_slot is for clusters only")
+        };
+        // The groups, in order of first appearance: a pipeline each, and which of the pushed
+        // commands it holds.
+        let mut groups: Vec<(u16, Pipeline, Vec<usize>)> = Vec::new();
+        for (i, (slot, cmd, _)) in self.cmds.iter().enumerate() {
+            let at = match groups.iter().position(|(s, _, _)| s == slot) {
+                Some(at) => at,
+                None => {
+                    groups.push((*slot, redis::pipe(), Vec::new()));
+                    groups.len() - 1
+                }
+            };
+            let (_, pipe, held) = &mut groups[at];
+            pipe.add_command(cmd.clone());
+            held.push(i);
+        }
+        // Routed to the slot's master explicitly: redis-rs would route a pipeline by its
+        // commands' keys, and take a `PUBLISH`'s channel for one.
+        let replies = futures_util::future::join_all(groups.iter().map(|(slot, pipe, held)| {
+            let mut cluster = cluster.clone();
+            let route = SingleNodeRoutingInfo::SpecificNode(Route::new(*slot, SlotAddr::Master));
+            async move {
+                cluster
+                    .route_pipeline(pipe.clone(), 0, held.len(), route)
+                    .await
+            }
+        }))
+        .await;
+        let mut ordered: Vec<Option<Value>> = vec![None; self.cmds.len()];
+        for ((_, _, held), reply) in groups.iter().zip(replies) {
+            for (&i, value) in held.iter().zip(reply?) {
+                ordered[i] = Some(value.extract_error()?);
+            }
+        }
+        Ok(ordered
+            .into_iter()
+            .zip(&self.cmds)
+            .filter(|(_, (_, _, keep))| *keep)
+            .map(|(v, _)| v.unwrap_or(Value::Nil))
+            .collect())
+    }
+}
+
 /// The connection of one runtime.
 struct Slot {
     runtime: Id,
-    manager: ConnectionManager,
+    manager: Conn,
     /// A task that never ends on its own: finished means the runtime has shut down.
     alive: JoinHandle<()>,
 }
@@ -37,7 +217,7 @@ impl Drop for Slot {
 }
 
 pub(super) struct Connections {
-    client: redis::Client,
+    target: Target,
     options: RedisOptions,
     /// The slot used last: checked first.
     current: ArcSwapOption<Slot>,
@@ -74,14 +254,14 @@ impl Drop for ProbeGuard<'_> {
 }
 
 impl Connections {
-    pub(super) fn new(client: redis::Client, options: RedisOptions, log: Arc<FailureLog>) -> Self {
+    pub(super) fn new(target: Target, options: RedisOptions, log: Arc<FailureLog>) -> Self {
         Connections {
             breaker: Arc::new(Breaker::new(
                 options.breaker_threshold,
                 options.breaker_cooldown,
             )),
             on_open: OnceLock::new(),
-            client,
+            target,
             options,
             current: ArcSwapOption::empty(),
             slots: Mutex::new(Vec::new()),
@@ -102,7 +282,7 @@ impl Connections {
     }
 
     /// The connection of the current runtime, created (not connected) on first use.
-    fn connection(&self) -> BackendResult<ConnectionManager> {
+    fn connection(&self) -> BackendResult<Conn> {
         let handle = Handle::try_current().map_err(|_| {
             BackendError::Unavailable("not called inside a Tokio runtime".to_owned())
         })?;
@@ -116,7 +296,7 @@ impl Connections {
     }
 
     #[cold]
-    fn connection_slow(&self, handle: &Handle, runtime: Id) -> BackendResult<ConnectionManager> {
+    fn connection_slow(&self, handle: &Handle, runtime: Id) -> BackendResult<Conn> {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         // Connections of runtimes that have shut down are dead: drop them.
         slots.retain(|s| !s.alive.is_finished());
@@ -124,15 +304,27 @@ impl Connections {
             self.current.store(Some(slot.clone()));
             return Ok(slot.manager.clone());
         }
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.options.connect_timeout))
-            // No response timeout in redis-rs: `run` bounds the whole operation (including a
-            // wait for a reconnection) with one timer, instead of two timers per command.
-            .set_response_timeout(None)
-            // One attempt per reconnection; the breaker paces the attempts.
-            .set_number_of_retries(0);
-        let manager = ConnectionManager::new_lazy_with_config(self.client.clone(), config)
-            .map_err(|e| BackendError::Unavailable(e.to_string()))?;
+        let manager = match &self.target {
+            Target::Single(client) => {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(self.options.connect_timeout))
+                    // No response timeout in redis-rs: `run` bounds the whole operation
+                    // (including a wait for a reconnection) with one timer, instead of two
+                    // timers per command.
+                    .set_response_timeout(None)
+                    // One attempt per reconnection; the breaker paces the attempts.
+                    .set_number_of_retries(0);
+                Conn::Single(
+                    ConnectionManager::new_lazy_with_config(client.clone(), config)
+                        .map_err(|e| BackendError::Unavailable(e.to_string()))?,
+                )
+            }
+            // Connects in the background: the first operations wait for it, bounded by
+            // their timer, as with the lazy `ConnectionManager`.
+            Target::Cluster(client) => Conn::Cluster(
+                client.get_pending_async_connection_with_config(self.cluster_config()),
+            ),
+        };
         let slot = Arc::new(Slot {
             runtime,
             manager: manager.clone(),
@@ -168,7 +360,7 @@ impl Connections {
     /// Runs one operation through the breaker and the timeout, classifying its failure.
     pub(super) async fn run<T, F, Fut>(&self, op: &'static str, f: F) -> BackendResult<T>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let (probe, conn) = self.begin()?;
@@ -182,7 +374,7 @@ impl Connections {
     }
 
     /// An operation starts: whether it is the half-open breaker's probe, and the connection.
-    fn begin(&self) -> BackendResult<(bool, ConnectionManager)> {
+    fn begin(&self) -> BackendResult<(bool, Conn)> {
         let Some(probe) = self.breaker.acquire() else {
             return Err(BackendError::Unavailable(
                 "circuit breaker open after repeated failures".to_owned(),
@@ -256,9 +448,44 @@ impl Connections {
         }
     }
 
-    /// The client (for connections of their own: the write-behind worker's blocking reads).
-    pub(super) fn client(&self) -> &redis::Client {
-        &self.client
+    /// A connection of the caller's own, not shared with other operations (the write-behind
+    /// worker's blocking reads hold theirs): connected before it is returned.
+    pub(super) async fn own_connection(&self) -> redis::RedisResult<Conn> {
+        let timeout = self.options.operation_timeout.max(Duration::from_secs(1));
+        match &self.target {
+            Target::Single(client) => {
+                let config = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(timeout))
+                    .set_response_timeout(None);
+                Ok(Conn::Plain(
+                    client
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await?,
+                ))
+            }
+            Target::Cluster(client) => {
+                let config = self.cluster_config();
+                let connect = client.get_async_connection_with_config(config);
+                match tokio::time::timeout(timeout, connect).await {
+                    Ok(conn) => Ok(Conn::Cluster(conn?)),
+                    Err(_) => Err(RedisError::from(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "connecting to the redis cluster timed out",
+                    ))),
+                }
+            }
+        }
+    }
+
+    /// The per-connection settings of a cluster connection (the client's retries are set
+    /// when it is made, see `RedisBackend::cluster`).
+    fn cluster_config(&self) -> redis::cluster::ClusterConfig {
+        redis::cluster::ClusterConfig::new().set_connection_timeout(self.options.connect_timeout)
+    }
+
+    /// Whether the cache's Redis is a cluster.
+    pub(super) fn is_cluster(&self) -> bool {
+        matches!(self.target, Target::Cluster(_))
     }
 
     /// How long one operation may take.

@@ -73,12 +73,12 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use self::bus::Bus;
-use self::conn::Connections;
+use self::conn::{Connections, SlotPipe, Target};
 use self::scripts::{FILL, REFRESH_FILL, REFRESH_LEASE, RELEASE, REPLACE, WRITE, evalsha, run};
 use super::{Backend, BackendResult, Gen, LeaseReply, OnWait, PENDING_TTL, Read, Stored, Token};
 use crate::breaker::FailureLog;
 use crate::envelope::Header;
-use crate::key::{KeyBuf, aux_key};
+use crate::key::{KeyBuf, aux_key, key_slot};
 
 /// The channel fills are published on (shared by every cache on the server; a waiter
 /// filters by key).
@@ -104,14 +104,29 @@ fn refuses_writes(e: &redis::RedisError) -> bool {
 }
 
 /// Adds `SET key value NX PX ttl GET` to `pipe`: the current value, or `value` set.
-fn push_set_nx_get(pipe: &mut redis::Pipeline, key: &str, value: &str, ttl: Duration) {
-    pipe.cmd("SET")
-        .arg(key)
+fn push_set_nx_get(pipe: &mut SlotPipe, key: &str, value: &str, ttl: Duration) {
+    let mut set = redis::cmd("SET");
+    set.arg(key)
         .arg(value)
         .arg("NX")
         .arg("PX")
         .arg(millis(ttl))
         .arg("GET");
+    pipe.push(key_slot(key), set);
+}
+
+/// `GET key`.
+fn get_cmd(key: &str) -> redis::Cmd {
+    let mut get = redis::cmd("GET");
+    get.arg(key);
+    get
+}
+
+/// `PUBLISH channel payload`.
+fn publish(channel: &str, payload: &[u8]) -> redis::Cmd {
+    let mut publish = redis::cmd("PUBLISH");
+    publish.arg(channel).arg(payload);
+    publish
 }
 
 /// The tags' versions from their `SET .. NX GET` replies: the one found, or the one sent.
@@ -187,11 +202,74 @@ impl RedisBackend {
         log: Arc<FailureLog>,
     ) -> Result<Self, redis::RedisError> {
         let client = redis::Client::open(url)?;
+        Ok(Self::with_target(
+            Target::Single(client.clone()),
+            vec![client],
+            namespace,
+            options,
+            log,
+        ))
+    }
+
+    /// A Redis Cluster reached through `seeds` (any of its nodes; the others are discovered).
+    /// Fails only on an invalid URL, or one naming a database other than 0 (a cluster has
+    /// only that one).
+    pub(crate) fn cluster(
+        seeds: &[String],
+        namespace: &str,
+        options: RedisOptions,
+        log: Arc<FailureLog>,
+    ) -> Result<Self, redis::RedisError> {
+        let mut clients = Vec::with_capacity(seeds.len());
+        for seed in seeds {
+            let client = redis::Client::open(seed.as_str())?;
+            if client.get_connection_info().redis_settings().db() != 0 {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::InvalidClientConfig,
+                    "a redis cluster has database 0 only",
+                )));
+            }
+            clients.push(client);
+        }
+        if clients.is_empty() {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "no redis cluster node given",
+            )));
+        }
+        let client = redis::cluster::ClusterClientBuilder::new(
+            clients.iter().map(|c| c.get_connection_info().clone()),
+        )
+        // Enough to follow `MOVED`/`ASK` and a slot-map refresh during a reshard or a
+        // failover; never long: the operation's timer bounds the whole call anyway.
+        .retries(3)
+        .min_retry_wait(1)
+        .max_retry_wait(100)
+        .connection_timeout(options.connect_timeout)
+        .build()?;
+        Ok(Self::with_target(
+            Target::Cluster(Box::new(client)),
+            clients,
+            namespace,
+            options,
+            log,
+        ))
+    }
+
+    fn with_target(
+        target: Target,
+        bus_clients: Vec<redis::Client>,
+        namespace: &str,
+        options: RedisOptions,
+        log: Arc<FailureLog>,
+    ) -> Self {
+        let cluster = matches!(target, Target::Cluster(_));
         let origin = inv::new_origin();
         let inv_channel = inv::channel(namespace);
-        let conns = Connections::new(client.clone(), options.clone(), log.clone());
+        let conns = Connections::new(target, options.clone(), log.clone());
         let bus = Bus::new(bus::Config {
-            client,
+            clients: bus_clients,
+            cluster,
             fills: CHANNEL,
             invalidations: inv_channel.clone(),
             origin,
@@ -201,7 +279,7 @@ impl RedisBackend {
         });
         // The in-process tier must not be used while Redis is unreachable.
         conns.on_breaker_open(Box::new(bus.on_lost()));
-        Ok(RedisBackend {
+        RedisBackend {
             bus,
             conns,
             origin,
@@ -209,7 +287,12 @@ impl RedisBackend {
             marker_prefix: format!("{MARKER}{}:", crate::store::new_token()),
             refusing_until: std::sync::atomic::AtomicU64::new(0),
             started: std::time::Instant::now(),
-        })
+        }
+    }
+
+    /// Whether this backend speaks to a Redis Cluster.
+    pub(crate) fn is_cluster(&self) -> bool {
+        self.conns.is_cluster()
     }
 
     /// A new pending-load marker: never repeated. Cheap (one is made per lookup, in a reused
@@ -586,23 +669,33 @@ impl Backend for RedisBackend {
                 None => by_slot.push((slot, vec![key])),
             }
         }
-        let frame = self.frame(inv::Kind::Keys, keys);
-        let (by_slot, frame, channel) = (&by_slot, &frame, &self.inv_channel);
+        let channel = &self.inv_channel;
+        let by_slot = &by_slot;
         self.conns
             .run("invalidate", |mut conn| async move {
-                let mut pipe = redis::pipe();
-                for (_, group) in by_slot {
+                let mut pipe = SlotPipe::new();
+                for (slot, group) in by_slot {
                     // With each key its stale copy (`stale`) and its refresh lease
                     // (`refresh`: a running refresh does not store), in the same slot.
-                    let del = pipe.cmd("DEL").arg(group);
+                    let mut del = redis::cmd("DEL");
+                    del.arg(group);
                     for key in group {
                         del.arg(Self::stale_copy(key))
                             .arg(Self::refresh_lease_key(key));
                     }
-                    del.ignore();
+                    pipe.push_ignored(*slot, del);
+                    if conn.is_cluster() {
+                        // Each slot's request announces its own keys (a cluster request may
+                        // not span slots): never before their change.
+                        let frame = self.frame(inv::Kind::Keys, group);
+                        pipe.push_ignored(*slot, publish(channel, &frame));
+                    }
                 }
-                pipe.cmd("PUBLISH").arg(channel).arg(&frame[..]).ignore();
-                pipe.exec_async(&mut conn).await
+                if !conn.is_cluster() {
+                    let slot = by_slot[0].0;
+                    pipe.push_ignored(slot, publish(channel, &self.frame(inv::Kind::Keys, keys)));
+                }
+                pipe.query::<()>(&mut conn).await
             })
             .await
     }
@@ -617,8 +710,8 @@ impl Backend for RedisBackend {
         if tags.is_empty() {
             return (self.read_for_fill(key, token).await, Ok(Vec::new()));
         }
-        // The lookup and the tags' `SET .. NX GET`s in one pipeline: one request, one round
-        // trip (on a cluster the pipeline is split per node, the requests still concurrent).
+        // The lookup and the tags' `SET .. NX GET`s in one pipeline: one round trip (on a
+        // cluster one request per slot, concurrent: still one round trip).
         let marker = self.marker(token);
         let tag_keys = Self::tag_keys(tags);
         let fresh: Vec<String> = tags.iter().map(|_| crate::store::new_token()).collect();
@@ -626,12 +719,12 @@ impl Backend for RedisBackend {
         let found = self
             .conns
             .run("SET NX GET + tags", |mut conn| async move {
-                let mut pipe = redis::pipe();
+                let mut pipe = SlotPipe::new();
                 push_set_nx_get(&mut pipe, key, marker, PENDING_TTL);
                 for (tag, version) in tag_keys.iter().zip(versions_sent) {
                     push_set_nx_get(&mut pipe, tag, version, ttl);
                 }
-                match pipe.query_async::<Vec<Option<Vec<u8>>>>(&mut conn).await {
+                match pipe.query::<Vec<Option<Vec<u8>>>>(&mut conn).await {
                     Ok(all) => Ok(Some(all)),
                     // A server that refuses writes: the separate calls know what to do.
                     Err(e) if refuses_writes(&e) => Ok(None),
@@ -666,20 +759,20 @@ impl Backend for RedisBackend {
         self.conns
             .run("tag versions", |mut conn| async move {
                 // `SET .. NX GET`: the current version, or a new one: never none.
-                let mut pipe = redis::pipe();
+                let mut pipe = SlotPipe::new();
                 for (key, version) in keys.iter().zip(&fresh) {
                     push_set_nx_get(&mut pipe, key, version, ttl);
                 }
-                let found: Vec<Option<Vec<u8>>> = match pipe.query_async(&mut conn).await {
+                let found: Vec<Option<Vec<u8>>> = match pipe.query(&mut conn).await {
                     Ok(found) => found,
                     // A server that refuses writes: the versions there are (an absent one,
                     // empty, matches no entry), none created.
                     Err(e) if refuses_writes(&e) => {
-                        let mut get = redis::pipe();
+                        let mut get = SlotPipe::new();
                         for key in &keys {
-                            get.cmd("GET").arg(key);
+                            get.push(key_slot(key), get_cmd(key));
                         }
-                        let current: Vec<Option<Vec<u8>>> = get.query_async(&mut conn).await?;
+                        let current: Vec<Option<Vec<u8>>> = get.query(&mut conn).await?;
                         return Ok(current
                             .into_iter()
                             .map(|v| v.map(Bytes::from).unwrap_or_default())
@@ -703,19 +796,18 @@ impl Backend for RedisBackend {
         let keys = Self::tag_keys(tags);
         self.conns
             .run("tag check", |mut conn| async move {
-                let mut pipe = redis::pipe();
+                let mut pipe = SlotPipe::new();
                 for key in &keys {
+                    let slot = key_slot(key);
                     if let Some(ttl) = extend {
                         // A tag lives as long as its longest-lived entry, and no longer.
-                        pipe.cmd("PEXPIRE")
-                            .arg(key)
-                            .arg(millis(ttl))
-                            .arg("GT")
-                            .ignore();
+                        let mut pexpire = redis::cmd("PEXPIRE");
+                        pexpire.arg(key).arg(millis(ttl)).arg("GT");
+                        pipe.push_ignored(slot, pexpire);
                     }
-                    pipe.cmd("GET").arg(key);
+                    pipe.push(slot, get_cmd(key));
                 }
-                let found: Vec<Option<Vec<u8>>> = pipe.query_async(&mut conn).await?;
+                let found: Vec<Option<Vec<u8>>> = pipe.query(&mut conn).await?;
                 Ok(found.into_iter().map(|v| v.map(Bytes::from)).collect())
             })
             .await
@@ -727,23 +819,32 @@ impl Backend for RedisBackend {
         }
         let keys = Self::tag_keys(tags);
         // The names as given (not the `__cr:tag:{..}` keys): what other processes' tiers know.
-        let frame = self.frame(inv::Kind::Tags, tags);
-        let (frame, channel) = (&frame, &self.inv_channel);
+        let channel = &self.inv_channel;
+        let keys = &keys;
         self.conns
             .run("invalidate tags", |mut conn| async move {
                 // One command per tag, whatever the number of entries; a tag without a version
-                // has no entry that could be served. Then one `PUBLISH` of all the names.
-                let mut pipe = redis::pipe();
-                for key in &keys {
-                    pipe.cmd("SET")
-                        .arg(key)
+                // has no entry that could be served. Then one `PUBLISH` of all the names (on
+                // a cluster, one per tag, in the tag's slot's request, after its change).
+                let mut pipe = SlotPipe::new();
+                for (key, tag) in keys.iter().zip(tags) {
+                    let slot = key_slot(key);
+                    let mut set = redis::cmd("SET");
+                    set.arg(key)
                         .arg(crate::store::new_token())
                         .arg("XX")
-                        .arg("KEEPTTL")
-                        .ignore();
+                        .arg("KEEPTTL");
+                    pipe.push_ignored(slot, set);
+                    if conn.is_cluster() {
+                        let frame = self.frame(inv::Kind::Tags, &[tag]);
+                        pipe.push_ignored(slot, publish(channel, &frame));
+                    }
                 }
-                pipe.cmd("PUBLISH").arg(channel).arg(&frame[..]).ignore();
-                pipe.exec_async(&mut conn).await
+                if !conn.is_cluster() {
+                    let frame = self.frame(inv::Kind::Tags, tags);
+                    pipe.push_ignored(key_slot(&keys[0]), publish(channel, &frame));
+                }
+                pipe.query::<()>(&mut conn).await
             })
             .await
     }

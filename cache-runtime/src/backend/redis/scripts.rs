@@ -4,39 +4,74 @@
 
 use std::sync::LazyLock;
 
-use redis::aio::ConnectionManager;
-use redis::{Cmd, FromRedisValue, RedisResult, Script};
+use redis::{Cmd, FromRedisValue, RedisResult};
+
+use super::conn::Conn;
 
 /// `EVALSHA <script> <keys>`: add the keys and arguments, then [`run`] it. The arguments are
 /// written into the command once (`Script::key`/`arg` would copy each into a buffer of its own
 /// first, the envelope included), sized for `args` more arguments of `bytes` bytes in all.
-pub(super) fn evalsha(script: &Script, keys: usize, args: usize, bytes: usize) -> Cmd {
+pub(super) fn evalsha(script: &Lua, keys: usize, args: usize, bytes: usize) -> Cmd {
     let mut cmd = Cmd::with_capacity(3 + args, 48 + bytes);
     cmd.arg("EVALSHA").arg(script.get_hash()).arg(keys);
     cmd
 }
 
 /// Runs a command made by [`evalsha`], loading `script` if the server does not have it
-/// (`NOSCRIPT`: a restart, a failover, `SCRIPT FLUSH`).
+/// (`NOSCRIPT`: a restart, a failover, `SCRIPT FLUSH`, a cluster node that never ran it).
+///
+/// On a cluster the script is loaded on the master that owns the command's first key (the
+/// node that answered `NOSCRIPT`), not on every node as redis-rs's `Script::load_async` would:
+/// that fails while any node is down, which is exactly when a failover's new master needs it.
 pub(super) async fn run<T: FromRedisValue>(
-    conn: &mut ConnectionManager,
-    script: &Script,
+    conn: &mut Conn,
+    script: &Lua,
     cmd: &Cmd,
 ) -> RedisResult<T> {
     match cmd.query_async(conn).await {
         Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-            script.prepare_invoke().load_async(conn).await?;
+            let mut load = redis::cmd("SCRIPT");
+            load.arg("LOAD").arg(script.code);
+            let _: String = conn.query_on_slot(first_key_slot(cmd), &load).await?;
             cmd.query_async(conn).await
         }
         other => other,
     }
 }
 
+/// The hash slot of an `EVALSHA`'s first key (`EVALSHA sha numkeys key ..`); 0 without keys.
+fn first_key_slot(cmd: &Cmd) -> u16 {
+    match cmd.args_iter().nth(3) {
+        Some(redis::Arg::Simple(key)) => crate::key::key_slot_bytes(key),
+        _ => 0,
+    }
+}
+
+/// A Lua script: its source (for `SCRIPT LOAD`) and its SHA1 (for `EVALSHA`).
+pub(crate) struct Lua {
+    code: &'static str,
+    script: redis::Script,
+}
+
+impl Lua {
+    pub(crate) fn new(code: &'static str) -> Self {
+        Lua {
+            code,
+            script: redis::Script::new(code),
+        }
+    }
+
+    /// The script's SHA1, in hexadecimal.
+    pub(crate) fn get_hash(&self) -> &str {
+        self.script.get_hash()
+    }
+}
+
 /// KEYS: value, waiters. ARGV: marker, marker ttl ms, waiters ttl ms.
 /// `SET value marker NX PX .. GET`, and if the key holds another caller's marker, registers a
 /// waiter (so that the fill publishes). Returns what the key held (nil: the marker was set).
-pub(super) static LEASE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+pub(super) static LEASE: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
         r"
 local v = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2], 'GET')
 if v and string.sub(v, 1, 5) == '\0crp:' then
@@ -52,8 +87,8 @@ return v
 /// process's marker is already there (returned: that process is loading; a marker of the
 /// caller's own backend is dead, see `RedisBackend::lookup`, and is replaced). Returns nil if
 /// the marker was set.
-pub(super) static REPLACE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+pub(super) static REPLACE: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
         r"
 if redis.call('TYPE', KEYS[1]).ok == 'string' then
   local v = redis.call('GET', KEYS[1])
@@ -70,8 +105,8 @@ return false
 /// KEYS: value. ARGV: the marker observed, our marker, marker ttl ms.
 /// Takes over a lease whose holder seems gone: replaces its marker with ours if it is still
 /// there. Returns 1 if taken.
-pub(super) static TAKEOVER: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+pub(super) static TAKEOVER: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
         r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
@@ -87,8 +122,8 @@ return 0
 /// Stores only if the key still holds that marker (no write, invalidation or eviction since
 /// the read), and with a third key (`stale`) the same envelope as the key's stale copy, which
 /// outlives it; wakes waiters. Returns 1 if stored.
-pub(super) static FILL: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+pub(super) static FILL: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
         r"
 local stored = 0
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -108,8 +143,8 @@ return stored
 
 /// KEYS: value, waiters. ARGV: marker, channel. Removes the caller's marker (its load is not
 /// stored), waking the waiters.
-pub(super) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+pub(super) static RELEASE: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
         r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
@@ -129,8 +164,8 @@ return 1
 /// lease (`refresh`: a refresh running now does not store its result over the write), wakes
 /// the key's waiters, and announces the write to other processes' in-process tiers, after it
 /// is applied.
-pub(super) static WRITE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+pub(super) static WRITE: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
         r"
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('DEL', KEYS[3], KEYS[4])
@@ -147,8 +182,8 @@ return 1
 /// 13 bytes: format, created-at, compute time), lease ms.
 /// `refresh`: takes the key's refresh lease if the key still holds that entry and nobody holds
 /// the lease (`SET .. NX PX`). Returns 1 if taken.
-pub(super) static REFRESH_LEASE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+pub(super) static REFRESH_LEASE: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
         r"
 if redis.call('TYPE', KEYS[1]).ok ~= 'string' then
   return 0
@@ -173,8 +208,8 @@ return 0
 /// key (`stale`), the value also replaces the key's stale copy, as `FILL` does. Wakes nobody
 /// and publishes nothing: nobody waits for a refresh, and other processes' in-process copies
 /// live out the old entry's TTL. Returns 1 if stored.
-pub(super) static REFRESH_FILL: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+pub(super) static REFRESH_FILL: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
         r"
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then
   return 0

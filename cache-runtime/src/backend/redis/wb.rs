@@ -25,6 +25,8 @@ use redis::Value;
 pub(crate) use self::reply::StreamEntry;
 use self::reply::{int_of, items, parse_consumers, parse_entries, parse_read, string_of};
 use self::scripts::{WB_ACK, WB_DEAD, WB_ENQUEUE, WB_REASSERT, WB_RELEASE, WB_RENEW, WB_RETRY};
+/// A connection of the worker's own (see [`RedisBackend::own_connection`]).
+pub(crate) use super::conn::Conn as WbConn;
 
 use super::scripts::{evalsha, run};
 use super::{CHANNEL, RedisBackend, inv, millis};
@@ -96,9 +98,9 @@ pub(crate) struct Owned<'a> {
 }
 
 impl RedisBackend {
-    /// A client for the connections of the worker's own (blocking reads).
-    pub(crate) fn client(&self) -> &redis::Client {
-        self.conns.client()
+    /// A connection of the worker's own (blocking reads hold it), connected.
+    pub(crate) async fn own_connection(&self) -> redis::RedisResult<WbConn> {
+        self.conns.own_connection().await
     }
 
     /// How long one operation may take.
@@ -759,7 +761,7 @@ pub(crate) fn now_ms() -> u64 {
 /// A blocking `XREADGROUP .. BLOCK poll STREAMS stream >` on a connection of the worker's own:
 /// new entries for `me`.
 pub(crate) async fn read_new(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut WbConn,
     stream: &str,
     me: &str,
     count: usize,

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use futures_util::FutureExt as _;
 
 use super::{HELD_BATCHES, PartitionState, Shared, backoff, millis};
-use crate::backend::wb::POSITION_FIELD;
 use crate::backend::wb::{DeadLetter, Owned, PartitionKeys, StreamEntry, dead_key, read_new};
+use crate::backend::wb::{POSITION_FIELD, WbConn};
 use crate::backend::{BackendError, RedisBackend};
 use crate::stats::SiteStats;
 use crate::write_behind::handler::Applied;
@@ -167,7 +167,7 @@ impl Partition<'_> {
                 }
             }
         }
-        let mut conn: Option<redis::aio::MultiplexedConnection> = None;
+        let mut conn: Option<WbConn> = None;
         // A read whose answer was lost (timed out, failed, interrupted) may have delivered
         // entries to this consumer: they are read again from its pending list.
         let mut reload = false;
@@ -294,14 +294,8 @@ impl Partition<'_> {
         }
     }
 
-    async fn connect(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.redis().op_timeout().max(Duration::from_secs(1))))
-            .set_response_timeout(None);
-        self.redis()
-            .client()
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
+    async fn connect(&self) -> redis::RedisResult<WbConn> {
+        self.redis().own_connection().await
     }
 
     /// Takes the partition over: its group, the entries other consumers held (a dead or

@@ -5,7 +5,7 @@
 
 use std::sync::LazyLock;
 
-use redis::Script;
+use super::super::scripts::Lua;
 
 /// KEYS: value, waiters, stale copy, refresh lease, wbl, stream. ARGV: envelope, ttl ms, fill
 /// channel, inv channel, frame, write id, retention ms, wbl ttl ms, then the entry's
@@ -14,8 +14,8 @@ use redis::Script;
 /// encoded, or its tags not rendered or read): the key is invalidated as `invalidate` does
 /// (value, stale copy, refresh lease; the frame published) and `wbl` deleted (no earlier
 /// write's re-assert puts its value back). Returns the entry's id.
-pub(super) static WB_ENQUEUE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+pub(super) static WB_ENQUEUE: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
         r"
 local id = redis.call('XADD', KEYS[6], '*', unpack(ARGV, 9))
 redis.call('PEXPIRE', KEYS[6], ARGV[7])
@@ -42,8 +42,8 @@ return id
 /// exactly its envelope (evicted, expired, or filled from the database before it had the
 /// write), does `WRITE`'s steps with it. Returns 2 if it wrote, 1 if the key held it, 0 if a
 /// later write-behind write of the key was accepted since.
-pub(super) static WB_REASSERT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+pub(super) static WB_REASSERT: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
         r"
 if redis.call('GET', KEYS[5]) ~= ARGV[1] then
   return 0
@@ -69,8 +69,8 @@ return 2
 /// KEYS: stream, owner, tries. ARGV: token, group, retention ms, ids... Only while the caller
 /// holds the partition: `XACK`, `XDEL` (an entry is removed once acknowledged), `HDEL tries`,
 /// and the stream's retention renewed. Returns 0 if the lease was lost.
-pub(super) static WB_ACK: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+pub(super) static WB_ACK: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
         r"
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then
   return 0
@@ -93,8 +93,8 @@ return 1
 /// (`wbl == write id`: the cache holds a value the database never got), the key is
 /// invalidated as `invalidate` does (value, stale copy, refresh lease, wbl; the frame
 /// published). Returns 0 if the lease was lost, 2 if it invalidated the key, else 1.
-pub(super) static WB_DEAD: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+pub(super) static WB_DEAD: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
         r"
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then
   return 0
@@ -129,8 +129,8 @@ return 1
 
 /// KEYS: owner. ARGV: token, lease ms. Renews the lease if the caller holds it. Returns 1 if
 /// renewed.
-pub(super) static WB_RENEW: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+pub(super) static WB_RENEW: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
         r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -142,8 +142,8 @@ return 0
 });
 
 /// KEYS: owner. ARGV: token. Gives the lease back if the caller holds it.
-pub(super) static WB_RELEASE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+pub(super) static WB_RELEASE: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
         r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
@@ -156,8 +156,8 @@ return 0
 /// KEYS: dead, stream. ARGV: the dead letter's id, retention ms, then the entry's field/value
 /// pairs (without the dead-letter fields). Moves one dead letter back to its partition (a new
 /// entry: its attempts start again). Returns 1 if moved (0: it was gone).
-pub(super) static WB_RETRY: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+pub(super) static WB_RETRY: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
         r"
 if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then
   return 0
