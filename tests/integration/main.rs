@@ -6,6 +6,7 @@
 mod support;
 
 mod behaviour;
+mod cluster;
 mod cluster_node;
 mod coalescing;
 mod engine_defects;

@@ -159,7 +159,10 @@ async fn on_default_cache(calls: &Calls, ns: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_cache_follows_redis_url() {
     let cache = default_cache();
-    let expected = if std::env::var("REDIS_URL").is_ok_and(|u| !u.trim().is_empty()) {
+    let set = |name: &str| std::env::var(name).is_ok_and(|u| !u.trim().is_empty());
+    let expected = if set("REDIS_CLUSTER_URLS") {
+        "redis-cluster"
+    } else if set("REDIS_URL") {
         "redis"
     } else {
         "memory"

@@ -348,7 +348,7 @@ async fn in_process_a_stuck_leader_is_taken_over_after_the_lease() {
 
 // ---- real processes ------------------------------------------------------------------------
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -380,6 +380,13 @@ fn worker() {
     let load_ms: u64 = var("CACHE_TEST_LOAD_MS").parse().unwrap();
     let start_at: u64 = var("CACHE_TEST_START_AT").parse().unwrap();
     let counter = var("CACHE_TEST_COUNTER");
+    // The cache on a Redis Cluster when set (the counter stays on the shared Redis).
+    let cluster: Vec<String> = std::env::var("CACHE_TEST_CLUSTER_URLS")
+        .unwrap_or_default()
+        .split(',')
+        .filter(|u| !u.is_empty())
+        .map(str::to_owned)
+        .collect();
     let url = redis_url();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -387,7 +394,17 @@ fn worker() {
         .build()
         .unwrap();
     rt.block_on(async move {
-        let cache = cache_on(&url, &namespace).await;
+        let cache = if cluster.is_empty() {
+            cache_on(&url, &namespace).await
+        } else {
+            Cache::builder()
+                .redis_cluster(cluster)
+                .namespace(&namespace)
+                .operation_timeout(Duration::from_secs(2))
+                .build()
+                .await
+                .unwrap()
+        };
         let conn = raw_connection(&url).await;
         // Connect the cache before the start, so that every process starts at once.
         let _ = cache.get::<u64>("warm-up").await;
@@ -419,6 +436,19 @@ fn spawn_worker(
     load_ms: u64,
     start_at: u64,
 ) -> Child {
+    spawn_worker_on(namespace, counter, callers, load_ms, start_at, None)
+}
+
+/// A worker process with `callers` concurrent calls of `job(7)`; its cache on the cluster
+/// of `cluster` (comma-separated URLs) when given.
+pub(crate) fn spawn_worker_on(
+    namespace: &str,
+    counter: &str,
+    callers: usize,
+    load_ms: u64,
+    start_at: u64,
+    cluster: Option<&str>,
+) -> Child {
     spawn_test_worker(
         "stampede::worker",
         &[
@@ -427,11 +457,12 @@ fn spawn_worker(
             ("CACHE_TEST_CALLERS", callers.to_string()),
             ("CACHE_TEST_LOAD_MS", load_ms.to_string()),
             ("CACHE_TEST_START_AT", start_at.to_string()),
+            ("CACHE_TEST_CLUSTER_URLS", cluster.unwrap_or("").to_owned()),
         ],
     )
 }
 
-fn wait_ok(child: Child, within: Duration) {
+pub(crate) fn wait_ok(child: Child, within: Duration) {
     let deadline = Instant::now() + within;
     let mut child = child;
     loop {
@@ -453,7 +484,10 @@ fn wait_ok(child: Child, within: Duration) {
     }
 }
 
-async fn counter_value(conn: &mut redis::aio::MultiplexedConnection, counter: &str) -> i64 {
+pub(crate) async fn counter_value(
+    conn: &mut redis::aio::MultiplexedConnection,
+    counter: &str,
+) -> i64 {
     let v: Option<i64> = conn.get(counter).await.unwrap();
     v.unwrap_or(0)
 }

@@ -520,10 +520,14 @@ pub async fn raw_cluster_connection(urls: &[String]) -> redis::cluster_async::Cl
 }
 
 /// The Redis Cluster the cluster variants of the behaviour tests use: the one at
-/// `REDIS_CLUSTER_URLS` (comma-separated; `scripts/test` starts one for the whole suite), or
-/// else a private one started for the caller, kept alive by the returned guard.
+/// `CACHE_TESTS_CLUSTER_URLS` or else `REDIS_CLUSTER_URLS` (comma-separated; `scripts/test`
+/// starts one for the whole suite and names it by the first), or else a private one started
+/// for the caller, kept alive by the returned guard.
 pub fn shared_cluster() -> (Vec<String>, Option<RedisCluster>) {
-    let urls: Vec<String> = std::env::var("REDIS_CLUSTER_URLS")
+    let urls: Vec<String> = std::env::var("CACHE_TESTS_CLUSTER_URLS")
+        .ok()
+        .filter(|u| !u.trim().is_empty())
+        .or_else(|| std::env::var("REDIS_CLUSTER_URLS").ok())
         .unwrap_or_default()
         .split(',')
         .map(str::trim)
@@ -535,5 +539,71 @@ pub fn shared_cluster() -> (Vec<String>, Option<RedisCluster>) {
         (cluster.urls(), Some(cluster))
     } else {
         (urls, None)
+    }
+}
+
+impl RedisCluster {
+    /// The port of the master that serves `slot` now, from `CLUSTER NODES` on a live node
+    /// (`None` if no live node answers or no healthy master claims the slot).
+    pub fn master_port_of(&self, slot: u16) -> Option<u16> {
+        self.nodes.iter().find_map(|node| {
+            let text = node.query_text(&["CLUSTER", "NODES"]);
+            if text.is_empty() {
+                return None;
+            }
+            text.lines().find_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                if fields.len() < 9 {
+                    return None;
+                }
+                let flags = fields[2];
+                if !flags.contains("master") || flags.contains("fail") {
+                    return None;
+                }
+                let serves = fields[8..].iter().any(|range| {
+                    let mut ends = range.split('-');
+                    let (Some(lo), hi) = (ends.next(), ends.next()) else {
+                        return false;
+                    };
+                    let (Ok(lo), Ok(hi)) = (lo.parse::<u16>(), hi.unwrap_or(lo).parse::<u16>())
+                    else {
+                        return false; // an importing/migrating marker
+                    };
+                    (lo..=hi).contains(&slot)
+                });
+                let port = fields[1].split('@').next()?.rsplit(':').next()?;
+                serves.then(|| port.parse().ok()).flatten()
+            })
+        })
+    }
+
+    /// The node listening on `port`, to kill or restart.
+    pub fn node_on_port(&mut self, port: u16) -> &mut RedisServer {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.port() == port)
+            .expect("a node of this cluster")
+    }
+
+    /// Waits until a master other than the one on `old_port` serves `slot` and every live node
+    /// reports `cluster_state:ok` (a failover is over); panics after `within`.
+    pub fn wait_for_failover(&self, slot: u16, old_port: u16, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let promoted = self.master_port_of(slot).is_some_and(|p| p != old_port);
+            let ok = self
+                .nodes
+                .iter()
+                .filter(|n| n.port() != old_port)
+                .all(|n| has_line(&n.query_text(&["CLUSTER", "INFO"]), "cluster_state:ok"));
+            if promoted && ok {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "slot {slot} not failed over from port {old_port} within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }

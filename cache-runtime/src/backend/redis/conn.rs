@@ -228,15 +228,164 @@ pub(super) struct Connections {
     /// Called when the breaker opens (see [`Connections::on_breaker_open`]).
     on_open: OnceLock<Box<dyn Fn() + Send + Sync>>,
     log: Arc<FailureLog>,
+    /// On a cluster: a breaker per master, so that one unreachable master sends only its
+    /// slots' calls to the function.
+    shards: Option<Arc<Shards>>,
+}
+
+/// A cluster's masters, as last read with `CLUSTER SLOTS`: which one serves each slot, and a
+/// breaker for each. Operations on one key go through its master's breaker; the others (no
+/// key, or keys of several slots) through the cache's. Until the table is first read, every
+/// operation uses the cache's breaker.
+struct Shards {
+    table: ArcSwapOption<ShardTable>,
+    /// Every master's breaker ever seen, by address: a master that comes back keeps its state.
+    by_addr: Mutex<Vec<Arc<Node>>>,
+    /// A new breaker's threshold and cooldown.
+    template: (u32, Duration),
+    epoch: std::time::Instant,
+    /// When (ms since `epoch`) the table was last read, and the connection last renewed.
+    refreshed: std::sync::atomic::AtomicU64,
+    renewed: std::sync::atomic::AtomicU64,
+    refreshing: std::sync::atomic::AtomicBool,
+}
+
+/// A master and its breaker.
+struct Node {
+    addr: String,
+    breaker: Breaker,
+}
+
+struct ShardTable {
+    /// For each of the 16384 slots, an index into `nodes` (`u16::MAX`: not served).
+    owner: Box<[u16]>,
+    nodes: Vec<Arc<Node>>,
+}
+
+/// How often the table is read again while everything works.
+const SHARDS_EVERY: Duration = Duration::from_secs(10);
+/// At most one read of the table per this, after failures.
+const SHARDS_AFTER_FAILURE: Duration = Duration::from_millis(500);
+
+impl Shards {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// The breaker of the master serving `slot`, if known.
+    fn node(&self, slot: u16) -> Option<Arc<Node>> {
+        let table = self.table.load();
+        let table = table.as_ref()?;
+        let i = *table.owner.get(usize::from(slot))?;
+        table.nodes.get(usize::from(i)).cloned()
+    }
+
+    /// Reads the table again in the background, unless a read is running or one finished
+    /// less than `min_age` ago.
+    fn refresh(self: &Arc<Self>, conn: &Conn, min_age: Duration, timeout: Duration) {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire, Release};
+        let Conn::Cluster(cluster) = conn else {
+            return;
+        };
+        let last = self.refreshed.load(Acquire);
+        if last != 0 && self.now_ms().saturating_sub(last) < min_age.as_millis() as u64 {
+            return;
+        }
+        if self.refreshing.swap(true, AcqRel) {
+            return;
+        }
+        let (shards, mut cluster) = (self.clone(), cluster.clone());
+        tokio::spawn(async move {
+            use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+            let read = tokio::time::timeout(
+                timeout,
+                cluster.route_command(
+                    redis::cmd("CLUSTER").arg("SLOTS").clone(),
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+                ),
+            )
+            .await;
+            if let Ok(Ok(reply)) = read {
+                if let Some(table) = shards.table_from(&reply) {
+                    shards.table.store(Some(Arc::new(table)));
+                }
+            }
+            shards.refreshed.store(shards.now_ms().max(1), Release);
+            shards.refreshing.store(false, Release);
+        });
+    }
+
+    /// The table from a `CLUSTER SLOTS` reply: `[[start, end, [host, port, ..], replicas..]..]`.
+    fn table_from(&self, reply: &Value) -> Option<ShardTable> {
+        let Value::Array(ranges) = reply else {
+            return None;
+        };
+        let mut owner = vec![u16::MAX; 16384].into_boxed_slice();
+        let mut nodes: Vec<Arc<Node>> = Vec::new();
+        let mut known = self.by_addr.lock().unwrap_or_else(|e| e.into_inner());
+        for range in ranges {
+            let Value::Array(fields) = range else {
+                continue;
+            };
+            let (Some(Value::Int(start)), Some(Value::Int(end)), Some(Value::Array(master))) =
+                (fields.first(), fields.get(1), fields.get(2))
+            else {
+                continue;
+            };
+            let host = match master.first() {
+                Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                Some(Value::SimpleString(s)) => s.clone(),
+                _ => continue,
+            };
+            let Some(Value::Int(port)) = master.get(1) else {
+                continue;
+            };
+            let addr = format!("{host}:{port}");
+            let index = match nodes.iter().position(|n| n.addr == addr) {
+                Some(i) => i,
+                None => {
+                    let node = match known.iter().find(|n| n.addr == addr) {
+                        Some(n) => n.clone(),
+                        None => {
+                            let template = &self.template;
+                            let n = Arc::new(Node {
+                                addr: addr.clone(),
+                                breaker: Breaker::new(template.0, template.1),
+                            });
+                            known.push(n.clone());
+                            n
+                        }
+                    };
+                    nodes.push(node);
+                    nodes.len() - 1
+                }
+            };
+            let (start, end) = (
+                (*start).clamp(0, 16383) as usize,
+                (*end).clamp(0, 16383) as usize,
+            );
+            for slot in owner.iter_mut().take(end + 1).skip(start) {
+                *slot = index as u16;
+            }
+        }
+        Some(ShardTable { owner, nodes })
+    }
 }
 
 /// Whether a Redis error means "the server answered, but not with what we wanted" (the key
 /// holds another type, a script error, ...) rather than "we could not talk to the server".
+///
+/// A cluster's `CLUSTERDOWN` (a master is down and its slots are not served yet), `TRYAGAIN`
+/// (a slot is being moved), `MASTERDOWN` (a replica lost its master) and a node's `LOADING`
+/// are answers that say the data cannot be reached now: unavailability, like a refused
+/// connection (the breaker counts them, and the call runs uncached).
 fn is_reply_error(e: &RedisError) -> bool {
-    matches!(
-        e.kind(),
-        RedisKind::Server(_) | RedisKind::Extension | RedisKind::UnexpectedReturnType
-    )
+    use redis::ServerErrorKind as S;
+    match e.kind() {
+        RedisKind::Server(S::ClusterDown | S::TryAgain | S::MasterDown | S::BusyLoading) => false,
+        RedisKind::Server(_) | RedisKind::Extension | RedisKind::UnexpectedReturnType => true,
+        _ => false,
+    }
 }
 
 /// Clears a half-open breaker's probe if the operation is dropped before it finished.
@@ -255,7 +404,19 @@ impl Drop for ProbeGuard<'_> {
 
 impl Connections {
     pub(super) fn new(target: Target, options: RedisOptions, log: Arc<FailureLog>) -> Self {
+        let shards = matches!(target, Target::Cluster(_)).then(|| {
+            Arc::new(Shards {
+                table: ArcSwapOption::empty(),
+                by_addr: Mutex::new(Vec::new()),
+                template: (options.breaker_threshold, options.breaker_cooldown),
+                epoch: std::time::Instant::now(),
+                refreshed: std::sync::atomic::AtomicU64::new(0),
+                renewed: std::sync::atomic::AtomicU64::new(0),
+                refreshing: std::sync::atomic::AtomicBool::new(false),
+            })
+        });
         Connections {
+            shards,
             breaker: Arc::new(Breaker::new(
                 options.breaker_threshold,
                 options.breaker_cooldown,
@@ -335,16 +496,31 @@ impl Connections {
         Ok(manager)
     }
 
-    /// Sends one command through the breaker and the timeout (see [`Connections::run`]). Its
+    /// Sends one command on `key` (and keys of its slot) through the breaker and the timeout
+    /// (see [`Connections::run`]); on a cluster, through the breaker of `key`'s master. Its
     /// future is smaller than `run`'s: a lookup's state holds it.
-    pub(super) async fn query<T: redis::FromRedisValue>(
+    pub(super) async fn query_for<T: redis::FromRedisValue>(
         &self,
+        key: &str,
         op: &'static str,
         cmd: &redis::Cmd,
     ) -> BackendResult<T> {
-        let (probe, mut conn) = self.begin()?;
+        match self.node_for(key) {
+            Some(node) => self.query_with(&node.breaker, Some(&node), op, cmd).await,
+            None => self.query_with(&self.breaker, None, op, cmd).await,
+        }
+    }
+
+    async fn query_with<T: redis::FromRedisValue>(
+        &self,
+        breaker: &Breaker,
+        node: Option<&Node>,
+        op: &'static str,
+        cmd: &redis::Cmd,
+    ) -> BackendResult<T> {
+        let (probe, mut conn) = self.begin(breaker)?;
         let mut guard = ProbeGuard {
-            breaker: &self.breaker,
+            breaker,
             armed: probe,
         };
         let result = tokio::time::timeout(self.options.operation_timeout, async {
@@ -354,7 +530,7 @@ impl Connections {
         })
         .await;
         guard.armed = false;
-        self.end(op, result)
+        self.end(op, result, breaker, node, &conn)
     }
 
     /// Runs one operation through the breaker and the timeout, classifying its failure.
@@ -363,19 +539,57 @@ impl Connections {
         F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        let (probe, conn) = self.begin()?;
+        self.run_with(&self.breaker, None, op, f).await
+    }
+
+    /// [`Self::run`] of an operation on `key` (and keys of its slot): on a cluster, through
+    /// the breaker of `key`'s master.
+    pub(super) async fn run_for<T, F, Fut>(
+        &self,
+        key: &str,
+        op: &'static str,
+        f: F,
+    ) -> BackendResult<T>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        match self.node_for(key) {
+            Some(node) => self.run_with(&node.breaker, Some(&node), op, f).await,
+            None => self.run_with(&self.breaker, None, op, f).await,
+        }
+    }
+
+    async fn run_with<T, F, Fut>(
+        &self,
+        breaker: &Breaker,
+        node: Option<&Node>,
+        op: &'static str,
+        f: F,
+    ) -> BackendResult<T>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let (probe, conn) = self.begin(breaker)?;
         let mut guard = ProbeGuard {
-            breaker: &self.breaker,
+            breaker,
             armed: probe,
         };
-        let result = tokio::time::timeout(self.options.operation_timeout, f(conn)).await;
+        let result = tokio::time::timeout(self.options.operation_timeout, f(conn.clone())).await;
         guard.armed = false;
-        self.end(op, result)
+        self.end(op, result, breaker, node, &conn)
+    }
+
+    /// On a cluster whose table is known: the master serving `key`'s slot.
+    fn node_for(&self, key: &str) -> Option<Arc<Node>> {
+        let shards = self.shards.as_ref()?;
+        shards.node(crate::key::key_slot(key))
     }
 
     /// An operation starts: whether it is the half-open breaker's probe, and the connection.
-    fn begin(&self) -> BackendResult<(bool, Conn)> {
-        let Some(probe) = self.breaker.acquire() else {
+    fn begin(&self, breaker: &Breaker) -> BackendResult<(bool, Conn)> {
+        let Some(probe) = breaker.acquire() else {
             return Err(BackendError::Unavailable(
                 "circuit breaker open after repeated failures".to_owned(),
             ));
@@ -384,7 +598,7 @@ impl Connections {
             Ok(conn) => Ok((probe, conn)),
             Err(e) => {
                 if probe {
-                    self.breaker.abandon_probe();
+                    breaker.abandon_probe();
                 }
                 Err(e)
             }
@@ -396,16 +610,33 @@ impl Connections {
         &self,
         op: &'static str,
         result: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
+        breaker: &Breaker,
+        node: Option<&Node>,
+        conn: &Conn,
     ) -> BackendResult<T> {
         match result {
             Ok(Ok(v)) => {
-                if self.breaker.success() {
-                    tracing::info!(target: "cache_runtime", "redis is reachable again; caching resumed");
+                if breaker.success() {
+                    match node {
+                        Some(n) => {
+                            tracing::info!(target: "cache_runtime", "redis node {} is reachable again; caching of its slots resumed", n.addr)
+                        }
+                        None => {
+                            tracing::info!(target: "cache_runtime", "redis is reachable again; caching resumed")
+                        }
+                    }
+                }
+                if let Some(shards) = &self.shards {
+                    shards.refresh(
+                        conn,
+                        SHARDS_EVERY,
+                        self.options.operation_timeout.max(Duration::from_secs(1)),
+                    );
                 }
                 Ok(v)
             }
             Ok(Err(e)) if is_reply_error(&e) => {
-                self.breaker.success();
+                breaker.success();
                 Err(BackendError::Data(e.to_string()))
             }
             Ok(Err(e)) => {
@@ -414,19 +645,60 @@ impl Connections {
                 } else {
                     BackendError::Unavailable(e.to_string())
                 };
-                self.connectivity_failure(op, &err);
+                self.connectivity_failure(op, &err, breaker, node, conn);
                 Err(err)
             }
             Err(_elapsed) => {
                 let err = BackendError::Timeout;
-                self.connectivity_failure(op, &err);
+                self.connectivity_failure(op, &err, breaker, node, conn);
                 Err(err)
             }
         }
     }
 
-    fn connectivity_failure(&self, op: &'static str, err: &BackendError) {
-        let opened = self.breaker.failure();
+    /// On a cluster, after a connectivity failure: the table is read again, and the runtime's
+    /// connection is replaced (at most once per breaker cooldown). redis-rs moves a slot to
+    /// another node only when a node answers `MOVED`, which a dead master never does: without
+    /// a new connection, which reads the slots afresh, the calls of a failed-over master's
+    /// slots would keep going to its address.
+    fn cluster_failure(&self, conn: &Conn) {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire};
+        let Some(shards) = &self.shards else {
+            return;
+        };
+        let timeout = self.options.operation_timeout.max(Duration::from_secs(1));
+        shards.refresh(conn, SHARDS_AFTER_FAILURE, timeout);
+        let now = shards.now_ms().max(1);
+        let last = shards.renewed.load(Acquire);
+        if now.saturating_sub(last) < self.options.breaker_cooldown.as_millis() as u64 && last != 0
+        {
+            return;
+        }
+        if shards
+            .renewed
+            .compare_exchange(last, now, AcqRel, Acquire)
+            .is_err()
+        {
+            return;
+        }
+        if let Ok(handle) = Handle::try_current() {
+            let runtime = handle.id();
+            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            slots.retain(|s| s.runtime != runtime);
+            self.current.store(None);
+        }
+    }
+
+    fn connectivity_failure(
+        &self,
+        op: &'static str,
+        err: &BackendError,
+        breaker: &Breaker,
+        node: Option<&Node>,
+        conn: &Conn,
+    ) {
+        self.cluster_failure(conn);
+        let opened = breaker.failure();
         let kind = match err {
             BackendError::Timeout => FailureKind::Timeout,
             _ => FailureKind::Unavailable,
@@ -435,11 +707,19 @@ impl Connections {
             if let Some(hook) = self.on_open.get() {
                 hook();
             }
-            tracing::warn!(
-                target: "cache_runtime",
-                "redis {op} failed ({err}); circuit breaker open, calls bypass the cache and retry redis every {:?}",
-                self.options.breaker_cooldown
-            );
+            match node {
+                Some(n) => tracing::warn!(
+                    target: "cache_runtime",
+                    "redis {op} failed on node {} ({err}); its circuit breaker is open: calls on its slots bypass the cache and retry it every {:?}",
+                    n.addr,
+                    self.options.breaker_cooldown
+                ),
+                None => tracing::warn!(
+                    target: "cache_runtime",
+                    "redis {op} failed ({err}); circuit breaker open, calls bypass the cache and retry redis every {:?}",
+                    self.options.breaker_cooldown
+                ),
+            }
         } else {
             self.log.warn(
                 kind,

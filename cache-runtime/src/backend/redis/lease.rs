@@ -125,7 +125,7 @@ impl RedisBackend {
         let waiters = self.waiters(key);
         let value: Option<Vec<u8>> = self
             .conns
-            .run("lease", |mut conn| async move {
+            .run_for(key, "lease", |mut conn| async move {
                 let mut cmd = evalsha(&LEASE, 2, 5, 2 * key.len() + mine.len() + 32);
                 cmd.arg(key)
                     .arg(&waiters)
@@ -147,7 +147,7 @@ impl RedisBackend {
         marker_ttl: Duration,
     ) -> BackendResult<bool> {
         self.conns
-            .run("takeover", |mut conn| async move {
+            .run_for(key, "takeover", |mut conn| async move {
                 let mut cmd = evalsha(
                     &TAKEOVER,
                     1,

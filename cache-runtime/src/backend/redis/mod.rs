@@ -358,7 +358,7 @@ impl RedisBackend {
     async fn get(&self, key: &str) -> BackendResult<Option<Stored>> {
         let mut cmd = redis::Cmd::with_capacity(2, key.len() + 3);
         cmd.arg("GET").arg(key);
-        let value: Option<Vec<u8>> = self.conns.query("GET", &cmd).await?;
+        let value: Option<Vec<u8>> = self.conns.query_for(key, "GET", &cmd).await?;
         Ok(value
             .filter(|v| !is_marker(v))
             .map(|v| Stored::bytes(Bytes::from(v))))
@@ -412,7 +412,7 @@ impl RedisBackend {
         }
         let (value, marked) = self
             .conns
-            .run("SET NX GET", |mut conn| async move {
+            .run_for(key, "SET NX GET", |mut conn| async move {
                 let set = redis::Cmd::with_capacity(7, key.len() + marker.len() + 24)
                     .arg("SET")
                     .arg(key)
@@ -476,7 +476,7 @@ impl Backend for RedisBackend {
         let marker = self.marker(token);
         let found: Option<Vec<u8>> = self
             .conns
-            .run("replace", |mut conn| async move {
+            .run_for(key, "replace", |mut conn| async move {
                 let prefix = &self.marker_prefix;
                 let mut cmd = evalsha(&REPLACE, 1, 4, key.len() + 2 * marker.len() + 16);
                 cmd.arg(key)
@@ -512,7 +512,7 @@ impl Backend for RedisBackend {
         let copy = keep.map(|_| Self::stale_copy(key));
         let copy = copy.as_deref();
         self.conns
-            .run("fill", |mut conn| async move {
+            .run_for(key, "fill", |mut conn| async move {
                 let keys = 2 + usize::from(copy.is_some());
                 let mut cmd = evalsha(
                     &FILL,
@@ -558,7 +558,7 @@ impl Backend for RedisBackend {
         let refresh = &refresh;
         let won = self
             .conns
-            .run("refresh lease", |mut conn| async move {
+            .run_for(key, "refresh lease", |mut conn| async move {
                 let mut cmd = evalsha(&REFRESH_LEASE, 2, 3, 2 * key.len() + token.len() + 48);
                 cmd.arg(key)
                     .arg(refresh)
@@ -586,7 +586,7 @@ impl Backend for RedisBackend {
         let copy = keep.map(|_| Self::stale_copy(key));
         let copy = copy.as_deref();
         self.conns
-            .run("refresh fill", |mut conn| async move {
+            .run_for(key, "refresh fill", |mut conn| async move {
                 let keys = 2 + usize::from(copy.is_some());
                 let mut cmd = evalsha(
                     &REFRESH_FILL,
@@ -614,7 +614,7 @@ impl Backend for RedisBackend {
     async fn release(&self, key: &str, token: &str) -> BackendResult<()> {
         let waiters = self.waiters(key);
         self.conns
-            .run("release", |mut conn| async move {
+            .run_for(key, "release", |mut conn| async move {
                 let mut cmd = evalsha(&RELEASE, 2, 4, 2 * key.len() + token.len() + 32);
                 cmd.arg(key).arg(&waiters).arg(token).arg(CHANNEL);
                 let _: i64 = run(&mut conn, &RELEASE, &cmd).await?;
@@ -630,7 +630,7 @@ impl Backend for RedisBackend {
         let frame = self.frame(inv::Kind::Keys, &[key]);
         let (frame, channel, copy, refresh) = (&frame, &self.inv_channel, &copy, &refresh);
         self.conns
-            .run("write", |mut conn| async move {
+            .run_for(key, "write", |mut conn| async move {
                 let mut cmd = evalsha(
                     &WRITE,
                     4,
