@@ -59,6 +59,7 @@ use redis::Msg;
 use redis::aio::{PubSub, PubSubSink, PubSubStream};
 use tokio::sync::Notify;
 
+use super::conn::Target;
 use super::inv;
 use crate::backend::Invalidations;
 use crate::breaker::{Breaker, FailureKind, FailureLog};
@@ -69,7 +70,8 @@ const GIVE_UP: u32 = 4;
 
 /// What the bus needs to know, fixed when the backend is built.
 pub(super) struct Config {
-    pub(super) client: redis::Client,
+    /// The server, or (Sentinel) the master, resolved on every connection attempt.
+    pub(super) target: Target,
     /// The fill notifications' channel.
     pub(super) fills: &'static str,
     /// This cache's invalidation channel.
@@ -392,18 +394,19 @@ async fn subscribe_forever(config: Arc<Config>, shared: Arc<Shared>, number: u64
     loop {
         let watching = shared.watch.get().is_some();
         let connected = tokio::time::timeout(config.connect_timeout, async {
-            let (mut sink, stream) = connect(&config).await?.split();
+            let (pubsub, master) = connect(&config).await?;
+            let (mut sink, stream) = pubsub.split();
             if watching {
                 sink.subscribe(&[config.fills, config.invalidations.as_str()])
                     .await?;
             } else {
                 sink.subscribe(config.fills).await?;
             }
-            Ok::<_, redis::RedisError>((sink, stream))
+            Ok::<_, redis::RedisError>((sink, stream, master))
         })
         .await;
         match connected {
-            Ok(Ok((sink, stream))) => {
+            Ok(Ok((sink, stream, master))) => {
                 backoff = Duration::from_millis(50);
                 shared.subscribed.store(true, Ordering::Release);
                 shared.ready.notify_waiters();
@@ -411,7 +414,7 @@ async fn subscribe_forever(config: Arc<Config>, shared: Arc<Shared>, number: u64
                 shared.wake_all();
                 // So are invalidations: nothing from before may be trusted.
                 shared.lose();
-                let why = serve(&config, &shared, sink, stream, watching).await;
+                let why = serve(&config, &shared, sink, stream, watching, master).await;
                 shared.subscribed.store(false, Ordering::Release);
                 shared.lose();
                 config.log.warn(
@@ -443,10 +446,12 @@ async fn subscribe_forever(config: Arc<Config>, shared: Arc<Shared>, number: u64
 /// (redis-rs has no way to send `CLIENT SETNAME` on a pub/sub connection, and the server
 /// refuses it once subscribed in RESP2: it is sent on the socket first, then redis-rs does its
 /// usual setup on it). Other addresses (TLS, not built in) go through redis-rs unnamed.
-async fn connect(config: &Config) -> redis::RedisResult<PubSub> {
-    let info = config.client.get_connection_info();
+/// Behind Sentinel, the sentinels are asked for the master first; its epoch is returned.
+async fn connect(config: &Config) -> redis::RedisResult<(PubSub, u64)> {
+    let (client, master) = config.target.resolve().await?;
+    let info = client.get_connection_info();
     let settings = info.redis_settings();
-    match info.addr() {
+    let pubsub = match info.addr() {
         redis::ConnectionAddr::Tcp(host, port) => {
             let mut socket = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
             socket.set_nodelay(true)?;
@@ -459,8 +464,9 @@ async fn connect(config: &Config) -> redis::RedisResult<PubSub> {
             name_connection(&mut socket, settings, &config.client_name()).await?;
             PubSub::new(settings, socket).await
         }
-        _ => config.client.get_async_pubsub().await,
-    }
+        _ => client.get_async_pubsub().await,
+    }?;
+    Ok((pubsub, master))
 }
 
 /// Sends `AUTH` (if the URL has a password) and `CLIENT SETNAME name` on a new connection and
@@ -523,14 +529,18 @@ enum Event {
     Timer,
 }
 
-/// Serves one subscription until it fails; returns why it ended.
+/// Serves one subscription until it fails (or, behind Sentinel, the master it is connected
+/// to, of epoch `master`, is not the master any more); returns why it ended.
 async fn serve(
     config: &Config,
     shared: &Shared,
     sink: PubSubSink,
     mut stream: PubSubStream,
     mut watching: bool,
+    master: u64,
 ) -> &'static str {
+    let moved = config.target.moved_from(master);
+    tokio::pin!(moved);
     let mut ping: Option<Ping> = None;
     // The first heartbeat goes at once: the stream is trusted after its answer.
     let mut next_ping = Instant::now();
@@ -571,6 +581,7 @@ async fn serve(
             () = &mut timer => Event::Timer,
             msg = stream.next() => Event::Message(msg),
             () = &mut watched, if !watching => Event::Watched,
+            () = &mut moved => return "the sentinels named another master",
         };
         match event {
             Event::Message(Some(msg)) => dispatch(config, shared, &msg),

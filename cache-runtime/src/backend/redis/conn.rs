@@ -7,6 +7,12 @@
 //! runtime gets its own connection, made lazily on its first operation; a connection whose
 //! runtime has shut down is dropped. The common case, one runtime, costs one atomic load and
 //! a comparison per operation.
+//!
+//! Behind Sentinel (`Target::Sentinel`), connections are made on the master the sentinels
+//! named last (`sentinel::Resolver`) and remember its epoch: a connection whose master moved
+//! is replaced on its runtime's next operation. The first operation waits (within the
+//! operation timeout) for the first resolution; connectivity failures and `READONLY` /
+//! `MASTERDOWN` replies ask for another one.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -19,12 +25,15 @@ use tokio::runtime::{Handle, Id};
 use tokio::task::JoinHandle;
 
 use super::RedisOptions;
+use super::sentinel::Resolver;
 use crate::backend::{BackendError, BackendResult};
 use crate::breaker::{Breaker, FailureKind, FailureLog};
 
 /// The connection of one runtime.
 struct Slot {
     runtime: Id,
+    /// The master's epoch it was made for (`Target::epoch`).
+    epoch: u64,
     manager: ConnectionManager,
     /// A task that never ends on its own: finished means the runtime has shut down.
     alive: JoinHandle<()>,
@@ -36,8 +45,17 @@ impl Drop for Slot {
     }
 }
 
+/// What the connections are made to (its methods are in `sentinel.rs`).
+#[derive(Clone)]
+pub(super) enum Target {
+    /// One server, at a fixed address.
+    Single(redis::Client),
+    /// The master the sentinels name (see `sentinel`).
+    Sentinel(Arc<Resolver>),
+}
+
 pub(super) struct Connections {
-    client: redis::Client,
+    target: Target,
     options: RedisOptions,
     /// The slot used last: checked first.
     current: ArcSwapOption<Slot>,
@@ -74,14 +92,14 @@ impl Drop for ProbeGuard<'_> {
 }
 
 impl Connections {
-    pub(super) fn new(client: redis::Client, options: RedisOptions, log: Arc<FailureLog>) -> Self {
+    pub(super) fn new(target: Target, options: RedisOptions, log: Arc<FailureLog>) -> Self {
         Connections {
             breaker: Arc::new(Breaker::new(
                 options.breaker_threshold,
                 options.breaker_cooldown,
             )),
             on_open: OnceLock::new(),
-            client,
+            target,
             options,
             current: ArcSwapOption::empty(),
             slots: Mutex::new(Vec::new()),
@@ -108,7 +126,7 @@ impl Connections {
         })?;
         let runtime = handle.id();
         if let Some(slot) = &*self.current.load() {
-            if slot.runtime == runtime {
+            if slot.runtime == runtime && slot.epoch == self.target.epoch() {
                 return Ok(slot.manager.clone());
             }
         }
@@ -117,9 +135,21 @@ impl Connections {
 
     #[cold]
     fn connection_slow(&self, handle: &Handle, runtime: Id) -> BackendResult<ConnectionManager> {
+        let (client, epoch) = match &self.target {
+            Target::Single(client) => (client.clone(), 0),
+            Target::Sentinel(r) => match r.current() {
+                Some(master) => (master.client.clone(), master.epoch),
+                None => {
+                    return Err(BackendError::Unavailable(
+                        "no master named by the sentinels yet".to_owned(),
+                    ));
+                }
+            },
+        };
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        // Connections of runtimes that have shut down are dead: drop them.
-        slots.retain(|s| !s.alive.is_finished());
+        // Connections of runtimes that have shut down are dead, those to a former master
+        // useless: drop them.
+        slots.retain(|s| !s.alive.is_finished() && s.epoch == epoch);
         if let Some(slot) = slots.iter().find(|s| s.runtime == runtime) {
             self.current.store(Some(slot.clone()));
             return Ok(slot.manager.clone());
@@ -131,10 +161,11 @@ impl Connections {
             .set_response_timeout(None)
             // One attempt per reconnection; the breaker paces the attempts.
             .set_number_of_retries(0);
-        let manager = ConnectionManager::new_lazy_with_config(self.client.clone(), config)
+        let manager = ConnectionManager::new_lazy_with_config(client, config)
             .map_err(|e| BackendError::Unavailable(e.to_string()))?;
         let slot = Arc::new(Slot {
             runtime,
+            epoch,
             manager: manager.clone(),
             alive: handle.spawn(std::future::pending()),
         });
@@ -150,7 +181,7 @@ impl Connections {
         op: &'static str,
         cmd: &redis::Cmd,
     ) -> BackendResult<T> {
-        let (probe, mut conn) = self.begin()?;
+        let (probe, mut conn) = self.begin(op).await?;
         let mut guard = ProbeGuard {
             breaker: &self.breaker,
             armed: probe,
@@ -171,7 +202,7 @@ impl Connections {
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        let (probe, conn) = self.begin()?;
+        let (probe, conn) = self.begin(op).await?;
         let mut guard = ProbeGuard {
             breaker: &self.breaker,
             armed: probe,
@@ -182,7 +213,7 @@ impl Connections {
     }
 
     /// An operation starts: whether it is the half-open breaker's probe, and the connection.
-    fn begin(&self) -> BackendResult<(bool, ConnectionManager)> {
+    async fn begin(&self, op: &'static str) -> BackendResult<(bool, ConnectionManager)> {
         let Some(probe) = self.breaker.acquire() else {
             return Err(BackendError::Unavailable(
                 "circuit breaker open after repeated failures".to_owned(),
@@ -190,6 +221,18 @@ impl Connections {
         };
         match self.connection() {
             Ok(conn) => Ok((probe, conn)),
+            // Sentinel, no master known yet: wait for the first resolution (boxed: rare, and
+            // every operation's future holds this one's state).
+            Err(_) if matches!(&self.target, Target::Sentinel(r) if r.epoch() == 0) => {
+                match Box::pin(self.first_master()).await {
+                    Ok(conn) => Ok((probe, conn)),
+                    Err(e) => {
+                        // Counted (a probe's failure opens the breaker again).
+                        self.connectivity_failure(op, &e);
+                        Err(e)
+                    }
+                }
+            }
             Err(e) => {
                 if probe {
                     self.breaker.abandon_probe();
@@ -197,6 +240,17 @@ impl Connections {
                 Err(e)
             }
         }
+    }
+
+    /// Sentinel: the connection once the first resolution found the master, waiting at most
+    /// the operation timeout.
+    async fn first_master(&self) -> BackendResult<ConnectionManager> {
+        if let Target::Sentinel(r) = &self.target {
+            r.first(self.options.operation_timeout)
+                .await
+                .map_err(BackendError::Unavailable)?;
+        }
+        self.connection()
     }
 
     /// An operation ended: its result, its failure classified (and counted by the breaker).
@@ -211,6 +265,12 @@ impl Connections {
                     tracing::info!(target: "cache_runtime", "redis is reachable again; caching resumed");
                 }
                 Ok(v)
+            }
+            // Sentinel: this server is no longer the master (`READONLY`: demoted).
+            Ok(Err(e)) if self.target.wrong_master(&e) => {
+                let err = BackendError::Unavailable(format!("{e} (not the master any more)"));
+                self.connectivity_failure(op, &err);
+                Err(err)
             }
             Ok(Err(e)) if is_reply_error(&e) => {
                 self.breaker.success();
@@ -234,6 +294,8 @@ impl Connections {
     }
 
     fn connectivity_failure(&self, op: &'static str, err: &BackendError) {
+        // Sentinel: the master may have moved.
+        self.target.suspect();
         let opened = self.breaker.failure();
         let kind = match err {
             BackendError::Timeout => FailureKind::Timeout,
@@ -256,9 +318,10 @@ impl Connections {
         }
     }
 
-    /// The client (for connections of their own: the write-behind worker's blocking reads).
-    pub(super) fn client(&self) -> &redis::Client {
-        &self.client
+    /// What connections are made to (for connections of their own: the bus, the
+    /// write-behind worker's blocking reads).
+    pub(super) fn target(&self) -> &Target {
+        &self.target
     }
 
     /// How long one operation may take.

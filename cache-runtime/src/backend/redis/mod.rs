@@ -62,6 +62,7 @@ mod conn;
 mod inv;
 mod lease;
 mod scripts;
+pub(crate) mod sentinel;
 #[cfg(test)]
 mod tests;
 pub(crate) mod wb;
@@ -73,7 +74,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use self::bus::Bus;
-use self::conn::Connections;
+use self::conn::{Connections, Target};
 use self::scripts::{FILL, REFRESH_FILL, REFRESH_LEASE, RELEASE, REPLACE, WRITE, evalsha, run};
 use super::{Backend, BackendResult, Gen, LeaseReply, OnWait, PENDING_TTL, Read, Stored, Token};
 use crate::breaker::FailureLog;
@@ -98,9 +99,10 @@ fn is_marker(bytes: &[u8]) -> bool {
 }
 
 /// Whether Redis refused a command because it refuses writes (over `maxmemory` with
-/// `noeviction`, a read-only replica or ACL user).
-fn refuses_writes(e: &redis::RedisError) -> bool {
-    matches!(e.code(), Some("OOM" | "READONLY" | "NOPERM"))
+/// `noeviction`, a read-only replica or ACL user). Behind Sentinel, `READONLY` and
+/// `MASTERDOWN` mean the master moved instead: not a refusal, an error (`conn` re-resolves).
+fn refuses_writes(conns: &Connections, e: &redis::RedisError) -> bool {
+    matches!(e.code(), Some("OOM" | "READONLY" | "NOPERM")) && !conns.target().wrong_master(e)
 }
 
 /// Adds `SET key value NX PX ttl GET` to `pipe`: the current value, or `value` set.
@@ -187,11 +189,37 @@ impl RedisBackend {
         log: Arc<FailureLog>,
     ) -> Result<Self, redis::RedisError> {
         let client = redis::Client::open(url)?;
+        Ok(Self::with_target(Target::Single(client), namespace, options, log))
+    }
+
+    /// Behind Sentinel: the master `config`'s sentinels name, found on first use and followed
+    /// through failovers (see `sentinel`).
+    pub(crate) fn sentinel(
+        config: sentinel::SentinelConfig,
+        namespace: &str,
+        options: RedisOptions,
+        log: Arc<FailureLog>,
+    ) -> Self {
+        let resolver = sentinel::Resolver::new(
+            config,
+            options.breaker_cooldown,
+            options.connect_timeout,
+        );
+        let target = Target::Sentinel(Arc::new(resolver));
+        Self::with_target(target, namespace, options, log)
+    }
+
+    fn with_target(
+        target: Target,
+        namespace: &str,
+        options: RedisOptions,
+        log: Arc<FailureLog>,
+    ) -> Self {
         let origin = inv::new_origin();
         let inv_channel = inv::channel(namespace);
-        let conns = Connections::new(client.clone(), options.clone(), log.clone());
+        let conns = Connections::new(target.clone(), options.clone(), log.clone());
         let bus = Bus::new(bus::Config {
-            client,
+            target,
             fills: CHANNEL,
             invalidations: inv_channel.clone(),
             origin,
@@ -201,7 +229,7 @@ impl RedisBackend {
         });
         // The in-process tier must not be used while Redis is unreachable.
         conns.on_breaker_open(Box::new(bus.on_lost()));
-        Ok(RedisBackend {
+        RedisBackend {
             bus,
             conns,
             origin,
@@ -209,7 +237,15 @@ impl RedisBackend {
             marker_prefix: format!("{MARKER}{}:", crate::store::new_token()),
             refusing_until: std::sync::atomic::AtomicU64::new(0),
             started: std::time::Instant::now(),
-        })
+        }
+    }
+
+    /// `"redis"`, or `"redis-sentinel"` behind Sentinel.
+    pub(crate) fn name(&self) -> &'static str {
+        match self.conns.target() {
+            Target::Single(_) => "redis",
+            Target::Sentinel(_) => "redis-sentinel",
+        }
     }
 
     /// A new pending-load marker: never repeated. Cheap (one is made per lookup, in a reused
@@ -345,7 +381,7 @@ impl RedisBackend {
                     // A server that refuses writes (over `maxmemory` with `noeviction`, a
                     // read-only replica or user) still serves hits: a plain `GET`, and a miss
                     // without a marker (its fill is not stored).
-                    Err(e) if refuses_writes(&e) => {
+                    Err(e) if refuses_writes(&self.conns, &e) => {
                         let v: Option<Vec<u8>> =
                             redis::cmd("GET").arg(key).query_async(&mut conn).await?;
                         Ok((v, false))
@@ -634,7 +670,7 @@ impl Backend for RedisBackend {
                 match pipe.query_async::<Vec<Option<Vec<u8>>>>(&mut conn).await {
                     Ok(all) => Ok(Some(all)),
                     // A server that refuses writes: the separate calls know what to do.
-                    Err(e) if refuses_writes(&e) => Ok(None),
+                    Err(e) if refuses_writes(&self.conns, &e) => Ok(None),
                     Err(e) => Err(e),
                 }
             })
@@ -674,7 +710,7 @@ impl Backend for RedisBackend {
                     Ok(found) => found,
                     // A server that refuses writes: the versions there are (an absent one,
                     // empty, matches no entry), none created.
-                    Err(e) if refuses_writes(&e) => {
+                    Err(e) if refuses_writes(&self.conns, &e) => {
                         let mut get = redis::pipe();
                         for key in &keys {
                             get.cmd("GET").arg(key);

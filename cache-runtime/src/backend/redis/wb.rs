@@ -96,9 +96,10 @@ pub(crate) struct Owned<'a> {
 }
 
 impl RedisBackend {
-    /// A client for the connections of the worker's own (blocking reads).
-    pub(crate) fn client(&self) -> &redis::Client {
-        self.conns.client()
+    /// A client for the connections of the worker's own (blocking reads): behind Sentinel,
+    /// the current master's (waiting at most `wait` for the first resolution).
+    pub(crate) async fn client(&self, wait: Duration) -> redis::RedisResult<redis::Client> {
+        Ok(self.conns.target().client(wait).await?.0)
     }
 
     /// How long one operation may take.

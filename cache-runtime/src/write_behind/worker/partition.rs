@@ -295,11 +295,14 @@ impl Partition<'_> {
     }
 
     async fn connect(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        let timeout = self.redis().op_timeout().max(Duration::from_secs(1));
         let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.redis().op_timeout().max(Duration::from_secs(1))))
+            .set_connection_timeout(Some(timeout))
             .set_response_timeout(None);
+        // Behind Sentinel: the current master's (a read error makes a new connection).
         self.redis()
-            .client()
+            .client(timeout)
+            .await?
             .get_multiplexed_async_connection_with_config(&config)
             .await
     }
