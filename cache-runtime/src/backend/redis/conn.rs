@@ -138,7 +138,10 @@ impl Connections {
         let (client, epoch) = match &self.target {
             Target::Single(client) => (client.clone(), 0),
             Target::Sentinel(r) => match r.current() {
-                Some(master) => (master.client.clone(), master.epoch),
+                Some(master) => {
+                    r.ensure_watcher();
+                    (master.client.clone(), master.epoch)
+                }
                 None => {
                     return Err(BackendError::Unavailable(
                         "no master named by the sentinels yet".to_owned(),

@@ -24,10 +24,11 @@
 //! (`redis_sentinel(["redis://:pw@host:26379"], ..)`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
+use futures_util::StreamExt;
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisConnectionInfo};
 use redis::RedisError;
@@ -296,6 +297,17 @@ pub(crate) struct Resolver {
     every: Duration,
     /// How long one resolution may take.
     timeout: Duration,
+    /// The task following the sentinels' `+switch-master` announcements (see [`watch`]).
+    watcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Resolver {
+    fn drop(&mut self) {
+        let watcher = self.watcher.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(task) = watcher.take() {
+            task.abort();
+        }
+    }
 }
 
 /// Ends a background resolution however its task ends (its runtime shut down, say).
@@ -325,6 +337,7 @@ impl Resolver {
             changed: Notify::new(),
             every,
             timeout: connect_timeout.saturating_mul(2),
+            watcher: Mutex::new(None),
         }
     }
 
@@ -347,6 +360,19 @@ impl Resolver {
     /// resolution in the background, unless one runs or one started less than a cooldown ago.
     pub(super) fn suspect(self: &Arc<Self>) {
         self.start();
+        self.ensure_watcher();
+    }
+
+    /// Makes sure a task follows the sentinels' announcements (in the calling runtime, if
+    /// the last one died with its own).
+    pub(super) fn ensure_watcher(self: &Arc<Self>) {
+        let mut watcher = self.watcher.lock().unwrap_or_else(|e| e.into_inner());
+        if watcher.as_ref().is_some_and(|t| !t.is_finished()) {
+            return;
+        }
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            *watcher = Some(handle.spawn(watch(Arc::downgrade(self))));
+        }
     }
 
     /// Starts a background resolution (see [`Self::suspect`]); returns whether one runs.
@@ -409,12 +435,42 @@ impl Resolver {
                 return Err(self.failed(format!("no answer within {:?}", self.timeout)));
             }
         };
+        Ok(self.record(found))
+    }
+
+    /// A sentinel announced `host:port` as the new master (`+switch-master`): adopted once
+    /// it answers `ROLE` as a master (the sentinels asked in order may still name the old
+    /// one, which may not be demoted yet); otherwise the sentinels are asked.
+    async fn adopt(&self, host: &str, port: u16) {
+        let info = ConnectionAddr::Tcp(host.to_owned(), port)
+            .into_connection_info()
+            .map(|info| info.set_redis_settings(self.config.master.clone()));
+        let checked = async {
+            let client = redis::Client::open(info?)?;
+            let mut conn = client.get_multiplexed_async_connection().await?;
+            let role: redis::Value = redis::cmd("ROLE").query_async(&mut conn).await?;
+            let is_master = matches!(&role, redis::Value::Array(items)
+                if matches!(items.first(), Some(redis::Value::BulkString(b)) if b == b"master"));
+            Ok::<_, RedisError>(is_master.then_some(client))
+        };
+        match tokio::time::timeout(self.timeout, checked).await {
+            Ok(Ok(Some(client))) => {
+                self.record(client);
+            }
+            _ => {
+                let _ = self.resolve().await;
+            }
+        }
+    }
+
+    /// Records the master found: a new epoch if its address changed.
+    fn record(&self, found: redis::Client) -> Arc<Master> {
         let addr = found.get_connection_info().addr().to_string();
         let mut state = self.lock();
         state.error = None;
         let current = self.current();
         if let Some(current) = current.filter(|m| m.addr == addr) {
-            return Ok(current);
+            return current;
         }
         let master = Arc::new(Master {
             client: found,
@@ -431,7 +487,7 @@ impl Resolver {
             master.addr
         );
         self.changed.notify_waiters();
-        Ok(master)
+        master
     }
 
     fn failed(&self, why: String) -> String {
@@ -532,6 +588,58 @@ impl Target {
 
 fn unavailable(why: String) -> RedisError {
     RedisError::from((redis::ErrorKind::Io, "redis sentinel", why))
+}
+
+/// Follows the sentinels' announcements: subscribed to `+switch-master` on the first
+/// sentinel that accepts, adopts the master announced for the service (a master demoted to
+/// a replica still serves reads: without this, a cache that only reads would stay on it).
+/// After each (re)subscription the sentinels are asked (an announcement may have been
+/// missed meanwhile). Ends when the resolver is dropped.
+async fn watch(resolver: Weak<Resolver>) {
+    let Some((sentinels, service, timeout)) = resolver.upgrade().map(|r| {
+        (r.config.sentinels.clone(), r.config.service.clone(), r.timeout)
+    }) else {
+        return;
+    };
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        for info in &sentinels {
+            let subscribed = tokio::time::timeout(timeout, async {
+                let mut pubsub = redis::Client::open(info.clone())?.get_async_pubsub().await?;
+                pubsub.subscribe("+switch-master").await?;
+                Ok::<_, RedisError>(pubsub)
+            })
+            .await;
+            let Ok(Ok(mut pubsub)) = subscribed else {
+                continue;
+            };
+            match resolver.upgrade() {
+                Some(r) => drop(r.resolve().await),
+                None => return,
+            }
+            backoff = Duration::from_millis(100);
+            let mut messages = pubsub.on_message();
+            while let Some(msg) = messages.next().await {
+                // `<service> <old ip> <old port> <new ip> <new port>`
+                let payload: String = msg.get_payload().unwrap_or_default();
+                let parts: Vec<&str> = payload.split(' ').collect();
+                if let [name, _, _, host, port] = parts[..] {
+                    if name == service {
+                        let Some(r) = resolver.upgrade() else { return };
+                        if let Ok(port) = port.parse() {
+                            r.adopt(host, port).await;
+                        }
+                    }
+                }
+            }
+            tracing::debug!(target: "cache_runtime", "redis sentinel: the +switch-master subscription on {} dropped", info.addr());
+        }
+        if resolver.strong_count() == 0 {
+            return;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
 }
 
 /// Whether a reply says the server is not (or no longer) a usable master: `READONLY` (a
