@@ -13,6 +13,7 @@ mod local;
 mod long_keys;
 mod redis_failures;
 mod refresh;
+mod sentinel;
 mod shapes;
 mod stale;
 mod stampede;
