@@ -74,9 +74,16 @@ impl std::fmt::Debug for Cache {
 }
 
 enum BackendConfig {
-    Memory { max_entries: u64 },
-    Redis { url: String },
-    Sentinel { sentinels: Vec<String>, service: String },
+    Memory {
+        max_entries: u64,
+    },
+    Redis {
+        url: String,
+    },
+    Sentinel {
+        sentinels: Vec<String>,
+        service: String,
+    },
 }
 
 /// Configures and builds a [`Cache`]. Start with [`Cache::builder`].
@@ -344,22 +351,37 @@ impl CacheBuilder {
                 AnyBackend::Memory(MemoryBackend::new(max_entries))
             }
             BackendConfig::Redis { .. } | BackendConfig::Sentinel { .. }
-                if self.redis.operation_timeout.is_zero() || self.redis.connect_timeout.is_zero() =>
+                if self.redis.operation_timeout.is_zero()
+                    || self.redis.connect_timeout.is_zero() =>
             {
                 return Err(Error::config("redis timeouts must be greater than zero"));
             }
             BackendConfig::Redis { url } if crate::backend::sentinel::is_sentinel_url(&url) => {
-                let config = crate::backend::sentinel::SentinelConfig::parse_url(&url).map_err(
-                    |e| Error::config(format!("invalid redis url {:?}: {e}", redact(&url))),
-                )?;
+                let config =
+                    crate::backend::sentinel::SentinelConfig::parse_url(&url).map_err(|e| {
+                        Error::config(format!("invalid redis url {:?}: {e}", redact(&url)))
+                    })?;
                 let redis = self.redis.clone();
-                AnyBackend::Redis(RedisBackend::sentinel(config, &self.namespace, redis, log.clone()))
+                AnyBackend::Redis(RedisBackend::sentinel(
+                    config,
+                    &self.namespace,
+                    redis,
+                    log.clone(),
+                ))
             }
             BackendConfig::Sentinel { sentinels, service } => {
-                let config = crate::backend::sentinel::SentinelConfig::from_parts(sentinels, service)
-                    .map_err(|e| Error::config(format!("invalid redis sentinel configuration: {e}")))?;
+                let config =
+                    crate::backend::sentinel::SentinelConfig::from_parts(sentinels, service)
+                        .map_err(|e| {
+                            Error::config(format!("invalid redis sentinel configuration: {e}"))
+                        })?;
                 let redis = self.redis.clone();
-                AnyBackend::Redis(RedisBackend::sentinel(config, &self.namespace, redis, log.clone()))
+                AnyBackend::Redis(RedisBackend::sentinel(
+                    config,
+                    &self.namespace,
+                    redis,
+                    log.clone(),
+                ))
             }
             BackendConfig::Redis { url } => {
                 let backend =

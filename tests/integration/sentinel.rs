@@ -43,7 +43,10 @@ fn builder(url: &str, name: &str) -> cache_runtime::CacheBuilder {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinel_hit_miss_lock_and_ttl() {
     let setup = RedisSentinel::start();
-    let cache = builder(&setup.url(), "sentinel_basic").build().await.unwrap();
+    let cache = builder(&setup.url(), "sentinel_basic")
+        .build()
+        .await
+        .unwrap();
     assert_eq!(cache.backend_name(), "redis-sentinel");
     let calls = AtomicU64::new(0);
 
@@ -72,8 +75,14 @@ async fn sentinel_hit_miss_lock_and_ttl() {
     let key = cache.full_key("square:3");
     let ttl: i64 = raw.pttl(&key).await.unwrap();
     assert!(ttl > 0 && ttl <= 60_000, "pttl {ttl}");
-    cache.set("manual", &"value", Duration::from_secs(30)).await.unwrap();
-    assert_eq!(cache.get::<String>("manual").await.unwrap().as_deref(), Some("value"));
+    cache
+        .set("manual", &"value", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(
+        cache.get::<String>("manual").await.unwrap().as_deref(),
+        Some("value")
+    );
     let ttl: i64 = raw.pttl(cache.full_key("manual")).await.unwrap();
     assert!(ttl > 0 && ttl <= 30_000, "pttl {ttl}");
 
@@ -90,7 +99,10 @@ async fn sentinel_hit_miss_lock_and_ttl() {
         .await
         .unwrap();
     assert_eq!(other.backend_name(), "redis-sentinel");
-    assert_eq!(other.get::<String>("manual").await.unwrap().as_deref(), Some("value"));
+    assert_eq!(
+        other.get::<String>("manual").await.unwrap().as_deref(),
+        Some("value")
+    );
 }
 
 /// Waits (at most 5 s) until the server on `port` has a client named `cr-bus:..`.
@@ -101,7 +113,10 @@ async fn wait_for_bus_on(setup: &RedisSentinel, port: u16) {
         if clients.contains("name=cr-bus:") {
             return;
         }
-        assert!(Instant::now() < deadline, "no bus connection on port {port}: {clients}");
+        assert!(
+            Instant::now() < deadline,
+            "no bus connection on port {port}: {clients}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -120,7 +135,13 @@ async fn sentinel_down_at_startup_builds_and_runs_every_call() {
         assert_eq!(square(&cache, &calls, 1).await, expected(1));
     }
     assert_eq!(calls.load(Ordering::SeqCst), 20);
-    assert!(cache.get::<u64>("square:1").await.unwrap_err().is_unavailable());
+    assert!(
+        cache
+            .get::<u64>("square:1")
+            .await
+            .unwrap_err()
+            .is_unavailable()
+    );
 }
 
 #[tokio::test]
@@ -146,7 +167,10 @@ async fn sentinel_configuration_errors_are_config_errors_without_the_password() 
         .build()
         .await
         .unwrap_err();
-    assert!(err.is_config() && !err.to_string().contains("topsecret"), "{err}");
+    assert!(
+        err.is_config() && !err.to_string().contains("topsecret"),
+        "{err}"
+    );
 }
 
 enum Failover {
@@ -186,7 +210,10 @@ async fn failover_under_load(kind: Failover, name: &str) {
     // Caching works before the failover.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = calls.load(Ordering::SeqCst);
-    assert!(before <= 8, "{before} executions for 8 keys before the failover");
+    assert!(
+        before <= 8,
+        "{before} executions for 8 keys before the failover"
+    );
     let old = setup.master_port().unwrap();
     wait_for_bus_on(&setup, old).await;
 
@@ -226,7 +253,10 @@ async fn failover_under_load(kind: Failover, name: &str) {
     // The bus followed: its pub/sub connection is on the new master.
     wait_for_bus_on(&setup, new).await;
     // And entries are written there (with a TTL).
-    cache.set("after", &1u64, Duration::from_secs(30)).await.unwrap();
+    cache
+        .set("after", &1u64, Duration::from_secs(30))
+        .await
+        .unwrap();
     let mut raw = raw_connection(&setup.server(new).url()).await;
     let ttl: i64 = raw.pttl(cache.full_key("after")).await.unwrap();
     assert!(ttl > 0, "pttl {ttl}");

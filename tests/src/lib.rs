@@ -581,20 +581,25 @@ impl RedisSentinel {
 
     /// `SENTINEL FAILOVER mymaster` (retried while a sentinel refuses, e.g. `INPROG`).
     pub fn failover(&self) {
-        wait_until(Duration::from_secs(30), "SENTINEL FAILOVER to be accepted", || {
-            let url = format!("redis://127.0.0.1:{}", self.sentinels[0].port);
-            let Ok(client) = redis::Client::open(url) else {
-                return false;
-            };
-            let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_secs(2)) else {
-                return false;
-            };
-            redis::cmd("SENTINEL")
-                .arg("FAILOVER")
-                .arg(Self::SERVICE)
-                .query::<()>(&mut conn)
-                .is_ok()
-        });
+        wait_until(
+            Duration::from_secs(30),
+            "SENTINEL FAILOVER to be accepted",
+            || {
+                let url = format!("redis://127.0.0.1:{}", self.sentinels[0].port);
+                let Ok(client) = redis::Client::open(url) else {
+                    return false;
+                };
+                let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_secs(2))
+                else {
+                    return false;
+                };
+                redis::cmd("SENTINEL")
+                    .arg("FAILOVER")
+                    .arg(Self::SERVICE)
+                    .query::<()>(&mut conn)
+                    .is_ok()
+            },
+        );
     }
 
     /// Waits until every sentinel names a master other than `old`, and it answers as one;
@@ -612,7 +617,10 @@ impl RedisSentinel {
             match ports[0] {
                 Some(p) if p != old && ports.iter().all(|q| *q == Some(p)) => {
                     found = p;
-                    has_line(&self.server(p).query_text(&["INFO", "replication"]), "role:master")
+                    has_line(
+                        &self.server(p).query_text(&["INFO", "replication"]),
+                        "role:master",
+                    )
                 }
                 _ => false,
             }
@@ -625,7 +633,10 @@ impl RedisSentinel {
 fn wait_until(timeout: Duration, what: &str, mut ready: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !ready() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }

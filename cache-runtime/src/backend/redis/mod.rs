@@ -189,7 +189,12 @@ impl RedisBackend {
         log: Arc<FailureLog>,
     ) -> Result<Self, redis::RedisError> {
         let client = redis::Client::open(url)?;
-        Ok(Self::with_target(Target::Single(client), namespace, options, log))
+        Ok(Self::with_target(
+            Target::Single(client),
+            namespace,
+            options,
+            log,
+        ))
     }
 
     /// Behind Sentinel: the master `config`'s sentinels name, found on first use and followed
@@ -200,11 +205,8 @@ impl RedisBackend {
         options: RedisOptions,
         log: Arc<FailureLog>,
     ) -> Self {
-        let resolver = sentinel::Resolver::new(
-            config,
-            options.breaker_cooldown,
-            options.connect_timeout,
-        );
+        let resolver =
+            sentinel::Resolver::new(config, options.breaker_cooldown, options.connect_timeout);
         let target = Target::Sentinel(Arc::new(resolver));
         Self::with_target(target, namespace, options, log)
     }

@@ -29,9 +29,9 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use futures_util::StreamExt;
+use redis::RedisError;
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisConnectionInfo};
-use redis::RedisError;
 use tokio::sync::Notify;
 
 use super::conn::Target;
@@ -51,7 +51,11 @@ pub(crate) struct SentinelConfig {
 
 impl std::fmt::Debug for SentinelConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let sentinels: Vec<String> = self.sentinels.iter().map(|s| s.addr().to_string()).collect();
+        let sentinels: Vec<String> = self
+            .sentinels
+            .iter()
+            .map(|s| s.addr().to_string())
+            .collect();
         f.debug_struct("SentinelConfig")
             .field("sentinels", &sentinels)
             .field("service", &self.service)
@@ -76,7 +80,8 @@ impl SentinelConfig {
     /// (port 26379 by default; IPv6 hosts in brackets; user, password and service
     /// percent-decoded). The error never contains the password.
     pub(crate) fn parse_url(url: &str) -> Result<SentinelConfig, String> {
-        const FORM: &str = "expected redis+sentinel://[user:password@]host:port[,host:port...]/<service>[/<db>]";
+        const FORM: &str =
+            "expected redis+sentinel://[user:password@]host:port[,host:port...]/<service>[/<db>]";
         let Some((scheme, rest)) = url.split_once("://") else {
             return Err(format!("not a URL; {FORM}"));
         };
@@ -211,7 +216,9 @@ fn tcp(host: String, port: u16) -> Result<ConnectionInfo, String> {
 fn host_port(entry: &str) -> Result<(String, u16), String> {
     let (host, port) = if let Some(v6) = entry.strip_prefix('[') {
         let Some((host, after)) = v6.split_once(']') else {
-            return Err(format!("invalid sentinel address `{entry}`: no closing `]`"));
+            return Err(format!(
+                "invalid sentinel address `{entry}`: no closing `]`"
+            ));
         };
         match after {
             "" => (host, None),
@@ -418,9 +425,10 @@ impl Resolver {
             ));
         }
         self.current().ok_or_else(|| {
-            self.lock().error.clone().unwrap_or_else(|| {
-                format!("no master of `{}` known yet", self.config.service)
-            })
+            self.lock()
+                .error
+                .clone()
+                .unwrap_or_else(|| format!("no master of `{}` known yet", self.config.service))
         })
     }
 
@@ -597,7 +605,11 @@ fn unavailable(why: String) -> RedisError {
 /// missed meanwhile). Ends when the resolver is dropped.
 async fn watch(resolver: Weak<Resolver>) {
     let Some((sentinels, service, timeout)) = resolver.upgrade().map(|r| {
-        (r.config.sentinels.clone(), r.config.service.clone(), r.timeout)
+        (
+            r.config.sentinels.clone(),
+            r.config.service.clone(),
+            r.timeout,
+        )
     }) else {
         return;
     };
@@ -605,7 +617,9 @@ async fn watch(resolver: Weak<Resolver>) {
     loop {
         for info in &sentinels {
             let subscribed = tokio::time::timeout(timeout, async {
-                let mut pubsub = redis::Client::open(info.clone())?.get_async_pubsub().await?;
+                let mut pubsub = redis::Client::open(info.clone())?
+                    .get_async_pubsub()
+                    .await?;
                 pubsub.subscribe("+switch-master").await?;
                 Ok::<_, RedisError>(pubsub)
             })
@@ -672,13 +686,23 @@ mod tests {
         assert_eq!(c.master.username(), Some("app"));
         assert_eq!(c.master.password(), Some("s@cret"));
         // The sentinels get no credentials.
-        assert!(c.sentinels.iter().all(|s| s.redis_settings().password().is_none()));
+        assert!(
+            c.sentinels
+                .iter()
+                .all(|s| s.redis_settings().password().is_none())
+        );
 
         let c = SentinelConfig::parse_url("REDIS+SENTINEL://h:1/svc/").unwrap();
-        assert_eq!((addrs(&c), c.service(), c.master.db()), (vec!["h:1".to_owned()], "svc", 0));
+        assert_eq!(
+            (addrs(&c), c.service(), c.master.db()),
+            (vec!["h:1".to_owned()], "svc", 0)
+        );
         assert_eq!(c.master.password(), None);
         let c = SentinelConfig::parse_url("redis+sentinel://:p/w@h/svc").unwrap();
-        assert_eq!((c.master.username(), c.master.password()), (None, Some("p/w")));
+        assert_eq!(
+            (c.master.username(), c.master.password()),
+            (None, Some("p/w"))
+        );
         assert!(is_sentinel_url("redis+sentinel://h/s"));
         assert!(!is_sentinel_url("redis://h/0"));
     }
@@ -699,8 +723,14 @@ mod tests {
             ("redis+sentinel://h1/svc/0/more", "too many path segments"),
             ("redis+sentinel://h1/svc?x=1", "query parameters"),
             ("rediss+sentinel://h1/svc", "not supported"),
-            ("redis+sentinel://u:%zzsecret@h1/svc", "password is not valid"),
-            ("redis+sentinel://u:topsecret@h1:bad/svc", "invalid port `bad`"),
+            (
+                "redis+sentinel://u:%zzsecret@h1/svc",
+                "password is not valid",
+            ),
+            (
+                "redis+sentinel://u:topsecret@h1:bad/svc",
+                "invalid port `bad`",
+            ),
             ("nonsense", "not a URL"),
         ] {
             let err = SentinelConfig::parse_url(url).unwrap_err();
@@ -724,12 +754,18 @@ mod tests {
             vec!["redis://h1:1/2".to_owned()],
             vec!["unix:///tmp/s".to_owned()],
         ] {
-            assert!(SentinelConfig::from_parts(bad.clone(), "svc".into()).is_err(), "{bad:?}");
+            assert!(
+                SentinelConfig::from_parts(bad.clone(), "svc".into()).is_err(),
+                "{bad:?}"
+            );
         }
         assert!(SentinelConfig::from_parts(vec!["h".into()], String::new()).is_err());
         let c = SentinelConfig::parse_url("redis+sentinel://u:topsecret@h/svc").unwrap();
         let debug = format!("{c:?}");
-        assert!(!debug.contains("topsecret") && debug.contains("<redacted>"), "{debug}");
+        assert!(
+            !debug.contains("topsecret") && debug.contains("<redacted>"),
+            "{debug}"
+        );
     }
 
     #[test]
