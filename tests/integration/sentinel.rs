@@ -278,3 +278,53 @@ async fn sentinel_failover_command_under_load() {
 async fn sentinel_master_killed_under_load() {
     failover_under_load(Failover::Kill, "sentinel_master_killed").await;
 }
+
+#[cached(key = "sentinel_default:{n}", ttl = 60)]
+async fn default_square(calls: &AtomicU64, n: u64) -> u64 {
+    calls.fetch_add(1, Ordering::SeqCst);
+    expected(n)
+}
+
+/// Runs in a child process (see `sentinel_url_in_redis_url_selects_the_default_cache`) with
+/// `REDIS_URL` set to a `redis+sentinel://` URL; a no-op otherwise.
+#[tokio::test]
+async fn sentinel_default_cache_child() {
+    if std::env::var_os("CACHE_TEST_SENTINEL_CHILD").is_none() {
+        return;
+    }
+    assert_eq!(
+        cache_runtime::default_cache().backend_name(),
+        "redis-sentinel"
+    );
+    let calls = AtomicU64::new(0);
+    assert_eq!(default_square(&calls, 6).await, expected(6));
+    assert_eq!(default_square(&calls, 6).await, expected(6));
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the second call is a hit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_url_in_redis_url_selects_the_default_cache() {
+    let setup = RedisSentinel::start();
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "sentinel::sentinel_default_cache_child",
+            "--exact",
+            "--nocapture",
+        ])
+        .env("CACHE_TEST_SENTINEL_CHILD", "1")
+        .env("REDIS_URL", setup.url())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // The child ran its test (not zero tests) and wrote to the master, with a TTL.
+    assert!(String::from_utf8_lossy(&output.stdout).contains("1 passed"));
+    let master = setup.master_port().unwrap();
+    let mut raw = raw_connection(&setup.server(master).url()).await;
+    let ttl: i64 = raw.pttl("sentinel_default:6").await.unwrap();
+    assert!(ttl > 0 && ttl <= 60_000, "pttl {ttl}");
+}
