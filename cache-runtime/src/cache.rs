@@ -74,9 +74,19 @@ impl std::fmt::Debug for Cache {
 }
 
 enum BackendConfig {
-    Memory { max_entries: u64 },
-    Redis { url: String },
-    RedisCluster { urls: Vec<String> },
+    Memory {
+        max_entries: u64,
+    },
+    Redis {
+        url: String,
+    },
+    RedisCluster {
+        urls: Vec<String>,
+    },
+    Sentinel {
+        sentinels: Vec<String>,
+        service: String,
+    },
 }
 
 /// Configures and builds a [`Cache`]. Start with [`Cache::builder`].
@@ -154,8 +164,59 @@ impl CacheBuilder {
 
     /// Stores values in Redis at `url` (`redis://[user:password@]host:port[/db]`). The
     /// connection is made on first use; `build` does not wait for it.
+    ///
+    /// A Sentinel URL selects the master that Redis Sentinel names (see
+    /// [`redis_sentinel`](CacheBuilder::redis_sentinel)):
+    /// `redis+sentinel://[user:password@]host1:26379,host2:26379/<service>[/<db>]` (port
+    /// 26379 if omitted; `user:password` and the database are the master's, and are not sent
+    /// to the sentinels).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), cache_runtime::Error> {
+    /// let cache = cache_runtime::Cache::builder()
+    ///     .redis("redis+sentinel://:secret@10.0.0.1:26379,10.0.0.2:26379/mymaster/0")
+    ///     .build()
+    ///     .await?; // nothing is connected yet
+    /// assert_eq!(cache.backend_name(), "redis-sentinel");
+    /// # Ok(()) }
+    /// ```
     pub fn redis(mut self, url: impl Into<String>) -> Self {
         self.backend = BackendConfig::Redis { url: url.into() };
+        self
+    }
+
+    /// Stores values in the Redis master that Redis Sentinel names for `service`, asking the
+    /// `sentinels` (each `host[:port]`, port 26379 by default, or
+    /// `redis://[user:password@]host[:port]` for a sentinel that requires credentials of its
+    /// own). To log in to the master, or to use a database other than 0, use the URL form in
+    /// [`redis`](CacheBuilder::redis) instead.
+    ///
+    /// The master is found on first use (`build` does not wait for the sentinels, and does
+    /// not fail if they are down; calls run uncached until they answer) and followed through
+    /// failovers: when the master stops answering or answers as a replica (`READONLY`), the
+    /// sentinels are asked again, at most once per [`circuit_breaker`](CacheBuilder::circuit_breaker)
+    /// cooldown, and connections move to the new master; meanwhile calls run uncached.
+    /// [`Cache::backend_name`] is `"redis-sentinel"`.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), cache_runtime::Error> {
+    /// let cache = cache_runtime::Cache::builder()
+    ///     .redis_sentinel(["10.0.0.1:26379", "10.0.0.2:26379", "10.0.0.3"], "mymaster")
+    ///     .namespace("app")
+    ///     .build()
+    ///     .await?;
+    /// assert_eq!(cache.backend_name(), "redis-sentinel");
+    /// # Ok(()) }
+    /// ```
+    pub fn redis_sentinel(
+        mut self,
+        sentinels: impl IntoIterator<Item = impl Into<String>>,
+        service: impl Into<String>,
+    ) -> Self {
+        self.backend = BackendConfig::Sentinel {
+            sentinels: sentinels.into_iter().map(Into::into).collect(),
+            service: service.into(),
+        };
         self
     }
 
@@ -323,10 +384,40 @@ impl CacheBuilder {
                 }
                 AnyBackend::Memory(MemoryBackend::new(max_entries))
             }
+            BackendConfig::Redis { .. } | BackendConfig::Sentinel { .. }
+                if self.redis.operation_timeout.is_zero()
+                    || self.redis.connect_timeout.is_zero() =>
+            {
+                return Err(Error::config("redis timeouts must be greater than zero"));
+            }
+            BackendConfig::Redis { url } if crate::backend::sentinel::is_sentinel_url(&url) => {
+                let config =
+                    crate::backend::sentinel::SentinelConfig::parse_url(&url).map_err(|e| {
+                        Error::config(format!("invalid redis url {:?}: {e}", redact(&url)))
+                    })?;
+                let redis = self.redis.clone();
+                AnyBackend::Redis(RedisBackend::sentinel(
+                    config,
+                    &self.namespace,
+                    redis,
+                    log.clone(),
+                ))
+            }
+            BackendConfig::Sentinel { sentinels, service } => {
+                let config =
+                    crate::backend::sentinel::SentinelConfig::from_parts(sentinels, service)
+                        .map_err(|e| {
+                            Error::config(format!("invalid redis sentinel configuration: {e}"))
+                        })?;
+                let redis = self.redis.clone();
+                AnyBackend::Redis(RedisBackend::sentinel(
+                    config,
+                    &self.namespace,
+                    redis,
+                    log.clone(),
+                ))
+            }
             BackendConfig::Redis { url } => {
-                if self.redis.operation_timeout.is_zero() || self.redis.connect_timeout.is_zero() {
-                    return Err(Error::config("redis timeouts must be greater than zero"));
-                }
                 let backend =
                     RedisBackend::new(&url, &self.namespace, self.redis.clone(), log.clone())
                         .map_err(|e| {
@@ -366,7 +457,7 @@ impl CacheBuilder {
 }
 
 /// Hides a password in a Redis URL for error messages.
-fn redact(url: &str) -> String {
+pub(crate) fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             format!("{}://***@{}", &url[..scheme], &url[at + 1..])
@@ -391,7 +482,8 @@ impl Cache {
         }
     }
 
-    /// `"redis"`, `"redis-cluster"` or `"memory"`.
+    /// `"redis"`, `"redis-cluster"`, `"redis-sentinel"` (behind Redis Sentinel) or
+    /// `"memory"`.
     pub fn backend_name(&self) -> &'static str {
         self.inner.store.backend_name()
     }
@@ -600,8 +692,9 @@ pub fn set_default(cache: Cache) -> Result<()> {
 ///
 /// Unless [`set_default`] ran first, it is built on first use from the environment:
 /// `REDIS_CLUSTER_URLS` set (comma-separated node URLs, and valid) selects that Redis
-/// Cluster; otherwise `REDIS_URL` set (and valid) selects Redis at that URL; otherwise an
-/// in-process memory cache.
+/// Cluster; otherwise `REDIS_URL` set (and valid) selects Redis at that URL (a
+/// `redis+sentinel://` URL selects the master Redis Sentinel names, see
+/// [`CacheBuilder::redis`]); otherwise an in-process memory cache.
 /// Building connects nothing, so the first use may happen anywhere; operations need a Tokio
 /// runtime, and each runtime that uses the cache (every `#[tokio::test]`, say) gets its own
 /// Redis connection.

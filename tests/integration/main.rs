@@ -14,6 +14,7 @@ mod local;
 mod long_keys;
 mod redis_failures;
 mod refresh;
+mod sentinel;
 mod shapes;
 mod stale;
 mod stampede;

@@ -421,6 +421,226 @@ impl RedisCluster {
     }
 }
 
+/// A private Redis Sentinel setup (the Rust twin of `scripts/redis-sentinel`): a master, its
+/// replica and 3 sentinels (quorum 2, `down-after-milliseconds 1000`, `failover-timeout
+/// 3000`) watching them as [`RedisSentinel::SERVICE`], on free loopback ports. Every process
+/// is killed (by its PID) and the sentinels' directories removed when dropped.
+pub struct RedisSentinel {
+    /// The two data servers (the first started as the master; failovers change that).
+    data: Vec<RedisServer>,
+    sentinels: Vec<SentinelProcess>,
+}
+
+/// One `redis-server <conf> --sentinel`.
+struct SentinelProcess {
+    port: u16,
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Drop for SentinelProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl RedisSentinel {
+    /// The service name the sentinels monitor.
+    pub const SERVICE: &'static str = "mymaster";
+
+    /// Starts the master, the replica (waiting until it is in sync) and three sentinels, and
+    /// waits until every sentinel knows the replica and the two other sentinels (so that a
+    /// failover can happen).
+    pub fn start() -> RedisSentinel {
+        static DIRS: AtomicU64 = AtomicU64::new(0);
+        let master = RedisServer::start();
+        let master_port = master.port().to_string();
+        let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &master_port]);
+        let mut setup = RedisSentinel {
+            data: vec![master, replica],
+            sentinels: Vec::new(),
+        };
+        wait_until(Duration::from_secs(30), "the replica to sync", || {
+            has_line(
+                &setup.data[1].query_text(&["INFO", "replication"]),
+                "master_link_status:up",
+            )
+        });
+        for _ in 0..3 {
+            let port = free_port();
+            let dir = std::env::temp_dir().join(format!(
+                "cache-tests-sentinel-{}-{}-{}",
+                std::process::id(),
+                port,
+                DIRS.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&dir).expect("create the sentinel's directory");
+            let conf = dir.join("sentinel.conf");
+            let service = Self::SERVICE;
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\nprotected-mode no\nloglevel warning\ndir {}\n\
+                     sentinel monitor {service} 127.0.0.1 {master_port} 2\n\
+                     sentinel down-after-milliseconds {service} 1000\n\
+                     sentinel failover-timeout {service} 3000\n\
+                     sentinel parallel-syncs {service} 1\n",
+                    dir.display()
+                ),
+            )
+            .expect("write sentinel.conf");
+            let child = Command::new(redis_server_binary())
+                .arg(&conf)
+                .arg("--sentinel")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn redis-server --sentinel");
+            setup.sentinels.push(SentinelProcess { port, child, dir });
+        }
+        for i in 0..setup.sentinels.len() {
+            wait_until(Duration::from_secs(30), "the sentinels to be ready", || {
+                let info = setup.sentinel_query(i, &["SENTINEL", "master", Self::SERVICE]);
+                info.get("num-slaves").map(String::as_str) == Some("1")
+                    && info.get("num-other-sentinels").map(String::as_str) == Some("2")
+            });
+        }
+        setup
+    }
+
+    /// `SENTINEL <args>` on sentinel `i`, as a map (empty if it does not answer).
+    fn sentinel_query(&self, i: usize, args: &[&str]) -> std::collections::HashMap<String, String> {
+        let url = format!("redis://127.0.0.1:{}", self.sentinels[i].port);
+        let Ok(client) = redis::Client::open(url) else {
+            return Default::default();
+        };
+        let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_secs(2)) else {
+            return Default::default();
+        };
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query(&mut conn).unwrap_or_default()
+    }
+
+    /// `redis+sentinel://127.0.0.1:<s1>,127.0.0.1:<s2>,127.0.0.1:<s3>/mymaster`.
+    pub fn url(&self) -> String {
+        format!(
+            "redis+sentinel://{}/{}",
+            self.sentinel_addrs().join(","),
+            Self::SERVICE
+        )
+    }
+
+    /// The sentinels as `127.0.0.1:<port>`.
+    pub fn sentinel_addrs(&self) -> Vec<String> {
+        self.sentinels
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect()
+    }
+
+    /// The port of the master the first sentinel that answers names.
+    pub fn master_port(&self) -> Option<u16> {
+        (0..self.sentinels.len()).find_map(|i| {
+            let url = format!("redis://127.0.0.1:{}", self.sentinels[i].port);
+            let client = redis::Client::open(url).ok()?;
+            let mut conn = client
+                .get_connection_with_timeout(Duration::from_secs(2))
+                .ok()?;
+            let (_, port): (String, u16) = redis::cmd("SENTINEL")
+                .arg("get-master-addr-by-name")
+                .arg(Self::SERVICE)
+                .query(&mut conn)
+                .ok()?;
+            Some(port)
+        })
+    }
+
+    /// The data server listening on `port`.
+    pub fn server(&self, port: u16) -> &RedisServer {
+        self.data
+            .iter()
+            .find(|s| s.port() == port)
+            .expect("a data server of this setup")
+    }
+
+    /// Kills the current master with SIGKILL; returns its port.
+    pub fn kill_master(&mut self) -> u16 {
+        let port = self.master_port().expect("the sentinels name a master");
+        for server in &mut self.data {
+            if server.port() == port {
+                server.kill();
+            }
+        }
+        port
+    }
+
+    /// `SENTINEL FAILOVER mymaster` (retried while a sentinel refuses, e.g. `INPROG`).
+    pub fn failover(&self) {
+        wait_until(
+            Duration::from_secs(30),
+            "SENTINEL FAILOVER to be accepted",
+            || {
+                let url = format!("redis://127.0.0.1:{}", self.sentinels[0].port);
+                let Ok(client) = redis::Client::open(url) else {
+                    return false;
+                };
+                let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_secs(2))
+                else {
+                    return false;
+                };
+                redis::cmd("SENTINEL")
+                    .arg("FAILOVER")
+                    .arg(Self::SERVICE)
+                    .query::<()>(&mut conn)
+                    .is_ok()
+            },
+        );
+    }
+
+    /// Waits until every sentinel names a master other than `old`, and it answers as one;
+    /// returns its port.
+    pub fn wait_for_new_master(&self, old: u16, timeout: Duration) -> u16 {
+        let mut found = 0;
+        wait_until(timeout, "the sentinels to name a new master", || {
+            let ports: Vec<Option<u16>> = (0..self.sentinels.len())
+                .map(|i| {
+                    self.sentinel_query(i, &["SENTINEL", "master", Self::SERVICE])
+                        .get("port")
+                        .and_then(|p| p.parse().ok())
+                })
+                .collect();
+            match ports[0] {
+                Some(p) if p != old && ports.iter().all(|q| *q == Some(p)) => {
+                    found = p;
+                    has_line(
+                        &self.server(p).query_text(&["INFO", "replication"]),
+                        "role:master",
+                    )
+                }
+                _ => false,
+            }
+        });
+        found
+    }
+}
+
+/// Polls `ready` every 50 ms until it holds; panics after `timeout`.
+fn wait_until(timeout: Duration, what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ready() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn has_line(text: &str, line: &str) -> bool {
     text.lines().any(|l| l.trim() == line)
 }

@@ -26,7 +26,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 pub(crate) use self::memory::MemoryBackend;
-pub(crate) use self::redis::{RedisBackend, RedisOptions, wb};
+pub(crate) use self::redis::{RedisBackend, RedisOptions, sentinel, wb};
 use crate::envelope::Header;
 use crate::error::{Error, ErrorKind};
 use crate::key::KeyBuf;
@@ -347,8 +347,7 @@ impl AnyBackend {
     pub(crate) fn name(&self) -> &'static str {
         match self {
             AnyBackend::Memory(_) => "memory",
-            AnyBackend::Redis(r) if r.is_cluster() => "redis-cluster",
-            AnyBackend::Redis(_) => "redis",
+            AnyBackend::Redis(b) => b.name(),
         }
     }
 }

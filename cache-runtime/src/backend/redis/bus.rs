@@ -59,6 +59,7 @@ use redis::Msg;
 use redis::aio::{PubSub, PubSubSink, PubSubStream};
 use tokio::sync::Notify;
 
+use super::conn::Target;
 use super::inv;
 use crate::backend::Invalidations;
 use crate::breaker::{Breaker, FailureKind, FailureLog};
@@ -71,13 +72,15 @@ const GIVE_UP: u32 = 4;
 pub(super) struct Config {
     /// The servers to subscribe on, tried in turn: the one Redis, or a cluster's seed nodes
     /// (classic pub/sub on a cluster delivers every node's messages to a subscriber on any
-    /// node).
+    /// node). Behind Sentinel, the master is resolved on every connection attempt instead.
     pub(super) clients: Vec<redis::Client>,
     /// Whether they are a cluster's nodes: a `PING`'s answer then does not show that every
     /// message published before it was delivered (another node's messages come over the
     /// cluster bus), so heartbeats never make the stream trusted (the in-process tier stays
     /// off on a cluster).
     pub(super) cluster: bool,
+    /// The server, or (Sentinel) the master, resolved on every connection attempt.
+    pub(super) target: Target,
     /// The fill notifications' channel.
     pub(super) fills: &'static str,
     /// This cache's invalidation channel.
@@ -401,20 +404,22 @@ async fn subscribe_forever(config: Arc<Config>, shared: Arc<Shared>, number: u64
     let mut turn = 0usize;
     loop {
         let watching = shared.watch.get().is_some();
-        let client = &config.clients[turn % config.clients.len()];
+        // (Behind Sentinel there are none: `connect` asks the sentinels.)
+        let client = config.clients.get(turn % config.clients.len().max(1));
         let connected = tokio::time::timeout(config.connect_timeout, async {
-            let (mut sink, stream) = connect(&config, client).await?.split();
+            let (pubsub, master) = connect(&config, client).await?;
+            let (mut sink, stream) = pubsub.split();
             if watching {
                 sink.subscribe(&[config.fills, config.invalidations.as_str()])
                     .await?;
             } else {
                 sink.subscribe(config.fills).await?;
             }
-            Ok::<_, redis::RedisError>((sink, stream))
+            Ok::<_, redis::RedisError>((sink, stream, master))
         })
         .await;
         match connected {
-            Ok(Ok((sink, stream))) => {
+            Ok(Ok((sink, stream, master))) => {
                 backoff = Duration::from_millis(50);
                 shared.subscribed.store(true, Ordering::Release);
                 shared.ready.notify_waiters();
@@ -422,7 +427,7 @@ async fn subscribe_forever(config: Arc<Config>, shared: Arc<Shared>, number: u64
                 shared.wake_all();
                 // So are invalidations: nothing from before may be trusted.
                 shared.lose();
-                let why = serve(&config, &shared, sink, stream, watching).await;
+                let why = serve(&config, &shared, sink, stream, watching, master).await;
                 shared.subscribed.store(false, Ordering::Release);
                 shared.lose();
                 config.log.warn(
@@ -455,10 +460,19 @@ async fn subscribe_forever(config: Arc<Config>, shared: Arc<Shared>, number: u64
 /// (redis-rs has no way to send `CLIENT SETNAME` on a pub/sub connection, and the server
 /// refuses it once subscribed in RESP2: it is sent on the socket first, then redis-rs does its
 /// usual setup on it). Other addresses (TLS, not built in) go through redis-rs unnamed.
-async fn connect(config: &Config, client: &redis::Client) -> redis::RedisResult<PubSub> {
+/// Behind Sentinel, the sentinels are asked for the master first (`client` is not used); its
+/// epoch is returned (0 otherwise).
+async fn connect(
+    config: &Config,
+    client: Option<&redis::Client>,
+) -> redis::RedisResult<(PubSub, u64)> {
+    let (client, master) = match (client, &config.target) {
+        (Some(client), Target::Single(_) | Target::Cluster(_)) => (client.clone(), 0),
+        _ => config.target.resolve().await?,
+    };
     let info = client.get_connection_info();
     let settings = info.redis_settings();
-    match info.addr() {
+    let pubsub = match info.addr() {
         redis::ConnectionAddr::Tcp(host, port) => {
             let mut socket = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
             socket.set_nodelay(true)?;
@@ -472,7 +486,8 @@ async fn connect(config: &Config, client: &redis::Client) -> redis::RedisResult<
             PubSub::new(settings, socket).await
         }
         _ => client.get_async_pubsub().await,
-    }
+    }?;
+    Ok((pubsub, master))
 }
 
 /// Sends `AUTH` (if the URL has a password) and `CLIENT SETNAME name` on a new connection and
@@ -535,14 +550,18 @@ enum Event {
     Timer,
 }
 
-/// Serves one subscription until it fails; returns why it ended.
+/// Serves one subscription until it fails (or, behind Sentinel, the master it is connected
+/// to, of epoch `master`, is not the master any more); returns why it ended.
 async fn serve(
     config: &Config,
     shared: &Shared,
     sink: PubSubSink,
     mut stream: PubSubStream,
     mut watching: bool,
+    master: u64,
 ) -> &'static str {
+    let moved = config.target.moved_from(master);
+    tokio::pin!(moved);
     let mut ping: Option<Ping> = None;
     // The first heartbeat goes at once: the stream is trusted after its answer.
     let mut next_ping = Instant::now();
@@ -583,6 +602,7 @@ async fn serve(
             () = &mut timer => Event::Timer,
             msg = stream.next() => Event::Message(msg),
             () = &mut watched, if !watching => Event::Watched,
+            () = &mut moved => return "the sentinels named another master",
         };
         match event {
             Event::Message(Some(msg)) => dispatch(config, shared, &msg),

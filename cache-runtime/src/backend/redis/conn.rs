@@ -8,6 +8,12 @@
 //! runtime gets its own connection, made lazily on its first operation; a connection whose
 //! runtime has shut down is dropped. The common case, one runtime, costs one atomic load and
 //! a comparison per operation.
+//!
+//! Behind Sentinel (`Target::Sentinel`), connections are made on the master the sentinels
+//! named last (`sentinel::Resolver`) and remember its epoch: a connection whose master moved
+//! is replaced on its runtime's next operation. The first operation waits (within the
+//! operation timeout) for the first resolution; connectivity failures and `READONLY` /
+//! `MASTERDOWN` replies ask for another one.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -24,14 +30,17 @@ use tokio::runtime::{Handle, Id};
 use tokio::task::JoinHandle;
 
 use super::RedisOptions;
+use super::sentinel::Resolver;
 use crate::backend::{BackendError, BackendResult};
 use crate::breaker::{Breaker, FailureKind, FailureLog};
 
-/// Where the cache's data lives.
+/// Where the cache's data lives (the Sentinel methods are in `sentinel.rs`).
 #[derive(Clone)]
 pub(crate) enum Target {
-    /// One Redis server (or a proxy that looks like one).
+    /// One Redis server, at a fixed address (or a proxy that looks like one).
     Single(redis::Client),
+    /// The master the sentinels name (see `sentinel`).
+    Sentinel(Arc<Resolver>),
     /// A Redis Cluster, reached through any of its nodes.
     Cluster(Box<ClusterClient>),
 }
@@ -205,6 +214,8 @@ impl SlotPipe {
 /// The connection of one runtime.
 struct Slot {
     runtime: Id,
+    /// The master's epoch it was made for (`Target::epoch`; 0 but behind Sentinel).
+    epoch: u64,
     manager: Conn,
     /// A task that never ends on its own: finished means the runtime has shut down.
     alive: JoinHandle<()>,
@@ -449,7 +460,7 @@ impl Connections {
         })?;
         let runtime = handle.id();
         if let Some(slot) = &*self.current.load() {
-            if slot.runtime == runtime {
+            if slot.runtime == runtime && slot.epoch == self.target.epoch() {
                 return Ok(slot.manager.clone());
             }
         }
@@ -458,28 +469,51 @@ impl Connections {
 
     #[cold]
     fn connection_slow(&self, handle: &Handle, runtime: Id) -> BackendResult<Conn> {
+        let epoch = match &self.target {
+            Target::Sentinel(r) => match r.current() {
+                Some(master) => {
+                    r.ensure_watcher();
+                    master.epoch
+                }
+                None => {
+                    return Err(BackendError::Unavailable(
+                        "no master named by the sentinels yet".to_owned(),
+                    ));
+                }
+            },
+            _ => 0,
+        };
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        // Connections of runtimes that have shut down are dead: drop them.
-        slots.retain(|s| !s.alive.is_finished());
+        // Connections of runtimes that have shut down are dead, those to a former master
+        // useless: drop them.
+        slots.retain(|s| !s.alive.is_finished() && s.epoch == epoch);
         if let Some(slot) = slots.iter().find(|s| s.runtime == runtime) {
             self.current.store(Some(slot.clone()));
             return Ok(slot.manager.clone());
         }
+        let single = |client: redis::Client| {
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(self.options.connect_timeout))
+                // No response timeout in redis-rs: `run` bounds the whole operation
+                // (including a wait for a reconnection) with one timer, instead of two
+                // timers per command.
+                .set_response_timeout(None)
+                // One attempt per reconnection; the breaker paces the attempts.
+                .set_number_of_retries(0);
+            ConnectionManager::new_lazy_with_config(client, config)
+                .map(Conn::Single)
+                .map_err(|e| BackendError::Unavailable(e.to_string()))
+        };
         let manager = match &self.target {
-            Target::Single(client) => {
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(self.options.connect_timeout))
-                    // No response timeout in redis-rs: `run` bounds the whole operation
-                    // (including a wait for a reconnection) with one timer, instead of two
-                    // timers per command.
-                    .set_response_timeout(None)
-                    // One attempt per reconnection; the breaker paces the attempts.
-                    .set_number_of_retries(0);
-                Conn::Single(
-                    ConnectionManager::new_lazy_with_config(client.clone(), config)
-                        .map_err(|e| BackendError::Unavailable(e.to_string()))?,
-                )
-            }
+            Target::Single(client) => single(client.clone())?,
+            Target::Sentinel(r) => match r.current() {
+                Some(master) if master.epoch == epoch => single(master.client.clone())?,
+                _ => {
+                    return Err(BackendError::Unavailable(
+                        "the sentinels' master changed; retry".to_owned(),
+                    ));
+                }
+            },
             // Connects in the background: the first operations wait for it, bounded by
             // their timer, as with the lazy `ConnectionManager`.
             Target::Cluster(client) => Conn::Cluster(
@@ -488,6 +522,7 @@ impl Connections {
         };
         let slot = Arc::new(Slot {
             runtime,
+            epoch,
             manager: manager.clone(),
             alive: handle.spawn(std::future::pending()),
         });
@@ -518,7 +553,7 @@ impl Connections {
         op: &'static str,
         cmd: &redis::Cmd,
     ) -> BackendResult<T> {
-        let (probe, mut conn) = self.begin(breaker)?;
+        let (probe, mut conn) = self.begin(breaker, op).await?;
         let mut guard = ProbeGuard {
             breaker,
             armed: probe,
@@ -571,7 +606,7 @@ impl Connections {
         F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        let (probe, conn) = self.begin(breaker)?;
+        let (probe, conn) = self.begin(breaker, op).await?;
         let mut guard = ProbeGuard {
             breaker,
             armed: probe,
@@ -588,7 +623,7 @@ impl Connections {
     }
 
     /// An operation starts: whether it is the half-open breaker's probe, and the connection.
-    fn begin(&self, breaker: &Breaker) -> BackendResult<(bool, Conn)> {
+    async fn begin(&self, breaker: &Breaker, op: &'static str) -> BackendResult<(bool, Conn)> {
         let Some(probe) = breaker.acquire() else {
             return Err(BackendError::Unavailable(
                 "circuit breaker open after repeated failures".to_owned(),
@@ -596,6 +631,18 @@ impl Connections {
         };
         match self.connection() {
             Ok(conn) => Ok((probe, conn)),
+            // Sentinel, no master known yet: wait for the first resolution (boxed: rare, and
+            // every operation's future holds this one's state).
+            Err(_) if matches!(&self.target, Target::Sentinel(r) if r.epoch() == 0) => {
+                match Box::pin(self.first_master()).await {
+                    Ok(conn) => Ok((probe, conn)),
+                    Err(e) => {
+                        // Counted (a probe's failure opens the breaker again).
+                        self.connectivity_failure(op, &e, breaker, None, None);
+                        Err(e)
+                    }
+                }
+            }
             Err(e) => {
                 if probe {
                     breaker.abandon_probe();
@@ -603,6 +650,17 @@ impl Connections {
                 Err(e)
             }
         }
+    }
+
+    /// Sentinel: the connection once the first resolution found the master, waiting at most
+    /// the operation timeout.
+    async fn first_master(&self) -> BackendResult<Conn> {
+        if let Target::Sentinel(r) = &self.target {
+            r.first(self.options.operation_timeout)
+                .await
+                .map_err(BackendError::Unavailable)?;
+        }
+        self.connection()
     }
 
     /// An operation ended: its result, its failure classified (and counted by the breaker).
@@ -635,6 +693,12 @@ impl Connections {
                 }
                 Ok(v)
             }
+            // Sentinel: this server is no longer the master (`READONLY`: demoted).
+            Ok(Err(e)) if self.target.wrong_master(&e) => {
+                let err = BackendError::Unavailable(format!("{e} (not the master any more)"));
+                self.connectivity_failure(op, &err, breaker, node, Some(conn));
+                Err(err)
+            }
             Ok(Err(e)) if is_reply_error(&e) => {
                 breaker.success();
                 Err(BackendError::Data(e.to_string()))
@@ -645,12 +709,12 @@ impl Connections {
                 } else {
                     BackendError::Unavailable(e.to_string())
                 };
-                self.connectivity_failure(op, &err, breaker, node, conn);
+                self.connectivity_failure(op, &err, breaker, node, Some(conn));
                 Err(err)
             }
             Err(_elapsed) => {
                 let err = BackendError::Timeout;
-                self.connectivity_failure(op, &err, breaker, node, conn);
+                self.connectivity_failure(op, &err, breaker, node, Some(conn));
                 Err(err)
             }
         }
@@ -695,9 +759,13 @@ impl Connections {
         err: &BackendError,
         breaker: &Breaker,
         node: Option<&Node>,
-        conn: &Conn,
+        conn: Option<&Conn>,
     ) {
-        self.cluster_failure(conn);
+        if let Some(conn) = conn {
+            self.cluster_failure(conn);
+        }
+        // Sentinel: the master may have moved.
+        self.target.suspect();
         let opened = breaker.failure();
         let kind = match err {
             BackendError::Timeout => FailureKind::Timeout,
@@ -733,7 +801,9 @@ impl Connections {
     pub(super) async fn own_connection(&self) -> redis::RedisResult<Conn> {
         let timeout = self.options.operation_timeout.max(Duration::from_secs(1));
         match &self.target {
-            Target::Single(client) => {
+            Target::Single(_) | Target::Sentinel(_) => {
+                // Behind Sentinel: the current master (waiting for the first resolution).
+                let (client, _) = self.target.client(timeout).await?;
                 let config = redis::AsyncConnectionConfig::new()
                     .set_connection_timeout(Some(timeout))
                     .set_response_timeout(None);
@@ -763,9 +833,9 @@ impl Connections {
         redis::cluster::ClusterConfig::new().set_connection_timeout(self.options.connect_timeout)
     }
 
-    /// Whether the cache's Redis is a cluster.
-    pub(super) fn is_cluster(&self) -> bool {
-        matches!(self.target, Target::Cluster(_))
+    /// What connections are made to (for connections of their own: the bus).
+    pub(super) fn target(&self) -> &Target {
+        &self.target
     }
 
     /// How long one operation may take.

@@ -62,6 +62,7 @@ mod conn;
 mod inv;
 mod lease;
 mod scripts;
+pub(crate) mod sentinel;
 #[cfg(test)]
 mod tests;
 pub(crate) mod wb;
@@ -98,9 +99,10 @@ fn is_marker(bytes: &[u8]) -> bool {
 }
 
 /// Whether Redis refused a command because it refuses writes (over `maxmemory` with
-/// `noeviction`, a read-only replica or ACL user).
-fn refuses_writes(e: &redis::RedisError) -> bool {
-    matches!(e.code(), Some("OOM" | "READONLY" | "NOPERM"))
+/// `noeviction`, a read-only replica or ACL user). Behind Sentinel, `READONLY` and
+/// `MASTERDOWN` mean the master moved instead: not a refusal, an error (`conn` re-resolves).
+fn refuses_writes(conns: &Connections, e: &redis::RedisError) -> bool {
+    matches!(e.code(), Some("OOM" | "READONLY" | "NOPERM")) && !conns.target().wrong_master(e)
 }
 
 /// Adds `SET key value NX PX ttl GET` to `pipe`: the current value, or `value` set.
@@ -256,6 +258,21 @@ impl RedisBackend {
         ))
     }
 
+    /// Behind Sentinel: the master `config`'s sentinels name, found on first use and followed
+    /// through failovers (see `sentinel`).
+    pub(crate) fn sentinel(
+        config: sentinel::SentinelConfig,
+        namespace: &str,
+        options: RedisOptions,
+        log: Arc<FailureLog>,
+    ) -> Self {
+        let resolver =
+            sentinel::Resolver::new(config, options.breaker_cooldown, options.connect_timeout);
+        let target = Target::Sentinel(Arc::new(resolver));
+        // The bus asks the sentinels for the master on every connection attempt.
+        Self::with_target(target, Vec::new(), namespace, options, log)
+    }
+
     fn with_target(
         target: Target,
         bus_clients: Vec<redis::Client>,
@@ -266,10 +283,11 @@ impl RedisBackend {
         let cluster = matches!(target, Target::Cluster(_));
         let origin = inv::new_origin();
         let inv_channel = inv::channel(namespace);
-        let conns = Connections::new(target, options.clone(), log.clone());
+        let conns = Connections::new(target.clone(), options.clone(), log.clone());
         let bus = Bus::new(bus::Config {
             clients: bus_clients,
             cluster,
+            target,
             fills: CHANNEL,
             invalidations: inv_channel.clone(),
             origin,
@@ -290,9 +308,13 @@ impl RedisBackend {
         }
     }
 
-    /// Whether this backend speaks to a Redis Cluster.
-    pub(crate) fn is_cluster(&self) -> bool {
-        self.conns.is_cluster()
+    /// `"redis"`, `"redis-cluster"`, or `"redis-sentinel"` behind Sentinel.
+    pub(crate) fn name(&self) -> &'static str {
+        match self.conns.target() {
+            Target::Single(_) => "redis",
+            Target::Sentinel(_) => "redis-sentinel",
+            Target::Cluster(_) => "redis-cluster",
+        }
     }
 
     /// A new pending-load marker: never repeated. Cheap (one is made per lookup, in a reused
@@ -428,7 +450,7 @@ impl RedisBackend {
                     // A server that refuses writes (over `maxmemory` with `noeviction`, a
                     // read-only replica or user) still serves hits: a plain `GET`, and a miss
                     // without a marker (its fill is not stored).
-                    Err(e) if refuses_writes(&e) => {
+                    Err(e) if refuses_writes(&self.conns, &e) => {
                         let v: Option<Vec<u8>> =
                             redis::cmd("GET").arg(key).query_async(&mut conn).await?;
                         Ok((v, false))
@@ -727,7 +749,7 @@ impl Backend for RedisBackend {
                 match pipe.query::<Vec<Option<Vec<u8>>>>(&mut conn).await {
                     Ok(all) => Ok(Some(all)),
                     // A server that refuses writes: the separate calls know what to do.
-                    Err(e) if refuses_writes(&e) => Ok(None),
+                    Err(e) if refuses_writes(&self.conns, &e) => Ok(None),
                     Err(e) => Err(e),
                 }
             })
@@ -767,7 +789,7 @@ impl Backend for RedisBackend {
                     Ok(found) => found,
                     // A server that refuses writes: the versions there are (an absent one,
                     // empty, matches no entry), none created.
-                    Err(e) if refuses_writes(&e) => {
+                    Err(e) if refuses_writes(&self.conns, &e) => {
                         let mut get = SlotPipe::new();
                         for key in &keys {
                             get.push(key_slot(key), get_cmd(key));
