@@ -1430,10 +1430,20 @@ async fn cluster_a_master_killed_during_writes_loses_nothing() {
     for writer in writers {
         writer.await.unwrap();
     }
-    assert!(
-        w.flush_for(Duration::from_secs(60)).await,
-        "drained after the failover"
-    );
+    if !w.flush_for(Duration::from_secs(40)).await {
+        let depth = write_behind::depth(&cache, "failover").await;
+        let (fresh, _) = self::cache("wb_failover_probe", 4);
+        let probe = fresh.set("probe", &1u32, Duration::from_secs(5)).await;
+        let mut raw = raw().await;
+        let raw_probe: redis::RedisResult<i64> = redis::cmd("XLEN")
+            .arg(format!("__cr:wb:{{{ns}:failover:0}}"))
+            .query_async(&mut raw)
+            .await;
+        let old_probe = cache.set("probe", &1u32, Duration::from_secs(5)).await;
+        eprintln!("fresh cache: {probe:?}; old cache: {old_probe:?}; raw XLEN: {raw_probe:?}");
+        let stats = w.stats().await;
+        panic!("not drained after the failover: {depth:?}\n{stats}");
+    }
     let log = LOG.lock().unwrap().clone();
     let last = last.lock().unwrap().clone();
     let rows = ROWS.lock().unwrap().clone().unwrap_or_default();

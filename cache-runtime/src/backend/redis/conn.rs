@@ -426,6 +426,9 @@ impl Connections {
     }
 
     fn connectivity_failure(&self, op: &'static str, err: &BackendError) {
+        if self.is_cluster() {
+            self.forget_cluster_connection();
+        }
         let opened = self.breaker.failure();
         let kind = match err {
             BackendError::Timeout => FailureKind::Timeout,
@@ -446,6 +449,22 @@ impl Connections {
                 &format_args!("redis {op} failed ({err}); the call runs uncached"),
             );
         }
+    }
+
+    /// Drops the current runtime's cluster connection: the next operation makes a new one
+    /// (connected in the background, from the seeds). After a master was killed and its replica
+    /// promoted, redis-rs 1.8.1's `ClusterConnection` was seen to keep failing (the breaker
+    /// reopening for good) while a new connection worked at once; a new one costs a socket per
+    /// node, paced by the breaker's cooldown.
+    #[cold]
+    fn forget_cluster_connection(&self) {
+        let Ok(handle) = Handle::try_current() else {
+            return;
+        };
+        let runtime = handle.id();
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.retain(|s| s.runtime != runtime);
+        self.current.store(None);
     }
 
     /// A connection of the caller's own, not shared with other operations (the write-behind
