@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 
 use cache_runtime::Cache;
 use cache_runtime::write_behind::{self, Worker};
-use cache_tests::{free_port, raw_connection, redis_url, unique_namespace};
+use cache_tests::{
+    RawConn, RedisCluster, free_port, raw_cluster_connection, raw_connection, redis_url,
+    shared_cluster, unique_namespace,
+};
 use redis::AsyncCommands;
 
 /// Defines `async fn $name(cache, id: u64, v: String) -> Result<(), String>` exactly as the
@@ -69,10 +72,66 @@ impl serde::Serialize for MaybeUnencodable<'_> {
     }
 }
 
+std::thread_local! {
+    /// The cluster's URLs while a test's cluster variant runs (on its own thread).
+    static CLUSTER_URLS: std::cell::RefCell<Option<Vec<String>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Makes this thread's test run on the Redis Cluster of `REDIS_CLUSTER_URLS` (or a private
+/// one, kept alive by the guard returned).
+fn use_cluster() -> Option<RedisCluster> {
+    let (urls, guard) = shared_cluster();
+    CLUSTER_URLS.with(|c| *c.borrow_mut() = Some(urls));
+    guard
+}
+
+fn cluster_urls() -> Option<Vec<String>> {
+    CLUSTER_URLS.with(|c| c.borrow().clone())
+}
+
+/// A raw connection to where this test's caches live (the shared Redis, or the cluster).
+async fn raw() -> RawConn {
+    match cluster_urls() {
+        Some(urls) => RawConn::Cluster(raw_cluster_connection(&urls).await),
+        None => RawConn::Single(raw_connection(&redis_url()).await),
+    }
+}
+
+/// Defines each test twice, `<name>::redis::run` (the shared Redis) and `<name>::cluster::run` (the
+/// Redis Cluster of `REDIS_CLUSTER_URLS`, or a private one): the body is copied, so each
+/// variant has its own statics and its own registered functions.
+macro_rules! on_redis_and_cluster {
+    ($($(#[$attr:meta])* async fn $name:ident() $body:block)*) => {$(
+        $(#[$attr])*
+        mod $name {
+            // A module per variant: the functions' ids (module path + name) differ.
+            mod redis {
+                #[allow(unused_imports)]
+                use super::super::*;
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn run() $body
+            }
+            mod cluster {
+                #[allow(unused_imports)]
+                use super::super::*;
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn run() {
+                    let _cluster = use_cluster();
+                    $body
+                }
+            }
+        }
+    )*};
+}
+
 fn cache(name: &str, partitions: u16) -> (Cache, String) {
     let ns = unique_namespace(name);
-    let cache = Cache::builder()
-        .redis(redis_url())
+    let builder = match cluster_urls() {
+        Some(urls) => Cache::builder().redis_cluster(urls),
+        None => Cache::builder().redis(redis_url()),
+    };
+    let cache = builder
         .namespace(ns.clone())
         .operation_timeout(Duration::from_secs(2))
         .write_behind_partitions(partitions)
@@ -105,7 +164,7 @@ async fn dead_letters(
     ns: &str,
     queue: &str,
 ) -> Vec<std::collections::HashMap<String, String>> {
-    let mut conn = raw_connection(&redis_url()).await;
+    let mut conn = raw().await;
     type Fields = Vec<(Vec<u8>, Vec<u8>)>;
     let entries: Vec<(String, Fields)> = redis::cmd("XRANGE")
         .arg(format!("__cr:wb:{{{ns}:{queue}}}:dead"))
@@ -158,7 +217,7 @@ fn assert_applied_in_order(key: u64, applied: &[String], accepted: &[String]) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+on_redis_and_cluster! {
 async fn accepted_writes_are_applied_in_order_per_key() {
     static LOG: Log = Mutex::new(Vec::new());
     wb_fn!(wb_order, "order", coalesce = false, |id, v| {
@@ -207,8 +266,9 @@ async fn accepted_writes_are_applied_in_order_per_key() {
     );
     w.shutdown().await;
 }
+}
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+on_redis_and_cluster! {
 async fn queued_writes_of_a_key_coalesce_last_wins() {
     static LOG: Log = Mutex::new(Vec::new());
     wb_fn!(wb_coalesce, "coalesce", coalesce = true, |id, v| {
@@ -226,8 +286,9 @@ async fn queued_writes_of_a_key_coalesce_last_wins() {
     assert_eq!(log[0].1, "v9", "the last write wins");
     w.shutdown().await;
 }
+}
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+on_redis_and_cluster! {
 async fn a_write_that_fails_three_times_is_applied_once_after_backoff() {
     static ATTEMPTS: AtomicU32 = AtomicU32::new(0);
     static TIMES: Mutex<Vec<Instant>> = Mutex::new(Vec::new());
@@ -265,8 +326,9 @@ async fn a_write_that_fails_three_times_is_applied_once_after_backoff() {
     }
     w.shutdown().await;
 }
+}
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+on_redis_and_cluster! {
 async fn a_permanent_failure_is_dead_lettered_and_other_keys_go_on() {
     static FIXED: AtomicBool = AtomicBool::new(false);
     static LOG: Log = Mutex::new(Vec::new());
@@ -319,6 +381,7 @@ async fn a_permanent_failure_is_dead_lettered_and_other_keys_go_on() {
     assert_eq!((depth.pending, depth.dead), (0, 0), "{depth}");
     w.shutdown().await;
 }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_function_is_left_pending_and_others_go_on() {
@@ -328,7 +391,7 @@ async fn an_unknown_function_is_left_pending_and_others_go_on() {
         Ok(())
     });
     let (cache, ns) = cache("wb_unknown", 1);
-    let mut conn = raw_connection(&redis_url()).await;
+    let mut conn = raw().await;
     let stream = format!("__cr:wb:{{{ns}:mixed:0}}");
     let _: String = redis::cmd("XADD")
         .arg(&stream)
@@ -383,7 +446,7 @@ async fn an_unknown_function_is_left_pending_and_others_go_on() {
     w.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+on_redis_and_cluster! {
 async fn a_dead_workers_partitions_are_taken_over_with_nothing_lost() {
     static HANG: AtomicBool = AtomicBool::new(true);
     static ENTERED: AtomicU32 = AtomicU32::new(0);
@@ -417,7 +480,7 @@ async fn a_dead_workers_partitions_are_taken_over_with_nothing_lost() {
     // It dies mid-entry: its tasks stop, its leases are not given back.
     drop(dying);
     HANG.store(false, SeqCst);
-    let mut conn = raw_connection(&redis_url()).await;
+    let mut conn = raw().await;
     let held: Option<String> = conn
         .get(format!("__cr:wb:{{{ns}:takeover:0}}:owner"))
         .await
@@ -470,8 +533,9 @@ async fn a_dead_workers_partitions_are_taken_over_with_nothing_lost() {
     }
     w.shutdown().await;
 }
+}
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+on_redis_and_cluster! {
 async fn the_worker_reasserts_the_value_and_an_older_write_never_wins() {
     static LOG: Log = Mutex::new(Vec::new());
     wb_fn!(wb_reassert, "reassert", coalesce = false, |id, v| {
@@ -479,7 +543,7 @@ async fn the_worker_reasserts_the_value_and_an_older_write_never_wins() {
         Ok(())
     });
     let (cache, _) = cache("wb_reassert", 2);
-    let mut conn = raw_connection(&redis_url()).await;
+    let mut conn = raw().await;
     // Evicted while queued: back after the apply.
     wb_reassert(&cache, 1, "one".into()).await.unwrap();
     let _: () = conn.del(cache.full_key("k:1")).await.unwrap();
@@ -506,8 +570,14 @@ async fn the_worker_reasserts_the_value_and_an_older_write_never_wins() {
         Some("newer")
     );
     let left: bool = conn.exists(&wbl).await.unwrap();
-    assert!(!left, "wbl removed once applied");
+    if cluster_urls().is_some() {
+        // On a cluster it keeps the position of the key's last stored write.
+        assert!(left, "wbl keeps the last position");
+    } else {
+        assert!(!left, "wbl removed once applied");
+    }
     w.shutdown().await;
+}
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -566,7 +636,7 @@ async fn shutdown_gives_the_partitions_back_and_keys_have_ttls() {
     });
     let (cache, ns) = cache("wb_shutdown", 2);
     wb_shutdown(&cache, 1, "a".into()).await.unwrap();
-    let mut conn = raw_connection(&redis_url()).await;
+    let mut conn = raw().await;
     let w = worker(&cache, "shutdown").start().unwrap();
     assert!(w.flush_for(Duration::from_secs(20)).await);
     let owners: Vec<String> = (0..2)
@@ -614,7 +684,7 @@ async fn shutdown_gives_the_partitions_back_and_keys_have_ttls() {
     assert_eq!(live, 0, "left the live set");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+on_redis_and_cluster! {
 async fn two_workers_share_the_partitions_and_keep_each_keys_order() {
     static LOG: Log = Mutex::new(Vec::new());
     wb_fn!(wb_shared, "shared", coalesce = false, |id, v| {
@@ -642,7 +712,7 @@ async fn two_workers_share_the_partitions_and_keep_each_keys_order() {
     }
     assert!(a.flush_for(Duration::from_secs(20)).await);
     // Each holds its fair share (2 of 4) once both are live.
-    let mut conn = raw_connection(&redis_url()).await;
+    let mut conn = raw().await;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let owners: Vec<Option<String>> = redis::cmd("MGET")
@@ -681,6 +751,7 @@ async fn two_workers_share_the_partitions_and_keep_each_keys_order() {
     a.shutdown().await;
     b.shutdown().await;
 }
+}
 
 /// Finding 1: the fair share counts the workers serving the queue, not every worker of the
 /// namespace; two workers with disjoint queues each drain all of theirs.
@@ -713,7 +784,7 @@ async fn workers_with_disjoint_queues_each_drain_theirs() {
         "queue b drained"
     );
     assert_eq!(LOG.lock().unwrap().len(), 32);
-    let mut conn = raw_connection(&redis_url()).await;
+    let mut conn = raw().await;
     for q in ["disjoint-a", "disjoint-b"] {
         let live: i64 = conn
             .zcard(format!("__cr:wb:{{{ns}:{q}}}:workers"))
@@ -725,11 +796,11 @@ async fn workers_with_disjoint_queues_each_drain_theirs() {
     b.shutdown().await;
 }
 
+on_redis_and_cluster! {
 /// Finding 3: a body reads the entry's position; it increases per key in acceptance order,
 /// is the same on every attempt, and a dead letter moved back keeps its first position, so a
 /// versioned body refuses it once a newer write of its key was applied. Retries are spaced by
 /// at least half the backoff.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn positions_order_retries_and_retried_dead_letters() {
     use cache_runtime::write_behind::Position;
     use std::collections::HashMap;
@@ -811,6 +882,7 @@ async fn positions_order_retries_and_retried_dead_letters() {
     );
     w.shutdown().await;
 }
+}
 
 #[tokio::test]
 async fn an_inline_run_has_no_position() {
@@ -850,7 +922,7 @@ async fn a_value_that_does_not_encode_is_queued_and_invalidates_the_key() {
         None,
         "invalidated"
     );
-    let mut conn = raw_connection(&redis_url()).await;
+    let mut conn = raw().await;
     let wbl: bool = conn
         .exists(format!("__cr:wbl:{{{}}}", cache.full_key("k:1")))
         .await
@@ -958,7 +1030,7 @@ async fn a_body_running_when_the_lease_is_lost_is_cancelled() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // Someone else holds the lease now: the renewal fails.
-    let mut conn = raw_connection(&redis_url()).await;
+    let mut conn = raw().await;
     let _: () = redis::cmd("SET")
         .arg(format!("__cr:wb:{{{ns}:lost:0}}:owner"))
         .arg("an-intruder")
@@ -1000,7 +1072,7 @@ async fn many_unknown_entries_of_one_key_do_not_stop_the_others() {
         Ok(())
     });
     let (cache, ns) = cache("wb_crowded", 1);
-    let mut conn = raw_connection(&redis_url()).await;
+    let mut conn = raw().await;
     let stream = format!("__cr:wb:{{{ns}:crowded:0}}");
     let key = cache.full_key("k:9");
     let mut pipe = redis::pipe();
@@ -1117,7 +1189,7 @@ async fn garbage_in_a_partition_is_dead_lettered_and_counted() {
         Ok(())
     });
     let (cache, ns) = cache("wb_garbage", 1);
-    let mut conn = raw_connection(&redis_url()).await;
+    let mut conn = raw().await;
     let stream = format!("__cr:wb:{{{ns}:garbage:0}}");
     let _: String = redis::cmd("XADD")
         .arg(&stream)
@@ -1263,5 +1335,159 @@ async fn applied_entries_are_acknowledged_while_a_slow_body_runs() {
     }
     HANG.store(false, SeqCst);
     assert!(w.flush_for(Duration::from_secs(10)).await);
+    w.shutdown().await;
+}
+
+/// The node (index in `cluster.nodes()`) that is master of `slot`, from `CLUSTER NODES`.
+fn master_of(cluster: &RedisCluster, slot: u16) -> usize {
+    for node in cluster.nodes() {
+        let text = node.query_text(&["CLUSTER", "NODES"]);
+        for line in text.lines() {
+            let parts: Vec<&str> = line.split_whitespace().collect();
+            if parts.len() < 9 || !parts[2].contains("master") || parts[2].contains("fail") {
+                continue;
+            }
+            let owns = parts[8..].iter().any(|range| {
+                let (a, b) = range.split_once('-').unwrap_or((range, range));
+                match (a.parse::<u16>(), b.parse::<u16>()) {
+                    (Ok(a), Ok(b)) => (a..=b).contains(&slot),
+                    _ => false,
+                }
+            });
+            if owns {
+                let port: u16 = parts[1]
+                    .split(['@', ':'])
+                    .nth(1)
+                    .and_then(|p| p.parse().ok())
+                    .expect("a node address");
+                return cluster
+                    .nodes()
+                    .iter()
+                    .position(|n| n.port() == port)
+                    .expect("a node of the cluster");
+            }
+        }
+    }
+    panic!("no master owns slot {slot}");
+}
+
+/// Writes go on while the master of a partition's stream (and of some value keys) is killed
+/// and its replica promoted: every call returns `Ok` (queued, or run inline while the cluster
+/// is down), every write is applied at least once, the versioned "database" ends with each
+/// key's last write, and the cache agrees with it (or misses).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_a_master_killed_during_writes_loses_nothing() {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    static LOG: Log = Mutex::new(Vec::new());
+    static ROWS: Mutex<Option<HashMap<u64, u64>>> = Mutex::new(None);
+    wb_fn!(wb_failover, "failover", coalesce = false, |id, v| {
+        record(&LOG, id, &v);
+        let n: u64 = v.parse().unwrap();
+        let mut rows = ROWS.lock().unwrap();
+        let row = rows.get_or_insert_with(HashMap::new).entry(id).or_insert(0);
+        // A versioned UPDATE: an older write never wins.
+        *row = (*row).max(n);
+        Ok(())
+    });
+    let mut cluster = RedisCluster::start();
+    CLUSTER_URLS.with(|c| *c.borrow_mut() = Some(cluster.urls()));
+    let (cache, ns) = cache("wb_failover", 4);
+    let w = worker(&cache, "failover").start().unwrap();
+    const KEYS: u64 = 32;
+    let stop = Arc::new(AtomicBool::new(false));
+    let last = Arc::new(Mutex::new(HashMap::<u64, u64>::new()));
+    let sent = Arc::new(Mutex::new(Vec::<(u64, u64)>::new()));
+    let mut writers = Vec::new();
+    for t in 0..8u64 {
+        let (cache, stop, last, sent) = (cache.clone(), stop.clone(), last.clone(), sent.clone());
+        writers.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(SeqCst) {
+                n += 1;
+                for k in (0..KEYS).filter(|k| k % 8 == t) {
+                    wb_failover(&cache, k, n.to_string()).await.unwrap();
+                    last.lock().unwrap().insert(k, n);
+                    sent.lock().unwrap().push((k, n));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let mut conn = raw().await;
+    let slot: u16 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(format!("__cr:wb:{{{ns}:failover:0}}"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let victim = master_of(&cluster, slot);
+    cluster.node_mut(victim).kill();
+    // Node timeout 2 s, then the replica's election.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    stop.store(true, SeqCst);
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    if !w.flush_for(Duration::from_secs(40)).await {
+        let depth = write_behind::depth(&cache, "failover").await;
+        let (fresh, _) = self::cache("wb_failover_probe", 4);
+        let probe = fresh.set("probe", &1u32, Duration::from_secs(5)).await;
+        let mut raw = raw().await;
+        let raw_probe: redis::RedisResult<i64> = redis::cmd("XLEN")
+            .arg(format!("__cr:wb:{{{ns}:failover:0}}"))
+            .query_async(&mut raw)
+            .await;
+        let old_probe = cache.set("probe", &1u32, Duration::from_secs(5)).await;
+        eprintln!("fresh cache: {probe:?}; old cache: {old_probe:?}; raw XLEN: {raw_probe:?}");
+        let stats = w.stats().await;
+        panic!("not drained after the failover: {depth:?}\n{stats}");
+    }
+    let log = LOG.lock().unwrap().clone();
+    let last = last.lock().unwrap().clone();
+    let rows = ROWS.lock().unwrap().clone().unwrap_or_default();
+    let applied: std::collections::HashSet<(u64, String)> =
+        log.iter().map(|e| (e.0, e.1.clone())).collect();
+    let sent = sent.lock().unwrap().clone();
+    let lost: Vec<&(u64, u64)> = sent
+        .iter()
+        .filter(|(k, n)| !applied.contains(&(*k, n.to_string())))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} writes never applied: {lost:?}",
+        lost.len(),
+        sent.len()
+    );
+    let mut missing_in_cache = 0;
+    for k in 0..KEYS {
+        let final_n = last[&k];
+        assert!(final_n > 10, "key {k}: writes went on ({final_n})");
+        assert_eq!(
+            rows.get(&k),
+            Some(&final_n),
+            "key {k}: the last write landed"
+        );
+        assert!(
+            log.iter().any(|e| e.0 == k && e.1 == final_n.to_string()),
+            "key {k}: its last write was applied"
+        );
+        match cache.get::<String>(&format!("k:{k}")).await.unwrap() {
+            Some(v) => assert_eq!(v, final_n.to_string(), "key {k}: the cache agrees"),
+            None => missing_in_cache += 1,
+        }
+    }
+    let s = stats_of(&cache, "wb_failover");
+    eprintln!(
+        "failover: {} calls ({} queued, {} inline), {} applications, {missing_in_cache} keys missing from the cache",
+        s.accepted + s.write_through,
+        s.accepted,
+        s.write_through,
+        log.len()
+    );
+    assert!(s.accepted > 0 && s.write_through > 0, "{s:?}");
+    let depth = write_behind::depth(&cache, "failover").await.unwrap();
+    assert_eq!((depth.pending, depth.dead), (0, 0), "{depth}");
     w.shutdown().await;
 }

@@ -136,8 +136,16 @@
 //!   that way (or waiting for a retry) keeps only a few entries in memory, and other keys
 //!   never stop.
 //!
-//! One Redis server only for now: on Redis Cluster the value and the queue live in different
-//! slots (issue 11).
+//! # On Redis Cluster
+//!
+//! The value and the queue live in different hash slots, so an accepted call costs three round
+//! trips instead of one script: the key's write-behind record is made to exist, the entry is
+//! appended (the call has succeeded from here), then the value is stored unless a write queued
+//! after it stored its own. The record holds the queue position of the stored value: the
+//! worker re-asserts a write after applying it only while no later write of the key was
+//! stored, so a crash between the steps leaves at worst the older value until the worker
+//! applies the write, never a value the database will not get. Redis replicates
+//! asynchronously: a write a failed master acknowledged but had not replicated is lost.
 
 mod call;
 mod handler;

@@ -796,6 +796,11 @@ impl Connections {
         }
     }
 
+    /// Whether the cache's Redis is a cluster.
+    pub(super) fn is_cluster(&self) -> bool {
+        matches!(self.target, Target::Cluster(_))
+    }
+
     /// A connection of the caller's own, not shared with other operations (the write-behind
     /// worker's blocking reads hold theirs): connected before it is returned.
     pub(super) async fn own_connection(&self) -> redis::RedisResult<Conn> {

@@ -25,19 +25,25 @@ use redis::Value;
 pub(crate) use self::reply::StreamEntry;
 use self::reply::{int_of, items, parse_consumers, parse_entries, parse_read, string_of};
 use self::scripts::{WB_ACK, WB_DEAD, WB_ENQUEUE, WB_REASSERT, WB_RELEASE, WB_RENEW, WB_RETRY};
+use self::scripts::{WB_DROP_AT, WB_PEEK, WB_REASSERT_AT, WB_STORE_AT};
 /// A connection of the worker's own (see [`RedisBackend::own_connection`]).
 pub(crate) use super::conn::Conn as WbConn;
 
+use super::conn::SlotPipe;
 use super::scripts::{evalsha, run};
 use super::{CHANNEL, RedisBackend, inv, millis};
 use crate::backend::BackendResult;
-use crate::key::aux_key;
+use crate::key::{aux_key, key_slot};
 use crate::store::{Store, WbWrite};
 
 /// The consumer group of every partition.
 pub(crate) const GROUP: &str = "cr";
 
 const WBL_PREFIX: &str = "__cr:wbl:";
+
+/// On a cluster, what an enqueue's first step puts in a `wbl` that does not exist: a position
+/// older than any (the key has a write-behind record; no value stored by it yet).
+const CLAIMED: &str = "0-0";
 
 /// The keys of one queue partition.
 #[derive(Debug, Clone)]
@@ -86,6 +92,8 @@ pub(crate) struct DeadLetter<'a> {
     pub(crate) key: &'a str,
     /// The write id of the last entry of the run (empty: none).
     pub(crate) write_id: &'a str,
+    /// The position of the last entry of the run (a cluster compares positions, not ids).
+    pub(crate) position: Option<String>,
     pub(crate) error: &'a str,
     pub(crate) attempts: u32,
 }
@@ -118,6 +126,9 @@ impl RedisBackend {
         let config = store.wb_config();
         let partition = partition_of(w.key, config.partitions);
         let stream = PartitionKeys::new(store.namespace(), w.queue, partition).stream;
+        if self.conns.is_cluster() {
+            return self.wb_enqueue_in_steps(store, w, &stream).await;
+        }
         let key = w.key;
         let waiters = self.waiters(key);
         let copy = Self::stale_copy(key);
@@ -175,14 +186,129 @@ impl RedisBackend {
             .await
     }
 
-    /// `WB_REASSERT` (see the script). Returns whether it wrote the value.
+    /// Redis Cluster: the enqueue in three steps, each in one slot (docs/design-cluster.md
+    /// §3): 1. K's slot: `wbl` made to exist (a claim, [`CLAIMED`], if it did not); 2. the
+    /// stream's slot: `XADD` + `PEXPIRE` (the write is accepted once this succeeded); 3. K's
+    /// slot: `WB_STORE_AT` stores the value (or invalidates the key) unless a write of a later
+    /// position did. Step 3 failing: the key is invalidated in the background (the worker
+    /// re-asserts the write once applied). Every step is idempotent.
+    async fn wb_enqueue_in_steps(
+        &self,
+        store: &Store,
+        w: &WbWrite<'_>,
+        stream: &str,
+    ) -> BackendResult<()> {
+        let config = store.wb_config();
+        let key = w.key;
+        let wbl = Self::wbl_key(key);
+        let wbl_ttl = millis(wbl_ttl(w.ttl));
+        let ttl = millis(w.ttl).to_string();
+        let envelope: &[u8] = w.value.map_or(&[], |v| &v.bytes[..]);
+        let (wbl, ttl) = (&wbl, &ttl);
+        // 1. Without a record, a write stopped after step 2 would never be re-asserted.
+        self.conns
+            .run("write-behind claim", |mut conn| async move {
+                redis::pipe()
+                    .cmd("SET")
+                    .arg(wbl)
+                    .arg(CLAIMED)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(wbl_ttl)
+                    .ignore()
+                    .cmd("PEXPIRE")
+                    .arg(wbl)
+                    .arg(wbl_ttl)
+                    .ignore()
+                    .exec_async(&mut conn)
+                    .await
+            })
+            .await?;
+        // 2. Queued: from here the call has succeeded.
+        let position: String = self
+            .conns
+            .run("write-behind enqueue", |mut conn| async move {
+                let (id, _): (String, i64) = redis::pipe()
+                    .cmd("XADD")
+                    .arg(stream)
+                    .arg("*")
+                    .arg("f")
+                    .arg(w.function)
+                    .arg("k")
+                    .arg(key)
+                    .arg("i")
+                    .arg(w.id)
+                    .arg("a")
+                    .arg(w.args)
+                    .arg("v")
+                    .arg(envelope)
+                    .arg("t")
+                    .arg(ttl)
+                    .cmd("PEXPIRE")
+                    .arg(stream)
+                    .arg(millis(config.retention))
+                    .query_async(&mut conn)
+                    .await?;
+                Ok(id)
+            })
+            .await?;
+        // 3. The value, unless a write queued after this one stored its own already.
+        let waiters = self.waiters(key);
+        let copy = Self::stale_copy(key);
+        let refresh = Self::refresh_lease_key(key);
+        let frame = self.frame(inv::Kind::Keys, &[key]);
+        let (frame, channel) = (&frame, &self.inv_channel);
+        let (waiters, copy, refresh, position) = (&waiters, &copy, &refresh, &position);
+        let stored = self
+            .conns
+            .run("write-behind store", |mut conn| async move {
+                let mut cmd = evalsha(
+                    &WB_STORE_AT,
+                    5,
+                    7,
+                    5 * key.len() + envelope.len() + frame.len() + 128,
+                );
+                cmd.arg(key)
+                    .arg(waiters)
+                    .arg(copy)
+                    .arg(refresh)
+                    .arg(wbl)
+                    .arg(envelope)
+                    .arg(ttl)
+                    .arg(CHANNEL)
+                    .arg(channel)
+                    .arg(&frame[..])
+                    .arg(position)
+                    .arg(wbl_ttl);
+                let _: i64 = run(&mut conn, &WB_STORE_AT, &cmd).await?;
+                Ok(())
+            })
+            .await;
+        if let Err(e) = stored {
+            // Queued, but the cache may hold an older value: not served until the worker
+            // re-asserts this write.
+            tracing::debug!(target: "cache_runtime", "write-behind store of {key} failed after it was queued ({e}); the key is invalidated");
+            store.invalidate_in_background(vec![key.to_owned()], Vec::new());
+        }
+        Ok(())
+    }
+
+    /// `WB_REASSERT` (see the script; on a cluster `WB_REASSERT_AT`, by `position`). Returns
+    /// whether it wrote the value.
     pub(crate) async fn wb_reassert(
         &self,
         key: &str,
         id: &str,
+        position: Option<&str>,
         envelope: &[u8],
         ttl: Duration,
     ) -> BackendResult<bool> {
+        if self.conns.is_cluster() {
+            let Some(position) = position else {
+                return Ok(false);
+            };
+            return self.wb_reassert_at(key, position, envelope, ttl).await;
+        }
         let waiters = self.waiters(key);
         let copy = Self::stale_copy(key);
         let refresh = Self::refresh_lease_key(key);
@@ -205,6 +331,42 @@ impl RedisBackend {
                     .arg(channel)
                     .arg(&frame[..]);
                 let wrote: i64 = run(&mut conn, &WB_REASSERT, &cmd).await?;
+                Ok(wrote == 2)
+            })
+            .await
+    }
+
+    /// `WB_REASSERT_AT` (cluster).
+    async fn wb_reassert_at(
+        &self,
+        key: &str,
+        position: &str,
+        envelope: &[u8],
+        ttl: Duration,
+    ) -> BackendResult<bool> {
+        let waiters = self.waiters(key);
+        let copy = Self::stale_copy(key);
+        let refresh = Self::refresh_lease_key(key);
+        let wbl = Self::wbl_key(key);
+        let frame = self.frame(inv::Kind::Keys, &[key]);
+        let (frame, channel) = (&frame, &self.inv_channel);
+        let (waiters, copy, refresh, wbl) = (&waiters, &copy, &refresh, &wbl);
+        self.conns
+            .run("write-behind re-assert", |mut conn| async move {
+                let mut cmd = evalsha(&WB_REASSERT_AT, 5, 7, 5 * key.len() + envelope.len() + 96);
+                cmd.arg(key)
+                    .arg(waiters)
+                    .arg(copy)
+                    .arg(refresh)
+                    .arg(wbl)
+                    .arg(position)
+                    .arg(envelope)
+                    .arg(millis(ttl))
+                    .arg(CHANNEL)
+                    .arg(channel)
+                    .arg(&frame[..])
+                    .arg(millis(wbl_ttl(ttl)));
+                let wrote: i64 = run(&mut conn, &WB_REASSERT_AT, &cmd).await?;
                 Ok(wrote == 2)
             })
             .await
@@ -241,6 +403,9 @@ impl RedisBackend {
         letter: &DeadLetter<'_>,
         ids: &[String],
     ) -> BackendResult<Option<bool>> {
+        if self.conns.is_cluster() {
+            return self.wb_dead_in_steps(p, dead, letter, ids).await;
+        }
         let key = letter.key;
         let copy = Self::stale_copy(key);
         let refresh = Self::refresh_lease_key(key);
@@ -283,6 +448,118 @@ impl RedisBackend {
             .await
     }
 
+    /// Redis Cluster: `WB_DEAD` in four steps, one slot each: 1. the partition's: under the
+    /// lease, the entries' fields (`WB_PEEK`); 2. the dead letters' slot: `XADD` each with
+    /// `e`, `n`, `from`; 3. the partition's: `WB_ACK` (under the lease); 4. K's slot:
+    /// `WB_DROP_AT`. A stop between 2 and 3 leaves the entries pending as well as dead: the
+    /// next owner applies them again (and may dead-letter them a second time).
+    async fn wb_dead_in_steps(
+        &self,
+        p: &Owned<'_>,
+        dead: &str,
+        letter: &DeadLetter<'_>,
+        ids: &[String],
+    ) -> BackendResult<Option<bool>> {
+        let peeked: Value = self
+            .conns
+            .run("write-behind dead letter", |mut conn| async move {
+                let mut cmd = evalsha(&WB_PEEK, 2, 1 + ids.len(), 64 + 24 * ids.len());
+                cmd.arg(&p.keys.stream)
+                    .arg(&p.keys.owner)
+                    .arg(p.token)
+                    .arg(ids);
+                run(&mut conn, &WB_PEEK, &cmd).await
+            })
+            .await?;
+        let Value::Array(found) = peeked else {
+            return Ok(None);
+        };
+        let mut adds = Vec::new();
+        for (fields, id) in found.iter().skip(1).zip(ids) {
+            let fields = items(fields);
+            if fields.is_empty() {
+                continue;
+            }
+            let mut cmd = redis::cmd("XADD");
+            cmd.arg(dead).arg("*");
+            for f in fields {
+                if let Value::BulkString(b) = f {
+                    cmd.arg(&b[..]);
+                } else if let Some(text) = string_of(f) {
+                    cmd.arg(text);
+                }
+            }
+            cmd.arg("e")
+                .arg(letter.error)
+                .arg("n")
+                .arg(letter.attempts)
+                .arg("from")
+                .arg(format!("{} {id}", p.keys.stream));
+            adds.push(cmd);
+        }
+        if !adds.is_empty() {
+            let adds = &adds;
+            self.conns
+                .run("write-behind dead letter", |mut conn| async move {
+                    let mut pipe = redis::pipe();
+                    for cmd in adds {
+                        pipe.add_command(cmd.clone()).ignore();
+                    }
+                    pipe.cmd("PEXPIRE")
+                        .arg(dead)
+                        .arg(millis(p.retention))
+                        .ignore();
+                    pipe.exec_async(&mut conn).await
+                })
+                .await?;
+        }
+        if !self.wb_ack(p, ids).await? {
+            return Ok(None);
+        }
+        let (key, Some(position)) = (letter.key, letter.position.as_deref()) else {
+            return Ok(Some(false));
+        };
+        if key.is_empty() {
+            return Ok(Some(false));
+        }
+        let copy = Self::stale_copy(key);
+        let refresh = Self::refresh_lease_key(key);
+        let wbl = Self::wbl_key(key);
+        let frame = self.frame(inv::Kind::Keys, &[key]);
+        let (frame, channel) = (&frame, &self.inv_channel);
+        let (copy, refresh, wbl) = (&copy, &refresh, &wbl);
+        let dropped = self
+            .conns
+            .run("write-behind dead letter", |mut conn| async move {
+                let mut cmd = evalsha(&WB_DROP_AT, 4, 3, 4 * key.len() + frame.len() + 64);
+                cmd.arg(key)
+                    .arg(copy)
+                    .arg(refresh)
+                    .arg(wbl)
+                    .arg(position)
+                    .arg(channel)
+                    .arg(&frame[..]);
+                let dropped: i64 = run(&mut conn, &WB_DROP_AT, &cmd).await?;
+                Ok(dropped == 2)
+            })
+            .await;
+        match dropped {
+            Ok(dropped) => Ok(Some(dropped)),
+            Err(e) => {
+                // The entries are dead letters already; the key may hold the dead write's
+                // value: removed unconditionally (a miss at worst).
+                use crate::backend::Backend as _;
+                match self.invalidate(&[key]).await {
+                    Ok(()) => Ok(Some(true)),
+                    Err(again) => {
+                        tracing::warn!(target: "cache_runtime", "write-behind dead letter of {key}: the key could not be invalidated ({e}; {again}); it may serve the dead write's value until its TTL");
+                        Ok(Some(false))
+                    }
+                }
+            }
+        }
+    }
+
     /// One more failed attempt of entry `id`: the count so far.
     pub(crate) async fn wb_failed_attempt(&self, p: &Owned<'_>, id: &str) -> BackendResult<u32> {
         self.conns
@@ -323,11 +600,11 @@ impl RedisBackend {
         }
         self.conns
             .run("write-behind leases", |mut conn| async move {
-                let mut pipe = redis::pipe();
+                let mut pipe = SlotPipe::new();
                 for owner in owners {
-                    pipe.cmd("GET").arg(owner);
+                    pipe.push(key_slot(owner), redis::cmd("GET").arg(owner).clone());
                 }
-                pipe.query_async(&mut conn).await
+                pipe.query(&mut conn).await
             })
             .await
     }
@@ -373,6 +650,22 @@ impl RedisBackend {
         let renewed: Vec<i64> = self
             .conns
             .run("write-behind renew", |mut conn| async move {
+                if conn.is_cluster() {
+                    // One request per lease (each its partition's slot), concurrently; each
+                    // loads the script on its node if needed.
+                    let renewals = owners.iter().map(|owner| {
+                        let mut conn = conn.clone();
+                        async move {
+                            let mut cmd = evalsha(&WB_RENEW, 1, 2, 64);
+                            cmd.arg(*owner).arg(token).arg(millis(lease));
+                            run::<i64>(&mut conn, &WB_RENEW, &cmd).await
+                        }
+                    });
+                    return futures_util::future::join_all(renewals)
+                        .await
+                        .into_iter()
+                        .collect::<redis::RedisResult<Vec<i64>>>();
+                }
                 // Make sure the server has the script (a pipeline cannot reload it).
                 let mut probe = evalsha(&WB_RENEW, 1, 2, 64);
                 probe.arg(owners[0]).arg(token).arg(millis(lease));
@@ -427,11 +720,13 @@ impl RedisBackend {
         }
         self.conns
             .run("write-behind retention", |mut conn| async move {
-                let mut pipe = redis::pipe();
+                let mut pipe = SlotPipe::new();
                 for key in keys {
-                    pipe.cmd("PEXPIRE").arg(key).arg(millis(retention)).ignore();
+                    let mut cmd = redis::cmd("PEXPIRE");
+                    cmd.arg(key).arg(millis(retention));
+                    pipe.push_ignored(key_slot(key), cmd);
                 }
-                pipe.exec_async(&mut conn).await
+                pipe.query::<Vec<Value>>(&mut conn).await.map(drop)
             })
             .await
     }
@@ -448,26 +743,21 @@ impl RedisBackend {
         let now = now_ms();
         self.conns
             .run("write-behind heartbeat", |mut conn| async move {
-                let mut pipe = redis::pipe();
+                let mut pipe = SlotPipe::new();
                 for set in workers {
-                    pipe.cmd("ZADD")
-                        .arg(set)
-                        .arg(now + millis(ttl))
-                        .arg(name)
-                        .ignore()
-                        .cmd("ZREMRANGEBYSCORE")
-                        .arg(set)
-                        .arg("-inf")
-                        .arg(now)
-                        .ignore()
-                        .cmd("ZCARD")
-                        .arg(set)
-                        .cmd("PEXPIRE")
-                        .arg(set)
-                        .arg(millis(retention))
-                        .ignore();
+                    let slot = key_slot(set);
+                    let mut add = redis::cmd("ZADD");
+                    add.arg(set).arg(now + millis(ttl)).arg(name);
+                    let mut expired = redis::cmd("ZREMRANGEBYSCORE");
+                    expired.arg(set).arg("-inf").arg(now);
+                    let mut expire = redis::cmd("PEXPIRE");
+                    expire.arg(set).arg(millis(retention));
+                    pipe.push_ignored(slot, add)
+                        .push_ignored(slot, expired)
+                        .push(slot, redis::cmd("ZCARD").arg(set).clone())
+                        .push_ignored(slot, expire);
                 }
-                let live: Vec<i64> = pipe.query_async(&mut conn).await?;
+                let live: Vec<i64> = pipe.query(&mut conn).await?;
                 Ok(live
                     .into_iter()
                     .map(|n| usize::try_from(n).unwrap_or(1).max(1))
@@ -480,11 +770,13 @@ impl RedisBackend {
     pub(crate) async fn wb_leave(&self, workers: &[String], name: &str) -> BackendResult<()> {
         self.conns
             .run("write-behind leave", |mut conn| async move {
-                let mut pipe = redis::pipe();
+                let mut pipe = SlotPipe::new();
                 for set in workers {
-                    pipe.cmd("ZREM").arg(set).arg(name).ignore();
+                    let mut cmd = redis::cmd("ZREM");
+                    cmd.arg(set).arg(name);
+                    pipe.push_ignored(key_slot(set), cmd);
                 }
-                pipe.exec_async(&mut conn).await
+                pipe.query::<Vec<Value>>(&mut conn).await.map(drop)
             })
             .await
     }
@@ -624,18 +916,16 @@ impl RedisBackend {
     ) -> BackendResult<(u64, Option<u64>, u64)> {
         self.conns
             .run("write-behind depth", |mut conn| async move {
-                let mut pipe = redis::pipe();
+                let mut pipe = SlotPipe::new();
                 for s in streams {
-                    pipe.cmd("XLEN").arg(s);
-                    pipe.cmd("XRANGE")
-                        .arg(s)
-                        .arg("-")
-                        .arg("+")
-                        .arg("COUNT")
-                        .arg(1);
+                    let slot = key_slot(s);
+                    let mut first = redis::cmd("XRANGE");
+                    first.arg(s).arg("-").arg("+").arg("COUNT").arg(1);
+                    pipe.push(slot, redis::cmd("XLEN").arg(s).clone())
+                        .push(slot, first);
                 }
-                pipe.cmd("XLEN").arg(dead);
-                let replies: Vec<Value> = pipe.query_async(&mut conn).await?;
+                pipe.push(key_slot(dead), redis::cmd("XLEN").arg(dead).clone());
+                let replies: Vec<Value> = pipe.query(&mut conn).await?;
                 let mut pending = 0u64;
                 let mut oldest: Option<u64> = None;
                 for pair in replies.chunks(2) {
@@ -662,11 +952,11 @@ impl RedisBackend {
     pub(crate) async fn wb_len(&self, streams: &[String]) -> BackendResult<u64> {
         self.conns
             .run("write-behind length", |mut conn| async move {
-                let mut pipe = redis::pipe();
+                let mut pipe = SlotPipe::new();
                 for s in streams {
-                    pipe.cmd("XLEN").arg(s);
+                    pipe.push(key_slot(s), redis::cmd("XLEN").arg(s).clone());
                 }
-                let lens: Vec<Value> = pipe.query_async(&mut conn).await?;
+                let lens: Vec<Value> = pipe.query(&mut conn).await?;
                 Ok(lens.iter().map(int_of).sum())
             })
             .await
@@ -724,6 +1014,11 @@ impl RedisBackend {
             }
         }
         let fields = &fields;
+        if self.conns.is_cluster() {
+            return self
+                .wb_retry_in_steps(dead, stream, entry, fields, retention)
+                .await;
+        }
         self.conns
             .run("write-behind retry", |mut conn| async move {
                 let mut cmd = evalsha(&WB_RETRY, 2, 2 + 2 * fields.len(), 256);
@@ -736,6 +1031,60 @@ impl RedisBackend {
                 }
                 let moved: i64 = run(&mut conn, &WB_RETRY, &cmd).await?;
                 Ok(moved == 1)
+            })
+            .await
+    }
+}
+
+impl RedisBackend {
+    /// Redis Cluster: `WB_RETRY` in two steps: `XADD` to the partition (its slot), then `XDEL`
+    /// from the dead letters (theirs). If the dead letter was gone by then (another
+    /// `retry_dead` moved it), the copy just added is deleted again (if a worker read it in
+    /// between, it is applied twice: at least once). A stop between the two leaves the entry
+    /// in both: applied, and moved again by the next `retry_dead`.
+    async fn wb_retry_in_steps(
+        &self,
+        dead: &str,
+        stream: &str,
+        entry: &StreamEntry,
+        fields: &[(&str, &[u8])],
+        retention: Duration,
+    ) -> BackendResult<bool> {
+        let added: String = self
+            .conns
+            .run("write-behind retry", |mut conn| async move {
+                let mut add = redis::cmd("XADD");
+                add.arg(stream).arg("*");
+                for (n, v) in fields {
+                    add.arg(*n).arg(*v);
+                }
+                let (id, _): (String, i64) = redis::pipe()
+                    .add_command(add)
+                    .cmd("PEXPIRE")
+                    .arg(stream)
+                    .arg(millis(retention))
+                    .query_async(&mut conn)
+                    .await?;
+                Ok(id)
+            })
+            .await?;
+        let added = &added;
+        self.conns
+            .run("write-behind retry", |mut conn| async move {
+                let removed: i64 = redis::cmd("XDEL")
+                    .arg(dead)
+                    .arg(&entry.id)
+                    .query_async(&mut conn)
+                    .await?;
+                if removed == 1 {
+                    return Ok(true);
+                }
+                let _: i64 = redis::cmd("XDEL")
+                    .arg(stream)
+                    .arg(added)
+                    .query_async(&mut conn)
+                    .await?;
+                Ok(false)
             })
             .await
     }

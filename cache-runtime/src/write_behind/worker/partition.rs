@@ -605,9 +605,10 @@ impl Partition<'_> {
                 self.attempts.remove(&self.held[i].entry.id);
             }
             if !superseded && !envelope.is_empty() {
+                let position = write_id.position().map(|p| p.to_string());
                 match self
                     .redis()
-                    .wb_reassert(key, write_id.as_str(), &envelope, ttl)
+                    .wb_reassert(key, write_id.as_str(), position.as_deref(), &envelope, ttl)
                     .await
                 {
                     Ok(_) => self.shared.cache.store().written_elsewhere(key),
@@ -716,6 +717,7 @@ impl Partition<'_> {
         let letter = DeadLetter {
             key,
             write_id: &write_id,
+            position: position_of(&self.held[last].entry).map(|p| p.to_string()),
             error,
             attempts,
         };

@@ -1,7 +1,9 @@
-//! The write-behind Lua scripts. On one Redis server each is one atomic step; each touches
-//! one partition's keys, or one value key's and one stream (`WB_ENQUEUE`, `WB_REASSERT`
-//! touch the value key and its `{K}` keys; `WB_ENQUEUE` and `WB_RETRY` also a stream, in
-//! another slot: not for Redis Cluster, see docs/design-write-behind.md).
+//! The write-behind Lua scripts. On one Redis server each is one atomic step. `WB_ENQUEUE`
+//! (the value key's slot and a stream's), `WB_DEAD` (a partition's, the dead letters' and the
+//! value key's) and `WB_RETRY` (the dead letters' and a partition's) span slots: they are for
+//! a single Redis only; on Redis Cluster their steps run one slot at a time (the `*_AT`
+//! scripts and `WB_PEEK` below, see `RedisBackend::wb_enqueue` and
+//! docs/design-write-behind.md). The others touch one slot.
 
 use std::sync::LazyLock;
 
@@ -165,6 +167,135 @@ end
 redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return 1
+",
+    )
+});
+
+// Redis Cluster: the value key and the queue keys live in different hash slots, so the steps
+// above that touch both are split (docs/design-cluster.md §3). On a cluster `wbl` holds the
+// *position* (stream id `<ms>-<seq>`) of the key's greatest write-behind write whose value
+// was stored (`0-0`: a write claimed the key, its value not stored yet), instead of a write
+// id: writers of one key on several processes may claim the key and append to the stream in
+// different orders, and only the stream's order is the order the database gets the writes.
+
+/// The Lua function `newer(a, b)`: whether position `a` (`<ms>-<seq>`) comes after `b`; a
+/// missing or unreadable `b` is older than anything, an unreadable `a` newer than nothing.
+macro_rules! newer_fn {
+    () => {
+        r"
+local function newer(a, b)
+  local bm, bs = string.match(b or '', '^(%d+)-(%d+)$')
+  if not bm then return true end
+  local am, as = string.match(a or '', '^(%d+)-(%d+)$')
+  if not am then return false end
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am > bm or (am == bm and as > bs)
+end
+"
+    };
+}
+
+/// Cluster, step 3 of an enqueue (K's slot). KEYS: value, waiters, stale copy, refresh lease,
+/// wbl. ARGV: envelope, ttl ms, fill channel, inv channel, frame, position (the entry's
+/// stream id), wbl ttl ms. Unless a write of a later position stored its value already
+/// (`wbl` newer): `SET wbl position`, then `WRITE`'s steps, or with an empty envelope
+/// `invalidate`'s. Returns 1 if it stored, 0 if a later write had.
+pub(super) static WB_STORE_AT: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(concat!(
+        newer_fn!(),
+        r"
+if newer(redis.call('GET', KEYS[5]), ARGV[6]) then
+  return 0
+end
+redis.call('SET', KEYS[5], ARGV[6], 'PX', ARGV[7])
+if ARGV[1] == '' then
+  redis.call('DEL', KEYS[1], KEYS[3], KEYS[4])
+  redis.call('PUBLISH', ARGV[4], ARGV[5])
+  return 1
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('DEL', KEYS[3], KEYS[4])
+if redis.call('DEL', KEYS[2]) == 1 then
+  redis.call('PUBLISH', ARGV[3], KEYS[1])
+end
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return 1
+"
+    ))
+});
+
+/// Cluster: `WB_REASSERT` by position. KEYS: value, waiters, stale copy, refresh lease, wbl.
+/// ARGV: position, envelope, ttl ms, fill channel, inv channel, frame, wbl ttl ms. After the
+/// worker applied the write at `position`: if `wbl` exists (a claim or a stored position: an
+/// inline write that forgot the key deletes it) and holds no later position, records the
+/// position and, if the key does not hold exactly the envelope, does `WRITE`'s steps.
+/// Returns 2 if it wrote, 1 if the key held it, 0 if refused.
+pub(super) static WB_REASSERT_AT: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(concat!(
+        newer_fn!(),
+        r"
+local last = redis.call('GET', KEYS[5])
+if not last or newer(last, ARGV[1]) then
+  return 0
+end
+redis.call('SET', KEYS[5], ARGV[1], 'PX', ARGV[7])
+if ARGV[2] == '' then
+  return 1
+end
+if redis.call('TYPE', KEYS[1]).ok == 'string' and redis.call('GET', KEYS[1]) == ARGV[2] then
+  return 1
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('DEL', KEYS[3], KEYS[4])
+if redis.call('DEL', KEYS[2]) == 1 then
+  redis.call('PUBLISH', ARGV[4], KEYS[1])
+end
+redis.call('PUBLISH', ARGV[5], ARGV[6])
+return 2
+"
+    ))
+});
+
+/// Cluster, last step of a dead letter (K's slot). KEYS: value, stale copy, refresh lease,
+/// wbl. ARGV: position (of the run's last entry), inv channel, frame. If `wbl` exists and
+/// holds no later position (the cache may hold a value of the dead run, which the database
+/// never got), invalidates the key as `invalidate` does (`wbl` stays: a later write that
+/// crashed before storing its value is still re-asserted). Returns 2 if it invalidated, 1
+/// if not.
+pub(super) static WB_DROP_AT: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(concat!(
+        newer_fn!(),
+        r"
+local last = redis.call('GET', KEYS[4])
+if not last or newer(last, ARGV[1]) then
+  return 1
+end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 2
+"
+    ))
+});
+
+/// Cluster, first step of a dead letter (the partition's slot). KEYS: stream, owner. ARGV:
+/// token, ids... Only while the caller holds the partition: the entries' fields, in order (an
+/// entry gone: an empty list). Returns 0 if the lease was lost, else `{1, fields...}`.
+pub(super) static WB_PEEK: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        r"
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then
+  return 0
+end
+local out = {1}
+for i = 2, #ARGV do
+  local found = redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i])
+  if #found > 0 then
+    table.insert(out, found[1][2])
+  else
+    table.insert(out, {})
+  end
+end
+return out
 ",
     )
 });
