@@ -252,3 +252,54 @@ async fn the_default_cache_follows_redis_cluster_urls() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// With `cluster-require-full-coverage no`, the other shards keep serving while a master is
+/// down: their keys keep hitting (the dead master's breaker is its own), only the dead shard's
+/// keys run the function, until its replica takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_dead_master_sends_only_its_slots_to_the_function() {
+    let mut cluster = RedisCluster::start_with(&["--cluster-require-full-coverage", "no"]);
+    let ns = unique_namespace("per_shard");
+    let cache = cluster_cache(&cluster.urls(), &ns);
+    let calls = AtomicU64::new(0);
+    let keys = 300u64;
+    for id in 0..keys {
+        assert_eq!(value(&cache, &calls, id).await, format!("value {id}"));
+    }
+    let slot_of = |id: u64| key_slot(&cache.full_key(&format!("v:{id}")));
+    let dead_slot = slot_of(0);
+    let port = cluster.master_port_of(dead_slot).unwrap();
+    let (dead, alive): (Vec<u64>, Vec<u64>) =
+        (0..keys).partition(|&id| cluster.master_port_of(slot_of(id)) == Some(port));
+    assert!(
+        !dead.is_empty() && alive.len() > dead.len(),
+        "keys on every shard"
+    );
+    // Let the breakers learn the masters (the slot table is read on first use).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.node_on_port(port).kill();
+    // While the master is down (before the node timeout lets its replica take over): the
+    // dead shard's keys run the function; the others are hits.
+    let outage = Instant::now();
+    let mut rounds = 0;
+    while outage.elapsed() < Duration::from_millis(1500) {
+        let before = calls.load(Ordering::SeqCst);
+        for &id in &alive {
+            assert_eq!(value(&cache, &calls, id).await, format!("value {id}"));
+        }
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            before,
+            "a key of a healthy shard ran the function while another master was down"
+        );
+        for &id in &dead {
+            assert_eq!(value(&cache, &calls, id).await, format!("value {id}"));
+        }
+        rounds += 1;
+    }
+    assert!(rounds >= 2, "the outage window saw {rounds} rounds");
+    let stats = cache.stats();
+    let f = stats.function("cluster_value").unwrap();
+    assert!(f.bypassed > 0 || f.backend_errors > 0, "{stats}");
+    eprintln!("{rounds} rounds during the outage; {stats}");
+}

@@ -352,10 +352,18 @@ impl RedisCluster {
     /// Starts six nodes, joins them with `redis-cli --cluster create --cluster-replicas 1`,
     /// and waits until every node reports `cluster_state:ok` and every replica is in sync.
     pub fn start() -> RedisCluster {
+        Self::start_with(&[])
+    }
+
+    /// [`start`](Self::start) with more `redis-server` arguments for every node (e.g.
+    /// `--cluster-require-full-coverage no`).
+    pub fn start_with(extra: &[&str]) -> RedisCluster {
+        let args: Vec<&str> = ["--cluster-node-timeout", "2000"]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .collect();
         let nodes: Vec<RedisServer> = (0..Self::NODES)
-            .map(|_| {
-                RedisServer::start_unassigned_cluster_node(&["--cluster-node-timeout", "2000"])
-            })
+            .map(|_| RedisServer::start_unassigned_cluster_node(&args))
             .collect();
         let cluster = RedisCluster { nodes };
         let output = Command::new(redis_cli_binary())
