@@ -59,6 +59,7 @@
 
 mod bus;
 mod conn;
+mod echo;
 mod inv;
 mod lease;
 mod scripts;
