@@ -95,11 +95,20 @@ async fn resharding_under_load() {
     const KEYS: u64 = 8;
     let stop = Arc::new(AtomicBool::new(false));
     let (done, slowest) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let failures = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<
+        String,
+        u32,
+    >::new()));
     let tasks: Vec<_> = (0..48u64)
         .map(|t| {
             let cache = caches[(t % 2) as usize].clone();
-            let (calls, stop, done, slowest) =
-                (calls.clone(), stop.clone(), done.clone(), slowest.clone());
+            let (calls, stop, done, slowest, failures) = (
+                calls.clone(),
+                stop.clone(),
+                done.clone(),
+                slowest.clone(),
+                failures.clone(),
+            );
             tokio::spawn(async move {
                 let mut i = 0u64;
                 while !stop.load(Ordering::Relaxed) {
@@ -112,7 +121,9 @@ async fn resharding_under_load() {
                     if i % 10 == t % 10 {
                         // Fail open: an invalidation may fail while its slot moves; the call
                         // itself must not.
-                        let _ = cache.invalidate(&format!("hot:{id}")).await;
+                        if let Err(e) = cache.invalidate(&format!("hot:{id}")).await {
+                            *failures.lock().unwrap().entry(e.to_string()).or_default() += 1;
+                        }
                     }
                     done.fetch_add(1, Ordering::Relaxed);
                     i += 1;
@@ -132,7 +143,7 @@ async fn resharding_under_load() {
         tokio::task::spawn_blocking(move || {
             slots
                 .into_iter()
-                .map(|slot| (slot, cluster.migrate_slot(slot, Duration::from_millis(100))))
+                .map(|slot| (slot, cluster.migrate_slot(slot, Duration::from_millis(20))))
                 .collect::<Vec<_>>()
         })
         .await
@@ -150,6 +161,7 @@ async fn resharding_under_load() {
         calls.get(),
         slowest.load(Ordering::Relaxed) / 1000
     );
+    eprintln!("failed invalidations: {:?}", failures.lock().unwrap());
     for cache in &caches {
         let f = cache.stats().function("hot").unwrap().clone();
         eprintln!(

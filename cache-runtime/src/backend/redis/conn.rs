@@ -178,13 +178,8 @@ impl SlotPipe {
         // Routed to the slot's master explicitly: redis-rs would route a pipeline by its
         // commands' keys, and take a `PUBLISH`'s channel for one.
         let replies = futures_util::future::join_all(groups.iter().map(|(slot, pipe, held)| {
-            let mut cluster = cluster.clone();
             let route = SingleNodeRoutingInfo::SpecificNode(Route::new(*slot, SlotAddr::Master));
-            async move {
-                cluster
-                    .route_pipeline(pipe.clone(), 0, held.len(), route)
-                    .await
-            }
+            send_following_redirects(cluster.clone(), pipe, held.len(), route)
         }))
         .await;
         let mut ordered: Vec<Option<Value>> = vec![None; self.cmds.len()];
@@ -199,6 +194,76 @@ impl SlotPipe {
             .filter(|(_, (_, _, keep))| *keep)
             .map(|(v, _)| v.unwrap_or(Value::Nil))
             .collect())
+    }
+}
+
+/// How many times a slot group follows a `MOVED`/`ASK` or waits out a `TRYAGAIN` before its
+/// error is returned.
+const REDIRECTS: u32 = 4;
+
+/// Sends one slot group's pipeline of `count` commands on `route` and returns its replies.
+/// redis-rs follows redirections for a command, but hands a routed pipeline's replies back as
+/// they are: while a slot migrates (a reshard), a group's commands may answer `MOVED` (the
+/// slot moved: send the group to its new master), `ASK` (the keys are being imported: send it
+/// there, each command after an `ASKING`) or `TRYAGAIN` (a multi-key command whose keys are
+/// split between the two nodes: wait a little). The group is sent again whole: its commands
+/// are idempotent (`DEL`, `SET .. XX`, `GET`) and its `PUBLISH` is repeated after the change,
+/// so an early message of a failed attempt costs a receiver a miss at most.
+async fn send_following_redirects(
+    mut cluster: ClusterConnection,
+    pipe: &Pipeline,
+    count: usize,
+    route: redis::cluster_routing::SingleNodeRoutingInfo,
+) -> redis::RedisResult<Vec<Value>> {
+    use redis::ServerErrorKind;
+    use redis::cluster_routing::SingleNodeRoutingInfo;
+    let (mut route, mut asking) = (route, false);
+    let mut attempt = 0;
+    loop {
+        let replies = if asking {
+            let mut asked = redis::pipe();
+            for cmd in pipe.cmd_iter() {
+                asked.cmd("ASKING").add_command(cmd.clone());
+            }
+            let all = cluster
+                .route_pipeline(asked, 0, count * 2, route.clone())
+                .await?;
+            all.into_iter().skip(1).step_by(2).collect()
+        } else {
+            cluster
+                .route_pipeline(pipe.clone(), 0, count, route.clone())
+                .await?
+        };
+        let redirect = replies
+            .iter()
+            .find_map(|v| match v.clone().extract_error() {
+                Err(e) => match e.kind() {
+                    redis::ErrorKind::Server(
+                        kind @ (ServerErrorKind::Moved
+                        | ServerErrorKind::Ask
+                        | ServerErrorKind::TryAgain),
+                    ) => Some((kind, e.redirect_node().map(|(h, p)| (h.to_owned(), p)))),
+                    _ => None,
+                },
+                Ok(_) => None,
+            });
+        let Some((kind, node)) = redirect else {
+            return Ok(replies);
+        };
+        if attempt >= REDIRECTS {
+            return Ok(replies);
+        }
+        attempt += 1;
+        match (kind, node) {
+            (ServerErrorKind::TryAgain, _) => {
+                tokio::time::sleep(Duration::from_millis(5 << attempt)).await;
+            }
+            (kind, Some((host, port))) => {
+                route = SingleNodeRoutingInfo::ByAddress { host, port };
+                asking = kind == ServerErrorKind::Ask;
+            }
+            _ => return Ok(replies),
+        }
     }
 }
 
