@@ -337,6 +337,9 @@ impl Drop for RedisServer {
     }
 }
 
+/// One node of `CLUSTER NODES`: its id, port, whether it is a (live) master, its slot ranges.
+type NodeRow = (String, u16, bool, Vec<(u16, u16)>);
+
 /// A private Redis Cluster of 3 masters and 3 replicas on free loopback ports (the Rust twin
 /// of `scripts/redis-cluster`), every node killed (by its PID) and its directory removed when
 /// dropped. A node's failure is noticed after 2 s (`cluster-node-timeout 2000`), so a killed
@@ -435,7 +438,7 @@ impl RedisCluster {
 
     /// `CLUSTER NODES` as seen by a live node: per node, its id, port, whether it is a
     /// master, and the slot ranges it owns.
-    fn topology(&self) -> Vec<(String, u16, bool, Vec<(u16, u16)>)> {
+    fn topology(&self) -> Vec<NodeRow> {
         let text = self
             .nodes
             .iter()
@@ -551,8 +554,7 @@ impl RedisCluster {
 
     /// `CLUSTER KEYSLOT key`.
     pub fn key_slot(&self, key: &str) -> u16 {
-        let text = self
-            .nodes
+        self.nodes
             .iter()
             .find_map(|n| {
                 let client = redis::Client::open(n.url()).ok()?;
@@ -565,8 +567,7 @@ impl RedisCluster {
                     .query::<u16>(&mut c)
                     .ok()
             })
-            .expect("a live cluster node");
-        text
+            .expect("a live cluster node")
     }
 
     /// Waits (at most `within`) until every live node reports `cluster_state:ok`.

@@ -46,6 +46,16 @@
 //! look at the answer and the timer *before* the stream: a flood of messages cannot starve
 //! the heartbeat. (RESP3 answers `PONG` as a plain reply, which completes the request the same
 //! way, in order.)
+//!
+//! **On a Redis Cluster** the subscription is classic pub/sub on one node (a seed, or another
+//! node the slot table named: `Config::clients` are tried in turn, then the nodes the last
+//! heartbeat learnt), which receives every node's `PUBLISH`es over the cluster bus. A `PONG`
+//! from that node says nothing about messages still travelling from the other masters, so the
+//! heartbeat is an echo instead (see `echo`): a heartbeat frame published on every master, on
+//! this backend's own channel, and `delivered(sent)` once all of them came back through the
+//! subscription. A publish that fails (a master down) is a missed heartbeat (`lost`), and so
+//! is a change of the master set; echoes that do not all come back within `heartbeat` are a
+//! late heartbeat, as above.
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -208,7 +208,7 @@ impl Echo {
             let publishes = masters.iter().enumerate().map(|(i, addr)| {
                 let index = u16::try_from(i).unwrap_or(u16::MAX);
                 let frame = inv::encode_heartbeat(&origin, seq, index);
-                let (connect, channel) = (connect.clone(), channel.as_str());
+                let channel = channel.as_str();
                 async move {
                     let mut conn = connect(addr.clone()).await?;
                     redis::cmd("PUBLISH")
