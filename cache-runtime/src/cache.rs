@@ -312,9 +312,11 @@ impl CacheBuilder {
     /// Stores values in a Redis Cluster, reached through `urls`: some of its nodes
     /// (`redis://[user:password@]host:port`, database 0 only), from which the others are
     /// discovered. Give several: pub/sub notifications subscribe on one of them, and move to
-    /// the next when it fails. Every feature works on a cluster except the in-process tier
-    /// (`local`), which stays off there for now (values come from Redis; see the README).
-    /// The connection is made on first use; `build` does not wait for it.
+    /// the next (or to another node the cluster names) when it fails. Every feature works on a
+    /// cluster, the in-process tier (`local`) included: its heartbeat is an echo published on
+    /// every master, so it is trusted only while every master's messages are known to arrive
+    /// (see the README's "Redis Cluster"). The connection is made on first use; `build` does
+    /// not wait for it.
     ///
     /// The keys of one cached value and its bookkeeping share a hash slot, so every atomic
     /// step is one script on one node; operations over several keys (invalidating several

@@ -1,21 +1,28 @@
 //! The in-process tier (`local`): hits without a round trip, and coherence: writes and
 //! invalidations in this process, in another `Cache` (another process's view) and in other OS
 //! processes remove the copies; a lost subscription or a Redis restart clears the tier.
+//!
+//! The behaviour tests run twice (`on_redis_and_cluster!`): on the shared Redis and on a Redis
+//! Cluster (`REDIS_CLUSTER_URLS`'s, or a private one); tests that kill nodes or move slots
+//! start a private cluster of their own.
 
 use std::collections::HashMap;
 use std::process::Child;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use ::redis::AsyncCommands;
 use cache_runtime::{Cache, cache_evict, cache_put, cached};
-use cache_tests::{RedisServer, raw_connection, redis_url, spawn_test_worker, unique_namespace};
-use redis::AsyncCommands;
+use cache_tests::{
+    RawConn, RedisServer, raw_cluster_connection, raw_connection, redis_url, spawn_test_worker,
+    unique_namespace,
+};
 
 use crate::support::{Calls, Gate, User};
 
 /// The documented bound: no copy is served later than this after a write elsewhere returned
 /// (the default `local_staleness`).
-const BOUND: Duration = Duration::from_secs(1);
+pub(crate) const BOUND: Duration = Duration::from_secs(1);
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -24,21 +31,75 @@ fn now_ms() -> u64 {
 }
 
 async fn cache_on(url: &str, namespace: &str) -> Cache {
-    Cache::builder()
-        .redis(url)
-        .namespace(namespace)
-        .operation_timeout(Duration::from_secs(2))
-        .build()
-        .await
-        .unwrap()
+    Server::Single(url.to_owned()).cache(namespace).await
+}
+
+/// Where a test's caches live.
+#[derive(Clone)]
+pub(crate) enum Server {
+    /// One Redis (its URL).
+    Single(String),
+    /// A Redis Cluster (its nodes' URLs).
+    Cluster(Vec<String>),
+}
+
+impl Server {
+    /// A cache (another process's, when called twice) in `namespace`.
+    pub(crate) async fn cache(&self, namespace: &str) -> Cache {
+        let builder = match self {
+            Server::Single(url) => Cache::builder().redis(url),
+            Server::Cluster(urls) => Cache::builder().redis_cluster(urls.iter().cloned()),
+        };
+        builder
+            .namespace(namespace)
+            .operation_timeout(Duration::from_secs(2))
+            .build()
+            .await
+            .unwrap()
+    }
+
+    /// A raw connection, to change what the caches stored behind their backs.
+    async fn raw(&self) -> RawConn {
+        match self {
+            Server::Single(url) => RawConn::Single(raw_connection(url).await),
+            Server::Cluster(urls) => RawConn::Cluster(raw_cluster_connection(urls).await),
+        }
+    }
+}
+
+/// Defines each test once and runs it on the shared Redis (`redis::<name>`) and on a Redis
+/// Cluster (`cluster::<name>`).
+macro_rules! on_redis_and_cluster {
+    ($($(#[$doc:meta])* async fn $name:ident($server:ident: Server) $body:block)*) => {
+        $(
+            $(#[$doc])* async fn $name($server: Server) $body
+        )*
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(super::Server::Single(cache_tests::redis_url())).await
+                }
+            )*
+        }
+        mod cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    let (urls, _private) = cache_tests::shared_cluster();
+                    super::$name(super::Server::Cluster(urls)).await
+                }
+            )*
+        }
+    };
 }
 
 /// The "database": one row per id in a map shared by the test's caches.
 #[derive(Default)]
-struct Db(std::sync::Mutex<HashMap<u64, String>>);
+pub(crate) struct Db(std::sync::Mutex<HashMap<u64, String>>);
 
 impl Db {
-    fn new() -> Arc<Db> {
+    pub(crate) fn new() -> Arc<Db> {
         Arc::new(Db::default())
     }
     fn get(&self, id: u64) -> String {
@@ -49,19 +110,31 @@ impl Db {
             .cloned()
             .unwrap_or_else(|| format!("row {id}"))
     }
-    fn set(&self, id: u64, v: &str) {
+    pub(crate) fn set(&self, id: u64, v: &str) {
         self.0.lock().unwrap().insert(id, v.to_owned());
     }
 }
 
 #[cached(cache = cache, key = "row:{id}", ttl = 60, tags = ["group:{group}"], local, name = "row")]
-async fn row(cache: &Cache, db: &Db, calls: &Calls, group: u64, id: u64) -> Result<String, String> {
+pub(crate) async fn row(
+    cache: &Cache,
+    db: &Db,
+    calls: &Calls,
+    group: u64,
+    id: u64,
+) -> Result<String, String> {
     calls.hit();
     Ok(db.get(id))
 }
 
 #[cache_put(cache = cache, key = "row:{id}", ttl = 60, tags = ["group:{group}"], value = value.to_owned())]
-async fn save_row(cache: &Cache, db: &Db, group: u64, id: u64, value: &str) -> Result<(), String> {
+pub(crate) async fn save_row(
+    cache: &Cache,
+    db: &Db,
+    group: u64,
+    id: u64,
+    value: &str,
+) -> Result<(), String> {
     db.set(id, value);
     Ok(())
 }
@@ -74,12 +147,25 @@ async fn delete_row(cache: &Cache, db: &Db, id: u64) -> Result<(), String> {
 
 /// Calls `read` until it is answered from the in-process tier (the tier becomes usable when
 /// its subscription's first heartbeat comes back); panics after 10 s.
-async fn until_l1_hit<F, Fut>(cache: &Cache, name: &str, mut read: F)
+pub(crate) async fn until_l1_hit<F, Fut>(cache: &Cache, name: &str, read: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future,
 {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    until_l1_hit_within(cache, name, Duration::from_secs(10), read).await;
+}
+
+/// [`until_l1_hit`], waiting at most `within`.
+pub(crate) async fn until_l1_hit_within<F, Fut>(
+    cache: &Cache,
+    name: &str,
+    within: Duration,
+    mut read: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future,
+{
+    let deadline = Instant::now() + within;
     let before = cache.stats().function(name).map_or(0, |f| f.l1_hits);
     loop {
         read().await;
@@ -88,7 +174,7 @@ where
         }
         assert!(
             Instant::now() < deadline,
-            "no in-process hit within 10 s: {}",
+            "no in-process hit within {within:?}: {}",
             cache.stats()
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -96,7 +182,7 @@ where
 }
 
 /// Calls `read` until it returns `want`, at most `within`; returns how long it took.
-async fn until_value<F, Fut>(want: &str, within: Duration, mut read: F) -> Duration
+pub(crate) async fn until_value<F, Fut>(want: &str, within: Duration, mut read: F) -> Duration
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = String>,
@@ -115,16 +201,17 @@ where
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_l1_hit_makes_no_round_trip() {
+on_redis_and_cluster! {
+
+async fn an_l1_hit_makes_no_round_trip(server: Server) {
     let ns = unique_namespace("l1_hit");
-    let cache = cache_on(&redis_url(), &ns).await;
+    let cache = server.cache(&ns).await;
     let (db, calls) = (Db::new(), Calls::new());
     until_l1_hit(&cache, "row", || row(&cache, &db, &calls, 1, 7)).await;
     assert_eq!(calls.get(), 1, "loaded once");
     // Replace the Redis entry behind the framework's back (no invalidation is published):
     // the in-process copy still answers, so the hit did not read Redis.
-    let mut conn = raw_connection(&redis_url()).await;
+    let mut conn = server.raw().await;
     let _: () = conn
         .set_ex(cache.full_key("row:7"), b"\x00garbage".as_slice(), 60)
         .await
@@ -140,10 +227,9 @@ async fn an_l1_hit_makes_no_round_trip() {
     assert!(cache.stats().to_string().contains("L1 hits"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn this_process_s_put_evict_and_tag_invalidation_drop_the_copy() {
+async fn this_process_s_put_evict_and_tag_invalidation_drop_the_copy(server: Server) {
     let ns = unique_namespace("l1_own_writes");
-    let cache = cache_on(&redis_url(), &ns).await;
+    let cache = server.cache(&ns).await;
     let (db, calls) = (Db::new(), Calls::new());
     until_l1_hit(&cache, "row", || row(&cache, &db, &calls, 1, 7)).await;
 
@@ -165,13 +251,9 @@ async fn this_process_s_put_evict_and_tag_invalidation_drop_the_copy() {
     assert_eq!(row(&cache, &db, &calls, 1, 7).await.unwrap(), "manual");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn another_cache_s_writes_drop_the_copy_within_the_bound() {
+async fn another_cache_s_writes_drop_the_copy_within_the_bound(server: Server) {
     let ns = unique_namespace("l1_other");
-    let (a, b) = (
-        cache_on(&redis_url(), &ns).await,
-        cache_on(&redis_url(), &ns).await,
-    );
+    let (a, b) = (server.cache(&ns).await, server.cache(&ns).await);
     let (db, calls) = (Db::new(), Calls::new());
     let read = || row(&a, &db, &calls, 1, 7);
     until_l1_hit(&a, "row", read).await;
@@ -203,18 +285,12 @@ async fn another_cache_s_writes_drop_the_copy_within_the_bound() {
     eprintln!("invalidate: {took:?}");
 }
 
-#[cached(cache = cache, key = "item:{id}", ttl = 60, tags = ["org:{org}"], local, name = "item")]
-async fn item(cache: &Cache, calls: &Calls, org: u64, id: u64) -> Result<String, String> {
-    Ok(format!("load {} org {org}", calls.hit()))
-}
-
 /// An in-process copy made under one tag is not served to a call under another (the key
 /// leaves the tag's argument out): as on a read of Redis, where the entry does not record the
 /// call's tag.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_l1_copy_is_served_only_under_its_own_tags() {
+async fn an_l1_copy_is_served_only_under_its_own_tags(server: Server) {
     let ns = unique_namespace("l1_tags");
-    let cache = cache_on(&redis_url(), &ns).await;
+    let cache = server.cache(&ns).await;
     let calls = Calls::new();
     until_l1_hit(&cache, "item", || item(&cache, &calls, 1, 7)).await;
     let org2 = item(&cache, &calls, 2, 7).await.unwrap();
@@ -225,19 +301,9 @@ async fn an_l1_copy_is_served_only_under_its_own_tags() {
     assert!(again.ends_with("org 2"), "{again}");
 }
 
-#[cached(cache = cache, key = "locked:{id}", ttl = 60, lock, local, name = "locked")]
-async fn locked(cache: &Cache, calls: &Calls, id: u64) -> User {
-    calls.hit();
-    User::new(id)
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn lock_and_local_together() {
+async fn lock_and_local_together(server: Server) {
     let ns = unique_namespace("l1_lock");
-    let (a, b) = (
-        cache_on(&redis_url(), &ns).await,
-        cache_on(&redis_url(), &ns).await,
-    );
+    let (a, b) = (server.cache(&ns).await, server.cache(&ns).await);
     let calls = Calls::new();
     until_l1_hit(&a, "locked", || locked(&a, &calls, 3)).await;
     until_l1_hit(&b, "locked", || locked(&b, &calls, 3)).await;
@@ -258,22 +324,11 @@ async fn lock_and_local_together() {
     assert_eq!(calls.get(), 2);
 }
 
-#[cached(cache = cache, key = "slow:{id}", ttl = 60, local, name = "slow")]
-async fn slow(cache: &Cache, db: &Db, gate: &Gate, id: u64) -> String {
-    let v = db.get(id);
-    gate.pass().await;
-    v
-}
-
 /// A load that read the old row, racing a write in another cache: neither Redis nor the
 /// in-process tier keeps its result.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_load_racing_a_write_elsewhere_is_not_kept() {
+async fn a_load_racing_a_write_elsewhere_is_not_kept(server: Server) {
     let ns = unique_namespace("l1_race");
-    let (a, b) = (
-        cache_on(&redis_url(), &ns).await,
-        cache_on(&redis_url(), &ns).await,
-    );
+    let (a, b) = (server.cache(&ns).await, server.cache(&ns).await);
     let db = Db::new();
     // Make the tier usable first (a warm-up key).
     let warm = Calls::new();
@@ -307,6 +362,26 @@ async fn a_load_racing_a_write_elsewhere_is_not_kept() {
     }
 }
 
+}
+
+#[cached(cache = cache, key = "item:{id}", ttl = 60, tags = ["org:{org}"], local, name = "item")]
+async fn item(cache: &Cache, calls: &Calls, org: u64, id: u64) -> Result<String, String> {
+    Ok(format!("load {} org {org}", calls.hit()))
+}
+
+#[cached(cache = cache, key = "locked:{id}", ttl = 60, lock, local, name = "locked")]
+async fn locked(cache: &Cache, calls: &Calls, id: u64) -> User {
+    calls.hit();
+    User::new(id)
+}
+
+#[cached(cache = cache, key = "slow:{id}", ttl = 60, local, name = "slow")]
+async fn slow(cache: &Cache, db: &Db, gate: &Gate, id: u64) -> String {
+    let v = db.get(id);
+    gate.pass().await;
+    v
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_subscription_or_a_restart_clears_the_tier() {
     let mut server = RedisServer::start();
@@ -319,7 +394,7 @@ async fn a_killed_subscription_or_a_restart_clears_the_tier() {
 
     // Every subscription is killed; a write made meanwhile is not delivered to `a`.
     let mut conn = raw_connection(&url).await;
-    let _: i64 = redis::cmd("CLIENT")
+    let _: i64 = ::redis::cmd("CLIENT")
         .arg("KILL")
         .arg("TYPE")
         .arg("pubsub")
@@ -366,7 +441,7 @@ async fn local_on_memory_is_the_memory_backend() {
 #[cached(cache = cache, key = "setting:{id}", ttl = 60, tags = ["group:{group}"], local, name = "setting")]
 async fn setting(
     cache: &Cache,
-    conn: &redis::aio::MultiplexedConnection,
+    conn: &::redis::aio::MultiplexedConnection,
     db_key: &str,
     group: u64,
     id: u64,
@@ -379,7 +454,7 @@ async fn setting(
 #[cache_put(cache = cache, key = "setting:{id}", ttl = 60, tags = ["group:{group}"], value = value.to_owned())]
 async fn save_setting(
     cache: &Cache,
-    conn: &redis::aio::MultiplexedConnection,
+    conn: &::redis::aio::MultiplexedConnection,
     db_key: &str,
     group: u64,
     id: u64,

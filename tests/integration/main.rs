@@ -11,6 +11,7 @@ mod cluster_node;
 mod coalescing;
 mod engine_defects;
 mod local;
+mod local_cluster;
 mod long_keys;
 mod redis_failures;
 mod refresh;

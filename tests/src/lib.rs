@@ -337,6 +337,9 @@ impl Drop for RedisServer {
     }
 }
 
+/// One node of `CLUSTER NODES`: its id, port, whether it is a (live) master, its slot ranges.
+type NodeRow = (String, u16, bool, Vec<(u16, u16)>);
+
 /// A private Redis Cluster of 3 masters and 3 replicas on free loopback ports (the Rust twin
 /// of `scripts/redis-cluster`), every node killed (by its PID) and its directory removed when
 /// dropped. A node's failure is noticed after 2 s (`cluster-node-timeout 2000`), so a killed
@@ -426,6 +429,173 @@ impl RedisCluster {
     /// Node `i`, to kill (a failover) or restart.
     pub fn node_mut(&mut self, i: usize) -> &mut RedisServer {
         &mut self.nodes[i]
+    }
+
+    /// The indices of the nodes holding a pub/sub client whose name starts with `prefix`
+    /// (`cr-bus:`: where the caches' buses are subscribed).
+    pub fn nodes_with_client(&self, prefix: &str) -> Vec<usize> {
+        let needle = format!("name={prefix}");
+        (0..self.nodes.len())
+            .filter(|&i| {
+                self.nodes[i]
+                    .query_text(&["CLIENT", "LIST", "TYPE", "pubsub"])
+                    .contains(&needle)
+            })
+            .collect()
+    }
+
+    /// `CLUSTER NODES` as seen by a live node: per node, its id, port, whether it is a
+    /// master, and the slot ranges it owns.
+    fn topology(&self) -> Vec<NodeRow> {
+        let text = self
+            .nodes
+            .iter()
+            .map(|n| n.query_text(&["CLUSTER", "NODES"]))
+            .find(|t| !t.is_empty())
+            .expect("a live cluster node");
+        text.lines()
+            .filter_map(|line| {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                let port = f
+                    .get(1)?
+                    .split('@')
+                    .next()?
+                    .rsplit(':')
+                    .next()?
+                    .parse()
+                    .ok()?;
+                let master = f.get(2)?.contains("master") && !f[2].contains("fail");
+                let ranges = f
+                    .iter()
+                    .skip(8)
+                    .filter(|r| !r.starts_with('['))
+                    .filter_map(|r| match r.split_once('-') {
+                        Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+                        None => r.parse().ok().map(|s| (s, s)),
+                    })
+                    .collect();
+                Some((f[0].to_owned(), port, master, ranges))
+            })
+            .collect()
+    }
+
+    /// The port of the master owning `slot`.
+    pub fn master_of(&self, slot: u16) -> u16 {
+        self.topology()
+            .into_iter()
+            .find(|(_, _, master, ranges)| {
+                *master && ranges.iter().any(|&(a, b)| a <= slot && slot <= b)
+            })
+            .map(|(_, port, _, _)| port)
+            .expect("a master owns the slot")
+    }
+
+    /// Moves `slot` to another master the way `redis-cli --cluster reshard` does
+    /// (`SETSLOT IMPORTING`/`MIGRATING`, `MIGRATE` in batches, `SETSLOT NODE` on every
+    /// master), sleeping `pause` after marking the slot migrating and after each batch, so
+    /// that clients meet `ASK` and `TRYAGAIN` meanwhile. Returns the old and the new owner's
+    /// ports.
+    pub fn migrate_slot(&self, slot: u16, pause: Duration) -> (u16, u16) {
+        let nodes = self.topology();
+        let owns = |ranges: &[(u16, u16)]| ranges.iter().any(|&(a, b)| a <= slot && slot <= b);
+        let (src_id, src_port, _, _) = nodes
+            .iter()
+            .find(|(_, _, m, r)| *m && owns(r))
+            .expect("a master owns the slot")
+            .clone();
+        let (dst_id, dst_port, _, _) = nodes
+            .iter()
+            .find(|(id, _, m, _)| *m && *id != src_id)
+            .expect("another master")
+            .clone();
+        let conn = |port: u16| {
+            redis::Client::open(format!("redis://127.0.0.1:{port}"))
+                .expect("valid url")
+                .get_connection_with_timeout(Duration::from_secs(5))
+                .expect("connect to a cluster node")
+        };
+        let (mut src, mut dst) = (conn(src_port), conn(dst_port));
+        let setslot = |c: &mut redis::Connection, how: &str, id: &str| {
+            let _: () = redis::cmd("CLUSTER")
+                .arg("SETSLOT")
+                .arg(slot)
+                .arg(how)
+                .arg(id)
+                .query(c)
+                .unwrap_or_else(|e| panic!("CLUSTER SETSLOT {slot} {how}: {e}"));
+        };
+        setslot(&mut dst, "IMPORTING", &src_id);
+        setslot(&mut src, "MIGRATING", &dst_id);
+        std::thread::sleep(pause);
+        loop {
+            let keys: Vec<Vec<u8>> = redis::cmd("CLUSTER")
+                .arg("GETKEYSINSLOT")
+                .arg(slot)
+                .arg(10)
+                .query(&mut src)
+                .expect("CLUSTER GETKEYSINSLOT");
+            if keys.is_empty() {
+                break;
+            }
+            let _: redis::Value = redis::cmd("MIGRATE")
+                .arg("127.0.0.1")
+                .arg(dst_port)
+                .arg("")
+                .arg(0)
+                .arg(5000)
+                .arg("REPLACE")
+                .arg("KEYS")
+                .arg(&keys)
+                .query(&mut src)
+                .expect("MIGRATE");
+            std::thread::sleep(pause);
+        }
+        setslot(&mut dst, "NODE", &dst_id);
+        setslot(&mut src, "NODE", &dst_id);
+        for (_, port, master, _) in &nodes {
+            if *master && *port != src_port && *port != dst_port {
+                setslot(&mut conn(*port), "NODE", &dst_id);
+            }
+        }
+        (src_port, dst_port)
+    }
+
+    /// `CLUSTER KEYSLOT key`.
+    pub fn key_slot(&self, key: &str) -> u16 {
+        self.nodes
+            .iter()
+            .find_map(|n| {
+                let client = redis::Client::open(n.url()).ok()?;
+                let mut c = client
+                    .get_connection_with_timeout(Duration::from_secs(2))
+                    .ok()?;
+                redis::cmd("CLUSTER")
+                    .arg("KEYSLOT")
+                    .arg(key)
+                    .query::<u16>(&mut c)
+                    .ok()
+            })
+            .expect("a live cluster node")
+    }
+
+    /// Waits (at most `within`) until every live node reports `cluster_state:ok`.
+    pub fn wait_ok(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let ok = self
+                .nodes
+                .iter()
+                .filter(|n| n.child.is_some())
+                .all(|n| has_line(&n.query_text(&["CLUSTER", "INFO"]), "cluster_state:ok"));
+            if ok {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster is not ok after {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 

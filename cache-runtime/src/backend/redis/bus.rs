@@ -46,6 +46,16 @@
 //! look at the answer and the timer *before* the stream: a flood of messages cannot starve
 //! the heartbeat. (RESP3 answers `PONG` as a plain reply, which completes the request the same
 //! way, in order.)
+//!
+//! **On a Redis Cluster** the subscription is classic pub/sub on one node (a seed, or another
+//! node the slot table named: `Config::clients` are tried in turn, then the nodes the last
+//! heartbeat learnt), which receives every node's `PUBLISH`es over the cluster bus. A `PONG`
+//! from that node says nothing about messages still travelling from the other masters, so the
+//! heartbeat is an echo instead (see `echo`): a heartbeat frame published on every master, on
+//! this backend's own channel, and `delivered(sent)` once all of them came back through the
+//! subscription. A publish that fails (a master down) is a missed heartbeat (`lost`), and so
+//! is a change of the master set; echoes that do not all come back within `heartbeat` are a
+//! late heartbeat, as above.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -60,6 +70,7 @@ use redis::aio::{PubSub, PubSubSink, PubSubStream};
 use tokio::sync::Notify;
 
 use super::conn::Target;
+use super::echo::{self, Echo};
 use super::inv;
 use crate::backend::Invalidations;
 use crate::breaker::{Breaker, FailureKind, FailureLog};
@@ -76,8 +87,9 @@ pub(super) struct Config {
     pub(super) clients: Vec<redis::Client>,
     /// Whether they are a cluster's nodes: a `PING`'s answer then does not show that every
     /// message published before it was delivered (another node's messages come over the
-    /// cluster bus), so heartbeats never make the stream trusted (the in-process tier stays
-    /// off on a cluster).
+    /// cluster bus), so the heartbeat is an echo through every master instead (see `echo`),
+    /// and the subscription may also move to the nodes the cluster names, not only to the
+    /// seeds.
     pub(super) cluster: bool,
     /// The server, or (Sentinel) the master, resolved on every connection attempt.
     pub(super) target: Target,
@@ -194,6 +206,8 @@ impl Shared {
                 match frame.kind {
                     inv::Kind::Keys => watch.sink.keys(&mut frame.names()),
                     inv::Kind::Tags => watch.sink.tags(&mut frame.names()),
+                    // Another backend's echo where it does not belong: it changes nothing.
+                    inv::Kind::Heartbeat => {}
                 }
             }
             Err(e) => {
@@ -400,26 +414,35 @@ async fn subscribe_forever(config: Arc<Config>, shared: Arc<Shared>, number: u64
         number,
     };
     let mut backoff = Duration::from_millis(50);
-    // Which of `config.clients` to try next: the next one after each failure.
+    // Which server to try next: the next one after each failure.
     let mut turn = 0usize;
+    // On a cluster: the echo heartbeat's state, and the nodes it learnt.
+    let mut echo = config.cluster.then(|| {
+        Echo::new(
+            config.clients[0].get_connection_info().clone(),
+            config.origin,
+            config.connect_timeout,
+            config.connect_timeout,
+        )
+    });
     loop {
         let watching = shared.watch.get().is_some();
         // (Behind Sentinel there are none: `connect` asks the sentinels.)
-        let client = config.clients.get(turn % config.clients.len().max(1));
+        let client = candidate(&config, echo.as_ref(), turn);
         let connected = tokio::time::timeout(config.connect_timeout, async {
-            let (pubsub, master) = connect(&config, client).await?;
+            let (pubsub, master, client) = connect(&config, client.as_ref()).await?;
             let (mut sink, stream) = pubsub.split();
+            let mut channels = vec![config.fills];
             if watching {
-                sink.subscribe(&[config.fills, config.invalidations.as_str()])
-                    .await?;
-            } else {
-                sink.subscribe(config.fills).await?;
+                channels.push(config.invalidations.as_str());
+                channels.extend(echo.as_ref().map(Echo::channel));
             }
-            Ok::<_, redis::RedisError>((sink, stream, master))
+            sink.subscribe(&channels).await?;
+            Ok::<_, redis::RedisError>((sink, stream, master, client))
         })
         .await;
         match connected {
-            Ok(Ok((sink, stream, master))) => {
+            Ok(Ok((sink, stream, master, client))) => {
                 backoff = Duration::from_millis(50);
                 shared.subscribed.store(true, Ordering::Release);
                 shared.ready.notify_waiters();
@@ -427,7 +450,16 @@ async fn subscribe_forever(config: Arc<Config>, shared: Arc<Shared>, number: u64
                 shared.wake_all();
                 // So are invalidations: nothing from before may be trusted.
                 shared.lose();
-                let why = serve(&config, &shared, sink, stream, watching, master).await;
+                let why = serve(
+                    &config,
+                    &shared,
+                    (sink, stream),
+                    watching,
+                    echo.as_mut(),
+                    client.get_connection_info(),
+                    master,
+                )
+                .await;
                 shared.subscribed.store(false, Ordering::Release);
                 shared.lose();
                 config.log.warn(
@@ -456,6 +488,29 @@ async fn subscribe_forever(config: Arc<Config>, shared: Arc<Shared>, number: u64
     }
 }
 
+/// The server to subscribe on at attempt `turn`: the seeds in turn, then (on a cluster) the
+/// other nodes the last slot table named, so that the subscription finds a live node even
+/// when every seed is down.
+fn candidate(config: &Config, echo: Option<&Echo>, turn: usize) -> Option<redis::Client> {
+    let mut all = config.clients.clone();
+    if let Some(echo) = echo {
+        for info in echo.nodes() {
+            let known = all
+                .iter()
+                .any(|c| c.get_connection_info().addr() == info.addr());
+            if !known {
+                if let Ok(client) = redis::Client::open(info) {
+                    all.push(client);
+                }
+            }
+        }
+    }
+    if all.is_empty() {
+        return None;
+    }
+    Some(all.swap_remove(turn % all.len()))
+}
+
 /// A connection to the server, named `config.client_name()` when it is a TCP or Unix socket
 /// (redis-rs has no way to send `CLIENT SETNAME` on a pub/sub connection, and the server
 /// refuses it once subscribed in RESP2: it is sent on the socket first, then redis-rs does its
@@ -465,7 +520,7 @@ async fn subscribe_forever(config: Arc<Config>, shared: Arc<Shared>, number: u64
 async fn connect(
     config: &Config,
     client: Option<&redis::Client>,
-) -> redis::RedisResult<(PubSub, u64)> {
+) -> redis::RedisResult<(PubSub, u64, redis::Client)> {
     let (client, master) = match (client, &config.target) {
         (Some(client), Target::Single(_) | Target::Cluster(_)) => (client.clone(), 0),
         _ => config.target.resolve().await?,
@@ -487,7 +542,7 @@ async fn connect(
         }
         _ => client.get_async_pubsub().await,
     }?;
-    Ok((pubsub, master))
+    Ok((pubsub, master, client))
 }
 
 /// Sends `AUTH` (if the URL has a password) and `CLIENT SETNAME name` on a new connection and
@@ -533,36 +588,52 @@ where
 
 /// The heartbeat in flight.
 struct Ping {
-    answer: Pin<Box<dyn Future<Output = redis::RedisResult<redis::Value>> + Send>>,
+    answer: Pin<Box<dyn Future<Output = Answer> + Send>>,
+    /// Whether `answer` completed (it is not polled again).
+    answered: bool,
     /// Taken just before it was sent.
     sent: Instant,
     /// `Shared::losses` when it was sent.
     losses: u64,
     /// Whether its deadline passed (`lost` was called).
     late: bool,
+    /// On a cluster: the echoes that came back.
+    round: Option<echo::Round>,
+}
+
+/// How a heartbeat was answered.
+enum Answer {
+    /// A single server's `PONG`.
+    Pong(redis::RedisResult<redis::Value>),
+    /// A cluster's echo was published (on these masters), or not.
+    Sent(echo::Sent),
 }
 
 /// What woke the serving loop.
 enum Event {
     Message(Option<Msg>),
-    Answer(redis::RedisResult<redis::Value>),
+    Answer(Answer),
     Watched,
     Timer,
 }
 
-/// Serves one subscription until it fails (or, behind Sentinel, the master it is connected
-/// to, of epoch `master`, is not the master any more); returns why it ended.
+/// Serves one subscription (on the server `subscribed`) until it fails (or, behind Sentinel,
+/// the master it is connected to, of epoch `master`, is not the master any more); returns why
+/// it ended. `echo` is the cluster's heartbeat (a single server's is a `PING`).
 async fn serve(
     config: &Config,
     shared: &Shared,
-    sink: PubSubSink,
-    mut stream: PubSubStream,
+    (sink, mut stream): (PubSubSink, PubSubStream),
     mut watching: bool,
+    mut echo: Option<&mut Echo>,
+    subscribed: &redis::ConnectionInfo,
     master: u64,
 ) -> &'static str {
     let moved = config.target.moved_from(master);
     tokio::pin!(moved);
     let mut ping: Option<Ping> = None;
+    // Heartbeats in a row that could not get the subscribed node's slot table (a cluster).
+    let mut unanswered_tables = 0u32;
     // The first heartbeat goes at once: the stream is trusted after its answer.
     let mut next_ping = Instant::now();
     let timer = tokio::time::sleep(Duration::ZERO);
@@ -573,11 +644,10 @@ async fn serve(
         watched.as_mut().enable();
         if !watching && shared.watch.get().is_some() {
             let mut sink = sink.clone();
-            let subscribed = tokio::time::timeout(
-                config.connect_timeout,
-                sink.subscribe(&config.invalidations),
-            )
-            .await;
+            let mut channels = vec![config.invalidations.as_str()];
+            channels.extend(echo.as_deref().map(Echo::channel));
+            let subscribed =
+                tokio::time::timeout(config.connect_timeout, sink.subscribe(&channels)).await;
             if !matches!(subscribed, Ok(Ok(()))) {
                 return "subscribing to the invalidation channel failed";
             }
@@ -598,17 +668,72 @@ async fn serve(
         let event = tokio::select! {
             biased;
             answer = async { ping.as_mut().expect("guarded").answer.as_mut().await },
-                if ping.is_some() => Event::Answer(answer),
+                if ping.as_ref().is_some_and(|p| !p.answered) => Event::Answer(answer),
             () = &mut timer => Event::Timer,
             msg = stream.next() => Event::Message(msg),
             () = &mut watched, if !watching => Event::Watched,
             () = &mut moved => return "the sentinels named another master",
         };
+        let h = heartbeat.unwrap_or_default();
         match event {
-            Event::Message(Some(msg)) => dispatch(config, shared, &msg),
+            Event::Message(Some(msg)) => match echo.as_deref() {
+                Some(e) if msg.get_channel_name() == e.channel() => {
+                    if let Some(p) = ping.as_mut() {
+                        if let Some(round) = p.round.as_mut() {
+                            if let Some((seq, master)) = own_echo(config, &msg) {
+                                round.echo(seq, master);
+                            }
+                        }
+                    }
+                    if let Some(next) = echoed(shared, config, &mut ping, h) {
+                        next_ping = next;
+                    }
+                }
+                _ => dispatch(config, shared, &msg),
+            },
             Event::Message(None) => return "the connection closed",
-            Event::Answer(Err(_)) => return "a heartbeat failed",
-            Event::Answer(Ok(_)) => {
+            Event::Answer(Answer::Sent(Ok(masters))) => {
+                unanswered_tables = 0;
+                let p = ping.as_mut().expect("answered");
+                p.answered = true;
+                if echo
+                    .as_deref_mut()
+                    .is_some_and(|e| e.masters_changed(&masters))
+                {
+                    // A failover or a reshard: what a master that left published may be lost.
+                    shared.lose();
+                    tracing::info!(
+                        target: "cache_runtime",
+                        "the redis cluster's masters changed; the in-process tier is cleared"
+                    );
+                }
+                if let Some(round) = p.round.as_mut() {
+                    round.published(masters.len());
+                }
+                if let Some(next) = echoed(shared, config, &mut ping, h) {
+                    next_ping = next;
+                }
+            }
+            Event::Answer(Answer::Sent(Err(failure))) => {
+                // A missed heartbeat: a master could not be reached, or the slot table.
+                let p = ping.take().expect("answered");
+                shared.lose();
+                config.log.warn(
+                    FailureKind::Unavailable,
+                    &format_args!(
+                        "a heartbeat could not be published on the redis cluster ({failure}); the in-process tier is off until one comes back"
+                    ),
+                );
+                if matches!(failure, echo::Failure::Subscribed(_)) {
+                    unanswered_tables += 1;
+                    if unanswered_tables >= GIVE_UP {
+                        return "the subscribed node did not give its slot table";
+                    }
+                }
+                next_ping = (p.sent + h).max(Instant::now());
+            }
+            Event::Answer(Answer::Pong(Err(_))) => return "a heartbeat failed",
+            Event::Answer(Answer::Pong(Ok(_))) => {
                 let p = ping.take().expect("answered");
                 // Everything published before the PING is in the channel by now: pass it on
                 // before saying so (see the module docs).
@@ -619,10 +744,7 @@ async fn serve(
                         None => break,
                     }
                 }
-                if !config.cluster {
-                    shared.deliver(p.losses, p.sent, &config.breaker);
-                }
-                let h = heartbeat.unwrap_or_default();
+                shared.deliver(p.losses, p.sent, &config.breaker);
                 next_ping = (p.sent + h).max(Instant::now());
             }
             Event::Watched => {}
@@ -630,13 +752,28 @@ async fn serve(
                 None => {
                     if watching {
                         let losses = shared.losses();
-                        let mut sink = sink.clone();
                         let sent = Instant::now();
+                        let (answer, round): (Pin<Box<dyn Future<Output = Answer> + Send>>, _) =
+                            match echo.as_deref_mut() {
+                                Some(echo) => {
+                                    let (round, publish) = echo.send(subscribed);
+                                    (Box::pin(publish.map(Answer::Sent)), Some(round))
+                                }
+                                None => {
+                                    let mut sink = sink.clone();
+                                    let pong = async move {
+                                        Answer::Pong(sink.ping::<redis::Value>().await)
+                                    };
+                                    (Box::pin(pong), None)
+                                }
+                            };
                         ping = Some(Ping {
-                            answer: Box::pin(async move { sink.ping::<redis::Value>().await }),
+                            answer,
+                            answered: false,
                             sent,
                             losses,
                             late: false,
+                            round,
                         });
                     }
                 }
@@ -655,6 +792,35 @@ async fn serve(
             },
         }
     }
+}
+
+/// The sequence number and master index of `msg` when it is one of this backend's echoes.
+fn own_echo(config: &Config, msg: &Msg) -> Option<(u64, u16)> {
+    let frame = inv::decode(msg.get_payload_bytes()).ok()?;
+    if frame.origin != config.origin {
+        return None;
+    }
+    frame.heartbeat()
+}
+
+/// On a cluster: when every master's echo of the heartbeat in flight came back, everything
+/// published before it was sent has been received (see `echo`): tells the sink, and returns
+/// when the next heartbeat is due.
+fn echoed(
+    shared: &Shared,
+    config: &Config,
+    ping: &mut Option<Ping>,
+    heartbeat: Duration,
+) -> Option<Instant> {
+    let done = ping
+        .as_ref()
+        .is_some_and(|p| p.answered && p.round.as_ref().is_some_and(echo::Round::complete));
+    if !done {
+        return None;
+    }
+    let p = ping.take()?;
+    shared.deliver(p.losses, p.sent, &config.breaker);
+    Some((p.sent + heartbeat).max(Instant::now()))
 }
 
 /// One message: a fill wakes its waiters, an invalidation goes to the sink.

@@ -42,7 +42,73 @@ pub(crate) enum Target {
     /// The master the sentinels name (see `sentinel`).
     Sentinel(Arc<Resolver>),
     /// A Redis Cluster, reached through any of its nodes.
-    Cluster(Box<ClusterClient>),
+    Cluster(Box<ClusterTarget>),
+}
+
+/// A cluster: the client made from the seeds, and what makes another one.
+#[derive(Clone)]
+pub(crate) struct ClusterTarget {
+    client: ClusterClient,
+    /// The seeds as given (credentials, TLS): a new client's nodes are made from the first.
+    seeds: Vec<redis::ConnectionInfo>,
+    connect_timeout: Duration,
+}
+
+impl ClusterTarget {
+    /// A client for the cluster whose nodes include `seeds`. Fails on an invalid URL only.
+    pub(crate) fn new(
+        seeds: Vec<redis::ConnectionInfo>,
+        connect_timeout: Duration,
+    ) -> redis::RedisResult<Self> {
+        let client = Self::client_for(seeds.clone(), connect_timeout)?;
+        Ok(ClusterTarget {
+            client,
+            seeds,
+            connect_timeout,
+        })
+    }
+
+    fn client_for(
+        nodes: Vec<redis::ConnectionInfo>,
+        connect_timeout: Duration,
+    ) -> redis::RedisResult<ClusterClient> {
+        redis::cluster::ClusterClientBuilder::new(nodes)
+            // Enough to follow `MOVED`/`ASK` and a slot-map refresh during a reshard or a
+            // failover; never long: the operation's timer bounds the whole call anyway.
+            .retries(3)
+            .min_retry_wait(1)
+            .max_retry_wait(100)
+            .connection_timeout(connect_timeout)
+            .build()
+    }
+
+    /// A client whose initial nodes are the cluster's nodes as last seen (`addrs`: host,
+    /// port), then the seeds: a new connection must find the cluster even when every seed is
+    /// down (redis-rs reads the slots from the initial nodes only).
+    fn client_with(&self, addrs: &[(String, u16)]) -> Option<ClusterClient> {
+        let template = self.seeds.first()?;
+        let mut nodes: Vec<redis::ConnectionInfo> = addrs
+            .iter()
+            .map(|(host, port)| {
+                let addr = match template.addr() {
+                    redis::ConnectionAddr::TcpTls {
+                        insecure,
+                        tls_params,
+                        ..
+                    } => redis::ConnectionAddr::TcpTls {
+                        host: host.clone(),
+                        port: *port,
+                        insecure: *insecure,
+                        tls_params: tls_params.clone(),
+                    },
+                    _ => redis::ConnectionAddr::Tcp(host.clone(), *port),
+                };
+                template.clone().set_addr(addr)
+            })
+            .collect();
+        nodes.extend(self.seeds.iter().cloned());
+        Self::client_for(nodes, self.connect_timeout).ok()
+    }
 }
 
 /// A connection to the cache's Redis: every command and pipeline of the backend goes through
@@ -187,13 +253,8 @@ impl SlotPipe {
         // Routed to the slot's master explicitly: redis-rs would route a pipeline by its
         // commands' keys, and take a `PUBLISH`'s channel for one.
         let replies = futures_util::future::join_all(groups.iter().map(|(slot, pipe, held)| {
-            let mut cluster = cluster.clone();
             let route = SingleNodeRoutingInfo::SpecificNode(Route::new(*slot, SlotAddr::Master));
-            async move {
-                cluster
-                    .route_pipeline(pipe.clone(), 0, held.len(), route)
-                    .await
-            }
+            send_following_redirects(cluster.clone(), pipe, held.len(), route)
         }))
         .await;
         let mut ordered: Vec<Option<Value>> = vec![None; self.cmds.len()];
@@ -208,6 +269,76 @@ impl SlotPipe {
             .filter(|(_, (_, _, keep))| *keep)
             .map(|(v, _)| v.unwrap_or(Value::Nil))
             .collect())
+    }
+}
+
+/// How many times a slot group follows a `MOVED`/`ASK` or waits out a `TRYAGAIN` before its
+/// error is returned.
+const REDIRECTS: u32 = 4;
+
+/// Sends one slot group's pipeline of `count` commands on `route` and returns its replies.
+/// redis-rs follows redirections for a command, but hands a routed pipeline's replies back as
+/// they are: while a slot migrates (a reshard), a group's commands may answer `MOVED` (the
+/// slot moved: send the group to its new master), `ASK` (the keys are being imported: send it
+/// there, each command after an `ASKING`) or `TRYAGAIN` (a multi-key command whose keys are
+/// split between the two nodes: wait a little). The group is sent again whole: its commands
+/// are idempotent (`DEL`, `SET .. XX`, `GET`) and its `PUBLISH` is repeated after the change,
+/// so an early message of a failed attempt costs a receiver a miss at most.
+async fn send_following_redirects(
+    mut cluster: ClusterConnection,
+    pipe: &Pipeline,
+    count: usize,
+    route: redis::cluster_routing::SingleNodeRoutingInfo,
+) -> redis::RedisResult<Vec<Value>> {
+    use redis::ServerErrorKind;
+    use redis::cluster_routing::SingleNodeRoutingInfo;
+    let (mut route, mut asking) = (route, false);
+    let mut attempt = 0;
+    loop {
+        let replies = if asking {
+            let mut asked = redis::pipe();
+            for cmd in pipe.cmd_iter() {
+                asked.cmd("ASKING").add_command(cmd.clone());
+            }
+            let all = cluster
+                .route_pipeline(asked, 0, count * 2, route.clone())
+                .await?;
+            all.into_iter().skip(1).step_by(2).collect()
+        } else {
+            cluster
+                .route_pipeline(pipe.clone(), 0, count, route.clone())
+                .await?
+        };
+        let redirect = replies
+            .iter()
+            .find_map(|v| match v.clone().extract_error() {
+                Err(e) => match e.kind() {
+                    redis::ErrorKind::Server(
+                        kind @ (ServerErrorKind::Moved
+                        | ServerErrorKind::Ask
+                        | ServerErrorKind::TryAgain),
+                    ) => Some((kind, e.redirect_node().map(|(h, p)| (h.to_owned(), p)))),
+                    _ => None,
+                },
+                Ok(_) => None,
+            });
+        let Some((kind, node)) = redirect else {
+            return Ok(replies);
+        };
+        if attempt >= REDIRECTS {
+            return Ok(replies);
+        }
+        attempt += 1;
+        match (kind, node) {
+            (ServerErrorKind::TryAgain, _) => {
+                tokio::time::sleep(Duration::from_millis(5 << attempt)).await;
+            }
+            (kind, Some((host, port))) => {
+                route = SingleNodeRoutingInfo::ByAddress { host, port };
+                asking = kind == ServerErrorKind::Ask;
+            }
+            _ => return Ok(replies),
+        }
     }
 }
 
@@ -242,6 +373,9 @@ pub(super) struct Connections {
     /// On a cluster: a breaker per master, so that one unreachable master sends only its
     /// slots' calls to the function.
     shards: Option<Arc<Shards>>,
+    /// On a cluster, once a connection was renewed: the client made from the nodes last seen
+    /// (used instead of the seeds' from then on).
+    renewed_client: ArcSwapOption<ClusterClient>,
 }
 
 /// A cluster's masters, as last read with `CLUSTER SLOTS`: which one serves each slot, and a
@@ -271,6 +405,8 @@ struct ShardTable {
     /// For each of the 16384 slots, an index into `nodes` (`u16::MAX`: not served).
     owner: Box<[u16]>,
     nodes: Vec<Arc<Node>>,
+    /// Every node the table names, masters and replicas: where a new connection starts.
+    addrs: Vec<(String, u16)>,
 }
 
 /// How often the table is read again while everything works.
@@ -333,6 +469,7 @@ impl Shards {
         };
         let mut owner = vec![u16::MAX; 16384].into_boxed_slice();
         let mut nodes: Vec<Arc<Node>> = Vec::new();
+        let mut addrs: Vec<(String, u16)> = Vec::new();
         let mut known = self.by_addr.lock().unwrap_or_else(|e| e.into_inner());
         for range in ranges {
             let Value::Array(fields) = range else {
@@ -351,6 +488,21 @@ impl Shards {
             let Some(Value::Int(port)) = master.get(1) else {
                 continue;
             };
+            for node in &fields[2..] {
+                let Value::Array(node) = node else { continue };
+                let host = match node.first() {
+                    Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                    Some(Value::SimpleString(s)) => s.clone(),
+                    _ => continue,
+                };
+                if let (Some(Value::Int(p)), false) = (node.get(1), host.is_empty()) {
+                    if let Ok(p) = u16::try_from(*p) {
+                        if !addrs.iter().any(|(h, q)| *h == host && *q == p) {
+                            addrs.push((host, p));
+                        }
+                    }
+                }
+            }
             let addr = format!("{host}:{port}");
             let index = match nodes.iter().position(|n| n.addr == addr) {
                 Some(i) => i,
@@ -379,7 +531,11 @@ impl Shards {
                 *slot = index as u16;
             }
         }
-        Some(ShardTable { owner, nodes })
+        Some(ShardTable {
+            owner,
+            nodes,
+            addrs,
+        })
     }
 }
 
@@ -428,6 +584,7 @@ impl Connections {
         });
         Connections {
             shards,
+            renewed_client: ArcSwapOption::empty(),
             breaker: Arc::new(Breaker::new(
                 options.breaker_threshold,
                 options.breaker_cooldown,
@@ -516,9 +673,15 @@ impl Connections {
             },
             // Connects in the background: the first operations wait for it, bounded by
             // their timer, as with the lazy `ConnectionManager`.
-            Target::Cluster(client) => Conn::Cluster(
-                client.get_pending_async_connection_with_config(self.cluster_config()),
-            ),
+            Target::Cluster(cluster) => {
+                let config = self.cluster_config();
+                Conn::Cluster(match &*self.renewed_client.load() {
+                    Some(client) => client.get_pending_async_connection_with_config(config),
+                    None => cluster
+                        .client
+                        .get_pending_async_connection_with_config(config),
+                })
+            }
         };
         let slot = Arc::new(Slot {
             runtime,
@@ -745,6 +908,11 @@ impl Connections {
         {
             return;
         }
+        if let (Target::Cluster(cluster), Some(table)) = (&self.target, &*shards.table.load()) {
+            if let Some(client) = cluster.client_with(&table.addrs) {
+                self.renewed_client.store(Some(Arc::new(client)));
+            }
+        }
         if let Ok(handle) = Handle::try_current() {
             let runtime = handle.id();
             let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
@@ -818,8 +986,12 @@ impl Connections {
                         .await?,
                 ))
             }
-            Target::Cluster(client) => {
+            Target::Cluster(cluster) => {
                 let config = self.cluster_config();
+                let client = match &*self.renewed_client.load() {
+                    Some(client) => ClusterClient::clone(client),
+                    None => cluster.client.clone(),
+                };
                 let connect = client.get_async_connection_with_config(config);
                 match tokio::time::timeout(timeout, connect).await {
                     Ok(conn) => Ok(Conn::Cluster(conn?)),

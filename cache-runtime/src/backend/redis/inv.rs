@@ -13,12 +13,23 @@
 //! ```text
 //! byte  0       kind: b'k' (these keys were written or invalidated)
 //!                     b't' (these tags were invalidated)
+//!                     b'h' (a heartbeat's echo, on a cluster only; see below)
 //! bytes 1..9    origin: 8 random bytes, one value per `RedisBackend` (for diagnostics: receivers
 //!               apply their own messages too, see `bus`)
-//! then          names, each a u16 (big-endian) length and that many bytes of UTF-8: full keys
-//!               (namespace included) for b'k', full tag names (as `Backend::invalidate_tags`
-//!               receives them, not the `__cr:tag:{..}` keys) for b't'
+//! then          b'k', b't': names, each a u16 (big-endian) length and that many bytes of
+//!               UTF-8: full keys (namespace included) for b'k', full tag names (as
+//!               `Backend::invalidate_tags` receives them, not the `__cr:tag:{..}` keys) for b't'
+//!               b'h': the heartbeat's sequence number (u64) and the index of the master it was
+//!               published on (u16), big-endian
 //! ```
+//!
+//! **Heartbeat frames** (`b'h'`) prove delivery on a Redis Cluster (see `bus`, "Health"): the
+//! backend publishes one on every master and waits for all of them to come back through its
+//! own subscription. They go on the publisher's own channel, `__cr:hb:<origin in hex>` (see
+//! [`heartbeat_channel`]), which only that backend subscribes to: other processes never
+//! receive them (a receiver that does, on the invalidation channel, ignores them), and
+//! processes of an older version, which would take an unknown kind for lost messages, are not
+//! disturbed.
 //!
 //! A frame without names means "anything may have changed": a name did not fit in a u16 length
 //! (keys and tags are bounded far below that; this is a guard). A receiver treats it, and any
@@ -34,6 +45,16 @@ pub(super) fn channel(namespace: &str) -> String {
 
 /// A publisher's identity, carried by every frame it publishes.
 pub(super) type Origin = [u8; 8];
+
+/// The channel `origin`'s heartbeat frames are published on (on a cluster): `__cr:hb:`, then
+/// the origin in hex.
+pub(super) fn heartbeat_channel(origin: &Origin) -> String {
+    let mut name = String::from("__cr:hb:");
+    for b in origin {
+        name.push_str(&format!("{b:02x}"));
+    }
+    name
+}
 
 /// A new random origin.
 pub(super) fn new_origin() -> Origin {
@@ -53,6 +74,8 @@ pub(super) enum Kind {
     Keys,
     /// Tags were invalidated.
     Tags,
+    /// A heartbeat's echo: names nothing (see [`Frame::heartbeat`]).
+    Heartbeat,
 }
 
 impl Kind {
@@ -60,8 +83,19 @@ impl Kind {
         match self {
             Kind::Keys => b'k',
             Kind::Tags => b't',
+            Kind::Heartbeat => b'h',
         }
     }
+}
+
+/// The heartbeat frame number `seq` of `origin`, published on the master of index `master`.
+pub(super) fn encode_heartbeat(origin: &Origin, seq: u64, master: u16) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(19);
+    frame.push(Kind::Heartbeat.byte());
+    frame.extend_from_slice(origin);
+    frame.extend_from_slice(&seq.to_be_bytes());
+    frame.extend_from_slice(&master.to_be_bytes());
+    frame
 }
 
 /// The frame announcing that `names` (of `kind`) changed, published by `origin`.
@@ -95,12 +129,25 @@ pub(super) struct Frame<'a> {
 impl<'a> Frame<'a> {
     /// Whether the frame names nothing, which means "anything may have changed".
     pub(super) fn is_everything(&self) -> bool {
-        self.names.is_empty()
+        self.kind != Kind::Heartbeat && self.names.is_empty()
     }
 
-    /// The names, in order.
+    /// The names, in order (none for a heartbeat).
     pub(super) fn names(&self) -> Names<'a> {
-        Names(self.names)
+        match self.kind {
+            Kind::Heartbeat => Names(&[]),
+            Kind::Keys | Kind::Tags => Names(self.names),
+        }
+    }
+
+    /// A heartbeat's sequence number and master index; `None` for other kinds.
+    pub(super) fn heartbeat(&self) -> Option<(u64, u16)> {
+        if self.kind != Kind::Heartbeat {
+            return None;
+        }
+        let (seq, master) = self.names.split_first_chunk::<8>()?;
+        let master = master.first_chunk::<2>()?;
+        Some((u64::from_be_bytes(*seq), u16::from_be_bytes(*master)))
     }
 }
 
@@ -136,6 +183,8 @@ pub(super) enum Undecodable {
     Truncated,
     /// A name is not UTF-8.
     NotUtf8,
+    /// A heartbeat frame of the wrong length.
+    Heartbeat,
 }
 
 impl std::fmt::Display for Undecodable {
@@ -145,6 +194,7 @@ impl std::fmt::Display for Undecodable {
             Undecodable::Kind(k) => write!(f, "unknown kind {k:#04x}"),
             Undecodable::Truncated => f.write_str("a name runs past its end"),
             Undecodable::NotUtf8 => f.write_str("a name is not UTF-8"),
+            Undecodable::Heartbeat => f.write_str("a heartbeat of the wrong length"),
         }
     }
 }
@@ -156,6 +206,14 @@ pub(super) fn decode(message: &[u8]) -> Result<Frame<'_>, Undecodable> {
     let kind = match kind {
         b'k' => Kind::Keys,
         b't' => Kind::Tags,
+        b'h' if names.len() == 10 => {
+            return Ok(Frame {
+                kind: Kind::Heartbeat,
+                origin: *origin,
+                names,
+            });
+        }
+        b'h' => return Err(Undecodable::Heartbeat),
         other => return Err(Undecodable::Kind(other)),
     };
     let mut rest = names;
@@ -191,6 +249,26 @@ mod tests {
         let decoded = decode(&tags).unwrap();
         assert_eq!(decoded.kind, Kind::Tags);
         assert_eq!(decoded.names().collect::<Vec<_>>(), ["ns:t"]);
+    }
+
+    #[test]
+    fn heartbeats_round_trip() {
+        let origin = *b"ORIGIN!!";
+        let frame = encode_heartbeat(&origin, 0x0102_0304_0506_0708, 513);
+        assert_eq!(frame.len(), 19);
+        let decoded = decode(&frame).unwrap();
+        assert_eq!(decoded.kind, Kind::Heartbeat);
+        assert_eq!(decoded.origin, origin);
+        assert_eq!(decoded.heartbeat(), Some((0x0102_0304_0506_0708, 513)));
+        assert_eq!(decoded.names().count(), 0);
+        assert_eq!(
+            decode(&frame[..18]).unwrap_err(),
+            Undecodable::Heartbeat,
+            "truncated"
+        );
+        let keys = encode(Kind::Keys, &origin, &["ns:a"]);
+        assert_eq!(decode(&keys).unwrap().heartbeat(), None);
+        assert_eq!(heartbeat_channel(&[0xab; 8]), "__cr:hb:abababababababab");
     }
 
     #[test]

@@ -59,6 +59,7 @@
 
 mod bus;
 mod conn;
+mod echo;
 mod inv;
 mod lease;
 mod scripts;
@@ -74,7 +75,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use self::bus::Bus;
-use self::conn::{Connections, SlotPipe, Target};
+use self::conn::{ClusterTarget, Connections, SlotPipe, Target};
 use self::scripts::{FILL, REFRESH_FILL, REFRESH_LEASE, RELEASE, REPLACE, WRITE, evalsha, run};
 use super::{Backend, BackendResult, Gen, LeaseReply, OnWait, PENDING_TTL, Read, Stored, Token};
 use crate::breaker::FailureLog;
@@ -239,18 +240,15 @@ impl RedisBackend {
                 "no redis cluster node given",
             )));
         }
-        let client = redis::cluster::ClusterClientBuilder::new(
-            clients.iter().map(|c| c.get_connection_info().clone()),
-        )
-        // Enough to follow `MOVED`/`ASK` and a slot-map refresh during a reshard or a
-        // failover; never long: the operation's timer bounds the whole call anyway.
-        .retries(3)
-        .min_retry_wait(1)
-        .max_retry_wait(100)
-        .connection_timeout(options.connect_timeout)
-        .build()?;
+        let cluster = ClusterTarget::new(
+            clients
+                .iter()
+                .map(|c| c.get_connection_info().clone())
+                .collect(),
+            options.connect_timeout,
+        )?;
         Ok(Self::with_target(
-            Target::Cluster(Box::new(client)),
+            Target::Cluster(Box::new(cluster)),
             clients,
             namespace,
             options,
