@@ -424,7 +424,8 @@ async fn subscribe_forever(config: Arc<Config>, shared: Arc<Shared>, number: u64
             Ok(Err(e)) => config.log.warn(
                 FailureKind::Unavailable,
                 &format_args!(
-                    "cannot subscribe to redis notifications ({e}); fill waiters re-check instead"
+                    "cannot subscribe to redis notifications ({}); fill waiters re-check instead",
+                    super::tls::describe(&e, &config.client)
                 ),
             ),
             Err(_) => config.log.warn(
@@ -442,7 +443,11 @@ async fn subscribe_forever(config: Arc<Config>, shared: Arc<Shared>, number: u64
 /// A connection to the server, named `config.client_name()` when it is a TCP or Unix socket
 /// (redis-rs has no way to send `CLIENT SETNAME` on a pub/sub connection, and the server
 /// refuses it once subscribed in RESP2: it is sent on the socket first, then redis-rs does its
-/// usual setup on it). Other addresses (TLS, not built in) go through redis-rs unnamed.
+/// usual setup on it). TLS addresses (`rediss://`) go through redis-rs, **unnamed**: naming
+/// them the same way would mean doing the TLS handshake here, a second copy of redis-rs's
+/// rustls setup (roots, client certificate) to keep in step with it. The client carries the
+/// builder's certificates (`tls`), so this connection is configured as the command
+/// connections are; redis-rs sends `AUTH` and `SELECT` on it like on any connection.
 async fn connect(config: &Config) -> redis::RedisResult<PubSub> {
     let info = config.client.get_connection_info();
     let settings = info.redis_settings();

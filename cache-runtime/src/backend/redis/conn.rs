@@ -18,7 +18,7 @@ use redis::{ErrorKind as RedisKind, RedisError};
 use tokio::runtime::{Handle, Id};
 use tokio::task::JoinHandle;
 
-use super::RedisOptions;
+use super::{RedisOptions, tls};
 use crate::backend::{BackendError, BackendResult};
 use crate::breaker::{Breaker, FailureKind, FailureLog};
 
@@ -212,7 +212,8 @@ impl Connections {
                 }
                 Ok(v)
             }
-            Ok(Err(e)) if is_reply_error(&e) => {
+            // Refused credentials (`NOAUTH` is a reply) count as unavailability; see `tls`.
+            Ok(Err(e)) if is_reply_error(&e) && !tls::is_refusal(&e) => {
                 self.breaker.success();
                 Err(BackendError::Data(e.to_string()))
             }
@@ -220,7 +221,7 @@ impl Connections {
                 let err = if e.is_timeout() {
                     BackendError::Timeout
                 } else {
-                    BackendError::Unavailable(e.to_string())
+                    BackendError::Unavailable(tls::describe(&e, &self.client))
                 };
                 self.connectivity_failure(op, &err);
                 Err(err)

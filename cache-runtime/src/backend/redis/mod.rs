@@ -64,6 +64,7 @@ mod lease;
 mod scripts;
 #[cfg(test)]
 mod tests;
+mod tls;
 pub(crate) mod wb;
 
 use std::future::Future;
@@ -75,6 +76,7 @@ use bytes::Bytes;
 use self::bus::Bus;
 use self::conn::Connections;
 use self::scripts::{FILL, REFRESH_FILL, REFRESH_LEASE, RELEASE, REPLACE, WRITE, evalsha, run};
+use self::tls::TlsConfig;
 use super::{Backend, BackendResult, Gen, LeaseReply, OnWait, PENDING_TTL, Read, Stored, Token};
 use crate::breaker::FailureLog;
 use crate::envelope::Header;
@@ -145,6 +147,8 @@ pub(crate) struct RedisOptions {
     pub(crate) connect_timeout: Duration,
     pub(crate) breaker_threshold: u32,
     pub(crate) breaker_cooldown: Duration,
+    /// Certificates for `rediss://` (see `tls`).
+    pub(crate) tls: TlsConfig,
 }
 
 impl Default for RedisOptions {
@@ -154,6 +158,7 @@ impl Default for RedisOptions {
             connect_timeout: Duration::from_secs(1),
             breaker_threshold: 3,
             breaker_cooldown: Duration::from_secs(1),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -178,7 +183,7 @@ pub(crate) struct RedisBackend {
 const REFUSAL_BACKOFF: Duration = Duration::from_secs(1);
 
 impl RedisBackend {
-    /// Parses `url`; fails only on an invalid URL. `namespace` is the cache's (checked by
+    /// Parses `url`; fails only on an invalid URL (or TLS settings: see `tls::client`). `namespace` is the cache's (checked by
     /// `key::validate_namespace`): its writes are announced on `__cr:inv:<namespace>`.
     pub(crate) fn new(
         url: &str,
@@ -186,7 +191,7 @@ impl RedisBackend {
         options: RedisOptions,
         log: Arc<FailureLog>,
     ) -> Result<Self, redis::RedisError> {
-        let client = redis::Client::open(url)?;
+        let client = tls::client(url, &options.tls)?;
         let origin = inv::new_origin();
         let inv_channel = inv::channel(namespace);
         let conns = Connections::new(client.clone(), options.clone(), log.clone());
