@@ -16,6 +16,7 @@ mod refresh;
 mod shapes;
 mod stale;
 mod stampede;
+mod tls;
 mod ui;
 mod write_behind_macro;
 mod write_behind_pg;
