@@ -22,7 +22,8 @@ use crate::support::{Calls, Gate};
 const PASSWORD: &str = "s3cret-Pa55word";
 const WRONG: &str = "wr0ng-Pa55word-XYZ";
 
-/// The ACL of the servers with a user: `default` disabled, `app` with `PASSWORD`.
+/// The ACL of the servers with a user: `default` disabled, `app` with `PASSWORD` and the
+/// least the README says the cache needs.
 fn acl() -> Vec<String> {
     [
         "--user",
@@ -33,8 +34,13 @@ fn acl() -> Vec<String> {
         "on",
         &format!(">{PASSWORD}"),
         "~*",
-        "&*",
-        "+@all",
+        "&__cr:*",
+        "+@read",
+        "+@write",
+        "+@scripting",
+        "+@pubsub",
+        "+@stream",
+        "+@connection",
     ]
     .map(str::to_owned)
     .to_vec()

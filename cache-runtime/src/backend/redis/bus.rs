@@ -1,5 +1,6 @@
 //! The pub/sub side of one Redis cache: one pub/sub connection per `Cache` (named
-//! `cr-bus:<origin>` with `CLIENT SETNAME`), subscribed lazily, which carries
+//! `cr-bus:<origin>` with `CLIENT SETNAME` over TCP and Unix sockets; over TLS unnamed, see
+//! `connect`), subscribed lazily, which carries
 //!
 //! * **fill notifications** (`__cr:fills`), fanned out in-process to the callers waiting for a
 //!   key's fill. A fill (or a released lease, a write) publishes the key, but only when someone
