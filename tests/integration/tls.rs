@@ -167,7 +167,25 @@ async fn row(cache: &Cache, calls: &Calls, id: u64) -> String {
     format!("row {id}")
 }
 
-/// Calls `double` until two calls in a row hit; returns how many times it ran.
+/// Calls `row` until it is answered by the in-process tier, which is used only once the
+/// bus's subscription answered a heartbeat; panics after 10 s.
+async fn until_l1_hit(cache: &Cache, calls: &Calls, id: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert_eq!(row(cache, calls, id).await, format!("row {id}"));
+        if cache.stats().function("row").is_some_and(|f| f.l1_hits > 0) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no L1 hit within 10 s: {}",
+            cache.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Calls `double` three times; returns how many times it ran (1: a miss, then hits).
 async fn miss_then_hit(cache: &Cache, id: u64) -> u32 {
     let calls = Calls::new();
     for _ in 0..3 {
@@ -228,19 +246,7 @@ async fn with_the_ca_everything_works_over_tls() {
     // The bus: L1 hits in `a` (trusted only after a heartbeat on the subscription), then a
     // write in `b` removes `a`'s copy.
     let calls = Calls::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        assert_eq!(row(&a, &calls, 1).await, "row 1");
-        if a.stats().function("row").is_some_and(|f| f.l1_hits > 0) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no L1 hit within 10 s: {}",
-            a.stats()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_l1_hit(&a, &calls, 1).await;
     b.set("row:1", &"changed", Duration::from_secs(60))
         .await
         .unwrap();
@@ -290,13 +296,7 @@ async fn an_acl_user_and_a_database_work() {
         .await
         .unwrap();
     assert_eq!(miss_then_hit(&cache, 5).await, 1, "{}", cache.stats());
-    let calls = Calls::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cache.stats().function("row").is_some_and(|f| f.l1_hits > 0) {
-        assert_eq!(row(&cache, &calls, 2).await, "row 2");
-        assert!(Instant::now() < deadline, "no L1 hit: {}", cache.stats());
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_l1_hit(&cache, &Calls::new(), 2).await;
 
     // The key is in database 3, not 0.
     let key = cache.full_key("double:5");
@@ -339,13 +339,7 @@ async fn an_acl_user_works_over_tcp_and_the_bus_is_named() {
         .await
         .unwrap();
     assert_eq!(miss_then_hit(&cache, 5).await, 1, "{}", cache.stats());
-    let calls = Calls::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cache.stats().function("row").is_some_and(|f| f.l1_hits > 0) {
-        assert_eq!(row(&cache, &calls, 2).await, "row 2");
-        assert!(Instant::now() < deadline, "no L1 hit: {}", cache.stats());
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_l1_hit(&cache, &Calls::new(), 2).await;
     let client = redis::Client::open(url).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let list: String = redis::cmd("CLIENT")
