@@ -23,7 +23,7 @@ const PASSWORD: &str = "s3cret-Pa55word";
 const WRONG: &str = "wr0ng-Pa55word-XYZ";
 
 /// The ACL of the servers with a user: `default` disabled, `app` with `PASSWORD` and the
-/// least the README says the cache needs.
+/// least the README says the cache needs, `admin` (same password) with everything.
 fn acl() -> Vec<String> {
     [
         "--user",
@@ -41,6 +41,14 @@ fn acl() -> Vec<String> {
         "+@pubsub",
         "+@stream",
         "+@connection",
+        // For the tests' own administration (`ACL SETUSER`).
+        "--user",
+        "admin",
+        "on",
+        &format!(">{PASSWORD}"),
+        "~*",
+        "&*",
+        "+@all",
     ]
     .map(str::to_owned)
     .to_vec()
@@ -355,7 +363,8 @@ async fn an_acl_user_works_over_tcp_and_the_bus_is_named() {
 }
 
 /// A wrong password: calls run uncached; the log says the credentials of `app` were refused;
-/// the password is in no log line, no `Debug` output, no error message.
+/// the password is in no log line, no `Debug` output, no error message. When the server
+/// starts accepting it, caching resumes.
 #[tokio::test]
 async fn a_wrong_password_fails_open_and_is_never_shown() {
     let (lines, _guard) = capture();
@@ -398,8 +407,36 @@ async fn a_wrong_password_fails_open_and_is_never_shown() {
     for text in &shown {
         assert!(!text.contains(WRONG), "shows the password: {text}");
     }
-    lines.assert_never(WRONG);
     assert!(lines.any("user `app`"), "{:#?}", lines.all());
+
+    // The server starts accepting that password: caching resumes after a breaker cooldown.
+    let admin = redis::Client::build_with_tls(
+        with_credentials(&server.url(), "admin", PASSWORD, 0),
+        redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(certs.ca()),
+        },
+    )
+    .unwrap();
+    let mut admin = admin.get_multiplexed_async_connection().await.unwrap();
+    let () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("app")
+        .arg(format!(">{WRONG}"))
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while miss_then_hit(&cache, 10).await != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "caching did not resume: {}",
+            cache.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    lines.wait_for("caching resumed").await;
+    lines.assert_never(WRONG);
 }
 
 /// mTLS (`--tls-auth-clients yes`): with the client certificate it works; without, calls run

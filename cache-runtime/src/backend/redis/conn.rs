@@ -218,6 +218,9 @@ impl Connections {
                 Err(BackendError::Data(e.to_string()))
             }
             Ok(Err(e)) => {
+                if tls::breaks_the_manager(&e) {
+                    self.drop_connection();
+                }
                 let err = if e.is_timeout() {
                     BackendError::Timeout
                 } else {
@@ -231,6 +234,27 @@ impl Connections {
                 self.connectivity_failure(op, &err);
                 Err(err)
             }
+        }
+    }
+
+    /// Forgets the current runtime's connection: the next operation (the breaker's probe)
+    /// makes a new one. For a `ConnectionManager` that will not reconnect by itself (see
+    /// `tls::breaks_the_manager`).
+    #[cold]
+    fn drop_connection(&self) {
+        let Ok(handle) = Handle::try_current() else {
+            return;
+        };
+        let runtime = handle.id();
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.retain(|s| s.runtime != runtime);
+        if self
+            .current
+            .load()
+            .as_ref()
+            .is_some_and(|s| s.runtime == runtime)
+        {
+            self.current.store(None);
         }
     }
 

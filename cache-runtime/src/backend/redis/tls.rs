@@ -26,7 +26,9 @@
 //! (`AuthenticationFailed`, `NOAUTH`), a server certificate this process does not trust, a
 //! client certificate the server refused. The command connection's failure classification
 //! (`conn`) counts them as unavailability (breaker, calls run uncached) and logs these words;
-//! the bus logs them too. Only the user name is shown, never the password.
+//! the bus logs them too. Only the user name is shown, never the password. After refused
+//! credentials `conn` replaces the connection ([`breaks_the_manager`]), so that caching
+//! resumes once the server accepts them.
 
 use redis::{ErrorKind as RedisKind, RedisError};
 
@@ -173,6 +175,14 @@ fn check_pem(tls: &TlsConfig) -> redis::RedisResult<()> {
 /// even when it is the server's reply (`NOAUTH`).
 pub(crate) fn is_refusal(e: &RedisError) -> bool {
     refusal(e, None).is_some()
+}
+
+/// Whether a `ConnectionManager` that returned `e` will keep returning it: its connection's
+/// setup was refused (`AUTH`), and redis-rs 1.8 reconnects only after an I/O error
+/// (`connection_manager.rs`, `reconnect_if_io_error!`), so the failed connection would be
+/// kept for ever, even once the server accepts the password. `conn` then makes a new one.
+pub(crate) fn breaks_the_manager(e: &RedisError) -> bool {
+    e.kind() == RedisKind::AuthenticationFailed
 }
 
 /// `e` in words for logs and errors: a refusal named with what to fix (see the module docs),
