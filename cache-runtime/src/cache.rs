@@ -73,20 +73,37 @@ impl std::fmt::Debug for Cache {
     }
 }
 
+#[derive(Debug)]
 enum BackendConfig {
     Memory {
         max_entries: u64,
     },
     Redis {
-        url: String,
+        url: SecretUrl,
     },
     RedisCluster {
-        urls: Vec<String>,
+        urls: Vec<SecretUrl>,
     },
     Sentinel {
-        sentinels: Vec<String>,
+        sentinels: Vec<SecretUrl>,
         service: String,
     },
+}
+
+/// A Redis URL as the builder keeps it: `Debug` and `Display` hide its password (see
+/// [`redact`]), so that neither the builder's `Debug` nor an error message can show it.
+struct SecretUrl(String);
+
+impl std::fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", redact(&self.0))
+    }
+}
+
+impl std::fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&redact(&self.0))
+    }
 }
 
 /// Configures and builds a [`Cache`]. Start with [`Cache::builder`].
@@ -138,6 +155,21 @@ pub struct CacheBuilder {
     wb: WbConfig,
 }
 
+/// Shows the configuration with the Redis URL's password replaced by `***` and
+/// certificates as `<set>`.
+impl std::fmt::Debug for CacheBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheBuilder")
+            .field("backend", &self.backend)
+            .field("namespace", &self.namespace)
+            .field("default_ttl", &self.default_ttl)
+            .field("redis", &self.redis)
+            .field("local", &self.local)
+            .field("write_behind", &self.wb)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Default for CacheBuilder {
     fn default() -> Self {
         CacheBuilder {
@@ -162,8 +194,19 @@ impl CacheBuilder {
         self
     }
 
-    /// Stores values in Redis at `url` (`redis://[user:password@]host:port[/db]`). The
-    /// connection is made on first use; `build` does not wait for it.
+    /// Stores values in Redis at `url`: `redis://[[user]:password@]host[:port][/db]`, or
+    /// `rediss://..` for TLS (the `tls` feature; see
+    /// [`redis_tls_root_ca`](CacheBuilder::redis_tls_root_ca)). With a user, the connections
+    /// authenticate as that ACL user (`AUTH user password`); with a password alone, as the
+    /// `default` user. The connection is made on first use; `build` does not wait for it.
+    ///
+    /// Credentials the server refuses make the cache unavailable, not the calls: they run
+    /// uncached, and the log says that redis refused the credentials of user `app`, never
+    /// the password. The password is not shown by this builder's `Debug`, the cache's, its
+    /// [`Stats`] or any error message. The ACL user needs the commands the cache sends (`+@all`,
+    /// or at least `+@read +@write +@scripting +@pubsub +@stream +@connection`), its keys
+    /// (`~*`, or `~<namespace>:*` and `~__cr:*`) and its pub/sub channels (`&__cr:*`; Redis 7
+    /// grants none by default).
     ///
     /// A Sentinel URL selects the master that Redis Sentinel names (see
     /// [`redis_sentinel`](CacheBuilder::redis_sentinel)):
@@ -181,7 +224,73 @@ impl CacheBuilder {
     /// # Ok(()) }
     /// ```
     pub fn redis(mut self, url: impl Into<String>) -> Self {
-        self.backend = BackendConfig::Redis { url: url.into() };
+        self.backend = BackendConfig::Redis {
+            url: SecretUrl(url.into()),
+        };
+        self
+    }
+
+    /// Trusts the CA certificates in `pem` (a PEM bundle: one or more `-----BEGIN
+    /// CERTIFICATE-----` blocks), instead of the system's roots, for every `rediss://`
+    /// connection of this cache: a private or self-signed CA. Without it, the system's roots
+    /// are trusted. It is ignored for `redis://` URLs. Available with the `tls` feature.
+    ///
+    /// A certificate that is not trusted makes the cache unavailable, not the calls: they run
+    /// uncached, and the log says "redis's TLS certificate is not trusted".
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// let cache = cache_runtime::Cache::builder()
+    ///     .redis("rediss://app:s3cret@redis.internal:6380")
+    ///     .redis_tls_root_ca(std::fs::read("/etc/redis/ca.crt")?)
+    ///     .build()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`build`](CacheBuilder::build) fails with [`ErrorKind::Config`] if `pem` holds no
+    /// certificate.
+    #[cfg(feature = "tls")]
+    pub fn redis_tls_root_ca(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.redis.tls.root_ca = Some(pem.into());
+        self
+    }
+
+    /// Presents this client certificate (a PEM chain, the client's first) and its private key
+    /// (PEM: PKCS#8, PKCS#1 or SEC1) on every `rediss://` connection of this cache: mutual TLS,
+    /// for a server started with `tls-auth-clients yes`. It is ignored for `redis://` URLs.
+    /// Available with the `tls` feature.
+    ///
+    /// The key is kept in memory only for making connections; no `Debug` output shows it or
+    /// the certificate.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// let cache = cache_runtime::Cache::builder()
+    ///     .redis("rediss://redis.internal:6380")
+    ///     .redis_tls_root_ca(std::fs::read("/etc/redis/ca.crt")?)
+    ///     .redis_tls_client_cert(
+    ///         std::fs::read("/etc/app/client.crt")?,
+    ///         std::fs::read("/etc/app/client.key")?,
+    ///     )
+    ///     .build()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`build`](CacheBuilder::build) fails with [`ErrorKind::Config`] if `cert_pem` holds no
+    /// certificate or `key_pem` no private key.
+    #[cfg(feature = "tls")]
+    pub fn redis_tls_client_cert(
+        mut self,
+        cert_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.redis.tls.client_cert = Some((cert_pem.into(), key_pem.into()));
         self
     }
 
@@ -214,7 +323,7 @@ impl CacheBuilder {
         service: impl Into<String>,
     ) -> Self {
         self.backend = BackendConfig::Sentinel {
-            sentinels: sentinels.into_iter().map(Into::into).collect(),
+            sentinels: sentinels.into_iter().map(|s| SecretUrl(s.into())).collect(),
             service: service.into(),
         };
         self
@@ -337,12 +446,13 @@ impl CacheBuilder {
         I::Item: Into<String>,
     {
         self.backend = BackendConfig::RedisCluster {
-            urls: urls.into_iter().map(Into::into).collect(),
+            urls: urls.into_iter().map(|u| SecretUrl(u.into())).collect(),
         };
         self
     }
 
-    /// Fails with [`ErrorKind::Config`] on invalid configuration only: a malformed Redis URL,
+    /// Fails with [`ErrorKind::Config`] on invalid configuration only: a malformed Redis URL, a
+    /// `rediss://` URL without the `tls` feature, TLS certificates or a key that are not PEM,
     /// a zero TTL, timeout or entry limit, a `local_staleness` under 10 ms, a namespace with
     /// braces, spaces or control characters, `write_behind_partitions` outside 1 to 1024, a
     /// `write_behind_retention` under 1 s. It never fails, nor waits, because Redis is down: the connection is made on
@@ -392,11 +502,9 @@ impl CacheBuilder {
             {
                 return Err(Error::config("redis timeouts must be greater than zero"));
             }
-            BackendConfig::Redis { url } if crate::backend::sentinel::is_sentinel_url(&url) => {
-                let config =
-                    crate::backend::sentinel::SentinelConfig::parse_url(&url).map_err(|e| {
-                        Error::config(format!("invalid redis url {:?}: {e}", redact(&url)))
-                    })?;
+            BackendConfig::Redis { url } if crate::backend::sentinel::is_sentinel_url(&url.0) => {
+                let config = crate::backend::sentinel::SentinelConfig::parse_url(&url.0)
+                    .map_err(|e| Error::config(format!("invalid redis url {url:?}: {e}")))?;
                 let redis = self.redis.clone();
                 AnyBackend::Redis(RedisBackend::sentinel(
                     config,
@@ -406,11 +514,11 @@ impl CacheBuilder {
                 ))
             }
             BackendConfig::Sentinel { sentinels, service } => {
-                let config =
-                    crate::backend::sentinel::SentinelConfig::from_parts(sentinels, service)
-                        .map_err(|e| {
-                            Error::config(format!("invalid redis sentinel configuration: {e}"))
-                        })?;
+                let config = crate::backend::sentinel::SentinelConfig::from_parts(
+                    sentinels.into_iter().map(|s| s.0).collect(),
+                    service,
+                )
+                .map_err(|e| Error::config(format!("invalid redis sentinel configuration: {e}")))?;
                 let redis = self.redis.clone();
                 AnyBackend::Redis(RedisBackend::sentinel(
                     config,
@@ -421,20 +529,18 @@ impl CacheBuilder {
             }
             BackendConfig::Redis { url } => {
                 let backend =
-                    RedisBackend::new(&url, &self.namespace, self.redis.clone(), log.clone())
-                        .map_err(|e| {
-                            Error::config(format!("invalid redis url {:?}: {e}", redact(&url)))
-                        })?;
+                    RedisBackend::new(&url.0, &self.namespace, self.redis.clone(), log.clone())
+                        .map_err(|e| Error::config(format!("invalid redis url {url:?}: {e}")))?;
                 AnyBackend::Redis(backend)
             }
             BackendConfig::RedisCluster { urls } => {
                 if self.redis.operation_timeout.is_zero() || self.redis.connect_timeout.is_zero() {
                     return Err(Error::config("redis timeouts must be greater than zero"));
                 }
+                let seeds: Vec<String> = urls.iter().map(|u| u.0.clone()).collect();
                 let backend =
-                    RedisBackend::cluster(&urls, &self.namespace, self.redis.clone(), log.clone())
+                    RedisBackend::cluster(&seeds, &self.namespace, self.redis.clone(), log.clone())
                         .map_err(|e| {
-                            let urls: Vec<String> = urls.iter().map(|u| redact(u)).collect();
                             Error::config(format!("invalid redis cluster urls {urls:?}: {e}"))
                         })?;
                 AnyBackend::Redis(backend)
@@ -458,11 +564,18 @@ impl CacheBuilder {
     }
 }
 
-/// Hides a password in a Redis URL for error messages.
+/// Hides a password in a Redis URL for `Debug`, logs and error messages: `user:password@`
+/// becomes `user:***@`; a user part without `:` (which could be a password written in the
+/// wrong place) becomes `***@`.
 pub(crate) fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+            let userinfo = &url[scheme + 3..at];
+            let user = match userinfo.split_once(':') {
+                Some((user, _)) => format!("{user}:***"),
+                None => "***".to_owned(),
+            };
+            format!("{}://{user}@{}", &url[..scheme], &url[at + 1..])
         }
         _ => url.to_owned(),
     }
@@ -754,13 +867,52 @@ mod tests {
         assert_eq!(c.backend_name(), "redis");
     }
 
+    /// `rediss://` is a configuration error naming the feature without it, a cache with it;
+    /// the password is in neither the error nor the `Debug` output.
+    #[tokio::test]
+    async fn rediss_needs_the_tls_feature() {
+        let url = "rediss://app:hunter2@127.0.0.1:1/0";
+        let built = Cache::builder().redis(url).build().await;
+        #[cfg(not(feature = "tls"))]
+        {
+            let e = built.unwrap_err();
+            assert!(e.is_config());
+            assert!(e.to_string().contains("`tls` feature"), "{e}");
+            assert!(!e.to_string().contains("hunter2"), "{e}");
+        }
+        #[cfg(feature = "tls")]
+        {
+            let cache = built.unwrap();
+            assert!(!format!("{cache:?}").contains("hunter2"));
+            let e = Cache::builder()
+                .redis(url)
+                .redis_tls_root_ca("not pem")
+                .build()
+                .await
+                .unwrap_err();
+            assert!(
+                e.is_config() && e.to_string().contains("redis_tls_root_ca"),
+                "{e}"
+            );
+            assert!(!e.to_string().contains("hunter2"), "{e}");
+        }
+    }
+
     #[test]
     fn redacts_passwords() {
         assert_eq!(
             redact("redis://u:secret@host:6379"),
-            "redis://***@host:6379"
+            "redis://u:***@host:6379"
         );
+        assert_eq!(redact("rediss://:secret@host/2"), "rediss://:***@host/2");
+        assert_eq!(redact("redis://secret@host"), "redis://***@host");
+        // An `@` in the password (not percent-encoded): everything before the last is hidden.
+        assert_eq!(redact("redis://u:se@cret@host"), "redis://u:***@host");
         assert_eq!(redact("redis://host:6379"), "redis://host:6379");
+        let builder = Cache::builder().redis("redis://app:hunter2@127.0.0.1:1/3");
+        let shown = format!("{builder:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("app:***@127.0.0.1:1/3"), "{shown}");
     }
 
     #[tokio::test]

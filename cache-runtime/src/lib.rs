@@ -36,6 +36,12 @@
 //! * [`Cache::stats`] — per-function hits, misses, loads, load times and errors, printable as
 //!   a table that flags hit rates under 80%.
 //!
+//! Cargo features: `macros` (on by default) re-exports the attributes; `tls` (off) lets the
+//! Redis URL be `rediss://` (rustls with the ring provider) and adds
+//! `CacheBuilder::redis_tls_root_ca` and `CacheBuilder::redis_tls_client_cert`. ACL users and
+//! database numbers (`redis://user:password@host/2`) need no feature; see
+//! [`CacheBuilder::redis`].
+//!
 //! # What is cached
 //!
 //! | return type | stored | never stored |

@@ -19,6 +19,7 @@ mod sentinel;
 mod shapes;
 mod stale;
 mod stampede;
+mod tls;
 mod ui;
 mod write_behind_macro;
 mod write_behind_pg;

@@ -10,6 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+mod tls;
+pub use tls::TestCerts;
+
 /// The shared Redis: `REDIS_URL`, or `redis://127.0.0.1:6379`.
 pub fn redis_url() -> String {
     std::env::var("REDIS_URL")
@@ -256,9 +259,10 @@ impl RedisServer {
         }
     }
 
-    /// The server's URL.
+    /// The server's URL (`rediss://` for a TLS server, see [`RedisServer::start_tls`]).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.is_tls() { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// The server's port.
@@ -313,11 +317,23 @@ impl RedisServer {
                     return false; // exited: port in use, say
                 }
             }
+            if self.is_tls() {
+                // Listening is enough: a plain PING cannot cross TLS (nor an ACL without the
+                // default user).
+                if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
             if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
                 let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
                 if s.write_all(b"PING\r\n").is_ok() {
                     let mut buf = [0u8; 7];
-                    if s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n" {
+                    // `-NOAUTH`: up, with an ACL that disables the default user.
+                    if s.read_exact(&mut buf).is_ok()
+                        && (&buf == b"+PONG\r\n" || &buf == b"-NOAUTH")
+                    {
                         return true;
                     }
                 }

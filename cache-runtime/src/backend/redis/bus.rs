@@ -1,5 +1,6 @@
 //! The pub/sub side of one Redis cache: one pub/sub connection per `Cache` (named
-//! `cr-bus:<origin>` with `CLIENT SETNAME`), subscribed lazily, which carries
+//! `cr-bus:<origin>` with `CLIENT SETNAME` over TCP and Unix sockets; over TLS unnamed, see
+//! `connect`), subscribed lazily, which carries
 //!
 //! * **fill notifications** (`__cr:fills`), fanned out in-process to the callers waiting for a
 //!   key's fill. A fill (or a released lease, a write) publishes the key, but only when someone
@@ -472,7 +473,8 @@ async fn subscribe_forever(config: Arc<Config>, shared: Arc<Shared>, number: u64
             Ok(Err(e)) => config.log.warn(
                 FailureKind::Unavailable,
                 &format_args!(
-                    "cannot subscribe to redis notifications ({e}); fill waiters re-check instead"
+                    "cannot subscribe to redis notifications ({}); fill waiters re-check instead",
+                    super::tls::describe(&e, config.clients.first())
                 ),
             ),
             Err(_) => config.log.warn(
@@ -514,7 +516,11 @@ fn candidate(config: &Config, echo: Option<&Echo>, turn: usize) -> Option<redis:
 /// A connection to the server, named `config.client_name()` when it is a TCP or Unix socket
 /// (redis-rs has no way to send `CLIENT SETNAME` on a pub/sub connection, and the server
 /// refuses it once subscribed in RESP2: it is sent on the socket first, then redis-rs does its
-/// usual setup on it). Other addresses (TLS, not built in) go through redis-rs unnamed.
+/// usual setup on it). TLS addresses (`rediss://`) go through redis-rs, **unnamed**: naming
+/// them the same way would mean doing the TLS handshake here, a second copy of redis-rs's
+/// rustls setup (roots, client certificate) to keep in step with it. The client carries the
+/// builder's certificates (`tls`), so this connection is configured as the command
+/// connections are; redis-rs sends `AUTH` and `SELECT` on it like on any connection.
 /// Behind Sentinel, the sentinels are asked for the master first (`client` is not used); its
 /// epoch is returned (0 otherwise).
 async fn connect(

@@ -29,13 +29,15 @@ use redis::{Cmd, ErrorKind as RedisKind, Pipeline, RedisError, RedisFuture, Valu
 use tokio::runtime::{Handle, Id};
 use tokio::task::JoinHandle;
 
-use super::RedisOptions;
 use super::sentinel::Resolver;
+use super::{RedisOptions, tls};
 use crate::backend::{BackendError, BackendResult};
 use crate::breaker::{Breaker, FailureKind, FailureLog};
 
 /// Where the cache's data lives (the Sentinel methods are in `sentinel.rs`).
 #[derive(Clone)]
+// One per cache, made once: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Target {
     /// One Redis server, at a fixed address (or a proxy that looks like one).
     Single(redis::Client),
@@ -862,15 +864,19 @@ impl Connections {
                 self.connectivity_failure(op, &err, breaker, node, Some(conn));
                 Err(err)
             }
-            Ok(Err(e)) if is_reply_error(&e) => {
+            // Refused credentials (`NOAUTH` is a reply) count as unavailability; see `tls`.
+            Ok(Err(e)) if is_reply_error(&e) && !tls::is_refusal(&e) => {
                 breaker.success();
                 Err(BackendError::Data(e.to_string()))
             }
             Ok(Err(e)) => {
+                if tls::breaks_the_manager(&e) {
+                    self.drop_connection();
+                }
                 let err = if e.is_timeout() {
                     BackendError::Timeout
                 } else {
-                    BackendError::Unavailable(e.to_string())
+                    BackendError::Unavailable(tls::describe(&e, self.user_client()))
                 };
                 self.connectivity_failure(op, &err, breaker, node, Some(conn));
                 Err(err)
@@ -918,6 +924,35 @@ impl Connections {
             let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
             slots.retain(|s| s.runtime != runtime);
             self.current.store(None);
+        }
+    }
+
+    /// Forgets the current runtime's connection: the next operation (the breaker's probe)
+    /// makes a new one. For a `ConnectionManager` that will not reconnect by itself (see
+    /// `tls::breaks_the_manager`).
+    #[cold]
+    fn drop_connection(&self) {
+        let Ok(handle) = Handle::try_current() else {
+            return;
+        };
+        let runtime = handle.id();
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.retain(|s| s.runtime != runtime);
+        if self
+            .current
+            .load()
+            .as_ref()
+            .is_some_and(|s| s.runtime == runtime)
+        {
+            self.current.store(None);
+        }
+    }
+
+    /// A client whose URL names the user (for messages about refused credentials).
+    fn user_client(&self) -> Option<&redis::Client> {
+        match &self.target {
+            Target::Single(client) => Some(client),
+            Target::Sentinel(_) | Target::Cluster(_) => None,
         }
     }
 

@@ -66,6 +66,7 @@ mod scripts;
 pub(crate) mod sentinel;
 #[cfg(test)]
 mod tests;
+mod tls;
 pub(crate) mod wb;
 
 use std::future::Future;
@@ -77,6 +78,7 @@ use bytes::Bytes;
 use self::bus::Bus;
 use self::conn::{ClusterTarget, Connections, SlotPipe, Target};
 use self::scripts::{FILL, REFRESH_FILL, REFRESH_LEASE, RELEASE, REPLACE, WRITE, evalsha, run};
+use self::tls::TlsConfig;
 use super::{Backend, BackendResult, Gen, LeaseReply, OnWait, PENDING_TTL, Read, Stored, Token};
 use crate::breaker::FailureLog;
 use crate::envelope::Header;
@@ -163,6 +165,8 @@ pub(crate) struct RedisOptions {
     pub(crate) connect_timeout: Duration,
     pub(crate) breaker_threshold: u32,
     pub(crate) breaker_cooldown: Duration,
+    /// Certificates for `rediss://` (see `tls`).
+    pub(crate) tls: TlsConfig,
 }
 
 impl Default for RedisOptions {
@@ -172,6 +176,7 @@ impl Default for RedisOptions {
             connect_timeout: Duration::from_secs(1),
             breaker_threshold: 3,
             breaker_cooldown: Duration::from_secs(1),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -196,7 +201,7 @@ pub(crate) struct RedisBackend {
 const REFUSAL_BACKOFF: Duration = Duration::from_secs(1);
 
 impl RedisBackend {
-    /// Parses `url`; fails only on an invalid URL. `namespace` is the cache's (checked by
+    /// Parses `url`; fails only on an invalid URL (or TLS settings: see `tls::client`). `namespace` is the cache's (checked by
     /// `key::validate_namespace`): its writes are announced on `__cr:inv:<namespace>`.
     pub(crate) fn new(
         url: &str,
@@ -204,7 +209,7 @@ impl RedisBackend {
         options: RedisOptions,
         log: Arc<FailureLog>,
     ) -> Result<Self, redis::RedisError> {
-        let client = redis::Client::open(url)?;
+        let client = tls::client(url, &options.tls)?;
         Ok(Self::with_target(
             Target::Single(client.clone()),
             vec![client],
@@ -225,7 +230,9 @@ impl RedisBackend {
     ) -> Result<Self, redis::RedisError> {
         let mut clients = Vec::with_capacity(seeds.len());
         for seed in seeds {
-            let client = redis::Client::open(seed.as_str())?;
+            // (`rediss://` seeds trust the system's roots: the builder's CA and client
+            // certificate are not passed to the cluster client yet.)
+            let client = tls::client(seed.as_str(), &options.tls)?;
             if client.get_connection_info().redis_settings().db() != 0 {
                 return Err(redis::RedisError::from((
                     redis::ErrorKind::InvalidClientConfig,
