@@ -4,6 +4,7 @@
 //! ```text
 //! cargo run --release --bin compare -- [--quick] [--json FILE] [--keys N] [--hot-share F]
 //!                                      [--tasks N] [--rounds N] [--redis-url URL]
+//!                                      [--cluster-urls URL,URL,..] [--only a,b,..]
 //! ```
 //!
 //! Every figure is reported with its ratio to the raw redis-rs baseline measured in the same
@@ -153,14 +154,19 @@ peer_down!(peer_refused, "CACHE_BENCH_REFUSED_URL");
 peer_down!(peer_hung, "CACHE_BENCH_HUNG_URL");
 
 /// The floor: what a hand-written cache-aside read costs. Formats the key, `GET`, decodes.
-async fn raw_get(conn: &mut ConnectionManager, prefix: &str, id: u64) -> Option<User> {
+/// (`conn`: a `ConnectionManager`, or a `ClusterConnection` in the cluster rows.)
+async fn raw_get<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    prefix: &str,
+    id: u64,
+) -> Option<User> {
     let key = format!("{prefix}user:{id}");
     let bytes: Option<Vec<u8>> = redis::cmd("GET").arg(&key).query_async(conn).await.ok()?;
     serde_json::from_slice(&bytes?).ok()
 }
 
 /// A hand-written miss: `GET`, load, encode, `SET EX`.
-async fn raw_miss(conn: &mut ConnectionManager, prefix: &str, id: u64) -> User {
+async fn raw_miss<C: redis::aio::ConnectionLike>(conn: &mut C, prefix: &str, id: u64) -> User {
     let key = format!("{prefix}user:{id}");
     let found: Option<Vec<u8>> = redis::cmd("GET")
         .arg(&key)
@@ -193,6 +199,9 @@ struct Args {
     tasks: usize,
     rounds: usize,
     redis_url: String,
+    /// Some nodes of a Redis Cluster (`--cluster-urls`, else `REDIS_CLUSTER_URLS`); empty: the
+    /// cluster rows are skipped.
+    cluster_urls: Vec<String>,
     only: Vec<String>,
     contender: Option<String>,
 }
@@ -214,6 +223,7 @@ fn parse_args() -> Result<Args, String> {
         rounds: 0,
         redis_url: std::env::var("REDIS_URL")
             .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned()),
+        cluster_urls: split_urls(&std::env::var("REDIS_CLUSTER_URLS").unwrap_or_default()),
         only: Vec::new(),
         contender: None,
     };
@@ -244,13 +254,14 @@ fn parse_args() -> Result<Args, String> {
                     .map_err(|e| format!("--rounds: {e}"))?
             }
             "--redis-url" => a.redis_url = value("--redis-url")?,
+            "--cluster-urls" => a.cluster_urls = split_urls(&value("--cluster-urls")?),
             "--contender" => a.contender = Some(value("--contender")?),
             "--only" => a
                 .only
                 .extend(value("--only")?.split(',').map(str::to_owned)),
             "-h" | "--help" => {
                 println!(
-                    "compare [--quick] [--json FILE] [--keys N] [--hot-share F] [--tasks N] [--rounds N] [--redis-url URL] [--only hit,memory,spread,hot,zipf,invalidation,coherence,miss,writes,down,stampede,write_behind]"
+                    "compare [--quick] [--json FILE] [--keys N] [--hot-share F] [--tasks N] [--rounds N] [--redis-url URL] [--cluster-urls URL,URL,..] [--only hit,memory,spread,hot,zipf,invalidation,coherence,miss,writes,down,stampede,write_behind,cluster]"
                 );
                 std::process::exit(0);
             }
@@ -264,6 +275,15 @@ fn parse_args() -> Result<Args, String> {
         a.rounds = if a.quick { 3 } else { 7 };
     }
     Ok(a)
+}
+
+/// `URL,URL,..` (what `scripts/redis-cluster` prints) as a list; blanks dropped.
+fn split_urls(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 // ---- measurement -------------------------------------------------------------------------
@@ -330,6 +350,9 @@ macro_rules! cache_op {
         op
     }};
 }
+
+#[path = "cluster.rs"]
+mod cluster;
 
 /// Sequential latency: `ops` calls one after another, ids from `ids`.
 async fn sequential(op: &Op, ids: &[u64], figures: &mut RoundFigures) {
@@ -750,35 +773,51 @@ async fn run(args: Args, down: Down) -> Result<(), String> {
     let miss_ops = 1_000 * scale;
     let keys = args.keys;
 
-    // Warm every key every contender will read.
-    eprintln!("warming {} keys ...", keys);
-    until_l1(&ours_redis, "ours_local", async || {
-        let _ = ours_local(&ours_redis, 0).await;
-    })
-    .await?;
-    for id in 0..keys {
-        let _ = ours_local(&ours_redis, id).await;
-        moka_sync.insert(id, load(id));
-        let _ = ours(&ours_redis, id).await;
-        let _ = ours_tagged(&ours_redis, id).await;
-        let _ = ours(&ours_memory, id).await;
-        let _ = peer(id).await;
-        moka.insert(id, load(id)).await;
-        let mut c = conn.clone();
-        let key = format!("{raw_prefix}user:{id}");
-        let bytes = serde_json::to_vec(&load(id)).unwrap_or_default();
-        let _: Result<(), _> = redis::cmd("SET")
-            .arg(&key)
-            .arg(bytes)
-            .arg("EX")
-            .arg(3600)
-            .query_async(&mut c)
-            .await;
-    }
-    if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(5), peer(0)).await {
-        return Err(format!(
-            "the cached crate's redis store does not work here: {e}"
-        ));
+    // Warm every key every contender will read (not needed when only the scenarios that
+    // bring their own keys run: down, stampede, write_behind, cluster).
+    let warm = [
+        "hit",
+        "memory",
+        "spread",
+        "hot",
+        "zipf",
+        "invalidation",
+        "coherence",
+        "miss",
+        "writes",
+    ]
+    .iter()
+    .any(|w| args.wants(w));
+    if warm {
+        eprintln!("warming {} keys ...", keys);
+        until_l1(&ours_redis, "ours_local", async || {
+            let _ = ours_local(&ours_redis, 0).await;
+        })
+        .await?;
+        for id in 0..keys {
+            let _ = ours_local(&ours_redis, id).await;
+            moka_sync.insert(id, load(id));
+            let _ = ours(&ours_redis, id).await;
+            let _ = ours_tagged(&ours_redis, id).await;
+            let _ = ours(&ours_memory, id).await;
+            let _ = peer(id).await;
+            moka.insert(id, load(id)).await;
+            let mut c = conn.clone();
+            let key = format!("{raw_prefix}user:{id}");
+            let bytes = serde_json::to_vec(&load(id)).unwrap_or_default();
+            let _: Result<(), _> = redis::cmd("SET")
+                .arg(&key)
+                .arg(bytes)
+                .arg("EX")
+                .arg(3600)
+                .query_async(&mut c)
+                .await;
+        }
+        if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(5), peer(0)).await {
+            return Err(format!(
+                "the cached crate's redis store does not work here: {e}"
+            ));
+        }
     }
 
     let raw_op: Op = {
@@ -1184,6 +1223,7 @@ async fn run(args: Args, down: Down) -> Result<(), String> {
             // Not a multiple of the retry loop's 100 ms sleep, which would flatter it.
             load_ms: if args.quick { 150 } else { 250 },
             redis_url: args.redis_url.clone(),
+            cluster_urls: Vec::new(),
         };
         let rows = cache_benches::stampede::run(&opts).await?;
         for r in rows {
@@ -1202,6 +1242,24 @@ async fn run(args: Args, down: Down) -> Result<(), String> {
     if args.wants("write_behind") {
         eprintln!("write_behind ...");
         report.extend(wb::scenario(&args.redis_url, &run_id, args.quick, args.rounds).await?);
+    }
+
+    // 9. Redis Cluster: the same functions on a cluster, against raw cluster commands.
+    let mut skipped = Vec::new();
+    if args.wants("cluster") {
+        if args.cluster_urls.is_empty() {
+            skipped.push(
+                "cluster rows skipped: no Redis Cluster given (--cluster-urls URL,URL,.. or REDIS_CLUSTER_URLS; scripts/redis-cluster run <cmd> starts one)",
+            );
+        } else {
+            let single = cluster::Single {
+                url: &args.redis_url,
+                conn: &conn,
+                raw_prefix: &raw_prefix,
+                cache: &ours_redis,
+            };
+            report.extend(cluster::scenario(&args, &args.cluster_urls, &run_id, single).await?);
+        }
     }
 
     // The report.
@@ -1247,6 +1305,9 @@ async fn run(args: Args, down: Down) -> Result<(), String> {
         "Ratios are to the first row of each scenario (the baseline), measured in the same run; medians of {} interleaved rounds.",
         args.rounds
     );
+    for line in skipped {
+        println!("{line}");
+    }
     if let Some(path) = &args.json {
         let json = serde_json::to_string_pretty(&Report {
             machine,

@@ -24,6 +24,7 @@ fn parse_args() -> Result<Args, String> {
             load_ms: 250,
             redis_url: std::env::var("REDIS_URL")
                 .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned()),
+            cluster_urls: Vec::new(),
         },
         json: None,
     };

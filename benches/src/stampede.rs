@@ -5,6 +5,10 @@
 //! The calling program re-executes itself as the worker processes: it must call
 //! [`worker_main_if_requested`] first thing in `main`.
 //!
+//! With [`Options::cluster_urls`] set, the workers' caches, the execution counter and the
+//! hand-written lock run on that Redis Cluster instead (the `cached` crate has no cluster
+//! store: [`run_only`] picks the contenders).
+//!
 //! Contenders, one after another, each on its own cold key:
 //!
 //! * `#[cached(lock)]` (this project): leases, waiters woken by the fill's notification;
@@ -78,11 +82,7 @@ async fn peer(id: u64) -> Result<User, BenchError> {
 }
 
 /// The hand-written fix: lock with `SET NX`, everyone else sleeps 100 ms and retries.
-async fn sleep_retry(
-    conn: &redis::aio::MultiplexedConnection,
-    prefix: &str,
-    id: u64,
-) -> Result<User, BenchError> {
+async fn sleep_retry(conn: &Conn, prefix: &str, id: u64) -> Result<User, BenchError> {
     let mut conn = conn.clone();
     let key = format!("{prefix}user:{id}");
     let lock = format!("{prefix}lock:{id}");
@@ -115,8 +115,67 @@ async fn sleep_retry(
 
 // ---- worker ---------------------------------------------------------------------------------
 
+/// A connection to the single Redis or to the cluster, for the counter and the hand-written
+/// lock.
+#[derive(Clone)]
+enum Conn {
+    Single(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// The cluster when `cluster_urls` is not empty, else the single Redis.
+async fn connect(redis_url: &str, cluster_urls: &[String]) -> Result<Conn, String> {
+    if cluster_urls.is_empty() {
+        let client = redis::Client::open(redis_url).map_err(|e| e.to_string())?;
+        let conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Conn::Single(conn))
+    } else {
+        let client = redis::cluster::ClusterClient::new(cluster_urls.iter().map(String::as_str))
+            .map_err(|e| e.to_string())?;
+        let conn = client
+            .get_async_connection()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Conn::Cluster(conn))
+    }
+}
+
 struct WorkerContext {
-    conn: redis::aio::MultiplexedConnection,
+    conn: Conn,
     counter: String,
     load_ms: u64,
 }
@@ -141,6 +200,8 @@ struct TaskResult {
 struct WorkerArgs {
     contender: String,
     redis_url: String,
+    #[serde(default)]
+    cluster_urls: Vec<String>,
     prefix: String,
     counter: String,
     tasks: usize,
@@ -149,18 +210,18 @@ struct WorkerArgs {
 }
 
 async fn run_worker(args: WorkerArgs) -> Result<Vec<TaskResult>, String> {
-    let client = redis::Client::open(args.redis_url.as_str()).map_err(|e| e.to_string())?;
-    let conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .map_err(|e| e.to_string())?;
+    let conn = connect(&args.redis_url, &args.cluster_urls).await?;
     let _ = CONTEXT.set(WorkerContext {
         conn: conn.clone(),
         counter: args.counter.clone(),
         load_ms: args.load_ms,
     });
-    let cache = Cache::builder()
-        .redis(&args.redis_url)
+    let builder = if args.cluster_urls.is_empty() {
+        Cache::builder().redis(&args.redis_url)
+    } else {
+        Cache::builder().redis_cluster(args.cluster_urls.iter().cloned())
+    };
+    let cache = builder
         .namespace(args.prefix.trim_end_matches(':'))
         .operation_timeout(Duration::from_secs(2))
         .build()
@@ -216,6 +277,8 @@ pub struct Options {
     pub load_ms: u64,
     /// The Redis.
     pub redis_url: String,
+    /// A Redis Cluster's nodes (some of them): when not empty, everything runs there instead.
+    pub cluster_urls: Vec<String>,
 }
 
 /// One contender's result.
@@ -251,11 +314,7 @@ async fn run_contender(
 ) -> Result<Row, String> {
     let prefix = format!("cache-bench:{run_id}:{contender}:");
     let counter = format!("{prefix}executions");
-    let client = redis::Client::open(args.redis_url.as_str()).map_err(|e| e.to_string())?;
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut conn = connect(&args.redis_url, &args.cluster_urls).await?;
     let _: () = conn
         .set_ex(&counter, 0, 300)
         .await
@@ -267,6 +326,7 @@ async fn run_contender(
         let worker = WorkerArgs {
             contender: contender.to_owned(),
             redis_url: args.redis_url.clone(),
+            cluster_urls: args.cluster_urls.clone(),
             prefix: prefix.clone(),
             counter: counter.clone(),
             tasks: args.tasks,
@@ -340,9 +400,18 @@ pub const CONTENDERS: [(&str, &str); 3] = [
 ///
 /// When Redis cannot be reached or a worker process fails.
 pub async fn run(opts: &Options) -> Result<Vec<Row>, String> {
+    run_only(opts, &["ours", "peer", "retry"]).await
+}
+
+/// Runs the contenders whose ids (see [`CONTENDERS`]) are in `ids`, one after another.
+///
+/// # Errors
+///
+/// When Redis cannot be reached or a worker process fails.
+pub async fn run_only(opts: &Options, ids: &[&str]) -> Result<Vec<Row>, String> {
     let run_id = format!("{:x}", now_us() ^ u64::from(std::process::id()));
     let mut rows = Vec::new();
-    for (contender, label) in CONTENDERS {
+    for (contender, label) in CONTENDERS.into_iter().filter(|(c, _)| ids.contains(c)) {
         eprintln!(
             "stampede, {label}: {} processes x {} tasks ...",
             opts.processes, opts.tasks
