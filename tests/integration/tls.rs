@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use cache_runtime::write_behind::Worker;
 use cache_runtime::{Cache, CacheBuilder, cached, write_behind};
-use cache_tests::{RedisServer, TestCerts, unique_namespace};
+use cache_tests::{RedisCluster, RedisServer, TestCerts, unique_namespace};
 
 use crate::support::{Calls, Gate};
 
@@ -501,4 +501,48 @@ async fn write_behind_works_over_tls() {
     assert!(worker.flush_for(Duration::from_secs(20)).await, "drained");
     assert_eq!(*APPLIED.lock().unwrap(), vec![(1, "hello".to_owned())]);
     worker.shutdown().await;
+}
+
+/// A Redis Cluster over TLS (client connections, cluster bus and replication): with the CA,
+/// keys on every shard miss once and then hit, an invalidation reaches the key's shard, the
+/// in-process tier is trusted (the echo heartbeat went through every master over TLS);
+/// without the CA every call runs the function (on a cluster redis-rs connects in the
+/// background, so the log shows timed-out operations and the open breaker, not the
+/// certificate problem itself).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_over_tls() {
+    let certs = TestCerts::generate();
+    let (_cluster, urls) = RedisCluster::start_tls(&certs);
+    let ns = unique_namespace("tls_cluster");
+    let cache = Cache::builder()
+        .redis_cluster(urls.clone())
+        .redis_tls_root_ca(certs.ca())
+        .namespace(&ns)
+        .operation_timeout(Duration::from_secs(2))
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(cache.backend_name(), "redis-cluster");
+    // 30 keys: every shard holds some.
+    for id in 0..30 {
+        assert_eq!(miss_then_hit(&cache, id).await, 1, "{}", cache.stats());
+    }
+    let s = cache.stats().function("double").cloned().unwrap();
+    assert_eq!((s.misses, s.hits, s.backend_errors), (30, 60, 0), "{s:?}");
+    cache
+        .invalidate(&format!("double:{}", 3))
+        .await
+        .expect("an invalidation over TLS");
+    assert_eq!(miss_then_hit(&cache, 3).await, 1, "loaded again after it");
+    until_l1_hit(&cache, &Calls::new(), 1).await;
+
+    let (lines, _guard) = capture();
+    let untrusting = Cache::builder()
+        .redis_cluster(urls)
+        .namespace(&ns)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(miss_then_hit(&untrusting, 5).await, 3, "runs uncached");
+    lines.wait_for("circuit breaker open").await;
 }

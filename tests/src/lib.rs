@@ -384,6 +384,12 @@ impl RedisCluster {
         let nodes: Vec<RedisServer> = (0..Self::NODES)
             .map(|_| RedisServer::start_unassigned_cluster_node(&args))
             .collect();
+        Self::join(nodes)
+    }
+
+    /// Joins six unassigned nodes into a cluster (3 masters, 3 replicas) and waits until it
+    /// is ready.
+    fn join(nodes: Vec<RedisServer>) -> RedisCluster {
         let cluster = RedisCluster { nodes };
         let output = Command::new(redis_cli_binary())
             .arg("--cluster")

@@ -172,8 +172,57 @@ impl RedisServer {
         server
     }
 
-    /// Whether this server speaks TLS only ([`RedisServer::start_tls`]).
+    /// Whether this server speaks TLS only ([`RedisServer::start_tls`]: no plain port).
     pub(crate) fn is_tls(&self) -> bool {
         self.extra_args.iter().any(|a| a == "--tls-port")
+            && self
+                .extra_args
+                .windows(2)
+                .any(|w| w[0] == "--port" && w[1] == "0")
+    }
+}
+
+impl super::RedisCluster {
+    /// A cluster ([`RedisCluster::start`](super::RedisCluster::start)) whose nodes also speak
+    /// TLS, on a port of their own each, with `certs`' server certificate (the cluster bus
+    /// and replication over TLS too: `--tls-cluster yes --tls-replication yes`). A TLS client
+    /// is told the nodes' TLS ports (`CLUSTER SLOTS`); the plain ports stay for the test's
+    /// own checks. Returns the cluster and its nodes' `rediss://` URLs.
+    pub fn start_tls(certs: &TestCerts) -> (super::RedisCluster, Vec<String>) {
+        let mut urls = Vec::new();
+        let nodes: Vec<RedisServer> = (0..Self::NODES)
+            .map(|_| {
+                let tls_port = free_port().to_string();
+                urls.push(format!("rediss://127.0.0.1:{tls_port}"));
+                let (cert, key, ca) = (
+                    certs.arg("server.crt"),
+                    certs.arg("server.key"),
+                    certs.arg("ca.crt"),
+                );
+                RedisServer::start_unassigned_cluster_node(&[
+                    "--cluster-node-timeout",
+                    "2000",
+                    "--tls-port",
+                    &tls_port,
+                    "--tls-cert-file",
+                    &cert,
+                    "--tls-key-file",
+                    &key,
+                    "--tls-client-cert-file",
+                    &certs.arg("client.crt"),
+                    "--tls-client-key-file",
+                    &certs.arg("client.key"),
+                    "--tls-ca-cert-file",
+                    &ca,
+                    "--tls-auth-clients",
+                    "no",
+                    "--tls-cluster",
+                    "yes",
+                    "--tls-replication",
+                    "yes",
+                ])
+            })
+            .collect();
+        (Self::join(nodes), urls)
     }
 }

@@ -47,6 +47,28 @@ pub(crate) enum Target {
     Cluster(Box<ClusterTarget>),
 }
 
+/// `template`'s settings (credentials, TLS and its certificates) for the node at `host:port`.
+pub(crate) fn info_at(
+    template: &redis::ConnectionInfo,
+    host: &str,
+    port: u16,
+) -> redis::ConnectionInfo {
+    let addr = match template.addr() {
+        redis::ConnectionAddr::TcpTls {
+            insecure,
+            tls_params,
+            ..
+        } => redis::ConnectionAddr::TcpTls {
+            host: host.to_owned(),
+            port,
+            insecure: *insecure,
+            tls_params: tls_params.clone(),
+        },
+        _ => redis::ConnectionAddr::Tcp(host.to_owned(), port),
+    };
+    template.clone().set_addr(addr)
+}
+
 /// A cluster: the client made from the seeds, and what makes another one.
 #[derive(Clone)]
 pub(crate) struct ClusterTarget {
@@ -54,6 +76,8 @@ pub(crate) struct ClusterTarget {
     /// The seeds as given (credentials, TLS): a new client's nodes are made from the first.
     seeds: Vec<redis::ConnectionInfo>,
     connect_timeout: Duration,
+    /// The builder's certificates (for `rediss://` seeds).
+    tls: tls::TlsConfig,
 }
 
 impl ClusterTarget {
@@ -61,20 +85,32 @@ impl ClusterTarget {
     pub(crate) fn new(
         seeds: Vec<redis::ConnectionInfo>,
         connect_timeout: Duration,
+        tls: tls::TlsConfig,
     ) -> redis::RedisResult<Self> {
-        let client = Self::client_for(seeds.clone(), connect_timeout)?;
+        let client = Self::client_for(seeds.clone(), connect_timeout, &tls)?;
         Ok(ClusterTarget {
             client,
             seeds,
             connect_timeout,
+            tls,
         })
     }
 
     fn client_for(
         nodes: Vec<redis::ConnectionInfo>,
         connect_timeout: Duration,
+        tls: &tls::TlsConfig,
     ) -> redis::RedisResult<ClusterClient> {
-        redis::cluster::ClusterClientBuilder::new(nodes)
+        let builder = redis::cluster::ClusterClientBuilder::new(nodes);
+        #[cfg(feature = "tls")]
+        let builder = if tls.is_set() {
+            builder.certs(tls::certificates(tls))
+        } else {
+            builder
+        };
+        #[cfg(not(feature = "tls"))]
+        let _ = tls;
+        builder
             // Enough to follow `MOVED`/`ASK` and a slot-map refresh during a reshard or a
             // failover; never long: the operation's timer bounds the whole call anyway.
             .retries(3)
@@ -91,25 +127,10 @@ impl ClusterTarget {
         let template = self.seeds.first()?;
         let mut nodes: Vec<redis::ConnectionInfo> = addrs
             .iter()
-            .map(|(host, port)| {
-                let addr = match template.addr() {
-                    redis::ConnectionAddr::TcpTls {
-                        insecure,
-                        tls_params,
-                        ..
-                    } => redis::ConnectionAddr::TcpTls {
-                        host: host.clone(),
-                        port: *port,
-                        insecure: *insecure,
-                        tls_params: tls_params.clone(),
-                    },
-                    _ => redis::ConnectionAddr::Tcp(host.clone(), *port),
-                };
-                template.clone().set_addr(addr)
-            })
+            .map(|(host, port)| info_at(template, host, *port))
             .collect();
         nodes.extend(self.seeds.iter().cloned());
-        Self::client_for(nodes, self.connect_timeout).ok()
+        Self::client_for(nodes, self.connect_timeout, &self.tls).ok()
     }
 }
 

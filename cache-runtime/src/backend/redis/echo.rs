@@ -139,9 +139,7 @@ impl Echo {
     }
 
     fn info(&self, (host, port): Addr) -> ConnectionInfo {
-        self.template
-            .clone()
-            .set_addr(ConnectionAddr::Tcp(host, port))
+        super::conn::info_at(&self.template, &host, port)
     }
 
     /// Starts a heartbeat: the round to count its echoes in, and the future that publishes it
@@ -156,7 +154,9 @@ impl Echo {
         let (template, channel, origin) =
             (self.template.clone(), self.channel.clone(), self.origin);
         let here = match subscribed.addr() {
-            ConnectionAddr::Tcp(host, port) => Some((host.clone(), *port)),
+            ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } => {
+                Some((host.clone(), *port))
+            }
             _ => None,
         };
         let future = async move {
@@ -177,7 +177,7 @@ impl Echo {
                     if let Some(conn) = known {
                         return Ok(conn);
                     }
-                    let info = template.set_addr(ConnectionAddr::Tcp(addr.0.clone(), addr.1));
+                    let info = super::conn::info_at(&template, &addr.0, addr.1);
                     let conn = redis::Client::open(info)?
                         .get_multiplexed_async_connection_with_config(&config)
                         .await?;

@@ -230,8 +230,6 @@ impl RedisBackend {
     ) -> Result<Self, redis::RedisError> {
         let mut clients = Vec::with_capacity(seeds.len());
         for seed in seeds {
-            // (`rediss://` seeds trust the system's roots: the builder's CA and client
-            // certificate are not passed to the cluster client yet.)
             let client = tls::client(seed.as_str(), &options.tls)?;
             if client.get_connection_info().redis_settings().db() != 0 {
                 return Err(redis::RedisError::from((
@@ -253,6 +251,7 @@ impl RedisBackend {
                 .map(|c| c.get_connection_info().clone())
                 .collect(),
             options.connect_timeout,
+            options.tls.clone(),
         )?;
         Ok(Self::with_target(
             Target::Cluster(Box::new(cluster)),

@@ -98,17 +98,23 @@ pub(crate) fn client(url: &str, tls: &TlsConfig) -> redis::RedisResult<redis::Cl
             return redis::Client::open(url);
         }
         check_pem(tls)?;
-        let certificates = redis::TlsCertificates {
-            client_tls: tls
-                .client_cert
-                .as_ref()
-                .map(|(cert, key)| redis::ClientTlsConfig {
-                    client_cert: cert.clone(),
-                    client_key: key.clone(),
-                }),
-            root_cert: tls.root_ca.clone(),
-        };
-        redis::Client::build_with_tls(url, certificates)
+        redis::Client::build_with_tls(url, certificates(tls))
+    }
+}
+
+/// The builder's certificates as redis-rs takes them (a cluster client gets them with
+/// `ClusterClientBuilder::certs`: its nodes' connections do not take them from the seeds).
+#[cfg(feature = "tls")]
+pub(crate) fn certificates(tls: &TlsConfig) -> redis::TlsCertificates {
+    redis::TlsCertificates {
+        client_tls: tls
+            .client_cert
+            .as_ref()
+            .map(|(cert, key)| redis::ClientTlsConfig {
+                client_cert: cert.clone(),
+                client_key: key.clone(),
+            }),
+        root_cert: tls.root_ca.clone(),
     }
 }
 
