@@ -298,6 +298,22 @@ async fn one_dead_master_sends_only_its_slots_to_the_function() {
         rounds += 1;
     }
     assert!(rounds >= 2, "the outage window saw {rounds} rounds");
+    // Still during the outage: invalidating a healthy shard's key works (its own master's
+    // breaker), and the key is cached again after one load.
+    let id = alive[0];
+    cache
+        .invalidate(&format!("v:{id}"))
+        .await
+        .expect("an invalidation on a healthy shard while another master is down");
+    let before = calls.load(Ordering::SeqCst);
+    for _ in 0..3 {
+        assert_eq!(value(&cache, &calls, id).await, format!("value {id}"));
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), before + 1, "loaded once, then hits");
+    assert!(
+        outage.elapsed() < Duration::from_secs(3),
+        "checked while the master was still down (node timeout 2 s)"
+    );
     let stats = cache.stats();
     let f = stats.function("cluster_value").unwrap();
     assert!(f.bypassed > 0 || f.backend_errors > 0, "{stats}");

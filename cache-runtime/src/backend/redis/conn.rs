@@ -465,7 +465,18 @@ impl Shards {
             return;
         }
         let (shards, mut cluster) = (self.clone(), cluster.clone());
+        /// Clears `refreshing` however the task ends (its runtime may shut down first).
+        struct Done(Arc<Shards>);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                self.0
+                    .refreshing
+                    .store(false, std::sync::atomic::Ordering::Release);
+            }
+        }
+        let done = Done(shards.clone());
         tokio::spawn(async move {
+            let _done = done;
             use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
             let read = tokio::time::timeout(
                 timeout,
@@ -481,7 +492,6 @@ impl Shards {
                 }
             }
             shards.refreshed.store(shards.now_ms().max(1), Release);
-            shards.refreshing.store(false, Release);
         });
     }
 
@@ -554,6 +564,9 @@ impl Shards {
                 *slot = index as u16;
             }
         }
+        // Masters that left the table are forgotten once their breaker is closed (addresses
+        // change with every pod restart: the list must not grow for ever).
+        known.retain(|n| nodes.iter().any(|m| Arc::ptr_eq(m, n)) || n.breaker.is_open());
         Some(ShardTable {
             owner,
             nodes,
@@ -565,14 +578,16 @@ impl Shards {
 /// Whether a Redis error means "the server answered, but not with what we wanted" (the key
 /// holds another type, a script error, ...) rather than "we could not talk to the server".
 ///
-/// A cluster's `CLUSTERDOWN` (a master is down and its slots are not served yet), `TRYAGAIN`
-/// (a slot is being moved), `MASTERDOWN` (a replica lost its master) and a node's `LOADING`
-/// are answers that say the data cannot be reached now: unavailability, like a refused
-/// connection (the breaker counts them, and the call runs uncached).
+/// A cluster's `CLUSTERDOWN` (a master is down and its slots are not served yet),
+/// `MASTERDOWN` (a replica lost its master) and a node's `LOADING` are answers that say the
+/// data cannot be reached now: unavailability, like a refused connection (the breaker counts
+/// them, and the call runs uncached). `TRYAGAIN` (the keys of a multi-key command are split by
+/// a slot migration in progress; `SlotPipe` retries it first) is a reply: the call runs
+/// uncached, but a reshard does not open breakers.
 fn is_reply_error(e: &RedisError) -> bool {
     use redis::ServerErrorKind as S;
     match e.kind() {
-        RedisKind::Server(S::ClusterDown | S::TryAgain | S::MasterDown | S::BusyLoading) => false,
+        RedisKind::Server(S::ClusterDown | S::MasterDown | S::BusyLoading) => false,
         RedisKind::Server(_) | RedisKind::Extension | RedisKind::UnexpectedReturnType => true,
         _ => false,
     }
@@ -815,12 +830,24 @@ impl Connections {
                 "circuit breaker open after repeated failures".to_owned(),
             ));
         };
+        // Until the caller holds its own guard: a probe dropped while it waits for the first
+        // resolution (the caller cancelled) is given back, or the breaker would stay
+        // half-open with nobody probing.
+        let mut guard = ProbeGuard {
+            breaker,
+            armed: probe,
+        };
         match self.connection() {
-            Ok(conn) => Ok((probe, conn)),
+            Ok(conn) => {
+                guard.armed = false;
+                Ok((probe, conn))
+            }
             // Sentinel, no master known yet: wait for the first resolution (boxed: rare, and
             // every operation's future holds this one's state).
             Err(_) if matches!(&self.target, Target::Sentinel(r) if r.epoch() == 0) => {
-                match Box::pin(self.first_master()).await {
+                let first = Box::pin(self.first_master()).await;
+                guard.armed = false;
+                match first {
                     Ok(conn) => Ok((probe, conn)),
                     Err(e) => {
                         // Counted (a probe's failure opens the breaker again).
@@ -829,12 +856,8 @@ impl Connections {
                     }
                 }
             }
-            Err(e) => {
-                if probe {
-                    breaker.abandon_probe();
-                }
-                Err(e)
-            }
+            // The guard gives the probe back.
+            Err(e) => Err(e),
         }
     }
 

@@ -288,6 +288,17 @@ impl RedisBackend {
         let origin = inv::new_origin();
         let inv_channel = inv::channel(namespace);
         let conns = Connections::new(target.clone(), options.clone(), log.clone());
+        // On a cluster a dead master opens its own breaker (whose opening tells the bus that
+        // messages may be lost) and stops the echo; the cache-wide breaker, which only
+        // operations over several slots use there, must not keep every shard's tier off.
+        let bus_breaker = if cluster {
+            Arc::new(crate::breaker::Breaker::new(
+                options.breaker_threshold,
+                options.breaker_cooldown,
+            ))
+        } else {
+            conns.breaker().clone()
+        };
         let bus = Bus::new(bus::Config {
             clients: bus_clients,
             cluster,
@@ -297,7 +308,7 @@ impl RedisBackend {
             origin,
             connect_timeout: options.connect_timeout,
             log,
-            breaker: conns.breaker().clone(),
+            breaker: bus_breaker,
         });
         // The in-process tier must not be used while Redis is unreachable.
         conns.on_breaker_open(Box::new(bus.on_lost()));
@@ -697,33 +708,37 @@ impl Backend for RedisBackend {
         }
         let channel = &self.inv_channel;
         let by_slot = &by_slot;
-        self.conns
-            .run("invalidate", |mut conn| async move {
-                let mut pipe = SlotPipe::new();
-                for (slot, group) in by_slot {
-                    // With each key its stale copy (`stale`) and its refresh lease
-                    // (`refresh`: a running refresh does not store), in the same slot.
-                    let mut del = redis::cmd("DEL");
-                    del.arg(group);
-                    for key in group {
-                        del.arg(Self::stale_copy(key))
-                            .arg(Self::refresh_lease_key(key));
-                    }
-                    pipe.push_ignored(*slot, del);
-                    if conn.is_cluster() {
-                        // Each slot's request announces its own keys (a cluster request may
-                        // not span slots): never before their change.
-                        let frame = self.frame(inv::Kind::Keys, group);
-                        pipe.push_ignored(*slot, publish(channel, &frame));
-                    }
+        let op = |mut conn: conn::Conn| async move {
+            let mut pipe = SlotPipe::new();
+            for (slot, group) in by_slot {
+                // With each key its stale copy (`stale`) and its refresh lease
+                // (`refresh`: a running refresh does not store), in the same slot.
+                let mut del = redis::cmd("DEL");
+                del.arg(group);
+                for key in group {
+                    del.arg(Self::stale_copy(key))
+                        .arg(Self::refresh_lease_key(key));
                 }
-                if !conn.is_cluster() {
-                    let slot = by_slot[0].0;
-                    pipe.push_ignored(slot, publish(channel, &self.frame(inv::Kind::Keys, keys)));
+                pipe.push_ignored(*slot, del);
+                if conn.is_cluster() {
+                    // Each slot's request announces its own keys (a cluster request may
+                    // not span slots): never before their change.
+                    let frame = self.frame(inv::Kind::Keys, group);
+                    pipe.push_ignored(*slot, publish(channel, &frame));
                 }
-                pipe.query::<()>(&mut conn).await
-            })
-            .await
+            }
+            if !conn.is_cluster() {
+                let slot = by_slot[0].0;
+                pipe.push_ignored(slot, publish(channel, &self.frame(inv::Kind::Keys, keys)));
+            }
+            pipe.query::<()>(&mut conn).await
+        };
+        // Keys of one slot (the common case, one key): through their master's breaker.
+        if by_slot.len() == 1 {
+            self.conns.run_for(keys[0], "invalidate", op).await
+        } else {
+            self.conns.run("invalidate", op).await
+        }
     }
 
     async fn read_for_fill_tagged(

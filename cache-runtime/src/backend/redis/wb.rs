@@ -207,7 +207,7 @@ impl RedisBackend {
         let (wbl, ttl) = (&wbl, &ttl);
         // 1. Without a record, a write stopped after step 2 would never be re-asserted.
         self.conns
-            .run("write-behind claim", |mut conn| async move {
+            .run_for(wbl, "write-behind claim", |mut conn| async move {
                 redis::pipe()
                     .cmd("SET")
                     .arg(wbl)
@@ -227,7 +227,7 @@ impl RedisBackend {
         // 2. Queued: from here the call has succeeded.
         let position: String = self
             .conns
-            .run("write-behind enqueue", |mut conn| async move {
+            .run_for(stream, "write-behind enqueue", |mut conn| async move {
                 let (id, _): (String, i64) = redis::pipe()
                     .cmd("XADD")
                     .arg(stream)
@@ -261,7 +261,7 @@ impl RedisBackend {
         let (waiters, copy, refresh, position) = (&waiters, &copy, &refresh, &position);
         let stored = self
             .conns
-            .run("write-behind store", |mut conn| async move {
+            .run_for(key, "write-behind store", |mut conn| async move {
                 let mut cmd = evalsha(
                     &WB_STORE_AT,
                     5,
