@@ -309,7 +309,11 @@ async fn one_dead_master_sends_only_its_slots_to_the_function() {
     for _ in 0..3 {
         assert_eq!(value(&cache, &calls, id).await, format!("value {id}"));
     }
-    assert_eq!(calls.load(Ordering::SeqCst), before + 1, "loaded once, then hits");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        before + 1,
+        "loaded once, then hits"
+    );
     assert!(
         outage.elapsed() < Duration::from_secs(3),
         "checked while the master was still down (node timeout 2 s)"

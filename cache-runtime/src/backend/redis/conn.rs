@@ -302,11 +302,12 @@ const REDIRECTS: u32 = 4;
 /// Sends one slot group's pipeline of `count` commands on `route` and returns its replies.
 /// redis-rs follows redirections for a command, but hands a routed pipeline's replies back as
 /// they are: while a slot migrates (a reshard), a group's commands may answer `MOVED` (the
-/// slot moved: send the group to its new master), `ASK` (the keys are being imported: send it
-/// there, each command after an `ASKING`) or `TRYAGAIN` (a multi-key command whose keys are
-/// split between the two nodes: wait a little). The group is sent again whole: its commands
-/// are idempotent (`DEL`, `SET .. XX`, `GET`) and its `PUBLISH` is repeated after the change,
-/// so an early message of a failed attempt costs a receiver a miss at most.
+/// slot moved: send them to its new master), `ASK` (those keys are being imported: send them
+/// there, each after an `ASKING`) or `TRYAGAIN` (a multi-key command whose keys are split
+/// between the two nodes: wait a little). Only the commands that answered so are sent again
+/// (a `SET .. NX GET` the source served must not run a second time on the target, where its
+/// key would then block the migration), and with them the group's `PUBLISH`es, so that an
+/// invalidation frame also follows the change made on the new node.
 async fn send_following_redirects(
     mut cluster: ClusterConnection,
     pipe: &Pipeline,
@@ -315,43 +316,64 @@ async fn send_following_redirects(
 ) -> redis::RedisResult<Vec<Value>> {
     use redis::ServerErrorKind;
     use redis::cluster_routing::SingleNodeRoutingInfo;
+    let cmds: Vec<&Cmd> = pipe.cmd_iter().collect();
+    let is_publish = |cmd: &Cmd| matches!(cmd.args_iter().next(), Some(redis::Arg::Simple(name)) if name.eq_ignore_ascii_case(b"PUBLISH"));
+    let mut replies: Vec<Option<Value>> = vec![None; count];
+    let mut pending: Vec<usize> = (0..count.min(cmds.len())).collect();
     let (mut route, mut asking) = (route, false);
     let mut attempt = 0;
     loop {
-        let replies = if asking {
-            let mut asked = redis::pipe();
-            for cmd in pipe.cmd_iter() {
-                asked.cmd("ASKING").add_command(cmd.clone());
+        let mut sent = redis::pipe();
+        for &i in &pending {
+            if asking {
+                sent.cmd("ASKING");
             }
-            let all = cluster
-                .route_pipeline(asked, 0, count * 2, route.clone())
-                .await?;
-            all.into_iter().skip(1).step_by(2).collect()
-        } else {
-            cluster
-                .route_pipeline(pipe.clone(), 0, count, route.clone())
-                .await?
-        };
-        let redirect = replies
-            .iter()
-            .find_map(|v| match v.clone().extract_error() {
-                Err(e) => match e.kind() {
-                    redis::ErrorKind::Server(
-                        kind @ (ServerErrorKind::Moved
-                        | ServerErrorKind::Ask
-                        | ServerErrorKind::TryAgain),
-                    ) => Some((kind, e.redirect_node().map(|(h, p)| (h.to_owned(), p)))),
-                    _ => None,
+            sent.add_command(cmds[i].clone());
+        }
+        let per = if asking { 2 } else { 1 };
+        let got = cluster
+            .route_pipeline(sent, 0, pending.len() * per, route.clone())
+            .await?;
+        let got: Vec<Value> = got.into_iter().skip(per - 1).step_by(per).collect();
+        let mut redirect = None;
+        let mut again = Vec::new();
+        for (&i, value) in pending.iter().zip(got) {
+            let kind = match &value {
+                Value::ServerError(_) => match value.clone().extract_error() {
+                    Err(e) => match e.kind() {
+                        redis::ErrorKind::Server(
+                            kind @ (ServerErrorKind::Moved
+                            | ServerErrorKind::Ask
+                            | ServerErrorKind::TryAgain),
+                        ) => Some((kind, e.redirect_node().map(|(h, p)| (h.to_owned(), p)))),
+                        _ => None,
+                    },
+                    Ok(_) => None,
                 },
-                Ok(_) => None,
-            });
+                _ => None,
+            };
+            replies[i] = Some(value);
+            if let Some(found) = kind {
+                again.push(i);
+                redirect.get_or_insert(found);
+            }
+        }
         let Some((kind, node)) = redirect else {
-            return Ok(replies);
+            break;
         };
         if attempt >= REDIRECTS {
-            return Ok(replies);
+            break;
         }
         attempt += 1;
+        // The group's `PUBLISH`es go again, after the commands sent again.
+        let first = again[0];
+        for (i, cmd) in cmds.iter().enumerate() {
+            if i > first && is_publish(cmd) && !again.contains(&i) {
+                again.push(i);
+            }
+        }
+        again.sort_unstable();
+        pending = again;
         match (kind, node) {
             (ServerErrorKind::TryAgain, _) => {
                 tokio::time::sleep(Duration::from_millis(5 << attempt)).await;
@@ -360,9 +382,13 @@ async fn send_following_redirects(
                 route = SingleNodeRoutingInfo::ByAddress { host, port };
                 asking = kind == ServerErrorKind::Ask;
             }
-            _ => return Ok(replies),
+            _ => break,
         }
     }
+    Ok(replies
+        .into_iter()
+        .map(|v| v.unwrap_or(Value::Nil))
+        .collect())
 }
 
 /// The connection of one runtime.
