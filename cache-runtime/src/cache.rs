@@ -566,7 +566,8 @@ impl CacheBuilder {
 
 /// Hides a password in a Redis URL for `Debug`, logs and error messages: `user:password@`
 /// becomes `user:***@`; a user part without `:` (which could be a password written in the
-/// wrong place) becomes `***@`.
+/// wrong place) becomes `***@`. Without a scheme (`user:password@host`, as a sentinel entry
+/// may be mistyped), everything up to the last `@` becomes `***@`.
 pub(crate) fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
@@ -577,6 +578,8 @@ pub(crate) fn redact(url: &str) -> String {
             };
             format!("{}://{user}@{}", &url[..scheme], &url[at + 1..])
         }
+        // No scheme (`user:password@host:port`, a mistake): everything up to the last `@`.
+        (None, Some(at)) => format!("***@{}", &url[at + 1..]),
         _ => url.to_owned(),
     }
 }
@@ -909,6 +912,8 @@ mod tests {
         // An `@` in the password (not percent-encoded): everything before the last is hidden.
         assert_eq!(redact("redis://u:se@cret@host"), "redis://u:***@host");
         assert_eq!(redact("redis://host:6379"), "redis://host:6379");
+        assert_eq!(redact("u:secret@host:26379"), "***@host:26379");
+        assert_eq!(redact("secret@host"), "***@host");
         let builder = Cache::builder().redis("redis://app:hunter2@127.0.0.1:1/3");
         let shown = format!("{builder:?}");
         assert!(!shown.contains("hunter2"), "{shown}");

@@ -164,6 +164,12 @@ impl SentinelConfig {
             .iter()
             .map(|entry| {
                 if !entry.contains("://") {
+                    if entry.contains('@') {
+                        return Err(format!(
+                            "invalid sentinel address `{}`: credentials need the form redis://[user:password@]host:port",
+                            crate::cache::redact(entry)
+                        ));
+                    }
                     let (host, port) = host_port(entry)?;
                     return tcp(host, port);
                 }
@@ -212,19 +218,22 @@ fn tcp(host: String, port: u16) -> Result<ConnectionInfo, String> {
         .map_err(|e| e.to_string())
 }
 
-/// `host[:port]` or `[v6]:port`; port 26379 if absent.
+/// `host[:port]` or `[v6]:port`; port 26379 if absent. Errors show the entry and the port
+/// without anything up to an `@` (credentials given without `redis://`, see
+/// [`redact`](crate::cache::redact)).
 fn host_port(entry: &str) -> Result<(String, u16), String> {
+    let shown = crate::cache::redact(entry);
     let (host, port) = if let Some(v6) = entry.strip_prefix('[') {
         let Some((host, after)) = v6.split_once(']') else {
             return Err(format!(
-                "invalid sentinel address `{entry}`: no closing `]`"
+                "invalid sentinel address `{shown}`: no closing `]`"
             ));
         };
         match after {
             "" => (host, None),
             _ => match after.strip_prefix(':') {
                 Some(port) => (host, Some(port)),
-                None => return Err(format!("invalid sentinel address `{entry}`")),
+                None => return Err(format!("invalid sentinel address `{shown}`")),
             },
         }
     } else {
@@ -237,17 +246,22 @@ fn host_port(entry: &str) -> Result<(String, u16), String> {
         return Err(if entry.is_empty() {
             "empty sentinel address (two commas, or none before the `/`)".to_owned()
         } else {
-            format!("invalid sentinel address `{entry}`: no host")
+            format!("invalid sentinel address `{shown}`: no host")
         });
     }
     if host.contains(['/', ' ', '@', ':']) && !entry.starts_with('[') {
-        return Err(format!("invalid sentinel address `{entry}`"));
+        return Err(format!("invalid sentinel address `{shown}`"));
     }
     let port = match port {
         None => DEFAULT_PORT,
         Some(p) => match p.parse::<u16>() {
             Ok(p) if p != 0 => p,
-            _ => return Err(format!("invalid port `{p}` in sentinel address `{entry}`")),
+            _ => {
+                return Err(format!(
+                    "invalid port `{}` in sentinel address `{shown}`",
+                    crate::cache::redact(p)
+                ));
+            }
         },
     };
     Ok((host.to_owned(), port))
@@ -772,6 +786,52 @@ mod tests {
             !debug.contains("topsecret") && debug.contains("<redacted>"),
             "{debug}"
         );
+    }
+
+    #[test]
+    fn builder_form_errors_never_show_a_password_given_without_redis_scheme() {
+        for entry in [
+            "app:hunter2@host:26379",
+            "app:hunter2@host",
+            "app:hunter2@host:x",
+            "app:hunter2@host:0",
+            "app:hunter2@:26379",
+            "app:hunter2@",
+            "hunter2@host",
+            ":hunter2@host:26379",
+            "app:hunter2@[::1]:26379",
+            "app:hunter2@[::1",
+            "app:hun@ter2@host:1",
+            "[::1]:hunter2@x",
+            "host:hunter2@x",
+            "redis:/app:hunter2@host:26379",
+            "redis://app:hunter2@host:bad",
+            "redis://app:hunter2@host:1/2",
+            "rediss+x://app:hunter2@host:1",
+        ] {
+            let err =
+                SentinelConfig::from_parts(vec![entry.to_owned()], "svc".into()).expect_err(entry);
+            assert!(
+                !err.contains("hunter2") && !err.contains("ter2"),
+                "{entry}: {err}"
+            );
+        }
+        assert!(
+            SentinelConfig::from_parts(vec!["app:pw@host:26379".into()], "svc".into())
+                .unwrap_err()
+                .contains("credentials need the form redis://")
+        );
+    }
+
+    #[tokio::test]
+    async fn build_error_and_builder_debug_never_show_a_sentinel_password() {
+        for entry in ["app:hunter2@host:26379", "app:hunter2@host", "hunter2@h:x"] {
+            let builder = crate::Cache::builder().redis_sentinel([entry], "svc");
+            let debug = format!("{builder:?}");
+            assert!(!debug.contains("hunter2"), "{entry}: {debug}");
+            let err = builder.build().await.err().expect(entry).to_string();
+            assert!(!err.contains("hunter2"), "{entry}: {err}");
+        }
     }
 
     #[test]
