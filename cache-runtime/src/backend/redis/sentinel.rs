@@ -39,6 +39,9 @@ use super::conn::Target;
 /// The port sentinels listen on unless told otherwise.
 const DEFAULT_PORT: u16 = 26379;
 
+/// How often the `+switch-master` subscription sends a `PING` (see [`watch`]).
+const WATCH_PING_EVERY: Duration = Duration::from_secs(5);
+
 /// Which sentinels to ask, for which service, and how to log in to its master. Its `Debug`
 /// shows no password.
 #[derive(Clone)]
@@ -320,6 +323,8 @@ pub(crate) struct Resolver {
     timeout: Duration,
     /// The task following the sentinels' `+switch-master` announcements (see [`watch`]).
     watcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// How often the watcher checks its subscription with a `PING`.
+    ping_every: Duration,
 }
 
 impl Drop for Resolver {
@@ -359,6 +364,7 @@ impl Resolver {
             every,
             timeout: connect_timeout.saturating_mul(2),
             watcher: Mutex::new(None),
+            ping_every: WATCH_PING_EVERY,
         }
     }
 
@@ -622,13 +628,17 @@ fn unavailable(why: String) -> RedisError {
 /// sentinel that accepts, adopts the master announced for the service (a master demoted to
 /// a replica still serves reads: without this, a cache that only reads would stay on it).
 /// After each (re)subscription the sentinels are asked (an announcement may have been
-/// missed meanwhile). Ends when the resolver is dropped.
+/// missed meanwhile). Every `ping_every` the subscription sends a `PING`; without an answer
+/// within the resolution timeout (a half-open connection: a sentinel's host gone without a
+/// reset, where a read would wait forever) it subscribes again. Ends when the resolver is
+/// dropped.
 async fn watch(resolver: Weak<Resolver>) {
-    let Some((sentinels, service, timeout)) = resolver.upgrade().map(|r| {
+    let Some((sentinels, service, timeout, ping_every)) = resolver.upgrade().map(|r| {
         (
             r.config.sentinels.clone(),
             r.config.service.clone(),
             r.timeout,
+            r.ping_every,
         )
     }) else {
         return;
@@ -644,7 +654,7 @@ async fn watch(resolver: Weak<Resolver>) {
                 Ok::<_, RedisError>(pubsub)
             })
             .await;
-            let Ok(Ok(mut pubsub)) = subscribed else {
+            let Ok(Ok(pubsub)) = subscribed else {
                 continue;
             };
             match resolver.upgrade() {
@@ -652,8 +662,25 @@ async fn watch(resolver: Weak<Resolver>) {
                 None => return,
             }
             backoff = Duration::from_millis(100);
-            let mut messages = pubsub.on_message();
-            while let Some(msg) = messages.next().await {
+            let (mut sink, mut messages) = pubsub.split();
+            let mut ping = tokio::time::interval(ping_every);
+            ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ping.reset();
+            loop {
+                let msg = tokio::select! {
+                    msg = messages.next() => match msg {
+                        Some(msg) => msg,
+                        None => break,
+                    },
+                    _ = ping.tick() => {
+                        let pong = tokio::time::timeout(timeout, sink.ping::<redis::Value>()).await;
+                        if !matches!(pong, Ok(Ok(_))) {
+                            tracing::debug!(target: "cache_runtime", "redis sentinel: no answer to PING on the +switch-master subscription on {}", info.addr());
+                            break;
+                        }
+                        continue;
+                    }
+                };
                 // `<service> <old ip> <old port> <new ip> <new port>`
                 let payload: String = msg.get_payload().unwrap_or_default();
                 let parts: Vec<&str> = payload.split(' ').collect();
@@ -831,6 +858,76 @@ mod tests {
             assert!(!debug.contains("hunter2"), "{entry}: {debug}");
             let err = builder.build().await.err().expect(entry).to_string();
             assert!(!err.contains("hunter2"), "{entry}: {err}");
+        }
+    }
+
+    /// A sentinel that accepts `SUBSCRIBE` (counted), answers `+OK` to anything else, and
+    /// never answers `PING`: a half-open connection as the watcher sees it.
+    fn silent_sentinel() -> (u16, Arc<AtomicU64>) {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let subscribes = Arc::new(AtomicU64::new(0));
+        let count = subscribes.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let count = count.clone();
+                std::thread::spawn(move || {
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+                    let mut reader = BufReader::new(stream.try_clone().unwrap());
+                    let mut line = String::new();
+                    loop {
+                        // `*<n>` then n times `$<len>` and the argument.
+                        line.clear();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let n: usize = line.trim()[1..].parse().unwrap_or(0);
+                        let mut args = Vec::new();
+                        for _ in 0..n * 2 {
+                            line.clear();
+                            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            args.push(line.trim().to_ascii_uppercase());
+                        }
+                        let reply: &[u8] = match args.get(1).map(String::as_str) {
+                            Some("SUBSCRIBE") => {
+                                count.fetch_add(1, Ordering::SeqCst);
+                                b"*3\r\n$9\r\nsubscribe\r\n$14\r\n+switch-master\r\n:1\r\n"
+                            }
+                            Some("PING") => continue,
+                            _ => b"+OK\r\n",
+                        };
+                        if stream.write_all(reply).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (port, subscribes)
+    }
+
+    #[tokio::test]
+    async fn watcher_subscribes_again_when_ping_goes_unanswered() {
+        let (port, subscribes) = silent_sentinel();
+        let config =
+            SentinelConfig::from_parts(vec![format!("127.0.0.1:{port}")], "svc".into()).unwrap();
+        let mut resolver =
+            Resolver::new(config, Duration::from_secs(1), Duration::from_millis(100));
+        resolver.ping_every = Duration::from_millis(200);
+        let resolver = Arc::new(resolver);
+        resolver.ensure_watcher();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while subscribes.load(Ordering::SeqCst) < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "subscribed {} times: the unanswered PING did not start a new subscription",
+                subscribes.load(Ordering::SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
