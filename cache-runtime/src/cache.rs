@@ -232,8 +232,11 @@ impl CacheBuilder {
 
     /// Trusts the CA certificates in `pem` (a PEM bundle: one or more `-----BEGIN
     /// CERTIFICATE-----` blocks), instead of the system's roots, for every `rediss://`
-    /// connection of this cache: a private or self-signed CA. Without it, the system's roots
-    /// are trusted. It is ignored for `redis://` URLs. Available with the `tls` feature.
+    /// connection of this cache: a private or self-signed CA. On a cluster
+    /// ([`redis_cluster`](CacheBuilder::redis_cluster) with `rediss://` seeds) it is used for
+    /// every node's connections, the nodes discovered from the slot table included. Without
+    /// it, the system's roots are trusted. It is ignored for `redis://` URLs. Available with
+    /// the `tls` feature.
     ///
     /// A certificate that is not trusted makes the cache unavailable, not the calls: they run
     /// uncached, and the log says "redis's TLS certificate is not trusted".
@@ -259,8 +262,8 @@ impl CacheBuilder {
     }
 
     /// Presents this client certificate (a PEM chain, the client's first) and its private key
-    /// (PEM: PKCS#8, PKCS#1 or SEC1) on every `rediss://` connection of this cache: mutual TLS,
-    /// for a server started with `tls-auth-clients yes`. It is ignored for `redis://` URLs.
+    /// (PEM: PKCS#8, PKCS#1 or SEC1) on every `rediss://` connection of this cache (on a
+    /// cluster: to every node): mutual TLS, for a server started with `tls-auth-clients yes`. It is ignored for `redis://` URLs.
     /// Available with the `tls` feature.
     ///
     /// The key is kept in memory only for making connections; no `Debug` output shows it or
