@@ -856,7 +856,7 @@ mod tests {
             let builder = crate::Cache::builder().redis_sentinel([entry], "svc");
             let debug = format!("{builder:?}");
             assert!(!debug.contains("hunter2"), "{entry}: {debug}");
-            let err = builder.build().await.err().expect(entry).to_string();
+            let err = builder.build().await.expect_err(entry).to_string();
             assert!(!err.contains("hunter2"), "{entry}: {err}");
         }
     }
