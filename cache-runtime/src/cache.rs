@@ -232,8 +232,11 @@ impl CacheBuilder {
 
     /// Trusts the CA certificates in `pem` (a PEM bundle: one or more `-----BEGIN
     /// CERTIFICATE-----` blocks), instead of the system's roots, for every `rediss://`
-    /// connection of this cache: a private or self-signed CA. Without it, the system's roots
-    /// are trusted. It is ignored for `redis://` URLs. Available with the `tls` feature.
+    /// connection of this cache: a private or self-signed CA. On a cluster
+    /// ([`redis_cluster`](CacheBuilder::redis_cluster) with `rediss://` seeds) it is used for
+    /// every node's connections, the nodes discovered from the slot table included. Without
+    /// it, the system's roots are trusted. It is ignored for `redis://` URLs. Available with
+    /// the `tls` feature.
     ///
     /// A certificate that is not trusted makes the cache unavailable, not the calls: they run
     /// uncached, and the log says "redis's TLS certificate is not trusted".
@@ -259,8 +262,8 @@ impl CacheBuilder {
     }
 
     /// Presents this client certificate (a PEM chain, the client's first) and its private key
-    /// (PEM: PKCS#8, PKCS#1 or SEC1) on every `rediss://` connection of this cache: mutual TLS,
-    /// for a server started with `tls-auth-clients yes`. It is ignored for `redis://` URLs.
+    /// (PEM: PKCS#8, PKCS#1 or SEC1) on every `rediss://` connection of this cache (on a
+    /// cluster: to every node): mutual TLS, for a server started with `tls-auth-clients yes`. It is ignored for `redis://` URLs.
     /// Available with the `tls` feature.
     ///
     /// The key is kept in memory only for making connections; no `Debug` output shows it or
@@ -566,7 +569,8 @@ impl CacheBuilder {
 
 /// Hides a password in a Redis URL for `Debug`, logs and error messages: `user:password@`
 /// becomes `user:***@`; a user part without `:` (which could be a password written in the
-/// wrong place) becomes `***@`.
+/// wrong place) becomes `***@`. Without a scheme (`user:password@host`, as a sentinel entry
+/// may be mistyped), everything up to the last `@` becomes `***@`.
 pub(crate) fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
@@ -577,6 +581,8 @@ pub(crate) fn redact(url: &str) -> String {
             };
             format!("{}://{user}@{}", &url[..scheme], &url[at + 1..])
         }
+        // No scheme (`user:password@host:port`, a mistake): everything up to the last `@`.
+        (None, Some(at)) => format!("***@{}", &url[at + 1..]),
         _ => url.to_owned(),
     }
 }
@@ -909,6 +915,8 @@ mod tests {
         // An `@` in the password (not percent-encoded): everything before the last is hidden.
         assert_eq!(redact("redis://u:se@cret@host"), "redis://u:***@host");
         assert_eq!(redact("redis://host:6379"), "redis://host:6379");
+        assert_eq!(redact("u:secret@host:26379"), "***@host:26379");
+        assert_eq!(redact("secret@host"), "***@host");
         let builder = Cache::builder().redis("redis://app:hunter2@127.0.0.1:1/3");
         let shown = format!("{builder:?}");
         assert!(!shown.contains("hunter2"), "{shown}");

@@ -67,12 +67,50 @@ pub fn pg_url() -> String {
         .unwrap_or_else(|| "host=127.0.0.1 port=5432 user=postgres dbname=test".to_owned())
 }
 
-/// A port nobody listens on right now.
+/// A loopback port nobody listens on right now, not handed out before by this process, and
+/// below the kernel's ephemeral range (`/proc/sys/net/ipv4/ip_local_port_range`): a port in
+/// that range can be taken by an outgoing connection's local end between this check and the
+/// server's bind ("Address already in use"), which a cluster of 12 ports met. A random port
+/// in [10000, the range's low end); a port from the kernel (`:0`) if the range is unknown
+/// or too low.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    const LOW: u16 = 10000;
+    let bindable = |port: u16| TcpListener::bind(("127.0.0.1", port)).is_ok();
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let given = given.get_or_insert_with(HashSet::new);
+    if let Some(high) = ephemeral_low().filter(|&high| high > LOW + 2000) {
+        let span = u64::from(high - LOW);
+        for attempt in 0u64..1000 {
+            let random = RandomState::new().hash_one((std::process::id(), attempt, Instant::now()));
+            let port = LOW + (random % span) as u16;
+            if !given.contains(&port) && bindable(port) {
+                given.insert(port);
+                return port;
+            }
+        }
+    }
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free loopback port");
+        if given.insert(port) {
+            return port;
+        }
+    }
+}
+
+/// The low end of the kernel's ephemeral port range, if readable.
+fn ephemeral_low() -> Option<u16> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// The `redis-server` binary: `REDIS_SERVER`, else from `PATH`.
@@ -866,6 +904,23 @@ impl RedisServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `free_port` hands out distinct bindable ports below the ephemeral range.
+    #[test]
+    fn free_ports_are_distinct_bindable_and_below_the_ephemeral_range() {
+        let ports: Vec<u16> = (0..64).map(|_| free_port()).collect();
+        let distinct: std::collections::HashSet<_> = ports.iter().collect();
+        assert_eq!(distinct.len(), ports.len(), "{ports:?}");
+        if let Some(low) = ephemeral_low().filter(|&low| low > 12000) {
+            assert!(
+                ports.iter().all(|&p| (10000..low).contains(&p)),
+                "{ports:?}"
+            );
+        }
+        for port in ports {
+            TcpListener::bind(("127.0.0.1", port)).expect("bindable");
+        }
+    }
 
     /// `RedisCluster` starts six nodes that agree on a healthy cluster with three masters and
     /// three replicas, and stops them when dropped.

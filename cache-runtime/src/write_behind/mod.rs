@@ -68,7 +68,8 @@
 //! * **Read your writes**: the value is in the cache as soon as the call returns; after the
 //!   worker applied the write it re-asserts it (puts it back if it was evicted, or replaced by
 //!   a fill from a database that did not have the write yet), unless a later write-behind
-//!   write of the key was accepted since. The key's last write id (`wbl`) lives as long as
+//!   write of the key was accepted since (on Redis Cluster: stored since, later by queue
+//!   position; see [its known limits](#on-redis-cluster)). The key's last write id (`wbl`) lives as long as
 //!   the value but at least an hour, so a write that waits in its queue longer than its
 //!   value's TTL (up to an hour) is re-asserted too.
 //!
@@ -119,7 +120,9 @@
 //!   30 days): a queue that no process writes to or polls for that long is removed. Run a
 //!   worker.
 //! * **Partitions** ([`CacheBuilder::write_behind_partitions`](crate::CacheBuilder::write_behind_partitions),
-//!   16): the same in every process; change only with drained queues.
+//!   16): the same in every process; change only with drained queues (on Redis Cluster a
+//!   key's writes in two partitions can also keep a stale value cached: see
+//!   [its known limits](#on-redis-cluster)).
 //! * A function's identity in the queue is its `name` option, else its path: renaming or
 //!   moving it without `name` strands its queued entries (pending, with a warning) until a
 //!   binary that knows the old name applies them.
@@ -144,8 +147,28 @@
 //! after it stored its own. The record holds the queue position of the stored value: the
 //! worker re-asserts a write after applying it only while no later write of the key was
 //! stored, so a crash between the steps leaves at worst the older value until the worker
-//! applies the write, never a value the database will not get. Redis replicates
+//! applies the write, not a value the database will not get. Redis replicates
 //! asynchronously: a write a failed master acknowledged but had not replicated is lost.
+//!
+//! Known limits of the cluster path (the single-Redis path, one atomic script whose record
+//! names the last accepted write, has neither):
+//!
+//! * **One key, one stream.** "Later" is decided by comparing queue positions, which are
+//!   ordered only within one stream. Two `#[write_behind]` functions with different queues
+//!   writing one key, or a change of
+//!   [`write_behind_partitions`](crate::CacheBuilder::write_behind_partitions) while old and
+//!   new processes run side by side (a rolling deploy), put one key's writes in two streams:
+//!   a write accepted later may carry a smaller position and then is neither stored by its
+//!   call nor re-asserted by the worker, so the cache keeps the other write's value until the
+//!   record expires (the value's TTL, at least an hour) or a write with a greater position
+//!   comes. Give a key one queue, and change the partition count only with drained queues.
+//! * **Other writers between the steps.** A `#[cache_put]`, `Cache::set`, `#[cache_evict]` or
+//!   invalidation of the key that lands after the entry is appended (step 2) and before the
+//!   value is stored (step 3) is overwritten by step 3: the cache holds the write-behind
+//!   value although the put or eviction came later (if the eviction deleted the row, the
+//!   database may never get that value). Mixing `#[write_behind]` and other writers on one
+//!   key is not supported on either path (see the re-assert in *Read your writes*); on a
+//!   cluster this window comes on top of it.
 
 mod call;
 mod handler;

@@ -20,23 +20,53 @@ pub(super) fn evalsha(script: &Lua, keys: usize, args: usize, bytes: usize) -> C
 /// Runs a command made by [`evalsha`], loading `script` if the server does not have it
 /// (`NOSCRIPT`: a restart, a failover, `SCRIPT FLUSH`, a cluster node that never ran it).
 ///
-/// On a cluster the script is loaded on the master that owns the command's first key (the
-/// node that answered `NOSCRIPT`), not on every node as redis-rs's `Script::load_async` would:
-/// that fails while any node is down, which is exactly when a failover's new master needs it.
+/// On a cluster the script is loaded on the master that owns the command's first key, not on
+/// every node as redis-rs's `Script::load_async` would: that fails while any node is down,
+/// which is exactly when a failover's new master needs it. During a slot migration the
+/// `NOSCRIPT` may come from another node than the one `SCRIPT LOAD` reaches (redis-rs follows
+/// `ASK` to the importing node; the load is routed by slot, to the source): if the retried
+/// `EVALSHA` answers `NOSCRIPT` again, the script is sent whole (`EVAL`), which any node runs.
 pub(super) async fn run<T: FromRedisValue>(
     conn: &mut Conn,
     script: &Lua,
     cmd: &Cmd,
 ) -> RedisResult<T> {
     match cmd.query_async(conn).await {
-        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+        Err(e) if is_noscript(&e) => {
             let mut load = redis::cmd("SCRIPT");
             load.arg("LOAD").arg(script.code);
             let _: String = conn.query_on_slot(first_key_slot(cmd), &load).await?;
-            cmd.query_async(conn).await
+            match cmd.query_async(conn).await {
+                Err(e) if is_noscript(&e) => eval_of(cmd, script).query_async(conn).await,
+                other => other,
+            }
         }
         other => other,
     }
+}
+
+fn is_noscript(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+}
+
+/// `EVALSHA <sha> <numkeys> <keys and args>` -> `EVAL <code> <numkeys> <keys and args>`.
+/// (A command made by [`evalsha`] has no cursor arguments.)
+fn eval_of(cmd: &Cmd, script: &Lua) -> Cmd {
+    let rest: Vec<&[u8]> = cmd
+        .args_iter()
+        .skip(2)
+        .filter_map(|arg| match arg {
+            redis::Arg::Simple(a) => Some(a),
+            _ => None,
+        })
+        .collect();
+    let bytes = rest.iter().map(|a| a.len()).sum::<usize>();
+    let mut eval = Cmd::with_capacity(2 + rest.len(), 4 + script.code.len() + bytes);
+    eval.arg("EVAL").arg(script.code);
+    for arg in rest {
+        eval.arg(arg);
+    }
+    eval
 }
 
 /// The hash slot of an `EVALSHA`'s first key (`EVALSHA sha numkeys key ..`); 0 without keys.
@@ -230,3 +260,47 @@ return 1
 ",
     )
 });
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(cmd: &Cmd) -> Vec<Vec<u8>> {
+        cmd.args_iter()
+            .map(|arg| match arg {
+                redis::Arg::Simple(a) => a.to_vec(),
+                _ => b"<cursor>".to_vec(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn eval_of_replaces_evalsha_and_sha_with_eval_and_code_keeping_keys_and_args() {
+        let mut cmd = evalsha(&FILL, 2, 3, 16);
+        cmd.arg("ns:k")
+            .arg("__cr:w{ns:k}")
+            .arg(&b"\0crp:m"[..])
+            .arg(&[0u8, 1, 255][..]);
+        cmd.arg(60_000);
+        let eval = eval_of(&cmd, &FILL);
+        let mut want: Vec<Vec<u8>> = vec![b"EVAL".to_vec(), FILL.code.as_bytes().to_vec()];
+        want.extend(args(&cmd).into_iter().skip(2));
+        assert_eq!(args(&eval), want);
+        assert_eq!(args(&eval)[2], b"2");
+        assert_eq!(args(&eval).len(), args(&cmd).len());
+    }
+
+    #[test]
+    fn eval_of_a_script_without_keys() {
+        let cmd = evalsha(&RELEASE, 0, 0, 0);
+        let eval = eval_of(&cmd, &RELEASE);
+        assert_eq!(
+            args(&eval),
+            vec![
+                b"EVAL".to_vec(),
+                RELEASE.code.as_bytes().to_vec(),
+                b"0".to_vec()
+            ]
+        );
+    }
+}

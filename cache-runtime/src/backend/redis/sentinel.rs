@@ -39,6 +39,9 @@ use super::conn::Target;
 /// The port sentinels listen on unless told otherwise.
 const DEFAULT_PORT: u16 = 26379;
 
+/// How often the `+switch-master` subscription sends a `PING` (see [`watch`]).
+const WATCH_PING_EVERY: Duration = Duration::from_secs(5);
+
 /// Which sentinels to ask, for which service, and how to log in to its master. Its `Debug`
 /// shows no password.
 #[derive(Clone)]
@@ -164,6 +167,12 @@ impl SentinelConfig {
             .iter()
             .map(|entry| {
                 if !entry.contains("://") {
+                    if entry.contains('@') {
+                        return Err(format!(
+                            "invalid sentinel address `{}`: credentials need the form redis://[user:password@]host:port",
+                            crate::cache::redact(entry)
+                        ));
+                    }
                     let (host, port) = host_port(entry)?;
                     return tcp(host, port);
                 }
@@ -212,19 +221,22 @@ fn tcp(host: String, port: u16) -> Result<ConnectionInfo, String> {
         .map_err(|e| e.to_string())
 }
 
-/// `host[:port]` or `[v6]:port`; port 26379 if absent.
+/// `host[:port]` or `[v6]:port`; port 26379 if absent. Errors show the entry and the port
+/// without anything up to an `@` (credentials given without `redis://`, see
+/// [`redact`](crate::cache::redact)).
 fn host_port(entry: &str) -> Result<(String, u16), String> {
+    let shown = crate::cache::redact(entry);
     let (host, port) = if let Some(v6) = entry.strip_prefix('[') {
         let Some((host, after)) = v6.split_once(']') else {
             return Err(format!(
-                "invalid sentinel address `{entry}`: no closing `]`"
+                "invalid sentinel address `{shown}`: no closing `]`"
             ));
         };
         match after {
             "" => (host, None),
             _ => match after.strip_prefix(':') {
                 Some(port) => (host, Some(port)),
-                None => return Err(format!("invalid sentinel address `{entry}`")),
+                None => return Err(format!("invalid sentinel address `{shown}`")),
             },
         }
     } else {
@@ -237,17 +249,22 @@ fn host_port(entry: &str) -> Result<(String, u16), String> {
         return Err(if entry.is_empty() {
             "empty sentinel address (two commas, or none before the `/`)".to_owned()
         } else {
-            format!("invalid sentinel address `{entry}`: no host")
+            format!("invalid sentinel address `{shown}`: no host")
         });
     }
     if host.contains(['/', ' ', '@', ':']) && !entry.starts_with('[') {
-        return Err(format!("invalid sentinel address `{entry}`"));
+        return Err(format!("invalid sentinel address `{shown}`"));
     }
     let port = match port {
         None => DEFAULT_PORT,
         Some(p) => match p.parse::<u16>() {
             Ok(p) if p != 0 => p,
-            _ => return Err(format!("invalid port `{p}` in sentinel address `{entry}`")),
+            _ => {
+                return Err(format!(
+                    "invalid port `{}` in sentinel address `{shown}`",
+                    crate::cache::redact(p)
+                ));
+            }
         },
     };
     Ok((host.to_owned(), port))
@@ -306,6 +323,8 @@ pub(crate) struct Resolver {
     timeout: Duration,
     /// The task following the sentinels' `+switch-master` announcements (see [`watch`]).
     watcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// How often the watcher checks its subscription with a `PING`.
+    ping_every: Duration,
 }
 
 impl Drop for Resolver {
@@ -345,6 +364,7 @@ impl Resolver {
             every,
             timeout: connect_timeout.saturating_mul(2),
             watcher: Mutex::new(None),
+            ping_every: WATCH_PING_EVERY,
         }
     }
 
@@ -608,13 +628,17 @@ fn unavailable(why: String) -> RedisError {
 /// sentinel that accepts, adopts the master announced for the service (a master demoted to
 /// a replica still serves reads: without this, a cache that only reads would stay on it).
 /// After each (re)subscription the sentinels are asked (an announcement may have been
-/// missed meanwhile). Ends when the resolver is dropped.
+/// missed meanwhile). Every `ping_every` the subscription sends a `PING`; without an answer
+/// within the resolution timeout (a half-open connection: a sentinel's host gone without a
+/// reset, where a read would wait forever) it subscribes again. Ends when the resolver is
+/// dropped.
 async fn watch(resolver: Weak<Resolver>) {
-    let Some((sentinels, service, timeout)) = resolver.upgrade().map(|r| {
+    let Some((sentinels, service, timeout, ping_every)) = resolver.upgrade().map(|r| {
         (
             r.config.sentinels.clone(),
             r.config.service.clone(),
             r.timeout,
+            r.ping_every,
         )
     }) else {
         return;
@@ -630,7 +654,7 @@ async fn watch(resolver: Weak<Resolver>) {
                 Ok::<_, RedisError>(pubsub)
             })
             .await;
-            let Ok(Ok(mut pubsub)) = subscribed else {
+            let Ok(Ok(pubsub)) = subscribed else {
                 continue;
             };
             match resolver.upgrade() {
@@ -638,8 +662,25 @@ async fn watch(resolver: Weak<Resolver>) {
                 None => return,
             }
             backoff = Duration::from_millis(100);
-            let mut messages = pubsub.on_message();
-            while let Some(msg) = messages.next().await {
+            let (mut sink, mut messages) = pubsub.split();
+            let mut ping = tokio::time::interval(ping_every);
+            ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ping.reset();
+            loop {
+                let msg = tokio::select! {
+                    msg = messages.next() => match msg {
+                        Some(msg) => msg,
+                        None => break,
+                    },
+                    _ = ping.tick() => {
+                        let pong = tokio::time::timeout(timeout, sink.ping::<redis::Value>()).await;
+                        if !matches!(pong, Ok(Ok(_))) {
+                            tracing::debug!(target: "cache_runtime", "redis sentinel: no answer to PING on the +switch-master subscription on {}", info.addr());
+                            break;
+                        }
+                        continue;
+                    }
+                };
                 // `<service> <old ip> <old port> <new ip> <new port>`
                 let payload: String = msg.get_payload().unwrap_or_default();
                 let parts: Vec<&str> = payload.split(' ').collect();
@@ -772,6 +813,122 @@ mod tests {
             !debug.contains("topsecret") && debug.contains("<redacted>"),
             "{debug}"
         );
+    }
+
+    #[test]
+    fn builder_form_errors_never_show_a_password_given_without_redis_scheme() {
+        for entry in [
+            "app:hunter2@host:26379",
+            "app:hunter2@host",
+            "app:hunter2@host:x",
+            "app:hunter2@host:0",
+            "app:hunter2@:26379",
+            "app:hunter2@",
+            "hunter2@host",
+            ":hunter2@host:26379",
+            "app:hunter2@[::1]:26379",
+            "app:hunter2@[::1",
+            "app:hun@ter2@host:1",
+            "[::1]:hunter2@x",
+            "host:hunter2@x",
+            "redis:/app:hunter2@host:26379",
+            "redis://app:hunter2@host:bad",
+            "redis://app:hunter2@host:1/2",
+            "rediss+x://app:hunter2@host:1",
+        ] {
+            let err =
+                SentinelConfig::from_parts(vec![entry.to_owned()], "svc".into()).expect_err(entry);
+            assert!(
+                !err.contains("hunter2") && !err.contains("ter2"),
+                "{entry}: {err}"
+            );
+        }
+        assert!(
+            SentinelConfig::from_parts(vec!["app:pw@host:26379".into()], "svc".into())
+                .unwrap_err()
+                .contains("credentials need the form redis://")
+        );
+    }
+
+    #[tokio::test]
+    async fn build_error_and_builder_debug_never_show_a_sentinel_password() {
+        for entry in ["app:hunter2@host:26379", "app:hunter2@host", "hunter2@h:x"] {
+            let builder = crate::Cache::builder().redis_sentinel([entry], "svc");
+            let debug = format!("{builder:?}");
+            assert!(!debug.contains("hunter2"), "{entry}: {debug}");
+            let err = builder.build().await.expect_err(entry).to_string();
+            assert!(!err.contains("hunter2"), "{entry}: {err}");
+        }
+    }
+
+    /// A sentinel that accepts `SUBSCRIBE` (counted), answers `+OK` to anything else, and
+    /// never answers `PING`: a half-open connection as the watcher sees it.
+    fn silent_sentinel() -> (u16, Arc<AtomicU64>) {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let subscribes = Arc::new(AtomicU64::new(0));
+        let count = subscribes.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let count = count.clone();
+                std::thread::spawn(move || {
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+                    let mut reader = BufReader::new(stream.try_clone().unwrap());
+                    let mut line = String::new();
+                    loop {
+                        // `*<n>` then n times `$<len>` and the argument.
+                        line.clear();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let n: usize = line.trim()[1..].parse().unwrap_or(0);
+                        let mut args = Vec::new();
+                        for _ in 0..n * 2 {
+                            line.clear();
+                            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            args.push(line.trim().to_ascii_uppercase());
+                        }
+                        let reply: &[u8] = match args.get(1).map(String::as_str) {
+                            Some("SUBSCRIBE") => {
+                                count.fetch_add(1, Ordering::SeqCst);
+                                b"*3\r\n$9\r\nsubscribe\r\n$14\r\n+switch-master\r\n:1\r\n"
+                            }
+                            Some("PING") => continue,
+                            _ => b"+OK\r\n",
+                        };
+                        if stream.write_all(reply).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (port, subscribes)
+    }
+
+    #[tokio::test]
+    async fn watcher_subscribes_again_when_ping_goes_unanswered() {
+        let (port, subscribes) = silent_sentinel();
+        let config =
+            SentinelConfig::from_parts(vec![format!("127.0.0.1:{port}")], "svc".into()).unwrap();
+        let mut resolver =
+            Resolver::new(config, Duration::from_secs(1), Duration::from_millis(100));
+        resolver.ping_every = Duration::from_millis(200);
+        let resolver = Arc::new(resolver);
+        resolver.ensure_watcher();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while subscribes.load(Ordering::SeqCst) < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "subscribed {} times: the unanswered PING did not start a new subscription",
+                subscribes.load(Ordering::SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     #[test]

@@ -8,7 +8,9 @@
 //! connection. With it, the builder's certificates ([`TlsConfig`]) go into the client
 //! (`Client::build_with_tls`), so every connection made from it is configured alike: the
 //! command connections (`conn`), the bus (`bus`, through `get_async_pubsub`) and the
-//! write-behind worker's own connections (`Connections::client`). Without a root CA, the
+//! write-behind worker's own connections (`Connections::client`). A cluster's client gets them
+//! with `ClusterClientBuilder::certs` (see `certificates`), so every node's connections use
+//! them, and the echo heartbeat's node connections keep the seeds' TLS settings. Without a root CA, the
 //! system's roots are trusted (redis-rs loads them with `rustls-native-certs` on each
 //! connection).
 //!
@@ -20,7 +22,10 @@
 //! choose and panics; so `client` asks rustls for a configuration once, while the cache is
 //! built, and turns that panic into a configuration error saying to install a provider
 //! (`rustls::crypto::ring::default_provider().install_default()`, or aws-lc-rs's) in `main`,
-//! rather than letting a connection attempt panic later.
+//! rather than letting a connection attempt panic later. That check relies on
+//! `std::panic::catch_unwind`: in a binary built with `panic = "abort"` the panic aborts the
+//! process inside `build()`. The fix is the same: with both providers enabled, install one in
+//! `main` before building the cache (the README's TLS section says so too).
 //!
 //! **Refusals.** [`describe`] words a failed operation's error: refused credentials
 //! (`AuthenticationFailed`, `NOAUTH`), a server certificate this process does not trust, a
