@@ -27,7 +27,7 @@ use std::hint::black_box;
 
 use super::{
     Args, Figure, Op, RoundFigures, concurrent, ids, interleaved, load, ours, ours_lock,
-    out_stampede, raw_get, raw_miss, sequential_scenario, with_ratios,
+    out_stampede, raw_get, raw_miss, scenario_wanted, sequential_scenario, with_ratios,
 };
 
 /// An `Op` running `raw_get` on its own clone of a connection (single or cluster).
@@ -265,7 +265,7 @@ pub(super) async fn scenario(
         ),
     ];
     let tasks = args.tasks;
-    let figs = interleaved(&contenders, args.rounds, |op, round| {
+    let figs = interleaved(&label, &contenders, args.rounds, |op, round| {
         let ids = Arc::new(ids(conc_ops, keys, 0.0, round as u64 + 121));
         async move {
             let mut f = RoundFigures::default();
@@ -284,6 +284,9 @@ pub(super) async fn scenario(
 
     // 4. Stampede: `#[cached(lock)]` on the cluster, then on the single Redis.
     for (place, cluster_urls) in [("cluster", urls.to_vec()), ("single Redis", Vec::new())] {
+        if !scenario_wanted("cluster: stampede") {
+            break;
+        }
         let opts = cache_benches::stampede::Options {
             processes: if args.quick { 2 } else { 4 },
             tasks: if args.quick { 50 } else { 250 },

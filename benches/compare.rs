@@ -5,6 +5,7 @@
 //! cargo run --release --bin compare -- [--quick] [--json FILE] [--keys N] [--hot-share F]
 //!                                      [--tasks N] [--rounds N] [--redis-url URL]
 //!                                      [--cluster-urls URL,URL,..] [--only a,b,..]
+//!                                      [--contender NAME] [--scenario LABEL]
 //! ```
 //!
 //! Every figure is reported with its ratio to the raw redis-rs baseline measured in the same
@@ -204,6 +205,7 @@ struct Args {
     cluster_urls: Vec<String>,
     only: Vec<String>,
     contender: Option<String>,
+    scenario: Option<String>,
 }
 
 impl Args {
@@ -226,6 +228,7 @@ fn parse_args() -> Result<Args, String> {
         cluster_urls: split_urls(&std::env::var("REDIS_CLUSTER_URLS").unwrap_or_default()),
         only: Vec::new(),
         contender: None,
+        scenario: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -256,12 +259,13 @@ fn parse_args() -> Result<Args, String> {
             "--redis-url" => a.redis_url = value("--redis-url")?,
             "--cluster-urls" => a.cluster_urls = split_urls(&value("--cluster-urls")?),
             "--contender" => a.contender = Some(value("--contender")?),
+            "--scenario" => a.scenario = Some(value("--scenario")?),
             "--only" => a
                 .only
                 .extend(value("--only")?.split(',').map(str::to_owned)),
             "-h" | "--help" => {
                 println!(
-                    "compare [--quick] [--json FILE] [--keys N] [--hot-share F] [--tasks N] [--rounds N] [--redis-url URL] [--cluster-urls URL,URL,..] [--only hit,memory,spread,hot,zipf,invalidation,coherence,miss,writes,down,stampede,write_behind,cluster]"
+                    "compare [--quick] [--json FILE] [--keys N] [--hot-share F] [--tasks N] [--rounds N] [--redis-url URL] [--cluster-urls URL,URL,..] [--only hit,memory,spread,hot,zipf,invalidation,coherence,miss,writes,down,stampede,write_behind,cluster] [--contender NAME] [--scenario LABEL]"
                 );
                 std::process::exit(0);
             }
@@ -568,6 +572,9 @@ async fn coherence(url: &str, run_id: &str) -> Result<Vec<Figure>, String> {
 
 /// `--contender`: run only contenders whose name contains this (for profiling).
 static CONTENDER_FILTER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+/// `--scenario`: run only scenarios whose label contains this (for profiling: the cluster's
+/// hit and miss rows have the same contender names).
+static SCENARIO_FILTER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 /// A sequential scenario: every contender calls `ids(round)` one after another, in
 /// interleaved rounds; figures with ratios to the first contender.
@@ -577,7 +584,7 @@ async fn sequential_scenario(
     rounds: usize,
     ids: impl Fn(usize) -> Vec<u64>,
 ) -> Vec<Figure> {
-    let figs = interleaved(contenders, rounds, |op, round| {
+    let figs = interleaved(label, contenders, rounds, |op, round| {
         let ids = ids(round);
         async move {
             let mut f = RoundFigures::default();
@@ -595,8 +602,16 @@ async fn sequential_scenario(
     )
 }
 
+/// Whether `--scenario` (if given) asks for the scenario labelled `label`.
+fn scenario_wanted(label: &str) -> bool {
+    SCENARIO_FILTER
+        .get()
+        .is_none_or(|f| label.contains(f.as_str()))
+}
+
 /// Runs each contender once per round, rotating the order, and returns figures per contender.
 async fn interleaved<F, Fut>(
+    label: &str,
     contenders: &[(&str, Op)],
     rounds: usize,
     mut run: F,
@@ -606,6 +621,9 @@ where
     Fut: std::future::Future<Output = RoundFigures>,
 {
     let mut all: Vec<RoundFigures> = contenders.iter().map(|_| RoundFigures::default()).collect();
+    if !scenario_wanted(label) {
+        return all;
+    }
     for round in 0..rounds {
         for k in 0..contenders.len() {
             let i = (k + round) % contenders.len();
@@ -739,6 +757,9 @@ fn main() {
 async fn run(args: Args, down: Down) -> Result<(), String> {
     if let Some(c) = &args.contender {
         let _ = CONTENDER_FILTER.set(c.clone());
+    }
+    if let Some(s) = &args.scenario {
+        let _ = SCENARIO_FILTER.set(s.clone());
     }
     let started = Instant::now();
     let client = redis::Client::open(args.redis_url.as_str()).map_err(|e| e.to_string())?;
@@ -938,7 +959,7 @@ async fn run(args: Args, down: Down) -> Result<(), String> {
             ("cached crate #[concurrent_cached(redis)]", peer_op.clone()),
         ];
         let tasks = args.tasks;
-        let figs = interleaved(&contenders, args.rounds, |op, round| {
+        let figs = interleaved(&label, &contenders, args.rounds, |op, round| {
             let ids = Arc::new(ids(conc_ops, keys, share, round as u64 + 21));
             async move {
                 let mut f = RoundFigures::default();
@@ -991,7 +1012,7 @@ async fn run(args: Args, down: Down) -> Result<(), String> {
         ];
         let tasks = args.tasks;
         let before = zipf_cache.stats();
-        let figs = interleaved(&contenders, args.rounds, |op, round| {
+        let figs = interleaved(&label, &contenders, args.rounds, |op, round| {
             let ids = Arc::new(zipf_ids(conc_ops, ZIPF_KEYS, 1.1, round as u64 + 61));
             async move {
                 let mut f = RoundFigures::default();

@@ -145,6 +145,18 @@ pub(crate) enum Conn {
     Plain(MultiplexedConnection),
     /// The runtime's connection to a cluster: one socket per node.
     Cluster(ClusterConnection),
+    /// The same, for the commands of one operation on the keys of one hash slot
+    /// ([`Connections::run_for`]): each command and pipeline is sent to that slot's master,
+    /// so redis-rs does not parse it again for its keys and hash the first one (about 800
+    /// instructions a command, measured: BENCHMARKS.md, "Redis Cluster").
+    ClusterSlot(ClusterConnection, u16),
+}
+
+/// The route to the master serving `slot` (redis-rs follows `MOVED`/`ASK` from there, as for
+/// a command it routed itself).
+fn master_of(slot: u16) -> redis::cluster_routing::SingleNodeRoutingInfo {
+    use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
+    SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master))
 }
 
 impl ConnectionLike for Conn {
@@ -153,6 +165,10 @@ impl ConnectionLike for Conn {
             Conn::Single(c) => c.req_packed_command(cmd),
             Conn::Plain(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::ClusterSlot(c, slot) => Box::pin(c.route_command(
+                cmd.clone(),
+                redis::cluster_routing::RoutingInfo::SingleNode(master_of(*slot)),
+            )),
         }
     }
 
@@ -166,6 +182,9 @@ impl ConnectionLike for Conn {
             Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
             Conn::Plain(c) => c.req_packed_commands(cmd, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::ClusterSlot(c, slot) => {
+                Box::pin(c.route_pipeline(cmd.clone(), offset, count, master_of(*slot)))
+            }
         }
     }
 
@@ -173,7 +192,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.get_db(),
             Conn::Plain(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
+            Conn::Cluster(c) | Conn::ClusterSlot(c, _) => c.get_db(),
         }
     }
 }
@@ -181,7 +200,15 @@ impl ConnectionLike for Conn {
 impl Conn {
     /// Whether commands of different hash slots must go in different requests.
     pub(crate) fn is_cluster(&self) -> bool {
-        matches!(self, Conn::Cluster(_))
+        matches!(self, Conn::Cluster(_) | Conn::ClusterSlot(..))
+    }
+
+    /// A cluster connection, whatever its routing.
+    fn cluster(&self) -> Option<&ClusterConnection> {
+        match self {
+            Conn::Cluster(c) | Conn::ClusterSlot(c, _) => Some(c),
+            Conn::Single(_) | Conn::Plain(_) => None,
+        }
     }
 
     /// Sends `cmd` to the master that owns `slot` (a cluster), or to the server.
@@ -191,11 +218,8 @@ impl Conn {
         cmd: &Cmd,
     ) -> redis::RedisResult<T> {
         match self {
-            Conn::Cluster(c) => {
-                use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
-                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
-                    Route::new(slot, SlotAddr::Master),
-                ));
+            Conn::Cluster(c) | Conn::ClusterSlot(c, _) => {
+                let route = redis::cluster_routing::RoutingInfo::SingleNode(master_of(slot));
                 let value = c.route_command(cmd.clone(), route).await?;
                 Ok(redis::from_redis_value(value)?)
             }
@@ -254,8 +278,7 @@ impl SlotPipe {
     }
 
     async fn query_per_slot(&self, conn: &Conn) -> redis::RedisResult<Vec<Value>> {
-        use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
-        let Conn::Cluster(cluster) = conn else {
+        let Some(cluster) = conn.cluster() else {
             unreachable!("query_per_slot is for clusters only")
         };
         // The groups, in order of first appearance: a pipeline each, and which of the pushed
@@ -276,8 +299,7 @@ impl SlotPipe {
         // Routed to the slot's master explicitly: redis-rs would route a pipeline by its
         // commands' keys, and take a `PUBLISH`'s channel for one.
         let replies = futures_util::future::join_all(groups.iter().map(|(slot, pipe, held)| {
-            let route = SingleNodeRoutingInfo::SpecificNode(Route::new(*slot, SlotAddr::Master));
-            send_following_redirects(cluster.clone(), pipe, held.len(), route)
+            send_following_redirects(cluster.clone(), pipe, held.len(), master_of(*slot))
         }))
         .await;
         let mut ordered: Vec<Option<Value>> = vec![None; self.cmds.len()];
@@ -468,6 +490,18 @@ impl Shards {
         self.epoch.elapsed().as_millis() as u64
     }
 
+    /// `at` in ms since `epoch`.
+    fn ms_at(&self, at: std::time::Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    /// Whether the table should be read again at `now_ms`: no read ran in the last `min_age`.
+    #[inline]
+    fn due(&self, now_ms: u64, min_age: Duration) -> bool {
+        let last = self.refreshed.load(std::sync::atomic::Ordering::Acquire);
+        last == 0 || now_ms.saturating_sub(last) >= min_age.as_millis() as u64
+    }
+
     /// The breaker of the master serving `slot`, if known.
     fn node(&self, slot: u16) -> Option<Arc<Node>> {
         let table = self.table.load();
@@ -479,12 +513,11 @@ impl Shards {
     /// Reads the table again in the background, unless a read is running or one finished
     /// less than `min_age` ago.
     fn refresh(self: &Arc<Self>, conn: &Conn, min_age: Duration, timeout: Duration) {
-        use std::sync::atomic::Ordering::{AcqRel, Acquire, Release};
-        let Conn::Cluster(cluster) = conn else {
+        use std::sync::atomic::Ordering::{AcqRel, Release};
+        let Some(cluster) = conn.cluster() else {
             return;
         };
-        let last = self.refreshed.load(Acquire);
-        if last != 0 && self.now_ms().saturating_sub(last) < min_age.as_millis() as u64 {
+        if !self.due(self.now_ms(), min_age) {
             return;
         }
         if self.refreshing.swap(true, AcqRel) {
@@ -765,34 +798,55 @@ impl Connections {
         &self,
         key: &str,
         op: &'static str,
-        cmd: &redis::Cmd,
+        cmd: redis::Cmd,
     ) -> BackendResult<T> {
-        match self.node_for(key) {
-            Some(node) => self.query_with(&node.breaker, Some(&node), op, cmd).await,
-            None => self.query_with(&self.breaker, None, op, cmd).await,
-        }
+        let (slot, node) = self.route(key);
+        let breaker = node.as_deref().map_or(&*self.breaker, |n| &n.breaker);
+        self.query_with(breaker, node.as_deref(), slot, op, cmd)
+            .await
     }
 
     async fn query_with<T: redis::FromRedisValue>(
         &self,
         breaker: &Breaker,
         node: Option<&Node>,
+        slot: Option<u16>,
         op: &'static str,
-        cmd: &redis::Cmd,
+        cmd: redis::Cmd,
     ) -> BackendResult<T> {
         let (probe, mut conn) = self.begin(breaker, op).await?;
         let mut guard = ProbeGuard {
             breaker,
             armed: probe,
         };
-        let result = tokio::time::timeout(self.options.operation_timeout, async {
+        let started = tokio::time::Instant::now();
+        let result = tokio::time::timeout_at(self.deadline(started), async {
             use redis::aio::ConnectionLike as _;
-            let value = conn.req_packed_command(cmd).await?.extract_error()?;
-            Ok(redis::from_redis_value(value)?)
+            let value = match (&mut conn, slot) {
+                // The slot is known: sent to its master as it is (no copy of the command,
+                // no second parse and hash of its key by redis-rs). Boxed, as redis-rs boxes
+                // it in `req_packed_command`: the single Redis's future stays as it was.
+                (Conn::Cluster(c), Some(slot)) => {
+                    let route = redis::cluster_routing::RoutingInfo::SingleNode(master_of(slot));
+                    Box::pin(c.route_command(cmd, route)).await?
+                }
+                (conn, _) => conn.req_packed_command(&cmd).await?,
+            };
+            Ok(redis::from_redis_value(value.extract_error()?)?)
         })
         .await;
         guard.armed = false;
-        self.end(op, result, breaker, node, &conn)
+        drop(conn);
+        self.end(op, result, breaker, node, started)
+    }
+
+    /// When an operation started at `started` times out (as `tokio::time::timeout` computes
+    /// it; its start is kept for `end`, which then reads no clock).
+    fn deadline(&self, started: tokio::time::Instant) -> tokio::time::Instant {
+        started
+            .checked_add(self.options.operation_timeout)
+            // What `tokio::time::timeout` uses when the sum overflows: about 30 years.
+            .unwrap_or_else(|| started + Duration::from_secs(86400 * 365 * 30))
     }
 
     /// Runs one operation through the breaker and the timeout, classifying its failure.
@@ -801,7 +855,7 @@ impl Connections {
         F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        self.run_with(&self.breaker, None, op, f).await
+        self.run_with(&self.breaker, None, None, op, f).await
     }
 
     /// [`Self::run`] of an operation on `key` (and keys of its slot): on a cluster, through
@@ -816,16 +870,18 @@ impl Connections {
         F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        match self.node_for(key) {
-            Some(node) => self.run_with(&node.breaker, Some(&node), op, f).await,
-            None => self.run_with(&self.breaker, None, op, f).await,
-        }
+        let (slot, node) = self.route(key);
+        let breaker = node.as_deref().map_or(&*self.breaker, |n| &n.breaker);
+        self.run_with(breaker, node.as_deref(), slot, op, f).await
     }
 
+    /// `slot`: on a cluster, the hash slot of every key `f` uses; its commands are sent to that
+    /// slot's master (`Conn::ClusterSlot`).
     async fn run_with<T, F, Fut>(
         &self,
         breaker: &Breaker,
         node: Option<&Node>,
+        slot: Option<u16>,
         op: &'static str,
         f: F,
     ) -> BackendResult<T>
@@ -834,19 +890,42 @@ impl Connections {
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let (probe, conn) = self.begin(breaker, op).await?;
+        let conn = match (conn, slot) {
+            (Conn::Cluster(c), Some(slot)) => Conn::ClusterSlot(c, slot),
+            (conn, _) => conn,
+        };
         let mut guard = ProbeGuard {
             breaker,
             armed: probe,
         };
-        let result = tokio::time::timeout(self.options.operation_timeout, f(conn.clone())).await;
+        let started = tokio::time::Instant::now();
+        let result = tokio::time::timeout_at(self.deadline(started), f(conn)).await;
         guard.armed = false;
-        self.end(op, result, breaker, node, &conn)
+        self.end(op, result, breaker, node, started)
     }
 
-    /// On a cluster whose table is known: the master serving `key`'s slot.
-    fn node_for(&self, key: &str) -> Option<Arc<Node>> {
-        let shards = self.shards.as_ref()?;
-        shards.node(crate::key::key_slot(key))
+    /// On a cluster: `key`'s hash slot, and the master serving it if the table is known.
+    fn route(&self, key: &str) -> (Option<u16>, Option<Arc<Node>>) {
+        let Some(shards) = &self.shards else {
+            return (None, None);
+        };
+        let slot = crate::key::key_slot(key);
+        (Some(slot), shards.node(slot))
+    }
+
+    /// The current runtime's connection if it has one (none is made).
+    fn current_connection(&self) -> Option<Conn> {
+        let runtime = Handle::try_current().ok()?.id();
+        if let Some(slot) = &*self.current.load() {
+            if slot.runtime == runtime {
+                return Some(slot.manager.clone());
+            }
+        }
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots
+            .iter()
+            .find(|s| s.runtime == runtime)
+            .map(|s| s.manager.clone())
     }
 
     /// An operation starts: whether it is the half-open breaker's probe, and the connection.
@@ -877,7 +956,7 @@ impl Connections {
                     Ok(conn) => Ok((probe, conn)),
                     Err(e) => {
                         // Counted (a probe's failure opens the breaker again).
-                        self.connectivity_failure(op, &e, breaker, None, None);
+                        self.connectivity_failure(op, &e, breaker, None);
                         Err(e)
                     }
                 }
@@ -899,13 +978,14 @@ impl Connections {
     }
 
     /// An operation ended: its result, its failure classified (and counted by the breaker).
+    /// `started`: when it was sent.
     fn end<T>(
         &self,
         op: &'static str,
         result: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
         breaker: &Breaker,
         node: Option<&Node>,
-        conn: &Conn,
+        started: tokio::time::Instant,
     ) -> BackendResult<T> {
         match result {
             Ok(Ok(v)) => {
@@ -920,18 +1000,17 @@ impl Connections {
                     }
                 }
                 if let Some(shards) = &self.shards {
-                    shards.refresh(
-                        conn,
-                        SHARDS_EVERY,
-                        self.options.operation_timeout.max(Duration::from_secs(1)),
-                    );
+                    // The time the operation started, not a clock read per operation.
+                    if shards.due(shards.ms_at(started.into_std()), SHARDS_EVERY) {
+                        self.refresh_shards(shards, SHARDS_EVERY);
+                    }
                 }
                 Ok(v)
             }
             // Sentinel: this server is no longer the master (`READONLY`: demoted).
             Ok(Err(e)) if self.target.wrong_master(&e) => {
                 let err = BackendError::Unavailable(format!("{e} (not the master any more)"));
-                self.connectivity_failure(op, &err, breaker, node, Some(conn));
+                self.connectivity_failure(op, &err, breaker, node);
                 Err(err)
             }
             // Refused credentials (`NOAUTH` is a reply) count as unavailability; see `tls`.
@@ -948,12 +1027,12 @@ impl Connections {
                 } else {
                     BackendError::Unavailable(tls::describe(&e, self.user_client()))
                 };
-                self.connectivity_failure(op, &err, breaker, node, Some(conn));
+                self.connectivity_failure(op, &err, breaker, node);
                 Err(err)
             }
             Err(_elapsed) => {
                 let err = BackendError::Timeout;
-                self.connectivity_failure(op, &err, breaker, node, Some(conn));
+                self.connectivity_failure(op, &err, breaker, node);
                 Err(err)
             }
         }
@@ -964,13 +1043,12 @@ impl Connections {
     /// another node only when a node answers `MOVED`, which a dead master never does: without
     /// a new connection, which reads the slots afresh, the calls of a failed-over master's
     /// slots would keep going to its address.
-    fn cluster_failure(&self, conn: &Conn) {
+    fn cluster_failure(&self) {
         use std::sync::atomic::Ordering::{AcqRel, Acquire};
         let Some(shards) = &self.shards else {
             return;
         };
-        let timeout = self.options.operation_timeout.max(Duration::from_secs(1));
-        shards.refresh(conn, SHARDS_AFTER_FAILURE, timeout);
+        self.refresh_shards(shards, SHARDS_AFTER_FAILURE);
         let now = shards.now_ms().max(1);
         let last = shards.renewed.load(Acquire);
         if now.saturating_sub(last) < self.options.breaker_cooldown.as_millis() as u64 && last != 0
@@ -994,6 +1072,16 @@ impl Connections {
             let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
             slots.retain(|s| s.runtime != runtime);
             self.current.store(None);
+        }
+    }
+
+    /// Reads the cluster's table again in the background, on the current runtime's connection
+    /// (see [`Shards::refresh`]).
+    #[cold]
+    fn refresh_shards(&self, shards: &Arc<Shards>, min_age: Duration) {
+        if let Some(conn) = self.current_connection() {
+            let timeout = self.options.operation_timeout.max(Duration::from_secs(1));
+            shards.refresh(&conn, min_age, timeout);
         }
     }
 
@@ -1032,11 +1120,8 @@ impl Connections {
         err: &BackendError,
         breaker: &Breaker,
         node: Option<&Node>,
-        conn: Option<&Conn>,
     ) {
-        if let Some(conn) = conn {
-            self.cluster_failure(conn);
-        }
+        self.cluster_failure();
         // Sentinel: the master may have moved.
         self.target.suspect();
         let opened = breaker.failure();

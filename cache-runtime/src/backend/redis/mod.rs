@@ -395,7 +395,7 @@ impl RedisBackend {
     async fn get(&self, key: &str) -> BackendResult<Option<Stored>> {
         let mut cmd = redis::Cmd::with_capacity(2, key.len() + 3);
         cmd.arg("GET").arg(key);
-        let value: Option<Vec<u8>> = self.conns.query_for(key, "GET", &cmd).await?;
+        let value: Option<Vec<u8>> = self.conns.query_for(key, "GET", cmd).await?;
         Ok(value
             .filter(|v| !is_marker(v))
             .map(|v| Stored::bytes(Bytes::from(v))))
