@@ -303,12 +303,16 @@ impl RedisBackend {
         envelope: &[u8],
         ttl: Duration,
     ) -> BackendResult<bool> {
-        if self.conns.is_cluster() {
+        // The script, and what it compares `wbl` with: the write's id on a single Redis (one
+        // script claims and stores), its queue position on a cluster (see `WB_REASSERT_AT`).
+        let (script, mark, wbl_ttl) = if self.conns.is_cluster() {
             let Some(position) = position else {
                 return Ok(false);
             };
-            return self.wb_reassert_at(key, position, envelope, ttl).await;
-        }
+            (&*WB_REASSERT_AT, position, Some(millis(wbl_ttl(ttl))))
+        } else {
+            (&*WB_REASSERT, id, None)
+        };
         let waiters = self.waiters(key);
         let copy = Self::stale_copy(key);
         let refresh = Self::refresh_lease_key(key);
@@ -317,56 +321,24 @@ impl RedisBackend {
         let (frame, channel) = (&frame, &self.inv_channel);
         let (waiters, copy, refresh, wbl) = (&waiters, &copy, &refresh, &wbl);
         self.conns
-            .run("write-behind re-assert", |mut conn| async move {
-                let mut cmd = evalsha(&WB_REASSERT, 5, 6, 5 * key.len() + envelope.len() + 96);
+            .run_for(key, "write-behind re-assert", |mut conn| async move {
+                let args = 6 + usize::from(wbl_ttl.is_some());
+                let mut cmd = evalsha(script, 5, args, 5 * key.len() + envelope.len() + 96);
                 cmd.arg(key)
                     .arg(waiters)
                     .arg(copy)
                     .arg(refresh)
                     .arg(wbl)
-                    .arg(id)
+                    .arg(mark)
                     .arg(envelope)
                     .arg(millis(ttl))
                     .arg(CHANNEL)
                     .arg(channel)
                     .arg(&frame[..]);
-                let wrote: i64 = run(&mut conn, &WB_REASSERT, &cmd).await?;
-                Ok(wrote == 2)
-            })
-            .await
-    }
-
-    /// `WB_REASSERT_AT` (cluster).
-    async fn wb_reassert_at(
-        &self,
-        key: &str,
-        position: &str,
-        envelope: &[u8],
-        ttl: Duration,
-    ) -> BackendResult<bool> {
-        let waiters = self.waiters(key);
-        let copy = Self::stale_copy(key);
-        let refresh = Self::refresh_lease_key(key);
-        let wbl = Self::wbl_key(key);
-        let frame = self.frame(inv::Kind::Keys, &[key]);
-        let (frame, channel) = (&frame, &self.inv_channel);
-        let (waiters, copy, refresh, wbl) = (&waiters, &copy, &refresh, &wbl);
-        self.conns
-            .run("write-behind re-assert", |mut conn| async move {
-                let mut cmd = evalsha(&WB_REASSERT_AT, 5, 7, 5 * key.len() + envelope.len() + 96);
-                cmd.arg(key)
-                    .arg(waiters)
-                    .arg(copy)
-                    .arg(refresh)
-                    .arg(wbl)
-                    .arg(position)
-                    .arg(envelope)
-                    .arg(millis(ttl))
-                    .arg(CHANNEL)
-                    .arg(channel)
-                    .arg(&frame[..])
-                    .arg(millis(wbl_ttl(ttl)));
-                let wrote: i64 = run(&mut conn, &WB_REASSERT_AT, &cmd).await?;
+                if let Some(wbl_ttl) = wbl_ttl {
+                    cmd.arg(wbl_ttl);
+                }
+                let wrote: i64 = run(&mut conn, script, &cmd).await?;
                 Ok(wrote == 2)
             })
             .await
