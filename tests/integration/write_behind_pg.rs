@@ -195,6 +195,20 @@ async fn pg_read(run: &str, id: i64) -> Result<Option<Row>, String> {
     }))
 }
 
+/// Every key the cache still holds holds the database's row (by writer and sequence).
+async fn cache_agrees(cache: &Cache, rows: &HashMap<i64, (i32, i32)>) {
+    for (key, row) in rows {
+        let cached: Option<Row> = cache.get(&format!("user:{key}")).await.unwrap();
+        if let Some(c) = cached {
+            assert_eq!(
+                (c.writer, c.seq),
+                *row,
+                "key {key}: the cache and the database disagree"
+            );
+        }
+    }
+}
+
 /// The database's rows: id → (writer, seq).
 async fn db_rows(run: &str) -> HashMap<i64, (i32, i32)> {
     pg().await
@@ -553,16 +567,7 @@ async fn processes_4_writers_2_workers_one_killed_twice_nothing_lost() {
         coalesced_applied.len()
     );
     // The cache agrees with the database (or no longer holds the key).
-    for (key, row) in &rows {
-        let cached: Option<Row> = cache.get(&format!("user:{key}")).await.unwrap();
-        if let Some(c) = cached {
-            assert_eq!(
-                (c.writer, c.seq),
-                *row,
-                "key {key}: the cache and the database disagree"
-            );
-        }
-    }
+    cache_agrees(cache, &rows).await;
     let depth = write_behind::depth(cache, "pg").await.unwrap();
     assert_eq!(depth.pending, 0, "{depth}");
     assert_eq!(depth.dead, 0, "{depth}");
@@ -687,16 +692,7 @@ async fn redis_killed_during_writes_falls_back_to_write_through_nothing_lost() {
     );
     // The cache agrees with the database (or no longer holds the key): the worker's
     // application of an older queued write did not put its value back over the newer one.
-    for (key, row) in &rows {
-        let cached: Option<Row> = cache.get(&format!("user:{key}")).await.unwrap();
-        if let Some(c) = cached {
-            assert_eq!(
-                (c.writer, c.seq),
-                *row,
-                "key {key}: the cache and the database disagree"
-            );
-        }
-    }
+    cache_agrees(cache, &rows).await;
     drop_run(&run).await;
 }
 
