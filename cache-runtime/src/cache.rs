@@ -551,6 +551,7 @@ impl CacheBuilder {
         };
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let stats = StatsRegistry::new(id).named(&self.namespace);
         Ok(Cache {
             inner: Arc::new(Inner {
                 store: Store::new(
@@ -561,7 +562,7 @@ impl CacheBuilder {
                     self.local,
                     self.wb,
                 ),
-                stats: StatsRegistry::new(id),
+                stats,
             }),
         })
     }
