@@ -43,7 +43,10 @@ async fn locked(cache: &Cache, calls: &Calls, gate: &Gate, id: u64) -> Result<u6
 
 /// (name, sorted labels) -> value: counters and gauges as numbers, histograms as their
 /// sample counts.
-type Seen = BTreeMap<(String, Vec<(String, String)>), f64>;
+type Seen = BTreeMap<MetricKey, f64>;
+
+/// A metric's name and its labels, sorted.
+type MetricKey = (String, Vec<(String, String)>);
 
 fn seen(recorder: &DebuggingRecorder) -> Seen {
     recorder
@@ -121,7 +124,7 @@ fn check(seen: &Seen, namespace: &str, shared: bool) {
         (name.to_owned(), labels)
     };
     let l2 = Some(("level", "l2"));
-    let mut expected: Vec<((String, Vec<(String, String)>), f64)> = vec![
+    let mut expected: Vec<(MetricKey, f64)> = vec![
         (key("cache_hits_total", "metrics_get", l2), 2.0),
         (key("cache_misses_total", "metrics_get", None), 2.0),
         (key("cache_loads_total", "metrics_get", None), 2.0),
