@@ -219,3 +219,46 @@ fn metrics_known_sequence_redis() {
     });
     check(&seen(&recorder), &namespace, true);
 }
+
+#[cached(cache = cache, key = "d:{id}", ttl = 60, name = "metrics_decode")]
+async fn decoded(cache: &Cache, id: u64) -> Result<u64, String> {
+    Ok(id)
+}
+
+#[test]
+fn metrics_fail_open_decode_redis() {
+    let recorder = DebuggingRecorder::new();
+    let namespace = metrics::with_local_recorder(&recorder, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let fx = crate::support::Fx::redis("metrics").await;
+            fx.plant_garbage("d:5").await;
+            assert_eq!(decoded(&fx.cache, 5).await, Ok(5)); // unusable value: a miss
+            assert_eq!(decoded(&fx.cache, 5).await, Ok(5)); // overwritten: a hit
+            fx.cache.namespace().to_owned()
+        })
+    });
+    let seen = seen(&recorder);
+    let labels = |kind: Option<(&str, &str)>| {
+        let mut l = vec![
+            ("cache".to_owned(), namespace.clone()),
+            ("function".to_owned(), "metrics_decode".to_owned()),
+        ];
+        l.extend(kind.map(|(k, v)| (k.to_owned(), v.to_owned())));
+        l
+    };
+    let value = |name: &str, extra| seen.get(&(name.to_owned(), labels(extra))).copied();
+    assert_eq!(
+        value("cache_fail_open_total", Some(("kind", "decode"))),
+        Some(1.0)
+    );
+    assert_eq!(
+        value("cache_fail_open_total", Some(("kind", "unavailable"))),
+        Some(0.0)
+    );
+    assert_eq!(value("cache_misses_total", None), Some(1.0));
+    assert_eq!(value("cache_hits_total", Some(("level", "l2"))), Some(1.0));
+}
