@@ -14,7 +14,6 @@ const CLOSED: u8 = 0;
 const OPEN: u8 = 1;
 const HALF_OPEN: u8 = 2;
 
-#[derive(Debug)]
 pub(crate) struct Breaker {
     state: AtomicU8,
     failures: AtomicU32,
@@ -23,6 +22,20 @@ pub(crate) struct Breaker {
     threshold: u32,
     cooldown: Duration,
     epoch: Instant,
+    /// `cache_breaker_open` (feature `metrics`): 1 while open or half-open, else 0.
+    #[cfg(feature = "metrics")]
+    gauge: std::sync::OnceLock<metrics::Gauge>,
+}
+
+impl std::fmt::Debug for Breaker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Breaker")
+            .field("state", &self.state)
+            .field("failures", &self.failures)
+            .field("threshold", &self.threshold)
+            .field("cooldown", &self.cooldown)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Breaker {
@@ -34,7 +47,32 @@ impl Breaker {
             threshold: threshold.max(1),
             cooldown,
             epoch: Instant::now(),
+            #[cfg(feature = "metrics")]
+            gauge: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Reports this breaker's state as the `cache_breaker_open` gauge of the cache named
+    /// `namespace` (feature `metrics`; the gauge is registered now, with the recorder in use).
+    pub(crate) fn report_as(&self, namespace: &str) {
+        #[cfg(feature = "metrics")]
+        {
+            let gauge = crate::stats::metrics::breaker_gauge(namespace);
+            gauge.set(f64::from(u8::from(self.is_open())));
+            let _ = self.gauge.set(gauge);
+        }
+        #[cfg(not(feature = "metrics"))]
+        let _ = namespace;
+    }
+
+    #[inline]
+    fn report(&self, open: bool) {
+        #[cfg(feature = "metrics")]
+        if let Some(gauge) = self.gauge.get() {
+            gauge.set(f64::from(u8::from(open)));
+        }
+        #[cfg(not(feature = "metrics"))]
+        let _ = open;
     }
 
     fn now_ms(&self) -> u64 {
@@ -76,7 +114,11 @@ impl Breaker {
             self.failures.store(0, Ordering::Relaxed);
         }
         if self.state.load(Ordering::Acquire) != CLOSED {
-            return self.state.swap(CLOSED, Ordering::AcqRel) != CLOSED;
+            let closed = self.state.swap(CLOSED, Ordering::AcqRel) != CLOSED;
+            if closed {
+                self.report(false);
+            }
+            return closed;
         }
         false
     }
@@ -89,7 +131,11 @@ impl Breaker {
             let cooldown = u64::try_from(self.cooldown.as_millis()).unwrap_or(u64::MAX);
             self.retry_at_ms
                 .store(self.now_ms().saturating_add(cooldown), Ordering::Release);
-            return self.state.swap(OPEN, Ordering::AcqRel) == CLOSED;
+            let opened = self.state.swap(OPEN, Ordering::AcqRel) == CLOSED;
+            if opened {
+                self.report(true);
+            }
+            return opened;
         }
         false
     }

@@ -551,6 +551,7 @@ impl CacheBuilder {
         };
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let stats = StatsRegistry::new(id).named(&self.namespace);
         Ok(Cache {
             inner: Arc::new(Inner {
                 store: Store::new(
@@ -561,7 +562,7 @@ impl CacheBuilder {
                     self.local,
                     self.wb,
                 ),
-                stats: StatsRegistry::new(id),
+                stats,
             }),
         })
     }
@@ -785,6 +786,11 @@ impl Cache {
     }
 
     /// A snapshot of the per-function counters; `Display` prints them as a table.
+    ///
+    /// With the `metrics` feature the same counters, incremented at the same points, are
+    /// also reported to the `metrics` recorder installed when a function is first called on
+    /// this cache, labelled `function` and `cache` (this cache's namespace, `default` without
+    /// one); see the README's "Metrics".
     pub fn stats(&self) -> Stats {
         let clears = self.store().local().map_or(0, |l| l.clears());
         self.inner.stats.snapshot().with_l1_clears(clears)

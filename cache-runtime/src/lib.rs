@@ -35,8 +35,15 @@
 //!   and value format as the attribute.
 //! * [`Cache::stats`] — per-function hits, misses, loads, load times and errors, printable as
 //!   a table that flags hit rates under 80%.
+//! * Metrics (feature `metrics`, on by default): the same counters through the
+//!   [`metrics`](https://docs.rs/metrics/0.24) facade (`cache_hits_total{function, cache,
+//!   level}`, `cache_misses_total`, `cache_load_seconds`, `cache_fail_open_total{kind}`,
+//!   `cache_breaker_open`, ...; the README's "Metrics" lists them all). The library installs
+//!   no recorder; install yours before the first cached call, since each function registers
+//!   its handles on its first call on a cache.
 //!
-//! Cargo features: `macros` (on by default) re-exports the attributes; `tls` (off) lets the
+//! Cargo features: `macros` (on by default) re-exports the attributes; `metrics` (on by
+//! default) reports to the `metrics` facade; `tls` (off) lets the
 //! Redis URL be `rediss://` (rustls with the ring provider) and adds
 //! `CacheBuilder::redis_tls_root_ca` and `CacheBuilder::redis_tls_client_cert`. ACL users and
 //! database numbers (`redis://user:password@host/2`) need no feature; see

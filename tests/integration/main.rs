@@ -13,6 +13,7 @@ mod engine_defects;
 mod local;
 mod local_cluster;
 mod long_keys;
+mod metrics;
 mod redis_failures;
 mod refresh;
 mod sentinel;

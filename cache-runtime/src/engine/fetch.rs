@@ -1069,7 +1069,7 @@ impl<'a> Fetch<'a> {
     }
 
     fn backend_failure(&self, e: &BackendError) {
-        SiteStats::inc(&self.stats.backend_errors);
+        self.stats.backend_failure(e);
         // The backend logs connectivity failures itself (it knows about the breaker).
         if let BackendError::Data(msg) = e {
             self.store.log().warn(

@@ -34,7 +34,7 @@ use crate::cache::Cache;
 use crate::envelope::{self, EncodeError};
 use crate::key::CallKey;
 use crate::mode::{Classified, Mode, Typed};
-use crate::stats::{Site, SiteStats};
+use crate::stats::Site;
 use crate::tags::{TagSet, Tags};
 
 pub use self::fetch::{Fetch, Verdict};
@@ -157,8 +157,7 @@ impl Call<'_> {
         let entry = self.cache.store().local_get(key.as_str(), names)?;
         let value = (typed.unwrap)(&*entry.value)?;
         let stats = self.site.stats(self.cache.stats_registry(), self.self_type);
-        SiteStats::inc(&stats.hits);
-        SiteStats::inc(&stats.l1_hits);
+        stats.l1_hit();
         Some(mode.restore(value))
     }
 
@@ -185,8 +184,7 @@ impl Call<'_> {
         let entry = store.local_get(key.as_str(), names)?;
         let value = (typed.unwrap)(&*entry.value)?;
         let stats = self.site.stats(self.cache.stats_registry(), self.self_type);
-        SiteStats::inc(&stats.hits);
-        SiteStats::inc(&stats.l1_hits);
+        stats.l1_hit();
         if let (Some(policy), Some(header)) = (self.site.refresh, &entry.header) {
             let tags = tags.map_or(&[][..], |t| &t.names[..]);
             refresh::start_if_due(

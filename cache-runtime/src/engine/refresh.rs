@@ -481,7 +481,7 @@ impl Job {
 }
 
 fn backend_failure(store: &Store, stats: &SiteStats, e: &BackendError) {
-    SiteStats::inc(&stats.backend_errors);
+    stats.backend_failure(e);
     if let BackendError::Data(msg) = e {
         store.log().warn(
             FailureKind::Server,

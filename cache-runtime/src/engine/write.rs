@@ -37,7 +37,7 @@ fn warn_key(store: &Store, site: &Site, self_type: Option<&'static str>, what: &
 }
 
 fn count_failure(store: &Store, stats: &SiteStats, e: &BackendError) {
-    SiteStats::inc(&stats.backend_errors);
+    stats.backend_failure(e);
     if let BackendError::Data(msg) = e {
         store.log().warn(
             FailureKind::Server,

@@ -15,8 +15,16 @@ struct Padded(AtomicU64);
 
 /// A counter striped across cache lines: threads increment their own stripe, so counting a
 /// hit on every call does not bounce one cache line between cores.
+///
+/// With the `metrics` feature it also feeds a `metrics` counter (a no-op handle unless
+/// [`SiteStats::new`] attached one), so [`Cache::stats`](crate::Cache::stats) and the
+/// exported metrics are incremented at the same points and always agree.
 #[derive(Default, Debug)]
-pub(crate) struct Counter([Padded; STRIPES]);
+pub(crate) struct Counter {
+    stripes: [Padded; STRIPES],
+    #[cfg(feature = "metrics")]
+    pub(super) metric: super::metrics::Metric,
+}
 
 thread_local! {
     static STRIPE: usize = {
@@ -26,14 +34,23 @@ thread_local! {
 }
 
 impl Counter {
+    /// Adds `n` to the counter and to its metric.
     #[inline]
     pub(crate) fn add(&self, n: u64) {
+        self.tally(n);
+        #[cfg(feature = "metrics")]
+        self.metric.0.increment(n);
+    }
+
+    /// Adds `n` to the counter only (its metric is fed elsewhere: see [`SiteStats::l1_hit`]).
+    #[inline]
+    fn tally(&self, n: u64) {
         let i = STRIPE.try_with(|s| *s).unwrap_or(0);
-        self.0[i].0.fetch_add(n, Relaxed);
+        self.stripes[i].0.fetch_add(n, Relaxed);
     }
 
     pub(crate) fn get(&self) -> u64 {
-        self.0.iter().map(|p| p.0.load(Relaxed)).sum()
+        self.stripes.iter().map(|p| p.0.load(Relaxed)).sum()
     }
 }
 
@@ -70,18 +87,53 @@ pub(crate) struct SiteStats {
     pub(crate) wb_applied: Counter,
     pub(crate) wb_retried: Counter,
     pub(crate) wb_dead_lettered: Counter,
+    /// The metrics no single [`Counter`] feeds: histograms, fail-open events by kind.
+    #[cfg(feature = "metrics")]
+    pub(super) metrics: super::metrics::SiteMetrics,
 }
 
 impl SiteStats {
+    /// The counters of `function` (its stats label) on the cache named `cache` (its
+    /// namespace), with their `metrics` handles registered now (feature `metrics`) with the
+    /// recorder installed at this time, if any.
+    pub(crate) fn new(function: &str, cache: &str) -> Self {
+        #[allow(unused_mut)]
+        let mut stats = SiteStats::default();
+        #[cfg(feature = "metrics")]
+        super::metrics::attach(&mut stats, function, cache);
+        #[cfg(not(feature = "metrics"))]
+        let _ = (function, cache);
+        stats
+    }
+
     #[inline]
     pub(crate) fn inc(counter: &Counter) {
         counter.add(1);
+    }
+
+    /// A hit answered from the in-process tier: counted in `hits` and `l1_hits`, and once
+    /// in the metrics (`cache_hits_total{level="l1"}`; every other hit is `level="l2"`).
+    #[inline]
+    pub(crate) fn l1_hit(&self) {
+        self.hits.tally(1);
+        self.l1_hits.add(1);
+    }
+
+    /// A cache operation that failed, so the call went on without the cache (fail open).
+    pub(crate) fn backend_failure(&self, e: &crate::backend::BackendError) {
+        self.backend_errors.add(1);
+        #[cfg(feature = "metrics")]
+        self.metrics.fail_open(e);
+        #[cfg(not(feature = "metrics"))]
+        let _ = e;
     }
 
     pub(crate) fn record_wait(&self, waited: Duration) {
         let ns = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
         self.lock_wait_ns.add(ns);
         self.lock_wait_ns_max.fetch_max(ns, Relaxed);
+        #[cfg(feature = "metrics")]
+        self.metrics.lock_wait_seconds.record(waited.as_secs_f64());
     }
 
     pub(crate) fn record_load(&self, took: Duration) {
@@ -89,6 +141,8 @@ impl SiteStats {
         self.loads.add(1);
         self.load_ns.add(ns);
         self.load_ns_max.fetch_max(ns, Relaxed);
+        #[cfg(feature = "metrics")]
+        self.metrics.load_seconds.record(took.as_secs_f64());
     }
 
     pub(super) fn snapshot(&self, name: &str) -> FunctionStats {

@@ -6,6 +6,8 @@
 //! ([`StatsRegistry`]) are in [`site`].
 
 mod counters;
+#[cfg(feature = "metrics")]
+pub(crate) mod metrics;
 mod site;
 
 use std::fmt;

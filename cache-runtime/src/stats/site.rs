@@ -248,6 +248,8 @@ fn bucket(site_id: u64, self_type: Option<&'static str>) -> usize {
 #[derive(Debug)]
 pub(crate) struct StatsRegistry {
     pub(crate) cache_id: u64,
+    /// The cache's namespace: the `cache` label of its metrics.
+    namespace: String,
     sites: Mutex<HashMap<String, Arc<SiteStats>>>,
     index: Box<[OnceLock<Box<IndexNode>>; INDEX_BUCKETS]>,
     /// Calls of `register`, to check that warm lookups do not take the mutex.
@@ -259,11 +261,18 @@ impl StatsRegistry {
     pub(crate) fn new(cache_id: u64) -> Self {
         StatsRegistry {
             cache_id,
+            namespace: String::new(),
             sites: Mutex::new(HashMap::new()),
             index: Box::new(std::array::from_fn(|_| OnceLock::new())),
             #[cfg(test)]
             registrations: std::sync::atomic::AtomicUsize::new(0),
         }
+    }
+
+    /// The registry of the cache with this namespace (the `cache` label of its metrics).
+    pub(crate) fn named(mut self, namespace: &str) -> Self {
+        namespace.clone_into(&mut self.namespace);
+        self
     }
 
     /// The counters of `site` for methods of `self_type`: lock-free once the pair is indexed.
@@ -294,7 +303,7 @@ impl StatsRegistry {
         if let Some(s) = sites.get(label) {
             return s.clone();
         }
-        let s = Arc::new(SiteStats::default());
+        let s = Arc::new(SiteStats::new(label, &self.namespace));
         sites.insert(label.to_owned(), s.clone());
         s
     }

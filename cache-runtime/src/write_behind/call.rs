@@ -46,7 +46,7 @@ pub struct WriteBehind<'a> {
 }
 
 fn count_failure(store: &Store, stats: &SiteStats, e: &BackendError) {
-    SiteStats::inc(&stats.backend_errors);
+    stats.backend_failure(e);
     if let BackendError::Data(msg) = e {
         store.log().warn(
             FailureKind::Server,
