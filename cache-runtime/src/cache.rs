@@ -508,13 +508,7 @@ impl CacheBuilder {
             BackendConfig::Redis { url } if crate::backend::sentinel::is_sentinel_url(&url.0) => {
                 let config = crate::backend::sentinel::SentinelConfig::parse_url(&url.0)
                     .map_err(|e| Error::config(format!("invalid redis url {url:?}: {e}")))?;
-                let redis = self.redis.clone();
-                AnyBackend::Redis(RedisBackend::sentinel(
-                    config,
-                    &self.namespace,
-                    redis,
-                    log.clone(),
-                ))
+                sentinel_backend(config, &self.namespace, &self.redis, &log)
             }
             BackendConfig::Sentinel { sentinels, service } => {
                 let config = crate::backend::sentinel::SentinelConfig::from_parts(
@@ -522,13 +516,7 @@ impl CacheBuilder {
                     service,
                 )
                 .map_err(|e| Error::config(format!("invalid redis sentinel configuration: {e}")))?;
-                let redis = self.redis.clone();
-                AnyBackend::Redis(RedisBackend::sentinel(
-                    config,
-                    &self.namespace,
-                    redis,
-                    log.clone(),
-                ))
+                sentinel_backend(config, &self.namespace, &self.redis, &log)
             }
             BackendConfig::Redis { url } => {
                 let backend =
@@ -566,6 +554,21 @@ impl CacheBuilder {
             }),
         })
     }
+}
+
+/// The backend behind the master `config`'s sentinels name.
+fn sentinel_backend(
+    config: crate::backend::sentinel::SentinelConfig,
+    namespace: &str,
+    redis: &RedisOptions,
+    log: &Arc<FailureLog>,
+) -> AnyBackend {
+    AnyBackend::Redis(RedisBackend::sentinel(
+        config,
+        namespace,
+        redis.clone(),
+        log.clone(),
+    ))
 }
 
 /// Hides a password in a Redis URL for `Debug`, logs and error messages: `user:password@`

@@ -105,6 +105,24 @@ pub(crate) struct Owned<'a> {
     pub(crate) retention: Duration,
 }
 
+/// Appends a queued write's stream fields (function, key, write id, arguments, envelope, ttl
+/// ms): the one place the entry's layout is written, for `WB_ENQUEUE`'s `XADD` and the
+/// cluster's.
+fn push_entry(cmd: &mut redis::Cmd, w: &WbWrite<'_>, envelope: &[u8], ttl: &str) {
+    cmd.arg("f")
+        .arg(w.function)
+        .arg("k")
+        .arg(w.key)
+        .arg("i")
+        .arg(w.id)
+        .arg("a")
+        .arg(w.args)
+        .arg("v")
+        .arg(envelope)
+        .arg("t")
+        .arg(ttl);
+}
+
 impl RedisBackend {
     /// A connection of the worker's own (blocking reads hold it), connected.
     pub(crate) async fn own_connection(&self) -> redis::RedisResult<WbConn> {
@@ -167,19 +185,8 @@ impl RedisBackend {
                     .arg(&frame[..])
                     .arg(w.id)
                     .arg(millis(config.retention))
-                    .arg(wbl_ttl)
-                    .arg("f")
-                    .arg(w.function)
-                    .arg("k")
-                    .arg(key)
-                    .arg("i")
-                    .arg(w.id)
-                    .arg("a")
-                    .arg(w.args)
-                    .arg("v")
-                    .arg(envelope)
-                    .arg("t")
-                    .arg(ttl);
+                    .arg(wbl_ttl);
+                push_entry(&mut cmd, w, envelope, ttl);
                 let _: Value = run(&mut conn, &WB_ENQUEUE, &cmd).await?;
                 Ok(())
             })
@@ -228,22 +235,11 @@ impl RedisBackend {
         let position: String = self
             .conns
             .run_for(stream, "write-behind enqueue", |mut conn| async move {
+                let mut xadd = redis::cmd("XADD");
+                xadd.arg(stream).arg("*");
+                push_entry(&mut xadd, w, envelope, ttl);
                 let (id, _): (String, i64) = redis::pipe()
-                    .cmd("XADD")
-                    .arg(stream)
-                    .arg("*")
-                    .arg("f")
-                    .arg(w.function)
-                    .arg("k")
-                    .arg(key)
-                    .arg("i")
-                    .arg(w.id)
-                    .arg("a")
-                    .arg(w.args)
-                    .arg("v")
-                    .arg(envelope)
-                    .arg("t")
-                    .arg(ttl)
+                    .add_command(xadd)
                     .cmd("PEXPIRE")
                     .arg(stream)
                     .arg(millis(config.retention))
