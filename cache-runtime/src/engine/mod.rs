@@ -390,11 +390,22 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        b.set("k", &"old", Duration::from_secs(60)).await.unwrap();
         let local_seq = {
             let a = a.clone();
             move || a.store().local().unwrap().seq_of(&a.full_key("k"))
         };
+        let unset = local_seq();
+        b.set("k", &"old", Duration::from_secs(60)).await.unwrap();
+        // Wait for that write's own message: arriving late, during the call below, it would
+        // pass for the later write's and let the hook return before that one arrived.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while local_seq() == unset {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the first write's message never came"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         let before = local_seq();
         let b2 = b.clone();
         *AFTER_READ.lock().unwrap() = Some(Box::new(move || {
