@@ -61,6 +61,18 @@ pub struct Cache {
 struct Inner {
     store: Store,
     stats: StatsRegistry,
+    /// `publish_stats`: the fleet stats publisher.
+    publisher: Option<crate::stats::fleet::Publisher>,
+}
+
+/// A [`Cache`] that does not keep it alive (background tasks hold one).
+pub(crate) struct WeakCache(std::sync::Weak<Inner>);
+
+impl WeakCache {
+    /// The cache, if it was not dropped.
+    pub(crate) fn upgrade(&self) -> Option<Cache> {
+        self.0.upgrade().map(|inner| Cache { inner })
+    }
 }
 
 impl std::fmt::Debug for Cache {
@@ -153,6 +165,7 @@ pub struct CacheBuilder {
     log_every: Duration,
     local: LocalConfig,
     wb: WbConfig,
+    publish_stats: Option<Duration>,
 }
 
 /// Shows the configuration with the Redis URL's password replaced by `***` and
@@ -166,6 +179,7 @@ impl std::fmt::Debug for CacheBuilder {
             .field("redis", &self.redis)
             .field("local", &self.local)
             .field("write_behind", &self.wb)
+            .field("publish_stats", &self.publish_stats)
             .finish_non_exhaustive()
     }
 }
@@ -182,6 +196,7 @@ impl Default for CacheBuilder {
             log_every: Duration::from_secs(10),
             local: LocalConfig::default(),
             wb: WbConfig::default(),
+            publish_stats: None,
         }
     }
 }
@@ -417,6 +432,48 @@ impl CacheBuilder {
         self
     }
 
+    /// Publishes this cache's [`Stats`] snapshot to Redis every `interval` (at least 100 ms;
+    /// 5 to 10 s is plenty), so that [`Cache::fleet_stats`] (and `cachectl stats`) can sum
+    /// the counters of every instance sharing the namespace. Off by default.
+    ///
+    /// Each instance (each `Cache` built with this option: an id `<host>:<pid>:<random>`)
+    /// writes one hash, `__cr:fleet:{<namespace>:stats}:<id>`, with a TTL of three
+    /// intervals, and its id in the registry `__cr:fleet:{<namespace>:stats}` (a sorted set
+    /// scored by the snapshot's expiry, living an hour after the last publish): an instance
+    /// that stops publishing (it died, its cache was dropped) drops out of the sum after
+    /// three intervals. The keys share a hash slot, so a Redis Cluster is served by one node.
+    ///
+    /// Cost: every `interval`, one snapshot of the counters (a lock and a read of each
+    /// function's counters: microseconds) and one `MULTI` of five commands whose size grows
+    /// with the number of functions (about 600 bytes each). Calls pay one atomic load to
+    /// check that the publishing task runs. The task is started in the Tokio runtime of
+    /// the cache's first use after building (building connects nothing), and again in the
+    /// runtime of a later use if that one shut down; it ends when the cache is dropped. A
+    /// failed publish is logged at `debug` (and by the backend's rate-limited failure log)
+    /// and never affects calls. On the memory backend nothing is published: the fleet is
+    /// this cache.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), cache_runtime::Error> {
+    /// let cache = cache_runtime::Cache::builder()
+    ///     .redis("redis://127.0.0.1:6379")
+    ///     .namespace("app")
+    ///     .publish_stats(std::time::Duration::from_secs(5))
+    ///     .build()
+    ///     .await?;
+    /// println!("{}", cache.fleet_stats().await?);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`build`](CacheBuilder::build) fails with [`ErrorKind::Config`] if `interval` is
+    /// under 100 ms.
+    pub fn publish_stats(mut self, interval: Duration) -> Self {
+        self.publish_stats = Some(interval);
+        self
+    }
+
     /// Builds the cache.
     ///
     /// # Errors
@@ -489,6 +546,12 @@ impl CacheBuilder {
         if self.wb.retention < Duration::from_secs(1) {
             return Err(Error::config("write_behind_retention must be at least 1s"));
         }
+        if self
+            .publish_stats
+            .is_some_and(|i| i < crate::stats::fleet::MIN_INTERVAL)
+        {
+            return Err(Error::config("publish_stats interval must be at least 100ms"));
+        }
         let log = Arc::new(FailureLog::new(self.log_every));
         let backend = match self.backend {
             BackendConfig::Memory { max_entries } => {
@@ -551,6 +614,7 @@ impl CacheBuilder {
                     self.wb,
                 ),
                 stats,
+                publisher: self.publish_stats.map(crate::stats::fleet::Publisher::new),
             }),
         })
     }
@@ -627,8 +691,24 @@ impl Cache {
         &self.inner.store
     }
 
+    /// The per-function counters (every cached call asks for them: with `publish_stats`,
+    /// this makes sure the publisher runs).
+    #[inline]
     pub(crate) fn stats_registry(&self) -> &StatsRegistry {
+        if let Some(publisher) = &self.inner.publisher {
+            publisher.ensure(self);
+        }
         &self.inner.stats
+    }
+
+    /// A handle that does not keep the cache alive.
+    pub(crate) fn downgrade(&self) -> WeakCache {
+        WeakCache(Arc::downgrade(&self.inner))
+    }
+
+    /// The fleet stats publisher, with `publish_stats`.
+    pub(crate) fn publisher(&self) -> Option<&crate::stats::fleet::Publisher> {
+        self.inner.publisher.as_ref()
     }
 
     /// The backend key for `key`: `<namespace>:<key>`, or `key` without a namespace; the same
@@ -797,6 +877,28 @@ impl Cache {
     pub fn stats(&self) -> Stats {
         let clears = self.store().local().map_or(0, |l| l.clears());
         self.inner.stats.snapshot().with_l1_clears(clears)
+    }
+
+    /// The per-function counters of every live instance sharing this cache's namespace on
+    /// its Redis, summed: the instances built with
+    /// [`publish_stats`](CacheBuilder::publish_stats) whose last snapshot has not expired
+    /// (this cache is among them only if it publishes too, as of its last publish). Each
+    /// function's row has its fleet hit rate, the under-80% flag and, when low, a
+    /// [`Hint`](crate::Hint) of the likely cause. `Display` prints a table.
+    ///
+    /// On the memory backend the fleet is this cache: its own [`Cache::stats`], as one
+    /// instance.
+    ///
+    /// Snapshots that do not decode (another program's hash under the fleet's keys, a
+    /// corrupt one) are skipped and counted in [`FleetStats::skipped`](crate::FleetStats::skipped).
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Unavailable`] or [`ErrorKind::Timeout`] when Redis cannot be reached
+    /// (including while the circuit breaker is open); [`ErrorKind::Backend`] when it replies
+    /// with an error.
+    pub async fn fleet_stats(&self) -> Result<crate::stats::fleet::FleetStats> {
+        crate::stats::fleet::read(self).await
     }
 }
 

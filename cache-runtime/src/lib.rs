@@ -35,6 +35,9 @@
 //!   and value format as the attribute.
 //! * [`Cache::stats`] — per-function hits, misses, loads, load times and errors, printable as
 //!   a table that flags hit rates under 80%.
+//! * [`Cache::fleet_stats`] — the same summed over every instance of a fleet (each publishes
+//!   its snapshot to Redis: [`CacheBuilder::publish_stats`]), with a [`Hint`] of the likely
+//!   cause of each low hit rate. [`Cache::inspect`] shows what is stored under a key.
 //! * Metrics (feature `metrics`, on by default): the same counters through the
 //!   [`metrics`](https://docs.rs/metrics/0.24) facade (`cache_hits_total{function, cache,
 //!   level}`, `cache_misses_total`, `cache_load_seconds`, `cache_fail_open_total{kind}`,
@@ -80,6 +83,7 @@ mod engine;
 mod envelope;
 mod error;
 mod flight;
+mod inspect;
 mod key;
 mod local;
 mod mode;
@@ -91,6 +95,8 @@ pub mod write_behind;
 pub use crate::cache::{Cache, CacheBuilder, default_cache, set_default};
 pub use crate::error::{Error, ErrorKind, Result};
 pub use crate::key::escape_key_part;
+pub use crate::inspect::{Entry, EntryState};
+pub use crate::stats::fleet::{FleetFunction, FleetStats, Hint};
 pub use crate::stats::{FunctionStats, LOW_HIT_RATE, Stats};
 
 // Documented on the proc-macro items (cache-macros/src/docs/*.md), whose docs rustdoc
@@ -140,6 +146,8 @@ pub mod __private {
         require_wb_arg,
     };
     pub use crate::stats::Site;
+    /// For the integration tests: publish a cache's fleet stats snapshot now.
+    pub use crate::stats::fleet::publish_now;
     pub use crate::tags::Tags;
     pub use crate::write_behind::{
         Applied, ApplyFn, Applying, ArgsError, Inline, ViaDebug, ViaDisplay, ViaName, WbFunction,

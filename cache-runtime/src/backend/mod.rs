@@ -26,7 +26,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 pub(crate) use self::memory::MemoryBackend;
-pub(crate) use self::redis::{RedisBackend, RedisOptions, sentinel, wb};
+pub(crate) use self::redis::{RedisBackend, RedisOptions, fleet, sentinel, wb};
 use crate::envelope::Header;
 use crate::error::{Error, ErrorKind};
 use crate::key::KeyBuf;

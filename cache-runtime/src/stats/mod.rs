@@ -6,6 +6,7 @@
 //! ([`StatsRegistry`]) are in [`site`].
 
 mod counters;
+pub(crate) mod fleet;
 #[cfg(feature = "metrics")]
 pub(crate) mod metrics;
 mod site;

@@ -60,6 +60,7 @@
 mod bus;
 mod conn;
 mod echo;
+pub(crate) mod fleet;
 mod inv;
 mod lease;
 mod scripts;
