@@ -10,6 +10,7 @@ mod cluster;
 mod cluster_node;
 mod coalescing;
 mod engine_defects;
+mod fleet;
 mod local;
 mod local_cluster;
 mod long_keys;
