@@ -127,8 +127,13 @@ async fn three_processes_sum_and_a_dead_one_expires(cluster: &str) {
             .collect(),
     );
     let reader = cache_for(&ns, cluster, None).await;
-    let fleet = wait_for(&reader, "three instances publish", |f| {
-        f.instances() == 3
+    // The publishers also run while their processes call: wait for the final counts.
+    let calls = |f: &cache_runtime::FleetStats| {
+        f.function("fleet_item")
+            .map_or(0, |f| f.stats.hits + f.stats.misses)
+    };
+    let fleet = wait_for(&reader, "three instances publish 60 calls", |f| {
+        f.instances() == 3 && calls(f) == 60
     })
     .await;
     let f = fleet.function("fleet_item").expect("the function is reported");
