@@ -9,20 +9,19 @@
 //! that does not decode at all (another program's hash, a corrupt one) is skipped and
 //! counted in [`FleetStats::skipped`].
 
-use std::collections::{BTreeMap, HashMap};
+mod publish;
+mod wire;
+
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
-use super::{FunctionStats, LOW_HIT_RATE, Stats, fmt_duration};
-use crate::cache::{Cache, WeakCache};
+use self::wire::Sum;
+use super::{FunctionStats, LOW_HIT_RATE, fmt_duration};
+use crate::cache::Cache;
 use crate::error::Result;
 
-/// The version written in a snapshot's `meta`.
-const WIRE_VERSION: u32 = 1;
+pub(crate) use self::publish::Publisher;
+pub use self::publish::publish_now;
 
 /// A snapshot lives this many publish intervals after its publication.
 const TTL_INTERVALS: u32 = 3;
@@ -85,7 +84,7 @@ impl Hint {
     }
 
     /// The hint for `f` (a low hit rate), given the fleet's invalidations in the namespace.
-    fn of(f: &FunctionStats, invalidations: u64) -> Hint {
+    pub(super) fn of(f: &FunctionStats, invalidations: u64) -> Hint {
         if (f.backend_errors + f.decode_errors) * 4 >= f.misses {
             Hint::CacheErrors
         } else if f.loads > 0 && f.not_stored * 2 >= f.loads {
@@ -156,6 +155,7 @@ pub struct FleetStats {
     pub(crate) instances: usize,
     pub(crate) skipped: usize,
     pub(crate) l1_clears: u64,
+    pub(crate) queues: Vec<String>,
 }
 
 impl FleetStats {
@@ -184,6 +184,13 @@ impl FleetStats {
     /// The in-process tiers' clears (see [`Stats::l1_clears`]), summed.
     pub fn l1_clears(&self) -> u64 {
         self.l1_clears
+    }
+
+    /// The write-behind queues of the `#[write_behind]` functions linked into the live
+    /// instances' programs (whether or not they were called), sorted: what `cachectl
+    /// queue` shows without a queue name.
+    pub fn queues(&self) -> &[String] {
+        &self.queues
     }
 
     /// The functions whose fleet hit rate is under 80%.
@@ -266,269 +273,22 @@ impl fmt::Display for FleetStats {
     }
 }
 
-/// A function's counters as published: every member optional, durations in nanoseconds.
-#[derive(Debug, Default, Serialize, Deserialize)]
-#[serde(default)]
-struct Wire {
-    hits: u64,
-    l1_hits: u64,
-    coalesced: u64,
-    misses: u64,
-    bypassed: u64,
-    loads: u64,
-    load_errors: u64,
-    not_stored: u64,
-    load_ns: u64,
-    load_max_ns: u64,
-    backend_errors: u64,
-    decode_errors: u64,
-    stale_fills: u64,
-    lock_acquired: u64,
-    lock_waits: u64,
-    lock_wait_ns: u64,
-    lock_wait_max_ns: u64,
-    takeovers: u64,
-    wait_timeouts: u64,
-    puts: u64,
-    evictions: u64,
-    tag_invalidations: u64,
-    stale_served: u64,
-    refreshes: u64,
-    refresh_errors: u64,
-    accepted: u64,
-    write_through: u64,
-    applied: u64,
-    retried: u64,
-    dead_lettered: u64,
-}
-
-fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-}
-
-impl Wire {
-    fn of(s: &FunctionStats) -> Wire {
-        Wire {
-            hits: s.hits,
-            l1_hits: s.l1_hits,
-            coalesced: s.coalesced,
-            misses: s.misses,
-            bypassed: s.bypassed,
-            loads: s.loads,
-            load_errors: s.load_errors,
-            not_stored: s.not_stored,
-            load_ns: nanos(s.load_time_total),
-            load_max_ns: nanos(s.load_time_max),
-            backend_errors: s.backend_errors,
-            decode_errors: s.decode_errors,
-            stale_fills: s.stale_fills,
-            lock_acquired: s.lock_acquired,
-            lock_waits: s.lock_waits,
-            lock_wait_ns: nanos(s.lock_wait_total),
-            lock_wait_max_ns: nanos(s.lock_wait_max),
-            takeovers: s.takeovers,
-            wait_timeouts: s.wait_timeouts,
-            puts: s.puts,
-            evictions: s.evictions,
-            tag_invalidations: s.tag_invalidations,
-            stale_served: s.stale_served,
-            refreshes: s.refreshes,
-            refresh_errors: s.refresh_errors,
-            accepted: s.accepted,
-            write_through: s.write_through,
-            applied: s.applied,
-            retried: s.retried,
-            dead_lettered: s.dead_lettered,
-        }
-    }
-
-    fn into_stats(self, name: &str) -> FunctionStats {
-        FunctionStats {
-            name: name.to_owned(),
-            hits: self.hits,
-            l1_hits: self.l1_hits,
-            coalesced: self.coalesced,
-            misses: self.misses,
-            bypassed: self.bypassed,
-            loads: self.loads,
-            load_errors: self.load_errors,
-            not_stored: self.not_stored,
-            load_time_total: Duration::from_nanos(self.load_ns),
-            load_time_max: Duration::from_nanos(self.load_max_ns),
-            backend_errors: self.backend_errors,
-            decode_errors: self.decode_errors,
-            stale_fills: self.stale_fills,
-            lock_acquired: self.lock_acquired,
-            lock_waits: self.lock_waits,
-            lock_wait_total: Duration::from_nanos(self.lock_wait_ns),
-            lock_wait_max: Duration::from_nanos(self.lock_wait_max_ns),
-            takeovers: self.takeovers,
-            wait_timeouts: self.wait_timeouts,
-            puts: self.puts,
-            evictions: self.evictions,
-            tag_invalidations: self.tag_invalidations,
-            stale_served: self.stale_served,
-            refreshes: self.refreshes,
-            refresh_errors: self.refresh_errors,
-            accepted: self.accepted,
-            write_through: self.write_through,
-            applied: self.applied,
-            retried: self.retried,
-            dead_lettered: self.dead_lettered,
-        }
-    }
-}
-
-/// A snapshot's `meta` field.
-#[derive(Debug, Serialize, Deserialize)]
-struct Meta {
-    /// [`WIRE_VERSION`].
-    v: u32,
-    #[serde(default)]
-    host: String,
-    #[serde(default)]
-    pid: u32,
-    #[serde(default)]
-    interval_ms: u64,
-    #[serde(default)]
-    l1_clears: u64,
-}
-
-const META: &str = "meta";
-const FUNCTION_PREFIX: &str = "f:";
-
-/// The hash fields of `stats`'s snapshot.
-fn encode(stats: &Stats, interval: Duration) -> Vec<(String, Vec<u8>)> {
-    let meta = Meta {
-        v: WIRE_VERSION,
-        host: hostname(),
-        pid: std::process::id(),
-        interval_ms: u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
-        l1_clears: stats.l1_clears,
-    };
-    let mut fields = Vec::with_capacity(stats.functions.len() + 1);
-    // Serializing plain structs of numbers and strings to JSON cannot fail.
-    if let Ok(meta) = serde_json::to_vec(&meta) {
-        fields.push((META.to_owned(), meta));
-    }
-    for f in &stats.functions {
-        if let Ok(counters) = serde_json::to_vec(&Wire::of(f)) {
-            fields.push((format!("{FUNCTION_PREFIX}{}", f.name), counters));
-        }
-    }
-    fields
-}
-
-/// Sums decoded snapshots.
-#[derive(Default)]
-struct Sum {
-    functions: BTreeMap<String, (FunctionStats, usize)>,
-    instances: usize,
-    skipped: usize,
-    l1_clears: u64,
-}
-
-impl Sum {
-    /// Adds one instance's snapshot hash; a hash without a decodable `meta` of a known
-    /// version is skipped whole, a function field that does not decode alone.
-    fn add(&mut self, hash: &HashMap<String, Vec<u8>>) {
-        let meta = hash
-            .get(META)
-            .and_then(|m| serde_json::from_slice::<Meta>(m).ok())
-            .filter(|m| m.v == WIRE_VERSION);
-        let Some(meta) = meta else {
-            self.skipped += 1;
-            return;
-        };
-        self.instances += 1;
-        self.l1_clears += meta.l1_clears;
-        for (field, value) in hash {
-            let Some(name) = field.strip_prefix(FUNCTION_PREFIX) else {
-                continue;
-            };
-            match serde_json::from_slice::<Wire>(value) {
-                Ok(wire) => self.add_function(wire.into_stats(name)),
-                Err(_) => self.skipped += 1,
+/// The fleet's stats as `cache` sees them (see [`Cache::fleet_stats`]).
+pub(crate) async fn read(cache: &Cache) -> Result<FleetStats> {
+    let mut sum = Sum::default();
+    match cache.store().redis() {
+        None => sum.add_stats(&cache.stats()),
+        Some(redis) => {
+            let live_after = now_ms();
+            let snapshots = redis.fleet_read(cache.namespace(), live_after).await?;
+            for (_, hash) in snapshots {
+                if let Some(hash) = hash {
+                    sum.add(&hash);
+                }
             }
         }
     }
-
-    fn add_stats(&mut self, stats: &Stats) {
-        self.instances += 1;
-        self.l1_clears += stats.l1_clears;
-        for f in &stats.functions {
-            self.add_function(f.clone());
-        }
-    }
-
-    fn add_function(&mut self, f: FunctionStats) {
-        match self.functions.get_mut(&f.name) {
-            None => {
-                self.functions.insert(f.name.clone(), (f, 1));
-            }
-            Some((sum, n)) => {
-                add(sum, &f);
-                *n += 1;
-            }
-        }
-    }
-
-    fn finish(self) -> FleetStats {
-        let invalidations: u64 = self
-            .functions
-            .values()
-            .map(|(f, _)| f.evictions + f.tag_invalidations)
-            .sum();
-        let functions = self
-            .functions
-            .into_values()
-            .map(|(stats, instances)| FleetFunction {
-                hint: stats.is_low().then(|| Hint::of(&stats, invalidations)),
-                stats,
-                instances,
-            })
-            .collect();
-        FleetStats {
-            functions,
-            instances: self.instances,
-            skipped: self.skipped,
-            l1_clears: self.l1_clears,
-        }
-    }
-}
-
-/// Adds `b`'s counters to `a` (maxima: the larger).
-fn add(a: &mut FunctionStats, b: &FunctionStats) {
-    a.hits += b.hits;
-    a.l1_hits += b.l1_hits;
-    a.coalesced += b.coalesced;
-    a.misses += b.misses;
-    a.bypassed += b.bypassed;
-    a.loads += b.loads;
-    a.load_errors += b.load_errors;
-    a.not_stored += b.not_stored;
-    a.load_time_total += b.load_time_total;
-    a.load_time_max = a.load_time_max.max(b.load_time_max);
-    a.backend_errors += b.backend_errors;
-    a.decode_errors += b.decode_errors;
-    a.stale_fills += b.stale_fills;
-    a.lock_acquired += b.lock_acquired;
-    a.lock_waits += b.lock_waits;
-    a.lock_wait_total += b.lock_wait_total;
-    a.lock_wait_max = a.lock_wait_max.max(b.lock_wait_max);
-    a.takeovers += b.takeovers;
-    a.wait_timeouts += b.wait_timeouts;
-    a.puts += b.puts;
-    a.evictions += b.evictions;
-    a.tag_invalidations += b.tag_invalidations;
-    a.stale_served += b.stale_served;
-    a.refreshes += b.refreshes;
-    a.refresh_errors += b.refresh_errors;
-    a.accepted += b.accepted;
-    a.write_through += b.write_through;
-    a.applied += b.applied;
-    a.retried += b.retried;
-    a.dead_lettered += b.dead_lettered;
+    Ok(sum.finish())
 }
 
 /// This host's name (Linux: `/proc/sys/kernel/hostname`; else `$HOSTNAME`), or `unknown`.
@@ -550,241 +310,3 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// The fleet's stats as `cache` sees them (see [`Cache::fleet_stats`]).
-pub(crate) async fn read(cache: &Cache) -> Result<FleetStats> {
-    let mut sum = Sum::default();
-    match cache.store().redis() {
-        None => sum.add_stats(&cache.stats()),
-        Some(redis) => {
-            let live_after = now_ms();
-            let snapshots = redis.fleet_read(cache.namespace(), live_after).await?;
-            for (_, hash) in snapshots {
-                if let Some(hash) = hash {
-                    sum.add(&hash);
-                }
-            }
-        }
-    }
-    Ok(sum.finish())
-}
-
-/// The stats publisher of one cache (see
-/// [`CacheBuilder::publish_stats`](crate::CacheBuilder::publish_stats)): a task in the Tokio
-/// runtime of the cache's first use, restarted in the runtime of a later use if that one
-/// shut down.
-pub(crate) struct Publisher {
-    interval: Duration,
-    /// This instance's id in the fleet: `<host>:<pid>:<random>`.
-    id: String,
-    /// Whether the task runs (cleared when it ends, however it ends).
-    running: Arc<AtomicBool>,
-    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
-}
-
-impl fmt::Debug for Publisher {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Publisher")
-            .field("interval", &self.interval)
-            .field("id", &self.id)
-            .finish_non_exhaustive()
-    }
-}
-
-/// Clears `running` when the publisher's task ends (its runtime shut down, its cache was
-/// dropped).
-struct Running(Arc<AtomicBool>);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
-    }
-}
-
-impl Publisher {
-    pub(crate) fn new(interval: Duration) -> Self {
-        Publisher {
-            interval,
-            id: format!(
-                "{}:{}:{}",
-                hostname(),
-                std::process::id(),
-                &crate::store::new_token()[..12]
-            ),
-            running: Arc::new(AtomicBool::new(false)),
-            task: Mutex::new(None),
-        }
-    }
-
-    /// This instance's id in the fleet.
-    pub(crate) fn id(&self) -> &str {
-        &self.id
-    }
-
-    /// Makes sure the task runs (one atomic load when it does).
-    #[inline]
-    pub(crate) fn ensure(&self, cache: &Cache) {
-        if !self.running.load(Ordering::Acquire) {
-            self.start(cache);
-        }
-    }
-
-    #[cold]
-    fn start(&self, cache: &Cache) {
-        let mut task = self.task.lock().unwrap_or_else(|e| e.into_inner());
-        if self.running.load(Ordering::Acquire) {
-            return;
-        }
-        // A cache used outside a runtime (the memory backend allows it) publishes from the
-        // first use inside one.
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        if cache.store().redis().is_none() {
-            // Nothing to publish to: the memory backend's fleet is this process.
-            self.running.store(true, Ordering::Release);
-            return;
-        }
-        self.running.store(true, Ordering::Release);
-        let running = Running(self.running.clone());
-        *task = Some(handle.spawn(publish_forever(
-            cache.downgrade(),
-            self.id.clone(),
-            self.interval,
-            running,
-        )));
-    }
-}
-
-/// Publishes the snapshot of the cache behind `cache` every `interval`, until the cache is
-/// dropped or the runtime shuts down. A failed publish is logged (the backend's failure log,
-/// at most once per 10 s per kind) and retried at the next tick; it never touches calls.
-async fn publish_forever(cache: WeakCache, id: String, interval: Duration, _running: Running) {
-    let mut ticks = tokio::time::interval(interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let ttl = interval * TTL_INTERVALS;
-    loop {
-        ticks.tick().await;
-        let Some(cache) = cache.upgrade() else {
-            return;
-        };
-        let Some(redis) = cache.store().redis() else {
-            return;
-        };
-        let fields = encode(&cache.stats(), interval);
-        let now = now_ms();
-        let result = redis
-            .fleet_publish(
-                cache.namespace(),
-                &id,
-                &fields,
-                ttl,
-                now.saturating_add(millis(ttl)),
-                REGISTRY_TTL.max(ttl),
-                now.saturating_sub(millis(PRUNE_MARGIN)),
-            )
-            .await;
-        if let Err(e) = result {
-            tracing::debug!(target: "cache_runtime", "fleet stats not published: {e}");
-        }
-    }
-}
-
-/// Publishes `cache`'s snapshot now (tests).
-#[doc(hidden)]
-pub async fn publish_now(cache: &Cache) -> Result<()> {
-    let Some(publisher) = cache.publisher() else {
-        return Err(crate::error::Error::config("publish_stats is not set"));
-    };
-    let Some(redis) = cache.store().redis() else {
-        return Ok(());
-    };
-    let ttl = publisher.interval * TTL_INTERVALS;
-    let now = now_ms();
-    redis
-        .fleet_publish(
-            cache.namespace(),
-            publisher.id(),
-            &encode(&cache.stats(), publisher.interval),
-            ttl,
-            now.saturating_add(millis(ttl)),
-            REGISTRY_TTL.max(ttl),
-            now.saturating_sub(millis(PRUNE_MARGIN)),
-        )
-        .await?;
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::stats::{SiteStats, StatsRegistry};
-
-    fn instance(hits: u64, misses: u64) -> HashMap<String, Vec<u8>> {
-        let reg = StatsRegistry::new(1);
-        let f = reg.register("app::get");
-        f.hits.add(hits);
-        f.misses.add(misses);
-        f.record_load(Duration::from_millis(3));
-        SiteStats::inc(&f.not_stored);
-        encode(&reg.snapshot(), Duration::from_secs(5))
-            .into_iter()
-            .collect()
-    }
-
-    #[test]
-    fn snapshots_sum_per_function() {
-        let mut sum = Sum::default();
-        sum.add(&instance(90, 10));
-        sum.add(&instance(5, 15));
-        let fleet = sum.finish();
-        assert_eq!(fleet.instances(), 2);
-        let f = fleet.function("app::get").unwrap();
-        assert_eq!((f.stats.hits, f.stats.misses, f.instances), (95, 25, 2));
-        assert_eq!(f.stats.loads, 2);
-        assert_eq!(f.stats.load_time_max, Duration::from_millis(3));
-        assert!(f.is_low());
-        assert_eq!(f.hint, Some(Hint::NotStored));
-        let table = fleet.to_string();
-        assert!(table.starts_with("2 instances\n"), "{table}");
-        assert!(table.contains("! 79.2%"), "{table}");
-        assert!(table.contains(Hint::NotStored.as_str()), "{table}");
-    }
-
-    #[test]
-    fn undecodable_snapshots_are_skipped_and_counted() {
-        let mut sum = Sum::default();
-        sum.add(&HashMap::from([("meta".to_owned(), b"{not json".to_vec())]));
-        sum.add(&HashMap::from([("x".to_owned(), b"1".to_vec())]));
-        let mut partly = instance(1, 0);
-        partly.insert("f:app::broken".to_owned(), b"\"x\"".to_vec());
-        sum.add(&partly);
-        let fleet = sum.finish();
-        assert_eq!((fleet.instances(), fleet.skipped()), (1, 3));
-        assert!(fleet.function("app::broken").is_none());
-        assert_eq!(fleet.function("app::get").unwrap().stats.hits, 1);
-    }
-
-    #[test]
-    fn hints_follow_the_counters() {
-        let low = |f: &mut FunctionStats| {
-            f.hits = 10;
-            f.misses = 90;
-            f.loads = 90;
-        };
-        let mut f = StatsRegistry::new(1).snapshot().functions.pop();
-        assert!(f.is_none());
-        let reg = StatsRegistry::new(1);
-        reg.register("a");
-        f = reg.snapshot().functions.pop();
-        let mut f = f.unwrap();
-        low(&mut f);
-        assert_eq!(Hint::of(&f, 0), Hint::NotReread);
-        assert_eq!(Hint::of(&f, 45), Hint::HighInvalidation);
-        f.stale_fills = 9;
-        assert_eq!(Hint::of(&f, 0), Hint::InvalidatedWhileLoading);
-        f.not_stored = 45;
-        assert_eq!(Hint::of(&f, 0), Hint::NotStored);
-        f.backend_errors = 30;
-        assert_eq!(Hint::of(&f, 0), Hint::CacheErrors);
-    }
-}

@@ -359,6 +359,17 @@ impl fmt::Display for QueueDepth {
     }
 }
 
+/// The queues of the `#[write_behind]` functions linked into this program, sorted, each once
+/// (published with the fleet stats: see [`FleetStats::queues`](crate::FleetStats::queues)).
+pub(crate) fn linked_queues() -> Vec<String> {
+    let mut queues: Vec<String> = handler::registered()
+        .map(|f| f.queue().to_owned())
+        .collect();
+    queues.sort_unstable();
+    queues.dedup();
+    queues
+}
+
 /// Whether `queue` is a valid queue name: `[A-Za-z0-9_.-]{1,64}`.
 pub(crate) fn valid_queue(queue: &str) -> bool {
     (1..=64).contains(&queue.len())
