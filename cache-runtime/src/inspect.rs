@@ -45,8 +45,8 @@ pub enum EntryState {
         /// hex). Every write, fill and refresh of the key makes a new one; a pending load or
         /// refresh stores its result only if the key still holds the generation it read.
         generation: String,
-        /// The tags the value was stored under, with whether each still has the version it
-        /// had then. A value with a tag that moved is never served (the tag was
+        /// The tags the value was stored under (full names: the namespace included), with
+        /// whether each still has the version it had then. A value with a tag that moved is never served (the tag was
         /// invalidated).
         tags: Vec<(String, bool)>,
     },

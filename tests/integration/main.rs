@@ -6,6 +6,7 @@
 mod support;
 
 mod behaviour;
+mod cachectl;
 mod cluster;
 mod cluster_node;
 mod coalescing;
