@@ -288,3 +288,64 @@ async fn redis_down_is_reported_not_a_miss() {
         assert_fails(&result, cachectl::EXIT_REDIS, "redis: ");
     }
 }
+
+/// `get`, `invalidate` and `stats` on the Redis Cluster of `CACHE_TESTS_CLUSTER_URLS`, when
+/// set (`--cluster`).
+#[tokio::test]
+async fn on_a_cluster() {
+    let Some(urls) = std::env::var("CACHE_TESTS_CLUSTER_URLS")
+        .ok()
+        .filter(|u| !u.trim().is_empty())
+    else {
+        eprintln!("CACHE_TESTS_CLUSTER_URLS is not set: the cluster variant is skipped");
+        return;
+    };
+    let ns = unique_namespace("cachectl_cluster");
+    let cache = Cache::builder()
+        .redis_cluster(urls.split(','))
+        .namespace(&ns)
+        .operation_timeout(Duration::from_secs(2))
+        .publish_stats(Duration::from_secs(1))
+        .build()
+        .await
+        .unwrap();
+    member(&cache, 3, 4).await;
+    cache_runtime::__private::publish_now(&cache).await.unwrap();
+    let run = |args: &[&str]| {
+        let mut all = vec![
+            "--cluster".to_owned(),
+            urls.clone(),
+            "--namespace".to_owned(),
+            ns.clone(),
+        ];
+        all.extend(args.iter().map(|a| (*a).to_owned()));
+        async move {
+            let (mut out, mut err) = (Vec::new(), Vec::new());
+            let code = cachectl::run_async(all, &mut out, &mut err).await;
+            (
+                code,
+                String::from_utf8(out).unwrap(),
+                String::from_utf8(err).unwrap(),
+            )
+        }
+    };
+    let (code, out, err) = run(&["get", "member:4"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(r#"value:       "member 4 of team 3""#), "{out}");
+    assert!(out.contains(&format!("{ns}:team:3 (current)")), "{out}");
+    let (code, out, err) = run(&["stats"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("1 instance\n"), "{out}");
+    assert!(out.contains("cachectl_member"), "{out}");
+    let (code, _, err) = run(&["invalidate-tag", "team:3"]).await;
+    assert_eq!(code, 0, "{err}");
+    let (_, out, _) = run(&["get", "member:4"]).await;
+    assert!(out.contains(&format!("{ns}:team:3 (invalidated)")), "{out}");
+    let (code, _, err) = run(&["invalidate", "member:4"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_fails(
+        &run(&["get", "member:4"]).await,
+        cachectl::EXIT_NO_ENTRY,
+        "no entry for key member:4",
+    );
+}
