@@ -550,7 +550,9 @@ impl CacheBuilder {
             .publish_stats
             .is_some_and(|i| i < crate::stats::fleet::MIN_INTERVAL)
         {
-            return Err(Error::config("publish_stats interval must be at least 100ms"));
+            return Err(Error::config(
+                "publish_stats interval must be at least 100ms",
+            ));
         }
         let log = Arc::new(FailureLog::new(self.log_every));
         let backend = match self.backend {

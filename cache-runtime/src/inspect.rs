@@ -94,7 +94,10 @@ fn state_of(bytes: &[u8], tags: Vec<(String, bool)>) -> EntryState {
     };
     let Ok(json) = envelope::decode::<serde_json::Value>(bytes) else {
         return EntryState::Foreign {
-            description: format!("an envelope header but no JSON payload: {}", describe(bytes)),
+            description: format!(
+                "an envelope header but no JSON payload: {}",
+                describe(bytes)
+            ),
         };
     };
     let created_ms = envelope::header_created_at_ms(&header);
@@ -220,11 +223,7 @@ impl fmt::Display for Entry {
                 writeln!(f, "value:       {json}")?;
                 writeln!(f, "ttl:         {}", fmt_ttl(self.ttl))?;
                 writeln!(f, "age:         {:.1}s", age.as_secs_f64())?;
-                writeln!(
-                    f,
-                    "compute:     {:.3}ms",
-                    compute_time.as_secs_f64() * 1e3
-                )?;
+                writeln!(f, "compute:     {:.3}ms", compute_time.as_secs_f64() * 1e3)?;
                 writeln!(f, "generation:  {generation}")?;
                 for (tag, current) in tags {
                     let state = if *current { "current" } else { "invalidated" };

@@ -94,8 +94,8 @@ pub mod write_behind;
 
 pub use crate::cache::{Cache, CacheBuilder, default_cache, set_default};
 pub use crate::error::{Error, ErrorKind, Result};
-pub use crate::key::escape_key_part;
 pub use crate::inspect::{Entry, EntryState};
+pub use crate::key::escape_key_part;
 pub use crate::stats::fleet::{FleetFunction, FleetStats, Hint};
 pub use crate::stats::{FunctionStats, LOW_HIT_RATE, Stats};
 

@@ -393,7 +393,11 @@ async fn queue(cache: &Cache, queues: &[String], out: &mut dyn Write) -> Result<
         queues.to_vec()
     };
     for q in &named {
-        writeln!(out, "{}", cache_runtime::write_behind::depth(cache, q).await?)?;
+        writeln!(
+            out,
+            "{}",
+            cache_runtime::write_behind::depth(cache, q).await?
+        )?;
     }
     Ok(())
 }

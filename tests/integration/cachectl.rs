@@ -62,7 +62,11 @@ async fn stats_shows_the_fleet_table() {
         .unwrap_or_else(|| panic!("a row for the function: {out}"));
     let cells: Vec<&str> = row.split_whitespace().collect();
     // function, inst, calls, hits, misses, hit rate
-    assert_eq!(cells[..6], ["cachectl_member", "1", "2", "1", "1", "!"], "{out}");
+    assert_eq!(
+        cells[..6],
+        ["cachectl_member", "1", "2", "1", "1", "!"],
+        "{out}"
+    );
     // --watch clears the screen before each table; --count stops it.
     let (code, out, _) = cachectl(&[
         "stats",
@@ -75,7 +79,11 @@ async fn stats_shows_the_fleet_table() {
     ])
     .await;
     assert_eq!(code, 0);
-    assert_eq!(out.matches("\x1b[2J\x1b[H1 instance\n").count(), 2, "{out:?}");
+    assert_eq!(
+        out.matches("\x1b[2J\x1b[H1 instance\n").count(),
+        2,
+        "{out:?}"
+    );
     // A namespace without publishers: an empty table, and why.
     let (code, out, _) = cachectl(&["--namespace", &unique_namespace("none"), "stats"]).await;
     assert_eq!(code, 0);
@@ -86,7 +94,11 @@ async fn stats_shows_the_fleet_table() {
 async fn get_shows_the_entry_and_invalidate_removes_it() {
     let (cache, ns) = cache("cachectl_get").await;
     cache
-        .set("user:1", &serde_json::json!({"name": "ann"}), Duration::from_secs(60))
+        .set(
+            "user:1",
+            &serde_json::json!({"name": "ann"}),
+            Duration::from_secs(60),
+        )
         .await
         .unwrap();
     let (code, out, err) = cachectl(&["--namespace", &ns, "get", "user:1"]).await;
@@ -110,7 +122,11 @@ async fn get_shows_the_entry_and_invalidate_removes_it() {
 
     // A write makes a new generation.
     cache
-        .set("user:1", &serde_json::json!({"name": "bob"}), Duration::from_secs(60))
+        .set(
+            "user:1",
+            &serde_json::json!({"name": "bob"}),
+            Duration::from_secs(60),
+        )
         .await
         .unwrap();
     let (_, out2, _) = cachectl(&["--namespace", &ns, "get", "user:1"]).await;
@@ -118,7 +134,10 @@ async fn get_shows_the_entry_and_invalidate_removes_it() {
 
     let (code, out, _) = cachectl(&["--namespace", &ns, "invalidate", "user:1"]).await;
     assert_eq!((code, out.as_str()), (0, "invalidated user:1\n"));
-    assert_eq!(cache.get::<serde_json::Value>("user:1").await.unwrap(), None);
+    assert_eq!(
+        cache.get::<serde_json::Value>("user:1").await.unwrap(),
+        None
+    );
     assert_fails(
         &cachectl(&["--namespace", &ns, "get", "user:1"]).await,
         cachectl::EXIT_NO_ENTRY,
@@ -156,7 +175,10 @@ async fn invalidate_tag_voids_the_tagged_entries() {
     assert_eq!(member(&cache, 7, 1).await, "member 1 of team 7");
     let (code, out, err) = cachectl(&["--namespace", &ns, "get", "member:1"]).await;
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains(r#"value:       "member 1 of team 7""#), "{out}");
+    assert!(
+        out.contains(r#"value:       "member 1 of team 7""#),
+        "{out}"
+    );
     // Tags are shown as stored: with the namespace, like the key.
     assert!(
         out.contains(&format!("tag:         {ns}:team:7 (current)")),
@@ -245,7 +267,11 @@ async fn bad_input_is_one_line_and_a_distinct_exit_code() {
         cachectl::EXIT_USAGE,
         "unknown",
     );
-    assert_fails(&cachectl(&["get"]).await, cachectl::EXIT_USAGE, "needs a KEY");
+    assert_fails(
+        &cachectl(&["get"]).await,
+        cachectl::EXIT_USAGE,
+        "needs a KEY",
+    );
     assert_fails(
         &cachectl(&["get", "a", "b"]).await,
         cachectl::EXIT_USAGE,
@@ -331,7 +357,10 @@ async fn on_a_cluster() {
     };
     let (code, out, err) = run(&["get", "member:4"]).await;
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains(r#"value:       "member 4 of team 3""#), "{out}");
+    assert!(
+        out.contains(r#"value:       "member 4 of team 3""#),
+        "{out}"
+    );
     assert!(out.contains(&format!("{ns}:team:3 (current)")), "{out}");
     let (code, out, err) = run(&["stats"]).await;
     assert_eq!(code, 0, "{err}");

@@ -136,7 +136,9 @@ async fn three_processes_sum_and_a_dead_one_expires(cluster: &str) {
         f.instances() == 3 && calls(f) == 60
     })
     .await;
-    let f = fleet.function("fleet_item").expect("the function is reported");
+    let f = fleet
+        .function("fleet_item")
+        .expect("the function is reported");
     assert_eq!(
         (f.stats.hits, f.stats.misses, f.stats.loads, f.instances),
         (48, 12, 12, 3),
@@ -234,7 +236,10 @@ async fn publish_stats_checks_its_interval() {
         .build()
         .await
         .unwrap_err();
-    assert!(e.is_config() && e.to_string().contains("publish_stats"), "{e}");
+    assert!(
+        e.is_config() && e.to_string().contains("publish_stats"),
+        "{e}"
+    );
 }
 
 fn cache_tests_now_ms() -> u64 {

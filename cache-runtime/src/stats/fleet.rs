@@ -204,7 +204,11 @@ impl fmt::Display for FleetStats {
         let s = if self.instances == 1 { "" } else { "s" };
         write!(f, "{} instance{s}", self.instances)?;
         if self.skipped > 0 {
-            write!(f, " ({} undecodable snapshot entries skipped)", self.skipped)?;
+            write!(
+                f,
+                " ({} undecodable snapshot entries skipped)",
+                self.skipped
+            )?;
         }
         writeln!(f)?;
         let width = self
@@ -309,4 +313,3 @@ fn now_ms() -> u64 {
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
-

@@ -34,6 +34,25 @@ pub(crate) fn snapshot_key(namespace: &str, id: &str) -> String {
     format!("{}:{id}", registry_key(namespace))
 }
 
+/// One instance's snapshot, to publish.
+#[derive(Clone, Copy)]
+pub(crate) struct Snapshot<'a> {
+    /// The cache's namespace.
+    pub(crate) namespace: &'a str,
+    /// The instance's id.
+    pub(crate) id: &'a str,
+    /// The hash's fields.
+    pub(crate) fields: &'a [(String, Vec<u8>)],
+    /// The hash's TTL.
+    pub(crate) ttl: Duration,
+    /// When the hash expires (ms since the epoch): its registry score.
+    pub(crate) expires_ms: u64,
+    /// The registry's TTL.
+    pub(crate) registry_ttl: Duration,
+    /// Registry members scored below this are dropped.
+    pub(crate) prune_before_ms: u64,
+}
+
 /// One instance's snapshot as read: its id and its hash (`None`: it expired since the
 /// registry was read).
 pub(crate) type RawSnapshot = (String, Option<HashMap<String, Vec<u8>>>);
@@ -63,19 +82,19 @@ fn pttl(v: &Value) -> Option<Duration> {
 }
 
 impl RedisBackend {
-    /// Stores instance `id`'s snapshot `fields` for `ttl`, records it in the registry (scored
-    /// by its expiry, `expires_ms`), refreshes the registry's TTL to `registry_ttl`, and
-    /// drops registry members whose snapshot expired before `prune_before_ms`. One `MULTI`.
-    pub(crate) async fn fleet_publish(
-        &self,
-        namespace: &str,
-        id: &str,
-        fields: &[(String, Vec<u8>)],
-        ttl: Duration,
-        expires_ms: u64,
-        registry_ttl: Duration,
-        prune_before_ms: u64,
-    ) -> BackendResult<()> {
+    /// Stores `s`: the instance's hash (replacing the previous one) with its TTL, its
+    /// registry entry scored by its expiry, the registry's TTL refreshed, and registry members
+    /// whose snapshot expired before `s.prune_before_ms` dropped. One `MULTI`.
+    pub(crate) async fn fleet_publish(&self, s: &Snapshot<'_>) -> BackendResult<()> {
+        let Snapshot {
+            namespace,
+            id,
+            fields,
+            ttl,
+            expires_ms,
+            registry_ttl,
+            prune_before_ms,
+        } = *s;
         let registry = registry_key(namespace);
         let snapshot = snapshot_key(namespace, id);
         let registry = &registry;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use super::wire::encode;
 use super::{PRUNE_MARGIN, REGISTRY_TTL, TTL_INTERVALS, hostname, millis, now_ms};
+use crate::backend::fleet::Snapshot;
 use crate::cache::{Cache, WeakCache};
 use crate::error::Result;
 
@@ -98,61 +99,50 @@ impl Publisher {
 }
 
 /// Publishes the snapshot of the cache behind `cache` every `interval`, until the cache is
-/// dropped or the runtime shuts down. A failed publish is logged (the backend's failure log,
-/// at most once per 10 s per kind) and retried at the next tick; it never touches calls.
+/// dropped or the runtime shuts down. A failed publish is logged (at `debug` here, and by the
+/// backend's failure log, at most once per 10 s per kind) and retried at the next tick; it
+/// never touches calls.
 async fn publish_forever(cache: WeakCache, id: String, interval: Duration, _running: Running) {
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let ttl = interval * TTL_INTERVALS;
     loop {
         ticks.tick().await;
         let Some(cache) = cache.upgrade() else {
             return;
         };
-        let Some(redis) = cache.store().redis() else {
-            return;
-        };
-        let fields = encode(&cache.stats(), interval);
-        let now = now_ms();
-        let result = redis
-            .fleet_publish(
-                cache.namespace(),
-                &id,
-                &fields,
-                ttl,
-                now.saturating_add(millis(ttl)),
-                REGISTRY_TTL.max(ttl),
-                now.saturating_sub(millis(PRUNE_MARGIN)),
-            )
-            .await;
-        if let Err(e) = result {
+        if let Err(e) = publish(&cache, &id, interval).await {
             tracing::debug!(target: "cache_runtime", "fleet stats not published: {e}");
         }
     }
 }
 
-/// Publishes `cache`'s snapshot now (tests).
+/// Publishes `cache`'s snapshot as instance `id`, publishing every `interval`.
+async fn publish(cache: &Cache, id: &str, interval: Duration) -> Result<()> {
+    let Some(redis) = cache.store().redis() else {
+        return Ok(());
+    };
+    let ttl = interval * TTL_INTERVALS;
+    let now = now_ms();
+    let fields = encode(&cache.stats(), interval);
+    redis
+        .fleet_publish(&Snapshot {
+            namespace: cache.namespace(),
+            id,
+            fields: &fields,
+            ttl,
+            expires_ms: now.saturating_add(millis(ttl)),
+            registry_ttl: REGISTRY_TTL.max(ttl),
+            prune_before_ms: now.saturating_sub(millis(PRUNE_MARGIN)),
+        })
+        .await?;
+    Ok(())
+}
+
+/// Publishes `cache`'s snapshot now (tests: the sums they check do not wait for a tick).
 #[doc(hidden)]
 pub async fn publish_now(cache: &Cache) -> Result<()> {
     let Some(publisher) = cache.publisher() else {
         return Err(crate::error::Error::config("publish_stats is not set"));
     };
-    let Some(redis) = cache.store().redis() else {
-        return Ok(());
-    };
-    let ttl = publisher.interval * TTL_INTERVALS;
-    let now = now_ms();
-    redis
-        .fleet_publish(
-            cache.namespace(),
-            publisher.id(),
-            &encode(&cache.stats(), publisher.interval),
-            ttl,
-            now.saturating_add(millis(ttl)),
-            REGISTRY_TTL.max(ttl),
-            now.saturating_sub(millis(PRUNE_MARGIN)),
-        )
-        .await?;
-    Ok(())
+    publish(cache, publisher.id(), publisher.interval).await
 }
-
