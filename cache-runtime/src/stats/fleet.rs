@@ -181,7 +181,7 @@ impl FleetStats {
         self.skipped
     }
 
-    /// The in-process tiers' clears (see [`Stats::l1_clears`]), summed.
+    /// The in-process tiers' clears (see [`Stats::l1_clears`](crate::Stats::l1_clears)), summed.
     pub fn l1_clears(&self) -> u64 {
         self.l1_clears
     }
