@@ -170,6 +170,21 @@ async fn get_of_something_else_is_not_a_cache_entry() {
 }
 
 #[tokio::test]
+async fn get_of_a_pending_load_shows_its_lease_holder() {
+    let (cache, ns) = cache("cachectl_pending").await;
+    // What a `lock` load leaves in the key while it runs: its marker, the lease.
+    let mut conn = raw_connection(&redis_url()).await;
+    let _: () = conn
+        .set_ex(cache.full_key("slow"), "\0crp:5f3a9c:1b", 60)
+        .await
+        .unwrap();
+    let (code, out, err) = cachectl(&["--namespace", &ns, "get", "slow"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("value:       - (a load is pending)"), "{out}");
+    assert!(out.contains("lease:       5f3a9c:1b"), "{out}");
+}
+
+#[tokio::test]
 async fn invalidate_tag_voids_the_tagged_entries() {
     let (cache, ns) = cache("cachectl_tag").await;
     assert_eq!(member(&cache, 7, 1).await, "member 1 of team 7");

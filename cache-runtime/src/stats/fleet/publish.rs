@@ -77,16 +77,15 @@ impl Publisher {
         if self.running.load(Ordering::Acquire) {
             return;
         }
-        // A cache used outside a runtime (the memory backend allows it) publishes from the
-        // first use inside one.
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
         if cache.store().redis().is_none() {
             // Nothing to publish to: the memory backend's fleet is this process.
             self.running.store(true, Ordering::Release);
             return;
         }
+        // Outside a runtime: the first use inside one starts the task.
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         self.running.store(true, Ordering::Release);
         let running = Running(self.running.clone());
         *task = Some(handle.spawn(publish_forever(
