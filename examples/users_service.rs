@@ -22,7 +22,11 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     // Before the first cached call: the functions register their metrics then.
     let metrics = prometheus()?;
     let cache = if config.cache_enabled { "on" } else { "off" };
-    let backend = config.redis_url.as_deref().map_or("memory", |_| "redis");
+    let backend = match (&config.redis_url, config.redis_cluster.is_empty()) {
+        (_, false) => "redis cluster",
+        (Some(_), true) => "redis",
+        (None, true) => "memory",
+    };
     let service = start(config.clone(), Some(metrics)).await?;
     println!("listening on http://{}", service.addr());
     std::io::stdout().flush()?;

@@ -41,6 +41,9 @@ pub struct Options {
     pub pg_url: Option<String>,
     /// The stats label whose hit rate is reported (`--function`, default `users.get`).
     pub function: String,
+    /// Only the series of this `cache` label (the service's namespace; `--cache-label`),
+    /// when several caches report the same function; default: all.
+    pub cache_label: Option<String>,
     /// Print a progress line every second.
     pub progress: bool,
 }
@@ -64,6 +67,7 @@ impl Default for Options {
                     }),
             ),
             function: GET_USER.to_owned(),
+            cache_label: None,
             progress: true,
         }
     }
@@ -80,7 +84,8 @@ where
 
 impl Options {
     /// Applies command-line options: `--url`, `--clients`, `--duration` (seconds),
-    /// `--writes`, `--users`, `--zipf`, `--seed`, `--pg URL|none`, `--function`, `--quiet`.
+    /// `--writes`, `--users`, `--zipf`, `--seed`, `--pg URL|none`, `--function`, `--cache-label`,
+    /// `--quiet`.
     /// Other arguments are returned, for the caller's own flags.
     ///
     /// # Errors
@@ -112,6 +117,7 @@ impl Options {
                     self.pg_url = (v != "none").then_some(v);
                 }
                 "--function" => self.function = value()?,
+                "--cache-label" => self.cache_label = Some(value()?),
                 "--quiet" => self.progress = false,
                 _ => rest.push(arg),
             }
@@ -159,9 +165,11 @@ pub struct Scrape {
     pub db_queries: f64,
 }
 
-/// Reads the sums of the metrics in [`Scrape`] out of a Prometheus text exposition.
-pub fn parse_metrics(text: &str, function: &str) -> Scrape {
+/// Reads the sums of the metrics in [`Scrape`] out of a Prometheus text exposition: the
+/// series of `function`, and of the cache `cache` if given.
+pub fn parse_metrics(text: &str, function: &str, cache: Option<&str>) -> Scrape {
     let label = format!("function=\"{function}\"");
+    let cache_label = cache.map(|c| format!("cache=\"{c}\""));
     let mut s = Scrape::default();
     for line in text.lines() {
         if line.starts_with('#') {
@@ -174,7 +182,8 @@ pub fn parse_metrics(text: &str, function: &str) -> Scrape {
             continue;
         };
         let (name, labels) = series.split_once('{').unwrap_or((series, ""));
-        let ours = labels.split(',').any(|l| l.trim_end_matches('}') == label);
+        let has = |wanted: &str| labels.split(',').any(|l| l.trim_end_matches('}') == wanted);
+        let ours = has(&label) && cache_label.as_deref().is_none_or(has);
         match name {
             "cache_hits_total" if ours => {
                 s.hits += value;
@@ -194,7 +203,11 @@ pub fn parse_metrics(text: &str, function: &str) -> Scrape {
 ///
 /// # Errors
 /// The request failed or did not answer 200.
-pub async fn scrape(addr: SocketAddr, function: &str) -> Result<Scrape, String> {
+pub async fn scrape(
+    addr: SocketAddr,
+    function: &str,
+    cache: Option<&str>,
+) -> Result<Scrape, String> {
     let r = Client::new(addr)
         .send("GET", "/metrics", None)
         .await
@@ -202,7 +215,7 @@ pub async fn scrape(addr: SocketAddr, function: &str) -> Result<Scrape, String> 
     if r.status != 200 {
         return Err(format!("GET /metrics answered {}", r.status));
     }
-    Ok(parse_metrics(&String::from_utf8_lossy(&r.body), function))
+    Ok(parse_metrics(&String::from_utf8_lossy(&r.body), function, cache))
 }
 
 /// Transactions committed and rolled back in the current database so far.
@@ -337,7 +350,7 @@ pub async fn run(options: &Options, progress: impl Fn(&str)) -> Result<Report, S
         },
         None => None,
     };
-    let before = scrape(addr, &options.function).await?;
+    let before = scrape(addr, &options.function, options.cache_label.as_deref()).await?;
     let pg_before = match &pg {
         Some(c) => Some(pg_transactions(c).await?),
         None => None,
@@ -394,7 +407,7 @@ pub async fn run(options: &Options, progress: impl Fn(&str)) -> Result<Report, S
         second += 1;
         if options.progress && left >= Duration::from_secs(1) {
             let now = requests.load(Ordering::Relaxed);
-            let rate = match scrape(addr, &options.function).await {
+            let rate = match scrape(addr, &options.function, options.cache_label.as_deref()).await {
                 Ok(s) => {
                     let (h, m) = (s.hits - before.hits, s.misses - before.misses);
                     if h + m > 0.0 {
@@ -422,7 +435,7 @@ pub async fn run(options: &Options, progress: impl Fn(&str)) -> Result<Report, S
         errors += e;
     }
     let elapsed = start.elapsed();
-    let after = scrape(addr, &options.function).await?;
+    let after = scrape(addr, &options.function, options.cache_label.as_deref()).await?;
     let pg_after = match &pg {
         Some(c) => Some(pg_transactions(c).await?),
         None => None,
@@ -461,7 +474,7 @@ cache_misses_total{function=\"users.get\",cache=\"t\"} 5
 cache_misses_total{function=\"users.get2\",cache=\"t\"} 9
 users_db_queries_total 6
 ";
-        let s = parse_metrics(text, "users.get");
+        let s = parse_metrics(text, "users.get", None);
         assert_eq!(
             s,
             Scrape {
@@ -471,6 +484,8 @@ users_db_queries_total 6
                 db_queries: 6.0
             }
         );
+        let s = parse_metrics(text, "users.get", Some("u"));
+        assert_eq!((s.hits, s.misses, s.db_queries), (0.0, 0.0, 6.0));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The service's database access: a small pool of `tokio-postgres` connections, each with
 //! its prepared statements, and the table's creation and seeding.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,6 +34,7 @@ pub(super) struct Db {
     slots: Vec<Mutex<Option<Arc<Conn>>>>,
     next: AtomicUsize,
     queries: metrics::Counter,
+    count: AtomicU64,
 }
 
 fn db_error(context: &str, e: impl std::fmt::Display) -> DbError {
@@ -83,6 +84,7 @@ impl Db {
             slots: (0..size.max(1)).map(|_| Mutex::new(None)).collect(),
             next: AtomicUsize::new(0),
             queries: metrics::counter!(DB_QUERIES),
+            count: AtomicU64::new(0),
         }
     }
 
@@ -191,10 +193,20 @@ impl Db {
         Ok(conn)
     }
 
+    fn counted(&self) {
+        self.queries.increment(1);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Statements sent so far by this pool.
+    pub(super) fn queries(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
     /// `SELECT .. WHERE id = $1`.
     pub(super) async fn select(&self, id: i64) -> Result<Option<User>, DbError> {
         let c = self.conn().await?;
-        self.queries.increment(1);
+        self.counted();
         let row = c
             .client
             .query_opt(&c.select, &[&id])
@@ -206,7 +218,7 @@ impl Db {
     /// The first 50 users of an organisation, by id.
     pub(super) async fn by_org(&self, org: i64) -> Result<Vec<User>, DbError> {
         let c = self.conn().await?;
-        self.queries.increment(1);
+        self.counted();
         let rows = c
             .client
             .query(&c.by_org, &[&org])
@@ -223,7 +235,7 @@ impl Db {
         email: Option<&str>,
     ) -> Result<Option<User>, DbError> {
         let c = self.conn().await?;
-        self.queries.increment(1);
+        self.counted();
         let row = c
             .client
             .query_opt(&c.update, &[&id, &name, &email])
@@ -236,7 +248,7 @@ impl Db {
     /// no such user.
     pub(super) async fn delete(&self, id: i64) -> Result<Option<i64>, DbError> {
         let c = self.conn().await?;
-        self.queries.increment(1);
+        self.counted();
         let row = c
             .client
             .query_opt(&c.delete, &[&id])

@@ -76,6 +76,9 @@ pub struct Config {
     pub pool: usize,
     /// Redis (`REDIS_URL`, `--redis`); `None`: the cache is in process memory.
     pub redis_url: Option<String>,
+    /// Redis Cluster seed nodes (`REDIS_CLUSTER_URLS`, comma-separated; `--redis-cluster`):
+    /// when not empty, used instead of `redis_url`.
+    pub redis_cluster: Vec<String>,
     /// The cache's namespace (`CACHE_NAMESPACE`, `--namespace`; default: the table name).
     /// Instances sharing Redis and a namespace share their entries.
     pub namespace: Option<String>,
@@ -99,6 +102,7 @@ impl Default for Config {
             rows: 100_000,
             pool: 8,
             redis_url: None,
+            redis_cluster: Vec::new(),
             namespace: None,
             cache_enabled: true,
             local_capacity: 10_000,
@@ -117,6 +121,14 @@ where
         .map_err(|e| format!("invalid {what} `{value}`: {e}"))
 }
 
+fn split_urls(urls: &str) -> Vec<String> {
+    urls.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 fn on_off(what: &str, value: &str) -> Result<bool, String> {
     match value {
         "on" | "true" | "1" => Ok(true),
@@ -127,7 +139,7 @@ fn on_off(what: &str, value: &str) -> Result<bool, String> {
 
 impl Config {
     /// The defaults, overridden by the environment: `PG_URL`, `USERS_TABLE`, `USERS_ROWS`,
-    /// `PG_POOL`, `REDIS_URL`, `CACHE_NAMESPACE`, `CACHE`, `HOST`, `PORT`.
+    /// `PG_POOL`, `REDIS_URL`, `REDIS_CLUSTER_URLS`, `CACHE_NAMESPACE`, `CACHE`, `HOST`, `PORT`.
     ///
     /// # Errors
     /// A variable that does not parse, named in the message.
@@ -147,6 +159,7 @@ impl Config {
             c.pool = parse("PG_POOL", &v)?;
         }
         c.redis_url = var("REDIS_URL");
+        c.redis_cluster = split_urls(&var("REDIS_CLUSTER_URLS").unwrap_or_default());
         c.namespace = var("CACHE_NAMESPACE");
         if let Some(v) = var("CACHE") {
             c.cache_enabled = on_off("CACHE", &v)?;
@@ -161,7 +174,7 @@ impl Config {
     }
 
     /// Applies command-line options (`--port N`, `--host IP`, `--table NAME`, `--rows N`,
-    /// `--pool N`, `--redis URL`, `--memory`, `--namespace NS`, `--cache on|off`).
+    /// `--pool N`, `--redis URL`, `--redis-cluster URL,URL`, `--memory`, `--namespace NS`, `--cache on|off`).
     ///
     /// # Errors
     /// An unknown option, a missing or invalid value.
@@ -170,6 +183,7 @@ impl Config {
         while let Some(arg) = args.next() {
             if arg == "--memory" {
                 self.redis_url = None;
+                self.redis_cluster.clear();
                 continue;
             }
             let mut value = || args.next().ok_or_else(|| format!("`{arg}` needs a value"));
@@ -180,6 +194,7 @@ impl Config {
                 "--rows" => self.rows = parse("--rows", &value()?)?,
                 "--pool" => self.pool = parse("--pool", &value()?)?,
                 "--redis" => self.redis_url = Some(value()?),
+                "--redis-cluster" => self.redis_cluster = split_urls(&value()?),
                 "--namespace" => self.namespace = Some(value()?),
                 "--cache" => self.cache_enabled = on_off("--cache", &value()?)?,
                 _ => return Err(format!("unknown option `{arg}`")),
@@ -314,6 +329,12 @@ impl Users {
         }
     }
 
+    /// Statements this instance sent to PostgreSQL (also counted, for all instances of the
+    /// process, in the metric [`DB_QUERIES`]).
+    pub fn db_queries(&self) -> u64 {
+        self.db.queries()
+    }
+
     /// Drops the service's table (the tests' clean-up).
     ///
     /// # Errors
@@ -390,6 +411,9 @@ pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> Result<
     let namespace = config.namespace.clone().unwrap_or_else(|| config.table.clone());
     let builder = Cache::builder().namespace(namespace);
     let builder = match &config.redis_url {
+        _ if !config.redis_cluster.is_empty() => builder
+            .redis_cluster(config.redis_cluster.iter().cloned())
+            .local(config.local_capacity),
         Some(url) => builder.redis(url).local(config.local_capacity),
         None => builder.memory(config.local_capacity),
     };
