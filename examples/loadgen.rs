@@ -50,9 +50,15 @@ async fn main_inner() -> Result<(), String> {
             .await
             .map_err(|e| e.to_string())?;
         options.url = format!("http://{}", service.addr());
-        println!("== {label}: {} clients, {:?}", options.clients, options.duration);
+        println!(
+            "== {label}: {} clients, {:?}",
+            options.clients, options.duration
+        );
         let report = run(&options, |line| println!("{line}")).await;
-        service.stop().await.map_err(|e| format!("stopping the service: {e}"))?;
+        service
+            .stop()
+            .await
+            .map_err(|e| format!("stopping the service: {e}"))?;
         let report = report?;
         print!("{report}");
         reports.push((label, report));

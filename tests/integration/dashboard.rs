@@ -69,7 +69,9 @@ fn the_grafana_dashboard_queries_only_exported_metrics() {
     let mut used = BTreeSet::new();
     for panel in panels {
         let title = panel["title"].as_str().expect("every panel has a title");
-        let targets = panel["targets"].as_array().expect("every panel has targets");
+        let targets = panel["targets"]
+            .as_array()
+            .expect("every panel has targets");
         assert!(!targets.is_empty(), "panel {title:?} has no query");
         for target in targets {
             let expr = target["expr"].as_str().expect("every target has an expr");

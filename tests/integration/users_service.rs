@@ -35,9 +35,8 @@ async fn request(addr: SocketAddr, method: &str, path: &str, body: Option<Value>
     let json = if r.body.is_empty() {
         Value::Null
     } else {
-        serde_json::from_slice(&r.body).unwrap_or_else(|_| {
-            Value::String(String::from_utf8_lossy(&r.body).into_owned())
-        })
+        serde_json::from_slice(&r.body)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&r.body).into_owned()))
     };
     (r.status, json)
 }
@@ -77,7 +76,11 @@ async fn eventually_name(addr: SocketAddr, id: i64, expected: Option<&str>) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     for _ in 0..20 {
-        assert_eq!(name_of(addr, id).await.as_deref(), expected, "{addr} went back");
+        assert_eq!(
+            name_of(addr, id).await.as_deref(),
+            expected,
+            "{addr} went back"
+        );
     }
 }
 
@@ -107,7 +110,12 @@ async fn load(addr: SocketAddr, namespace: &str) -> Report {
 }
 
 /// The checks, against `a` and, when the backend is shared, a second instance `b`.
-async fn check(a: SocketAddr, b: Option<SocketAddr>, namespace: String, a_misses: impl Fn() -> u64) {
+async fn check(
+    a: SocketAddr,
+    b: Option<SocketAddr>,
+    namespace: String,
+    a_misses: impl Fn() -> u64,
+) {
     let report = load(a, &namespace).await;
     assert!(report.requests > 0);
     assert_eq!(report.errors, 0, "{report}");
@@ -134,11 +142,17 @@ async fn check(a: SocketAddr, b: Option<SocketAddr>, namespace: String, a_misses
         Some(serde_json::json!({ "name": renamed })),
     )
     .await;
-    assert_eq!((status, user["name"].as_str()), (200, Some(renamed.as_str())));
+    assert_eq!(
+        (status, user["name"].as_str()),
+        (200, Some(renamed.as_str()))
+    );
     assert_eq!(name_of(a, id).await.as_deref(), Some(renamed.as_str()));
     eventually_name(other, id, Some(&renamed)).await;
     let listing = org_names(other, org).await;
-    assert!(listing.contains(&renamed) && !listing.contains(&seeded), "{listing:?}");
+    assert!(
+        listing.contains(&renamed) && !listing.contains(&seeded),
+        "{listing:?}"
+    );
 
     // And the other way round.
     let again = format!("again {namespace}");
@@ -155,7 +169,13 @@ async fn check(a: SocketAddr, b: Option<SocketAddr>, namespace: String, a_misses
     // Bad input: a clear 4xx, no panic.
     let (status, _) = request(a, "GET", "/users/not-a-number", None).await;
     assert_eq!(status, 400);
-    let (status, _) = request(a, "PUT", &format!("/users/{id}"), Some(serde_json::json!({}))).await;
+    let (status, _) = request(
+        a,
+        "PUT",
+        &format!("/users/{id}"),
+        Some(serde_json::json!({})),
+    )
+    .await;
     assert_eq!(status, 422);
     let (status, _) = request(a, "PUT", "/users/0", Some(serde_json::json!({"name": "x"}))).await;
     assert_eq!(status, 404);
@@ -199,11 +219,9 @@ async fn run(backend: Backend) {
         .unwrap();
     let b = match backend {
         Backend::Memory => None,
-        Backend::Redis | Backend::Cluster => Some(
-            users_service::start(config, Some(metrics))
-                .await
-                .unwrap(),
-        ),
+        Backend::Redis | Backend::Cluster => {
+            Some(users_service::start(config, Some(metrics)).await.unwrap())
+        }
     };
     let users = a.users().clone();
     let outcome = tokio::spawn(check(

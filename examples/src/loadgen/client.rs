@@ -129,7 +129,12 @@ async fn read_response(conn: &mut BufReader<TcpStream>) -> io::Result<Response> 
         .strip_prefix("HTTP/1.1 ")
         .and_then(|rest| rest.get(..3))
         .and_then(|code| code.parse::<u16>().ok())
-        .ok_or_else(|| bad(format!("not an HTTP/1.1 status line: {:?}", line.trim_end())))?;
+        .ok_or_else(|| {
+            bad(format!(
+                "not an HTTP/1.1 status line: {:?}",
+                line.trim_end()
+            ))
+        })?;
     let mut length = None;
     let mut chunked = false;
     loop {

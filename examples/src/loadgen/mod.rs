@@ -104,7 +104,9 @@ impl Options {
                 "--duration" => {
                     let secs: f64 = parse("--duration", &value()?)?;
                     if !secs.is_finite() || secs <= 0.0 {
-                        return Err(format!("invalid --duration {secs}: a positive number of seconds"));
+                        return Err(format!(
+                            "invalid --duration {secs}: a positive number of seconds"
+                        ));
                     }
                     self.duration = Duration::from_secs_f64(secs);
                 }
@@ -130,7 +132,10 @@ impl Options {
             return Err("--clients must be at least 1".to_owned());
         }
         if !(0.0..=1.0).contains(&self.writes) {
-            return Err(format!("invalid --writes {}: a share in [0, 1]", self.writes));
+            return Err(format!(
+                "invalid --writes {}: a share in [0, 1]",
+                self.writes
+            ));
         }
         service_addr(&self.url)
     }
@@ -143,7 +148,9 @@ fn service_addr(url: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("invalid --url `{url}`: expected http://host:port"))?;
     let hostport = rest.trim_end_matches('/');
     if hostport.contains('/') {
-        return Err(format!("invalid --url `{url}`: no path, only http://host:port"));
+        return Err(format!(
+            "invalid --url `{url}`: no path, only http://host:port"
+        ));
     }
     hostport
         .to_socket_addrs()
@@ -215,7 +222,11 @@ pub async fn scrape(
     if r.status != 200 {
         return Err(format!("GET /metrics answered {}", r.status));
     }
-    Ok(parse_metrics(&String::from_utf8_lossy(&r.body), function, cache))
+    Ok(parse_metrics(
+        &String::from_utf8_lossy(&r.body),
+        function,
+        cache,
+    ))
 }
 
 /// Transactions committed and rolled back in the current database so far.
@@ -429,7 +440,9 @@ pub async fn run(options: &Options, progress: impl Fn(&str)) -> Result<Report, S
     let mut latencies = Vec::new();
     let (mut writes, mut errors) = (0, 0);
     for task in tasks {
-        let (l, w, e) = task.await.map_err(|e| format!("a client task failed: {e}"))?;
+        let (l, w, e) = task
+            .await
+            .map_err(|e| format!("a client task failed: {e}"))?;
         latencies.extend(l);
         writes += w;
         errors += e;
@@ -500,7 +513,11 @@ users_db_queries_total 6
         let args = ["--writes", "1.5"].map(String::from);
         let (o, _) = Options::default().apply_args(args).unwrap();
         assert!(o.validate().is_err());
-        assert!(Options::default().apply_args(["--duration".to_owned()]).is_err());
+        assert!(
+            Options::default()
+                .apply_args(["--duration".to_owned()])
+                .is_err()
+        );
     }
 
     #[test]

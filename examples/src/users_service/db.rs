@@ -60,13 +60,15 @@ pub(super) fn check_table_name(table: &str) -> Result<(), String> {
 
 /// Connects once, spawning the connection's driver on the current runtime.
 async fn connect(url: &str) -> Result<Client, DbError> {
-    let (client, connection) = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        tokio_postgres::connect(url, NoTls),
-    )
-    .await
-    .map_err(|_| DbError(format!("connecting to PostgreSQL timed out after {CONNECT_TIMEOUT:?}")))?
-    .map_err(|e| db_error("connecting to PostgreSQL", e))?;
+    let (client, connection) =
+        tokio::time::timeout(CONNECT_TIMEOUT, tokio_postgres::connect(url, NoTls))
+            .await
+            .map_err(|_| {
+                DbError(format!(
+                    "connecting to PostgreSQL timed out after {CONNECT_TIMEOUT:?}"
+                ))
+            })?
+            .map_err(|e| db_error("connecting to PostgreSQL", e))?;
     tokio::spawn(async move {
         // Ends when the client is dropped or the server goes away; the next caller of the
         // slot sees `is_closed()` and reconnects.
@@ -112,7 +114,10 @@ impl Db {
         .await
         .map_err(|e| db_error(&format!("creating table {t}"), e))?;
         let have: i64 = tx
-            .query_one(&format!("SELECT count(*) FROM {t} WHERE id BETWEEN 1 AND $1"), &[&rows])
+            .query_one(
+                &format!("SELECT count(*) FROM {t} WHERE id BETWEEN 1 AND $1"),
+                &[&rows],
+            )
             .await
             .map_err(|e| db_error(&format!("counting the rows of {t}"), e))?
             .get(0);
@@ -153,7 +158,10 @@ impl Db {
                     .map_err(|e| db_error("preparing a statement", e))
             }
         };
-        let select = prepare(format!("SELECT id, name, email, org_id FROM {t} WHERE id = $1")).await?;
+        let select = prepare(format!(
+            "SELECT id, name, email, org_id FROM {t} WHERE id = $1"
+        ))
+        .await?;
         let by_org = prepare(format!(
             "SELECT id, name, email, org_id FROM {t} WHERE org_id = $1 ORDER BY id LIMIT 50"
         ))

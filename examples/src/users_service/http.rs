@@ -34,11 +34,7 @@ pub(super) fn router(users: Arc<Users>, metrics: Option<PrometheusHandle>) -> Ro
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (
-        status,
-        Json(serde_json::json!({ "error": message.into() })),
-    )
-        .into_response()
+    (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
 }
 
 fn db_failure(e: DbError) -> Response {

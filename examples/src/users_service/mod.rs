@@ -231,8 +231,8 @@ pub fn prometheus() -> Result<PrometheusHandle, String> {
                 .set_buckets_for_metric(
                     Matcher::Suffix("_seconds".into()),
                     &[
-                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                        2.5, 5.0,
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                        5.0,
                     ],
                 )
                 .and_then(|b| b.install_recorder())
@@ -308,7 +308,9 @@ impl Users {
     /// # Errors
     /// The database's.
     pub async fn update(&self, id: i64, change: &UserUpdate) -> Result<Option<User>, DbError> {
-        let user = self.store(id, &change.name, change.email.as_deref()).await?;
+        let user = self
+            .store(id, &change.name, change.email.as_deref())
+            .await?;
         if let Some(user) = &user {
             self.org_changed(user.org_id).await?;
         }
@@ -406,9 +408,15 @@ impl std::error::Error for StartError {}
 ///
 /// # Errors
 /// Invalid configuration, PostgreSQL unreachable, the port taken.
-pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> Result<Service, StartError> {
+pub async fn start(
+    config: Config,
+    metrics: Option<PrometheusHandle>,
+) -> Result<Service, StartError> {
     config.validate().map_err(StartError)?;
-    let namespace = config.namespace.clone().unwrap_or_else(|| config.table.clone());
+    let namespace = config
+        .namespace
+        .clone()
+        .unwrap_or_else(|| config.table.clone());
     let builder = Cache::builder().namespace(namespace);
     let builder = match &config.redis_url {
         _ if !config.redis_cluster.is_empty() => builder
