@@ -91,7 +91,7 @@ impl Db {
     }
 
     /// Creates the table if missing and inserts the rows `1..=rows` that are not there (a
-    /// fresh table: one `INSERT .. SELECT generate_series`, about a second for 100 000
+    /// fresh table: one `INSERT .. SELECT generate_series`, seconds at most for 100 000
     /// rows). Concurrent starts on one table serialize on an advisory lock.
     pub(super) async fn prepare_table(&self, rows: i64) -> Result<(), DbError> {
         let mut client = connect(&self.url).await?;
