@@ -1,0 +1,313 @@
+//! The users service end to end (examples/src/users_service): started in this process on a
+//! free port, over the real PostgreSQL (`PG_URL`) in a table of its own (dropped at the end),
+//! on memory, the shared Redis and a Redis Cluster, in a namespace of its own. The load
+//! generator runs against it for two seconds; then a read after a write sees the write, in
+//! the instance that wrote and in a second instance sharing the Redis (whose `local` copy the
+//! write must remove), a DELETE makes the next read miss and reload, and `/metrics` shows
+//! the function's hits.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use cache_examples::loadgen::{self, Client, Options, Report};
+use cache_examples::users_service::{self, Config, GET_USER, Service};
+use cache_tests::{RedisCluster, pg_url, redis_url, shared_cluster, unique_namespace};
+use serde_json::Value;
+
+const ROWS: i64 = 20_000;
+
+/// How long a write may take to reach another instance's `local` tier: far more than the
+/// bound (`local_staleness`, 1 s), for a busy machine.
+const PROPAGATION: Duration = Duration::from_secs(10);
+
+enum Backend {
+    Memory,
+    Redis,
+    Cluster,
+}
+
+async fn request(addr: SocketAddr, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let body = body.map(|b| b.to_string());
+    let r = Client::new(addr)
+        .send(method, path, body.as_deref().map(str::as_bytes))
+        .await
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    let json = if r.body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&r.body)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&r.body).into_owned()))
+    };
+    (r.status, json)
+}
+
+async fn name_of(addr: SocketAddr, id: i64) -> Option<String> {
+    match request(addr, "GET", &format!("/users/{id}"), None).await {
+        (200, user) => Some(user["name"].as_str().unwrap().to_owned()),
+        (404, _) => None,
+        (status, body) => panic!("GET /users/{id}: {status} {body}"),
+    }
+}
+
+async fn org_names(addr: SocketAddr, org: i64) -> Vec<String> {
+    let (status, users) = request(addr, "GET", &format!("/orgs/{org}/users"), None).await;
+    assert_eq!(status, 200, "{users}");
+    users
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Reads `id` from `addr` until it has `expected` (at most [`PROPAGATION`]), then checks
+/// that it keeps it.
+async fn eventually_name(addr: SocketAddr, id: i64, expected: Option<&str>) {
+    let deadline = Instant::now() + PROPAGATION;
+    loop {
+        let name = name_of(addr, id).await;
+        if name.as_deref() == expected {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "GET /users/{id} on {addr} still answers {name:?}, not {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for _ in 0..20 {
+        assert_eq!(
+            name_of(addr, id).await.as_deref(),
+            expected,
+            "{addr} went back"
+        );
+    }
+}
+
+/// The value of `cache_hits_total` for `users.get` in `namespace`, summed over levels.
+async fn metric_hits(addr: SocketAddr, namespace: &str) -> f64 {
+    let (status, text) = request(addr, "GET", "/metrics", None).await;
+    assert_eq!(status, 200);
+    let text = text.as_str().expect("the exposition is text");
+    assert!(text.contains("# TYPE cache_hits_total counter"), "{text}");
+    loadgen::parse_metrics(text, GET_USER, Some(namespace)).hits
+}
+
+async fn load(addr: SocketAddr, namespace: &str) -> Report {
+    let options = Options {
+        url: format!("http://{addr}"),
+        clients: 8,
+        duration: Duration::from_secs(2),
+        writes: 0.05,
+        // The checks below use ids the load never touches.
+        users: (ROWS - 100) as u64,
+        pg_url: None,
+        cache_label: Some(namespace.to_owned()),
+        progress: false,
+        ..Options::default()
+    };
+    loadgen::run(&options, |_| {}).await.unwrap()
+}
+
+/// The checks, against `a` and, when the backend is shared, a second instance `b`.
+async fn check(
+    a: SocketAddr,
+    b: Option<SocketAddr>,
+    namespace: String,
+    a_misses: impl Fn() -> u64,
+) {
+    let report = load(a, &namespace).await;
+    assert!(report.requests > 0);
+    assert_eq!(report.errors, 0, "{report}");
+    assert!(report.delta.hits > 0.0, "no hits under load: {report}");
+    assert!(metric_hits(a, &namespace).await > 0.0);
+
+    let other = b.unwrap_or(a);
+    // A user outside the load's hot set, read by both instances (filling their tiers), and
+    // its organisation's listing.
+    let id = ROWS - 7;
+    let org = id % 1000;
+    let seeded = format!("User {id}");
+    for addr in [a, other, a, other] {
+        assert_eq!(name_of(addr, id).await.as_deref(), Some(seeded.as_str()));
+    }
+    assert!(org_names(other, org).await.contains(&seeded));
+
+    // A PUT on one instance: both read the new name; the listing drops the old one.
+    let renamed = format!("renamed {namespace}");
+    let (status, user) = request(
+        a,
+        "PUT",
+        &format!("/users/{id}"),
+        Some(serde_json::json!({ "name": renamed })),
+    )
+    .await;
+    assert_eq!(
+        (status, user["name"].as_str()),
+        (200, Some(renamed.as_str()))
+    );
+    assert_eq!(name_of(a, id).await.as_deref(), Some(renamed.as_str()));
+    eventually_name(other, id, Some(&renamed)).await;
+    let listing = org_names(other, org).await;
+    assert!(
+        listing.contains(&renamed) && !listing.contains(&seeded),
+        "{listing:?}"
+    );
+
+    // And the other way round.
+    let again = format!("again {namespace}");
+    let (status, _) = request(
+        other,
+        "PUT",
+        &format!("/users/{id}"),
+        Some(serde_json::json!({ "name": again, "email": "x@example.com" })),
+    )
+    .await;
+    assert_eq!(status, 200);
+    eventually_name(a, id, Some(&again)).await;
+
+    // Bad input: a clear 4xx, no panic.
+    let (status, _) = request(a, "GET", "/users/not-a-number", None).await;
+    assert_eq!(status, 400);
+    let (status, _) = request(
+        a,
+        "PUT",
+        &format!("/users/{id}"),
+        Some(serde_json::json!({})),
+    )
+    .await;
+    assert_eq!(status, 422);
+    let (status, _) = request(a, "PUT", "/users/0", Some(serde_json::json!({"name": "x"}))).await;
+    assert_eq!(status, 404);
+
+    // A DELETE on the other instance: the next read on `a` misses, reloads and finds nothing.
+    let before = a_misses();
+    let (status, _) = request(other, "DELETE", &format!("/users/{id}"), None).await;
+    assert_eq!(status, 204);
+    eventually_name(a, id, None).await;
+    assert!(a_misses() > before, "the read after DELETE did not miss");
+    assert!(!org_names(a, org).await.contains(&again));
+    let (status, _) = request(a, "DELETE", &format!("/users/{id}"), None).await;
+    assert_eq!(status, 404);
+}
+
+async fn run(backend: Backend) {
+    let metrics = users_service::prometheus().unwrap();
+    let namespace = unique_namespace("users-service");
+    let table = format!("svc{}_users", namespace.rsplit(':').next().unwrap());
+    let mut _cluster: Option<RedisCluster> = None;
+    let mut config = Config {
+        pg_url: pg_url(),
+        table,
+        rows: ROWS,
+        pool: 4,
+        namespace: Some(namespace.clone()),
+        port: 0,
+        ..Config::default()
+    };
+    match backend {
+        Backend::Memory => {}
+        Backend::Redis => config.redis_url = Some(redis_url()),
+        Backend::Cluster => {
+            let (urls, cluster) = shared_cluster();
+            config.redis_cluster = urls;
+            _cluster = cluster;
+        }
+    }
+    let a = users_service::start(config.clone(), Some(metrics.clone()))
+        .await
+        .unwrap();
+    let b = match backend {
+        Backend::Memory => None,
+        Backend::Redis | Backend::Cluster => {
+            Some(users_service::start(config, Some(metrics)).await.unwrap())
+        }
+    };
+    let users = a.users().clone();
+    let outcome = tokio::spawn(check(
+        a.addr(),
+        b.as_ref().map(Service::addr),
+        namespace,
+        move || {
+            users
+                .cache()
+                .stats()
+                .function(GET_USER)
+                .map_or(0, |f| f.misses)
+        },
+    ))
+    .await;
+    let dropped = a.users().drop_table().await;
+    a.stop().await.unwrap();
+    if let Some(b) = b {
+        b.stop().await.unwrap();
+    }
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+    dropped.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn users_service_on_memory() {
+    run(Backend::Memory).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn users_service_on_redis() {
+    run(Backend::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn users_service_on_a_cluster() {
+    run(Backend::Cluster).await;
+}
+
+/// With the cache off, every request is one query, and nothing is counted as a hit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn users_service_with_the_cache_off_queries_every_time() {
+    let metrics = users_service::prometheus().unwrap();
+    let namespace = unique_namespace("users-service-off");
+    let config = Config {
+        pg_url: pg_url(),
+        table: format!("svc{}_users", namespace.rsplit(':').next().unwrap()),
+        rows: 2_000,
+        pool: 2,
+        redis_url: Some(redis_url()),
+        namespace: Some(namespace.clone()),
+        cache_enabled: false,
+        port: 0,
+        ..Config::default()
+    };
+    let service = users_service::start(config, Some(metrics)).await.unwrap();
+    let addr = service.addr();
+    let users = service.users().clone();
+    let outcome = tokio::spawn(async move {
+        let options = Options {
+            url: format!("http://{addr}"),
+            clients: 4,
+            duration: Duration::from_secs(1),
+            users: 2_000,
+            pg_url: None,
+            cache_label: Some(namespace),
+            progress: false,
+            ..Options::default()
+        };
+        let report = loadgen::run(&options, |_| {}).await.unwrap();
+        assert!(report.requests > 0);
+        assert_eq!(report.errors, 0, "{report}");
+        assert_eq!(report.hit_rate(), None, "{report}");
+        assert_eq!(users.db_queries(), report.requests);
+        let stats = users.cache().stats();
+        let get = stats.function(GET_USER).expect("users.get was called");
+        assert_eq!((get.hits, get.misses), (0, 0));
+        assert!(get.bypassed > 0);
+    })
+    .await;
+    let dropped = service.users().drop_table().await;
+    service.stop().await.unwrap();
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+    dropped.unwrap();
+}
