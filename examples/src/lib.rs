@@ -57,8 +57,3 @@ pub async fn select_user(id: u64, latency: Duration) -> Result<Option<User>, DbE
 pub fn queries() -> u64 {
     QUERIES.load(Ordering::Relaxed)
 }
-
-#[cfg(feature = "service")]
-pub mod loadgen;
-#[cfg(feature = "service")]
-pub mod users_service;

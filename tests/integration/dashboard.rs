@@ -62,7 +62,7 @@ fn the_grafana_dashboard_queries_only_exported_metrics() {
         std::fs::read_to_string(root().join("examples/grafana/cache-dashboard.json")).unwrap();
     let dashboard: Value = serde_json::from_str(&text).expect("the dashboard is valid JSON");
     let mut known = exported_metrics();
-    known.insert(cache_examples::users_service::DB_QUERIES.to_owned());
+    known.insert(cache_service_example::users_service::DB_QUERIES.to_owned());
 
     let panels = dashboard["panels"].as_array().expect("a panels array");
     assert!(!panels.is_empty());

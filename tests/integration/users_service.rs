@@ -1,4 +1,4 @@
-//! The users service end to end (examples/src/users_service): started in this process on a
+//! The users service end to end (examples/service/src/users_service): started in this process on a
 //! free port, over the real PostgreSQL (`PG_URL`) in a table of its own (dropped at the end),
 //! on memory, the shared Redis and a Redis Cluster, in a namespace of its own. The load
 //! generator runs against it for two seconds; then a read after a write sees the write, in
@@ -9,8 +9,8 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use cache_examples::loadgen::{self, Client, Options, Report};
-use cache_examples::users_service::{self, Config, GET_USER, Service};
+use cache_service_example::loadgen::{self, Client, Options, Report};
+use cache_service_example::users_service::{self, Config, GET_USER, Service};
 use cache_tests::{RedisCluster, pg_url, redis_url, shared_cluster, unique_namespace};
 use serde_json::Value;
 

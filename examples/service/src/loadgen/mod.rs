@@ -1,5 +1,5 @@
 //! The load generator for the users service (`cargo run --release --example loadgen
-//! --features service -- --url http://127.0.0.1:3000`): N clients, each on its own
+//! -- --url http://127.0.0.1:3000`): N clients, each on its own
 //! keep-alive connection, pick user ids from a Zipf(1.1) distribution and send `GET
 //! /users/{id}` or, with probability `--writes`, `PUT /users/{id}`. A progress line every
 //! second; at the end throughput, latency percentiles, the service's hit rate (from its

@@ -1,13 +1,13 @@
-//! The load generator: `cargo run --release --example loadgen --features service -- --url
+//! The load generator: `cargo run --release --example loadgen -- --url
 //! http://127.0.0.1:3000 --clients 32 --writes 0.05 --duration 20`.
 //!
 //! `--compare` starts the users service itself, in this process (configured from the same
 //! environment as the service: `PG_URL`, `USERS_TABLE`, `REDIS_URL`, ...), and runs the load
 //! twice: with the cache, then without (`CACHE=off`); `--url` is then ignored. Options:
-//! `cache_examples::loadgen::Options`.
+//! `cache_service_example::loadgen::Options`.
 
-use cache_examples::loadgen::{Options, Report, run};
-use cache_examples::users_service::{self, Config};
+use cache_service_example::loadgen::{Options, Report, run};
+use cache_service_example::users_service::{self, Config};
 
 #[tokio::main]
 async fn main() {

@@ -1,13 +1,13 @@
-//! The users service: `cargo run --release --example users-service --features service`.
+//! The users service: `cargo run --release --example users-service`.
 //!
 //! An axum API over the PostgreSQL table `users_service` (created and seeded with 100 000
 //! users on first start), cached on Redis (`REDIS_URL`) or in memory, with `GET /metrics`.
-//! Options: see `cache_examples::users_service::Config` (`--port 0` picks a free port;
+//! Options: see `cache_service_example::users_service::Config` (`--port 0` picks a free port;
 //! `CACHE=off` runs every query). The first line of stdout is `listening on http://ADDR`.
 
 use std::io::Write;
 
-use cache_examples::users_service::{Config, prometheus, start};
+use cache_service_example::users_service::{Config, prometheus, start};
 
 #[tokio::main]
 async fn main() {

@@ -12,7 +12,7 @@ use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use super::{UserUpdate, Users};
-use crate::DbError;
+use cache_examples::DbError;
 
 #[derive(Clone)]
 struct App {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio_postgres::{Client, NoTls, Statement};
 
 use super::User;
-use crate::DbError;
+use cache_examples::DbError;
 
 /// How long connecting to PostgreSQL may take before the request fails.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

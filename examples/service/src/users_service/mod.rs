@@ -1,4 +1,4 @@
-//! The users service (`cargo run --release --example users-service --features service`): an
+//! The users service (`cargo run --release --example users-service`): an
 //! axum HTTP API over a PostgreSQL `users` table, its reads cached with `#[cached(lock,
 //! local)]`, its writes through `#[cache_put]` and `#[cache_evict]`, its metrics on
 //! `GET /metrics` in the Prometheus text format.
@@ -30,7 +30,7 @@ use tokio::task::JoinHandle;
 
 pub use self::db::DB_QUERIES;
 use self::db::Db;
-use crate::DbError;
+use cache_examples::DbError;
 
 /// The stats label (`name`) of the cached `GET /users/{id}` read: the `function` label of
 /// its metrics.
