@@ -153,6 +153,7 @@ pub struct CacheBuilder {
     log_every: Duration,
     local: LocalConfig,
     wb: WbConfig,
+    trace_keys: bool,
 }
 
 /// Shows the configuration with the Redis URL's password replaced by `***` and
@@ -166,6 +167,7 @@ impl std::fmt::Debug for CacheBuilder {
             .field("redis", &self.redis)
             .field("local", &self.local)
             .field("write_behind", &self.wb)
+            .field("trace_keys", &self.trace_keys)
             .finish_non_exhaustive()
     }
 }
@@ -182,6 +184,7 @@ impl Default for CacheBuilder {
             log_every: Duration::from_secs(10),
             local: LocalConfig::default(),
             wb: WbConfig::default(),
+            trace_keys: false,
         }
     }
 }
@@ -417,6 +420,16 @@ impl CacheBuilder {
         self
     }
 
+    /// Whether each cached call's `tracing` span (`cache_call`, at `debug`: see the README's
+    /// "Tracing") records the call's key, as its `key` field (with the namespace). Off by
+    /// default: keys can carry personal data (`user:{email}`), and spans often leave the
+    /// process. The other fields (`function`, `cache`, `outcome`, `level`) never hold
+    /// argument values.
+    pub fn trace_keys(mut self, on: bool) -> Self {
+        self.trace_keys = on;
+        self
+    }
+
     /// Builds the cache.
     ///
     /// # Errors
@@ -539,7 +552,9 @@ impl CacheBuilder {
         };
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        let stats = StatsRegistry::new(id).named(&self.namespace);
+        let stats = StatsRegistry::new(id)
+            .named(&self.namespace)
+            .with_trace_keys(self.trace_keys);
         Ok(Cache {
             inner: Arc::new(Inner {
                 store: Store::new(
