@@ -194,11 +194,6 @@ impl<'a> Fetch<'a> {
         tracing::Instrument::instrument(body, self.trace.span().clone())
     }
 
-    /// The call's span.
-    pub(crate) fn span(&self) -> &tracing::Span {
-        self.trace.span()
-    }
-
     /// Whether the value found or loaded goes into the in-process tier (so the verdict keeps
     /// it decoded).
     pub(crate) fn wants_local(&self) -> bool {
@@ -358,6 +353,17 @@ impl<'a> Fetch<'a> {
                 self.backend_failure(&e);
                 false
             }
+        }
+    }
+
+    /// [`Fetch::lookup`], inside the call's span when a subscriber wants it (a disabled span
+    /// is neither cloned nor entered: the hit path with no subscriber stays as it was).
+    pub(crate) async fn traced_lookup(&mut self) -> Step {
+        if self.trace.span().is_disabled() {
+            self.lookup().await
+        } else {
+            let span = self.trace.span().clone();
+            tracing::Instrument::instrument(self.lookup(), span).await
         }
     }
 
@@ -890,8 +896,12 @@ impl<'a> Fetch<'a> {
     /// Stores and shares the load's result as its verdict says.
     pub async fn complete(&mut self, verdict: Verdict) {
         // Boxed: the call's future holds the largest of its paths', and a hit's is small.
-        let span = self.trace.span().clone();
-        tracing::Instrument::instrument(Box::pin(self.complete_boxed(verdict)), span).await;
+        if self.trace.span().is_disabled() {
+            Box::pin(self.complete_boxed(verdict)).await;
+        } else {
+            let span = self.trace.span().clone();
+            tracing::Instrument::instrument(Box::pin(self.complete_boxed(verdict)), span).await;
+        }
     }
 
     async fn complete_boxed(&mut self, verdict: Verdict) {

@@ -219,10 +219,7 @@ impl Fetch<'_> {
         mode: &M,
         typed: Option<Typed<M::Value>>,
     ) -> Result<R, Finish<R, M, M::Value>> {
-        let span = self.span().clone();
-        while let Step::Found(stored) =
-            tracing::Instrument::instrument(self.lookup(), span.clone()).await
-        {
+        while let Step::Found(stored) = self.traced_lookup().await {
             #[cfg(test)]
             tests::after_read().await;
             match decode_value(&stored, typed) {
@@ -257,10 +254,7 @@ impl Fetch<'_> {
         typed: Option<Typed<M::Value>>,
         refresher: &Refresher<'_>,
     ) -> Result<R, Finish<R, M, M::Value>> {
-        let span = self.span().clone();
-        while let Step::Found(stored) =
-            tracing::Instrument::instrument(self.lookup(), span.clone()).await
-        {
+        while let Step::Found(stored) = self.traced_lookup().await {
             #[cfg(test)]
             tests::after_read().await;
             match decode_value(&stored, typed) {
