@@ -53,16 +53,17 @@ impl Breaker {
     }
 
     /// Reports this breaker's state as the `cache_breaker_open` gauge of the cache named
-    /// `namespace` (feature `metrics`; the gauge is registered now, with the recorder in use).
-    pub(crate) fn report_as(&self, namespace: &str) {
+    /// `namespace`, with `node` for a cluster master's breaker (feature `metrics`; the gauge
+    /// is registered now, with the recorder in use).
+    pub(crate) fn report_as(&self, namespace: &str, node: Option<&str>) {
         #[cfg(feature = "metrics")]
         {
-            let gauge = crate::stats::metrics::breaker_gauge(namespace);
+            let gauge = crate::stats::metrics::breaker_gauge(namespace, node);
             gauge.set(f64::from(u8::from(self.is_open())));
             let _ = self.gauge.set(gauge);
         }
         #[cfg(not(feature = "metrics"))]
-        let _ = namespace;
+        let _ = (namespace, node);
     }
 
     #[inline]

@@ -166,6 +166,7 @@ pub struct CacheBuilder {
     local: LocalConfig,
     wb: WbConfig,
     publish_stats: Option<Duration>,
+    trace_keys: bool,
 }
 
 /// Shows the configuration with the Redis URL's password replaced by `***` and
@@ -180,6 +181,7 @@ impl std::fmt::Debug for CacheBuilder {
             .field("local", &self.local)
             .field("write_behind", &self.wb)
             .field("publish_stats", &self.publish_stats)
+            .field("trace_keys", &self.trace_keys)
             .finish_non_exhaustive()
     }
 }
@@ -197,6 +199,7 @@ impl Default for CacheBuilder {
             local: LocalConfig::default(),
             wb: WbConfig::default(),
             publish_stats: None,
+            trace_keys: false,
         }
     }
 }
@@ -474,10 +477,16 @@ impl CacheBuilder {
         self
     }
 
-    /// Builds the cache.
-    ///
-    /// # Errors
-    ///
+    /// Whether each cached call's `tracing` span (`cache_call`, at `debug`: see the README's
+    /// "Tracing") records the call's key, as its `key` field (with the namespace). Off by
+    /// default: keys can carry personal data (`user:{email}`), and spans often leave the
+    /// process. The other fields (`function`, `cache`, `outcome`, `level`) never hold
+    /// argument values.
+    pub fn trace_keys(mut self, on: bool) -> Self {
+        self.trace_keys = on;
+        self
+    }
+
     /// Stores values in a Redis Cluster, reached through `urls`: some of its nodes
     /// (`redis://[user:password@]host:port`, database 0 only), from which the others are
     /// discovered. Give several: pub/sub notifications subscribe on one of them, and move to
@@ -511,12 +520,16 @@ impl CacheBuilder {
         self
     }
 
+    /// Builds the cache.
+    ///
+    /// # Errors
+    ///
     /// Fails with [`ErrorKind::Config`] on invalid configuration only: a malformed Redis URL, a
     /// `rediss://` URL without the `tls` feature, TLS certificates or a key that are not PEM,
     /// a zero TTL, timeout or entry limit, a `local_staleness` under 10 ms, a namespace with
     /// braces, spaces or control characters, `write_behind_partitions` outside 1 to 1024, a
-    /// `write_behind_retention` under 1 s. It never fails, nor waits, because Redis is down: the connection is made on
-    /// first use, and until it succeeds calls run uncached.
+    /// `write_behind_retention` under 1 s, a `publish_stats` interval under 100 ms. It never
+    /// fails, nor waits, because Redis is down: the connection is made on first use, and until it succeeds calls run uncached.
     pub async fn build(self) -> Result<Cache> {
         self.build_sync()
     }
@@ -604,7 +617,9 @@ impl CacheBuilder {
         };
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        let stats = StatsRegistry::new(id).named(&self.namespace);
+        let stats = StatsRegistry::new(id)
+            .named(&self.namespace)
+            .with_trace_keys(self.trace_keys);
         Ok(Cache {
             inner: Arc::new(Inner {
                 store: Store::new(

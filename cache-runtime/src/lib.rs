@@ -44,6 +44,10 @@
 //!   `cache_breaker_open`, ...; the README's "Metrics" lists them all). The library installs
 //!   no recorder; install yours before the first cached call, since each function registers
 //!   its handles on its first call on a cache.
+//! * Tracing: each `#[cached]` call opens a `debug` span, `cache_call`, with the fields
+//!   `function`, `cache`, `outcome` (`hit`, `miss`, `coalesced`, `lock_wait`, `bypass`,
+//!   `fail_open`, `stale`), `level` on a hit, and `key` only with
+//!   [`CacheBuilder::trace_keys`]. The library installs no subscriber.
 //!
 //! Cargo features: `macros` (on by default) re-exports the attributes; `metrics` (on by
 //! default) reports to the `metrics` facade; `tls` (off) lets the

@@ -21,6 +21,7 @@ mod redis_failures;
 mod refresh;
 mod sentinel;
 mod shapes;
+mod spans;
 mod stale;
 mod stampede;
 mod tls;

@@ -7,8 +7,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cache_runtime::{Cache, cache_evict, cache_put, cached};
-use cache_tests::{redis_url, unique_namespace};
+use cache_runtime::write_behind::Worker;
+use cache_runtime::{Cache, cache_evict, cache_put, cached, write_behind};
+use cache_tests::{redis_url, shared_cluster, unique_namespace};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 
 use crate::support::{Calls, Gate};
@@ -30,6 +31,12 @@ async fn put(cache: &Cache, id: u64) -> Result<u64, String> {
 async fn evict(cache: &Cache, id: u64) -> Result<(), String> {
     let _ = id;
     Ok(())
+}
+
+/// `condition` false for 0: the call bypasses the cache.
+#[cached(cache = cache, key = "c:{id}", ttl = 60, condition = id != 0, name = "metrics_maybe")]
+async fn maybe(cache: &Cache, id: u64) -> Result<u64, String> {
+    Ok(id)
 }
 
 /// The first call is held at the gate; the others find its value.
@@ -87,6 +94,8 @@ fn run(recorder: &DebuggingRecorder, build: impl AsyncFn() -> (Cache, Option<Cac
             assert!(get(&cache, 13).await.is_err()); // miss, load error
             assert_eq!(put(&cache, 2).await, Ok(200)); // put
             assert_eq!(evict(&cache, 1).await, Ok(())); // eviction
+            assert_eq!(maybe(&cache, 0).await, Ok(0)); // bypass (condition)
+            assert_eq!(maybe(&cache, 0).await, Ok(0)); // bypass (condition)
             // A wait for another caller's load: another process's (a lock wait) on a
             // shared backend, this process's (coalesced) on memory.
             let calls = Arc::new(Calls::new());
@@ -136,6 +145,17 @@ fn check(seen: &Seen, namespace: &str, shared: bool) {
         (key("cache_misses_total", "metrics_locked", None), 1.0),
         (key("cache_loads_total", "metrics_locked", None), 1.0),
         (key("cache_load_seconds", "metrics_locked", None), 1.0),
+        // A bypassed call runs the function: a load, not a miss.
+        (
+            key(
+                "cache_bypass_total",
+                "metrics_maybe",
+                Some(("reason", "condition")),
+            ),
+            2.0,
+        ),
+        (key("cache_loads_total", "metrics_maybe", None), 2.0),
+        (key("cache_load_seconds", "metrics_maybe", None), 2.0),
     ];
     if shared {
         expected.push((key("cache_lock_waits_total", "metrics_locked", None), 1.0));
@@ -153,6 +173,7 @@ fn check(seen: &Seen, namespace: &str, shared: bool) {
             "cache_breaker_open" => vec!["cache"],
             "cache_hits_total" => vec!["cache", "function", "level"],
             "cache_fail_open_total" => vec!["cache", "function", "kind"],
+            "cache_bypass_total" => vec!["cache", "function", "reason"],
             _ => vec!["cache", "function"],
         };
         assert_eq!(names, allowed, "labels of {name}");
@@ -176,7 +197,16 @@ fn check(seen: &Seen, namespace: &str, shared: bool) {
         "metrics_put",
         "metrics_evict",
         "metrics_locked",
+        "metrics_maybe",
     ] {
+        for reason in ["condition", "key"] {
+            let k = key("cache_bypass_total", function, Some(("reason", reason)));
+            assert!(seen.contains_key(&k), "{k:?}");
+        }
+        for name in WRITE_BEHIND {
+            let k = key(name, function, None);
+            assert_eq!(seen.get(&k), Some(&0.0), "{k:?}");
+        }
         for kind in ["unavailable", "timeout", "server", "decode"] {
             let k = key("cache_fail_open_total", function, Some(("kind", kind)));
             assert_eq!(seen.get(&k), Some(&0.0), "{k:?}");
@@ -218,6 +248,228 @@ fn metrics_known_sequence_redis() {
         (on_redis().await, Some(on_redis().await))
     });
     check(&seen(&recorder), &namespace, true);
+}
+
+/// The write-behind counters.
+const WRITE_BEHIND: [&str; 5] = [
+    "cache_write_behind_enqueued_total",
+    "cache_write_behind_inline_total",
+    "cache_write_behind_applied_total",
+    "cache_write_behind_retries_total",
+    "cache_write_behind_dead_lettered_total",
+];
+
+// Write-behind functions name their caches (their arguments are queued): one per backend,
+// each used by one test only, so that its counters are registered inside that test's
+// recorder.
+static WB_MEMORY: std::sync::LazyLock<Cache> = std::sync::LazyLock::new(|| {
+    Cache::builder()
+        .namespace(unique_namespace("metrics_wb"))
+        .build_sync()
+        .unwrap()
+});
+
+static WB_REDIS: std::sync::LazyLock<Cache> = std::sync::LazyLock::new(|| {
+    Cache::builder()
+        .redis(redis_url())
+        .namespace(unique_namespace("metrics_wb"))
+        .operation_timeout(Duration::from_secs(2))
+        .build_sync()
+        .unwrap()
+});
+
+#[write_behind(cache = WB_MEMORY, key = "w:{id}", ttl = 60, value = value, queue = "mwb", name = "metrics_wb_memory")]
+async fn wb_memory(id: u64, value: u64) -> Result<(), String> {
+    let _ = (id, value);
+    Ok(())
+}
+
+#[write_behind(cache = WB_REDIS, key = "w:{id}", ttl = 60, value = value, queue = "mwb", name = "metrics_wb_ok")]
+async fn wb_ok(id: u64, value: u64) -> Result<(), String> {
+    let _ = (id, value);
+    Ok(())
+}
+
+#[write_behind(cache = WB_REDIS, key = "f:{id}", ttl = 60, value = value, queue = "mwb", name = "metrics_wb_failing")]
+async fn wb_failing(id: u64, value: u64) -> Result<(), String> {
+    let _ = (id, value);
+    Err("the database refuses".to_owned())
+}
+
+/// The write-behind counters of `function` on the cache named `namespace`, in
+/// [`WRITE_BEHIND`]'s order.
+fn wb_counts(seen: &Seen, namespace: &str, function: &str) -> Vec<f64> {
+    WRITE_BEHIND
+        .iter()
+        .map(|name| {
+            let labels = vec![
+                ("cache".to_owned(), namespace.to_owned()),
+                ("function".to_owned(), function.to_owned()),
+            ];
+            seen.get(&((*name).to_owned(), labels))
+                .copied()
+                .unwrap_or(f64::NAN)
+        })
+        .collect()
+}
+
+/// On memory a write-behind call runs its body inline: one inline fallback each.
+#[test]
+fn metrics_write_behind_memory() {
+    let recorder = DebuggingRecorder::new();
+    metrics::with_local_recorder(&recorder, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            wb_memory(1, 10).await.unwrap();
+            wb_memory(2, 20).await.unwrap();
+        });
+    });
+    let seen = seen(&recorder);
+    assert_eq!(
+        wb_counts(&seen, WB_MEMORY.namespace(), "metrics_wb_memory"),
+        [0.0, 2.0, 0.0, 0.0, 0.0]
+    );
+}
+
+/// On Redis: two calls queued and applied; one whose body fails, retried once and then
+/// dead-lettered (`max_attempts(2)`).
+#[test]
+fn metrics_write_behind_redis() {
+    let recorder = DebuggingRecorder::new();
+    metrics::with_local_recorder(&recorder, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            wb_ok(1, 10).await.unwrap();
+            wb_ok(2, 20).await.unwrap();
+            wb_failing(3, 30).await.unwrap();
+            let worker = Worker::builder(&WB_REDIS)
+                .queues(["mwb"])
+                .poll(Duration::from_millis(20))
+                .max_attempts(2)
+                .backoff(Duration::from_millis(10), Duration::from_millis(20))
+                .start()
+                .unwrap();
+            assert!(worker.flush_for(Duration::from_secs(30)).await, "drained");
+            worker.shutdown().await;
+        });
+    });
+    let seen = seen(&recorder);
+    let ns = WB_REDIS.namespace();
+    assert_eq!(
+        wb_counts(&seen, ns, "metrics_wb_ok"),
+        [2.0, 0.0, 2.0, 0.0, 0.0]
+    );
+    assert_eq!(
+        wb_counts(&seen, ns, "metrics_wb_failing"),
+        [1.0, 0.0, 0.0, 1.0, 1.0]
+    );
+}
+
+/// On a cluster, each master's breaker reports its own gauge (`node`: its address), closed
+/// (0) while it answers, next to the cache-wide one.
+#[test]
+fn metrics_breaker_per_master_cluster() {
+    let (urls, _cluster) = shared_cluster();
+    let recorder = DebuggingRecorder::new();
+    let namespace = unique_namespace("metrics");
+    let masters = metrics::with_local_recorder(&recorder, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let cache = Cache::builder()
+                .redis_cluster(urls.iter().cloned())
+                .namespace(namespace.as_str())
+                .operation_timeout(Duration::from_secs(2))
+                .build()
+                .await
+                .unwrap();
+            let masters = cluster_masters(&urls[0]).await;
+            // The slot table is read in the background after the first operations.
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            let mut id = 0;
+            while node_gauges(&seen(&recorder), &namespace).len() < masters.len() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "per-master gauges: {:?}",
+                    node_gauges(&seen(&recorder), &namespace)
+                );
+                id += 1;
+                assert_eq!(get(&cache, id).await, Ok(id * 10));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            masters
+        })
+    });
+    let seen = seen(&recorder);
+    let gauges = node_gauges(&seen, &namespace);
+    let nodes: Vec<&str> = gauges.keys().map(String::as_str).collect();
+    assert_eq!(
+        nodes,
+        masters.iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    assert!(gauges.values().all(|v| *v == 0.0), "{gauges:?}");
+    let cache_wide = (
+        "cache_breaker_open".to_owned(),
+        vec![("cache".to_owned(), namespace.clone())],
+    );
+    assert_eq!(seen.get(&cache_wide), Some(&0.0));
+}
+
+/// `cache_breaker_open{cache, node}` of the cache named `namespace`: node -> value.
+fn node_gauges(seen: &Seen, namespace: &str) -> BTreeMap<String, f64> {
+    seen.iter()
+        .filter(|((name, labels), _)| {
+            name == "cache_breaker_open" && labels.len() == 2 && labels[0].1 == namespace
+        })
+        .map(|((_, labels), value)| {
+            assert_eq!(labels[1].0, "node");
+            (labels[1].1.clone(), *value)
+        })
+        .collect()
+}
+
+/// The cluster's masters (`host:port`, sorted), from `CLUSTER SLOTS` on `url`.
+async fn cluster_masters(url: &str) -> Vec<String> {
+    let mut conn = cache_tests::raw_connection(url).await;
+    let reply: redis::Value = redis::cmd("CLUSTER")
+        .arg("SLOTS")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let redis::Value::Array(ranges) = reply else {
+        panic!("CLUSTER SLOTS: {reply:?}")
+    };
+    let mut masters: Vec<String> = ranges
+        .iter()
+        .filter_map(|range| {
+            let redis::Value::Array(fields) = range else {
+                return None;
+            };
+            let Some(redis::Value::Array(master)) = fields.get(2) else {
+                return None;
+            };
+            let host = match master.first()? {
+                redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+                redis::Value::SimpleString(s) => s.clone(),
+                _ => return None,
+            };
+            let redis::Value::Int(port) = master.get(1)? else {
+                return None;
+            };
+            Some(format!("{host}:{port}"))
+        })
+        .collect();
+    masters.sort();
+    masters.dedup();
+    masters
 }
 
 #[cached(cache = cache, key = "d:{id}", ttl = 60, name = "metrics_decode")]

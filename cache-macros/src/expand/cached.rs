@@ -37,12 +37,13 @@ use super::{Gen, Passing, hidden};
 //             Ok(__cache_hit) => return __cache_hit,
 //             Err(__cache_finish) => __cache_finish,
 //         };
-//         let __cache_result = async move { // these braces are the body's own (their spans)
+//         // In the call's `tracing` span (`Fetch::traced`: `Instrumented`).
+//         let __cache_result = __cache_fetch.traced(async move { // the body's own braces
 //             if let Some(__cache_ret) = None::<Result<User, E>> {
 //                 return __cache_ret;
 //             }
 //             stmts
-//         }
+//         })
 //         .await;
 //         let __cache_verdict = __cache_finish.verdict(
 //             &mut __cache_fetch, &__cache_mode, __cache_typed, &__cache_result, None,
@@ -173,7 +174,7 @@ pub(super) fn generate(g: &Gen<'_>) -> TokenStream {
                         return #hit;
                     }
                 }
-                let #result = match #rt_ret::catch_unwind(#future).await {
+                let #result = match #rt_ret::catch_unwind(#fetch.traced(#future)).await {
                     ::core::result::Result::Ok(#result) => #result,
                     ::core::result::Result::Err(#panic) => {
                         if let ::core::option::Option::Some(#hit) =
@@ -186,7 +187,7 @@ pub(super) fn generate(g: &Gen<'_>) -> TokenStream {
                 };
             }
         } else {
-            quote_spanned! {g.ret_loc=> let #result = #future.await; }
+            quote_spanned! {g.ret_loc=> let #result = #fetch.traced(#future).await; }
         };
         let (refresher_let, find) = match args.refresh.span() {
             Some(span) => (

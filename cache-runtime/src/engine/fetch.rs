@@ -14,11 +14,12 @@ use crate::breaker::FailureKind;
 use crate::cache::Cache;
 use crate::engine::Call;
 use crate::engine::refresh::{self, Refresher};
+use crate::engine::trace::{Outcome as Traced, Trace};
 use crate::envelope::{self, DecodeError, EncodeError};
 use crate::flight::{Follower, LeaderGuard, Outcome, Role};
 use crate::key::{CallKey, KeyBuf};
 use crate::local::Ticket;
-use crate::stats::{Site, SiteStats, StatsRef};
+use crate::stats::{Bypass, Site, SiteStats, StatsRef};
 use crate::store::{Lease, LeaseGuard, Store};
 use crate::tags::{TagSet, Tags};
 
@@ -110,6 +111,10 @@ pub struct Fetch<'a> {
     stale: Option<Box<Stored>>,
     /// The plain read made before joining the key's flight (see [`Fetch::probes`]).
     probe: Probe,
+    /// Why the call has no key, when it has none.
+    bypass: Bypass,
+    /// The call's `tracing` span (see `engine::trace`).
+    trace: Trace,
 }
 
 /// The read a function whose lookups mostly hit makes before joining the key's flight.
@@ -144,9 +149,9 @@ impl<'a> Fetch<'a> {
     pub fn new(call: Call<'a>) -> Self {
         let cache: &'a Cache = call.cache;
         let stats = call.site.stats(cache.stats_registry(), call.self_type);
-        let key = match call.key {
-            CallKey::Key(key) => Some(key),
-            CallKey::Condition => None,
+        let (key, bypass) = match call.key {
+            CallKey::Key(key) => (Some(key), Bypass::Condition),
+            CallKey::Condition => (None, Bypass::Condition),
             CallKey::Unrenderable => {
                 cache.store().log().warn(
                     FailureKind::Key,
@@ -155,9 +160,14 @@ impl<'a> Fetch<'a> {
                         call.site.label(call.self_type)
                     ),
                 );
-                None
+                (None, Bypass::Key)
             }
         };
+        let trace = Trace::start(
+            &stats,
+            key.as_ref().map(KeyBuf::as_str),
+            cache.stats_registry().trace_keys(),
+        );
         Fetch {
             store: cache.store(),
             site: call.site,
@@ -172,7 +182,16 @@ impl<'a> Fetch<'a> {
             ticket: None,
             stale: None,
             probe: Probe::None,
+            bypass,
+            trace,
         }
+    }
+
+    /// The call's body, in the call's span (see `engine::trace`): events and spans of the
+    /// body are the call's children.
+    #[inline]
+    pub fn traced<F>(&self, body: F) -> tracing::instrument::Instrumented<F> {
+        tracing::Instrument::instrument(body, self.trace.span().clone())
     }
 
     /// Whether the value found or loaded goes into the in-process tier (so the verdict keeps
@@ -255,6 +274,7 @@ impl<'a> Fetch<'a> {
                 ),
             );
             self.key = None;
+            self.bypass = Bypass::Key;
         }
         if !tags.names.is_empty() {
             self.tags = Some(Box::new(tags.into_set()));
@@ -336,10 +356,22 @@ impl<'a> Fetch<'a> {
         }
     }
 
+    /// [`Fetch::lookup`], inside the call's span when a subscriber wants it (a disabled span
+    /// is neither cloned nor entered: the hit path with no subscriber stays as it was).
+    pub(crate) async fn traced_lookup(&mut self) -> Step {
+        if self.trace.span().is_disabled() {
+            self.lookup().await
+        } else {
+            let span = self.trace.span().clone();
+            tracing::Instrument::instrument(self.lookup(), span).await
+        }
+    }
+
     /// Finds the value, or decides that this call loads it.
     pub(crate) async fn lookup(&mut self) -> Step {
         let Some(mut key) = self.key.take() else {
-            SiteStats::inc(&self.stats.bypassed);
+            self.stats.bypass(self.bypass);
+            self.trace.set(Traced::Bypass);
             self.state = State::Bypass;
             return Step::Load;
         };
@@ -497,6 +529,7 @@ impl<'a> Fetch<'a> {
         };
         self.loading = false;
         self.stale = Some(Box::new(stale.clone()));
+        self.trace.set(Traced::Stale);
         self.share(stale).await;
         true
     }
@@ -509,6 +542,7 @@ impl<'a> Fetch<'a> {
     /// Counts a stale value served.
     pub(crate) fn served_stale(&self) {
         SiteStats::inc(&self.stats.stale_served);
+        self.trace.set(Traced::Stale);
     }
 
     /// Waits for the leader: its value, or the key to join again.
@@ -645,7 +679,12 @@ impl<'a> Fetch<'a> {
                         self.stats.record_wait(waited);
                     }
                     match answer {
-                        Lease::Hit(stored) => (Some(stored), None, None),
+                        Lease::Hit(stored) => {
+                            if waited.is_some() {
+                                self.trace.set(Traced::LockWait);
+                            }
+                            (Some(stored), None, None)
+                        }
                         Lease::Acquired(generation, lease) => {
                             SiteStats::inc(&self.stats.lock_acquired);
                             if waited.is_some() {
@@ -768,9 +807,15 @@ impl<'a> Fetch<'a> {
     pub(crate) fn hit(&mut self, stored: Stored) {
         SiteStats::inc(&self.stats.hits);
         match std::mem::replace(&mut self.state, State::Idle) {
-            State::Lead { guard, .. } => guard.publish(self.vet(Outcome::Value(stored))),
-            State::Follow => SiteStats::inc(&self.stats.coalesced),
-            _ => {}
+            State::Lead { guard, .. } => {
+                self.trace.set(Traced::Hit);
+                guard.publish(self.vet(Outcome::Value(stored)));
+            }
+            State::Follow => {
+                self.trace.set(Traced::Coalesced);
+                SiteStats::inc(&self.stats.coalesced);
+            }
+            _ => self.trace.set(Traced::Hit),
         }
     }
 
@@ -816,6 +861,7 @@ impl<'a> Fetch<'a> {
     pub(crate) fn begin_load(&mut self) {
         if !matches!(self.state, State::Bypass) {
             SiteStats::inc(&self.stats.misses);
+            self.trace.set(Traced::Miss);
         }
         self.loading = true;
         self.load_started = Some(Instant::now());
@@ -850,7 +896,12 @@ impl<'a> Fetch<'a> {
     /// Stores and shares the load's result as its verdict says.
     pub async fn complete(&mut self, verdict: Verdict) {
         // Boxed: the call's future holds the largest of its paths', and a hit's is small.
-        Box::pin(self.complete_boxed(verdict)).await;
+        if self.trace.span().is_disabled() {
+            Box::pin(self.complete_boxed(verdict)).await;
+        } else {
+            let span = self.trace.span().clone();
+            tracing::Instrument::instrument(Box::pin(self.complete_boxed(verdict)), span).await;
+        }
     }
 
     async fn complete_boxed(&mut self, verdict: Verdict) {
@@ -1059,6 +1110,7 @@ impl<'a> Fetch<'a> {
 
     fn decode_failure(&self, e: &dyn std::fmt::Display) {
         SiteStats::inc(&self.stats.decode_errors);
+        self.trace.set(Traced::FailOpen);
         self.store.log().warn(
             FailureKind::Decode,
             &format_args!(
@@ -1070,6 +1122,7 @@ impl<'a> Fetch<'a> {
 
     fn backend_failure(&self, e: &BackendError) {
         self.stats.backend_failure(e);
+        self.trace.set(Traced::FailOpen);
         // The backend logs connectivity failures itself (it knows about the breaker).
         if let BackendError::Data(msg) = e {
             self.store.log().warn(

@@ -25,6 +25,7 @@
 
 mod fetch;
 mod refresh;
+mod trace;
 mod write;
 
 use std::time::Duration;
@@ -156,8 +157,10 @@ impl Call<'_> {
         let names = tags.map_or(&[][..], |t| &t.names[..]);
         let entry = self.cache.store().local_get(key.as_str(), names)?;
         let value = (typed.unwrap)(&*entry.value)?;
-        let stats = self.site.stats(self.cache.stats_registry(), self.self_type);
+        let registry = self.cache.stats_registry();
+        let stats = self.site.stats(registry, self.self_type);
         stats.l1_hit();
+        trace::Trace::l1_hit(&stats, key.as_str(), registry.trace_keys());
         Some(mode.restore(value))
     }
 
@@ -183,8 +186,10 @@ impl Call<'_> {
         let names = tags.map_or(&[][..], |t| &t.names[..]);
         let entry = store.local_get(key.as_str(), names)?;
         let value = (typed.unwrap)(&*entry.value)?;
-        let stats = self.site.stats(self.cache.stats_registry(), self.self_type);
+        let registry = self.cache.stats_registry();
+        let stats = self.site.stats(registry, self.self_type);
         stats.l1_hit();
+        trace::Trace::l1_hit(&stats, key.as_str(), registry.trace_keys());
         if let (Some(policy), Some(header)) = (self.site.refresh, &entry.header) {
             let tags = tags.map_or(&[][..], |t| &t.names[..]);
             refresh::start_if_due(
@@ -214,7 +219,7 @@ impl Fetch<'_> {
         mode: &M,
         typed: Option<Typed<M::Value>>,
     ) -> Result<R, Finish<R, M, M::Value>> {
-        while let Step::Found(stored) = self.lookup().await {
+        while let Step::Found(stored) = self.traced_lookup().await {
             #[cfg(test)]
             tests::after_read().await;
             match decode_value(&stored, typed) {
@@ -249,7 +254,7 @@ impl Fetch<'_> {
         typed: Option<Typed<M::Value>>,
         refresher: &Refresher<'_>,
     ) -> Result<R, Finish<R, M, M::Value>> {
-        while let Step::Found(stored) = self.lookup().await {
+        while let Step::Found(stored) = self.traced_lookup().await {
             #[cfg(test)]
             tests::after_read().await;
             match decode_value(&stored, typed) {

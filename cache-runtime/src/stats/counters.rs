@@ -7,6 +7,15 @@ use std::time::Duration;
 
 use super::FunctionStats;
 
+/// The `cache` label's value: the namespace, `default` without one.
+pub(crate) fn cache_label(namespace: &str) -> &str {
+    if namespace.is_empty() {
+        "default"
+    } else {
+        namespace
+    }
+}
+
 const STRIPES: usize = 8;
 
 #[derive(Default, Debug)]
@@ -42,7 +51,8 @@ impl Counter {
         self.metric.0.increment(n);
     }
 
-    /// Adds `n` to the counter only (its metric is fed elsewhere: see [`SiteStats::l1_hit`]).
+    /// Adds `n` to the counter only (its metric is fed elsewhere: see [`SiteStats::l1_hit`],
+    /// [`SiteStats::bypass`]).
     #[inline]
     fn tally(&self, n: u64) {
         let i = STRIPE.try_with(|s| *s).unwrap_or(0);
@@ -54,9 +64,23 @@ impl Counter {
     }
 }
 
+/// Why a call bypassed the cache (the `reason` label of `cache_bypass_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Bypass {
+    /// `condition` was false.
+    Condition,
+    /// The key, or a tag, could not be rendered (an argument's `Display` or `Serialize`
+    /// failed).
+    Key,
+}
+
 /// The live counters of one function (one call site) on one cache.
 #[derive(Default, Debug)]
 pub(crate) struct SiteStats {
+    /// The function's stats label (the `function` field of its spans and metrics).
+    pub(crate) label: Box<str>,
+    /// The cache's namespace, `default` without one (the `cache` field and label).
+    pub(crate) cache: Box<str>,
     pub(crate) hits: Counter,
     pub(crate) l1_hits: Counter,
     pub(crate) coalesced: Counter,
@@ -98,11 +122,13 @@ impl SiteStats {
     /// recorder installed at this time, if any.
     pub(crate) fn new(function: &str, cache: &str) -> Self {
         #[allow(unused_mut)]
-        let mut stats = SiteStats::default();
+        let mut stats = SiteStats {
+            label: function.into(),
+            cache: cache_label(cache).into(),
+            ..SiteStats::default()
+        };
         #[cfg(feature = "metrics")]
-        super::metrics::attach(&mut stats, function, cache);
-        #[cfg(not(feature = "metrics"))]
-        let _ = (function, cache);
+        super::metrics::attach(&mut stats);
         stats
     }
 
@@ -117,6 +143,19 @@ impl SiteStats {
     pub(crate) fn l1_hit(&self) {
         self.hits.tally(1);
         self.l1_hits.add(1);
+    }
+
+    /// A call that ran without the cache, for `reason`.
+    #[inline]
+    pub(crate) fn bypass(&self, reason: Bypass) {
+        match reason {
+            Bypass::Condition => self.bypassed.add(1),
+            Bypass::Key => {
+                self.bypassed.tally(1);
+                #[cfg(feature = "metrics")]
+                self.metrics.bypass_key.increment(1);
+            }
+        }
     }
 
     /// A cache operation that failed, so the call went on without the cache (fail open).

@@ -10,6 +10,7 @@
 use metrics::{Label, Level, Metadata};
 
 use super::SiteStats;
+use super::counters::cache_label;
 use crate::backend::BackendError;
 
 /// Calls answered from the cache (`level`: `l1`, the in-process tier; `l2`, the backend, or
@@ -40,8 +41,23 @@ pub(crate) const FAIL_OPEN: &str = "cache_fail_open_total";
 pub(crate) const LOAD_SECONDS: &str = "cache_load_seconds";
 /// `lock`: seconds spent waiting for another process's load.
 pub(crate) const LOCK_WAIT_SECONDS: &str = "cache_lock_wait_seconds";
-/// 1 while the cache's circuit breaker is open or half-open, else 0 (labels: `cache`).
+/// 1 while the cache's circuit breaker is open or half-open, else 0 (labels: `cache`; on a
+/// cluster also one series per master with `node`, its address, for the master's breaker).
 pub(crate) const BREAKER_OPEN: &str = "cache_breaker_open";
+/// Calls that ran without the cache (`reason`: `condition` false, or `key`: the key or a tag
+/// could not be rendered).
+pub(crate) const BYPASS: &str = "cache_bypass_total";
+/// Write-behind calls queued (the call returned before the body ran).
+pub(crate) const WB_ENQUEUED: &str = "cache_write_behind_enqueued_total";
+/// Write-behind calls whose body ran inline (memory backend, Redis failed, no key, arguments
+/// that do not round-trip).
+pub(crate) const WB_INLINE: &str = "cache_write_behind_inline_total";
+/// Queued write-behind entries applied by a worker.
+pub(crate) const WB_APPLIED: &str = "cache_write_behind_applied_total";
+/// Retries of queued write-behind entries whose body failed.
+pub(crate) const WB_RETRIED: &str = "cache_write_behind_retries_total";
+/// Queued write-behind entries moved to the dead letters.
+pub(crate) const WB_DEAD: &str = "cache_write_behind_dead_lettered_total";
 
 /// A `metrics` counter handle, a no-op one by default.
 pub(crate) struct Metric(pub(crate) metrics::Counter);
@@ -62,6 +78,8 @@ impl std::fmt::Debug for Metric {
 pub(crate) struct SiteMetrics {
     pub(crate) load_seconds: metrics::Histogram,
     pub(crate) lock_wait_seconds: metrics::Histogram,
+    /// `cache_bypass_total{reason="key"}` (the `bypassed` counter's own is `condition`).
+    pub(crate) bypass_key: metrics::Counter,
     unavailable: metrics::Counter,
     timeout: metrics::Counter,
     server: metrics::Counter,
@@ -72,6 +90,7 @@ impl Default for SiteMetrics {
         SiteMetrics {
             load_seconds: metrics::Histogram::noop(),
             lock_wait_seconds: metrics::Histogram::noop(),
+            bypass_key: metrics::Counter::noop(),
             unavailable: metrics::Counter::noop(),
             timeout: metrics::Counter::noop(),
             server: metrics::Counter::noop(),
@@ -98,21 +117,13 @@ impl SiteMetrics {
 
 static METADATA: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, None);
 
-/// The `cache` label's value: the namespace, `default` without one.
-pub(crate) fn cache_label(namespace: &str) -> String {
-    if namespace.is_empty() {
-        "default".to_owned()
-    } else {
-        namespace.to_owned()
-    }
-}
-
 /// Registers `stats`' handles with the recorder in use now (the thread's local recorder,
-/// else the global one; without either, they stay no-ops).
-pub(super) fn attach(stats: &mut SiteStats, function: &str, cache: &str) {
+/// else the global one; without either, they stay no-ops), labelled with its function and
+/// cache.
+pub(super) fn attach(stats: &mut SiteStats) {
     let labels = [
-        Label::new("function", function.to_owned()),
-        Label::new("cache", cache_label(cache)),
+        Label::new("function", stats.label.to_string()),
+        Label::new("cache", stats.cache.to_string()),
     ];
     metrics::with_recorder(|r| {
         let key = |name: &'static str, extra: Option<(&'static str, &'static str)>| {
@@ -136,10 +147,17 @@ pub(super) fn attach(stats: &mut SiteStats, function: &str, cache: &str) {
         stats.puts.metric = counter(PUTS, None);
         stats.evictions.metric = counter(EVICTIONS, None);
         stats.decode_errors.metric = counter(FAIL_OPEN, Some(("kind", "decode")));
+        stats.bypassed.metric = counter(BYPASS, Some(("reason", "condition")));
+        stats.wb_accepted.metric = counter(WB_ENQUEUED, None);
+        stats.wb_write_through.metric = counter(WB_INLINE, None);
+        stats.wb_applied.metric = counter(WB_APPLIED, None);
+        stats.wb_retried.metric = counter(WB_RETRIED, None);
+        stats.wb_dead_lettered.metric = counter(WB_DEAD, None);
         let fail_open = |kind| counter(FAIL_OPEN, Some(("kind", kind))).0;
         stats.metrics = SiteMetrics {
             load_seconds: r.register_histogram(&key(LOAD_SECONDS, None), &METADATA),
             lock_wait_seconds: r.register_histogram(&key(LOCK_WAIT_SECONDS, None), &METADATA),
+            bypass_key: counter(BYPASS, Some(("reason", "key"))).0,
             unavailable: fail_open("unavailable"),
             timeout: fail_open("timeout"),
             server: fail_open("server"),
@@ -147,11 +165,13 @@ pub(super) fn attach(stats: &mut SiteStats, function: &str, cache: &str) {
     });
 }
 
-/// The breaker-state gauge of the cache named `namespace`.
-pub(crate) fn breaker_gauge(namespace: &str) -> metrics::Gauge {
-    let key = metrics::Key::from_parts(
-        BREAKER_OPEN,
-        vec![Label::new("cache", cache_label(namespace))],
-    );
+/// The breaker-state gauge of the cache named `namespace`; with `node`, of that master's
+/// breaker (a cluster's).
+pub(crate) fn breaker_gauge(namespace: &str, node: Option<&str>) -> metrics::Gauge {
+    let mut labels = vec![Label::new("cache", cache_label(namespace).to_owned())];
+    if let Some(node) = node {
+        labels.push(Label::new("node", node.to_owned()));
+    }
+    let key = metrics::Key::from_parts(BREAKER_OPEN, labels);
     metrics::with_recorder(|r| r.register_gauge(&key, &METADATA))
 }

@@ -14,7 +14,7 @@ mod site;
 use std::fmt;
 use std::time::Duration;
 
-pub(crate) use self::counters::SiteStats;
+pub(crate) use self::counters::{Bypass, SiteStats};
 pub use self::site::Site;
 pub(crate) use self::site::{RefreshPolicy, StatsRef, StatsRegistry};
 

@@ -250,6 +250,8 @@ pub(crate) struct StatsRegistry {
     pub(crate) cache_id: u64,
     /// The cache's namespace: the `cache` label of its metrics.
     namespace: String,
+    /// Whether calls' spans carry their key (`CacheBuilder::trace_keys`).
+    trace_keys: bool,
     sites: Mutex<HashMap<String, Arc<SiteStats>>>,
     index: Box<[OnceLock<Box<IndexNode>>; INDEX_BUCKETS]>,
     /// Calls of `register`, to check that warm lookups do not take the mutex.
@@ -262,6 +264,7 @@ impl StatsRegistry {
         StatsRegistry {
             cache_id,
             namespace: String::new(),
+            trace_keys: false,
             sites: Mutex::new(HashMap::new()),
             index: Box::new(std::array::from_fn(|_| OnceLock::new())),
             #[cfg(test)]
@@ -273,6 +276,18 @@ impl StatsRegistry {
     pub(crate) fn named(mut self, namespace: &str) -> Self {
         namespace.clone_into(&mut self.namespace);
         self
+    }
+
+    /// Calls' spans carry their key (`CacheBuilder::trace_keys`).
+    pub(crate) fn with_trace_keys(mut self, on: bool) -> Self {
+        self.trace_keys = on;
+        self
+    }
+
+    /// Whether calls' spans carry their key.
+    #[inline]
+    pub(crate) fn trace_keys(&self) -> bool {
+        self.trace_keys
     }
 
     /// The counters of `site` for methods of `self_type`: lock-free once the pair is indexed.

@@ -464,6 +464,9 @@ struct Shards {
     refreshed: std::sync::atomic::AtomicU64,
     renewed: std::sync::atomic::AtomicU64,
     refreshing: std::sync::atomic::AtomicBool,
+    /// The cache's namespace, once its breakers report as gauges (`Connections::report_as`):
+    /// each master's breaker then reports as `cache_breaker_open{cache, node}`.
+    report_as: OnceLock<String>,
 }
 
 /// A master and its breaker.
@@ -607,6 +610,9 @@ impl Shards {
                                 addr: addr.clone(),
                                 breaker: Breaker::new(template.0, template.1),
                             });
+                            if let Some(namespace) = self.report_as.get() {
+                                n.breaker.report_as(namespace, Some(&addr));
+                            }
                             known.push(n.clone());
                             n
                         }
@@ -677,6 +683,7 @@ impl Connections {
                 refreshed: std::sync::atomic::AtomicU64::new(0),
                 renewed: std::sync::atomic::AtomicU64::new(0),
                 refreshing: std::sync::atomic::AtomicBool::new(false),
+                report_as: OnceLock::new(),
             })
         });
         Connections {
@@ -698,6 +705,16 @@ impl Connections {
     /// The circuit breaker every operation goes through.
     pub(super) fn breaker(&self) -> &Arc<Breaker> {
         &self.breaker
+    }
+
+    /// Reports the breakers' states as `cache_breaker_open` gauges of the cache named
+    /// `namespace` (feature `metrics`): the cache's breaker now, on a cluster each master's
+    /// breaker (with its address as `node`) when the slot table first names the master.
+    pub(super) fn report_as(&self, namespace: &str) {
+        self.breaker.report_as(namespace, None);
+        if let Some(shards) = &self.shards {
+            let _ = shards.report_as.set(namespace.to_owned());
+        }
     }
 
     /// Calls `hook` whenever the breaker opens (Redis is unreachable: the invalidation stream

@@ -289,7 +289,7 @@ impl RedisBackend {
         let origin = inv::new_origin();
         let inv_channel = inv::channel(namespace);
         let conns = Connections::new(target.clone(), options.clone(), log.clone());
-        conns.breaker().report_as(namespace);
+        conns.report_as(namespace);
         // On a cluster a dead master opens its own breaker (whose opening tells the bus that
         // messages may be lost) and stops the echo; the cache-wide breaker, which only
         // operations over several slots use there, must not keep every shard's tier off.
