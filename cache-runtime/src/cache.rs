@@ -213,8 +213,8 @@ impl CacheBuilder {
     }
 
     /// Stores values in Redis at `url`: `redis://[[user]:password@]host[:port][/db]`, or
-    /// `rediss://..` for TLS (the `tls` feature; see
-    /// [`redis_tls_root_ca`](CacheBuilder::redis_tls_root_ca)). With a user, the connections
+    /// `rediss://..` for TLS (the `tls` feature; see `CacheBuilder::redis_tls_root_ca`). With
+    /// a user, the connections
     /// authenticate as that ACL user (`AUTH user password`); with a password alone, as the
     /// `default` user. The connection is made on first use; `build` does not wait for it.
     ///
