@@ -310,6 +310,16 @@ async fn bad_input_is_one_line_and_a_distinct_exit_code() {
         "needs a KEY",
     );
     assert_fails(
+        &cachectl(&["get", "--foo"]).await,
+        cachectl::EXIT_USAGE,
+        "unknown option --foo of `get`",
+    );
+    assert_fails(
+        &cachectl(&["invalidate", "k", "--bogus"]).await,
+        cachectl::EXIT_USAGE,
+        "takes one KEY",
+    );
+    assert_fails(
         &cachectl(&["get", "a", "b"]).await,
         cachectl::EXIT_USAGE,
         "takes one KEY",

@@ -108,6 +108,9 @@ mod tests {
     #[test]
     fn bad_parameters_are_errors() {
         assert!(Zipf::new(0, 1.1).is_err());
+        // Not an 8 TB allocation: an error.
+        let e = Zipf::new(u64::MAX, 1.1).unwrap_err();
+        assert!(e.contains("at most 100000000 items"), "{e}");
         assert!(Zipf::new(10, f64::NAN).is_err());
         assert!(Zipf::new(10, -1.0).is_err());
     }

@@ -501,3 +501,36 @@ pub async fn start(
         task,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn publish_stats_option() {
+        let c = Config::default();
+        assert_eq!(c.publish_stats, Duration::from_secs(5));
+        let c = c.apply_args(args(&["--publish-stats", "0.2"])).unwrap();
+        assert_eq!(c.publish_stats, Duration::from_millis(200));
+        for off in ["0", "off"] {
+            let c = Config::default()
+                .apply_args(args(&["--publish-stats", off]))
+                .unwrap();
+            assert!(c.publish_stats.is_zero());
+        }
+        for bad in ["0.01", "-1", "x", "1e12"] {
+            let e = Config::default()
+                .apply_args(args(&["--publish-stats", bad]))
+                .unwrap_err();
+            assert!(e.contains("--publish-stats"), "{e}");
+        }
+        let e = Config::default()
+            .apply_args(args(&["--bogus"]))
+            .unwrap_err();
+        assert!(e.contains("see --help"), "{e}");
+    }
+}
