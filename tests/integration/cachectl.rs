@@ -206,6 +206,42 @@ async fn get_of_a_pending_load_shows_its_lease_holder() {
     assert!(out.contains("lease:       5f3a9c:1b"), "{out}");
 }
 
+/// The bookkeeping around an entry, as `get` shows it: a refresh running (its token),
+/// callers waiting for a fill, a `stale` copy's TTL (the keys written as the engine does).
+#[tokio::test]
+async fn get_shows_a_refresh_waiters_and_a_stale_copy() {
+    let (cache, ns) = cache("cachectl_aux").await;
+    cache
+        .set("user:5", &"eve", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let full = cache.full_key("user:5");
+    assert!(!full.contains(['{', '}']), "{full}");
+    let mut conn = raw_connection(&redis_url()).await;
+    let _: () = conn
+        .set_ex(format!("__cr:refresh:{{{full}}}"), "tok-123", 60)
+        .await
+        .unwrap();
+    let _: () = conn
+        .set_ex(format!("__cr:wait:{{{full}}}"), "1", 60)
+        .await
+        .unwrap();
+    let _: () = conn
+        .set_ex(format!("__cr:stale:{{{full}}}"), "old", 30)
+        .await
+        .unwrap();
+    let (code, out, err) = cachectl(&["--namespace", &ns, "get", "user:5"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("refreshing:  tok-123"), "{out}");
+    assert!(out.contains("waiters:     yes"), "{out}");
+    let stale = out
+        .lines()
+        .find_map(|l| l.strip_prefix("stale copy:"))
+        .unwrap_or_else(|| panic!("a stale copy line: {out}"));
+    let secs: f64 = stale.trim().trim_end_matches("s left").parse().unwrap();
+    assert!(secs > 0.0 && secs <= 30.0, "{out}");
+}
+
 #[tokio::test]
 async fn invalidate_tag_voids_the_tagged_entries() {
     let (cache, ns) = cache("cachectl_tag").await;
