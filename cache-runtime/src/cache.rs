@@ -447,7 +447,7 @@ impl CacheBuilder {
     /// three intervals. The keys share a hash slot, so a Redis Cluster is served by one node.
     ///
     /// Cost: every `interval`, one snapshot of the counters (a lock and a read of each
-    /// function's counters: microseconds) and one `MULTI` of five commands whose size grows
+    /// function's counters: microseconds) and one `MULTI` of six commands whose size grows
     /// with the number of functions (about 600 bytes each). Calls pay one atomic load to
     /// check that the publishing task runs. The task is started in the Tokio runtime of
     /// the cache's first use after building (building connects nothing), and again in the

@@ -21,7 +21,9 @@ commands:
                         seconds, clearing the screen, until interrupted or N refreshes
   get KEY               the entry under KEY: value (JSON), TTL left, age, compute time,
                         generation, tags, a pending load's lease holder
-  invalidate KEY        removes the entry under KEY, in every process
+  invalidate KEY [--force]
+                        removes the entry under KEY, in every process; a key that holds
+                        something else than a cache entry only with --force
   invalidate-tag TAG    invalidates every entry stored under TAG
   queue [QUEUE...]      write-behind queues: pending writes, the oldest's age, dead letters
                         (without QUEUE: the queues the fleet's programs name)
@@ -43,8 +45,8 @@ exit codes:
   0  done
   1  other failure
   2  bad usage: unknown command or option, missing or invalid argument
-  3  no entry for the key
-  4  the key holds something that is not a cache entry
+  3  no entry for the key (get, invalidate: nothing done)
+  4  the key holds something that is not a cache entry (get; invalidate without --force)
   5  Redis unreachable, timed out, or replied with an error
 ";
 
@@ -235,6 +237,7 @@ async fn command(args: Vec<String>, out: &mut dyn Write) -> Result<(), Failure> 
     let one = |what: &str| -> Result<&String, Failure> {
         match rest {
             [arg] if !arg.starts_with("--") => Ok(arg),
+            [flag] => Err(Failure::usage(format!("unknown option {flag} of `{name}`"))),
             [] => Err(Failure::usage(format!("`{name}` needs a {what}"))),
             _ => Err(Failure::usage(format!(
                 "`{name}` takes one {what}, not {rest:?}"
@@ -251,10 +254,23 @@ async fn command(args: Vec<String>, out: &mut dyn Write) -> Result<(), Failure> 
             get(&connect(&o)?, key, out).await
         }
         "invalidate" => {
-            let key = one("KEY")?;
-            connect(&o)?.invalidate(key).await?;
-            writeln!(out, "invalidated {key}")?;
-            Ok(())
+            let force = rest.iter().any(|a| a == "--force");
+            let args: Vec<&String> = rest.iter().filter(|a| *a != "--force").collect();
+            let key = match args[..] {
+                [key] if !key.starts_with('-') => key,
+                [] => return Err(Failure::usage("`invalidate` needs a KEY")),
+                [flag] => {
+                    return Err(Failure::usage(format!(
+                        "unknown option {flag} of `invalidate`"
+                    )));
+                }
+                _ => {
+                    return Err(Failure::usage(format!(
+                        "`invalidate` takes one KEY (and --force), not {rest:?}"
+                    )));
+                }
+            };
+            invalidate(&connect(&o)?, key, force, out).await
         }
         "invalidate-tag" => {
             let tag = one("TAG")?;
@@ -377,6 +393,39 @@ async fn get(cache: &Cache, key: &str, out: &mut dyn Write) -> Result<(), Failur
         });
     }
     write!(out, "{entry}")?;
+    Ok(())
+}
+
+/// `invalidate KEY [--force]`: only an entry (a value or a pending load's marker) is
+/// invalidated; nothing there is exit 3, another program's data exit 4 unless `--force`.
+async fn invalidate(
+    cache: &Cache,
+    key: &str,
+    force: bool,
+    out: &mut dyn Write,
+) -> Result<(), Failure> {
+    let Some(entry) = cache.inspect(key).await? else {
+        return Err(Failure {
+            code: EXIT_NO_ENTRY,
+            message: format!(
+                "no entry for key {key} ({}): nothing invalidated",
+                cache.full_key(key)
+            ),
+        });
+    };
+    if let EntryState::Foreign { description } = &entry.state {
+        if !force {
+            return Err(Failure {
+                code: EXIT_NOT_ENTRY,
+                message: format!(
+                    "not a cache entry: {} holds {description}; nothing invalidated (--force deletes it)",
+                    entry.key
+                ),
+            });
+        }
+    }
+    cache.invalidate(key).await?;
+    writeln!(out, "invalidated {key}")?;
     Ok(())
 }
 

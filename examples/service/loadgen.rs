@@ -22,6 +22,9 @@ async fn main_inner() -> Result<(), String> {
     let compare = match rest.as_slice() {
         [] => false,
         [flag] if flag == "--compare" => true,
+        [flag, ..] if flag == "--compare" => {
+            return Err(format!("unknown option `{}`", rest[1]));
+        }
         [other, ..] => return Err(format!("unknown option `{other}`")),
     };
     if !compare {

@@ -3,7 +3,8 @@
 //! An axum API over the PostgreSQL table `users_service` (created and seeded with 100 000
 //! users on first start), cached on Redis (`REDIS_URL`) or in memory, with `GET /metrics`.
 //! Options: see `cache_service_example::users_service::Config` (`--port 0` picks a free port;
-//! `CACHE=off` runs every query). The first line of stdout is `listening on http://ADDR`.
+//! `CACHE=off` runs every query; `--help` lists them). The first line of stdout is
+//! `listening on http://ADDR`.
 
 use std::io::Write;
 
@@ -17,7 +18,31 @@ async fn main() {
     }
 }
 
+/// `users-service --help`.
+const USAGE: &str = "\
+users-service: the users API (axum over PostgreSQL), cached with cache-runtime
+
+usage: users-service [OPTIONS]   (each also from the environment variable in brackets)
+
+  --port N                 the port (PORT; 3000; 0: any free port)
+  --host IP                the address to listen on (HOST; 127.0.0.1)
+  --table NAME             the users table (USERS_TABLE; users_service)
+  --rows N                 rows seeded at start (USERS_ROWS; 100000)
+  --pool N                 PostgreSQL connections (PG_POOL; 8); the server: PG_URL
+  --redis URL              cache on Redis (REDIS_URL; else in memory)
+  --redis-cluster URLS     cache on a Redis Cluster, comma-separated (REDIS_CLUSTER_URLS)
+  --memory                 cache in memory, whatever the environment says
+  --namespace NS           the cache's namespace (CACHE_NAMESPACE; the table name)
+  --cache on|off           cache the reads (CACHE; on)
+  --publish-stats SECS|off publish stats for `cachectl stats`, on Redis (PUBLISH_STATS; 5)
+  -h, --help               this text
+";
+
 async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    if std::env::args().skip(1).any(|a| a == "-h" || a == "--help") {
+        print!("{USAGE}");
+        return Ok(());
+    }
     let config = Config::from_env()?.apply_args(std::env::args().skip(1))?;
     // Before the first cached call: the functions register their metrics then.
     let metrics = prometheus()?;

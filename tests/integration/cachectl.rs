@@ -5,7 +5,7 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use cache_runtime::{Cache, cached, write_behind};
-use cache_tests::{raw_connection, redis_url, unique_namespace};
+use cache_tests::{raw_connection, redis_url, shared_cluster, unique_namespace};
 use redis::AsyncCommands;
 
 /// Runs `cachectl --redis $REDIS_URL <args>`: (exit code, stdout, stderr).
@@ -143,6 +143,12 @@ async fn get_shows_the_entry_and_invalidate_removes_it() {
         cachectl::EXIT_NO_ENTRY,
         "no entry for key user:1",
     );
+    // Nothing left to invalidate: said so, not a silent success.
+    assert_fails(
+        &cachectl(&["--namespace", &ns, "invalidate", "user:1"]).await,
+        cachectl::EXIT_NO_ENTRY,
+        "no entry for key user:1",
+    );
 }
 
 #[tokio::test]
@@ -160,6 +166,22 @@ async fn get_of_something_else_is_not_a_cache_entry() {
     );
     let (_, _, err) = cachectl(&["--namespace", &ns, "get", "raw"]).await;
     assert!(err.contains("\"hello\""), "{err}");
+    // Another program's data is not deleted by `invalidate` without --force.
+    assert_fails(
+        &cachectl(&["--namespace", &ns, "invalidate", "raw"]).await,
+        cachectl::EXIT_NOT_ENTRY,
+        "--force deletes it",
+    );
+    let still: Option<String> = conn.get(cache.full_key("raw")).await.unwrap();
+    assert_eq!(still.as_deref(), Some("hello"));
+    let (code, out, err) = cachectl(&["--namespace", &ns, "invalidate", "raw", "--force"]).await;
+    assert_eq!((code, out.as_str()), (0, "invalidated raw\n"), "{err}");
+    let gone: Option<String> = conn.get(cache.full_key("raw")).await.unwrap();
+    assert_eq!(gone, None);
+    let _: () = conn
+        .set_ex(cache.full_key("raw"), "hello", 60)
+        .await
+        .unwrap();
     let _: () = conn.hset(cache.full_key("hash"), "f", "v").await.unwrap();
     let _: () = conn.expire(cache.full_key("hash"), 60).await.unwrap();
     assert_fails(
@@ -182,6 +204,42 @@ async fn get_of_a_pending_load_shows_its_lease_holder() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("value:       - (a load is pending)"), "{out}");
     assert!(out.contains("lease:       5f3a9c:1b"), "{out}");
+}
+
+/// The bookkeeping around an entry, as `get` shows it: a refresh running (its token),
+/// callers waiting for a fill, a `stale` copy's TTL (the keys written as the engine does).
+#[tokio::test]
+async fn get_shows_a_refresh_waiters_and_a_stale_copy() {
+    let (cache, ns) = cache("cachectl_aux").await;
+    cache
+        .set("user:5", &"eve", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let full = cache.full_key("user:5");
+    assert!(!full.contains(['{', '}']), "{full}");
+    let mut conn = raw_connection(&redis_url()).await;
+    let _: () = conn
+        .set_ex(format!("__cr:refresh:{{{full}}}"), "tok-123", 60)
+        .await
+        .unwrap();
+    let _: () = conn
+        .set_ex(format!("__cr:wait:{{{full}}}"), "1", 60)
+        .await
+        .unwrap();
+    let _: () = conn
+        .set_ex(format!("__cr:stale:{{{full}}}"), "old", 30)
+        .await
+        .unwrap();
+    let (code, out, err) = cachectl(&["--namespace", &ns, "get", "user:5"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("refreshing:  tok-123"), "{out}");
+    assert!(out.contains("waiters:     yes"), "{out}");
+    let stale = out
+        .lines()
+        .find_map(|l| l.strip_prefix("stale copy:"))
+        .unwrap_or_else(|| panic!("a stale copy line: {out}"));
+    let secs: f64 = stale.trim().trim_end_matches("s left").parse().unwrap();
+    assert!(secs > 0.0 && secs <= 30.0, "{out}");
 }
 
 #[tokio::test]
@@ -288,6 +346,16 @@ async fn bad_input_is_one_line_and_a_distinct_exit_code() {
         "needs a KEY",
     );
     assert_fails(
+        &cachectl(&["get", "--foo"]).await,
+        cachectl::EXIT_USAGE,
+        "unknown option --foo of `get`",
+    );
+    assert_fails(
+        &cachectl(&["invalidate", "k", "--bogus"]).await,
+        cachectl::EXIT_USAGE,
+        "takes one KEY",
+    );
+    assert_fails(
         &cachectl(&["get", "a", "b"]).await,
         cachectl::EXIT_USAGE,
         "takes one KEY",
@@ -328,19 +396,34 @@ async fn redis_down_is_reported_not_a_miss() {
         );
         assert_fails(&result, cachectl::EXIT_REDIS, "redis: ");
     }
+    // A password in the URL never reaches the error line.
+    for command in [
+        &["stats"][..],
+        &["get", "user:1"],
+        &["invalidate", "user:1"],
+    ] {
+        let mut args = vec![
+            "--redis".to_owned(),
+            "redis://:s3cr3t-pw@127.0.0.1:1".to_owned(),
+        ];
+        args.extend(command.iter().map(|a| (*a).to_owned()));
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let code = cachectl::run_async(args, &mut out, &mut err).await;
+        let (out, err) = (
+            String::from_utf8(out).unwrap(),
+            String::from_utf8(err).unwrap(),
+        );
+        assert_eq!(code, cachectl::EXIT_REDIS, "{err}");
+        assert!(!err.contains("s3cr3t") && !out.contains("s3cr3t"), "{err}");
+    }
 }
 
-/// `get`, `invalidate` and `stats` on the Redis Cluster of `CACHE_TESTS_CLUSTER_URLS`, when
-/// set (`--cluster`).
+/// `get`, `invalidate` and `stats` on a Redis Cluster (`--cluster`): the one of
+/// `CACHE_TESTS_CLUSTER_URLS`, else one started for the test binary.
 #[tokio::test]
 async fn on_a_cluster() {
-    let Some(urls) = std::env::var("CACHE_TESTS_CLUSTER_URLS")
-        .ok()
-        .filter(|u| !u.trim().is_empty())
-    else {
-        eprintln!("CACHE_TESTS_CLUSTER_URLS is not set: the cluster variant is skipped");
-        return;
-    };
+    let (urls, _cluster) = shared_cluster();
+    let urls = urls.join(",");
     let ns = unique_namespace("cachectl_cluster");
     let cache = Cache::builder()
         .redis_cluster(urls.split(','))

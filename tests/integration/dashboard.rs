@@ -28,9 +28,24 @@ fn exported_metrics() -> BTreeSet<String> {
     names
 }
 
-/// The metric names a PromQL expression uses: identifiers of the form `cache_*` or
-/// `users_*`, without a histogram's `_bucket`/`_sum`/`_count` suffix.
-fn metrics_in(expr: &str) -> Vec<String> {
+/// Every series name the dashboard's queries use, as written (with a histogram's
+/// `_bucket`/`_sum`/`_count` suffix): what the service's `/metrics` must show.
+pub(crate) fn dashboard_series() -> BTreeSet<String> {
+    let text =
+        std::fs::read_to_string(root().join("examples/grafana/cache-dashboard.json")).unwrap();
+    let dashboard: Value = serde_json::from_str(&text).expect("the dashboard is valid JSON");
+    let mut out = BTreeSet::new();
+    for panel in dashboard["panels"].as_array().expect("a panels array") {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap_or_default();
+            out.extend(words_in(expr));
+        }
+    }
+    out
+}
+
+/// The `cache_*` and `users_*` identifiers of a PromQL expression, outside strings.
+fn words_in(expr: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut word = String::new();
     let mut in_string = false;
@@ -45,15 +60,26 @@ fn metrics_in(expr: &str) -> Vec<String> {
             continue;
         }
         if word.starts_with("cache_") || word.starts_with("users_") {
-            let base = ["_bucket", "_sum", "_count"]
-                .iter()
-                .find_map(|s| word.strip_suffix(s))
-                .unwrap_or(&word);
-            out.push(base.to_owned());
+            out.push(std::mem::take(&mut word));
         }
         word.clear();
     }
     out
+}
+
+/// The metric names a PromQL expression uses: identifiers of the form `cache_*` or
+/// `users_*`, without a histogram's `_bucket`/`_sum`/`_count` suffix.
+fn metrics_in(expr: &str) -> Vec<String> {
+    words_in(expr)
+        .into_iter()
+        .map(|word| {
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| word.strip_suffix(s))
+                .unwrap_or(&word)
+                .to_owned()
+        })
+        .collect()
 }
 
 #[test]

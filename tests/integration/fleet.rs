@@ -1,12 +1,13 @@
 //! Fleet-wide stats (`publish_stats`, `Cache::fleet_stats`): three real processes publish
 //! their snapshots, the sums are exact, and a killed process drops out once its snapshot's
-//! TTL passes. On Redis, and on the Redis Cluster of `CACHE_TESTS_CLUSTER_URLS` when set.
+//! TTL passes. On Redis, and on a Redis Cluster (`CACHE_TESTS_CLUSTER_URLS`, else one
+//! started for the test binary).
 
 use std::process::Child;
 use std::time::{Duration, Instant};
 
 use cache_runtime::{Cache, cached};
-use cache_tests::{raw_connection, redis_url, spawn_test_worker, unique_namespace};
+use cache_tests::{raw_connection, redis_url, shared_cluster, spawn_test_worker, unique_namespace};
 use redis::AsyncCommands;
 
 /// How often the worker processes publish.
@@ -18,17 +19,6 @@ const PATIENCE: Duration = Duration::from_secs(30);
 #[cached(cache = cache, key = "item:{worker}:{id}", ttl = 60, name = "fleet_item")]
 async fn item(cache: &Cache, worker: u64, id: u64) -> u64 {
     worker * 100 + id
-}
-
-fn cluster_urls() -> Option<Vec<String>> {
-    let urls: Vec<String> = std::env::var("CACHE_TESTS_CLUSTER_URLS")
-        .ok()?
-        .split(',')
-        .map(str::trim)
-        .filter(|u| !u.is_empty())
-        .map(str::to_owned)
-        .collect();
-    (!urls.is_empty()).then_some(urls)
 }
 
 /// A cache on the cluster of `cluster` (comma-separated) if not empty, else on `REDIS_URL`.
@@ -152,8 +142,32 @@ async fn three_processes_sum_and_a_dead_one_expires(cluster: &str) {
     assert!(table.starts_with("3 instances\n"), "{table}");
     assert!(table.contains("fleet_item"), "{table}");
 
+    // Every key has a TTL: each snapshot at most three intervals, the registry its own.
+    let registry = format!("__cr:fleet:{{{ns}:stats}}");
+    let mut conn = RawConn::new(cluster).await;
+    let members: Vec<String> = conn
+        .query(redis::cmd("ZRANGE").arg(&registry).arg(0).arg(-1))
+        .await;
+    assert_eq!(members.len(), 3, "{members:?}");
+    for id in &members {
+        let pttl: i64 = conn
+            .query(redis::cmd("PTTL").arg(format!("{registry}:{id}")))
+            .await;
+        assert!(
+            pttl > 0 && pttl <= 3 * INTERVAL.as_millis() as i64,
+            "snapshot of {id}: PTTL {pttl}"
+        );
+    }
+    let pttl: i64 = conn.query(redis::cmd("PTTL").arg(&registry)).await;
+    assert!(pttl > 0, "registry PTTL {pttl}");
+
     // Worker 3 (30 calls: 26 hits) dies: its snapshot expires after three intervals.
     let mut third = children.0.pop().unwrap();
+    let third_id = members
+        .iter()
+        .find(|id| id.contains(&format!(":{}:", third.id())))
+        .expect("the third worker is registered under its pid")
+        .clone();
     third.kill().unwrap();
     third.wait().unwrap();
     let fleet = wait_for(&reader, "the dead instance drops out", |f| {
@@ -173,6 +187,35 @@ async fn three_processes_sum_and_a_dead_one_expires(cluster: &str) {
         "stored, never invalidated, missed: {fleet}"
     );
     assert!(fleet.to_string().contains("! 73.3%"), "{fleet}");
+    // Gone from Redis, not only from the sum.
+    let exists: i64 = conn
+        .query(redis::cmd("EXISTS").arg(format!("{registry}:{third_id}")))
+        .await;
+    assert_eq!(exists, 0, "the dead instance's snapshot expired");
+}
+
+/// A plain connection to the Redis (`cluster` empty) or to the cluster of `cluster`.
+enum RawConn {
+    Single(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl RawConn {
+    async fn new(cluster: &str) -> RawConn {
+        if cluster.is_empty() {
+            return RawConn::Single(raw_connection(&redis_url()).await);
+        }
+        let client =
+            redis::cluster::ClusterClient::new(cluster.split(',').collect::<Vec<_>>()).unwrap();
+        RawConn::Cluster(client.get_async_connection().await.unwrap())
+    }
+
+    async fn query<T: redis::FromRedisValue>(&mut self, cmd: &mut redis::Cmd) -> T {
+        match self {
+            RawConn::Single(c) => cmd.query_async(c).await.unwrap(),
+            RawConn::Cluster(c) => cmd.query_async(c).await.unwrap(),
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -182,10 +225,7 @@ async fn processes_fleet_stats_of_3_processes_sum_and_a_dead_one_expires() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn processes_fleet_stats_on_a_cluster() {
-    let Some(urls) = cluster_urls() else {
-        eprintln!("CACHE_TESTS_CLUSTER_URLS is not set: the cluster variant is skipped");
-        return;
-    };
+    let (urls, _cluster) = shared_cluster();
     three_processes_sum_and_a_dead_one_expires(&urls.join(",")).await;
 }
 
@@ -227,6 +267,92 @@ async fn a_corrupt_snapshot_is_skipped_and_counted() {
     let f = fleet.function("fleet_item").unwrap();
     assert_eq!((f.stats.hits, f.stats.misses), (1, 1));
     assert!(fleet.to_string().contains("1 undecodable"), "{fleet}");
+}
+
+/// Registers, as an instance of `ns`'s fleet, a copy of `cache`'s published snapshot under
+/// `id`, scored `score_ms` (a publisher's clock) and expiring in 60 s.
+async fn register_copy(
+    conn: &mut redis::aio::MultiplexedConnection,
+    cache: &Cache,
+    ns: &str,
+    id: &str,
+    score_ms: u64,
+) {
+    cache_runtime::__private::publish_now(cache).await.unwrap();
+    let registry = format!("__cr:fleet:{{{ns}:stats}}");
+    let own: Vec<String> = conn.zrange(&registry, 0, -1).await.unwrap();
+    let hash: Vec<(Vec<u8>, Vec<u8>)> = conn
+        .hgetall(format!("{registry}:{}", own[0]))
+        .await
+        .unwrap();
+    let copy = format!("{registry}:{id}");
+    let _: () = conn.hset_multiple(&copy, &hash).await.unwrap();
+    let _: () = conn.expire(&copy, 60).await.unwrap();
+    let _: () = conn.zadd(&registry, id, score_ms).await.unwrap();
+}
+
+/// A publisher whose clock is behind the reader's by far more than three intervals (its
+/// registry score is in the reader's past) counts while its snapshot lives in Redis.
+#[tokio::test]
+async fn a_publisher_with_a_slow_clock_counts() {
+    let ns = unique_namespace("fleet_clock");
+    let cache = cache_for(&ns, "", Some(Duration::from_millis(100))).await;
+    item(&cache, 0, 1).await;
+    item(&cache, 0, 1).await;
+    let mut conn = raw_connection(&redis_url()).await;
+    // 10 s behind: its snapshot "expires" (by its clock) 10 s before the reader's now.
+    register_copy(
+        &mut conn,
+        &cache,
+        &ns,
+        "slow-clock",
+        cache_tests_now_ms() - 10_000,
+    )
+    .await;
+    let fleet = cache.fleet_stats().await.unwrap();
+    assert_eq!((fleet.instances(), fleet.skipped()), (2, 0), "{fleet}");
+    let f = fleet.function("fleet_item").unwrap();
+    assert_eq!((f.stats.hits, f.stats.misses, f.instances), (2, 2, 2));
+}
+
+/// Registry members that are not snapshot hashes (a string key: `WRONGTYPE`; a hash with a
+/// field name that is not UTF-8) are skipped and counted, one each; the others still sum.
+#[tokio::test]
+async fn foreign_registry_members_are_skipped_and_counted() {
+    let ns = unique_namespace("fleet_foreign");
+    let cache = cache_for(&ns, "", Some(Duration::from_millis(100))).await;
+    item(&cache, 0, 1).await;
+    item(&cache, 0, 1).await;
+    let mut conn = raw_connection(&redis_url()).await;
+    // A healthy second instance (a copy) so that the sum is over two.
+    register_copy(
+        &mut conn,
+        &cache,
+        &ns,
+        "copy",
+        cache_tests_now_ms() + 60_000,
+    )
+    .await;
+    let registry = format!("__cr:fleet:{{{ns}:stats}}");
+    let expires = cache_tests_now_ms() + 60_000;
+    let string = format!("{registry}:a-string");
+    let _: () = conn.set_ex(&string, "not a hash", 60).await.unwrap();
+    let _: () = conn.zadd(&registry, "a-string", expires).await.unwrap();
+    // The copy's fields plus one whose name is not UTF-8: the field is skipped, the rest
+    // of the snapshot counts.
+    let binary = format!("{registry}:binary-field");
+    let copy: Vec<(Vec<u8>, Vec<u8>)> = conn.hgetall(format!("{registry}:copy")).await.unwrap();
+    let _: () = conn.hset_multiple(&binary, &copy).await.unwrap();
+    let _: () = conn
+        .hset(&binary, b"f:\xff\xfe".as_slice(), b"{}".as_slice())
+        .await
+        .unwrap();
+    let _: () = conn.expire(&binary, 60).await.unwrap();
+    let _: () = conn.zadd(&registry, "binary-field", expires).await.unwrap();
+    let fleet = cache.fleet_stats().await.unwrap();
+    assert_eq!((fleet.instances(), fleet.skipped()), (3, 2), "{fleet}");
+    let f = fleet.function("fleet_item").unwrap();
+    assert_eq!((f.stats.hits, f.stats.misses, f.instances), (3, 3, 3));
 }
 
 #[tokio::test]

@@ -3,11 +3,14 @@
 //! [`Cache::fleet_stats`](crate::Cache::fleet_stats) sums the live ones, per function.
 //!
 //! A snapshot is a Redis hash (see `backend::redis::fleet` for the keys): the field `meta`
-//! holds the instance's description, and one field `f:<function>` per function holds its
-//! counters, as JSON objects whose every member is optional (a newer or older version's
-//! snapshot decodes, its unknown members ignored and its missing ones zero). A snapshot
-//! that does not decode at all (another program's hash, a corrupt one) is skipped and
-//! counted in [`FleetStats::skipped`].
+//! holds the instance's description and the wire version (`v`, now 1), and one field
+//! `f:<function>` per function holds its counters, as JSON objects whose every member is
+//! optional: a snapshot of the same wire version from a newer or older build decodes, its
+//! unknown members ignored and its missing ones zero. A snapshot of another wire version
+//! (changed meanings: summing them would mislead), one that does not decode at all (another
+//! program's hash, a corrupt one) or a registry member that is not a hash is skipped and
+//! counted in [`FleetStats::skipped`]. Counters are summed saturating: a snapshot is whatever
+//! Redis holds.
 
 mod publish;
 mod wire;
@@ -17,6 +20,7 @@ use std::time::Duration;
 
 use self::wire::Sum;
 use super::{FunctionStats, LOW_HIT_RATE, fmt_duration};
+use crate::backend::fleet::RawSnapshot;
 use crate::cache::Cache;
 use crate::error::Result;
 
@@ -29,9 +33,10 @@ const TTL_INTERVALS: u32 = 3;
 /// The registry of instances lives at least this long after the last publish.
 const REGISTRY_TTL: Duration = Duration::from_secs(3600);
 
-/// Registry members whose snapshot expired longer ago than this are pruned by publishers
-/// (a margin for clocks that disagree between hosts; a reader skips members whose
-/// snapshot is gone anyway).
+/// Registry members whose snapshot expired longer ago than this are pruned by publishers,
+/// and readers look at members scored this far in the past: a margin for clocks that
+/// disagree between hosts. Whether a member is live is decided by Redis (its snapshot
+/// hash's TTL), not by its score.
 const PRUNE_MARGIN: Duration = Duration::from_secs(60);
 
 /// The shortest publish interval [`CacheBuilder::publish_stats`](crate::CacheBuilder::publish_stats)
@@ -85,13 +90,15 @@ impl Hint {
 
     /// The hint for `f` (a low hit rate), given the fleet's invalidations in the namespace.
     pub(super) fn of(f: &FunctionStats, invalidations: u64) -> Hint {
-        if (f.backend_errors + f.decode_errors) * 4 >= f.misses {
+        // Wide arithmetic: the counters come from Redis and may be anything.
+        let w = u128::from;
+        if (w(f.backend_errors) + w(f.decode_errors)) * 4 >= w(f.misses) {
             Hint::CacheErrors
-        } else if f.loads > 0 && f.not_stored * 2 >= f.loads {
+        } else if f.loads > 0 && w(f.not_stored) * 2 >= w(f.loads) {
             Hint::NotStored
-        } else if f.loads > 0 && f.stale_fills * 10 >= f.loads {
+        } else if f.loads > 0 && w(f.stale_fills) * 10 >= w(f.loads) {
             Hint::InvalidatedWhileLoading
-        } else if invalidations * 2 >= f.misses {
+        } else if w(invalidations) * 2 >= w(f.misses) {
             Hint::HighInvalidation
         } else {
             Hint::NotReread
@@ -250,16 +257,16 @@ impl fmt::Display for FleetStats {
                 "{:<width$}  {:>4}  {:>8}  {:>8}  {:>8}  {:>9}  {:>8}  {:>6}  {:>9}  {:>10}  {:>6}  {:>9}  {}",
                 s.name,
                 row.instances,
-                s.hits + s.misses + s.bypassed,
+                s.hits.saturating_add(s.misses).saturating_add(s.bypassed),
                 s.hits,
                 s.misses,
                 rate,
                 s.loads,
-                s.load_errors + s.refresh_errors,
+                s.load_errors.saturating_add(s.refresh_errors),
                 fmt_duration(s.load_time_mean()),
                 s.lock_waits,
                 s.evictions,
-                s.backend_errors + s.decode_errors,
+                s.backend_errors.saturating_add(s.decode_errors),
                 row.hint.map_or("-", Hint::as_str),
             )?;
         }
@@ -283,11 +290,22 @@ pub(crate) async fn read(cache: &Cache) -> Result<FleetStats> {
     match cache.store().redis() {
         None => sum.add_stats(&cache.stats()),
         Some(redis) => {
-            let live_after = now_ms();
-            let snapshots = redis.fleet_read(cache.namespace(), live_after).await?;
-            for (_, hash) in snapshots {
-                if let Some(hash) = hash {
-                    sum.add(&hash);
+            // The registry's scores are the publishers' clocks: a member is read if its
+            // score is within the prune margin of the reader's clock, and the snapshot's
+            // Redis TTL decides whether it is live (no hash: gone). A publisher whose clock
+            // is behind the reader's by more than three intervals still counts.
+            let candidates_after = now_ms().saturating_sub(millis(PRUNE_MARGIN));
+            let snapshots = redis
+                .fleet_read(cache.namespace(), candidates_after)
+                .await?;
+            for snapshot in snapshots {
+                match snapshot {
+                    RawSnapshot::Hash(hash, bad_fields) => {
+                        sum.skip(bad_fields);
+                        sum.add(&hash);
+                    }
+                    RawSnapshot::Gone => {}
+                    RawSnapshot::Foreign => sum.skip(1),
                 }
             }
         }

@@ -120,14 +120,15 @@ pub struct FunctionStats {
 impl FunctionStats {
     /// `hits / (hits + misses)`, or `None` before the first lookup.
     pub fn hit_rate(&self) -> Option<f64> {
-        let lookups = self.hits + self.misses;
+        let lookups = u128::from(self.hits) + u128::from(self.misses);
         (lookups > 0).then(|| self.hits as f64 / lookups as f64)
     }
 
     /// Of the hits, calls answered by a read of the backend (Redis, or the memory backend):
     /// neither from the in-process tier nor from another call's load.
     pub fn l2_hits(&self) -> u64 {
-        self.hits.saturating_sub(self.l1_hits + self.coalesced)
+        self.hits
+            .saturating_sub(self.l1_hits.saturating_add(self.coalesced))
     }
 
     /// Mean load time, or `None` before the first load.
@@ -142,7 +143,15 @@ impl FunctionStats {
 
     /// Whether any write-behind counter is non-zero.
     pub fn has_write_behind(&self) -> bool {
-        self.accepted + self.write_through + self.applied + self.retried + self.dead_lettered > 0
+        [
+            self.accepted,
+            self.write_through,
+            self.applied,
+            self.retried,
+            self.dead_lettered,
+        ]
+        .iter()
+        .any(|&n| n > 0)
     }
 
     /// Whether the hit rate is under [`LOW_HIT_RATE`] (80%).
@@ -263,14 +272,14 @@ impl fmt::Display for Stats {
                 f,
                 "{:<width$}  {:>7}  {:>7}  {:>7}  {:>7}  {:>7}  {:>9}  {:>7}  {:>6}  {:>5}  {:>7}  {:>9}  {:>9}  {:>10}  {:>6}  {:>6}  {:>7}  {:>9}",
                 s.name,
-                s.hits + s.misses + s.bypassed,
+                s.hits.saturating_add(s.misses).saturating_add(s.bypassed),
                 s.hits,
                 s.l1_hits,
                 s.l2_hits(),
                 s.misses,
                 rate,
                 s.loads,
-                s.load_errors + s.refresh_errors,
+                s.load_errors.saturating_add(s.refresh_errors),
                 s.stale_served,
                 s.refreshes,
                 fmt_duration(s.load_time_mean()),
@@ -279,7 +288,7 @@ impl fmt::Display for Stats {
                 s.puts,
                 s.evictions,
                 s.tag_invalidations,
-                s.backend_errors + s.decode_errors,
+                s.backend_errors.saturating_add(s.decode_errors),
             )?;
         }
         if any_low {

@@ -53,9 +53,36 @@ pub(crate) struct Snapshot<'a> {
     pub(crate) prune_before_ms: u64,
 }
 
-/// One instance's snapshot as read: its id and its hash (`None`: it expired since the
-/// registry was read).
-pub(crate) type RawSnapshot = (String, Option<HashMap<String, Vec<u8>>>);
+/// One registry member's snapshot, as read.
+#[derive(Debug)]
+pub(crate) enum RawSnapshot {
+    /// Its hash: the fields whose names are UTF-8, and how many were not (skipped).
+    Hash(HashMap<String, Vec<u8>>, usize),
+    /// No such key: it expired (the instance stopped publishing) or was never written.
+    Gone,
+    /// Not a hash (another program's key under the fleet's names): the error Redis gave.
+    Foreign,
+}
+
+/// One member's `HGETALL` reply (from a pipeline with `ignore_errors`).
+fn raw_snapshot(reply: Value) -> RawSnapshot {
+    if matches!(reply, Value::ServerError(_)) {
+        return RawSnapshot::Foreign;
+    }
+    match redis::from_redis_value::<Vec<(Vec<u8>, Vec<u8>)>>(reply) {
+        Ok(fields) if fields.is_empty() => RawSnapshot::Gone,
+        Ok(fields) => {
+            let total = fields.len();
+            let hash: HashMap<String, Vec<u8>> = fields
+                .into_iter()
+                .filter_map(|(name, value)| String::from_utf8(name).ok().map(|n| (n, value)))
+                .collect();
+            let bad = total - hash.len();
+            RawSnapshot::Hash(hash, bad)
+        }
+        Err(_) => RawSnapshot::Foreign,
+    }
+}
 
 /// What is stored under a value key and around it, for `Cache::inspect`.
 #[derive(Debug, Default)]
@@ -134,8 +161,9 @@ impl RedisBackend {
             .await
     }
 
-    /// The snapshots of the instances registered with an expiry at or after `live_after_ms`:
-    /// the registry, then every member's hash (one pipeline, one slot).
+    /// The snapshots of the instances registered with an expiry at or after `live_after_ms`
+    /// (a candidate: its hash's TTL decides, an expired one reads as `None`): the registry,
+    /// then every member's hash (one pipeline, one slot), one [`RawSnapshot`] per member.
     pub(crate) async fn fleet_read(
         &self,
         namespace: &str,
@@ -154,22 +182,21 @@ impl RedisBackend {
                 if ids.is_empty() {
                     return Ok(Vec::new());
                 }
+                // One member's failure (a key of another type: WRONGTYPE) is its own reply,
+                // not the pipeline's.
                 let mut pipe = redis::pipe();
+                pipe.ignore_errors();
                 for id in &ids {
                     pipe.cmd("HGETALL").arg(snapshot_key(namespace, id));
                 }
-                let hashes: Vec<HashMap<String, Vec<u8>>> = pipe.query_async(&mut conn).await?;
-                Ok(ids
-                    .into_iter()
-                    .zip(hashes)
-                    .map(|(id, h)| (id, (!h.is_empty()).then_some(h)))
-                    .collect())
+                let replies: Vec<Value> = pipe.query_async(&mut conn).await?;
+                Ok(replies.into_iter().map(raw_snapshot).collect())
             })
             .await
     }
 
     /// What is stored under `key` and its bookkeeping keys: a pipeline on `key`'s slot, then
-    /// a `GET` if the key holds a string.
+    /// a `GET` if the key holds a string (gone by then: reported as no key, `none`).
     pub(crate) async fn inspect(&self, key: &str) -> BackendResult<RawEntry> {
         let refresh = aux_key(REFRESH_PREFIX, key);
         let wait = aux_key(WAIT_PREFIX, key);
@@ -195,9 +222,16 @@ impl RedisBackend {
                     .arg(&stale)
                     .query_async(&mut conn)
                     .await?;
-                let value = match kind.as_str() {
+                let value: Option<Vec<u8>> = match kind.as_str() {
                     "string" => redis::cmd("GET").arg(key).query_async(&mut conn).await?,
                     _ => None,
+                };
+                // A string that expired (or was deleted) between `TYPE` and `GET`: no entry
+                // now, not a foreign string without a value.
+                let kind = if kind == "string" && value.is_none() {
+                    "none".to_owned()
+                } else {
+                    kind
                 };
                 Ok(RawEntry {
                     kind,

@@ -179,6 +179,11 @@ pub(super) struct Sum {
 }
 
 impl Sum {
+    /// Counts `n` snapshots or fields that could not be read (see [`FleetStats::skipped`]).
+    pub(super) fn skip(&mut self, n: usize) {
+        self.skipped = self.skipped.saturating_add(n);
+    }
+
     /// Adds one instance's snapshot hash; a hash without a decodable `meta` of a known
     /// version is skipped whole, a function field that does not decode alone.
     pub(super) fn add(&mut self, hash: &HashMap<String, Vec<u8>>) {
@@ -187,11 +192,11 @@ impl Sum {
             .and_then(|m| serde_json::from_slice::<Meta>(m).ok())
             .filter(|m| m.v == WIRE_VERSION);
         let Some(meta) = meta else {
-            self.skipped += 1;
+            self.skip(1);
             return;
         };
-        self.instances += 1;
-        self.l1_clears += meta.l1_clears;
+        self.instances = self.instances.saturating_add(1);
+        self.l1_clears = self.l1_clears.saturating_add(meta.l1_clears);
         self.queues.extend(meta.queues);
         for (field, value) in hash {
             let Some(name) = field.strip_prefix(FUNCTION_PREFIX) else {
@@ -199,13 +204,13 @@ impl Sum {
             };
             match serde_json::from_slice::<Wire>(value) {
                 Ok(wire) => self.add_function(wire.into_stats(name)),
-                Err(_) => self.skipped += 1,
+                Err(_) => self.skip(1),
             }
         }
     }
 
     pub(super) fn add_stats(&mut self, stats: &Stats) {
-        self.instances += 1;
+        self.instances = self.instances.saturating_add(1);
         self.l1_clears += stats.l1_clears;
         self.queues.extend(crate::write_behind::linked_queues());
         for f in &stats.functions {
@@ -220,7 +225,7 @@ impl Sum {
             }
             Some((sum, n)) => {
                 add(sum, &f);
-                *n += 1;
+                *n = n.saturating_add(1);
             }
         }
     }
@@ -229,8 +234,8 @@ impl Sum {
         let invalidations: u64 = self
             .functions
             .values()
-            .map(|(f, _)| f.evictions + f.tag_invalidations)
-            .sum();
+            .map(|(f, _)| f.evictions.saturating_add(f.tag_invalidations))
+            .fold(0u64, u64::saturating_add);
         let functions = self
             .functions
             .into_values()
@@ -250,38 +255,39 @@ impl Sum {
     }
 }
 
-/// Adds `b`'s counters to `a` (maxima: the larger).
+/// Adds `b`'s counters to `a` (maxima: the larger), saturating: snapshots come from Redis,
+/// where anything may have written them.
 fn add(a: &mut FunctionStats, b: &FunctionStats) {
-    a.hits += b.hits;
-    a.l1_hits += b.l1_hits;
-    a.coalesced += b.coalesced;
-    a.misses += b.misses;
-    a.bypassed += b.bypassed;
-    a.loads += b.loads;
-    a.load_errors += b.load_errors;
-    a.not_stored += b.not_stored;
-    a.load_time_total += b.load_time_total;
+    a.hits = a.hits.saturating_add(b.hits);
+    a.l1_hits = a.l1_hits.saturating_add(b.l1_hits);
+    a.coalesced = a.coalesced.saturating_add(b.coalesced);
+    a.misses = a.misses.saturating_add(b.misses);
+    a.bypassed = a.bypassed.saturating_add(b.bypassed);
+    a.loads = a.loads.saturating_add(b.loads);
+    a.load_errors = a.load_errors.saturating_add(b.load_errors);
+    a.not_stored = a.not_stored.saturating_add(b.not_stored);
+    a.load_time_total = a.load_time_total.saturating_add(b.load_time_total);
     a.load_time_max = a.load_time_max.max(b.load_time_max);
-    a.backend_errors += b.backend_errors;
-    a.decode_errors += b.decode_errors;
-    a.stale_fills += b.stale_fills;
-    a.lock_acquired += b.lock_acquired;
-    a.lock_waits += b.lock_waits;
-    a.lock_wait_total += b.lock_wait_total;
+    a.backend_errors = a.backend_errors.saturating_add(b.backend_errors);
+    a.decode_errors = a.decode_errors.saturating_add(b.decode_errors);
+    a.stale_fills = a.stale_fills.saturating_add(b.stale_fills);
+    a.lock_acquired = a.lock_acquired.saturating_add(b.lock_acquired);
+    a.lock_waits = a.lock_waits.saturating_add(b.lock_waits);
+    a.lock_wait_total = a.lock_wait_total.saturating_add(b.lock_wait_total);
     a.lock_wait_max = a.lock_wait_max.max(b.lock_wait_max);
-    a.takeovers += b.takeovers;
-    a.wait_timeouts += b.wait_timeouts;
-    a.puts += b.puts;
-    a.evictions += b.evictions;
-    a.tag_invalidations += b.tag_invalidations;
-    a.stale_served += b.stale_served;
-    a.refreshes += b.refreshes;
-    a.refresh_errors += b.refresh_errors;
-    a.accepted += b.accepted;
-    a.write_through += b.write_through;
-    a.applied += b.applied;
-    a.retried += b.retried;
-    a.dead_lettered += b.dead_lettered;
+    a.takeovers = a.takeovers.saturating_add(b.takeovers);
+    a.wait_timeouts = a.wait_timeouts.saturating_add(b.wait_timeouts);
+    a.puts = a.puts.saturating_add(b.puts);
+    a.evictions = a.evictions.saturating_add(b.evictions);
+    a.tag_invalidations = a.tag_invalidations.saturating_add(b.tag_invalidations);
+    a.stale_served = a.stale_served.saturating_add(b.stale_served);
+    a.refreshes = a.refreshes.saturating_add(b.refreshes);
+    a.refresh_errors = a.refresh_errors.saturating_add(b.refresh_errors);
+    a.accepted = a.accepted.saturating_add(b.accepted);
+    a.write_through = a.write_through.saturating_add(b.write_through);
+    a.applied = a.applied.saturating_add(b.applied);
+    a.retried = a.retried.saturating_add(b.retried);
+    a.dead_lettered = a.dead_lettered.saturating_add(b.dead_lettered);
 }
 
 #[cfg(test)]
@@ -332,6 +338,49 @@ mod tests {
         assert_eq!((fleet.instances(), fleet.skipped()), (1, 3));
         assert!(fleet.function("app::broken").is_none());
         assert_eq!(fleet.function("app::get").unwrap().stats.hits, 1);
+    }
+
+    /// Two snapshots whose every counter is `u64::MAX` (anything can be written to Redis):
+    /// the sum saturates, the table and the hint are computed, nothing panics.
+    #[test]
+    fn huge_counters_saturate() {
+        let max = u64::MAX;
+        let counters: serde_json::Map<String, serde_json::Value> =
+            serde_json::to_value(Wire::default())
+                .unwrap()
+                .as_object()
+                .unwrap()
+                .keys()
+                .map(|k| (k.clone(), serde_json::json!(max)))
+                .collect();
+        let hash = HashMap::from([
+            (
+                "meta".to_owned(),
+                br#"{"v":1,"l1_clears":18446744073709551615}"#.to_vec(),
+            ),
+            (
+                "f:app::get".to_owned(),
+                serde_json::to_vec(&counters).unwrap(),
+            ),
+        ]);
+        let mut sum = Sum::default();
+        sum.add(&hash);
+        sum.add(&hash);
+        let fleet = sum.finish();
+        assert_eq!((fleet.instances(), fleet.skipped()), (2, 0));
+        assert_eq!(fleet.l1_clears(), max);
+        let f = fleet.function("app::get").unwrap();
+        assert_eq!((f.stats.hits, f.stats.misses, f.instances), (max, max, 2));
+        assert_eq!(f.stats.load_time_total, Duration::from_nanos(max) * 2);
+        assert_eq!(f.hit_rate(), Some(0.5));
+        assert_eq!(f.hint, Some(Hint::CacheErrors));
+        assert_eq!(f.stats.l2_hits(), 0);
+        assert!(f.stats.load_time_mean().is_some());
+        let table = fleet.to_string();
+        assert!(table.contains(&max.to_string()), "{table}");
+        let mut stats = crate::Stats::default();
+        stats.functions.push(f.stats.clone());
+        assert!(stats.to_string().contains(&max.to_string()));
     }
 
     #[test]

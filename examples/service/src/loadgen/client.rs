@@ -166,7 +166,7 @@ async fn read_response(conn: &mut BufReader<TcpStream>) -> io::Result<Response> 
             let size = line.trim_end().split(';').next().unwrap_or("");
             let n = usize::from_str_radix(size, 16)
                 .map_err(|_| bad(format!("bad chunk size {size:?}")))?;
-            if body.len() + n > MAX_BODY {
+            if n > MAX_BODY - body.len() {
                 return Err(bad("chunked body too large"));
             }
             if n == 0 {

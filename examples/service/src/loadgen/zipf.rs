@@ -38,13 +38,22 @@ pub struct Zipf {
 }
 
 impl Zipf {
+    /// The most items a distribution is built over (100 million: an 800 MB table).
+    pub const MAX_ITEMS: u64 = 100_000_000;
+
     /// The distribution over `1..=n` with exponent `s`.
     ///
     /// # Errors
-    /// `n` is 0, or `s` is not a finite non-negative number.
+    /// `n` is 0 or over [`Zipf::MAX_ITEMS`], or `s` is not a finite non-negative number.
     pub fn new(n: u64, s: f64) -> Result<Zipf, String> {
         if n == 0 {
             return Err("zipf: at least one item".to_owned());
+        }
+        if n > Self::MAX_ITEMS {
+            return Err(format!(
+                "zipf: at most {} items (its table takes 8 bytes per item), not {n}",
+                Self::MAX_ITEMS
+            ));
         }
         if !s.is_finite() || s < 0.0 {
             return Err(format!("zipf: invalid exponent {s}"));
@@ -99,6 +108,9 @@ mod tests {
     #[test]
     fn bad_parameters_are_errors() {
         assert!(Zipf::new(0, 1.1).is_err());
+        // Not an 8 TB allocation: an error.
+        let e = Zipf::new(u64::MAX, 1.1).unwrap_err();
+        assert!(e.contains("at most 100000000 items"), "{e}");
         assert!(Zipf::new(10, f64::NAN).is_err());
         assert!(Zipf::new(10, -1.0).is_err());
     }

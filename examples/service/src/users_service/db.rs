@@ -41,7 +41,22 @@ fn db_error(context: &str, e: impl std::fmt::Display) -> DbError {
     DbError(format!("{context}: {e}"))
 }
 
-/// Checks that `table` can be written unquoted in SQL: `[a-z_][a-z0-9_]*`, at most 63 bytes.
+/// The columns the service reads and writes, with their PostgreSQL types
+/// (`information_schema.columns.data_type`).
+const COLUMNS: [(&str, &str); 4] = [
+    ("id", "bigint"),
+    ("name", "text"),
+    ("email", "text"),
+    ("org_id", "bigint"),
+];
+
+/// `table` as a quoted SQL identifier (it is checked by [`check_table_name`]: no quote in
+/// it), so that a reserved word (`user`) names a table too.
+fn ident(table: &str) -> String {
+    format!("\"{table}\"")
+}
+
+/// Checks that `table` can be written in SQL: `[a-z_][a-z0-9_]*`, at most 63 bytes.
 pub(super) fn check_table_name(table: &str) -> Result<(), String> {
     let mut chars = table.chars();
     let first_ok = chars
@@ -95,12 +110,13 @@ impl Db {
     /// rows). Concurrent starts on one table serialize on an advisory lock.
     pub(super) async fn prepare_table(&self, rows: i64) -> Result<(), DbError> {
         let mut client = connect(&self.url).await?;
-        let t = &self.table;
+        let name = &self.table;
+        let t = &ident(name);
         let tx = client
             .transaction()
             .await
             .map_err(|e| db_error("BEGIN", e))?;
-        tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[t])
+        tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[name])
             .await
             .map_err(|e| db_error("taking the seeding lock", e))?;
         tx.batch_execute(&format!(
@@ -113,6 +129,34 @@ impl Db {
         ))
         .await
         .map_err(|e| db_error(&format!("creating table {t}"), e))?;
+        // An existing table of another shape would fail every request (or worse): say so now.
+        let found: Vec<(String, String)> = tx
+            .query(
+                "SELECT column_name::text, data_type::text FROM information_schema.columns
+                  WHERE table_schema = current_schema() AND table_name = $1
+                  ORDER BY ordinal_position",
+                &[name],
+            )
+            .await
+            .map_err(|e| db_error(&format!("reading the columns of {t}"), e))?
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect::<Result<_, tokio_postgres::Error>>()
+            .map_err(|e| db_error(&format!("reading the columns of {t}"), e))?;
+        let wrong: Vec<String> = COLUMNS
+            .iter()
+            .filter(|(col, ty)| !found.iter().any(|(c, t)| c == col && t == ty))
+            .map(|(col, ty)| format!("{col} {ty}"))
+            .collect();
+        if !wrong.is_empty() {
+            let have: Vec<String> = found.iter().map(|(c, t)| format!("{c} {t}")).collect();
+            return Err(DbError(format!(
+                "table {name} exists with another schema: it lacks {} (it has: {}); \
+                 use another table (USERS_TABLE / --table) or drop this one",
+                wrong.join(", "),
+                have.join(", ")
+            )));
+        }
         let have: i64 = tx
             .query_one(
                 &format!("SELECT count(*) FROM {t} WHERE id BETWEEN 1 AND $1"),
@@ -120,7 +164,8 @@ impl Db {
             )
             .await
             .map_err(|e| db_error(&format!("counting the rows of {t}"), e))?
-            .get(0);
+            .try_get(0)
+            .map_err(|e| db_error(&format!("counting the rows of {t}"), e))?;
         if have < rows {
             tx.execute(
                 &format!(
@@ -141,14 +186,14 @@ impl Db {
     pub(super) async fn drop_table(&self) -> Result<(), DbError> {
         let client = connect(&self.url).await?;
         client
-            .batch_execute(&format!("DROP TABLE IF EXISTS {}", self.table))
+            .batch_execute(&format!("DROP TABLE IF EXISTS {}", ident(&self.table)))
             .await
             .map_err(|e| db_error(&format!("dropping {}", self.table), e))
     }
 
     async fn open(&self) -> Result<Arc<Conn>, DbError> {
         let client = connect(&self.url).await?;
-        let t = &self.table;
+        let t = &ident(&self.table);
         let prepare = |sql: String| {
             let client = &client;
             async move {
@@ -220,7 +265,7 @@ impl Db {
             .query_opt(&c.select, &[&id])
             .await
             .map_err(|e| db_error("SELECT", e))?;
-        Ok(row.map(|r| user(&r)))
+        row.map(|r| user(&r)).transpose()
     }
 
     /// The first 50 users of an organisation, by id.
@@ -232,7 +277,7 @@ impl Db {
             .query(&c.by_org, &[&org])
             .await
             .map_err(|e| db_error("SELECT by org", e))?;
-        Ok(rows.iter().map(user).collect())
+        rows.iter().map(user).collect()
     }
 
     /// `UPDATE .. RETURNING`: the new row, `None` if there is no such user.
@@ -249,7 +294,7 @@ impl Db {
             .query_opt(&c.update, &[&id, &name, &email])
             .await
             .map_err(|e| db_error("UPDATE", e))?;
-        Ok(row.map(|r| user(&r)))
+        row.map(|r| user(&r)).transpose()
     }
 
     /// `DELETE .. RETURNING org_id`: the deleted user's organisation, `None` if there was
@@ -262,15 +307,19 @@ impl Db {
             .query_opt(&c.delete, &[&id])
             .await
             .map_err(|e| db_error("DELETE", e))?;
-        Ok(row.map(|r| r.get(0)))
+        row.map(|r| r.try_get(0))
+            .transpose()
+            .map_err(|e| db_error("DELETE", e))
     }
 }
 
-fn user(r: &tokio_postgres::Row) -> User {
-    User {
-        id: r.get(0),
-        name: r.get(1),
-        email: r.get(2),
-        org_id: r.get(3),
-    }
+/// A row as a [`User`]; a column of another type is an error, not a panic.
+fn user(r: &tokio_postgres::Row) -> Result<User, DbError> {
+    let column = |e| db_error("reading a row", e);
+    Ok(User {
+        id: r.try_get(0).map_err(column)?,
+        name: r.try_get(1).map_err(column)?,
+        email: r.try_get(2).map_err(column)?,
+        org_id: r.try_get(3).map_err(column)?,
+    })
 }

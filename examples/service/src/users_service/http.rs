@@ -37,8 +37,14 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
 }
 
+/// The database failed: the details (SQL, table and column names, server messages) go to
+/// the log, the client gets a generic message.
 fn db_failure(e: DbError) -> Response {
-    error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+    eprintln!("users-service: database error: {e}");
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the database is unavailable; see the service's log",
+    )
 }
 
 fn no_user(id: i64) -> Response {

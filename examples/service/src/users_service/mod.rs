@@ -1,12 +1,12 @@
 //! The users service (`cargo run --release --example users-service`): an
 //! axum HTTP API over a PostgreSQL `users` table, its reads cached with `#[cached(lock,
-//! local)]`, its writes through `#[cache_put]` and `#[cache_evict]`, its metrics on
+//! local)]`, its writes followed by `#[cache_evict]`, its metrics on
 //! `GET /metrics` in the Prometheus text format.
 //!
 //! | route | what | cache |
 //! |---|---|---|
 //! | `GET /users/{id}` | the user, 404 if none | `#[cached(key = "user:{id}", lock, local)]` |
-//! | `PUT /users/{id}` | JSON `{"name": .., "email": ..}` (email optional): the updated user | `#[cache_put(key = "user:{id}")]`, then `#[cache_evict(tags = ["org:{org}"])]` |
+//! | `PUT /users/{id}` | JSON `{"name": .., "email": ..}` (email optional): the updated user | `UPDATE .. RETURNING`, then `#[cache_evict(keys = ["user:{id}"], tags = ["org:{org}"])]` (not `#[cache_put]`: two concurrent `PUT`s could leave the older row cached; see the README) |
 //! | `DELETE /users/{id}` | 204, 404 if none | `#[cache_evict(keys = ["user:{id}"], tags = ["org:{org}"])]` |
 //! | `GET /orgs/{org}/users` | the organisation's first 50 users | `#[cached(key = "org_users:{org}", tags = ["org:{org}"], lock, local)]` |
 //! | `GET /metrics` | Prometheus exposition | |
@@ -21,7 +21,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use cache_runtime::{Cache, cache_evict, cache_put, cached};
+use cache_runtime::{Cache, cache_evict, cached};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -83,7 +83,8 @@ pub struct Config {
     /// Instances sharing Redis and a namespace share their entries.
     pub namespace: Option<String>,
     /// Whether the functions use the cache (`CACHE=on|off`, `--cache on|off`; default on).
-    /// Off, every call runs its query (the functions' `condition` is false).
+    /// Off, every read runs its query (the reads' `condition` is false); writes still
+    /// invalidate, so instances with the cache on sharing the namespace stay right.
     pub cache_enabled: bool,
     /// Entries of the in-process tier (`local`) on Redis, or of the memory cache (default
     /// 10 000).
@@ -92,6 +93,10 @@ pub struct Config {
     pub host: IpAddr,
     /// The port (`PORT`, `--port`; default 3000, 0 for any free port).
     pub port: u16,
+    /// How often the instance publishes its stats snapshot for `cachectl stats` and
+    /// [`Cache::fleet_stats`] (`PUBLISH_STATS`, `--publish-stats SECS`; default 5 s; `0` or
+    /// `off` disables it). Only on Redis: on memory the fleet is this one process.
+    pub publish_stats: Duration,
 }
 
 impl Default for Config {
@@ -108,6 +113,7 @@ impl Default for Config {
             local_capacity: 10_000,
             host: IpAddr::V4(Ipv4Addr::LOCALHOST),
             port: 3000,
+            publish_stats: Duration::from_secs(5),
         }
     }
 }
@@ -129,6 +135,23 @@ fn split_urls(urls: &str) -> Vec<String> {
         .collect()
 }
 
+/// `SECS` (fractions allowed) or `off`: zero disables publishing; otherwise at least 0.1 s.
+fn publish_interval(what: &str, value: &str) -> Result<Duration, String> {
+    if value == "off" {
+        return Ok(Duration::ZERO);
+    }
+    let secs: f64 = parse(what, value)?;
+    if secs == 0.0 {
+        return Ok(Duration::ZERO);
+    }
+    if !(0.1..=86_400.0).contains(&secs) {
+        return Err(format!(
+            "invalid {what} `{value}`: seconds from 0.1 to 86400, or 0/off"
+        ));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
 fn on_off(what: &str, value: &str) -> Result<bool, String> {
     match value {
         "on" | "true" | "1" => Ok(true),
@@ -139,7 +162,8 @@ fn on_off(what: &str, value: &str) -> Result<bool, String> {
 
 impl Config {
     /// The defaults, overridden by the environment: `PG_URL`, `USERS_TABLE`, `USERS_ROWS`,
-    /// `PG_POOL`, `REDIS_URL`, `REDIS_CLUSTER_URLS`, `CACHE_NAMESPACE`, `CACHE`, `HOST`, `PORT`.
+    /// `PG_POOL`, `REDIS_URL`, `REDIS_CLUSTER_URLS`, `CACHE_NAMESPACE`, `CACHE`, `HOST`, `PORT`,
+    /// `PUBLISH_STATS`.
     ///
     /// # Errors
     /// A variable that does not parse, named in the message.
@@ -170,11 +194,15 @@ impl Config {
         if let Some(v) = var("PORT") {
             c.port = parse("PORT", &v)?;
         }
+        if let Some(v) = var("PUBLISH_STATS") {
+            c.publish_stats = publish_interval("PUBLISH_STATS", &v)?;
+        }
         Ok(c)
     }
 
     /// Applies command-line options (`--port N`, `--host IP`, `--table NAME`, `--rows N`,
-    /// `--pool N`, `--redis URL`, `--redis-cluster URL,URL`, `--memory`, `--namespace NS`, `--cache on|off`).
+    /// `--pool N`, `--redis URL`, `--redis-cluster URL,URL`, `--memory`, `--namespace NS`, `--cache on|off`,
+    /// `--publish-stats SECS|off`).
     ///
     /// # Errors
     /// An unknown option, a missing or invalid value.
@@ -197,7 +225,10 @@ impl Config {
                 "--redis-cluster" => self.redis_cluster = split_urls(&value()?),
                 "--namespace" => self.namespace = Some(value()?),
                 "--cache" => self.cache_enabled = on_off("--cache", &value()?)?,
-                _ => return Err(format!("unknown option `{arg}`")),
+                "--publish-stats" => {
+                    self.publish_stats = publish_interval("--publish-stats", &value()?)?;
+                }
+                _ => return Err(format!("unknown option `{arg}`; see --help")),
             }
         }
         Ok(self)
@@ -279,40 +310,43 @@ impl Users {
         self.db.by_org(org).await
     }
 
-    /// `UPDATE .. RETURNING`, the new row written to `user:{id}` for the readers.
-    #[cache_put(cache = self.cache, key = "user:{id}", ttl = "10m", condition = self.cached, name = "users.put")]
-    async fn store(
-        &self,
-        id: i64,
-        name: &str,
-        email: Option<&str>,
-    ) -> Result<Option<User>, DbError> {
-        self.db.update(id, name, email).await
-    }
-
-    /// The organisation's listings are out of date (the event-handler form of
-    /// `#[cache_evict]`: the write happened before).
-    #[cache_evict(cache = self.cache, tags = ["org:{org}"], condition = self.cached, name = "users.org_changed")]
-    async fn org_changed(&self, org: i64) -> Result<(), DbError> {
+    /// A user was updated (the event-handler form of `#[cache_evict]`: the `UPDATE`
+    /// committed before): its entry and its organisation's listings go, and the next read
+    /// loads the committed row.
+    ///
+    /// Not `#[cache_put]` with the `UPDATE`'s row: two concurrent `PUT`s of one id commit
+    /// in one order and may write the cache in the other, leaving the older row cached for
+    /// the TTL (the framework orders a write against the readers' loads, not two writers
+    /// against each other). An eviction after the commit cannot leave an old row behind:
+    /// whichever eviction comes last, the next load reads the database. See the README's
+    /// "The example service".
+    ///
+    /// No `condition`: writes invalidate even with the cache off (`CACHE=off`), so that
+    /// instances sharing the namespace with the cache on never serve the old row.
+    #[cache_evict(cache = self.cache, keys = ["user:{id}"], tags = ["org:{org}"], name = "users.updated")]
+    async fn updated(&self, id: i64, org: i64) -> Result<(), DbError> {
         Ok(())
     }
 
-    /// A user was deleted: its entry and its organisation's listings go.
-    #[cache_evict(cache = self.cache, keys = ["user:{id}"], tags = ["org:{org}"], condition = self.cached, name = "users.deleted")]
+    /// A user was deleted: its entry and its organisation's listings go (with the cache off
+    /// too: see [`Users::updated`]).
+    #[cache_evict(cache = self.cache, keys = ["user:{id}"], tags = ["org:{org}"], name = "users.deleted")]
     async fn deleted(&self, id: i64, org: i64) -> Result<(), DbError> {
         Ok(())
     }
 
-    /// `PUT /users/{id}`: the updated user, `None` if there is none.
+    /// `PUT /users/{id}`: `UPDATE .. RETURNING`, then the user's entry and listings are
+    /// evicted; the updated user, `None` if there is none.
     ///
     /// # Errors
     /// The database's.
     pub async fn update(&self, id: i64, change: &UserUpdate) -> Result<Option<User>, DbError> {
         let user = self
-            .store(id, &change.name, change.email.as_deref())
+            .db
+            .update(id, &change.name, change.email.as_deref())
             .await?;
         if let Some(user) = &user {
-            self.org_changed(user.org_id).await?;
+            self.updated(id, user.org_id).await?;
         }
         Ok(user)
     }
@@ -418,6 +452,13 @@ pub async fn start(
         .clone()
         .unwrap_or_else(|| config.table.clone());
     let builder = Cache::builder().namespace(namespace);
+    // On Redis, the instance publishes its stats (`cachectl stats` sums the fleet's).
+    let on_redis = config.redis_url.is_some() || !config.redis_cluster.is_empty();
+    let builder = if on_redis && !config.publish_stats.is_zero() {
+        builder.publish_stats(config.publish_stats)
+    } else {
+        builder
+    };
     let builder = match &config.redis_url {
         _ if !config.redis_cluster.is_empty() => builder
             .redis_cluster(config.redis_cluster.iter().cloned())
@@ -459,4 +500,37 @@ pub async fn start(
         stop: Some(stop),
         task,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn publish_stats_option() {
+        let c = Config::default();
+        assert_eq!(c.publish_stats, Duration::from_secs(5));
+        let c = c.apply_args(args(&["--publish-stats", "0.2"])).unwrap();
+        assert_eq!(c.publish_stats, Duration::from_millis(200));
+        for off in ["0", "off"] {
+            let c = Config::default()
+                .apply_args(args(&["--publish-stats", off]))
+                .unwrap();
+            assert!(c.publish_stats.is_zero());
+        }
+        for bad in ["0.01", "-1", "x", "1e12"] {
+            let e = Config::default()
+                .apply_args(args(&["--publish-stats", bad]))
+                .unwrap_err();
+            assert!(e.contains("--publish-stats"), "{e}");
+        }
+        let e = Config::default()
+            .apply_args(args(&["--bogus"]))
+            .unwrap_err();
+        assert!(e.contains("see --help"), "{e}");
+    }
 }
