@@ -340,8 +340,9 @@ fn metrics_write_behind_memory() {
     );
 }
 
-/// On Redis: two calls queued and applied; one whose body fails, retried once and then
-/// dead-lettered (`max_attempts(2)`).
+/// On Redis: three calls queued and applied (two of one key, coalesced into one run: each
+/// entry counts, so that enqueued = applied + dead-lettered); one whose body fails, retried
+/// once and then dead-lettered (`max_attempts(2)`).
 #[test]
 fn metrics_write_behind_redis() {
     let recorder = DebuggingRecorder::new();
@@ -352,6 +353,7 @@ fn metrics_write_behind_redis() {
             .unwrap();
         rt.block_on(async {
             wb_ok(1, 10).await.unwrap();
+            wb_ok(1, 11).await.unwrap();
             wb_ok(2, 20).await.unwrap();
             wb_failing(3, 30).await.unwrap();
             let worker = Worker::builder(&WB_REDIS)
@@ -369,7 +371,7 @@ fn metrics_write_behind_redis() {
     let ns = WB_REDIS.namespace();
     assert_eq!(
         wb_counts(&seen, ns, "metrics_wb_ok"),
-        [2.0, 0.0, 2.0, 0.0, 0.0]
+        [3.0, 0.0, 3.0, 0.0, 0.0]
     );
     assert_eq!(
         wb_counts(&seen, ns, "metrics_wb_failing"),
