@@ -41,6 +41,8 @@ struct Spans {
     spans: Arc<Mutex<Vec<SpanRec>>>,
     events: Arc<Mutex<Vec<EventRec>>>,
     entered: Arc<Mutex<Vec<u64>>>,
+    /// `(span, the span it follows from)`.
+    follows: Arc<Mutex<Vec<(u64, u64)>>>,
 }
 
 impl Default for Spans {
@@ -90,7 +92,12 @@ impl tracing::Subscriber for Spans {
         let rec = &mut spans[id.into_u64() as usize - 1];
         values.record(&mut Fields(&mut rec.fields));
     }
-    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn record_follows_from(&self, span: &tracing::span::Id, follows: &tracing::span::Id) {
+        self.follows
+            .lock()
+            .unwrap()
+            .push((span.into_u64(), follows.into_u64()));
+    }
     fn event(&self, event: &tracing::Event<'_>) {
         let parent = match event.parent() {
             Some(id) => Some(id.into_u64()),
@@ -120,17 +127,22 @@ impl Spans {
             spans: Arc::default(),
             events: Arc::default(),
             entered: Arc::default(),
+            follows: Arc::default(),
         }
     }
 
     /// The ids of the `cache_call` spans of `function`, in the order they were opened.
     fn call_ids(&self, function: &str) -> Vec<u64> {
+        self.ids("cache_call", function)
+    }
+
+    /// The ids of the spans named `name` of `function`, in the order they were opened.
+    fn ids(&self, name: &str, function: &str) -> Vec<u64> {
         let spans = self.spans.lock().unwrap();
         (1..=spans.len() as u64)
             .filter(|&id| {
                 let s = &spans[id as usize - 1];
-                s.name == "cache_call"
-                    && s.fields.get("function").map(String::as_str) == Some(function)
+                s.name == name && s.fields.get("function").map(String::as_str) == Some(function)
             })
             .collect()
     }
@@ -207,6 +219,14 @@ async fn named(cache: &Cache, name: &Name) -> Result<u64, String> {
 
 #[cached(cache = cache, key = "d:{id}", ttl = 60, name = "spans_decode")]
 async fn decoded(cache: &Cache, id: u64) -> Result<u64, String> {
+    Ok(id)
+}
+
+/// Refreshed in the background by a hit past 5% of its TTL; its body emits a `debug` event.
+#[cached(cache = cache, key = "r:{id}", ttl = 2, refresh = "5%", name = "spans_refresh")]
+async fn refreshed(cache: &Cache, calls: &Arc<Calls>, id: u64) -> Result<u64, String> {
+    calls.hit();
+    tracing::debug!(target: "spans_refresh_body", id);
     Ok(id)
 }
 
@@ -399,6 +419,50 @@ fn spans_none_below_debug_memory() {
 #[test]
 fn spans_none_below_debug_redis() {
     quiet(redis);
+}
+
+/// A background refresh runs in a `debug` span of its own, `cache_refresh`, which follows
+/// from the hit that started it; the body's events are its children.
+fn refresh(build: impl AsyncFn(&str, bool) -> Cache) {
+    let spans = capture(async || {
+        let cache = build(&unique_namespace("spans"), false).await;
+        let calls = Arc::new(Calls::new());
+        assert_eq!(refreshed(&cache, &calls, 1).await, Ok(1)); // miss
+        tokio::time::sleep(Duration::from_millis(300)).await; // past 5% of the TTL
+        assert_eq!(refreshed(&cache, &calls, 1).await, Ok(1)); // hit: starts the refresh
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while calls.get() < 2 {
+            assert!(std::time::Instant::now() < deadline, "no refresh ran");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Let the refresh finish storing.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    });
+    assert_eq!(spans.outcomes("spans_refresh"), ["miss", "hit/l2"]);
+    let calls = spans.call_ids("spans_refresh");
+    let refreshes = spans.ids("cache_refresh", "spans_refresh");
+    assert_eq!(refreshes.len(), 1, "{:?}", spans.spans);
+    let rec = spans.spans.lock().unwrap()[refreshes[0] as usize - 1].clone();
+    assert_eq!(rec.level, tracing::Level::DEBUG);
+    assert_eq!(
+        spans.follows.lock().unwrap().clone(),
+        [(refreshes[0], calls[1])],
+        "follows from the hit"
+    );
+    assert_eq!(
+        spans.parents("spans_refresh_body"),
+        [Some(calls[0]), Some(refreshes[0])]
+    );
+}
+
+#[test]
+fn spans_refresh_memory() {
+    refresh(memory);
+}
+
+#[test]
+fn spans_refresh_redis() {
+    refresh(redis);
 }
 
 /// `local` on Redis: once the in-process tier is usable, a hit's span says `hit` with

@@ -797,6 +797,7 @@ impl<'a> Fetch<'a> {
             tags,
             &header,
             refresher,
+            self.trace.span(),
         );
     }
 

@@ -2,7 +2,7 @@
 //! `function` (the stats label), `cache` (the namespace, `default` without one), `outcome`
 //! (recorded once known: see [`Outcome`]), `level` (`l1` or `l2`, on a hit) and `key` (only
 //! with [`CacheBuilder::trace_keys`](crate::CacheBuilder::trace_keys): keys can carry personal
-//! data).
+//! data). A background refresh has a span of its own, `cache_refresh` (see [`Trace::refresh`]).
 //!
 //! With no subscriber, or one that does not want `debug` spans of `cache_runtime`, the span is
 //! disabled: its fields are not evaluated, nothing is allocated, and every later step is one
@@ -105,15 +105,37 @@ impl Trace {
         }
     }
 
-    /// A hit answered by the in-process tier: a span of its own, closed at once (such a
-    /// call makes no [`Fetch`](super::Fetch)).
+    /// A hit answered by the in-process tier: a span of its own, closed when the caller
+    /// drops it (such a call makes no [`Fetch`](super::Fetch)).
     #[inline]
-    pub(crate) fn l1_hit(stats: &SiteStats, key: &str, trace_keys: bool) {
+    pub(crate) fn l1_hit(stats: &SiteStats, key: &str, trace_keys: bool) -> Span {
         let span = span(stats, Some(key), trace_keys);
         if !span.is_disabled() {
             span.record("outcome", Outcome::Hit.as_str());
             span.record("level", "l1");
         }
+        span
+    }
+
+    /// The span of a background refresh of `key` started by the call of `from`: a `debug`
+    /// span `cache_refresh` (`function`, `cache`, and `key` with `trace_keys`) that follows
+    /// from the call's.
+    pub(crate) fn refresh(stats: &SiteStats, key: &str, trace_keys: bool, from: &Span) -> Span {
+        let span = tracing::debug_span!(
+            target: "cache_runtime",
+            parent: None,
+            "cache_refresh",
+            function = %stats.label,
+            cache = %stats.cache,
+            key = Empty,
+        );
+        if !span.is_disabled() {
+            if trace_keys {
+                span.record("key", key);
+            }
+            span.follows_from(from);
+        }
+        span
     }
 
     pub(crate) fn span(&self) -> &Span {
