@@ -157,7 +157,11 @@ fn check(seen: &Seen, namespace: &str, shared: bool) {
             2.0,
         ),
         (
-            key("cache_bypass_total", "metrics_maybe", Some(("reason", "key"))),
+            key(
+                "cache_bypass_total",
+                "metrics_maybe",
+                Some(("reason", "key")),
+            ),
             1.0,
         ),
         (key("cache_loads_total", "metrics_maybe", None), 3.0),

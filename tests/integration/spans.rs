@@ -66,7 +66,10 @@ impl tracing::field::Visit for Fields<'_> {
 }
 
 impl tracing::Subscriber for Spans {
-    fn register_callsite(&self, _: &'static tracing::Metadata<'static>) -> tracing::subscriber::Interest {
+    fn register_callsite(
+        &self,
+        _: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
         // Asked each time: another test's subscriber may want what this one does not.
         tracing::subscriber::Interest::sometimes()
     }
@@ -474,8 +477,16 @@ fn spans_l1_hit_redis() {
         crate::local::until_l1_hit(&cache, "spans_local", || local(&cache, 1)).await;
     });
     let outcomes = spans.outcomes("spans_local");
-    assert_eq!(outcomes.first().map(String::as_str), Some("miss"), "{outcomes:?}");
-    assert_eq!(outcomes.last().map(String::as_str), Some("hit/l1"), "{outcomes:?}");
+    assert_eq!(
+        outcomes.first().map(String::as_str),
+        Some("miss"),
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        outcomes.last().map(String::as_str),
+        Some("hit/l1"),
+        "{outcomes:?}"
+    );
     let between = &outcomes[1..outcomes.len() - 1];
     assert!(between.iter().all(|o| o == "hit/l2"), "{outcomes:?}");
 }

@@ -1303,7 +1303,10 @@ mod tests {
                 .unwrap();
             assert_eq!(
                 gauges(&snapshotter),
-                [("127.0.0.1:7000".to_owned(), 0.0), ("127.0.0.1:7001".to_owned(), 0.0)]
+                [
+                    ("127.0.0.1:7000".to_owned(), 0.0),
+                    ("127.0.0.1:7001".to_owned(), 0.0)
+                ]
             );
             // The master of 7001 fails: its breaker opens.
             let dead = table.nodes[usize::from(table.owner[9000])].clone();
@@ -1325,7 +1328,10 @@ mod tests {
                 "the departed master's gauge is retired to 0"
             );
             let known = shards.by_addr.lock().unwrap();
-            assert!(known.iter().all(|n| n.addr != "127.0.0.1:7001"), "forgotten");
+            assert!(
+                known.iter().all(|n| n.addr != "127.0.0.1:7001"),
+                "forgotten"
+            );
             drop(known);
             // An operation still in flight on the old breaker does not report any more.
             dead.breaker.failure();
