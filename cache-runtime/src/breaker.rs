@@ -25,6 +25,9 @@ pub(crate) struct Breaker {
     /// `cache_breaker_open` (feature `metrics`): 1 while open or half-open, else 0.
     #[cfg(feature = "metrics")]
     gauge: std::sync::OnceLock<metrics::Gauge>,
+    /// Set by [`Breaker::retire`]: the gauge no longer follows the state.
+    #[cfg(feature = "metrics")]
+    retired: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Breaker {
@@ -49,6 +52,8 @@ impl Breaker {
             epoch: Instant::now(),
             #[cfg(feature = "metrics")]
             gauge: std::sync::OnceLock::new(),
+            #[cfg(feature = "metrics")]
+            retired: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -66,11 +71,27 @@ impl Breaker {
         let _ = (namespace, node);
     }
 
+    /// The breaker's master left the cluster's slot table: its gauge is set to 0 (nothing is
+    /// sent through this breaker any more, so an open one would never be probed and would
+    /// report "open" for ever), and later state changes (an operation still in flight) no
+    /// longer report. A master that returns gets a new breaker, which reports again.
+    pub(crate) fn retire(&self) {
+        #[cfg(feature = "metrics")]
+        {
+            self.retired.store(true, Ordering::Release);
+            if let Some(gauge) = self.gauge.get() {
+                gauge.set(0.0);
+            }
+        }
+    }
+
     #[inline]
     fn report(&self, open: bool) {
         #[cfg(feature = "metrics")]
         if let Some(gauge) = self.gauge.get() {
-            gauge.set(f64::from(u8::from(open)));
+            if !self.retired.load(Ordering::Acquire) {
+                gauge.set(f64::from(u8::from(open)));
+            }
         }
         #[cfg(not(feature = "metrics"))]
         let _ = open;

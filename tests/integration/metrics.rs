@@ -12,7 +12,7 @@ use cache_runtime::{Cache, cache_evict, cache_put, cached, write_behind};
 use cache_tests::{redis_url, shared_cluster, unique_namespace};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 
-use crate::support::{Calls, Gate};
+use crate::support::{Calls, Gate, Name};
 
 #[cached(cache = cache, key = "m:{id}", ttl = 60, name = "metrics_get")]
 async fn get(cache: &Cache, id: u64) -> Result<u64, String> {
@@ -33,9 +33,10 @@ async fn evict(cache: &Cache, id: u64) -> Result<(), String> {
     Ok(())
 }
 
-/// `condition` false for 0: the call bypasses the cache.
-#[cached(cache = cache, key = "c:{id}", ttl = 60, condition = id != 0, name = "metrics_maybe")]
-async fn maybe(cache: &Cache, id: u64) -> Result<u64, String> {
+/// `condition` false for 0, or a `name` that does not render: the call bypasses the cache.
+#[cached(cache = cache, key = "c:{id}:{name}", ttl = 60, condition = id != 0, name = "metrics_maybe")]
+async fn maybe(cache: &Cache, id: u64, name: &Name) -> Result<u64, String> {
+    let _ = name;
     Ok(id)
 }
 
@@ -94,8 +95,9 @@ fn run(recorder: &DebuggingRecorder, build: impl AsyncFn() -> (Cache, Option<Cac
             assert!(get(&cache, 13).await.is_err()); // miss, load error
             assert_eq!(put(&cache, 2).await, Ok(200)); // put
             assert_eq!(evict(&cache, 1).await, Ok(())); // eviction
-            assert_eq!(maybe(&cache, 0).await, Ok(0)); // bypass (condition)
-            assert_eq!(maybe(&cache, 0).await, Ok(0)); // bypass (condition)
+            assert_eq!(maybe(&cache, 0, &Name(Some("a"))).await, Ok(0)); // bypass (condition)
+            assert_eq!(maybe(&cache, 0, &Name(Some("a"))).await, Ok(0)); // bypass (condition)
+            assert_eq!(maybe(&cache, 5, &Name(None)).await, Ok(5)); // bypass (key)
             // A wait for another caller's load: another process's (a lock wait) on a
             // shared backend, this process's (coalesced) on memory.
             let calls = Arc::new(Calls::new());
@@ -154,8 +156,16 @@ fn check(seen: &Seen, namespace: &str, shared: bool) {
             ),
             2.0,
         ),
-        (key("cache_loads_total", "metrics_maybe", None), 2.0),
-        (key("cache_load_seconds", "metrics_maybe", None), 2.0),
+        (
+            key(
+                "cache_bypass_total",
+                "metrics_maybe",
+                Some(("reason", "key")),
+            ),
+            1.0,
+        ),
+        (key("cache_loads_total", "metrics_maybe", None), 3.0),
+        (key("cache_load_seconds", "metrics_maybe", None), 3.0),
     ];
     if shared {
         expected.push((key("cache_lock_waits_total", "metrics_locked", None), 1.0));
@@ -334,8 +344,9 @@ fn metrics_write_behind_memory() {
     );
 }
 
-/// On Redis: two calls queued and applied; one whose body fails, retried once and then
-/// dead-lettered (`max_attempts(2)`).
+/// On Redis: three calls queued and applied (two of one key, coalesced into one run: each
+/// entry counts, so that enqueued = applied + dead-lettered); one whose body fails, retried
+/// once and then dead-lettered (`max_attempts(2)`).
 #[test]
 fn metrics_write_behind_redis() {
     let recorder = DebuggingRecorder::new();
@@ -346,6 +357,7 @@ fn metrics_write_behind_redis() {
             .unwrap();
         rt.block_on(async {
             wb_ok(1, 10).await.unwrap();
+            wb_ok(1, 11).await.unwrap();
             wb_ok(2, 20).await.unwrap();
             wb_failing(3, 30).await.unwrap();
             let worker = Worker::builder(&WB_REDIS)
@@ -363,7 +375,7 @@ fn metrics_write_behind_redis() {
     let ns = WB_REDIS.namespace();
     assert_eq!(
         wb_counts(&seen, ns, "metrics_wb_ok"),
-        [2.0, 0.0, 2.0, 0.0, 0.0]
+        [3.0, 0.0, 3.0, 0.0, 0.0]
     );
     assert_eq!(
         wb_counts(&seen, ns, "metrics_wb_failing"),

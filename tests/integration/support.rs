@@ -29,6 +29,19 @@ impl User {
     }
 }
 
+/// A key argument whose `Display` fails when it holds `None`: a call with it cannot render
+/// its key (or tag) and bypasses the cache.
+pub struct Name(pub Option<&'static str>);
+
+impl std::fmt::Display for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(name) => f.write_str(name),
+            None => Err(std::fmt::Error),
+        }
+    }
+}
+
 /// Counts calls of the functions under test.
 #[derive(Default)]
 pub struct Calls(AtomicU32);

@@ -163,11 +163,7 @@ impl<'a> Fetch<'a> {
                 (None, Bypass::Key)
             }
         };
-        let trace = Trace::start(
-            &stats,
-            key.as_ref().map(KeyBuf::as_str),
-            cache.stats_registry().trace_keys(),
-        );
+        let trace = Trace::start(&stats, cache.stats_registry().trace_keys());
         Fetch {
             store: cache.store(),
             site: call.site,
@@ -375,6 +371,7 @@ impl<'a> Fetch<'a> {
             self.state = State::Bypass;
             return Step::Load;
         };
+        self.trace.key(key.as_str());
         let store = self.store;
         if !store.coalesce_reads() {
             // Memory: a read costs less than joining a flight (and tag versions are as cheap).
@@ -529,7 +526,7 @@ impl<'a> Fetch<'a> {
         };
         self.loading = false;
         self.stale = Some(Box::new(stale.clone()));
-        self.trace.set(Traced::Stale);
+        // `stale` is recorded where the copy is served (`Fetch::served_stale`), once decoded.
         self.share(stale).await;
         true
     }
@@ -800,6 +797,7 @@ impl<'a> Fetch<'a> {
             tags,
             &header,
             refresher,
+            self.trace.span(),
         );
     }
 

@@ -160,7 +160,7 @@ impl Call<'_> {
         let registry = self.cache.stats_registry();
         let stats = self.site.stats(registry, self.self_type);
         stats.l1_hit();
-        trace::Trace::l1_hit(&stats, key.as_str(), registry.trace_keys());
+        let _span = trace::Trace::l1_hit(&stats, key.as_str(), registry.trace_keys());
         Some(mode.restore(value))
     }
 
@@ -189,7 +189,7 @@ impl Call<'_> {
         let registry = self.cache.stats_registry();
         let stats = self.site.stats(registry, self.self_type);
         stats.l1_hit();
-        trace::Trace::l1_hit(&stats, key.as_str(), registry.trace_keys());
+        let span = trace::Trace::l1_hit(&stats, key.as_str(), registry.trace_keys());
         if let (Some(policy), Some(header)) = (self.site.refresh, &entry.header) {
             let tags = tags.map_or(&[][..], |t| &t.names[..]);
             refresh::start_if_due(
@@ -201,6 +201,7 @@ impl Call<'_> {
                 tags,
                 header,
                 refresher,
+                &span,
             );
         }
         Some(mode.restore(value))

@@ -302,7 +302,7 @@ fn lease_len(site: &Site, ttl: Duration) -> Duration {
 
 /// A hit on `key` read the entry of `header`: if it is due, and this process is not
 /// refreshing that entry already, starts a refresh on the current Tokio runtime (none: no
-/// refresh).
+/// refresh), in a `cache_refresh` span that follows from `call`, the hit's span.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn start_if_due(
     store: &Store,
@@ -313,6 +313,7 @@ pub(crate) fn start_if_due(
     tags: &[String],
     header: &Header,
     refresher: &Refresher<'_>,
+    call: &tracing::Span,
 ) {
     let ttl = site.ttl.unwrap_or(store.default_ttl());
     if !due(policy, ttl, header, envelope::now_ms()) {
@@ -326,6 +327,13 @@ pub(crate) fn start_if_due(
         return;
     }
     let Refresh { cache, body } = refresher();
+    let registry = cache.stats_registry();
+    let span = super::trace::Trace::refresh(
+        &site.stats(registry, self_type),
+        key,
+        registry.trace_keys(),
+        call,
+    );
     let job = Job {
         site,
         self_type,
@@ -335,7 +343,7 @@ pub(crate) fn start_if_due(
         ttl,
         lease,
     };
-    handle.spawn(job.run(cache, body));
+    handle.spawn(tracing::Instrument::instrument(job.run(cache, body), span));
 }
 
 /// One background refresh.

@@ -52,11 +52,12 @@ pub(crate) const WB_ENQUEUED: &str = "cache_write_behind_enqueued_total";
 /// Write-behind calls whose body ran inline (memory backend, Redis failed, no key, arguments
 /// that do not round-trip).
 pub(crate) const WB_INLINE: &str = "cache_write_behind_inline_total";
-/// Queued write-behind entries applied by a worker.
+/// Queued write-behind entries applied by a worker (every entry of a coalesced run counts:
+/// enqueued = applied + dead-lettered + pending).
 pub(crate) const WB_APPLIED: &str = "cache_write_behind_applied_total";
-/// Retries of queued write-behind entries whose body failed.
+/// Failed attempts at queued write-behind entries (one per attempt at a run).
 pub(crate) const WB_RETRIED: &str = "cache_write_behind_retries_total";
-/// Queued write-behind entries moved to the dead letters.
+/// Queued write-behind entries moved to the dead letters (every entry of a run counts).
 pub(crate) const WB_DEAD: &str = "cache_write_behind_dead_lettered_total";
 
 /// A `metrics` counter handle, a no-op one by default.

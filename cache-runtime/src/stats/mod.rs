@@ -107,13 +107,14 @@ pub struct FunctionStats {
     /// `#[write_behind]`: calls that ran their body inline instead (Redis failed, the memory
     /// backend, a `condition` that was false, a key that did not render).
     pub write_through: u64,
-    /// `#[write_behind]`: queued writes this process's worker applied (the body succeeded).
+    /// `#[write_behind]`: queued writes this process's worker applied (the body succeeded);
+    /// every entry of a coalesced run counts (the body ran once, with the last).
     pub applied: u64,
     /// `#[write_behind]`: failed attempts (an `Err` or a panic) this process's worker will
     /// retry.
     pub retried: u64,
     /// `#[write_behind]`: queued writes this process's worker moved to the dead-letter
-    /// stream after their last attempt failed.
+    /// stream after their last attempt failed (every entry of a coalesced run counts).
     pub dead_lettered: u64,
 }
 

@@ -455,7 +455,7 @@ pub(super) struct Connections {
 /// operation uses the cache's breaker.
 struct Shards {
     table: ArcSwapOption<ShardTable>,
-    /// Every master's breaker ever seen, by address: a master that comes back keeps its state.
+    /// The breaker of every master in the current table, by address.
     by_addr: Mutex<Vec<Arc<Node>>>,
     /// A new breaker's threshold and cooldown.
     template: (u32, Duration),
@@ -629,9 +629,17 @@ impl Shards {
                 *slot = index as u16;
             }
         }
-        // Masters that left the table are forgotten once their breaker is closed (addresses
-        // change with every pod restart: the list must not grow for ever).
-        known.retain(|n| nodes.iter().any(|m| Arc::ptr_eq(m, n)) || n.breaker.is_open());
+        // Masters that left the table (a failover, a pod restart: addresses change, the list
+        // must not grow for ever) are forgotten, and their breaker's gauge retired: nothing is
+        // sent through it any more, so an open one would never be probed and its
+        // `cache_breaker_open` would stay 1. A master that returns gets a new, closed breaker.
+        known.retain(|n| {
+            let kept = nodes.iter().any(|m| Arc::ptr_eq(m, n));
+            if !kept {
+                n.breaker.retire();
+            }
+            kept
+        });
         Some(ShardTable {
             owner,
             nodes,
@@ -1225,5 +1233,124 @@ impl Connections {
     /// How long one operation may take.
     pub(super) fn operation_timeout(&self) -> Duration {
         self.options.operation_timeout
+    }
+}
+
+#[cfg(all(test, feature = "metrics"))]
+mod tests {
+    use super::*;
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    fn shards() -> Shards {
+        Shards {
+            table: ArcSwapOption::empty(),
+            by_addr: Mutex::new(Vec::new()),
+            template: (1, Duration::from_secs(3600)),
+            epoch: std::time::Instant::now(),
+            refreshed: std::sync::atomic::AtomicU64::new(0),
+            renewed: std::sync::atomic::AtomicU64::new(0),
+            refreshing: std::sync::atomic::AtomicBool::new(false),
+            report_as: OnceLock::from("ns".to_owned()),
+        }
+    }
+
+    /// A `CLUSTER SLOTS` reply: each `(start, end, port)` served by `127.0.0.1:port`.
+    fn slots(ranges: &[(i64, i64, i64)]) -> Value {
+        Value::Array(
+            ranges
+                .iter()
+                .map(|&(start, end, port)| {
+                    Value::Array(vec![
+                        Value::Int(start),
+                        Value::Int(end),
+                        Value::Array(vec![
+                            Value::BulkString(b"127.0.0.1".to_vec()),
+                            Value::Int(port),
+                        ]),
+                    ])
+                })
+                .collect(),
+        )
+    }
+
+    /// The `cache_breaker_open` gauge of each node, by node.
+    fn gauges(snapshotter: &metrics_util::debugging::Snapshotter) -> Vec<(String, f64)> {
+        let mut out: Vec<(String, f64)> = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(key, ..)| key.key().name() == "cache_breaker_open")
+            .filter_map(|(key, _, _, value)| {
+                let node = key.key().labels().find(|l| l.key() == "node")?;
+                let DebugValue::Gauge(v) = value else {
+                    return None;
+                };
+                Some((node.value().to_owned(), v.into_inner()))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    #[test]
+    fn a_master_that_leaves_the_table_stops_reporting_its_breaker_open() {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        metrics::with_local_recorder(&recorder, || {
+            let shards = shards();
+            let table = shards
+                .table_from(&slots(&[(0, 8191, 7000), (8192, 16383, 7001)]))
+                .unwrap();
+            assert_eq!(
+                gauges(&snapshotter),
+                [
+                    ("127.0.0.1:7000".to_owned(), 0.0),
+                    ("127.0.0.1:7001".to_owned(), 0.0)
+                ]
+            );
+            // The master of 7001 fails: its breaker opens.
+            let dead = table.nodes[usize::from(table.owner[9000])].clone();
+            assert_eq!(dead.addr, "127.0.0.1:7001");
+            assert!(dead.breaker.failure());
+            assert_eq!(gauges(&snapshotter)[1], ("127.0.0.1:7001".to_owned(), 1.0));
+
+            // Failover: a replica (7002) takes its slots; the dead master leaves the table.
+            shards
+                .table_from(&slots(&[(0, 8191, 7000), (8192, 16383, 7002)]))
+                .unwrap();
+            assert_eq!(
+                gauges(&snapshotter),
+                [
+                    ("127.0.0.1:7000".to_owned(), 0.0),
+                    ("127.0.0.1:7001".to_owned(), 0.0),
+                    ("127.0.0.1:7002".to_owned(), 0.0)
+                ],
+                "the departed master's gauge is retired to 0"
+            );
+            let known = shards.by_addr.lock().unwrap();
+            assert!(
+                known.iter().all(|n| n.addr != "127.0.0.1:7001"),
+                "forgotten"
+            );
+            drop(known);
+            // An operation still in flight on the old breaker does not report any more.
+            dead.breaker.failure();
+            assert_eq!(gauges(&snapshotter)[1].1, 0.0);
+
+            // It returns as a master (of part of the slots): a new breaker, which reports.
+            let table = shards
+                .table_from(&slots(&[
+                    (0, 8191, 7000),
+                    (8192, 9999, 7002),
+                    (10000, 16383, 7001),
+                ]))
+                .unwrap();
+            let back = table.nodes[usize::from(table.owner[12000])].clone();
+            assert_eq!(back.addr, "127.0.0.1:7001");
+            assert!(!Arc::ptr_eq(&back, &dead));
+            assert_eq!(gauges(&snapshotter)[1].1, 0.0);
+            assert!(back.breaker.failure());
+            assert_eq!(gauges(&snapshotter)[1], ("127.0.0.1:7001".to_owned(), 1.0));
+        });
     }
 }

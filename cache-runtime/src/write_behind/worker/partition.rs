@@ -533,7 +533,7 @@ impl Partition<'_> {
                 let stats = function
                     .site
                     .stats(self.shared.cache.stats_registry(), None);
-                SiteStats::inc(&stats.wb_dead_lettered);
+                stats.wb_dead_lettered.add(run.len() as u64);
             }
             return Ok(moved);
         };
@@ -560,7 +560,7 @@ impl Partition<'_> {
                 let error = e.to_string();
                 let moved = self.dead_letter(key, &run, &error, 0).await?;
                 if moved {
-                    SiteStats::inc(&stats.wb_dead_lettered);
+                    stats.wb_dead_lettered.add(run.len() as u64);
                 }
                 return Ok(moved);
             }
@@ -598,7 +598,7 @@ impl Partition<'_> {
             Err(panic) => Some(format!("panicked: {}", panic_message(&*panic))),
         };
         let Some(error) = error else {
-            SiteStats::inc(&stats.wb_applied);
+            stats.wb_applied.add(run.len() as u64);
             self.retry_at.remove(key);
             self.failing.remove(key);
             for &i in &run {
@@ -643,7 +643,7 @@ impl Partition<'_> {
         if failures >= self.shared.config.max_attempts {
             let moved = self.dead_letter(key, &run, &error, failures).await?;
             if moved {
-                SiteStats::inc(&stats.wb_dead_lettered);
+                stats.wb_dead_lettered.add(run.len() as u64);
             }
             return Ok(moved);
         }
