@@ -19,7 +19,7 @@ use std::fmt;
 use std::time::Duration;
 
 use self::wire::Sum;
-use super::{FunctionStats, LOW_HIT_RATE, fmt_duration};
+use super::{FunctionStats, LOW_HIT_RATE, fmt_duration, rate_cell};
 use crate::backend::fleet::RawSnapshot;
 use crate::cache::Cache;
 use crate::error::Result;
@@ -244,14 +244,7 @@ impl fmt::Display for FleetStats {
         let mut any_low = false;
         for row in &self.functions {
             let s = &row.stats;
-            let rate = match s.hit_rate() {
-                None => "-".to_owned(),
-                Some(r) if r < LOW_HIT_RATE => {
-                    any_low = true;
-                    format!("! {:.1}%", r * 100.0)
-                }
-                Some(r) => format!("{:.1}%", r * 100.0),
-            };
+            let rate = rate_cell(s.hit_rate(), &mut any_low);
             writeln!(
                 f,
                 "{:<width$}  {:>4}  {:>8}  {:>8}  {:>8}  {:>9}  {:>8}  {:>6}  {:>9}  {:>10}  {:>6}  {:>9}  {}",

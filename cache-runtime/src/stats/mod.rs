@@ -21,6 +21,19 @@ pub(crate) use self::site::{RefreshPolicy, StatsRef, StatsRegistry};
 /// Hit rates under this are flagged in [`Stats`]'s table and by [`FunctionStats::is_low`].
 pub const LOW_HIT_RATE: f64 = 0.80;
 
+/// A table's hit-rate cell: `-` without calls, `! 42.0%` under [`LOW_HIT_RATE`] (which sets
+/// `any_low`, for the table's footnote), else `97.5%`.
+fn rate_cell(rate: Option<f64>, any_low: &mut bool) -> String {
+    match rate {
+        None => "-".to_owned(),
+        Some(r) if r < LOW_HIT_RATE => {
+            *any_low = true;
+            format!("! {:.1}%", r * 100.0)
+        }
+        Some(r) => format!("{:.1}%", r * 100.0),
+    }
+}
+
 /// One function's counters at the time of [`Cache::stats`](crate::Cache::stats).
 ///
 /// Every call of a cached function is exactly one of: a hit (answered from the cache, including
@@ -261,14 +274,7 @@ impl fmt::Display for Stats {
         )?;
         let mut any_low = false;
         for s in &self.functions {
-            let rate = match s.hit_rate() {
-                None => "-".to_owned(),
-                Some(r) if r < LOW_HIT_RATE => {
-                    any_low = true;
-                    format!("! {:.1}%", r * 100.0)
-                }
-                Some(r) => format!("{:.1}%", r * 100.0),
-            };
+            let rate = rate_cell(s.hit_rate(), &mut any_low);
             writeln!(
                 f,
                 "{:<width$}  {:>7}  {:>7}  {:>7}  {:>7}  {:>7}  {:>9}  {:>7}  {:>6}  {:>5}  {:>7}  {:>9}  {:>9}  {:>10}  {:>6}  {:>6}  {:>7}  {:>9}",

@@ -5,3 +5,13 @@
 
 pub mod loadgen;
 pub mod users_service;
+
+/// Parses one option's value, or says which option and value did not parse.
+fn parse<T: std::str::FromStr>(what: &str, value: &str) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    value
+        .parse()
+        .map_err(|e| format!("invalid {what} `{value}`: {e}"))
+}

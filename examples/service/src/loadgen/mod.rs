@@ -8,6 +8,7 @@
 mod client;
 pub mod zipf;
 
+use crate::parse;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -71,15 +72,6 @@ impl Default for Options {
             progress: true,
         }
     }
-}
-
-fn parse<T: std::str::FromStr>(what: &str, value: &str) -> Result<T, String>
-where
-    T::Err: std::fmt::Display,
-{
-    value
-        .parse()
-        .map_err(|e| format!("invalid {what} `{value}`: {e}"))
 }
 
 impl Options {

@@ -17,6 +17,7 @@
 mod db;
 mod http;
 
+use crate::parse;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -116,15 +117,6 @@ impl Default for Config {
             publish_stats: Duration::from_secs(5),
         }
     }
-}
-
-fn parse<T: std::str::FromStr>(what: &str, value: &str) -> Result<T, String>
-where
-    T::Err: std::fmt::Display,
-{
-    value
-        .parse()
-        .map_err(|e| format!("invalid {what} `{value}`: {e}"))
 }
 
 fn split_urls(urls: &str) -> Vec<String> {
